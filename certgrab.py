@@ -9,7 +9,7 @@ No SSH, no shared storage: certificates are public, the key was copied once.
 Synopsis
     certgrab.py 203.0.113.7 -n www.example.com > fullchain.pem
     certgrab.py [2001:db8::7]:8443 -n www.example.com --out-dir /etc/ssl/example
-    certgrab.py 10.0.0.5 10.0.0.6 -n www.example.com --cafile root.pem --fullchain-path x.pem
+    certgrab.py 10.0.0.5 10.0.0.6 -n www.example.com --cafile ca.pem --out-dir x
 
 Runs on CPython 3.6 to 3.13 with the standard library only, including Debian's
 python3-minimal (no json, shutil, ctypes; no CA store: pass --cafile there).
@@ -1091,11 +1091,49 @@ def write_stdout(certs):
 # Command line
 # ---------------------------------------------------------------------------
 
-EPILOG = """\
+# One row per option: flags, attribute, metavar (None for a switch), help.
+# A table instead of argparse: argparse and the locale module it pulls in cost
+# more than the whole rest of a fetch's own work (see `make bench`).
+OPTIONS = (
+    ("-n --servername", "servername", "NAME",
+     "SNI and the name verified (default: SOURCE's host)"),
+    ("-p --port", "port", "PORT", "port for a SOURCE without one (default %d)" % DEFAULT_PORT),
+    ("--timeout", "timeout", "SECONDS",
+     "deadline per source: DNS, connect, handshake (%g)" % DEFAULT_TIMEOUT),
+    ("-4", "ipv4", None, "IPv4 only"),
+    ("-6", "ipv6", None, "IPv6 only"),
+    ("--cafile", "cafile", "FILE", "trust only the CA certificates in FILE"),
+    ("--capath", "capath", "DIR", "trust only the hashed CA directory DIR"),
+    ("--insecure", "insecure", None, "do not verify chain or name (says so on stderr)"),
+    ("--out-dir", "out_dir", "DIR", "write cert.pem, chain.pem, fullchain.pem in DIR"),
+    ("--cert-path", "cert_path", "FILE", "write the leaf to FILE"),
+    ("--chain-path", "chain_path", "FILE", "write the intermediates to FILE"),
+    ("--fullchain-path", "fullchain_path", "FILE", "write the leaf and intermediates to FILE"),
+    ("--verified-chain", "verified_chain", None,
+     "output the path verification built, with its root"),
+    ("-q --quiet", "quiet", None, "print errors only"),
+    ("-v --verbose", "verbose", None, "how each source went: TLS version, method, time"),
+    ("-h --help", "help", None, "show this help and exit"),
+    ("--version", "version", None, "show the version and exit"),
+)
+
+USAGE = "usage: certgrab.py SOURCE [SOURCE ...] [-n NAME] [options]"
+
+HELP_TEXT = """\
+Fetch the certificate chain a TLS server presents, verify it, write it.
+
+SOURCE is host, host:port, IPv4, [IPv6]:port or IPv6 (default port 443).
+With several SOURCEs, all are fetched at once and the newest valid chain wins.
+Verification is on by default, against the system CA store.
+With no output option the chain is printed as PEM exactly as served.
+
+options:
+%s
+
 examples:
   certgrab.py 203.0.113.7 -n www.example.com > fullchain.pem
   certgrab.py [2001:db8::7]:8443 -n www.example.com --out-dir /etc/ssl/example
-  certgrab.py 10.0.0.5 10.0.0.6 -n www.example.com --cafile root.pem --fullchain-path x.pem
+  certgrab.py 10.0.0.5 10.0.0.6 -n www.example.com --cafile ca.pem --out-dir x
 
 exit codes:
   0  success: chain fetched, verified and written
@@ -1106,60 +1144,94 @@ exit codes:
 """
 
 
-def build_parser():
-    import argparse
-    parser = argparse.ArgumentParser(
-        prog="certgrab", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Fetch the certificate chain a TLS server presents, verify it, write it.")
-    add = parser.add_argument
-    add("sources", nargs="+", metavar="SOURCE",
-        help="host, host:port, IPv4, [IPv6]:port or IPv6; several: the newest chain wins")
-    add("-n", "--servername", metavar="NAME",
-        help="SNI and the name verified (default: the host of SOURCE; none for an IP)")
-    add("-p", "--port", help="port for a SOURCE that names none (default %d)" % DEFAULT_PORT)
-    add("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-        help="deadline per source for DNS, connect and handshake (default %g)" % DEFAULT_TIMEOUT)
-    family = parser.add_mutually_exclusive_group()
-    family.add_argument("-4", dest="family", action="store_const", const=socket.AF_INET,
-                        default=socket.AF_UNSPEC, help="IPv4 only")
-    family.add_argument("-6", dest="family", action="store_const", const=socket.AF_INET6,
-                        help="IPv6 only")
-    trust = parser.add_argument_group("verification (on by default, against the system store)")
-    trust.add_argument("--cafile", metavar="FILE", help="trust only the CA certificates in FILE")
-    trust.add_argument("--capath", metavar="DIR", help="trust only the hashed CA directory DIR")
-    trust.add_argument("--insecure", action="store_true",
-                       help="do not verify the chain or the name (says so on stderr)")
-    output = parser.add_argument_group("output (default: the served chain as PEM on stdout)")
-    output.add_argument("--out-dir", metavar="DIR",
-                        help="write cert.pem, chain.pem and fullchain.pem in DIR")
-    output.add_argument("--cert-path", metavar="FILE", help="write the leaf to FILE")
-    output.add_argument("--chain-path", metavar="FILE", help="write the intermediates to FILE")
-    output.add_argument("--fullchain-path", metavar="FILE",
-                        help="write the leaf and intermediates to FILE")
-    output.add_argument("--verified-chain", action="store_true",
-                        help="output the path verification built, up to the root")
-    talk = parser.add_mutually_exclusive_group()
-    talk.add_argument("-q", "--quiet", action="store_true", help="print errors only")
-    talk.add_argument("-v", "--verbose", action="store_true",
-                      help="say how each source went: TLS version, method, timing")
-    add("--version", action="version", version="certgrab " + __version__)
-    return parser
+class Options(object):
+    """The parsed command line: one attribute per OPTIONS row, and sources."""
+
+    def __init__(self):
+        for _, attribute, metavar, _ in OPTIONS:
+            setattr(self, attribute, None if metavar else False)
+        self.sources = []
+
+
+def help_text():
+    rows = []
+    for flags, _, metavar, text in OPTIONS:
+        left = ", ".join(flags.split()) + (" " + metavar if metavar else "")
+        rows.append("  %-24s %s" % (left, text) if len(left) < 24 else
+                    "  %s\n  %-24s %s" % (left, "", text))
+    return USAGE + "\n\n" + HELP_TEXT % "\n".join(rows)
+
+
+def option_flag(attribute):
+    return next(flags.split()[-1] for flags, name, _, _ in OPTIONS if name == attribute)
+
+
+def parse_args(argv):
+    """Options from the command line: GNU style, long options spelt in full."""
+    table = dict((flag, (attribute, metavar))
+                 for flags, attribute, metavar, _ in OPTIONS for flag in flags.split())
+    opts, args = Options(), list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--":
+            opts.sources += args
+            break
+        if not arg.startswith("-") or arg == "-":
+            opts.sources.append(arg)
+            continue
+        if arg.startswith("--"):
+            flag, has_value, value = arg.partition("=")
+            pairs = [(flag, value if has_value else None)]
+        else:   # -qv, -n NAME, -nNAME
+            pairs = [("-" + c, None) for c in arg[1:]]
+            for index, (flag, _) in enumerate(pairs):
+                if table.get(flag, (0, None))[1] and arg[index + 2:]:
+                    pairs = pairs[:index] + [(flag, arg[index + 2:])]
+                    break
+        for flag, value in pairs:
+            _set_option(opts, table, flag, value, args)
+    return opts
+
+
+def _set_option(opts, table, flag, value, args):
+    if flag not in table:
+        raise UsageError("unknown option %s" % flag)
+    attribute, metavar = table[flag]
+    if metavar is None and value is not None:
+        raise UsageError("%s takes no value" % flag)
+    if metavar is not None and value is None:
+        if not args:
+            raise UsageError("%s needs a value (%s)" % (flag, metavar))
+        value = args.pop(0)
+    setattr(opts, attribute, True if metavar is None else value)
 
 
 def check_options(opts):
-    if not opts.timeout > 0:
-        raise UsageError("--timeout must be a positive number of seconds")
-    if opts.insecure and (opts.cafile or opts.capath or opts.verified_chain):
-        raise UsageError("--insecure cannot go with --cafile, --capath or --verified-chain")
+    """The rules between options; numbers converted."""
+    if not opts.sources:
+        raise UsageError("no SOURCE given")
+    try:
+        opts.timeout = float(DEFAULT_TIMEOUT if opts.timeout is None else opts.timeout)
+    except ValueError:
+        opts.timeout = -1.0
+    if not 0 < opts.timeout < 86400:
+        raise UsageError("--timeout must be a number of seconds above 0")
+    for first, second in (("ipv4", "ipv6"), ("quiet", "verbose"), ("insecure", "cafile"),
+                          ("insecure", "capath"), ("insecure", "verified_chain")):
+        if getattr(opts, first) and getattr(opts, second):
+            raise UsageError("%s and %s exclude each other" % (
+                option_flag(first), option_flag(second)))
+    opts.family = socket.AF_INET if opts.ipv4 else socket.AF_INET6 if opts.ipv6 else \
+        socket.AF_UNSPEC
 
 
 def main(argv=None):
     """Run certgrab; return the exit code (see the module docstring)."""
     try:
-        opts = build_parser().parse_args(argv)
-    except SystemExit as exc:       # argparse has printed usage, --help or --version
-        return exc.code or 0
-    try:
+        opts = parse_args(sys.argv[1:] if argv is None else argv)
+        if opts.help or opts.version:
+            sys.stdout.write(help_text() if opts.help else "certgrab %s\n" % __version__)
+            return 0
         check_options(opts)
         targets = parse_targets(opts)                   # 1. what to dial, what name to verify
         plan = plan_outputs(opts)                       # 2. where to write, checked up front
@@ -1170,13 +1242,16 @@ def main(argv=None):
         results = fetch_all(targets, reader, opts)      # 4. one handshake per source
         best = choose_result(results, opts)             # 5. the newest good chain
         report_fetch(results, best, reader, opts)
-        chain = best.verified if opts.verified_chain else best.path
         if not plan:                                    # 6a. stdout: exactly as served
             write_stdout(best.verified if opts.verified_chain else best.served)
             return 0
-        changed = install_files(plan, chain)            # 6b. files: the cleaned path
+        changed = install_files(plan, best.verified if opts.verified_chain else best.path)
         info(opts, "wrote %s" % (", ".join(changed) or "nothing: files already up to date"))
-        return 0
+        return 0                                        # 6b. files: the cleaned path
+    except UsageError as exc:
+        report_error(exc)
+        sys.stderr.write("certgrab: hint: certgrab.py --help lists the options\n")
+        return exc.exit_code
     except CertgrabError as exc:
         report_error(exc)
         return exc.exit_code
