@@ -9,39 +9,50 @@ No SSH, no shared storage: certificates are public, the key was copied once.
 Synopsis
     certgrab.py 203.0.113.7 -n www.example.com > fullchain.pem
     certgrab.py [2001:db8::7]:8443 -n www.example.com --out-dir /etc/ssl/example
-    certgrab.py 10.0.0.5 10.0.0.6 -n www.example.com --cafile ca.pem --out-dir x
+    certgrab.py 203.0.113.7 198.51.100.9 -n www.example.com --key-path /etc/ssl/ex.key \\
+        --out-dir /etc/ssl/example --deploy-hook 'systemctl reload nginx' -q
 
 Runs on CPython 3.6 to 3.13 with the standard library only, including Debian's
 python3-minimal (no json, shutil, ctypes; no CA store: pass --cafile there).
 
 Pipeline
     SOURCE ... --parse--> host, port, name --TCP--> socket --TLS, SNI=name--> handshake
-        |                                                                      |
-        |   one thread per source, one deadline (--timeout) per source         v
-        +--------------------------------------------------- served chain (DER, as sent)
-                                                                               |
-    newest valid leaf (notBefore) <--- verdict: OpenSSL verification + name ---+
+                                                                                 |
+        one thread per source, one deadline (--timeout) per source               v
+    served chain (DER, as sent) <------ read per Python version (chain_method) --+
         |
-        +--> stdout: the chain exactly as served (PEM, leaf first)
-        +--> files:  the cleaned path (leaf, intermediates in order, no root),
-                     each written to a temporary file, fsynced, renamed into place
+        +--> gate: verified, key matches --key-path, leaf covers the name, in date
+        +--> newest passing leaf (notBefore) of all sources
+        +--> stdout: the chain exactly as served (PEM, leaf first), or
+        +--> files, under a lock on their directory: not older than installed,
+             only what changed, temp file + fsync + rename --> --deploy-hook
 
 Security model
     - Verification is on by default: the chain must lead to a trusted root (the
       system store, or --cafile/--capath) and the leaf must cover --servername
       (or the IP address dialled). --insecure turns this off and says so.
+    - Before files are written the leaf must also match --key-path, cover the
+      name (even with --insecure), be within its dates and not be older than the
+      installed leaf (--force overrides only that last check).
     - Nothing is written unless every step before it succeeded; a file is either
       the old version or the new one, never half of each. New certificate files
-      get mode 0644; an existing file keeps its mode and owner.
+      get mode 0644 (--mode), the combined file with the key 0600; an existing
+      file keeps its mode and owner; nothing is ever group- or world-writable.
+    - The private key is read only to compare its public half and is copied only
+      into --combined-path. It is never printed.
+    - The deploy hook gets its context in environment variables, never by
+      formatting certificate text into a command line.
     - Everything read from the network is bounded in size and time, and parsed by
       the small DER reader below before it is trusted with anything.
 
 Exit codes
-    0  success: chain fetched, verified and written
-    2  usage error: bad option, SOURCE, port, --cafile or --capath
+    0  success: chain verified and written, or files already up to date
+    2  usage error: bad option, SOURCE, port, --cafile, --key-path
     3  cannot fetch: connection refused/timed out, not TLS, TLS failure
     4  verification failed: unknown issuer, expired, name mismatch
-    5  cannot write an output file
+    5  cannot write an output file (the previous files are unchanged)
+    6  refused by a safety check: key mismatch, name, dates, not newer
+    7  the deploy hook failed or timed out (the next run retries it)
 """
 
 __version__ = "0.1.0"
@@ -75,6 +86,13 @@ def chain_method():
     return "ctypes"
 
 
+def limit_to_tls12(ctx):
+    if hasattr(ctx, "maximum_version"):                       # 3.7+
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    else:
+        ctx.options |= getattr(ssl, "OP_NO_TLSv1_3", 0x20000000)
+
+
 HAS_VERIFIED_CHAIN = hasattr(ssl._ssl._SSLSocket, "get_verified_chain")  # 3.10+
 # Python 3.6 reports every verification failure as a plain SSLError.
 VERIFY_FAILED_REASON = "CERTIFICATE_VERIFY_FAILED"
@@ -91,6 +109,11 @@ MAX_PARALLEL = 32       # sources fetched at once; bounds threads and sockets
 NEW_FILE_MODE = 0o644   # certificates are public; never group- or world-writable
 DIR_MODE = 0o755        # for a missing output directory
 TEMP_MARK = ".certgrab-tmp-"  # in the names of temporary files beside the outputs
+HOOK_TIMEOUT = 300.0    # seconds a --deploy-hook may run before it is killed
+HOOK_PENDING_MTIME = 1  # mtime (1970-01-01T00:00:01Z) of files whose hook has not yet run
+LOCK_POLL = 0.05        # seconds between tries for a directory lock another run holds
+LOCK_SLACK = 30.0       # seconds, beyond that run's own timeouts, before giving up on it
+HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._*")
 
 TLS_HANDSHAKE = 22      # TLS content type of handshake records
 TLS_CERTIFICATE = 11    # handshake message type of Certificate
@@ -130,6 +153,15 @@ class VerifyError(CertgrabError):
 
 class WriteError(CertgrabError):
     exit_code = 5
+
+
+class RefusedError(CertgrabError):
+    """A safety check refused the chain: wrong key, name, validity, or older."""
+    exit_code = 6
+
+
+class HookError(CertgrabError):
+    exit_code = 7
 
 
 # ---------------------------------------------------------------------------
@@ -188,6 +220,31 @@ class Certificate(object):
         if self.subject_der != other.issuer_der:
             return False
         return self.ski is None or other.aki is None or self.ski == other.aki
+
+    @property
+    def sha256(self):
+        import hashlib
+        return hashlib.sha256(self.der).hexdigest()
+
+    @property
+    def spki_sha256(self):
+        import hashlib
+        return hashlib.sha256(self.spki).hexdigest()
+
+    def covers(self, name):
+        """True if a subjectAltName matches name (a DNS name or an IP address)."""
+        if is_ip(name):
+            return any(same_ip(name, address) for address in self.ip_addresses)
+        name = ascii_host(name).lower()
+        for pattern in (p.lower().rstrip(".") for p in self.dns_names):
+            if pattern == name or pattern.startswith("*.") and "." in name \
+                    and name.split(".", 1)[1] == pattern[2:]:
+                return True
+        return False
+
+    def describe(self):
+        return "serial %x issued %s, expires %s" % (
+            self.serial, format_time(self.not_before), format_time(self.not_after))
 
     def __repr__(self):
         return "<Certificate %s>" % self.subject
@@ -434,6 +491,135 @@ def clean_path(certs):
     return path, problems
 
 
+class PrivateKey(object):
+    """--key-path: the PEM as read, and its public key where certgrab can derive it.
+
+    Unencrypted RSA and EC keys (PKCS#1, SEC 1, PKCS#8) are read here, so a
+    mismatch can name both fingerprints and the key type is known before any
+    handshake. Encrypted and other keys are matched by OpenSSL instead.
+    """
+
+    def __init__(self, path, pem, password):
+        self.path, self.pem, self.password = path, pem, password
+        self.kind, self.spki = None, None          # "RSA" or "EC"; SPKI DER
+
+    @property
+    def spki_sha256(self):
+        import hashlib
+        return hashlib.sha256(self.spki).hexdigest() if self.spki else None
+
+
+def read_private_key(path, password_path):
+    """Read --key-path (and --key-password-file); never prompts for a password."""
+    pem = read_small_file(path, "--key-path")
+    password = None
+    if password_path:
+        password = read_small_file(password_path, "--key-password-file").splitlines()[:1]
+        password = password[0] if password else b""
+    key = PrivateKey(path, pem, password)
+    lines = pem.decode("ascii", "replace").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("-----BEGIN ")
+                  and line.endswith("PRIVATE KEY-----")), None)
+    if start is None:
+        raise UsageError("--key-path %s: no PEM private key in it" % path)
+    label, body = lines[start][11:-5], []
+    for line in lines[start + 1:]:
+        if line.startswith("-----END"):
+            break
+        body.append(line)
+    if "ENCRYPTED" in label or any(line.startswith("Proc-Type:") for line in body):
+        if password is None:
+            raise UsageError("--key-path %s is encrypted" % path,
+                             hint="pass --key-password-file FILE (certgrab never prompts)")
+        return key
+    try:
+        der = binascii.a2b_base64("".join(line for line in body if ":" not in line))
+        key.kind, key.spki = _key_public_info(label, der)
+    except (ParseError, binascii.Error, ValueError):
+        raise UsageError("--key-path %s: malformed private key" % path)
+    return key
+
+
+def read_small_file(path, what, limit=1 << 20):
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError as exc:
+        raise UsageError("cannot read %s %s: %s" % (what, path, exc.strerror or exc))
+    if len(data) > limit:
+        raise UsageError("%s %s: larger than %d bytes" % (what, path, limit))
+    return data
+
+
+RSA_ALGORITHM = bytes.fromhex("300d06092a864886f70d0101010500")   # rsaEncryption, NULL
+EC_ALGORITHM_OID = bytes.fromhex("06072a8648ce3d0201")            # id-ecPublicKey
+
+
+def _der(tag, content):
+    size = len(content)
+    if size < 0x80:
+        return bytes([tag, size]) + content
+    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(length)]) + length + content
+
+
+def _key_public_info(label, der):
+    """(kind, SubjectPublicKeyInfo DER) of an unencrypted key; (None, None) if unknown."""
+    top = _tlv(der, 0, len(der))
+    if label == "RSA PRIVATE KEY":
+        return "RSA", _rsa_spki(der, top)
+    if label == "EC PRIVATE KEY":
+        return "EC", _ec_spki(der, top, None)
+    fields = _children(der, top, DER_SEQUENCE, 3)               # PKCS#8
+    algorithm = _children(der, fields[1], DER_SEQUENCE, 1)
+    inner = _wrapped(der, fields[2], DER_OCTET_STRING)
+    oid = _oid(der, algorithm[0])
+    if oid == OID_RSA:
+        return "RSA", _rsa_spki(der, inner)
+    if oid == OID_EC and len(algorithm) > 1:
+        return "EC", _ec_spki(der, inner, _element(der, algorithm[1]))
+    return None, None
+
+
+def _rsa_spki(der, item):
+    fields = _children(der, item, DER_SEQUENCE, 3)              # version, n, e, ...
+    public = _der(DER_SEQUENCE, _element(der, fields[1]) + _element(der, fields[2]))
+    return _der(DER_SEQUENCE, RSA_ALGORITHM + _der(DER_BIT_STRING, b"\0" + public))
+
+
+def _ec_spki(der, item, curve):
+    point = None
+    for field in _children(der, item, DER_SEQUENCE, 2)[2:]:   # [0] curve, [1] public key
+        inner = _tlv(der, field[1], field[2])
+        if field[0] == 0xA0:
+            curve = curve or _element(der, inner)
+        elif field[0] == 0xA1 and inner[0] == DER_BIT_STRING:
+            point = der[inner[1]:inner[2]]
+    if curve is None or point is None:
+        return None                                           # OpenSSL will decide
+    algorithm = _der(DER_SEQUENCE, EC_ALGORITHM_OID + curve)
+    return _der(DER_SEQUENCE, algorithm + _der(DER_BIT_STRING, point))
+
+
+def key_matches(key, leaf):
+    """True if the private key belongs to the leaf; OpenSSL decides when certgrab cannot."""
+    if key.spki is not None:
+        return key.spki == leaf.spki
+    temp = write_temp_file(os.environ.get("TMPDIR") or "/tmp", "leaf.pem",
+                           der_to_pem(leaf.der).encode("ascii"))
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
+            temp, key.path, password=key.password or b"")
+        return True
+    except ssl.SSLError as exc:
+        if exc.reason in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):
+            return False
+        raise UsageError("cannot use --key-path %s: %s" % (key.path, ssl_reason(exc)),
+                         hint="a wrong --key-password-file gives 'bad decrypt'")
+    finally:
+        remove_quietly(temp)
+
+
 def parse_certificate_message(body, tls13):
     """The DER certificates of a TLS Certificate handshake message body.
 
@@ -519,23 +705,39 @@ def parse_source(text, default_port):
     return host, (parse_port(port, "SOURCE %r" % text) if port is not None else default_port)
 
 
+def same_ip(first, second):
+    packed = []
+    for text in (first.split("%")[0], second.split("%")[0]):
+        try:
+            packed.append(socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET,
+                                           text))
+        except (OSError, ValueError):
+            return False
+    return packed[0] == packed[1]
+
+
+def ascii_host(name):
+    """The ASCII form of a host name (IDNA for international names); "" if none."""
+    for codec in ("ascii", "idna"):
+        try:
+            return name.encode(codec).decode("ascii")
+        except UnicodeError:
+            pass
+    return ""
+
+
 def check_dns_name(name, what):
-    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._")
-    try:
-        ascii_name = name if name.isascii() else name.encode("idna").decode("ascii")
-    except AttributeError:  # str.isascii is 3.7+
-        ascii_name = name.encode("idna").decode("ascii")
-    except UnicodeError:
-        ascii_name = ""
-    if not ascii_name or len(ascii_name) > 253 or not set(ascii_name) <= allowed \
-            or any(not label for label in ascii_name.split(".")):
+    ascii_name = ascii_host(name)
+    if not ascii_name or len(ascii_name) > 253 or not set(ascii_name) <= HOST_CHARS - {"*"} \
+            or any(not label or label[0] == "-" or label[-1] == "-"
+                   for label in ascii_name.split(".")):
         raise UsageError("%s: not a host name or IP address" % what)
 
 
 def parse_targets(opts):
     default_port = parse_port(opts.port, "-p/--port") if opts.port else DEFAULT_PORT
     servername = None
-    if opts.servername:
+    if opts.servername is not None:
         servername = opts.servername.rstrip(".")
         if not is_ip(servername):
             check_dns_name(servername, "bad --servername %r" % opts.servername)
@@ -606,9 +808,17 @@ def open_connection(target, family, deadline):
 # TLS: trust store, handshake, and the chain the server sent.
 # ---------------------------------------------------------------------------
 
-def make_context(opts):
-    """A client context: verifying (the default) or --insecure."""
+def make_context(opts, key_kind=None):
+    """A client context: verifying (the default) or --insecure.
+
+    With key_kind ("RSA" or "EC") it offers only TLS 1.2 cipher suites signed
+    by that key type: the way to ask a dual-certificate server for the other
+    certificate, since Python cannot restrict TLS 1.3 signature algorithms.
+    """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if key_kind:
+        ctx.set_ciphers("aECDSA" if key_kind == "EC" else "aRSA")
+        limit_to_tls12(ctx)
     if opts.insecure:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -618,9 +828,10 @@ def make_context(opts):
             raise UsageError("--capath %s: not a directory" % opts.capath)
         try:
             ctx.load_verify_locations(cafile=opts.cafile, capath=opts.capath)
-        except (OSError, ssl.SSLError) as exc:
-            raise UsageError("cannot load --cafile %s: %s" % (
-                opts.cafile, getattr(exc, "strerror", None) or ssl_reason(exc)))
+        except ssl.SSLError as exc:
+            raise UsageError("cannot load --cafile %s: %s" % (opts.cafile, ssl_reason(exc)))
+        except OSError as exc:
+            raise UsageError("cannot load --cafile %s: %s" % (opts.cafile, exc.strerror or exc))
         return ctx
     load_system_store(ctx)
     return ctx
@@ -630,6 +841,8 @@ def load_system_store(ctx):
     """The system's CA store; the hashed directory first, as it loads lazily."""
     paths = ssl.get_default_verify_paths()
     env_file = os.environ.get(paths.openssl_cafile_env)
+    searched = (env_file or paths.openssl_cafile,
+                os.environ.get(paths.openssl_capath_env) or paths.openssl_capath)
     if paths.capath and is_hashed_dir(paths.capath):
         ctx.load_verify_locations(capath=paths.capath)
         if env_file and paths.cafile:
@@ -638,8 +851,7 @@ def load_system_store(ctx):
         ctx.load_verify_locations(cafile=paths.cafile)
     else:
         raise VerifyError(
-            "no trusted CA certificates on this host (looked for %s and %s)"
-            % (paths.openssl_cafile, paths.openssl_capath),
+            "no trusted CA certificates on this host (looked for %s and %s)" % searched,
             hint="pass --cafile ROOT.pem (the root that issued the chain), "
                  "or install ca-certificates")
 
@@ -688,8 +900,9 @@ def verify_hint(message, target):
 class ChainReader(object):
     """The context for every handshake of a run, and the way to read chains."""
 
-    def __init__(self, ctx):
+    def __init__(self, ctx, by_key_kind=None):
         self.ctx, self.method = ctx, chain_method()
+        self.by_key_kind = by_key_kind or {}    # key kind -> ChainReader asking for it
         self._messages, self._openssl = [], None
         if self.method == "msg_callback":
             ctx._msg_callback = self._record
@@ -793,7 +1006,7 @@ class FetchResult(object):
     def __init__(self, target):
         self.target, self.error, self.address = target, None, None
         self.served, self.path, self.problems, self.verified = [], [], [], []
-        self.tls_version = self.cipher = self.verify_error = None
+        self.tls_version = self.cipher = self.verify_error = self.note = None
         self.elapsed = 0.0
 
     @property
@@ -802,6 +1015,30 @@ class FetchResult(object):
 
 
 def fetch_chain(target, reader, opts):
+    """Fetch one source; ask again when a dual-certificate server sent the
+    certificate for the other key type than --key-path."""
+    result = _fetch_once(target, reader, opts)
+    wanted = _wanted_key_kind(result, opts.key)
+    if wanted and wanted in reader.by_key_kind:
+        retry = _fetch_once(target, reader.by_key_kind[wanted], opts)
+        if retry.error is None:
+            retry.note = "asked again for the %s certificate, matching --key-path" % wanted
+            return retry
+    return result
+
+
+def _wanted_key_kind(result, key):
+    if key is None or result.error is not None:
+        return None
+    served = result.leaf.key_type.split()[0]
+    if key.kind:
+        return key.kind if served != key.kind else None
+    if served in ("RSA", "EC") and not key_matches(key, result.leaf):
+        return "EC" if served == "RSA" else "RSA"
+    return None
+
+
+def _fetch_once(target, reader, opts):
     """Connect, handshake and read the chain; errors are kept in the result."""
     result, started = FetchResult(target), time.monotonic()
     try:
@@ -820,9 +1057,8 @@ def _fetch_into(result, reader, opts, deadline):
                                  do_handshake_on_connect=False)
     try:
         failure = _handshake(tls, reader, target, deadline)
-        served, verified = reader.served(tls), None
-        if failure is None and opts.verified_chain:
-            verified = reader.verified(tls)
+        served = reader.served(tls)
+        verified = reader.verified(tls) if failure is None and not opts.insecure else None
         result.tls_version, result.cipher = tls.version(), (tls.cipher() or (None,))[0]
     finally:
         tls.close()
@@ -836,9 +1072,21 @@ def _fetch_into(result, reader, opts, deadline):
     if failure is not None:
         result.verify_error = str(failure)
         raise failure
-    if opts.verified_chain:
-        result.verified = (rebuild_verified(result.path, reader) if verified is None
-                           else [parse_certificate(der) for der in verified])
+    if not opts.insecure:
+        check_completeness(result, reader, verified, opts)
+
+
+def check_completeness(result, reader, verified, opts):
+    """Keep the verified path, and say when the server left intermediates out."""
+    if verified is not None:
+        result.verified = [parse_certificate(der) for der in verified]
+    elif opts.verified_chain or len(result.path) == 1:
+        result.verified = rebuild_verified(result.path, reader)
+    missing = len(result.verified) - len(result.path) - 1
+    if missing > 0:
+        result.problems.append(
+            "the server did not send %d intermediate certificate(s) that verification found "
+            "in the trust store; clients that lack them will fail" % missing)
 
 
 def _handshake(tls, reader, target, deadline):
@@ -908,6 +1156,36 @@ def fetch_all(targets, reader, opts):
     return results
 
 
+def check_gate(result, opts, now):
+    """The install gate: the key, the name and the dates; raises RefusedError."""
+    leaf, target, key = result.leaf, result.target, opts.key
+    if key is not None and not key_matches(key, leaf):
+        raise RefusedError("%s: the leaf's key (SPKI sha256 %s) does not match --key-path %s (%s)"
+                           % (target, leaf.spki_sha256, key.path, "SPKI sha256 %s" %
+                              key.spki_sha256 if key.spki else "encrypted or unusual key"))
+    if not leaf.covers(target.verify_name):
+        raise RefusedError("%s: the leaf does not cover %s; it covers: %s" % (
+            target, target.verify_name,
+            printable(", ".join(leaf.dns_names + leaf.ip_addresses)) or "no names"))
+    if now < leaf.not_before:
+        raise RefusedError("%s: the leaf is not valid before %s" % (
+            target, format_time(leaf.not_before)), hint="check this machine's clock (date -u)")
+    if now >= leaf.not_after:
+        raise RefusedError("%s: the leaf expired at %s" % (target, format_time(leaf.not_after)),
+                           hint="the server has not renewed, or this machine's clock is "
+                                "wrong (date -u)")
+
+
+def apply_gate(results, opts):
+    now = time.time()
+    for result in results:
+        if result.error is None:
+            try:
+                check_gate(result, opts, now)
+            except RefusedError as exc:
+                result.error = exc
+
+
 def choose_result(results, opts):
     """The newest good chain (latest leaf notBefore); the other failures warned about."""
     good = [r for r in results if r.error is None]
@@ -932,8 +1210,8 @@ def plan_outputs(opts):
     plan = []
     if opts.out_dir:
         plan += [(os.path.join(opts.out_dir, name), name[:-4]) for name in OUT_DIR_FILES]
-    for kind, path in (("cert", opts.cert_path), ("chain", opts.chain_path),
-                       ("fullchain", opts.fullchain_path)):
+    for kind in ("cert", "chain", "fullchain", "combined"):
+        path = getattr(opts, kind + "_path")
         if path:
             plan.append((path, kind))
     absolute = [os.path.abspath(path) for path, _ in plan]
@@ -954,57 +1232,146 @@ def check_target(path):
         raise WriteError("cannot write %s: %s is not a directory" % (path, parent))
 
 
-def file_contents(kind, chain):
-    certs = {"cert": chain[:1], "chain": chain[1:], "fullchain": chain}[kind]
-    return "".join(der_to_pem(cert.der) for cert in certs).encode("ascii")
+def render_outputs(plan, chain, key):
+    """(path, bytes, holds_key) for each planned file."""
+    outputs = []
+    for path, kind in plan:
+        certs = {"cert": chain[:1], "chain": chain[1:]}.get(kind, chain)
+        data = "".join(der_to_pem(cert.der) for cert in certs).encode("ascii")
+        outputs.append((path, data + key.pem if kind == "combined" else data,
+                        kind == "combined"))
+    return outputs
 
 
 def read_existing(path):
     try:
         with open(path, "rb") as existing:
-            return existing.read()
+            return existing.read(1 << 20)
     except OSError:
         return None
 
 
-def install_files(plan, chain):
-    """Write each planned file that differs from what is on disk; return their paths.
+def installed_leaf(plan):
+    """The leaf in the first existing cert, fullchain or combined file; None if none."""
+    for path, kind in plan:
+        data = read_existing(path) if kind != "chain" else None
+        if data:
+            try:
+                ders = pem_to_ders(data.decode("ascii", "replace"))
+                return parse_certificate(ders[0]) if ders else None
+            except ParseError:
+                return None
+    return None
+
+
+def check_not_older(best, installed, opts):
+    """No downgrade: the offered leaf must be the installed one or issued later."""
+    leaf = best.leaf
+    if installed is None or installed.der == leaf.der or leaf.not_before > installed.not_before:
+        return
+    message = "%s offers a leaf (%s) that is not newer than the installed one (%s)" % (
+        best.target, leaf.describe(), installed.describe())
+    if not opts.force:
+        raise RefusedError(message, hint="--force installs it anyway")
+    warn(opts, message + "; installing it because of --force")
+
+
+def lock_directories(directories, wait):
+    """Exclusive flock on each output directory itself: no lock files left behind."""
+    import fcntl
+    fds, deadline = [], time.monotonic() + wait
+    try:
+        for directory in directories:
+            make_directory(directory)
+            fds.append(os.open(directory, os.O_RDONLY))
+            while True:
+                try:
+                    fcntl.flock(fds[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise WriteError("another certgrab run holds %s for too long" % directory)
+                    time.sleep(LOCK_POLL)
+    except OSError as exc:
+        unlock_directories(fds)
+        raise WriteError("cannot lock %s: %s" % (directory, exc.strerror or exc))
+    except WriteError:
+        unlock_directories(fds)
+        raise
+    return fds
+
+
+def make_directory(directory):
+    try:
+        os.makedirs(directory, DIR_MODE, exist_ok=True)
+    except OSError as exc:
+        raise WriteError("cannot create directory %s: %s" % (directory, exc.strerror or exc))
+
+
+def unlock_directories(fds):
+    for fd in fds:
+        os.close(fd)
+
+
+def remove_stale_temps(plan):
+    """Temporary files a killed run left beside the outputs (we hold the lock)."""
+    for path, _ in plan:
+        directory, prefix = os.path.dirname(os.path.abspath(path)), \
+            "." + os.path.basename(path) + TEMP_MARK
+        for name in os.listdir(directory):
+            if name.startswith(prefix):
+                remove_quietly(os.path.join(directory, name))
+
+
+def install_files(outputs, opts, mark_pending):
+    """Write each output that differs from the disk; return the paths written.
 
     Every new version is staged as a temporary file beside its target and
     fsynced before the first rename, so a failure leaves the old files alone.
+    With a deploy hook the new files are dated HOOK_PENDING_MTIME until it ran.
     """
-    wanted = [(path, file_contents(kind, chain)) for path, kind in plan]
-    changed = [(path, data) for path, data in wanted if read_existing(path) != data]
+    changed = [output for output in outputs if read_existing(output[0]) != output[1]]
     staged, path = [], None
     try:
-        for path, data in changed:
-            staged.append((stage_file(path, data), path))
+        for path, data, holds_key in changed:
+            staged.append((stage_file(path, data, holds_key, opts, mark_pending), path))
         for temp, path in staged:
             os.replace(temp, path)
     except OSError as exc:
         for temp, _ in staged:
             remove_quietly(temp)
-        raise WriteError("cannot write %s: %s" % (path, exc.strerror or exc))
-    for directory in set(os.path.dirname(os.path.abspath(p)) for p, _ in changed):
+        raise WriteError("cannot write %s: %s" % (path, exc.strerror or exc),
+                         hint="the previous files are unchanged")
+    for directory in set(os.path.dirname(os.path.abspath(p)) for p, _, _ in changed):
         sync_directory(directory)
-    return [path for path, _ in changed]
+    return [path for path, _, _ in changed]
 
 
-def stage_file(path, data):
-    """A fsynced temporary copy of data beside path, with path's mode and owner."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, DIR_MODE, exist_ok=True)
+def stage_file(path, data, holds_key, opts, mark_pending):
+    """A fsynced temporary copy of data beside path, with the mode and owner it needs."""
     try:
         old = os.stat(path)
     except FileNotFoundError:
         old = None
-    temp = os.path.join(directory, "." + os.path.basename(path) + TEMP_MARK
+    mode = old.st_mode & 0o7777 if old else opts.mode or (0o600 if holds_key else NEW_FILE_MODE)
+    mode &= 0o640 if holds_key else ~0o022      # never writable by others; key never public
+    owner = (old.st_uid, old.st_gid) if old else (opts.uid, opts.gid)
+    temp = write_temp_file(os.path.dirname(os.path.abspath(path)), os.path.basename(path),
+                           data, mode, owner if os.geteuid() == 0 or not old else None)
+    if mark_pending:
+        os.utime(temp, (HOOK_PENDING_MTIME, HOOK_PENDING_MTIME))
+    return temp
+
+
+def write_temp_file(directory, name, data, mode=0o600, owner=None):
+    """A new file "." + name + TEMP_MARK + random in directory, written and fsynced."""
+    temp = os.path.join(directory, "." + name + TEMP_MARK
                         + binascii.hexlify(os.urandom(6)).decode("ascii"))
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        if old is not None and os.geteuid() == 0:
-            os.fchown(fd, old.st_uid, old.st_gid)
-        os.fchmod(fd, (old.st_mode & 0o7777 if old else NEW_FILE_MODE) & ~0o022)
+        if owner is not None and owner != (-1, -1):
+            os.fchown(fd, owner[0], owner[1])
+        os.fchmod(fd, mode)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
@@ -1038,6 +1405,82 @@ def sync_directory(directory):
         os.close(fd)
 
 
+def pending_files(plan):
+    """Outputs whose deploy hook has not yet succeeded (see install_files)."""
+    pending = []
+    for path, _ in plan:
+        try:
+            if int(os.stat(path).st_mtime) == HOOK_PENDING_MTIME:
+                pending.append(path)
+        except OSError:
+            pass
+    return pending
+
+
+def run_deploy_hook(opts, plan, best):
+    """--deploy-hook through /bin/sh, context only in the environment (certbot's names)."""
+    import subprocess
+    leaf = best.leaf
+    lineage = opts.out_dir or os.path.dirname(plan[0][0])
+    env = dict(os.environ)
+    env.update(RENEWED_LINEAGE=os.path.abspath(lineage), CERTGRAB_SOURCE=best.target.source,
+               RENEWED_DOMAINS=" ".join(n for n in leaf.dns_names if set(n) <= HOST_CHARS),
+               CERTGRAB_FILES=" ".join(os.path.abspath(path) for path, _ in plan),
+               CERTGRAB_SHA256=leaf.sha256)
+    try:
+        hook = subprocess.Popen(["/bin/sh", "-c", opts.deploy_hook], env=env,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    except OSError as exc:
+        raise HookError("cannot run --deploy-hook: %s" % (exc.strerror or exc))
+    try:
+        status = hook.wait(timeout=opts.hook_timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(hook.pid, 9)
+        hook.wait()
+        raise HookError("--deploy-hook was killed after --hook-timeout %g s; the next run "
+                        "retries it" % opts.hook_timeout)
+    if status != 0:
+        raise HookError("--deploy-hook failed (%s); the next run retries it" % (
+            "exit status %d" % status if status > 0 else "signal %d" % -status))
+
+
+def install_chain(plan, chain, best, opts):
+    """Under the directory locks: no downgrade, write what changed, run the hook."""
+    plan = [(os.path.realpath(path), kind) for path, kind in plan]   # keep symlinks
+    outputs = render_outputs(plan, chain, opts.key)
+    if opts.dry_run:
+        return dry_run(plan, outputs, best, opts)
+    directories = sorted(set(os.path.dirname(os.path.abspath(path)) for path, _ in plan))
+    locks = lock_directories(directories, opts.hook_timeout + opts.timeout + LOCK_SLACK)
+    try:
+        remove_stale_temps(plan)
+        check_not_older(best, installed_leaf(plan), opts)
+        changed = install_files(outputs, opts, mark_pending=bool(opts.deploy_hook))
+        if changed and not opts.key:
+            warn(opts, "no --key-path: the leaf was not checked against the private key")
+        if changed:
+            say(opts, "installed the chain from %s (%s): %s" % (
+                best.target, best.leaf.describe(), " ".join(changed)))
+        pending = pending_files(plan)
+        if pending and opts.deploy_hook:
+            run_deploy_hook(opts, plan, best)
+        for path in pending:
+            os.utime(path, None)
+        if not changed and not pending:
+            info(opts, "files are up to date; nothing written, no hook run")
+    finally:
+        unlock_directories(locks)
+
+
+def dry_run(plan, outputs, best, opts):
+    check_not_older(best, installed_leaf(plan), opts)
+    changed = [path for path, data, _ in outputs if read_existing(path) != data]
+    hook = opts.deploy_hook and (changed or pending_files(plan))
+    say(opts, "dry run: %s%s" % ("would write " + " ".join(changed) if changed else
+                                 "files are up to date", "; would run the deploy hook"
+                                 if hook else ""))
+
+
 # ---------------------------------------------------------------------------
 # Reports: stderr lines for people, stdout for the chain.
 # ---------------------------------------------------------------------------
@@ -1053,16 +1496,21 @@ def warn(opts, message):
         sys.stderr.write("certgrab: warning: %s\n" % message)
 
 
+def say(opts, message):
+    if not opts.quiet:
+        sys.stderr.write("certgrab: %s\n" % message)
+
+
 def info(opts, message):
     if opts.verbose:
         sys.stderr.write("certgrab: %s\n" % message)
 
 
-def report_fetch(results, best, reader, opts):
+def report_fetch(results, best, reader, opts, plan):
     """Chain problems of the winner; with -v, how each source went."""
     for problem in best.problems:
-        warn(opts, "%s: %s (output files get the issuing path: leaf, intermediates, no root)"
-             % (best.target, problem))
+        warn(opts, "%s: %s%s" % (best.target, problem, " (files get the issuing path: leaf, "
+                                 "intermediates, no root)" if plan else ""))
     for result in results:
         if result.error is None:
             info(opts, "%s (%s): %s %s, %d certificate(s) read with %s, %s, %.0f ms" % (
@@ -1070,13 +1518,15 @@ def report_fetch(results, best, reader, opts):
                 len(result.served), reader.method,
                 "NOT verified (--insecure)" if opts.insecure else "verified",
                 result.elapsed * 1000))
+            if result.note:
+                info(opts, "  " + result.note)
             for index, cert in enumerate(result.served):
                 info(opts, "  %d %s (issuer %s) %s to %s" % (
                     index, printable(cert.subject), printable(cert.issuer),
                     format_time(cert.not_before), format_time(cert.not_after)))
-    if len(results) > 1:
-        warn(opts, "using the chain from %s (newest leaf, issued %s)"
-             % (best.target, format_time(best.leaf.not_before))) if not opts.quiet else None
+    if len(results) > 1:        # with files, the install message names the source
+        (info if plan else say)(opts, "using the chain from %s (newest valid leaf, issued %s)"
+                                % (best.target, format_time(best.leaf.not_before)))
 
 
 def write_stdout(certs):
@@ -1111,6 +1561,17 @@ OPTIONS = (
     ("--fullchain-path", "fullchain_path", "FILE", "write the leaf and intermediates to FILE"),
     ("--verified-chain", "verified_chain", None,
      "output the path verification built, with its root"),
+    ("--combined-path", "combined_path", "FILE", "write chain and private key to FILE (0600)"),
+    ("--key-path", "key_path", "FILE", "the private key the leaf must match"),
+    ("--key-password-file", "key_password_file", "FILE", "password of an encrypted key"),
+    ("--owner", "owner", "USER", "owner of new files (existing ones keep theirs)"),
+    ("--group", "group", "GROUP", "group of new files"),
+    ("--mode", "mode", "MODE", "octal mode of new certificate files (default 0644)"),
+    ("--force", "force", None, "install even a leaf not newer than the installed one"),
+    ("--dry-run", "dry_run", None, "check and say what would change; write nothing"),
+    ("--deploy-hook", "deploy_hook", "CMD", "run CMD with /bin/sh after files changed"),
+    ("--hook-timeout", "hook_timeout", "SECONDS",
+     "kill the hook after SECONDS (default %g)" % HOOK_TIMEOUT),
     ("-q --quiet", "quiet", None, "print errors only"),
     ("-v --verbose", "verbose", None, "how each source went: TLS version, method, time"),
     ("-h --help", "help", None, "show this help and exit"),
@@ -1136,11 +1597,13 @@ examples:
   certgrab.py 10.0.0.5 10.0.0.6 -n www.example.com --cafile ca.pem --out-dir x
 
 exit codes:
-  0  success: chain fetched, verified and written
-  2  usage error: bad option, SOURCE, port, --cafile or --capath
+  0  success: chain verified and written, or files already up to date
+  2  usage error: bad option, SOURCE, port, --cafile, --key-path
   3  cannot fetch: connection refused/timed out, not TLS, TLS failure
   4  verification failed: unknown issuer, expired, name mismatch
-  5  cannot write an output file
+  5  cannot write an output file (the previous files are unchanged)
+  6  refused by a safety check: key mismatch, name, dates, not newer
+  7  the deploy hook failed or timed out (the next run retries it)
 """
 
 
@@ -1223,6 +1686,51 @@ def check_options(opts):
                 option_flag(first), option_flag(second)))
     opts.family = socket.AF_INET if opts.ipv4 else socket.AF_INET6 if opts.ipv6 else \
         socket.AF_UNSPEC
+    check_install_options(opts)
+
+
+def check_install_options(opts):
+    writes = opts.out_dir or opts.cert_path or opts.chain_path or opts.fullchain_path \
+        or opts.combined_path
+    for attribute in ("deploy_hook", "owner", "group", "mode", "force", "dry_run"):
+        if getattr(opts, attribute) and not writes:
+            raise UsageError("%s needs an output file (--out-dir or a --*-path)"
+                             % option_flag(attribute))
+    for attribute in ("combined_path", "key_password_file"):
+        if getattr(opts, attribute) and not opts.key_path:
+            raise UsageError("%s needs --key-path" % option_flag(attribute))
+    try:
+        opts.hook_timeout = float(HOOK_TIMEOUT if opts.hook_timeout is None else opts.hook_timeout)
+        opts.mode = int(opts.mode, 8) if opts.mode is not None else None
+    except ValueError:
+        raise UsageError("--hook-timeout takes seconds and --mode an octal number like 0644")
+    if not opts.hook_timeout > 0 or opts.mode is not None and (opts.mode & ~0o7777
+                                                              or opts.mode & 0o022):
+        raise UsageError("--hook-timeout must be above 0; --mode must not let group or others "
+                         "write (certificate files are trusted input)")
+    opts.uid = lookup_id(opts.owner, "pwd", "getpwnam", "pw_uid", "--owner")
+    opts.gid = lookup_id(opts.group, "grp", "getgrnam", "gr_gid", "--group")
+    opts.key = read_private_key(opts.key_path, opts.key_password_file) if opts.key_path \
+        else None
+
+
+def lookup_id(name, module, function, field, flag):
+    """A user or group name (or number) to its number; -1 when not given."""
+    if name is None:
+        return -1
+    if name.isdigit():
+        return int(name)
+    try:
+        return getattr(getattr(__import__(module), function)(name), field)
+    except (KeyError, ImportError):
+        raise UsageError("%s %s: no such %s on this host" % (flag, name, flag[2:]))
+
+
+def make_reader(opts):
+    """The run's context; with --key-path, one more per key type for dual-cert servers."""
+    kinds = ("RSA", "EC") if opts.key else ()
+    return ChainReader(make_context(opts),
+                       dict((kind, ChainReader(make_context(opts, kind))) for kind in kinds))
 
 
 def main(argv=None):
@@ -1235,19 +1743,20 @@ def main(argv=None):
         check_options(opts)
         targets = parse_targets(opts)                   # 1. what to dial, what name to verify
         plan = plan_outputs(opts)                       # 2. where to write, checked up front
-        reader = ChainReader(make_context(opts))        # 3. trust store, chain access
+        reader = make_reader(opts)                      # 3. trust store, chain access
         if opts.insecure:
             warn(opts, "--insecure: the chain is NOT verified; anyone on the path could "
                        "have sent it")
         results = fetch_all(targets, reader, opts)      # 4. one handshake per source
-        best = choose_result(results, opts)             # 5. the newest good chain
-        report_fetch(results, best, reader, opts)
-        if not plan:                                    # 6a. stdout: exactly as served
+        if plan or opts.key:
+            apply_gate(results, opts)                   # 5. key, name, dates
+        best = choose_result(results, opts)             # 6. the newest good chain
+        report_fetch(results, best, reader, opts, plan)
+        if not plan:                                    # 7a. stdout: exactly as served
             write_stdout(best.verified if opts.verified_chain else best.served)
             return 0
-        changed = install_files(plan, best.verified if opts.verified_chain else best.path)
-        info(opts, "wrote %s" % (", ".join(changed) or "nothing: files already up to date"))
-        return 0                                        # 6b. files: the cleaned path
+        install_chain(plan, best.verified if opts.verified_chain else best.path, best, opts)
+        return 0                                        # 7b. files, then the hook
     except UsageError as exc:
         report_error(exc)
         sys.stderr.write("certgrab: hint: certgrab.py --help lists the options\n")
