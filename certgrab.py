@@ -93,6 +93,20 @@ def limit_to_tls12(ctx):
         ctx.options |= getattr(ssl, "OP_NO_TLSv1_3", 0x20000000)
 
 
+def load_section(section):
+    """Compile one lazy section of this file into the module, once.
+
+    "python3 certgrab.py" compiles the whole file on every run (no .pyc is kept
+    for a script), at about 1.5 ms per 100 lines. Code that a plain fetch never
+    needs (STARTTLS dialogues, private keys, the ctypes reader of Python 3.6
+    and 3.7) therefore sits in raw strings marked "Lazy", compiled only when a
+    run needs it. It is ordinary Python; tracebacks give this file's lines.
+    """
+    line, name, source = section
+    if name not in globals():
+        exec(compile("\n" * (line - 1) + source, __file__, "exec"), globals())
+
+
 HAS_VERIFIED_CHAIN = hasattr(ssl._ssl._SSLSocket, "get_verified_chain")  # 3.10+
 # Python 3.6 reports every verification failure as a plain SSLError.
 VERIFY_FAILED_REASON = "CERTIFICATE_VERIFY_FAILED"
@@ -220,6 +234,10 @@ class Certificate(object):
         if self.subject_der != other.issuer_der:
             return False
         return self.ski is None or other.aki is None or self.ski == other.aki
+
+    @property
+    def sans(self):
+        return self.dns_names + self.ip_addresses
 
     @property
     def sha256(self):
@@ -491,6 +509,8 @@ def clean_path(certs):
     return path, problems
 
 
+# Lazy (see load_section): only runs with --key-path need this.
+KEYS_SECTION = sys._getframe().f_lineno, "read_private_key", r'''
 class PrivateKey(object):
     """--key-path: the PEM as read, and its public key where certgrab can derive it.
 
@@ -618,6 +638,7 @@ def key_matches(key, leaf):
                          hint="a wrong --key-password-file gives 'bad decrypt'")
     finally:
         remove_quietly(temp)
+'''
 
 
 def parse_certificate_message(body, tls13):
@@ -735,7 +756,8 @@ def check_dns_name(name, what):
 
 
 def parse_targets(opts):
-    default_port = parse_port(opts.port, "-p/--port") if opts.port else DEFAULT_PORT
+    default_port = parse_port(opts.port, "-p/--port") if opts.port else \
+        STARTTLS_PORTS[opts.starttls] if opts.starttls else DEFAULT_PORT
     servername = None
     if opts.servername is not None:
         servername = opts.servername.rstrip(".")
@@ -750,11 +772,16 @@ def parse_targets(opts):
 
 
 def remaining(deadline, target, doing):
+    """Seconds left before the deadline; a FetchError once it has passed."""
     left = deadline - time.monotonic()
     if left <= 0:
-        raise FetchError("%s: timed out %s" % (target, doing),
-                         hint="the server is slow or silent; raise --timeout if it is just slow")
+        raise timed_out(target, doing)
     return left
+
+
+def timed_out(target, doing):
+    return FetchError("%s: timed out %s" % (target, doing),
+                      hint="the server is slow or silent; raise --timeout if it is just slow")
 
 
 def resolve(target, family, deadline):
@@ -775,7 +802,7 @@ def resolve(target, family, deadline):
     thread.start()
     thread.join(remaining(deadline, target, "resolving %s" % target.host))
     if not answer:
-        remaining(0, target, "resolving %s" % target.host)
+        raise timed_out(target, "resolving %s" % target.host)
     if isinstance(answer[0], OSError):
         raise FetchError("%s: cannot resolve %s: %s" % (target, target.host, answer[0].args[-1]))
     return answer[0]
@@ -796,12 +823,338 @@ def open_connection(target, family, deadline):
             return sock
         except socket.timeout:
             sock.close()
-            remaining(0, target, "connecting to %s port %d" % (address[0], address[1]))
+            raise timed_out(target, "connecting to %s port %d" % (address[0], address[1]))
         except OSError as exc:
             sock.close()
             failure = exc
     raise FetchError("%s: cannot connect to port %d: %s" % (
         target, target.port, failure.strerror or failure))
+
+
+# ---------------------------------------------------------------------------
+# Connecting: STARTTLS, the plaintext dialogue before the handshake.
+# ---------------------------------------------------------------------------
+
+STARTTLS_PORTS = {
+    "smtp": 25, "lmtp": 24, "pop3": 110, "imap": 143, "ftp": 21, "xmpp": 5222,
+    "xmpp-server": 5269, "irc": 6667, "postgres": 5432, "postgres-direct": 5432,
+    "mysql": 3306, "nntp": 119, "sieve": 4190, "ldap": 389,
+}
+MAX_LINE = 8192          # bytes; a reply line longer than this is hostile
+MAX_PLAINTEXT = 65536    # bytes a server may send before TLS starts
+MAX_REPLY_LINES = 200    # lines in one reply (capability lists are a few dozen)
+MYSQL_CLIENT_SSL = 0x0800
+MYSQL_CLIENT_FLAGS = 0x0800 | 0x0200 | 0x8000 | 0x0001   # SSL, PROTOCOL_41, SECURE, LONG_PW
+POSTGRES_SSL_REQUEST = (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big")
+LDAP_STARTTLS = bytes.fromhex("301d02010177188016") + b"1.3.6.1.4.1.1466.20037"
+XMPP_STREAM = ("<?xml version='1.0'?><stream:stream xmlns='jabber:%s' "
+               "xmlns:stream='http://etherx.jabber.org/streams' to='%s' version='1.0'>")
+
+
+# Lazy (see load_section): only runs with --starttls need this.
+STARTTLS_SECTION = sys._getframe().f_lineno, "starttls_dialogue", r'''
+class Plaintext(object):
+    """The plaintext part of a connection: every read bounded in size and time."""
+
+    def __init__(self, sock, target, protocol, deadline):
+        self.sock, self.target, self.protocol, self.deadline = sock, target, protocol, deadline
+        self.buffer, self.received = b"", 0
+
+    def fail(self, message, reply=None):
+        if reply is not None:
+            reply = reply if isinstance(reply, str) else " | ".join(reply)
+            message += " (reply: %s)" % printable(reply[:300])
+        return FetchError("%s: %s: %s" % (self.target, self.protocol, message))
+
+    def refuse(self, reply):
+        return self.fail("the server does not offer STARTTLS", reply)
+
+    def send(self, data):
+        try:
+            self.sock.settimeout(remaining(self.deadline, self.target, "sending to the server"))
+            self.sock.sendall(data)
+        except socket.timeout:
+            raise timed_out(self.target, "sending to the %s server" % self.protocol)
+        except OSError as exc:
+            raise self.fail("cannot send: %s" % (exc.strerror or exc))
+
+    def _fill(self):
+        try:
+            self.sock.settimeout(remaining(self.deadline, self.target,
+                                           "waiting for the %s server" % self.protocol))
+            chunk = self.sock.recv(4096)
+        except socket.timeout:
+            raise timed_out(self.target, "waiting for the %s server" % self.protocol)
+        except OSError as exc:
+            raise self.fail("connection failed: %s" % (exc.strerror or exc))
+        if not chunk:
+            raise self.fail("the server closed the connection", self.buffer.decode("latin-1")
+                            if self.buffer else None)
+        self.received += len(chunk)
+        if self.received > MAX_PLAINTEXT:
+            raise self.fail("the server sent more than %d bytes before TLS" % MAX_PLAINTEXT)
+        self.buffer += chunk
+
+    def line(self):
+        """One line, without its CR LF."""
+        while b"\n" not in self.buffer[:MAX_LINE + 1]:
+            if len(self.buffer) > MAX_LINE:
+                raise self.fail("the server sent a line longer than %d bytes" % MAX_LINE)
+            self._fill()
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.rstrip(b"\r").decode("utf-8", "replace")
+
+    def exactly(self, count):
+        while len(self.buffer) < count:
+            self._fill()
+        data, self.buffer = self.buffer[:count], self.buffer[count:]
+        return data
+
+    def until(self, *markers):
+        """Bytes up to the end of the first of markers to appear."""
+        while True:
+            found = [(self.buffer.find(m), m) for m in markers if m in self.buffer]
+            if found:
+                position, marker = min(found)
+                end = position + len(marker)
+                data, self.buffer = self.buffer[:end], self.buffer[end:]
+                return data
+            self._fill()
+
+    def finish(self):
+        """Nothing may stay buffered when TLS starts: that is a known injection attack."""
+        extra = self.buffer
+        if not extra:
+            try:
+                extra = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except (BlockingIOError, socket.timeout):
+                extra = b""
+            except OSError:
+                extra = b""
+        if extra:
+            raise self.fail("the server sent data after agreeing to start TLS; refusing "
+                            "(plaintext injection)")
+
+
+def coded_reply(talk, expected, what):
+    """A reply of SMTP, LMTP or FTP: all its lines; the code must be one of expected."""
+    lines = []
+    while len(lines) < MAX_REPLY_LINES:
+        lines.append(talk.line())
+        last = lines[-1]
+        if len(last) >= 3 and last[:3].isdigit() and last[3:4] in ("", " "):
+            if int(last[:3]) not in expected:
+                raise what(lines)
+            return lines
+    raise talk.fail("a reply of more than %d lines" % MAX_REPLY_LINES)
+
+
+def dot_list(talk):
+    """The lines of a POP3 or NNTP multi-line reply up to its "." line."""
+    lines = []
+    while len(lines) < MAX_REPLY_LINES:
+        line = talk.line()
+        if line == ".":
+            return lines
+        lines.append(line)
+    raise talk.fail("a list of more than %d lines" % MAX_REPLY_LINES)
+
+
+def ehlo_name(sock, opts):
+    """--ehlo, this host's name when it is a dotted name, else our address literal."""
+    if opts.ehlo:
+        return opts.ehlo
+    name = socket.gethostname()
+    if "." in name and set(name) <= HOST_CHARS:
+        return name
+    address = sock.getsockname()[0]
+    return "[IPv6:%s]" % address if ":" in address else "[%s]" % address
+
+
+def _greeting_failed(talk):
+    return lambda reply: talk.fail("unexpected greeting", reply)
+
+
+def starttls_smtp(talk, opts, hello=b"EHLO"):
+    coded_reply(talk, (220,), _greeting_failed(talk))
+    talk.send(hello + b" " + ehlo_name(talk.sock, opts).encode("idna") + b"\r\n")
+    lines = coded_reply(talk, (250,), lambda r: talk.fail("%s refused" % hello.decode(), r))
+    if not any(line[4:].strip().upper() == "STARTTLS" for line in lines):
+        raise talk.refuse(lines)
+    talk.send(b"STARTTLS\r\n")
+    coded_reply(talk, (220,), talk.refuse)
+
+
+def starttls_lmtp(talk, opts):
+    starttls_smtp(talk, opts, hello=b"LHLO")
+
+
+def starttls_ftp(talk, opts):
+    coded_reply(talk, (220,), _greeting_failed(talk))
+    talk.send(b"AUTH TLS\r\n")
+    coded_reply(talk, (234,), talk.refuse)
+
+
+def starttls_pop3(talk, opts):
+    greeting = talk.line()
+    if not greeting.startswith("+OK"):
+        raise talk.fail("unexpected greeting", greeting)
+    talk.send(b"CAPA\r\n")
+    answer = talk.line()
+    capabilities = dot_list(talk) if answer.startswith("+OK") else []
+    if answer.startswith("+OK") and "STLS" not in [c.split()[0].upper() for c in capabilities
+                                                   if c.split()]:
+        raise talk.refuse([answer] + capabilities)
+    talk.send(b"STLS\r\n")
+    answer = talk.line()
+    if not answer.startswith("+OK"):
+        raise talk.refuse(answer)
+
+
+def _imap_command(talk, tag, command):
+    talk.send(tag + b" " + command + b"\r\n")
+    lines = []
+    while len(lines) < MAX_REPLY_LINES:
+        lines.append(talk.line())
+        if lines[-1].startswith(tag.decode() + " "):
+            return lines
+    raise talk.fail("a reply of more than %d lines" % MAX_REPLY_LINES)
+
+
+def starttls_imap(talk, opts):
+    greeting = talk.line()
+    if not greeting.upper().startswith("* OK"):
+        raise talk.fail("unexpected greeting", greeting)
+    lines = _imap_command(talk, b"c1", b"CAPABILITY")
+    if "STARTTLS" not in " ".join(lines[:-1]).upper().split():
+        raise talk.refuse(lines)
+    lines = _imap_command(talk, b"c2", b"STARTTLS")
+    if not lines[-1].upper().startswith("C2 OK"):
+        raise talk.refuse(lines)
+
+
+def starttls_sieve(talk, opts):
+    lines = []
+    while not lines or not lines[-1].upper().startswith(("OK", "NO", "BYE")):
+        if len(lines) >= MAX_REPLY_LINES:
+            raise talk.fail("a greeting of more than %d lines" % MAX_REPLY_LINES)
+        lines.append(talk.line())
+    if not lines[-1].upper().startswith("OK") or '"STARTTLS"' not in [
+            line.strip().upper() for line in lines]:
+        raise talk.refuse(lines)
+    talk.send(b"STARTTLS\r\n")
+    answer = talk.line()
+    if not answer.upper().startswith("OK"):
+        raise talk.refuse(answer)
+
+
+def starttls_nntp(talk, opts):
+    greeting = talk.line()
+    if greeting[:3] not in ("200", "201"):
+        raise talk.fail("unexpected greeting", greeting)
+    talk.send(b"CAPABILITIES\r\n")
+    answer = talk.line()
+    capabilities = dot_list(talk) if answer[:3] == "101" else []
+    if "STARTTLS" not in [c.strip().upper() for c in capabilities]:
+        raise talk.refuse([answer] + capabilities)
+    talk.send(b"STARTTLS\r\n")
+    answer = talk.line()
+    if answer[:3] != "382":
+        raise talk.refuse(answer)
+
+
+def starttls_xmpp(talk, opts, kind="client"):
+    domain = talk.target.verify_name
+    talk.send((XMPP_STREAM % (kind, domain)).encode("utf-8"))
+    features = talk.until(b"</stream:features>", b"</stream:stream>", b"<stream:error")
+    if b"urn:ietf:params:xml:ns:xmpp-tls" not in features or b"<starttls" not in features:
+        raise talk.refuse(features.decode("utf-8", "replace"))
+    talk.send(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+    answer = talk.until(b"<proceed", b"<failure", b"</stream:stream>")
+    if not answer.endswith(b"<proceed"):
+        raise talk.refuse(answer.decode("utf-8", "replace"))
+    talk.until(b">")
+
+
+def starttls_xmpp_server(talk, opts):
+    starttls_xmpp(talk, opts, kind="server")
+
+
+def starttls_irc(talk, opts):
+    talk.send(b"STARTTLS\r\n")
+    for _ in range(MAX_REPLY_LINES):
+        line = talk.line()
+        words = line.split()[1:] if line.startswith(":") else line.split()
+        command = words[0].upper() if words else ""
+        if command == "670":
+            return
+        if command == "PING":
+            talk.send(b"PONG " + line.split(" ", 1)[-1].encode("utf-8") + b"\r\n")
+        elif command in ("691", "421", "451", "ERROR") or command.isdigit() and \
+                command.startswith(("4", "5")):
+            raise talk.refuse(line)
+    raise talk.fail("no answer to STARTTLS in %d lines" % MAX_REPLY_LINES)
+
+
+def starttls_postgres(talk, opts):
+    talk.send(POSTGRES_SSL_REQUEST)
+    answer = talk.exactly(1)
+    if answer != b"S":
+        raise talk.refuse("N: TLS is off" if answer == b"N" else repr(answer))
+
+
+def starttls_mysql(talk, opts):
+    header = talk.exactly(4)
+    payload = talk.exactly(int.from_bytes(header[:3], "little"))
+    if payload[:1] == b"\xff":
+        raise talk.fail("the server refused the connection",
+                        payload[9:].decode("utf-8", "replace"))
+    end = payload.find(b"\0", 1)
+    if payload[:1] != b"\x0a" or end < 0 or len(payload) < end + 16:
+        raise talk.fail("not a MySQL handshake", repr(payload[:40]))
+    capabilities = int.from_bytes(payload[end + 14:end + 16], "little")
+    if not capabilities & MYSQL_CLIENT_SSL:
+        raise talk.refuse("server %s without CLIENT_SSL" % payload[1:end].decode("latin-1"))
+    request = MYSQL_CLIENT_FLAGS.to_bytes(4, "little") + (1 << 24).to_bytes(4, "little") \
+        + b"\x21" + bytes(23)
+    talk.send(len(request).to_bytes(3, "little") + bytes([(header[3] + 1) % 256]) + request)
+
+
+def starttls_ldap(talk, opts):
+    talk.send(LDAP_STARTTLS)
+    head = talk.exactly(2)
+    size = head[1]
+    if size & 0x80:
+        count = size & 0x7F
+        if not 1 <= count <= 3:
+            raise talk.fail("malformed LDAP response", repr(head))
+        extra = talk.exactly(count)
+        head, size = head + extra, int.from_bytes(extra, "big")
+    if size > MAX_PLAINTEXT:
+        raise talk.fail("LDAP response too long")
+    message = head + talk.exactly(size)
+    try:
+        fields = _children(message, _tlv(message, 0, len(message)), DER_SEQUENCE, 2)
+        result = _children(message, fields[1], 0x78, 3)
+        code = int.from_bytes(message[result[0][1]:result[0][2]], "big")
+        text = message[result[2][1]:result[2][2]].decode("utf-8", "replace")
+    except ParseError:
+        raise talk.fail("malformed LDAP response", repr(message[:60]))
+    if code != 0:
+        raise talk.refuse("resultCode %d %s" % (code, text))
+
+
+def starttls_postgres_direct(talk, opts):
+    """PostgreSQL 17+ direct TLS: no dialogue, ALPN "postgresql" (see make_context)."""
+
+
+def starttls_dialogue(sock, target, opts, deadline):
+    """Talk the protocol up to the point where the TLS handshake starts."""
+    talk = Plaintext(sock, target, opts.starttls, deadline)
+    dialogue = globals()["starttls_" + opts.starttls.replace("-", "_")]
+    dialogue(talk, opts)
+    talk.finish()
+'''
 
 
 # ---------------------------------------------------------------------------
@@ -816,6 +1169,8 @@ def make_context(opts, key_kind=None):
     certificate, since Python cannot restrict TLS 1.3 signature algorithms.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if opts.alpn:
+        ctx.set_alpn_protocols(opts.alpn)
     if key_kind:
         ctx.set_ciphers("aECDSA" if key_kind == "EC" else "aRSA")
         limit_to_tls12(ctx)
@@ -907,6 +1262,7 @@ class ChainReader(object):
         if self.method == "msg_callback":
             ctx._msg_callback = self._record
         elif self.method == "ctypes":
+            load_section(CTYPES_SECTION)
             self._openssl = OpenSSLPeek(ctx)
 
     def _record(self, conn, direction, version, content_type, msg_type, data):
@@ -941,6 +1297,8 @@ class ChainReader(object):
         return [parse_certificate(der) for der in self.ctx.get_ca_certs(binary_form=True)]
 
 
+# Lazy (see load_section): only Python 3.6 and 3.7 need this.
+CTYPES_SECTION = sys._getframe().f_lineno, "OpenSSLPeek", r'''
 class OpenSSLPeek(object):
     """Python 3.6-3.7 only: reads the peer chain from the SSL* with ctypes.
 
@@ -998,6 +1356,7 @@ class OpenSSLPeek(object):
     def verify_message(self, tls):
         code = self.lib.SSL_get_verify_result(self._ssl_pointer(tls))
         return self.lib.X509_verify_cert_error_string(code).decode("ascii", "replace")
+'''
 
 
 class FetchResult(object):
@@ -1053,6 +1412,12 @@ def _fetch_into(result, reader, opts, deadline):
     target = result.target
     sock = open_connection(target, opts.family, deadline)
     result.address = sock.getpeername()[0]
+    if opts.starttls:
+        try:
+            starttls_dialogue(sock, target, opts, deadline)
+        except CertgrabError:
+            sock.close()
+            raise
     tls = reader.ctx.wrap_socket(sock, server_hostname=target.verify_name,
                                  do_handshake_on_connect=False)
     try:
@@ -1098,7 +1463,7 @@ def _handshake(tls, reader, target, deadline):
     except ssl.CertificateError as exc:     # 3.7+: every verify failure; 3.6: name only
         return verify_failure(getattr(exc, "verify_message", None) or str(exc), target)
     except socket.timeout:
-        remaining(0, target, "during the TLS handshake")
+        raise timed_out(target, "during the TLS handshake")
     except ssl.SSLError as exc:
         if exc.reason == VERIFY_FAILED_REASON:    # Python 3.6
             return verify_failure(reader.verify_message(tls) or ssl_reason(exc), target)
@@ -1417,6 +1782,16 @@ def pending_files(plan):
     return pending
 
 
+def clear_pending(paths):
+    """Date the files now: their hook ran."""
+    for path in paths:
+        try:
+            os.utime(path, None)
+        except OSError as exc:
+            raise WriteError("cannot clear the hook-pending date of %s: %s" % (
+                path, exc.strerror or exc), hint="the next run will run the hook again")
+
+
 def run_deploy_hook(opts, plan, best):
     """--deploy-hook through /bin/sh, context only in the environment (certbot's names)."""
     import subprocess
@@ -1464,8 +1839,11 @@ def install_chain(plan, chain, best, opts):
         pending = pending_files(plan)
         if pending and opts.deploy_hook:
             run_deploy_hook(opts, plan, best)
-        for path in pending:
-            os.utime(path, None)
+            clear_pending(pending)
+        elif pending:
+            warn(opts, "a deploy hook is still pending for %s (dated %s); a run with "
+                       "--deploy-hook retries it" % (" ".join(pending),
+                                                     format_time(HOOK_PENDING_MTIME)))
         if not changed and not pending:
             info(opts, "files are up to date; nothing written, no hook run")
     finally:
@@ -1550,6 +1928,9 @@ OPTIONS = (
     ("-p --port", "port", "PORT", "port for a SOURCE without one (default %d)" % DEFAULT_PORT),
     ("--timeout", "timeout", "SECONDS",
      "deadline per source: DNS, connect, handshake (%g)" % DEFAULT_TIMEOUT),
+    ("--starttls", "starttls", "PROTOCOL", "talk PROTOCOL before TLS (list below)"),
+    ("--ehlo", "ehlo", "NAME", "EHLO/LHLO name for smtp, lmtp (default: this host)"),
+    ("--alpn", "alpn", "LIST", "ALPN protocols to offer, comma-separated"),
     ("-4", "ipv4", None, "IPv4 only"),
     ("-6", "ipv6", None, "IPv6 only"),
     ("--cafile", "cafile", "FILE", "trust only the CA certificates in FILE"),
@@ -1591,6 +1972,9 @@ With no output option the chain is printed as PEM exactly as served.
 options:
 %s
 
+--starttls protocols (default port):
+%s
+
 examples:
   certgrab.py 203.0.113.7 -n www.example.com > fullchain.pem
   certgrab.py [2001:db8::7]:8443 -n www.example.com --out-dir /etc/ssl/example
@@ -1622,7 +2006,14 @@ def help_text():
         left = ", ".join(flags.split()) + (" " + metavar if metavar else "")
         rows.append("  %-24s %s" % (left, text) if len(left) < 24 else
                     "  %s\n  %-24s %s" % (left, "", text))
-    return USAGE + "\n\n" + HELP_TEXT % "\n".join(rows)
+    lines = [""]
+    for name in sorted(STARTTLS_PORTS):
+        item = "%s %d," % (name, STARTTLS_PORTS[name])
+        if len(lines[-1]) + len(item) > 74:
+            lines.append("")
+        lines[-1] += " " + item
+    return USAGE + "\n\n" + HELP_TEXT % ("\n".join(rows), "\n".join(
+        " " + line for line in lines).rstrip(","))
 
 
 def option_flag(attribute):
@@ -1679,6 +2070,13 @@ def check_options(opts):
         opts.timeout = -1.0
     if not 0 < opts.timeout < 86400:
         raise UsageError("--timeout must be a number of seconds above 0")
+    if opts.starttls is not None and opts.starttls not in STARTTLS_PORTS:
+        raise UsageError("--starttls %s: unknown protocol; known: %s"
+                         % (opts.starttls, ", ".join(sorted(STARTTLS_PORTS))))
+    if opts.starttls:
+        load_section(STARTTLS_SECTION)
+    opts.alpn = [p for p in (opts.alpn or "").split(",") if p] or \
+        (["postgresql"] if opts.starttls == "postgres-direct" else None)
     for first, second in (("ipv4", "ipv6"), ("quiet", "verbose"), ("insecure", "cafile"),
                           ("insecure", "capath"), ("insecure", "verified_chain")):
         if getattr(opts, first) and getattr(opts, second):
@@ -1710,6 +2108,8 @@ def check_install_options(opts):
                          "write (certificate files are trusted input)")
     opts.uid = lookup_id(opts.owner, "pwd", "getpwnam", "pw_uid", "--owner")
     opts.gid = lookup_id(opts.group, "grp", "getgrnam", "gr_gid", "--group")
+    if opts.key_path:
+        load_section(KEYS_SECTION)
     opts.key = read_private_key(opts.key_path, opts.key_password_file) if opts.key_path \
         else None
 
