@@ -1,0 +1,301 @@
+#!/usr/bin/env python3
+"""Make the certificate chains the test suite serves, with the openssl command line tool.
+
+Usage: python3 tests/make_certs.py OUTDIR      (or: from make_certs import generate)
+
+Everything lands in OUTDIR; running it again on a complete OUTDIR does nothing.
+
+    OUTDIR/root-ec/    root-rsa/    root-other/       self-signed CAs (cert.pem, key.pem)
+    OUTDIR/<chain>/cert.pem       the leaf
+                   chain.pem      intermediates in issuing order (the leaf's issuer first)
+                   fullchain.pem  cert.pem + chain.pem
+                   key.pem        the leaf's private key
+                   root.pem       the root the chain ends at (not served)
+
+    chain      root        intermediates  leaf
+    ec1        root-ec     1              EC P-256, valid 2024-2049
+    ec1new     root-ec     ec1's          same key as ec1, notBefore one year later (2025)
+    ec2        root-ec     2              EC P-256
+    rsa1       root-rsa    1              RSA 2048
+    rsa2       root-rsa    2              RSA 2048
+    expired    root-ec     1              EC, valid 2020-2021 only
+    wrongname  root-ec     1              EC, SAN DNS:other.example.test only
+    ipsan      root-ec     1              EC, SAN IP:127.0.0.1, IP:::1 only
+    unknown    root-other  1              EC, normal names, under the unrelated root
+
+Normal leaves carry SAN DNS:www.example.test, DNS:example.test, IP:127.0.0.1, IP:::1,
+basicConstraints CA:FALSE, keyUsage digitalSignature(+keyEncipherment for RSA) and
+extendedKeyUsage serverAuth, so that OpenSSL's own verification passes. Roots end in 2099,
+which forces GeneralizedTime encoding; leaves end in 2049 (UTCTime): the DER reader sees both.
+All dates are fixed, so two runs differ only in keys and serial numbers.
+
+Helpers for the tests, independent of certgrab's own PEM code:
+    pem_ders(text) -> [DER]     read_ders(path) -> [DER]     ders_to_pem([DER]) -> text
+"""
+
+import base64
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+
+NAMES = "DNS:www.example.test,DNS:example.test,IP:127.0.0.1,IP:::1"
+
+# (chain, root, number of intermediates, key type, SAN, leaf startdate, leaf enddate)
+CHAINS = [
+    ("ec1", "root-ec", 1, "ec", NAMES, "20240101000000Z", "20491231235959Z"),
+    ("ec2", "root-ec", 2, "ec", NAMES, "20240101000000Z", "20491231235959Z"),
+    ("rsa1", "root-rsa", 1, "rsa", NAMES, "20240101000000Z", "20491231235959Z"),
+    ("rsa2", "root-rsa", 2, "rsa", NAMES, "20240101000000Z", "20491231235959Z"),
+    ("expired", "root-ec", 1, "ec", NAMES, "20200101000000Z", "20210101000000Z"),
+    ("wrongname", "root-ec", 1, "ec", "DNS:other.example.test", "20240101000000Z",
+     "20491231235959Z"),
+    ("ipsan", "root-ec", 1, "ec", "IP:127.0.0.1,IP:::1", "20240101000000Z", "20491231235959Z"),
+    ("unknown", "root-other", 1, "ec", NAMES, "20240101000000Z", "20491231235959Z"),
+]
+ROOTS = [("root-ec", "ec"), ("root-rsa", "rsa"), ("root-other", "ec")]
+ROOT_DATES = ("20180101000000Z", "20991231235959Z")
+INTERMEDIATE_DATES = ("20190101000000Z", "20991231235959Z")
+EC1NEW_DATES = ("20250101000000Z", "20491231235959Z")
+DONE_MARKER = ".complete"
+
+CA_CONFIG = """\
+[ ca ]
+default_ca = CA_default
+[ CA_default ]
+dir = {dir}
+database = $dir/index.txt
+new_certs_dir = $dir
+rand_serial = yes
+default_md = sha256
+policy = policy_anything
+unique_subject = no
+email_in_dn = no
+preserve = yes
+copy_extensions = none
+[ policy_anything ]
+organizationName = optional
+commonName = supplied
+[ req ]
+distinguished_name = req_dn
+prompt = no
+[ req_dn ]
+CN = unused
+"""
+
+EXTENSIONS = """\
+[ root ]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+[ intermediate ]
+basicConstraints = critical, CA:TRUE, pathlen:0
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid:always
+[ intermediate_with_sub ]
+basicConstraints = critical, CA:TRUE, pathlen:1
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid:always
+[ leaf_ec ]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid:always
+subjectAltName = ${{ENV::SAN}}
+[ leaf_rsa ]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = serverAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid:always
+subjectAltName = ${{ENV::SAN}}
+"""
+
+KEY_OPTIONS = {
+    "ec": ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+    "rsa": ["-newkey", "rsa:2048"],
+}
+
+
+PEM_BLOCK = re.compile(r"-----BEGIN CERTIFICATE-----\s*(.*?)-----END CERTIFICATE-----", re.S)
+
+
+def pem_ders(text):
+    """The DER bytes of every CERTIFICATE block in text (str), in order."""
+    return [base64.b64decode("".join(body.split())) for body in PEM_BLOCK.findall(text)]
+
+
+def read_ders(path):
+    """The DER certificates of a PEM file."""
+    with open(str(path)) as f:
+        return pem_ders(f.read())
+
+
+def ders_to_pem(ders):
+    """PEM text for DER certificates, 64 columns, the way openssl writes it."""
+    out = []
+    for der in ders:
+        b64 = base64.b64encode(der).decode("ascii")
+        lines = [b64[i:i + 64] for i in range(0, len(b64), 64)]
+        out.append("-----BEGIN CERTIFICATE-----\n%s\n-----END CERTIFICATE-----\n"
+                   % "\n".join(lines))
+    return "".join(out)
+
+
+def _openssl(args, env=None):
+    """Run one openssl command; raise with its stderr when it fails."""
+    run_env = dict(os.environ)
+    run_env.update(env or {})
+    proc = subprocess.run(["openssl"] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          stdin=subprocess.DEVNULL, env=run_env, timeout=60)
+    if proc.returncode != 0:
+        raise RuntimeError("openssl %s failed:\n%s" % (" ".join(args),
+                                                       proc.stderr.decode(errors="replace")))
+    return proc.stdout
+
+
+class _Workdir(object):
+    """A scratch directory holding one small `openssl ca` database and the config files."""
+
+    def __init__(self, path):
+        self.path = path
+        os.makedirs(path)
+        open(os.path.join(path, "index.txt"), "w").close()
+        self.config = os.path.join(path, "ca.cnf")
+        with open(self.config, "w") as f:
+            f.write(CA_CONFIG.format(dir=path))
+        self.extfile = os.path.join(path, "ext.cnf")
+        with open(self.extfile, "w") as f:
+            f.write(EXTENSIONS.format())
+        self.counter = 0
+
+    def tmp(self, suffix):
+        self.counter += 1
+        return os.path.join(self.path, "%d%s" % (self.counter, suffix))
+
+
+def _request(work, cn, keytype, keyfile=None):
+    """Make a CSR (and a new key unless keyfile is given); return (csr path, key path)."""
+    csr = work.tmp(".csr")
+    args = ["req", "-new", "-config", work.config, "-subj", "/O=certgrab tests/CN=%s" % cn,
+            "-out", csr]
+    if keyfile:
+        args += ["-key", keyfile]
+    else:
+        keyfile = work.tmp(".key")
+        args += KEY_OPTIONS[keytype] + ["-nodes", "-keyout", keyfile]
+    _openssl(args)
+    return csr, keyfile
+
+
+def _sign(work, csr, extensions, dates, issuer=None, san=""):
+    """Issue a certificate for csr with `openssl ca`; self-signed when issuer is None."""
+    out = work.tmp(".pem")
+    args = ["ca", "-batch", "-notext", "-config", work.config, "-in", csr, "-out", out,
+            "-extfile", work.extfile, "-extensions", extensions,
+            "-startdate", dates[0], "-enddate", dates[1]]
+    if issuer is None:
+        args += ["-selfsign", "-keyfile", work.selfsign_key]
+    else:
+        args += ["-cert", issuer[0], "-keyfile", issuer[1]]
+    _openssl(args, env={"SAN": san or "DNS:unused.example.test"})
+    with open(out) as f:
+        return f.read()
+
+
+def _write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _make_root(outdir, scratch, name, keytype):
+    work = _Workdir(os.path.join(scratch, name))
+    csr, key = _request(work, "certgrab test %s" % name, keytype)
+    work.selfsign_key = key
+    pem = _sign(work, csr, "root", ROOT_DATES)
+    target = os.path.join(outdir, name)
+    os.makedirs(target, exist_ok=True)
+    _write(os.path.join(target, "cert.pem"), pem)
+    with open(key) as f:
+        _write(os.path.join(target, "key.pem"), f.read())
+
+
+def _make_chain(outdir, scratch, spec):
+    """Make one chain directory from a CHAINS entry."""
+    name, root, depth, keytype, san, start, end = spec
+    work = _Workdir(os.path.join(scratch, name))
+    root_dir = os.path.join(outdir, root)
+    issuer = (os.path.join(root_dir, "cert.pem"), os.path.join(root_dir, "key.pem"))
+    intermediates = []  # in order of issuance: the root's child first
+    for level in range(depth):
+        csr, key = _request(work, "certgrab test %s intermediate %d" % (name, level + 1), keytype)
+        ext = "intermediate" if level == depth - 1 else "intermediate_with_sub"
+        pem = _sign(work, csr, ext, INTERMEDIATE_DATES, issuer)
+        cert = work.tmp(".pem")
+        _write(cert, pem)
+        intermediates.append(pem)
+        issuer = (cert, key)
+    csr, leaf_key = _request(work, "%s leaf" % name, keytype)
+    leaf = _sign(work, csr, "leaf_" + keytype, (start, end), issuer, san)
+    chain = "".join(reversed(intermediates))  # the leaf's issuer first
+    with open(leaf_key) as f:
+        key_text = f.read()
+    with open(os.path.join(root_dir, "cert.pem")) as f:
+        root_text = f.read()
+    _write_chain_dir(os.path.join(outdir, name), leaf, chain, key_text, root_text)
+    if name == "ec1":
+        newer = _sign(work, csr, "leaf_ec", EC1NEW_DATES, issuer, san)
+        _write_chain_dir(os.path.join(outdir, "ec1new"), newer, chain, key_text, root_text)
+
+
+def _write_chain_dir(target, leaf, chain, key, root):
+    os.makedirs(target, exist_ok=True)
+    _write(os.path.join(target, "cert.pem"), leaf)
+    _write(os.path.join(target, "chain.pem"), chain)
+    _write(os.path.join(target, "fullchain.pem"), leaf + chain)
+    _write(os.path.join(target, "key.pem"), key)
+    _write(os.path.join(target, "root.pem"), root)
+
+
+def _run_parallel(jobs):
+    """Run callables in threads (openssl processes do the work); re-raise the first failure."""
+    errors = []
+
+    def wrap(job):
+        try:
+            job()
+        except Exception as e:  # collected and re-raised below, in the caller's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=wrap, args=(job,)) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def generate(outdir):
+    """Create every chain under outdir (a str or Path); return outdir. Idempotent."""
+    outdir = os.path.abspath(str(outdir))
+    if os.path.exists(os.path.join(outdir, DONE_MARKER)):
+        return outdir
+    os.makedirs(outdir, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix="work-", dir=outdir)
+    _run_parallel([lambda r=r: _make_root(outdir, scratch, *r) for r in ROOTS])
+    _run_parallel([lambda c=c: _make_chain(outdir, scratch, c) for c in CHAINS])
+    subprocess.run(["rm", "-rf", scratch], check=True)
+    _write(os.path.join(outdir, DONE_MARKER), "")
+    return outdir
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: make_certs.py OUTDIR")
+    print(generate(sys.argv[1]))

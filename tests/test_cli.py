@@ -1,0 +1,132 @@
+"""The command line itself: --version, --help, usage errors (exit 2), main's contract."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CERTGRAB, assert_one_error
+
+OPTIONS = ["--servername", "-n", "--port", "-p", "--timeout", "-4", "-6", "--cafile",
+           "--capath", "--insecure", "--out-dir", "--cert-path", "--chain-path",
+           "--fullchain-path", "--verified-chain", "--quiet", "-q", "--verbose", "-v",
+           "--version"]
+EXIT_CODES = {
+    "0": r"success|ok",
+    "2": r"usage",
+    "3": r"connect|fetch|tls|timed? ?out",
+    "4": r"verif",
+    "5": r"writ",
+}
+
+
+def help_text(run):
+    result = run("--help")
+    assert result.rc == 0, result.err
+    return result.out
+
+
+def test_version(run, certgrab):
+    result = run("--version")
+    assert result.rc == 0
+    assert certgrab.__version__ in result.out + result.err
+    assert re.match(r"\d+\.\d+", certgrab.__version__)
+
+
+def test_help_lists_every_option(run):
+    text = help_text(run)
+    for option in OPTIONS:
+        assert re.search(r"(^|[\s,\[])%s\b" % re.escape(option), text), option
+
+
+def test_help_has_the_exit_code_table(run):
+    text = help_text(run)
+    assert re.search(r"exit (codes?|status)", text, re.I), text
+    for code, meaning in EXIT_CODES.items():
+        line = re.search(r"^\s*%s\b.*$" % code, text, re.M)
+        assert line, "exit code %s is not listed in --help" % code
+        assert re.search(meaning, line.group(0), re.I), line.group(0)
+
+
+def test_help_has_examples(run):
+    text = help_text(run)
+    assert re.search(r"example", text, re.I)
+    assert "-n" in text and "--out-dir" in text
+
+
+@pytest.mark.parametrize("argv", [
+    [],                                            # no SOURCE
+    ["--no-such-option", "127.0.0.1"],
+    ["127.0.0.1", "--timeout", "abc"],
+    ["127.0.0.1", "--timeout", "0"],
+    ["127.0.0.1", "--timeout", "-5"],
+    ["127.0.0.1", "-4", "-6"],
+    ["127.0.0.1", "-q", "-v"],
+    ["127.0.0.1", "-p", "https"],
+    ["127.0.0.1", "-n", "bad name with spaces"],
+    ["127.0.0.1", "-n", ""],
+    ["127.0.0.1", "--out-dir"],                    # option without its value
+], ids=lambda argv: " ".join(argv) or "no-arguments")
+def test_usage_errors_exit_2(run, argv):
+    result = run(*argv)
+    assert result.rc == 2, result.err
+    assert result.out == ""
+    assert_one_error(result, allow_usage=True)
+    assert result.elapsed < 1.0
+
+
+def test_insecure_with_cafile_is_a_contradiction(run, tmp_path):
+    root = tmp_path / "root.pem"
+    root.write_text("")
+    result = run("127.0.0.1", "--insecure", "--cafile", root)
+    assert result.rc == 2, result.err
+    assert_one_error(result, allow_usage=True)
+
+
+def test_same_file_twice_is_a_usage_error(run, tmp_path):
+    target = tmp_path / "x.pem"
+    result = run("127.0.0.1", "--insecure", "--cert-path", target, "--fullchain-path", target)
+    assert result.rc == 2, result.err
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], [], ["--bogus"],
+                                  ["127.0.0.1:0"]])
+def test_main_returns_instead_of_exiting(certgrab, capsys, argv):
+    """main(argv) -> int, so callers (and cron wrappers in Python) never see SystemExit."""
+    try:
+        rc = certgrab.main(argv)
+    except SystemExit as e:  # what this test is about
+        pytest.fail("main(%r) raised SystemExit(%r) instead of returning" % (argv, e.code))
+    capsys.readouterr()
+    assert isinstance(rc, int)
+    assert rc == (0 if argv in (["--help"], ["--version"]) else 2)
+
+
+def test_script_exit_codes(tmp_path):
+    """As a program: --version exits 0; a usage error exits 2 with no traceback."""
+    proc = subprocess.run([sys.executable, CERTGRAB, "--version"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=60)
+    assert proc.returncode == 0
+    proc = subprocess.run([sys.executable, CERTGRAB, "[::1"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stdout == b""
+    assert b"Traceback" not in proc.stderr
+    assert proc.stderr.startswith(b"certgrab: ") or b"\ncertgrab: " in proc.stderr
+
+
+def test_script_is_quiet_about_broken_pipe(certs, served):
+    """`certgrab ... | head -1` must not end in a traceback when the reader goes away."""
+    server = served("rsa2")
+    proc = subprocess.Popen(
+        [sys.executable, CERTGRAB, server.address, "-n", "www.example.test",
+         "--cafile", str(certs / "rsa2" / "root.pem")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # nobody reads: the write fails with EPIPE
+    err = proc.stderr.read()
+    proc.wait(60)
+    proc.stderr.close()
+    assert b"Traceback" not in err, err.decode()
+    assert proc.returncode != 0

@@ -1,0 +1,440 @@
+"""Seeded random mutations of real certificates and TLS Certificate messages.
+
+The DER reader and the handshake-message parser read bytes from the network, so any input
+must end in a result or in certgrab's own error (CertgrabError): never IndexError, ValueError,
+RecursionError, MemoryError or a hang. A failure message names the seed and case number, and
+the mutated bytes in hex, so the case can be replayed.
+
+Cases per test: CERTGRAB_FUZZ_CASES, else 300 locally and 5000 when CI=true.
+The seed: CERTGRAB_FUZZ_SEED (default 20240607).
+"""
+
+import binascii
+import copy
+import ipaddress
+import os
+import random
+import struct
+
+import pytest
+
+from make_certs import pem_ders, read_ders
+
+SEED = int(os.environ.get("CERTGRAB_FUZZ_SEED", "20240607"))
+CHAINS = ["ec1", "ec2", "rsa1", "rsa2", "ipsan", "expired"]
+
+pytestmark = pytest.mark.fuzz
+
+
+@pytest.fixture(scope="module")
+def corpus(certs):
+    """Every distinct DER certificate the tests make: leaves, intermediates, roots."""
+    ders = []
+    for chain in CHAINS:
+        for der in read_ders(certs / chain / "fullchain.pem") + read_ders(
+                certs / chain / "root.pem"):
+            if der not in ders:
+                ders.append(der)
+    return ders
+
+
+# Building Certificate message bodies ---------------------------------------------------------
+
+def u24(n):
+    return struct.pack(">I", n)[1:]
+
+
+def tls12_body(ders):
+    entries = b"".join(u24(len(d)) + d for d in ders)
+    return u24(len(entries)) + entries
+
+
+def tls13_body(ders, context=b"", extensions=None):
+    extensions = extensions or [b""] * len(ders)
+    entries = b"".join(u24(len(d)) + d + struct.pack(">H", len(e)) + e
+                       for d, e in zip(ders, extensions))
+    return bytes([len(context)]) + context + u24(len(entries)) + entries
+
+
+# status_request extension with a tiny fake OCSP response, as a server may staple it
+STAPLE = struct.pack(">HH", 5, 7) + b"\x01" + u24(3) + b"\x30\x01\x00"
+
+
+def length_offsets(der):
+    """Offsets of every DER length byte in der (walking constructed elements)."""
+    offsets = []
+
+    def walk(pos, end, depth):
+        while pos + 2 <= end and depth < 20:
+            tag, first = der[pos], der[pos + 1]
+            offsets.append(pos + 1)
+            if first < 0x80:
+                length, header = first, 2
+            else:
+                n = first & 0x7F
+                if n == 0 or n > 4 or pos + 2 + n > end:
+                    return
+                length = int.from_bytes(der[pos + 2:pos + 2 + n], "big")
+                header = 2 + n
+                offsets.extend(range(pos + 2, pos + 2 + n))
+            if pos + header + length > end:
+                return
+            if tag & 0x20:
+                walk(pos + header, pos + header + length, depth + 1)
+            elif tag == 0x03 and length > 1 and der[pos + header] == 0:
+                walk(pos + header + 1, pos + header + length, depth + 1)  # BIT STRING w/ DER
+            elif tag == 0x04:
+                walk(pos + header, pos + header + length, depth + 1)  # OCTET STRING wrapping
+            pos += header + length
+
+    walk(0, len(der), 0)
+    return offsets
+
+
+# Mutations -------------------------------------------------------------------------------
+
+def flip_bits(rng, data, offsets):
+    data = bytearray(data)
+    for _ in range(rng.randint(1, 8)):
+        i = rng.randrange(len(data))
+        data[i] ^= 1 << rng.randrange(8)
+    return bytes(data)
+
+
+def truncate(rng, data, offsets):
+    return data[:rng.randrange(len(data))]
+
+
+def insert(rng, data, offsets):
+    i = rng.randrange(len(data) + 1)
+    junk = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
+    return data[:i] + junk + data[i:]
+
+
+def delete(rng, data, offsets):
+    i = rng.randrange(len(data))
+    return data[:i] + data[i + rng.randint(1, 16):]
+
+
+def duplicate(rng, data, offsets):
+    i = rng.randrange(len(data))
+    j = min(len(data), i + rng.randint(1, 64))
+    return data[:j] + data[i:j] + data[j:]
+
+
+def tweak_length(rng, data, offsets):
+    """Set a length byte to a boundary value: 0, 0x7f, 0x80 (indefinite), 0x81..0x84, 0xff."""
+    data = bytearray(data)
+    offsets = [i for i in offsets if i < len(data)]  # earlier mutations may have shortened it
+    for _ in range(rng.randint(1, 3)):
+        i = rng.choice(offsets) if offsets else rng.randrange(len(data))
+        data[i] = rng.choice([0x00, 0x01, 0x7F, 0x80, 0x81, 0x82, 0x83, 0x84, 0x88, 0xFF,
+                              (data[i] + 1) & 0xFF, (data[i] - 1) & 0xFF])
+    return bytes(data)
+
+
+def huge_length(rng, data, offsets):
+    """Replace the length at a length offset with a 4-byte length far beyond the data."""
+    offsets = [i for i in offsets if i < len(data)]
+    i = rng.choice(offsets) if offsets else rng.randrange(len(data))
+    return data[:i] + b"\x84\x7f\xff\xff\xff" + data[i + 1:]
+
+
+MUTATIONS = [flip_bits, truncate, insert, delete, duplicate, tweak_length, huge_length]
+
+
+# Structure-aware mutations: change one element deep inside and re-encode every enclosing
+# length, so the damage reaches the field readers (names, times, OIDs, SANs, keys) instead
+# of stopping at the outermost length check.
+
+def der_tree(der, pos=0, end=None):
+    """Parse valid DER into nodes [tag, children-list or value-bytes]."""
+    end = len(der) if end is None else end
+    nodes = []
+    while pos < end:
+        tag, first = der[pos], der[pos + 1]
+        if first < 0x80:
+            length, header = first, 2
+        else:
+            n = first & 0x7F
+            length, header = int.from_bytes(der[pos + 2:pos + 2 + n], "big"), 2 + n
+        value = der[pos + header:pos + header + length]
+        if tag & 0x20:
+            nodes.append([tag, der_tree(value)])
+        else:
+            nodes.append([tag, value])
+        pos += header + length
+    return nodes
+
+
+def der_length(n):
+    if n < 0x80:
+        return bytes([n])
+    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(raw)]) + raw
+
+
+def der_encode(nodes):
+    out = b""
+    for tag, value in nodes:
+        body = der_encode(value) if isinstance(value, list) else value
+        out += bytes([tag]) + der_length(len(body)) + body
+    return out
+
+
+def all_nodes(nodes, found=None):
+    found = [] if found is None else found
+    for node in nodes:
+        found.append(node)
+        if isinstance(node[1], list):
+            all_nodes(node[1], found)
+    return found
+
+
+TAGS = [0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x0C, 0x13, 0x16, 0x17, 0x18, 0x1E, 0x30, 0x31,
+        0x80, 0x82, 0x87, 0xA0, 0xA3, 0xFF]
+
+
+def structural(rng, tree, donors, rounds):
+    """DER for a copy of tree after `rounds` structural changes; donors: other trees."""
+    tree = copy.deepcopy(tree)
+    for _ in range(rounds):
+        _change_one_element(rng, rng.choice(all_nodes(tree)), donors)
+    return der_encode(tree)
+
+
+def _change_one_element(rng, node, donors):
+    op = rng.randrange(7)
+    if op == 0:  # a primitive value mutated in place (flip, cut, grow, empty)
+        value = node[1] if isinstance(node[1], bytes) else der_encode(node[1])
+        node[1] = rng.choice([flip_bits, truncate, insert, delete, duplicate])(
+            rng, value or b"\x00", []) if value else b""
+    elif op == 1:  # another tag
+        node[0] = rng.choice(TAGS)
+    elif op == 2 and isinstance(node[1], list) and node[1]:  # drop a child
+        del node[1][rng.randrange(len(node[1]))]
+    elif op == 3 and isinstance(node[1], list) and node[1]:  # repeat a child
+        node[1].insert(rng.randrange(len(node[1]) + 1), copy.deepcopy(rng.choice(node[1])))
+    elif op == 4 and isinstance(node[1], list) and len(node[1]) > 1:  # reorder children
+        rng.shuffle(node[1])
+    elif op == 5:  # graft an element from another certificate
+        graft = copy.deepcopy(rng.choice(all_nodes(rng.choice(donors))))
+        node[0], node[1] = graft
+    else:  # odd primitive contents: empty, huge, zero-padded, non-ASCII
+        node[1] = rng.choice([b"", b"\x00" * rng.randint(1, 40), b"\xff" * rng.randint(1, 40),
+                              b"\x80", "é☃".encode("utf-8"), b"\x00\x00\x00\x01",
+                              bytes(rng.randrange(256) for _ in range(rng.randint(1, 80)))])
+
+
+def mutate(rng, data, offsets):
+    for _ in range(rng.choice([1, 1, 1, 2, 3])):
+        if not data:
+            return data
+        data = rng.choice(MUTATIONS)(rng, data, offsets)
+    return data
+
+
+def replay_note(seed, case, data):
+    return "seed %d case %d input %s" % (seed, case, binascii.hexlify(data[:4096]).decode())
+
+
+def only_certgrab_errors(certgrab, function, data, note):
+    """Call function(data); anything but success or CertgrabError fails with a replay note."""
+    try:
+        return function(data)
+    except certgrab.CertgrabError:
+        return None
+    except Exception as e:  # the point of the test: report any other exception type
+        pytest.fail("%s raised %s: %s\n%s" % (function.__name__, type(e).__name__, e, note))
+
+
+# The unmutated inputs parse correctly (so the fuzzing starts from meaningful data) ----------
+
+def test_parse_certificate_reads_the_real_fields(certgrab, certs):
+    leaf = certgrab.parse_certificate(read_ders(certs / "ec1" / "cert.pem")[0])
+    inter = certgrab.parse_certificate(read_ders(certs / "ec1" / "chain.pem")[0])
+    root = certgrab.parse_certificate(read_ders(certs / "ec1" / "root.pem")[0])
+    rsa = certgrab.parse_certificate(read_ders(certs / "rsa1" / "cert.pem")[0])
+    for attr in ("subject", "issuer", "serial", "not_before", "not_after", "sans", "key_type",
+                 "key_bits", "spki", "is_ca"):
+        assert hasattr(leaf, attr), "parse_certificate result lacks .%s" % attr
+    assert "ec1 leaf" in str(leaf.subject)
+    assert "ec1 intermediate" in str(leaf.issuer)
+    assert leaf.issuer == inter.subject and inter.issuer == root.subject
+    assert (leaf.is_ca, inter.is_ca, root.is_ca) == (False, True, True)
+    assert leaf.key_bits == 256 and "EC" in leaf.key_type.upper()
+    assert rsa.key_bits == 2048 and "RSA" in rsa.key_type.upper()
+    assert isinstance(leaf.spki, bytes) and leaf.spki[:1] == b"\x30"
+    assert leaf.spki in read_ders(certs / "ec1" / "cert.pem")[0]
+
+
+def test_parse_certificate_names(certgrab, certs):
+    leaf = certgrab.parse_certificate(read_ders(certs / "ec1" / "cert.pem")[0])
+    names = getattr(leaf, "sans", None)
+    if names is None:
+        names = list(leaf.dns_names) + list(leaf.ip_addresses)
+    text = " ".join(str(n) for n in names)
+    for want in ("www.example.test", "example.test", "127.0.0.1"):
+        assert want in text, text
+    assert any(str(ipaddress.ip_address("::1")) in str(n) or "0:0:0:0:0:0:0:1" in str(n)
+               for n in names), text
+
+
+def test_parse_certificate_dates_in_both_encodings(certgrab, certs):
+    """Leaves end in 2049 (UTCTime), roots in 2099 (GeneralizedTime)."""
+    import calendar
+    leaf = certgrab.parse_certificate(read_ders(certs / "ec1" / "cert.pem")[0])
+    root = certgrab.parse_certificate(read_ders(certs / "ec1" / "root.pem")[0])
+    newer = certgrab.parse_certificate(read_ders(certs / "ec1new" / "cert.pem")[0])
+
+    def epoch(value):
+        if hasattr(value, "timetuple"):
+            return calendar.timegm(value.utctimetuple())
+        return value
+
+    assert epoch(leaf.not_before) == calendar.timegm((2024, 1, 1, 0, 0, 0))
+    assert epoch(leaf.not_after) == calendar.timegm((2049, 12, 31, 23, 59, 59))
+    assert epoch(root.not_after) == calendar.timegm((2099, 12, 31, 23, 59, 59))
+    assert epoch(newer.not_before) > epoch(leaf.not_before)
+
+
+def test_parse_certificate_serial_matches_openssl(certgrab, certs):
+    import subprocess
+    path = certs / "rsa2" / "cert.pem"
+    text = subprocess.run(["openssl", "x509", "-in", str(path), "-noout", "-serial"],
+                          stdout=subprocess.PIPE, check=True).stdout.decode()
+    serial = int(text.strip().split("=", 1)[1], 16)
+    parsed = certgrab.parse_certificate(read_ders(path)[0]).serial
+    assert parsed == serial or str(parsed).replace(":", "").lower() == "%x" % serial
+
+
+@pytest.mark.parametrize("tls13", [False, True])
+def test_certificate_message_round_trip(certgrab, corpus, tls13):
+    ders = corpus[:3]
+    body = tls13_body(ders) if tls13 else tls12_body(ders)
+    assert certgrab.parse_certificate_message(body, tls13) == ders
+    if tls13:
+        stapled = tls13_body(ders, extensions=[STAPLE, b"", b""])
+        assert certgrab.parse_certificate_message(stapled, True) == ders
+
+
+def test_pem_to_ders_round_trip(certgrab, certs):
+    text = (certs / "rsa2" / "fullchain.pem").read_text()
+    assert certgrab.pem_to_ders(text) == pem_ders(text)
+
+
+# The fuzzing ----------------------------------------------------------------------------
+
+def test_fuzz_parse_certificate(certgrab, corpus, fuzz_cases):
+    """Byte-level damage: bit flips, cuts, insertions, length bytes."""
+    rng = random.Random(SEED)
+    offsets = [length_offsets(der) for der in corpus]
+    for case in range(fuzz_cases):
+        index = rng.randrange(len(corpus))
+        data = mutate(rng, corpus[index], offsets[index])
+        only_certgrab_errors(certgrab, certgrab.parse_certificate, data,
+                             replay_note(SEED, case, data))
+
+
+def test_fuzz_parse_certificate_structure(certgrab, corpus, fuzz_cases):
+    """Element-level damage with consistent lengths, so the field readers see it."""
+    rng = random.Random(SEED + 2)
+    donors = [der_tree(der) for der in corpus]
+    assert [der_encode(tree) for tree in donors] == corpus
+    parsed = 0
+    for case in range(fuzz_cases):
+        data = structural(rng, rng.choice(donors), donors, rng.choice([1, 1, 2, 3]))
+        if rng.random() < 0.1:
+            data = flip_bits(rng, data, [])
+        if only_certgrab_errors(certgrab, certgrab.parse_certificate, data,
+                                replay_note(SEED + 2, case, data)) is not None:
+            parsed += 1
+    # Many mutations leave a certificate readable: the cases reach past the first check.
+    assert parsed > fuzz_cases // 20, parsed
+
+
+def test_fuzz_parse_certificate_edge_inputs(certgrab):
+    for data in [b"", b"\x30", b"\x30\x00", b"\x30\x80", b"\x30\x84\xff\xff\xff\xff",
+                 b"\x30\x03\x30\x01\x30", b"\x30" * 2000, b"\x30\x81" * 1000,
+                 b"\x02\x01\x00", b"\xff" * 64, b"\x30\x02\x30\x00"]:
+        only_certgrab_errors(certgrab, certgrab.parse_certificate, data,
+                             replay_note(SEED, -1, data))
+
+
+def _message_offsets(ders, tls13):
+    """Offsets of every length field byte in a body built from ders."""
+    offsets, pos = [], 0
+    if tls13:
+        offsets.append(0)
+        pos = 1
+    offsets.extend(range(pos, pos + 3))
+    pos += 3
+    for der in ders:
+        offsets.extend(range(pos, pos + 3))
+        pos += 3 + len(der)
+        if tls13:
+            offsets.extend(range(pos, pos + 2))
+            pos += 2
+    return offsets
+
+
+@pytest.mark.parametrize("tls13", [False, True])
+def test_fuzz_parse_certificate_message(certgrab, corpus, fuzz_cases, tls13):
+    rng = random.Random(SEED + (13 if tls13 else 12))
+
+    def parse(data):
+        return certgrab.parse_certificate_message(data, tls13)
+
+    parse.__name__ = "parse_certificate_message(tls13=%s)" % tls13
+    for case in range(fuzz_cases):
+        ders = [rng.choice(corpus) for _ in range(rng.randint(1, 4))]
+        if tls13:
+            context = bytes(rng.randrange(256) for _ in range(rng.choice([0, 0, 0, 1, 4])))
+            exts = [rng.choice([b"", b"", STAPLE]) for _ in ders]
+            body = tls13_body(ders, context, exts)
+            fields = [i + len(context) if i > 0 else i for i in _message_offsets(ders, True)]
+        else:
+            body = tls12_body(ders)
+            fields = _message_offsets(ders, False)
+        kind = rng.random()
+        if kind < 0.4:  # a length field set to a boundary or random value
+            data = bytearray(body)
+            for _ in range(rng.randint(1, 3)):
+                data[rng.choice(fields)] = rng.choice([0, 1, 0x7F, 0x80, 0xFF,
+                                                       rng.randrange(256)])
+            data = bytes(data)
+        else:
+            data = mutate(rng, body, fields)
+        result = only_certgrab_errors(certgrab, parse, data, replay_note(SEED, case, data))
+        if result is not None:
+            assert isinstance(result, list) and all(isinstance(d, bytes) for d in result)
+            assert sum(len(d) for d in result) <= len(data)
+
+
+@pytest.mark.parametrize("tls13", [False, True])
+def test_fuzz_certificate_message_edge_inputs(certgrab, tls13):
+    for data in [b"", b"\x00", b"\x00\x00", b"\x00\x00\x00", b"\x00\x00\x00\x00",
+                 b"\xff\xff\xff\xff", b"\x00\xff\xff\xff", b"\x00\x00\x00\x03\x00\x00\x00",
+                 b"\x00\x00\x00\x05\x00\x00\x01\x30\xff", b"\x01" * 100, b"\x00" * 100]:
+        only_certgrab_errors(certgrab, lambda d: certgrab.parse_certificate_message(d, tls13),
+                             data, replay_note(SEED, -1, data))
+
+
+def test_fuzz_pem_to_ders(certgrab, certs, fuzz_cases):
+    rng = random.Random(SEED + 1)
+    text = (certs / "ec2" / "fullchain.pem").read_text()
+    for case in range(fuzz_cases // 2):
+        data = bytearray(text.encode("ascii"))
+        choice = rng.random()
+        if choice < 0.5:
+            for _ in range(rng.randint(1, 6)):
+                data[rng.randrange(len(data))] = rng.choice(b"-=A/+\n \x00\xff!")
+        elif choice < 0.8:
+            data = data[:rng.randrange(len(data))]
+        else:
+            i = rng.randrange(len(data))
+            data[i:i] = rng.choice([b"-----BEGIN CERTIFICATE-----", b"-----END CERTIFICATE-----",
+                                    b"====", b"\n\n", b"\xc3\xa9"])
+        mutated = bytes(data).decode("latin-1")
+        only_certgrab_errors(certgrab, certgrab.pem_to_ders, mutated,
+                             replay_note(SEED, case, bytes(data)))
