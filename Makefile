@@ -1,0 +1,65 @@
+# certgrab: developer targets. Plain `make` lists them.
+#
+# Everything runs from a fresh clone: `make test` makes its own virtual
+# environment with pytest; the other targets need only python3 and openssl.
+
+PYTHON      = python3
+VENV        = .venv
+BUILD       = build
+PYTEST_ARGS ?=
+# Debian python3-minimal roots for tests/test_minimal_hosts.py (see tests/make_roots.sh).
+CERTGRAB_ROOTS ?= /var/cache/certgrab-roots
+
+.PHONY: help test venv demo bench lint roots clean distclean
+
+help:
+	@echo "make test       run the test suite (first run creates $(VENV) and installs pytest);"
+	@echo "                pass pytest options with PYTEST_ARGS='-x -k ipv6'"
+	@echo "make demo       fetch a chain from a local openssl s_server and write --out-dir files"
+	@echo "make bench      measure speed against a bare handshake, the system store, and 100 ms RTT"
+	@echo "make lint       byte-compile certgrab.py under every python3.6 ... python3.13 found"
+	@echo "make roots      build the Debian 12/11 python3-minimal roots (root, debootstrap) in"
+	@echo "                CERTGRAB_ROOTS=$(CERTGRAB_ROOTS)"
+	@echo "make clean      remove $(BUILD)/ and Python caches"
+	@echo "make distclean  clean, and remove $(VENV)/"
+
+test: venv
+	CERTGRAB_ROOTS=$(CERTGRAB_ROOTS) $(VENV)/bin/python -m pytest tests $(PYTEST_ARGS)
+
+# Create the venv with the default python3 and install pytest, unless already there.
+venv:
+	@[ -x $(VENV)/bin/python ] || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	@$(VENV)/bin/python -c 'import pytest' 2>/dev/null || \
+	    { echo "installing pytest into $(VENV)"; $(VENV)/bin/python -m pip install --quiet --disable-pip-version-check 'pytest>=7'; }
+
+demo:
+	sh tests/demo.sh $(BUILD)/demo $(PYTHON)
+
+bench:
+	$(PYTHON) tests/bench.py
+
+# py_compile certgrab.py with each interpreter, the .pyc going to $(BUILD)/lint.
+# Interpreters come from ~/.pyenv/versions (or $PYENV_ROOT), else from PATH.
+lint:
+	@mkdir -p $(BUILD)/lint; found=0; failed=0; \
+	for v in 6 7 8 9 10 11 12 13; do \
+	    py=$$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.$$v.*/bin/python3.$$v 2>/dev/null | sort -V | tail -n 1); \
+	    [ -n "$$py" ] || py=$$(command -v python3.$$v 2>/dev/null) || true; \
+	    if [ -z "$$py" ]; then printf 'python3.%-3s not found, skipped\n' $$v; continue; fi; \
+	    found=$$((found + 1)); \
+	    if $$py -c 'import py_compile, sys; py_compile.compile(sys.argv[1], cfile=sys.argv[2], doraise=True)' \
+	        certgrab.py $(BUILD)/lint/certgrab.3$$v.pyc; then printf 'python3.%-3s ok    %s\n' $$v $$py; \
+	    else printf 'python3.%-3s FAIL  %s\n' $$v $$py; failed=$$((failed + 1)); fi; \
+	done; \
+	[ $$found -gt 0 ] || { echo "lint: no python3.6 ... python3.13 found"; exit 1; }; \
+	[ $$failed -eq 0 ]
+
+roots:
+	CERTGRAB_ROOTS=$(CERTGRAB_ROOTS) sh tests/make_roots.sh
+
+clean:
+	rm -rf $(BUILD) .pytest_cache
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

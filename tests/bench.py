@@ -1,0 +1,400 @@
+#!/usr/bin/env python3
+"""How fast certgrab.py is, measured side by side in one run (`make bench`).
+
+The speed targets of issue 2, each a ratio of two commands timed in the same run:
+
+  (a) fetch cost: `certgrab.py 127.0.0.1:PORT -n www.example.test --cafile root.pem` against a
+      bare stdlib script (written here to a temp file) that only does the same verified
+      handshake and prints the served chain as PEM, on the same interpreter.
+      Target 1.10x, limit 1.25x.
+  (b) system trust store: certgrab without --cafile against certgrab with --cafile.
+      Limit 1.15x. Measured twice:
+      (b1) the test root made trusted through a hashed CA directory (SSL_CERT_DIR pointing to a
+           temp dir holding an `openssl rehash`-style HASH.0 link), so the fetch succeeds;
+      (b2) the machine's real default store, untouched: verification then fails (unknown
+           issuer, exit 4), but loading the store, the cost in question, is paid all the same.
+  (c) round trips: over a 100 ms RTT link (a delay proxy in this process adds 50 ms each way on
+      loopback) a fetch may take 2 RTT for TLS 1.3 and 3 RTT for TLS 1.2 (TCP connect + the
+      handshake) beyond its local cost (the same fetch without the proxy). Limit: half an RTT
+      of slack. `openssl s_client -showcerts` is shown beside it where installed.
+
+Method: every command is a new process, as a user runs it. Runs are interleaved round-robin
+(the order rotating each round) so that noise from the machine hits all commands alike, and
+medians are compared. Exit status: 0 when every limit holds, 1 when one fails, 2 when the
+measurement itself could not be made (certgrab failed, a tool is missing...).
+
+Usage: python3 tests/bench.py [--runs N] [--rtt-runs N] [--python PYTHON]
+"""
+
+import argparse
+import contextlib
+import os
+import queue
+import resource
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+CERTGRAB = os.path.join(os.path.dirname(TESTS), "certgrab.py")
+sys.path.insert(0, TESTS)
+
+import make_certs  # noqa: E402  (tests/ is put on sys.path just above)
+import servers  # noqa: E402
+
+NAME = "www.example.test"
+CHAIN = "ec1"                 # one intermediate, like most public chains
+RUNS = 21                     # rounds for (a) and (b); each round runs every command once
+RTT_RUNS = 7                  # rounds for (c), where each proxied run takes 0.2-0.4 s
+WARMUP = 2                    # rounds run first and thrown away (page cache, CPU clocks)
+ONE_WAY = 0.050               # seconds the proxy holds data in each direction: RTT 100 ms
+RTT = 2 * ONE_WAY
+RTT_SLACK = 0.5               # RTTs allowed beyond the floor before we call it an extra trip
+COMMAND_TIMEOUT = 30          # seconds; a fetch on loopback takes well under one
+TARGET_A, LIMIT_A = 1.10, 1.25
+LIMIT_B = 1.15
+ROUND_TRIPS = {"1.3": 2, "1.2": 3}   # TCP connect + TLS handshake
+
+BARE_SCRIPT = r'''
+"""Only a verified handshake, then the served chain as PEM: the floor certgrab is held to."""
+import socket, ssl, sys
+host, port, name, cafile = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+context = ssl.create_default_context(cafile=None if cafile == "-" else cafile)
+sock = socket.create_connection((host, port), timeout=10)
+try:
+    tls = context.wrap_socket(sock, server_hostname=name)
+except ssl.SSLError as e:
+    sys.exit("bare: %s" % e)
+if hasattr(tls, "get_unverified_chain"):      # 3.13+: DER bytes
+    chain = tls.get_unverified_chain()
+else:                                         # 3.10-3.12: private, _ssl.Certificate objects
+    chain = [c.public_bytes(ssl._ssl.ENCODING_DER) for c in tls._sslobj.get_unverified_chain()]
+tls.close()
+sys.stdout.write("".join(ssl.DER_cert_to_PEM_cert(der) for der in chain))
+'''
+
+
+class BenchError(Exception):
+    """The measurement could not be made; exit 2 with this message."""
+
+
+# ---------------------------------------------------------------- running and timing commands
+
+class Command(object):
+    """One command line to time, with its environment and the exit codes it may end with."""
+
+    def __init__(self, label, argv, env=None, codes=(0,)):
+        self.label, self.argv, self.env, self.codes = label, argv, env, codes
+        self.times = []     # wall seconds, what the user waits for: the verdicts use these
+        self.cpu_times = []  # user+system seconds of the process: steadier, shown beside
+
+    def run(self):
+        """Run once; record and return (seconds, stdout). Raise BenchError on a wrong exit."""
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        proc = subprocess.run(self.argv, env=self.env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=COMMAND_TIMEOUT)
+        elapsed = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if proc.returncode not in self.codes:
+            raise BenchError("%s: exit %d, expected %s\n  $ %s\n%s" % (
+                self.label, proc.returncode, "/".join(map(str, self.codes)),
+                " ".join(self.argv), proc.stderr.decode(errors="replace").strip()))
+        self.times.append(elapsed)
+        self.cpu_times.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+        return elapsed, proc.stdout
+
+    def clear(self):
+        self.times, self.cpu_times = [], []
+
+    @property
+    def median(self):
+        return statistics.median(self.times)
+
+    @property
+    def cpu_median(self):
+        return statistics.median(self.cpu_times)
+
+
+def measure(commands, runs):
+    """Run every command `runs` times, interleaved round-robin, rotating the order each round."""
+    for _ in range(WARMUP):
+        for command in commands:
+            command.run()
+        for command in commands:
+            command.clear()
+    for i in range(runs):
+        shift = i % len(commands)
+        for command in commands[shift:] + commands[:shift]:
+            command.run()
+
+
+def pem_to_ders(text):
+    """The DER certificates of a PEM text, in order."""
+    text = text.decode() if isinstance(text, bytes) else text
+    begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
+    return [ssl.PEM_cert_to_DER_cert(block[block.index(begin):] + end + "\n")
+            for block in text.split(end) if begin in block]
+
+
+# ---------------------------------------------------------------- the delay proxy
+
+class DelayProxy(object):
+    """Forward 127.0.0.1:self.port to a loopback port, holding data ONE_WAY seconds each way.
+
+    The kernel completes a TCP connect to the proxy at once, so the connect round trip is
+    added to the client's first bytes instead: in real life the client could send them only
+    one RTT after calling connect(). From the client's side every exchange then costs what it
+    would over the slow link, connect included.
+    """
+
+    def __init__(self, target_port, one_way=ONE_WAY):
+        self.target_port, self.one_way = target_port, one_way
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+
+    def __enter__(self):
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.listener.close()
+
+    def _accept_loop(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # listener closed
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client):
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        for sock in (client, upstream):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        pumps = [threading.Thread(target=self._pump, args=(client, upstream, 2 * self.one_way)),
+                 threading.Thread(target=self._pump, args=(upstream, client, 0.0))]
+        for pump in pumps:
+            pump.start()
+        for pump in pumps:
+            pump.join()
+        client.close()
+        upstream.close()
+
+    def _pump(self, src, dst, first_extra):
+        """Copy src to dst, each chunk delivered one_way after it arrived (EOF too)."""
+        chunks = queue.Queue()
+        writer = threading.Thread(target=self._deliver, args=(chunks, dst))
+        writer.start()
+        extra = first_extra
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                data = b""
+            chunks.put((time.monotonic() + self.one_way + extra, data))
+            extra = 0.0
+            if not data:
+                break
+        writer.join()
+
+    @staticmethod
+    def _deliver(chunks, dst):
+        broken = False
+        while True:
+            due, data = chunks.get()
+            time.sleep(max(0.0, due - time.monotonic()))
+            try:
+                if not data:
+                    dst.shutdown(socket.SHUT_WR)
+                    return
+                if not broken:
+                    dst.sendall(data)
+            except OSError:
+                broken = True  # peer gone: keep draining until EOF
+                if not data:
+                    return
+
+
+# ---------------------------------------------------------------- the three measurements
+
+def make_hashed_ca_dir(root_pem, directory):
+    """A CA directory holding root_pem as HASH.0, as `openssl rehash` makes it."""
+    proc = subprocess.run(["openssl", "x509", "-hash", "-noout", "-in", root_pem],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True)
+    os.makedirs(directory)
+    os.symlink(root_pem, os.path.join(directory, proc.stdout.decode().strip() + ".0"))
+    return directory
+
+
+def check_outputs(certgrab, bare, served_pem):
+    """Both programs must print exactly the served chain, or the timing compares nothing."""
+    with open(served_pem) as f:
+        served = pem_to_ders(f.read())
+    for command in (certgrab, bare):
+        _, out = command.run()
+        if pem_to_ders(out) != served:
+            raise BenchError("%s did not print the served chain (%d certificates, expected %d)"
+                             % (command.label, len(pem_to_ders(out)), len(served)))
+        command.clear()
+
+
+def bench_local(python, certs, tmp, port, runs):
+    """(a) and (b): returns (commands, result rows)."""
+    chain = os.path.join(certs, CHAIN)
+    root = os.path.join(chain, "root.pem")
+    bare_path = os.path.join(tmp, "bare_handshake.py")
+    with open(bare_path, "w") as f:
+        f.write(BARE_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+    hashed_env = dict(env, SSL_CERT_DIR=make_hashed_ca_dir(root, os.path.join(tmp, "capath")))
+    source = "127.0.0.1:%d" % port
+
+    cg_cafile = Command("certgrab --cafile root.pem",
+                        [python, CERTGRAB, source, "-n", NAME, "--cafile", root], env)
+    bare_cafile = Command("bare handshake script, root.pem",
+                          [python, bare_path, "127.0.0.1", str(port), NAME, root], env)
+    cg_hashed = Command("certgrab, system store = hashed dir (SSL_CERT_DIR)",
+                        [python, CERTGRAB, source, "-n", NAME], hashed_env)
+    cg_default = Command("certgrab, real default store (exit 4 expected)",
+                         [python, CERTGRAB, source, "-n", NAME], env, codes=(4,))
+    bare_default = Command("bare handshake script, default store (for reference)",
+                           [python, bare_path, "127.0.0.1", str(port), NAME, "-"], env, codes=(1,))
+    start = Command("python -c pass: interpreter start (for reference)", [python, "-c", "pass"],
+                    env)
+    check_outputs(cg_cafile, bare_cafile, os.path.join(chain, "fullchain.pem"))
+    commands = [cg_cafile, bare_cafile, cg_hashed, cg_default, bare_default, start]
+    measure(commands, runs)
+
+    a = cg_cafile.median / bare_cafile.median
+    b1 = cg_hashed.median / cg_cafile.median
+    b2 = cg_default.median / cg_cafile.median
+    rows = [
+        ("(a) certgrab / bare handshake script", "%.2fx" % a, "%.2fx" % TARGET_A,
+         "%.2fx" % LIMIT_A, _verdict(a <= LIMIT_A, a <= TARGET_A)),
+        ("    the same in CPU time", "%.2fx" % (cg_cafile.cpu_median / bare_cafile.cpu_median),
+         "", "", "(for information)"),
+        ("(b1) system store (hashed dir) / --cafile", "%.2fx" % b1, "", "%.2fx" % LIMIT_B,
+         _verdict(b1 <= LIMIT_B)),
+        ("(b2) real default store / --cafile", "%.2fx" % b2, "", "%.2fx" % LIMIT_B,
+         _verdict(b2 <= LIMIT_B)),
+        ("    the same in CPU time", "%.2fx" % (cg_default.cpu_median / cg_cafile.cpu_median),
+         "", "", "(for information)"),
+    ]
+    return commands, rows
+
+
+def bench_round_trips(python, certs, ports, runs):
+    """(c): returns (commands, result rows)."""
+    root = os.path.join(certs, CHAIN, "root.pem")
+    tools = [("certgrab", lambda p: [python, CERTGRAB, "127.0.0.1:%d" % p, "-n", NAME,
+                                     "--cafile", root])]
+    if _which("openssl"):
+        tools.append(("openssl s_client -showcerts",
+                      lambda p: ["openssl", "s_client", "-connect", "127.0.0.1:%d" % p,
+                                 "-servername", NAME, "-CAfile", root,
+                                 "-verify_return_error", "-showcerts"]))
+    commands, pairs = [], []
+    with contextlib.ExitStack() as stack:
+        for tls, port in sorted(ports.items(), reverse=True):
+            proxy = stack.enter_context(DelayProxy(port))
+            for who, argv in tools:
+                pair = [Command("%s, TLS %s, %s" % (who, tls, via), argv(p))
+                        for via, p in (("direct", port), ("100 ms RTT", proxy.port))]
+                pairs.append((tls, who, pair))
+                commands += pair
+        measure(commands, runs)
+
+    rows = []
+    for tls, who, (direct, proxied) in pairs:
+        trips = (proxied.median - direct.median) / RTT
+        floor = ROUND_TRIPS[tls]
+        label = "(c) %s, TLS %s: RTTs beyond local" % (who.split(" -")[0], tls)
+        if who == "certgrab":
+            rows.append((label, "%.2f" % trips, "%d" % floor, "%.1f" % (floor + RTT_SLACK),
+                         _verdict(trips <= floor + RTT_SLACK)))
+        else:
+            rows.append((label, "%.2f" % trips, "%d" % floor, "", "(for comparison)"))
+    return commands, rows
+
+
+def _verdict(within_limit, within_target=True):
+    if not within_limit:
+        return "FAIL"
+    return "PASS" if within_target else "PASS (over target)"
+
+
+def _which(program):
+    return any(os.access(os.path.join(d, program), os.X_OK)
+               for d in os.environ.get("PATH", "").split(os.pathsep))
+
+
+# ---------------------------------------------------------------- report and main
+
+def print_report(commands, rows):
+    print()
+    print("%-58s %8s %8s" % ("command (medians of interleaved runs)", "wall ms", "cpu ms"))
+    for command in commands:
+        print("%-58s %8.1f %8.1f" % (command.label, command.median * 1000,
+                                     command.cpu_median * 1000))
+    print()
+    print("%-48s %9s %7s %7s  %s" % ("target", "measured", "target", "limit", "result"))
+    for row in rows:
+        print("%-48s %9s %7s %7s  %s" % row)
+    print()
+
+
+def interpreter_info(python):
+    code = "import sys, ssl; print(sys.version.split()[0], ssl.OPENSSL_VERSION)"
+    out = subprocess.run([python, "-c", code], stdout=subprocess.PIPE, check=True).stdout
+    return out.decode().strip()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=RUNS, help="rounds for (a), (b)")
+    parser.add_argument("--rtt-runs", type=int, default=RTT_RUNS, help="rounds for (c)")
+    parser.add_argument("--python", default=sys.executable,
+                        help="interpreter for certgrab and the bare script (3.10+)")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    try:
+        info = interpreter_info(args.python)
+        print("certgrab bench: Python %s, %s" % tuple(info.split(" ", 1)))
+        if tuple(map(int, info.split()[0].split(".")[:2])) < (3, 10):
+            raise BenchError("the bare reference script needs Python 3.10+ (--python)")
+        if not _which("openssl"):
+            raise BenchError("needs the openssl command (apt-get install openssl)")
+        print("%d interleaved rounds for (a)/(b), %d for (c), medians; RTT %d ms"
+              % (args.runs, args.rtt_runs, RTT * 1000))
+        with tempfile.TemporaryDirectory(prefix="certgrab-bench-") as tmp:
+            certs = make_certs.generate(os.path.join(tmp, "certs"))
+            fullchain = os.path.join(certs, CHAIN, "fullchain.pem")
+            key = os.path.join(certs, CHAIN, "key.pem")
+            with servers.TLSServer(fullchain, key, tls="1.3") as s13, \
+                    servers.TLSServer(fullchain, key, tls="1.2") as s12:
+                local, rows = bench_local(args.python, certs, tmp, s13.port, args.runs)
+                remote, rtt_rows = bench_round_trips(args.python, certs,
+                                                     {"1.3": s13.port, "1.2": s12.port},
+                                                     args.rtt_runs)
+    except (BenchError, subprocess.SubprocessError, OSError) as e:
+        print("bench: %s" % e, file=sys.stderr)
+        return 2
+    print_report(local + remote, rows + rtt_rows)
+    failed = [row[0] for row in rows + rtt_rows if row[-1] == "FAIL"]
+    print("%s in %.0f s" % ("FAIL: " + "; ".join(failed) if failed else "all limits met",
+                            time.monotonic() - started))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Acceptance 3: only certgrab.py, copied into Debian 12 and Debian 11 python3-minimal roots.
+
+Those roots are what a bare server has: `debootstrap --variant=minbase
+--include=python3-minimal` gives Python 3.11 with OpenSSL 3.0 (bookworm) and Python 3.9 with
+OpenSSL 1.1.1 (bullseye), without json, shutil or ctypes, and without any CA certificates.
+`make roots` (tests/make_roots.sh) builds them into $CERTGRAB_ROOTS, default
+/var/cache/certgrab-roots; without them, or without root for chroot, these tests skip (and a
+run with CI=true fails, by the rule in conftest.py).
+
+Each test copies certgrab.py and the test roots into a fresh directory under the root's /tmp,
+serves a chain from a TLSServer on 127.0.0.1 outside, and runs
+`chroot ROOT python3 /tmp/.../certgrab.py 127.0.0.1:PORT -n www.example.test ...` inside,
+with an environment that carries nothing of the host's Python set-up.
+"""
+
+import os
+import shutil
+import ssl
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from servers import TLSServer, ipv6_available
+
+ROOTS = Path(os.environ.get("CERTGRAB_ROOTS", "/var/cache/certgrab-roots")).resolve()
+CERTGRAB = Path(__file__).resolve().parent.parent / "certgrab.py"
+NAME = "www.example.test"
+CHROOT = shutil.which("chroot", path=os.defpath + ":/usr/sbin:/sbin") or "chroot"
+CHROOT_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}  # nothing from the host's Python
+TIMEOUT = 60  # seconds per command; a fetch on loopback takes well under one
+
+# (debootstrap suite, what a user calls it, Python version, OpenSSL version prefix)
+SYSTEMS = [
+    ("bookworm", "debian12", "3.11", "OpenSSL 3.0"),
+    ("bullseye", "debian11", "3.9", "OpenSSL 1.1.1"),
+]
+CHAINS = ["ec1", "ec2", "rsa1", "rsa2"]
+
+
+class MinimalHost(object):
+    """A python3-minimal root holding a scratch directory with certgrab.py and the CAs."""
+
+    def __init__(self, root, scratch):
+        self.root = root
+        self.scratch = scratch  # outside path; inside the root it is self.inside(scratch)
+
+    def inside(self, path):
+        """The path a process in the chroot sees for an outside path under the root."""
+        return "/" + str(Path(path).relative_to(self.root))
+
+    def python(self, *args):
+        return subprocess.run([CHROOT, str(self.root), "python3"] + list(args),
+                              env=CHROOT_ENV, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=TIMEOUT)
+
+    def certgrab(self, *args):
+        return self.python(self.inside(self.scratch / "certgrab.py"), *args)
+
+    def cafile(self, chain):
+        return self.inside(self.scratch / ("%s-root.pem" % chain))
+
+
+@pytest.fixture(scope="module", params=SYSTEMS, ids=[s[1] for s in SYSTEMS])
+def host(request, certs):
+    suite = request.param[0]
+    root = ROOTS / suite
+    if not (root / ".certgrab-complete").is_file():
+        pytest.skip("no %s root in %s: run `make roots` (needs root and debootstrap)"
+                    % (suite, ROOTS))
+    if os.geteuid() != 0:
+        pytest.skip("chroot needs root")
+    scratch = Path(tempfile.mkdtemp(prefix="certgrab-test-", dir=str(root / "tmp")))
+    os.chmod(str(scratch), 0o755)
+    shutil.copy(str(CERTGRAB), str(scratch / "certgrab.py"))
+    for chain in CHAINS:
+        shutil.copy(str(certs / chain / "root.pem"), str(scratch / ("%s-root.pem" % chain)))
+    yield MinimalHost(root, scratch)
+    shutil.rmtree(str(scratch))
+
+
+def pem_to_ders(text):
+    """The DER certificates of a PEM text, in order."""
+    begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
+    return [ssl.PEM_cert_to_DER_cert(block[block.index(begin):] + end + "\n")
+            for block in text.split(end) if begin in block]
+
+
+def ders_of(path):
+    return pem_to_ders(Path(path).read_text())
+
+
+def serve(certs, chain, tls="1.3"):
+    return TLSServer(str(certs / chain / "fullchain.pem"), str(certs / chain / "key.pem"),
+                     host="127.0.0.1", tls=tls)
+
+
+# ---------------------------------------------------------------- the premise
+
+def test_root_is_really_minimal(host):
+    """The root has the expected Python and OpenSSL, lacks json/shutil/ctypes, and has no CAs."""
+    suite, _, version, openssl = [s for s in SYSTEMS if s[0] == host.root.name][0]
+    proc = host.python("-c", "import sys, ssl; print(sys.version.split()[0]); "
+                             "print(ssl.OPENSSL_VERSION); "
+                             "print(ssl.create_default_context().cert_store_stats()['x509_ca'])")
+    assert proc.returncode == 0, proc.stderr
+    python_version, openssl_version, ca_count = proc.stdout.splitlines()
+    assert python_version.startswith(version + ".")
+    assert openssl_version.startswith(openssl)
+    assert ca_count == "0", "the %s root has a CA store; the test would prove less" % suite
+    for module in ("json", "shutil", "ctypes"):
+        proc = host.python("-c", "import " + module)
+        assert proc.returncode != 0 and "No module named '%s'" % module in proc.stderr
+
+
+# ---------------------------------------------------------------- fetching there
+
+@pytest.mark.parametrize("tls", ["1.3", "1.2"])
+@pytest.mark.parametrize("chain", CHAINS)
+def test_prints_exactly_the_served_chain(host, certs, chain, tls):
+    with serve(certs, chain, tls) as server:
+        proc = host.certgrab("127.0.0.1:%d" % server.port, "-n", NAME,
+                             "--cafile", host.cafile(chain))
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert pem_to_ders(proc.stdout) == ders_of(certs / chain / "fullchain.pem")
+
+
+def test_ipv6_literal_source(host, certs):
+    if not ipv6_available():
+        pytest.skip("no IPv6 loopback (::1) on this machine")
+    with TLSServer(str(certs / "rsa1" / "fullchain.pem"), str(certs / "rsa1" / "key.pem"),
+                   host="::1", tls="1.3") as server:
+        proc = host.certgrab("[::1]:%d" % server.port, "-n", NAME, "--cafile", host.cafile("rsa1"))
+    assert proc.returncode == 0, proc.stderr
+    assert pem_to_ders(proc.stdout) == ders_of(certs / "rsa1" / "fullchain.pem")
+
+
+def test_verified_chain_ends_at_the_root(host, certs):
+    with serve(certs, "ec2", "1.2") as server:
+        proc = host.certgrab("127.0.0.1:%d" % server.port, "-n", NAME,
+                             "--cafile", host.cafile("ec2"), "--verified-chain")
+    assert proc.returncode == 0, proc.stderr
+    expected = ders_of(certs / "ec2" / "fullchain.pem") + ders_of(certs / "ec2" / "root.pem")
+    assert pem_to_ders(proc.stdout) == expected
+
+
+def test_out_dir_writes_cert_chain_fullchain(host, certs):
+    out = host.scratch / "out"
+    with serve(certs, "ec2") as server:
+        proc = host.certgrab("127.0.0.1:%d" % server.port, "-n", NAME,
+                             "--cafile", host.cafile("ec2"), "--out-dir", host.inside(out))
+    assert proc.returncode == 0, proc.stderr
+    for name in ("cert.pem", "chain.pem", "fullchain.pem"):
+        assert ders_of(out / name) == ders_of(certs / "ec2" / name), name
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name
+    assert sorted(p.name for p in out.iterdir()) == ["cert.pem", "chain.pem", "fullchain.pem"]
+
+
+def test_without_cafile_says_the_store_is_empty(host, certs):
+    """No CA certificates on the host: one clear error pointing at --cafile, nothing written.
+
+    The error is one line; a second line may carry the hint (`certgrab: hint: ...`)."""
+    out = host.scratch / "refused"
+    with serve(certs, "ec1") as server:
+        proc = host.certgrab("127.0.0.1:%d" % server.port, "-n", NAME,
+                             "--out-dir", host.inside(out))
+    assert proc.returncode != 0
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert 1 <= len(lines) <= 2, proc.stderr
+    assert lines[0].startswith("certgrab: ")
+    assert all(line.startswith("certgrab: hint: ") for line in lines[1:]), proc.stderr
+    assert "--cafile" in proc.stderr
+    assert not out.exists()
