@@ -1521,6 +1521,27 @@ def fetch_all(targets, reader, opts):
     return results
 
 
+def choose_result(results, opts):
+    """The newest good chain (latest leaf notBefore); the other failures warned about."""
+    good = [r for r in results if r.error is None]
+    if not good:
+        worst = max((r.error for r in results), key=lambda error: error.exit_code)
+        for result in results:
+            if result.error is not worst:
+                report_error(result.error)
+        raise worst
+    for result in results:
+        if result.error is not None:
+            warn(opts, "%s (skipped)" % result.error)
+    return max(good, key=lambda r: r.leaf.not_before)
+
+
+# ---------------------------------------------------------------------------
+# Install: output files, written whole or not at all.
+# ---------------------------------------------------------------------------
+
+# Lazy (see load_section): only runs that write files or check a key need this.
+INSTALL_SECTION = sys._getframe().f_lineno, "install_chain", r'''
 def check_gate(result, opts, now):
     """The install gate: the key, the name and the dates; raises RefusedError."""
     leaf, target, key = result.leaf, result.target, opts.key
@@ -1551,25 +1572,6 @@ def apply_gate(results, opts):
                 result.error = exc
 
 
-def choose_result(results, opts):
-    """The newest good chain (latest leaf notBefore); the other failures warned about."""
-    good = [r for r in results if r.error is None]
-    if not good:
-        worst = max((r.error for r in results), key=lambda error: error.exit_code)
-        for result in results:
-            if result.error is not worst:
-                report_error(result.error)
-        raise worst
-    for result in results:
-        if result.error is not None:
-            warn(opts, "%s (skipped)" % result.error)
-    return max(good, key=lambda r: r.leaf.not_before)
-
-
-# ---------------------------------------------------------------------------
-# Install: output files, written whole or not at all.
-# ---------------------------------------------------------------------------
-
 def plan_outputs(opts):
     """(path, kind) for every file asked for, checked before any network I/O."""
     plan = []
@@ -1579,9 +1581,11 @@ def plan_outputs(opts):
         path = getattr(opts, kind + "_path")
         if path:
             plan.append((path, kind))
-    absolute = [os.path.abspath(path) for path, _ in plan]
+    absolute = [os.path.realpath(path) for path, _ in plan]
     if len(set(absolute)) != len(absolute):
         raise UsageError("two outputs name the same file")
+    if opts.key_path and os.path.realpath(opts.key_path) in absolute:
+        raise UsageError("an output would overwrite the --key-path file %s" % opts.key_path)
     for path, _ in plan:
         check_target(path)
     return plan
@@ -1796,9 +1800,9 @@ def run_deploy_hook(opts, plan, best):
     """--deploy-hook through /bin/sh, context only in the environment (certbot's names)."""
     import subprocess
     leaf = best.leaf
-    lineage = opts.out_dir or os.path.dirname(plan[0][0])
+    lineage = opts.out_dir or os.path.dirname(os.path.abspath(plan[0][0]))
     env = dict(os.environ)
-    env.update(RENEWED_LINEAGE=os.path.abspath(lineage), CERTGRAB_SOURCE=best.target.source,
+    env.update(RENEWED_LINEAGE=os.path.realpath(lineage), CERTGRAB_SOURCE=best.target.source,
                RENEWED_DOMAINS=" ".join(n for n in leaf.dns_names if set(n) <= HOST_CHARS),
                CERTGRAB_FILES=" ".join(os.path.abspath(path) for path, _ in plan),
                CERTGRAB_SHA256=leaf.sha256)
@@ -1821,7 +1825,7 @@ def run_deploy_hook(opts, plan, best):
 
 def install_chain(plan, chain, best, opts):
     """Under the directory locks: no downgrade, write what changed, run the hook."""
-    plan = [(os.path.realpath(path), kind) for path, kind in plan]   # keep symlinks
+    named, plan = plan, [(os.path.realpath(path), kind) for path, kind in plan]  # keep links
     outputs = render_outputs(plan, chain, opts.key)
     if opts.dry_run:
         return dry_run(plan, outputs, best, opts)
@@ -1838,7 +1842,7 @@ def install_chain(plan, chain, best, opts):
                 best.target, best.leaf.describe(), " ".join(changed)))
         pending = pending_files(plan)
         if pending and opts.deploy_hook:
-            run_deploy_hook(opts, plan, best)
+            run_deploy_hook(opts, named, best)
             clear_pending(pending)
         elif pending:
             warn(opts, "a deploy hook is still pending for %s (dated %s); a run with "
@@ -1853,10 +1857,17 @@ def install_chain(plan, chain, best, opts):
 def dry_run(plan, outputs, best, opts):
     check_not_older(best, installed_leaf(plan), opts)
     changed = [path for path, data, _ in outputs if read_existing(path) != data]
+    for path in changed:
+        directory = os.path.dirname(path)
+        while not os.path.exists(directory):
+            directory = os.path.dirname(directory)
+        if not os.access(directory, os.W_OK):
+            raise WriteError("dry run: cannot write %s: %s is not writable" % (path, directory))
     hook = opts.deploy_hook and (changed or pending_files(plan))
     say(opts, "dry run: %s%s" % ("would write " + " ".join(changed) if changed else
                                  "files are up to date", "; would run the deploy hook"
                                  if hook else ""))
+'''
 
 
 # ---------------------------------------------------------------------------
@@ -2088,10 +2099,10 @@ def check_options(opts):
 
 
 def check_install_options(opts):
-    writes = opts.out_dir or opts.cert_path or opts.chain_path or opts.fullchain_path \
-        or opts.combined_path
+    opts.writes = bool(opts.out_dir or opts.cert_path or opts.chain_path
+                       or opts.fullchain_path or opts.combined_path)
     for attribute in ("deploy_hook", "owner", "group", "mode", "force", "dry_run"):
-        if getattr(opts, attribute) and not writes:
+        if getattr(opts, attribute) and not opts.writes:
             raise UsageError("%s needs an output file (--out-dir or a --*-path)"
                              % option_flag(attribute))
     for attribute in ("combined_path", "key_password_file"):
@@ -2108,6 +2119,8 @@ def check_install_options(opts):
                          "write (certificate files are trusted input)")
     opts.uid = lookup_id(opts.owner, "pwd", "getpwnam", "pw_uid", "--owner")
     opts.gid = lookup_id(opts.group, "grp", "getgrnam", "gr_gid", "--group")
+    if opts.writes or opts.key_path:
+        load_section(INSTALL_SECTION)
     if opts.key_path:
         load_section(KEYS_SECTION)
     opts.key = read_private_key(opts.key_path, opts.key_password_file) if opts.key_path \
@@ -2142,7 +2155,7 @@ def main(argv=None):
             return 0
         check_options(opts)
         targets = parse_targets(opts)                   # 1. what to dial, what name to verify
-        plan = plan_outputs(opts)                       # 2. where to write, checked up front
+        plan = plan_outputs(opts) if opts.writes else []  # 2. where to write, checked now
         reader = make_reader(opts)                      # 3. trust store, chain access
         if opts.insecure:
             warn(opts, "--insecure: the chain is NOT verified; anyone on the path could "
