@@ -522,6 +522,7 @@ class PrivateKey(object):
     def __init__(self, path, pem, password):
         self.path, self.pem, self.password = path, pem, password
         self.kind, self.spki = None, None          # "RSA" or "EC"; SPKI DER
+        self.encrypted = False
 
     @property
     def spki_sha256(self):
@@ -551,6 +552,7 @@ def read_private_key(path, password_path):
         if password is None:
             raise UsageError("--key-path %s is encrypted" % path,
                              hint="pass --key-password-file FILE (certgrab never prompts)")
+        key.encrypted = True
         return key
     try:
         der = binascii.a2b_base64("".join(line for line in body if ":" not in line))
@@ -1722,7 +1724,10 @@ def stage_file(path, data, holds_key, opts, mark_pending):
         old = os.stat(path)
     except FileNotFoundError:
         old = None
-    mode = old.st_mode & 0o7777 if old else opts.mode or (0o600 if holds_key else NEW_FILE_MODE)
+    if old is not None:
+        mode = old.st_mode & 0o7777
+    else:
+        mode = 0o600 if holds_key else NEW_FILE_MODE if opts.mode is None else opts.mode
     mode &= 0o640 if holds_key else ~0o022      # never writable by others; key never public
     owner = (old.st_uid, old.st_gid) if old else (opts.uid, opts.gid)
     temp = write_temp_file(os.path.dirname(os.path.abspath(path)), os.path.basename(path),
@@ -2113,10 +2118,9 @@ def check_install_options(opts):
         opts.mode = int(opts.mode, 8) if opts.mode is not None else None
     except ValueError:
         raise UsageError("--hook-timeout takes seconds and --mode an octal number like 0644")
-    if not opts.hook_timeout > 0 or opts.mode is not None and (opts.mode & ~0o7777
-                                                              or opts.mode & 0o022):
-        raise UsageError("--hook-timeout must be above 0; --mode must not let group or others "
-                         "write (certificate files are trusted input)")
+    if not opts.hook_timeout > 0 or opts.mode is not None and opts.mode & ~0o644:
+        raise UsageError("--hook-timeout must be above 0; --mode allows at most 0644: "
+                         "certificate files are never executable or writable by others")
     opts.uid = lookup_id(opts.owner, "pwd", "getpwnam", "pw_uid", "--owner")
     opts.gid = lookup_id(opts.group, "grp", "getgrnam", "gr_gid", "--group")
     if opts.writes or opts.key_path:
@@ -2125,6 +2129,8 @@ def check_install_options(opts):
         load_section(KEYS_SECTION)
     opts.key = read_private_key(opts.key_path, opts.key_password_file) if opts.key_path \
         else None
+    if opts.combined_path and opts.key.encrypted:
+        warn(opts, "--combined-path gets the key encrypted, as it is in --key-path")
 
 
 def lookup_id(name, module, function, field, flag):

@@ -15,6 +15,8 @@ Everything lands in OUTDIR; running it again on a complete OUTDIR does nothing.
     chain      root        intermediates  leaf
     ec1        root-ec     1              EC P-256, valid 2024-2049
     ec1new     root-ec     ec1's          same key as ec1, notBefore one year later (2025)
+    ec1short   root-ec     ec1's          same key as ec1, issued after ec1new (2025-06) but
+                                          expiring before it (2030): a 90-day -> 6-day renewal
     ec2        root-ec     2              EC P-256
     rsa1       root-rsa    1              RSA 2048
     rsa2       root-rsa    2              RSA 2048
@@ -59,6 +61,7 @@ ROOTS = [("root-ec", "ec"), ("root-rsa", "rsa"), ("root-other", "ec")]
 ROOT_DATES = ("20180101000000Z", "20991231235959Z")
 INTERMEDIATE_DATES = ("20190101000000Z", "20991231235959Z")
 EC1NEW_DATES = ("20250101000000Z", "20491231235959Z")
+EC1SHORT_DATES = ("20250601000000Z", "20300101000000Z")  # later notBefore, earlier notAfter
 DONE_MARKER = ".complete"
 
 CA_CONFIG = """\
@@ -251,6 +254,8 @@ def _make_chain(outdir, scratch, spec):
     if name == "ec1":
         newer = _sign(work, csr, "leaf_ec", EC1NEW_DATES, issuer, san)
         _write_chain_dir(os.path.join(outdir, "ec1new"), newer, chain, key_text, root_text)
+        short = _sign(work, csr, "leaf_ec", EC1SHORT_DATES, issuer, san)
+        _write_chain_dir(os.path.join(outdir, "ec1short"), short, chain, key_text, root_text)
 
 
 def _write_chain_dir(target, leaf, chain, key, root):

@@ -1,0 +1,100 @@
+"""Helpers shared by the install tests (test_install, test_hook, test_crash, test_dualcert).
+
+    grab_args(certs, server, *extra)   the argv of one certgrab run against a loopback server
+    run_subprocess(argv, ...)          certgrab.py as a child process (for kills, umask, races)
+    snapshot(directory)                every file's bytes, inode, mtime, mode and owner
+    expected(certs, chain)             what --out-dir holds for a chain (certificates, as DER)
+    files_ders(directory)              what --out-dir holds now (certificates, as DER)
+    hook_command(log)                  a deploy hook that appends one line per run to log
+    message_lines(err)                 stderr lines that are neither hints nor warnings
+"""
+
+import os
+import stat
+import subprocess
+import sys
+
+from conftest import CERTGRAB
+from make_certs import read_ders
+
+NAME = "www.example.test"
+OUT_FILES = ["cert.pem", "chain.pem", "fullchain.pem"]
+TEMP_MARK = ".certgrab-tmp-"
+
+
+def grab_args(certs, server, *extra, **kw):
+    """SERVER -n www.example.test --cafile <root of the ec chains> EXTRA..."""
+    root = kw.get("root", certs / "ec1" / "root.pem")
+    return [server.address, "-n", NAME, "--cafile", root] + list(extra)
+
+
+def run_subprocess(argv, timeout=30, **popen):
+    """Run certgrab.py ARGV with this interpreter; CompletedProcess with text output."""
+    return subprocess.run([sys.executable, CERTGRAB] + [str(a) for a in argv],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          stdin=subprocess.DEVNULL, universal_newlines=True, timeout=timeout,
+                          **popen)
+
+
+def popen(argv, **kw):
+    return subprocess.Popen([sys.executable, CERTGRAB] + [str(a) for a in argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, universal_newlines=True, **kw)
+
+
+def snapshot(directory):
+    """{name: (bytes, inode, mtime_ns, mode, uid, gid)} of every entry in directory."""
+    state = {}
+    for name in sorted(os.listdir(str(directory))):
+        path = os.path.join(str(directory), name)
+        st = os.lstat(path)
+        with open(path, "rb") as f:
+            data = f.read()
+        state[name] = (data, st.st_ino, st.st_mtime_ns, stat.S_IMODE(st.st_mode),
+                       st.st_uid, st.st_gid)
+    return state
+
+
+def expected(certs, chain):
+    """{file name: [DER, ...]} of what --out-dir must hold for chain."""
+    full = read_ders(certs / chain / "fullchain.pem")
+    return {"cert.pem": full[:1], "chain.pem": full[1:], "fullchain.pem": full}
+
+
+def files_ders(directory, names=OUT_FILES):
+    return dict((name, read_ders(os.path.join(str(directory), name))) for name in names)
+
+
+def temp_files(directory):
+    return [n for n in os.listdir(str(directory)) if TEMP_MARK in n]
+
+
+def hook_command(log):
+    """A deploy hook appending "$RENEWED_LINEAGE" to log (outside the output directory)."""
+    return 'echo "$RENEWED_LINEAGE" >> %s' % log
+
+
+def hook_runs(log):
+    """The lines the hook of hook_command(log) appended: one per run."""
+    try:
+        with open(str(log)) as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def message_lines(err):
+    """stderr lines that are not hints or warnings: the error (or report) itself."""
+    return [line for line in err.splitlines() if line.strip()
+            and not line.startswith(("certgrab: hint:", "certgrab: warning:"))]
+
+
+def assert_refused(result, code):
+    """Exit code, one `certgrab: ...` reason line (plus hints/warnings), no traceback."""
+    assert result.rc == code, (result.rc, result.err)
+    assert "Traceback" not in result.err, result.err
+    lines = message_lines(result.err)
+    assert len(lines) == 1, "want one reason line, got:\n" + result.err
+    assert lines[0].startswith("certgrab: "), result.err
+    assert result.out == ""
+    return lines[0]
