@@ -119,7 +119,9 @@ VERIFY_FAILED_REASON = "CERTIFICATE_VERIFY_FAILED"
 DEFAULT_PORT = 443
 DEFAULT_TIMEOUT = 10.0  # seconds; one deadline per source: DNS, connect and handshake
 MAX_CHAIN = 20          # certificates; real chains have 2 to 5, more is hostile
-MAX_PARALLEL = 32       # sources fetched at once; bounds threads and sockets
+MAX_PARALLEL = 32       # sources fetched at once by default (--parallel)
+PROGRESS_FROM = 8       # sources; from this many on, a terminal sees progress
+WARN_DAYS, CRIT_DAYS = 21, 7  # --check: days left before WARNING and CRITICAL
 NEW_FILE_MODE = 0o644   # certificates are public; never group- or world-writable
 DIR_MODE = 0o755        # for a missing output directory
 TEMP_MARK = ".certgrab-tmp-"  # in the names of temporary files beside the outputs
@@ -684,10 +686,11 @@ def _uint(data, pos, size):
 class Target(object):
     """One SOURCE: where to dial, and the name to send (SNI) and verify."""
 
-    def __init__(self, source, host, port, servername):
+    def __init__(self, source, host, port, servername, path=None):
         self.source, self.host, self.port = source, host, port
         self.servername = servername          # None: an IP with no -n: no SNI
-        self.verify_name = servername or host.split("%")[0]
+        self.verify_name = servername or (host or "").split("%")[0]
+        self.path = path                      # a local PEM file (--text, --json, --check)
 
     def __str__(self):
         return self.source
@@ -767,10 +770,22 @@ def parse_targets(opts):
             check_dns_name(servername, "bad --servername %r" % opts.servername)
     targets = []
     for source in opts.sources:
+        if is_local_file(source):
+            if not opts.report:
+                raise UsageError("SOURCE %s is a file: local files go with --text, --json or "
+                                 "--check" % source)
+            targets.append(Target(source, None, None, servername, path=source))
+            continue
         host, port = parse_source(source, default_port)
         name = servername or (None if is_ip(host) else host)
         targets.append(Target(source, host, port, name))
     return targets
+
+
+def is_local_file(source):
+    """A SOURCE naming a PEM file: it exists, and it has a / or a certificate suffix."""
+    return ("/" in source or source.endswith((".pem", ".crt", ".cer"))) \
+        and os.path.isfile(source)
 
 
 def remaining(deadline, target, doing):
@@ -1403,7 +1418,10 @@ def _fetch_once(target, reader, opts):
     """Connect, handshake and read the chain; errors are kept in the result."""
     result, started = FetchResult(target), time.monotonic()
     try:
-        _fetch_into(result, reader, opts, started + opts.timeout)
+        if target.path:
+            read_local_chain(result)
+        else:
+            _fetch_into(result, reader, opts, started + opts.timeout)
     except CertgrabError as exc:
         result.error = exc
     result.elapsed = time.monotonic() - started
@@ -1437,7 +1455,7 @@ def _fetch_into(result, reader, opts, deadline):
     result.served = [parse_certificate(der) for der in served]
     result.path, result.problems = clean_path(result.served)
     if failure is not None:
-        result.verify_error = str(failure)
+        result.verify_error = failure.reason
         raise failure
     if not opts.insecure:
         check_completeness(result, reader, verified, opts)
@@ -1478,8 +1496,10 @@ def _handshake(tls, reader, target, deadline):
 
 
 def verify_failure(message, target):
-    return VerifyError("%s: certificate verification failed: %s" % (target, message),
-                       hint=verify_hint(message, target))
+    failure = VerifyError("%s: certificate verification failed: %s" % (target, message),
+                          hint=verify_hint(message, target))
+    failure.reason = message
+    return failure
 
 
 def rebuild_verified(path, reader):
@@ -1494,11 +1514,12 @@ def rebuild_verified(path, reader):
 
 
 def fetch_all(targets, reader, opts):
-    """Fetch every target, concurrently; results in the order given."""
+    """Fetch every target, --parallel at a time; results in the order given."""
     if len(targets) == 1:
         return [fetch_chain(targets[0], reader, opts)]
     import threading
     results, pending, lock = [None] * len(targets), list(range(len(targets))), threading.Lock()
+    progress = len(targets) >= PROGRESS_FROM and not opts.quiet and sys.stderr.isatty()
 
     def worker():
         while True:
@@ -1510,9 +1531,14 @@ def fetch_all(targets, reader, opts):
                 results[index] = fetch_chain(targets[index], reader, opts)
             except BaseException as exc:  # a bug: re-raised in the main thread below
                 results[index] = exc
+            if progress:
+                with lock:
+                    done = sum(result is not None for result in results)
+                    sys.stderr.write("\rcertgrab: %d/%d sources done" % (done, len(targets))
+                                     + ("\n" if done == len(targets) else ""))
 
     threads = [threading.Thread(target=worker, daemon=True)
-               for _ in range(min(MAX_PARALLEL, len(targets)))]
+               for _ in range(min(opts.parallel, len(targets)))]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -1931,6 +1957,221 @@ def write_stdout(certs):
         raise WriteError("cannot write to standard output: %s" % (exc.strerror or exc))
 
 
+# Lazy (see load_section): only --text, --json and --check need this.
+REPORT_SECTION = sys._getframe().f_lineno, "report", r'''
+NAGIOS = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
+
+
+def read_local_chain(result):
+    """A local PEM file as a source: its certificates, in file order."""
+    try:
+        with open(result.target.path, "rb") as handle:
+            text = handle.read(1 << 20).decode("ascii", "replace")
+    except OSError as exc:
+        raise FetchError("cannot read %s: %s" % (result.target.path, exc.strerror or exc))
+    ders = pem_to_ders(text)
+    if not ders:
+        raise FetchError("%s: no PEM certificate in it" % result.target.path)
+    result.served = [parse_certificate(der) for der in ders[:MAX_CHAIN]]
+    result.path, result.problems = clean_path(result.served)
+
+
+def report(results, opts):
+    """--text, --json or --check over every result; returns the exit code."""
+    now = time.time()
+    if opts.report == "check":
+        return check_report(results, opts, now)
+    if opts.report == "json":
+        sys.stdout.write(json_text([source_json(r, opts) for r in results]) + "\n")
+    else:
+        sys.stdout.write("\n".join(text_lines(r, opts, now) for r in results))
+    failures = [r.error for r in results if r.error is not None]
+    return max(error.exit_code for error in failures) if failures else 0
+
+
+def verdict(result, opts):
+    if result.target.path:
+        return "not verified (a local file)"
+    if opts.insecure:
+        return "NOT verified (--insecure)"
+    return "FAILED: " + result.verify_error if result.verify_error else "OK"
+
+
+def days_left(cert, now):
+    return (cert.not_after - now) / 86400.0
+
+
+def text_lines(result, opts, now):
+    """One source for people: 80 columns, certificate text escaped."""
+    target = result.target
+    lines = ["%s%s" % (target, " (%s)" % result.address if result.address else "")]
+    if not target.path:
+        lines.append("  servername:   %s" % (target.servername or "(none: IP address)"))
+    if result.error is not None and not result.served:
+        return "\n".join(lines + ["  error:        %s" % result.error, ""]) + "\n"
+    if result.tls_version:
+        lines.append("  protocol:     %s %s%s" % (result.tls_version, result.cipher,
+                                                 " after STARTTLS " + opts.starttls
+                                                 if opts.starttls else ""))
+    lines.append("  verification: %s" % verdict(result, opts))
+    lines += ["  warning:      %s" % problem for problem in result.problems]
+    for index, cert in enumerate(result.served):
+        lines += certificate_lines(index, cert, now)
+    return "\n".join(lines + [""]) + "\n"
+
+
+def certificate_lines(index, cert, now):
+    left = days_left(cert, now)
+    when = "EXPIRED %d days ago" % -left if left < 0 else "expires in %d days" % left
+    rows = [("subject", printable(cert.subject)), ("issuer", printable(cert.issuer)),
+            ("serial", "%x" % cert.serial)]
+    sans = printable(", ".join(cert.sans)) or "(none)"
+    while sans:
+        cut = sans.rfind(", ", 0, 62) + 2 if len(sans) > 64 and ", " in sans[:64] else len(sans)
+        rows.append(("SANs" if rows[-1][0] != "" and rows[-1][0] != "SANs" else "", sans[:cut]))
+        sans = sans[cut:]
+    rows += [("key", "%s%s" % (cert.key_type, " (%d bits)" % cert.key_bits
+                               if cert.key_bits else "")),
+             ("sig alg", cert.signature_algorithm),
+             ("from", format_time(cert.not_before)),
+             ("until", "%s (%s)" % (format_time(cert.not_after), when)),
+             ("sha256", cert.sha256), ("spki pin", spki_pin(cert)),
+             ("CA", "yes" if cert.is_ca else "no")]
+    return ["  [%d] %-8s %s" % (index, rows[0][0], rows[0][1])] + \
+        ["      %-8s %s" % row for row in rows[1:]]
+
+
+def spki_pin(cert):
+    """The HPKP-style pin: base64 of the SHA-256 of the SubjectPublicKeyInfo."""
+    import hashlib
+    return binascii.b2a_base64(hashlib.sha256(cert.spki).digest()).decode("ascii").strip()
+
+
+def source_json(result, opts):
+    target = result.target
+    return [
+        ("source", target.source), ("address", result.address),
+        ("servername", target.servername), ("error", None if result.error is None
+                                              else str(result.error)),
+        ("tls_version", result.tls_version), ("cipher", result.cipher),
+        ("verified", None if target.path or opts.insecure else
+         result.error is None and result.verify_error is None),
+        ("verify_error", result.verify_error), ("problems", result.problems),
+        ("chain", [certificate_json(cert) for cert in result.served]),
+    ]
+
+
+def certificate_json(cert):
+    return [("subject", cert.subject), ("issuer", cert.issuer), ("serial", "%x" % cert.serial),
+            ("sans", cert.sans), ("key", cert.key_type), ("key_bits", cert.key_bits),
+            ("signature_algorithm", cert.signature_algorithm),
+            ("not_before", format_time(cert.not_before)),
+            ("not_after", format_time(cert.not_after)), ("sha256", cert.sha256),
+            ("spki_sha256", cert.spki_sha256), ("spki_pin", spki_pin(cert)),
+            ("is_ca", cert.is_ca)]
+
+
+def json_text(value, indent=""):
+    """JSON (RFC 8259) for None, bool, int, str, lists, and objects given as lists of
+    pairs; ASCII only. Written here because minimal hosts have no json module."""
+    inner = indent + "  "
+    if value is None or value is True or value is False:
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return '"%s"' % "".join(_json_char(c) for c in value)
+    if value and isinstance(value[0], tuple):
+        return "{\n%s\n%s}" % (",\n".join('%s%s: %s' % (inner, json_text(k), json_text(v, inner))
+                                          for k, v in value), indent)
+    if value and isinstance(value[0], list):
+        return "[\n%s\n%s]" % (",\n".join(inner + json_text(v, inner) for v in value), indent)
+    return "[%s]" % ", ".join(json_text(v, inner) for v in value)
+
+
+def _json_char(char):
+    code = ord(char)
+    if char in '"\\':
+        return "\\" + char
+    if 0x20 <= code < 0x7F:
+        return char
+    if code > 0xFFFF:
+        code -= 0x10000
+        return "\\u%04x\\u%04x" % (0xD800 + (code >> 10), 0xDC00 + (code & 0x3FF))
+    return "\\u%04x" % code
+
+
+def check_report(results, opts, now):
+    """Nagios plugin output: a summary line with perfdata, then one line per source."""
+    lines = [check_source(result, opts, now) for result in results]
+    if opts.same:
+        lines = [max(lines[i], same_leaf_status(results, i), key=lambda s: s[0])
+                 for i in range(len(results))]
+    worst = max(status for status, _ in lines)
+    counts = ", ".join("%d %s" % (sum(s == n for s, _ in lines), NAGIOS[n])
+                       for n in range(4) if any(s == n for s, _ in lines))
+    perfdata = " ".join("'days_left %s'=%d;%g;%g" % (r.target.source.replace("'", ""),
+                                                     min_days(r, now), opts.warn_days,
+                                                     opts.crit_days)
+                        for r in results if r.path)
+    sys.stdout.write("CERTGRAB %s - %d source(s): %s%s\n" % (
+        NAGIOS[worst], len(results), counts, " | " + perfdata if perfdata else ""))
+    sys.stdout.write("".join("%s - %s\n" % (NAGIOS[s], text) for s, text in lines))
+    return worst
+
+
+def min_days(result, now):
+    return min(days_left(cert, now) for cert in result.path)
+
+
+def check_source(result, opts, now):
+    """(status, text) for one source."""
+    target = result.target
+    if result.error is not None and not result.served:
+        return 2, "%s" % result.error
+    if result.verify_error:
+        return 2, "%s" % result.error
+    leaf = result.path[0]
+    if opts.expect_file and not expected_leaf(opts, leaf):
+        return 2, "%s: serves %s, not the leaf in %s (a service not reloaded?)" % (
+            target, leaf_summary(leaf), opts.expect_file)
+    soonest = min(result.path, key=lambda cert: cert.not_after)
+    left = days_left(soonest, now)
+    what = "the leaf" if soonest is leaf else "intermediate %s" % printable(soonest.subject)
+    text = "%s: %s %s (%s), chain of %d %s" % (
+        target, what, "EXPIRED %d days ago" % -left if left < 0 else
+        "expires in %d days" % left, format_time(soonest.not_after), len(result.path),
+        "verified" if not (target.path or opts.insecure) else "not verified")
+    status = 2 if left < opts.crit_days else 1 if left < opts.warn_days else 0
+    return status, text
+
+
+def expected_leaf(opts, leaf):
+    try:
+        with open(opts.expect_file, "rb") as handle:
+            ders = pem_to_ders(handle.read(1 << 20).decode("ascii", "replace"))
+    except OSError as exc:
+        raise UsageError("cannot read --expect-file %s: %s" % (opts.expect_file,
+                                                                 exc.strerror or exc))
+    return bool(ders) and ders[0] == leaf.der
+
+
+def leaf_summary(leaf):
+    return "sha256 %s... issued %s" % (leaf.sha256[:16], format_time(leaf.not_before))
+
+
+def same_leaf_status(results, index):
+    """--same: CRITICAL for a source whose leaf differs from what most sources serve."""
+    leaves = [r.path[0].sha256 if r.path else None for r in results]
+    common = max(set(leaves), key=lambda leaf: (leaves.count(leaf), leaf is not None))
+    if leaves[index] == common or leaves[index] is None:
+        return 0, ""
+    return 2, "%s: serves %s, unlike %d of %d sources" % (
+        results[index].target, leaf_summary(results[index].path[0]), leaves.count(common),
+        len(results))
+'''
+
+
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
@@ -1969,11 +2210,22 @@ OPTIONS = (
     ("--deploy-hook", "deploy_hook", "CMD", "run CMD with /bin/sh after files changed"),
     ("--hook-timeout", "hook_timeout", "SECONDS",
      "kill the hook after SECONDS (default %g)" % HOOK_TIMEOUT),
+    ("--text", "text", None, "describe each chain for people instead of PEM"),
+    ("--json", "json", None, "describe each source as JSON"),
+    ("--check", "check", None, "monitoring plugin: Nagios status lines and exit codes"),
+    ("--warn-days", "warn_days", "N", "--check: WARNING under N days left (%d)" % WARN_DAYS),
+    ("--crit-days", "crit_days", "N", "--check: CRITICAL under N days left (%d)" % CRIT_DAYS),
+    ("--same", "same", None, "--check: CRITICAL unless all sources serve one leaf"),
+    ("--expect-file", "expect_file", "FILE", "--check: CRITICAL unless the leaf is FILE's"),
+    ("--parallel", "parallel", "N", "fetch N sources at a time (default %d)" % MAX_PARALLEL),
     ("-q --quiet", "quiet", None, "print errors only"),
     ("-v --verbose", "verbose", None, "how each source went: TLS version, method, time"),
     ("-h --help", "help", None, "show this help and exit"),
     ("--version", "version", None, "show the version and exit"),
 )
+
+CHECK_FLAGS = ("--check", "--same", "--expect-file")
+NAGIOS_UNKNOWN = 3      # a monitoring plugin's exit code for "could not even check"
 
 USAGE = "usage: certgrab.py SOURCE [SOURCE ...] [-n NAME] [options]"
 
@@ -2091,6 +2343,7 @@ def check_options(opts):
                          % (opts.starttls, ", ".join(sorted(STARTTLS_PORTS))))
     if opts.starttls:
         load_section(STARTTLS_SECTION)
+    check_report_options(opts)
     opts.alpn = [p for p in (opts.alpn or "").split(",") if p] or \
         (["postgresql"] if opts.starttls == "postgres-direct" else None)
     for first, second in (("ipv4", "ipv6"), ("quiet", "verbose"), ("insecure", "cafile"),
@@ -2103,9 +2356,31 @@ def check_options(opts):
     check_install_options(opts)
 
 
+def check_report_options(opts):
+    """--text, --json, --check (with --same, --expect-file) and --parallel."""
+    opts.check = opts.check or opts.same or bool(opts.expect_file)
+    modes = [flag for flag in ("text", "json", "check") if getattr(opts, flag)]
+    if len(modes) > 1:
+        raise UsageError("--%s and --%s exclude each other" % tuple(modes[:2]))
+    opts.report = modes[0] if modes else None
+    try:
+        opts.parallel = int(opts.parallel) if opts.parallel is not None else MAX_PARALLEL
+        opts.warn_days = float(opts.warn_days) if opts.warn_days is not None else WARN_DAYS
+        opts.crit_days = float(opts.crit_days) if opts.crit_days is not None else CRIT_DAYS
+    except ValueError:
+        raise UsageError("--parallel, --warn-days and --crit-days take numbers")
+    if not 1 <= opts.parallel <= 1024:
+        raise UsageError("--parallel must be from 1 to 1024")
+    if opts.report:
+        load_section(REPORT_SECTION)
+
+
 def check_install_options(opts):
     opts.writes = bool(opts.out_dir or opts.cert_path or opts.chain_path
                        or opts.fullchain_path or opts.combined_path)
+    if opts.report and (opts.writes or opts.key_path or opts.verified_chain):
+        raise UsageError("--%s only reports; it cannot go with output files, --key-path or "
+                         "--verified-chain" % opts.report)
     for attribute in ("deploy_hook", "owner", "group", "mode", "force", "dry_run"):
         if getattr(opts, attribute) and not opts.writes:
             raise UsageError("%s needs an output file (--out-dir or a --*-path)"
@@ -2154,8 +2429,9 @@ def make_reader(opts):
 
 def main(argv=None):
     """Run certgrab; return the exit code (see the module docstring)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        opts = parse_args(sys.argv[1:] if argv is None else argv)
+        opts = parse_args(argv)
         if opts.help or opts.version:
             sys.stdout.write(help_text() if opts.help else "certgrab %s\n" % __version__)
             return 0
@@ -2167,6 +2443,8 @@ def main(argv=None):
             warn(opts, "--insecure: the chain is NOT verified; anyone on the path could "
                        "have sent it")
         results = fetch_all(targets, reader, opts)      # 4. one handshake per source
+        if opts.report:                                 #    or: describe them all
+            return report(results, opts)
         if plan or opts.key:
             apply_gate(results, opts)                   # 5. key, name, dates
         best = choose_result(results, opts)             # 6. the newest good chain
@@ -2179,7 +2457,8 @@ def main(argv=None):
     except UsageError as exc:
         report_error(exc)
         sys.stderr.write("certgrab: hint: certgrab.py --help lists the options\n")
-        return exc.exit_code
+        check_mode = any(arg.split("=")[0] in CHECK_FLAGS for arg in argv)
+        return NAGIOS_UNKNOWN if check_mode else exc.exit_code
     except CertgrabError as exc:
         report_error(exc)
         return exc.exit_code
