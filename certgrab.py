@@ -53,6 +53,8 @@ Exit codes
     5  cannot write an output file (the previous files are unchanged)
     6  refused by a safety check: key mismatch, name, dates, not newer
     7  the deploy hook failed or timed out (the next run retries it)
+    With --check, --same or --expect-file, a monitoring plugin's codes instead:
+    0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (e.g. a usage error).
 """
 
 __version__ = "0.1.0"
@@ -2249,14 +2251,7 @@ examples:
   certgrab.py 10.0.0.5 10.0.0.6 -n www.example.com --cafile ca.pem --out-dir x
 
 exit codes:
-  0  success: chain verified and written, or files already up to date
-  2  usage error: bad option, SOURCE, port, --cafile, --key-path
-  3  cannot fetch: connection refused/timed out, not TLS, TLS failure
-  4  verification failed: unknown issuer, expired, name mismatch
-  5  cannot write an output file (the previous files are unchanged)
-  6  refused by a safety check: key mismatch, name, dates, not newer
-  7  the deploy hook failed or timed out (the next run retries it)
-"""
+%s"""
 
 
 class Options(object):
@@ -2280,8 +2275,10 @@ def help_text():
         if len(lines[-1]) + len(item) > 74:
             lines.append("")
         lines[-1] += " " + item
+    doc = __doc__ or "\nExit codes\n    (see README.md: python -OO dropped them)\n"
+    exit_codes = doc.split("\nExit codes\n", 1)[1].replace("    ", "  ")
     return USAGE + "\n\n" + HELP_TEXT % ("\n".join(rows), "\n".join(
-        " " + line for line in lines).rstrip(","))
+        " " + line for line in lines).rstrip(","), exit_codes)
 
 
 def option_flag(attribute):
