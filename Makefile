@@ -38,7 +38,8 @@ demo:
 bench:
 	$(PYTHON) tests/bench.py
 
-# py_compile certgrab.py with each interpreter, the .pyc going to $(BUILD)/lint.
+# py_compile certgrab.py with each interpreter, the .pyc going to $(BUILD)/lint, and compile
+# the lazily compiled sections (strings in certgrab.py) too.
 # Interpreters come from ~/.pyenv/versions (or $PYENV_ROOT), else from PATH.
 lint:
 	@mkdir -p $(BUILD)/lint; found=0; failed=0; \
@@ -47,7 +48,8 @@ lint:
 	    [ -n "$$py" ] || py=$$(command -v python3.$$v 2>/dev/null) || true; \
 	    if [ -z "$$py" ]; then printf 'python3.%-3s not found, skipped\n' $$v; continue; fi; \
 	    found=$$((found + 1)); \
-	    if $$py -c 'import py_compile, sys; py_compile.compile(sys.argv[1], cfile=sys.argv[2], doraise=True)' \
+	    if $$py -c 'import py_compile, sys; py_compile.compile(sys.argv[1], cfile=sys.argv[2], doraise=True); \
+	        sys.path.insert(0, "."); import certgrab; [compile(s[2], "certgrab.py:" + s[1], "exec") for s in certgrab.LAZY_SECTIONS]' \
 	        certgrab.py $(BUILD)/lint/certgrab.3$$v.pyc; then printf 'python3.%-3s ok    %s\n' $$v $$py; \
 	    else printf 'python3.%-3s FAIL  %s\n' $$v $$py; failed=$$((failed + 1)); fi; \
 	done; \

@@ -240,6 +240,11 @@ class Certificate(object):
         return self.ski is None or other.aki is None or self.ski == other.aki
 
     @property
+    def serial_hex(self):
+        text = "%x" % self.serial
+        return "0" * (len(text) % 2) + text
+
+    @property
     def sans(self):
         return self.dns_names + self.ip_addresses
 
@@ -265,8 +270,8 @@ class Certificate(object):
         return False
 
     def describe(self):
-        return "serial %x issued %s, expires %s" % (
-            self.serial, format_time(self.not_before), format_time(self.not_after))
+        return "serial %s issued %s, expires %s" % (
+            self.serial_hex, format_time(self.not_before), format_time(self.not_after))
 
     def __repr__(self):
         return "<Certificate %s>" % self.subject
@@ -483,8 +488,9 @@ def format_time(epoch):
 
 
 def printable(text):
-    """Text from a certificate, safe for a terminal: control characters escaped."""
-    return "".join(c if c.isprintable() else "\\x%02x" % ord(c) if ord(c) < 256
+    """Text from a certificate, safe for a terminal: control characters (and the
+    backslash, so that an escape cannot be faked) written as escapes."""
+    return "".join(c if c.isprintable() and c != "\\" else "\\x%02x" % ord(c) if ord(c) < 256
                    else "\\u%04x" % ord(c) for c in text)
 
 
@@ -641,7 +647,7 @@ def key_matches(key, leaf):
         if exc.reason in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):
             return False
         raise UsageError("cannot use --key-path %s: %s" % (key.path, ssl_reason(exc)),
-                         hint="a wrong --key-password-file gives 'bad decrypt'")
+                         hint="is --key-password-file the key's password?")
     finally:
         remove_quietly(temp)
 '''
@@ -757,7 +763,7 @@ def ascii_host(name):
 def check_dns_name(name, what):
     ascii_name = ascii_host(name)
     if not ascii_name or len(ascii_name) > 253 or not set(ascii_name) <= HOST_CHARS - {"*"} \
-            or any(not label or label[0] == "-" or label[-1] == "-"
+            or any(not label or len(label) > 63 or label[0] == "-" or label[-1] == "-"
                    for label in ascii_name.split(".")):
         raise UsageError("%s: not a host name or IP address" % what)
 
@@ -778,6 +784,8 @@ def parse_targets(opts):
                                  "--check" % source)
             targets.append(Target(source, None, None, servername, path=source))
             continue
+        if opts.report and ("/" in source or source.endswith((".pem", ".crt", ".cer"))):
+            raise UsageError("SOURCE %s: no such file" % source)
         host, port = parse_source(source, default_port)
         name = servername or (None if is_ip(host) else host)
         targets.append(Target(source, host, port, name))
@@ -888,6 +896,9 @@ class Plaintext(object):
     def refuse(self, reply):
         return self.fail("the server does not offer STARTTLS", reply)
 
+    def refused(self, reply):
+        return self.fail("the server refused to start TLS", reply)
+
     def send(self, data):
         try:
             self.sock.settimeout(remaining(self.deadline, self.target, "sending to the server"))
@@ -944,15 +955,19 @@ class Plaintext(object):
         """Nothing may stay buffered when TLS starts: that is a known injection attack."""
         extra = self.buffer
         if not extra:
+            self.sock.settimeout(0)     # with a timeout, Python would wait for data first
             try:
-                extra = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except (BlockingIOError, socket.timeout):
-                extra = b""
-            except OSError:
+                extra = self.sock.recv(1, socket.MSG_PEEK)
+            except OSError:             # BlockingIOError: nothing pending, as it should be
                 extra = b""
         if extra:
             raise self.fail("the server sent data after agreeing to start TLS; refusing "
                             "(plaintext injection)")
+
+
+def as_text(data):
+    """Binary bytes from a server, for a message (printable() escapes the rest)."""
+    return data.decode("latin-1")
 
 
 def coded_reply(talk, expected, what):
@@ -996,12 +1011,12 @@ def _greeting_failed(talk):
 
 def starttls_smtp(talk, opts, hello=b"EHLO"):
     coded_reply(talk, (220,), _greeting_failed(talk))
-    talk.send(hello + b" " + ehlo_name(talk.sock, opts).encode("idna") + b"\r\n")
+    talk.send(hello + b" " + ascii_host(ehlo_name(talk.sock, opts)).encode("ascii") + b"\r\n")
     lines = coded_reply(talk, (250,), lambda r: talk.fail("%s refused" % hello.decode(), r))
     if not any(line[4:].strip().upper() == "STARTTLS" for line in lines):
         raise talk.refuse(lines)
     talk.send(b"STARTTLS\r\n")
-    coded_reply(talk, (220,), talk.refuse)
+    coded_reply(talk, (220,), talk.refused)
 
 
 def starttls_lmtp(talk, opts):
@@ -1009,9 +1024,10 @@ def starttls_lmtp(talk, opts):
 
 
 def starttls_ftp(talk, opts):
-    coded_reply(talk, (220,), _greeting_failed(talk))
+    while coded_reply(talk, (120, 220), _greeting_failed(talk))[-1][:3] == "120":
+        pass                            # "ready in a minute" comes before the 220 (RFC 959)
     talk.send(b"AUTH TLS\r\n")
-    coded_reply(talk, (234,), talk.refuse)
+    coded_reply(talk, (234,), talk.refused)
 
 
 def starttls_pop3(talk, opts):
@@ -1027,7 +1043,7 @@ def starttls_pop3(talk, opts):
     talk.send(b"STLS\r\n")
     answer = talk.line()
     if not answer.startswith("+OK"):
-        raise talk.refuse(answer)
+        raise talk.refused(answer)
 
 
 def _imap_command(talk, tag, command):
@@ -1049,7 +1065,7 @@ def starttls_imap(talk, opts):
         raise talk.refuse(lines)
     lines = _imap_command(talk, b"c2", b"STARTTLS")
     if not lines[-1].upper().startswith("C2 OK"):
-        raise talk.refuse(lines)
+        raise talk.refused(lines)
 
 
 def starttls_sieve(talk, opts):
@@ -1064,7 +1080,7 @@ def starttls_sieve(talk, opts):
     talk.send(b"STARTTLS\r\n")
     answer = talk.line()
     if not answer.upper().startswith("OK"):
-        raise talk.refuse(answer)
+        raise talk.refused(answer)
 
 
 def starttls_nntp(talk, opts):
@@ -1079,19 +1095,21 @@ def starttls_nntp(talk, opts):
     talk.send(b"STARTTLS\r\n")
     answer = talk.line()
     if answer[:3] != "382":
-        raise talk.refuse(answer)
+        raise talk.refused(answer)
 
 
 def starttls_xmpp(talk, opts, kind="client"):
     domain = talk.target.verify_name
     talk.send((XMPP_STREAM % (kind, domain)).encode("utf-8"))
-    features = talk.until(b"</stream:features>", b"</stream:stream>", b"<stream:error")
+    features = talk.until(b"</stream:features>", b"<stream:features/>", b"</stream:error>",
+                          b"</stream:stream>")
     if b"urn:ietf:params:xml:ns:xmpp-tls" not in features or b"<starttls" not in features:
-        raise talk.refuse(features.decode("utf-8", "replace"))
+        start = max(features.find(b"<stream:features"), features.find(b"<stream:error"), 0)
+        raise talk.refuse(features[start:].decode("utf-8", "replace"))    # the useful part
     talk.send(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
     answer = talk.until(b"<proceed", b"<failure", b"</stream:stream>")
     if not answer.endswith(b"<proceed"):
-        raise talk.refuse(answer.decode("utf-8", "replace"))
+        raise talk.refused(answer.decode("utf-8", "replace"))
     talk.until(b">")
 
 
@@ -1108,9 +1126,10 @@ def starttls_irc(talk, opts):
         if command == "670":
             return
         if command == "PING":
-            talk.send(b"PONG " + line.split(" ", 1)[-1].encode("utf-8") + b"\r\n")
-        elif command in ("691", "421", "451", "ERROR") or command.isdigit() and \
-                command.startswith(("4", "5")):
+            talk.send(b"PONG " + " ".join(words[1:]).encode("utf-8") + b"\r\n")
+        elif command == "691":
+            raise talk.refused(line)
+        elif command == "ERROR" or command.isdigit() and command.startswith(("4", "5")):
             raise talk.refuse(line)
     raise talk.fail("no answer to STARTTLS in %d lines" % MAX_REPLY_LINES)
 
@@ -1118,19 +1137,23 @@ def starttls_irc(talk, opts):
 def starttls_postgres(talk, opts):
     talk.send(POSTGRES_SSL_REQUEST)
     answer = talk.exactly(1)
+    if answer == b"N":
+        raise talk.refuse("N: TLS is off")
+    if answer == b"E":                  # an ErrorResponse: a server too old for SSLRequest
+        answer += talk.buffer[:200]
     if answer != b"S":
-        raise talk.refuse("N: TLS is off" if answer == b"N" else repr(answer))
+        raise talk.fail("not a PostgreSQL answer to SSLRequest", as_text(answer))
 
 
 def starttls_mysql(talk, opts):
     header = talk.exactly(4)
     payload = talk.exactly(int.from_bytes(header[:3], "little"))
-    if payload[:1] == b"\xff":
-        raise talk.fail("the server refused the connection",
-                        payload[9:].decode("utf-8", "replace"))
+    if payload[:1] == b"\xff":        # error code, then "#" and a SQL state, or not
+        message = payload[9:] if payload[3:4] == b"#" else payload[3:]
+        raise talk.fail("the server refused the connection", message.decode("utf-8", "replace"))
     end = payload.find(b"\0", 1)
     if payload[:1] != b"\x0a" or end < 0 or len(payload) < end + 16:
-        raise talk.fail("not a MySQL handshake", repr(payload[:40]))
+        raise talk.fail("not a MySQL handshake", as_text(payload[:40]))
     capabilities = int.from_bytes(payload[end + 14:end + 16], "little")
     if not capabilities & MYSQL_CLIENT_SSL:
         raise talk.refuse("server %s without CLIENT_SSL" % payload[1:end].decode("latin-1"))
@@ -1145,8 +1168,8 @@ def starttls_ldap(talk, opts):
     size = head[1]
     if size & 0x80:
         count = size & 0x7F
-        if not 1 <= count <= 3:
-            raise talk.fail("malformed LDAP response", repr(head))
+        if not 1 <= count <= 4:
+            raise talk.fail("malformed LDAP response", as_text(head))
         extra = talk.exactly(count)
         head, size = head + extra, int.from_bytes(extra, "big")
     if size > MAX_PLAINTEXT:
@@ -1158,9 +1181,9 @@ def starttls_ldap(talk, opts):
         code = int.from_bytes(message[result[0][1]:result[0][2]], "big")
         text = message[result[2][1]:result[2][2]].decode("utf-8", "replace")
     except ParseError:
-        raise talk.fail("malformed LDAP response", repr(message[:60]))
+        raise talk.fail("malformed LDAP response", as_text(message[:60]))
     if code != 0:
-        raise talk.refuse("resultCode %d %s" % (code, text))
+        raise talk.refused("resultCode %d %s" % (code, text))
 
 
 def starttls_postgres_direct(talk, opts):
@@ -1246,8 +1269,10 @@ def ssl_reason(exc):
     return text.split(" (_ssl.c:", 1)[0]
 
 
-def tls_hint(reason):
+def tls_hint(reason, starttls):
     reason = reason.lower()
+    if starttls == "postgres-direct":
+        return "PostgreSQL before 17 has no direct TLS: try --starttls postgres"
     if "wrong version" in reason or "record layer" in reason or "packet length" in reason \
             or "unknown protocol" in reason or "http request" in reason:
         return "the server did not answer with TLS: is this port plain text (HTTP, or a " \
@@ -1259,7 +1284,7 @@ def tls_hint(reason):
     return None
 
 
-def verify_hint(message, target):
+def verify_hint(message, target, trust):
     message = message.lower()
     if "expired" in message or "not yet valid" in message:
         return "check this machine's clock (date -u); if it is right, the server serves a " \
@@ -1267,6 +1292,9 @@ def verify_hint(message, target):
     if "match" in message:
         return "the certificate does not cover %s: pass -n/--servername with a name it " \
                "covers" % target.verify_name
+    if trust != "the system store":
+        return "the chain does not lead to a root in %s: is it the right root? " \
+               "--insecure skips verification" % trust
     return "the chain does not lead to a root this host trusts: pass --cafile ROOT.pem " \
            "(or install ca-certificates); --insecure skips verification"
 
@@ -1274,8 +1302,9 @@ def verify_hint(message, target):
 class ChainReader(object):
     """The context for every handshake of a run, and the way to read chains."""
 
-    def __init__(self, ctx, by_key_kind=None):
-        self.ctx, self.method = ctx, chain_method()
+    def __init__(self, ctx, trust, by_key_kind=None):
+        self.ctx, self.trust, self.method = ctx, trust, chain_method()
+        self.starttls = None        # set by make_reader: the protocol, for hints
         self.by_key_kind = by_key_kind or {}    # key kind -> ChainReader asking for it
         self._messages, self._openssl = [], None
         if self.method == "msg_callback":
@@ -1446,7 +1475,8 @@ def _fetch_into(result, reader, opts, deadline):
         failure = _handshake(tls, reader, target, deadline)
         served = reader.served(tls)
         verified = reader.verified(tls) if failure is None and not opts.insecure else None
-        result.tls_version, result.cipher = tls.version(), (tls.cipher() or (None,))[0]
+        cipher = tls.cipher() or (None, None)        # set even when verification failed
+        result.tls_version, result.cipher = tls.version() or cipher[1], cipher[0]
     finally:
         tls.close()
     if not served:
@@ -1483,23 +1513,27 @@ def _handshake(tls, reader, target, deadline):
         tls.settimeout(remaining(deadline, target, "before the TLS handshake"))
         tls.do_handshake()
     except ssl.CertificateError as exc:     # 3.7+: every verify failure; 3.6: name only
-        return verify_failure(getattr(exc, "verify_message", None) or str(exc), target)
+        return verify_failure(getattr(exc, "verify_message", None) or str(exc), target,
+                              reader.trust)
     except socket.timeout:
         raise timed_out(target, "during the TLS handshake")
     except ssl.SSLError as exc:
         if exc.reason == VERIFY_FAILED_REASON:    # Python 3.6
-            return verify_failure(reader.verify_message(tls) or ssl_reason(exc), target)
+            return verify_failure(reader.verify_message(tls) or ssl_reason(exc), target,
+                                  reader.trust)
         reason = ssl_reason(exc)
-        raise FetchError("%s: TLS handshake failed: %s" % (target, reason), hint=tls_hint(reason))
+        raise FetchError("%s: TLS handshake failed: %s" % (target, reason),
+                         hint=tls_hint(reason, reader.starttls))
     except OSError as exc:
         reason = exc.strerror or str(exc) or exc.__class__.__name__
-        raise FetchError("%s: TLS handshake failed: %s" % (target, reason), hint=tls_hint(reason))
+        raise FetchError("%s: TLS handshake failed: %s" % (target, reason),
+                         hint=tls_hint(reason, reader.starttls))
     return None
 
 
-def verify_failure(message, target):
+def verify_failure(message, target, trust):
     failure = VerifyError("%s: certificate verification failed: %s" % (target, message),
-                          hint=verify_hint(message, target))
+                          hint=verify_hint(message, target, trust))
     failure.reason = message
     return failure
 
@@ -1760,7 +1794,7 @@ def stage_file(path, data, holds_key, opts, mark_pending):
     owner = (old.st_uid, old.st_gid) if old else (opts.uid, opts.gid)
     temp = write_temp_file(os.path.dirname(os.path.abspath(path)), os.path.basename(path),
                            data, mode, owner if os.geteuid() == 0 or not old else None)
-    if mark_pending:
+    if mark_pending or old is not None and int(old.st_mtime) == HOOK_PENDING_MTIME:
         os.utime(temp, (HOOK_PENDING_MTIME, HOOK_PENDING_MTIME))
     return temp
 
@@ -1951,9 +1985,27 @@ def report_fetch(results, best, reader, opts, plan):
                                 % (best.target, format_time(best.leaf.not_before)))
 
 
-def write_stdout(certs):
+def wrap_items(items, width):
+    """Items joined by ", " in lines of at most width characters."""
+    lines = [""]
+    for item in items:
+        if lines[-1] and len(lines[-1]) + 2 + len(item) > width:
+            lines[-1] += ","
+            lines.append("")
+        lines[-1] += (", " if lines[-1] else "") + item
+    return lines
+
+
+def write_stdout(text):
+    """Write to stdout; characters its encoding lacks (cron's ASCII) become escapes."""
     try:
-        sys.stdout.write("".join(der_to_pem(cert.der) for cert in certs))
+        if hasattr(sys.stdout, "buffer"):
+            sys.stdout.flush()
+            sys.stdout.buffer.write(text.encode(sys.stdout.encoding or "ascii",
+                                                "backslashreplace"))
+            sys.stdout.buffer.flush()
+        else:
+            sys.stdout.write(text)
         sys.stdout.flush()
     except OSError as exc:
         raise WriteError("cannot write to standard output: %s" % (exc.strerror or exc))
@@ -1984,9 +2036,9 @@ def report(results, opts):
     if opts.report == "check":
         return check_report(results, opts, now)
     if opts.report == "json":
-        sys.stdout.write(json_text([source_json(r, opts) for r in results]) + "\n")
+        write_stdout(json_text([source_json(r, opts) for r in results]) + "\n")
     else:
-        sys.stdout.write("\n".join(text_lines(r, opts, now) for r in results))
+        write_stdout("\n".join(text_lines(r, opts, now) for r in results))
     failures = [r.error for r in results if r.error is not None]
     return max(error.exit_code for error in failures) if failures else 0
 
@@ -2010,7 +2062,7 @@ def text_lines(result, opts, now):
     if not target.path:
         lines.append("  servername:   %s" % (target.servername or "(none: IP address)"))
     if result.error is not None and not result.served:
-        return "\n".join(lines + ["  error:        %s" % result.error, ""]) + "\n"
+        return "\n".join(lines + ["  error:        %s" % result.error]) + "\n"
     if result.tls_version:
         lines.append("  protocol:     %s %s%s" % (result.tls_version, result.cipher,
                                                  " after STARTTLS " + opts.starttls
@@ -2019,19 +2071,17 @@ def text_lines(result, opts, now):
     lines += ["  warning:      %s" % problem for problem in result.problems]
     for index, cert in enumerate(result.served):
         lines += certificate_lines(index, cert, now)
-    return "\n".join(lines + [""]) + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def certificate_lines(index, cert, now):
     left = days_left(cert, now)
     when = "EXPIRED %d days ago" % -left if left < 0 else "expires in %d days" % left
     rows = [("subject", printable(cert.subject)), ("issuer", printable(cert.issuer)),
-            ("serial", "%x" % cert.serial)]
-    sans = printable(", ".join(cert.sans)) or "(none)"
-    while sans:
-        cut = sans.rfind(", ", 0, 62) + 2 if len(sans) > 64 and ", " in sans[:64] else len(sans)
-        rows.append(("SANs" if rows[-1][0] != "" and rows[-1][0] != "SANs" else "", sans[:cut]))
-        sans = sans[cut:]
+            ("serial", cert.serial_hex)]
+    for number, line in enumerate(wrap_items([printable(n) for n in cert.sans] or ["(none)"],
+                                             64)):
+        rows.append(("SANs" if number == 0 else "", line))
     rows += [("key", "%s%s" % (cert.key_type, " (%d bits)" % cert.key_bits
                                if cert.key_bits else "")),
              ("sig alg", cert.signature_algorithm),
@@ -2056,7 +2106,7 @@ def source_json(result, opts):
         ("servername", target.servername), ("error", None if result.error is None
                                               else str(result.error)),
         ("tls_version", result.tls_version), ("cipher", result.cipher),
-        ("verified", None if target.path or opts.insecure else
+        ("verified", None if target.path or opts.insecure or not result.served else
          result.error is None and result.verify_error is None),
         ("verify_error", result.verify_error), ("problems", result.problems),
         ("chain", [certificate_json(cert) for cert in result.served]),
@@ -2064,7 +2114,7 @@ def source_json(result, opts):
 
 
 def certificate_json(cert):
-    return [("subject", cert.subject), ("issuer", cert.issuer), ("serial", "%x" % cert.serial),
+    return [("subject", cert.subject), ("issuer", cert.issuer), ("serial", cert.serial_hex),
             ("sans", cert.sans), ("key", cert.key_type), ("key_bits", cert.key_bits),
             ("signature_algorithm", cert.signature_algorithm),
             ("not_before", format_time(cert.not_before)),
@@ -2112,13 +2162,16 @@ def check_report(results, opts, now):
     worst = max(status for status, _ in lines)
     counts = ", ".join("%d %s" % (sum(s == n for s, _ in lines), NAGIOS[n])
                        for n in range(4) if any(s == n for s, _ in lines))
-    perfdata = " ".join("'days_left %s'=%d;%g;%g" % (r.target.source.replace("'", ""),
-                                                     min_days(r, now), opts.warn_days,
-                                                     opts.crit_days)
-                        for r in results if r.path)
-    sys.stdout.write("CERTGRAB %s - %d source(s): %s%s\n" % (
-        NAGIOS[worst], len(results), counts, " | " + perfdata if perfdata else ""))
-    sys.stdout.write("".join("%s - %s\n" % (NAGIOS[s], text) for s, text in lines))
+    labels = [r.target.source.replace("'", "").replace("=", "") for r in results]
+    perfdata = " ".join("'days_left %s'=%d;%g:;%g:" % (
+        label if labels.count(label) == 1 else "%s #%d" % (label, index + 1),
+        min_days(result, now), opts.warn_days, opts.crit_days)
+        for index, (label, result) in enumerate(zip(labels, results)) if result.path)
+    first_problem = next(("; first: " + text for status, text in lines if status == worst
+                          and worst), "")   # notifications often show the first line only
+    write_stdout("CERTGRAB %s - %d source(s): %s%s%s\n" % (
+        NAGIOS[worst], len(results), counts, first_problem, " | " + perfdata if perfdata else "")
+        + "".join("%s - %s\n" % (NAGIOS[s], text) for s, text in lines))
     return worst
 
 
@@ -2165,7 +2218,8 @@ def leaf_summary(leaf):
 def same_leaf_status(results, index):
     """--same: CRITICAL for a source whose leaf differs from what most sources serve."""
     leaves = [r.path[0].sha256 if r.path else None for r in results]
-    common = max(set(leaves), key=lambda leaf: (leaves.count(leaf), leaf is not None))
+    common = max(leaves, key=lambda leaf: (leaves.count(leaf), leaf is not None,
+                                           -leaves.index(leaf)))
     if leaves[index] == common or leaves[index] is None:
         return 0, ""
     return 2, "%s: serves %s, unlike %d of %d sources" % (
@@ -2269,16 +2323,12 @@ def help_text():
         left = ", ".join(flags.split()) + (" " + metavar if metavar else "")
         rows.append("  %-24s %s" % (left, text) if len(left) < 24 else
                     "  %s\n  %-24s %s" % (left, "", text))
-    lines = [""]
-    for name in sorted(STARTTLS_PORTS):
-        item = "%s %d," % (name, STARTTLS_PORTS[name])
-        if len(lines[-1]) + len(item) > 74:
-            lines.append("")
-        lines[-1] += " " + item
+    lines = wrap_items(["%s %d" % (name, STARTTLS_PORTS[name])
+                        for name in sorted(STARTTLS_PORTS)], 76)
     doc = __doc__ or "\nExit codes\n    (see README.md: python -OO dropped them)\n"
     exit_codes = doc.split("\nExit codes\n", 1)[1].replace("    ", "  ")
     return USAGE + "\n\n" + HELP_TEXT % ("\n".join(rows), "\n".join(
-        " " + line for line in lines).rstrip(","), exit_codes)
+        "  " + line for line in lines), exit_codes)
 
 
 def option_flag(attribute):
@@ -2338,6 +2388,9 @@ def check_options(opts):
     if opts.starttls is not None and opts.starttls not in STARTTLS_PORTS:
         raise UsageError("--starttls %s: unknown protocol; known: %s"
                          % (opts.starttls, ", ".join(sorted(STARTTLS_PORTS))))
+    if opts.ehlo is not None and not (opts.ehlo.startswith("[") and opts.ehlo.endswith("]")
+                                      and is_ip(opts.ehlo[1:-1].replace("IPv6:", ""))):
+        check_dns_name(opts.ehlo, "bad --ehlo %r" % opts.ehlo)
     if opts.starttls:
         load_section(STARTTLS_SECTION)
     check_report_options(opts)
@@ -2390,9 +2443,11 @@ def check_install_options(opts):
         opts.mode = int(opts.mode, 8) if opts.mode is not None else None
     except ValueError:
         raise UsageError("--hook-timeout takes seconds and --mode an octal number like 0644")
-    if not opts.hook_timeout > 0 or opts.mode is not None and opts.mode & ~0o644:
-        raise UsageError("--hook-timeout must be above 0; --mode allows at most 0644: "
-                         "certificate files are never executable or writable by others")
+    if not opts.hook_timeout > 0:
+        raise UsageError("--hook-timeout must be above 0")
+    if opts.mode is not None and opts.mode & ~0o644:
+        raise UsageError("--mode allows at most 0644: certificate files are never "
+                         "executable or writable by others")
     opts.uid = lookup_id(opts.owner, "pwd", "getpwnam", "pw_uid", "--owner")
     opts.gid = lookup_id(opts.group, "grp", "getgrnam", "gr_gid", "--group")
     if opts.writes or opts.key_path:
@@ -2417,11 +2472,19 @@ def lookup_id(name, module, function, field, flag):
         raise UsageError("%s %s: no such %s on this host" % (flag, name, flag[2:]))
 
 
-def make_reader(opts):
-    """The run's context; with --key-path, one more per key type for dual-cert servers."""
+def make_reader(opts, targets):
+    """The run's context; with --key-path, one more per key type for dual-cert servers.
+    None when every source is a local file: they need no trust store."""
+    if all(target.path for target in targets):
+        return None
     kinds = ("RSA", "EC") if opts.key else ()
-    return ChainReader(make_context(opts),
-                       dict((kind, ChainReader(make_context(opts, kind))) for kind in kinds))
+    trust = " and ".join("%s %s" % (flag, getattr(opts, flag[2:])) for flag in
+                         ("--cafile", "--capath") if getattr(opts, flag[2:])) or "the system store"
+    readers = dict((kind, ChainReader(make_context(opts, kind), trust)) for kind in kinds)
+    reader = ChainReader(make_context(opts), trust, readers)
+    for each in [reader] + list(readers.values()):
+        each.starttls = opts.starttls
+    return reader
 
 
 def main(argv=None):
@@ -2435,7 +2498,7 @@ def main(argv=None):
         check_options(opts)
         targets = parse_targets(opts)                   # 1. what to dial, what name to verify
         plan = plan_outputs(opts) if opts.writes else []  # 2. where to write, checked now
-        reader = make_reader(opts)                      # 3. trust store, chain access
+        reader = make_reader(opts, targets)             # 3. trust store, chain access
         if opts.insecure:
             warn(opts, "--insecure: the chain is NOT verified; anyone on the path could "
                        "have sent it")
@@ -2447,18 +2510,23 @@ def main(argv=None):
         best = choose_result(results, opts)             # 6. the newest good chain
         report_fetch(results, best, reader, opts, plan)
         if not plan:                                    # 7a. stdout: exactly as served
-            write_stdout(best.verified if opts.verified_chain else best.served)
+            certs = best.verified if opts.verified_chain else best.served
+            write_stdout("".join(der_to_pem(cert.der) for cert in certs))
             return 0
         install_chain(plan, best.verified if opts.verified_chain else best.path, best, opts)
         return 0                                        # 7b. files, then the hook
-    except UsageError as exc:
-        report_error(exc)
-        sys.stderr.write("certgrab: hint: certgrab.py --help lists the options\n")
-        check_mode = any(arg.split("=")[0] in CHECK_FLAGS for arg in argv)
-        return NAGIOS_UNKNOWN if check_mode else exc.exit_code
     except CertgrabError as exc:
         report_error(exc)
+        if isinstance(exc, UsageError):
+            sys.stderr.write("certgrab: hint: certgrab.py --help lists the options\n")
+        if any(arg.split("=")[0] in CHECK_FLAGS for arg in argv):
+            sys.stdout.write("CERTGRAB UNKNOWN - %s\n" % exc)    # a plugin's status line
+            return NAGIOS_UNKNOWN
         return exc.exit_code
+
+
+LAZY_SECTIONS = (KEYS_SECTION, STARTTLS_SECTION, CTYPES_SECTION, INSTALL_SECTION,
+                 REPORT_SECTION)     # for make lint, which compiles each one
 
 
 if __name__ == "__main__":
