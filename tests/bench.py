@@ -17,13 +17,16 @@ The speed targets of issue 2, each a ratio of two commands timed in the same run
       loopback) a fetch may take 2 RTT for TLS 1.3 and 3 RTT for TLS 1.2 (TCP connect + the
       handshake) beyond its local cost (the same fetch without the proxy). Limit: half an RTT
       of slack. `openssl s_client -showcerts` is shown beside it where installed.
+  (d) a fleet: `certgrab.py --check` over 64 sources (64 delay proxies, 100 ms RTT, in front
+      of 8 TLS 1.3 servers), wall time of the whole run. Limit 1.0 s (issue 5). Beside it a
+      serial loop of `openssl s_client` over 4 of the sources, extrapolated to 64.
 
 Method: every command is a new process, as a user runs it. Runs are interleaved round-robin
 (the order rotating each round) so that noise from the machine hits all commands alike, and
 medians are compared. Exit status: 0 when every limit holds, 1 when one fails, 2 when the
 measurement itself could not be made (certgrab failed, a tool is missing...).
 
-Usage: python3 tests/bench.py [--runs N] [--rtt-runs N] [--python PYTHON]
+Usage: python3 tests/bench.py [--runs N] [--rtt-runs N] [--fleet-runs N] [--python PYTHON]
 """
 
 import argparse
@@ -59,6 +62,11 @@ COMMAND_TIMEOUT = 30          # seconds; a fetch on loopback takes well under on
 TARGET_A, LIMIT_A = 1.10, 1.25
 LIMIT_B = 1.15
 ROUND_TRIPS = {"1.3": 2, "1.2": 3}   # TCP connect + TLS handshake
+FLEET = 64                    # sources for (d), as in issue 5
+FLEET_SERVERS = 8             # TLS servers behind the 64 proxies (a listen backlog is 16)
+FLEET_RUNS = 5                # rounds for (d)
+LIMIT_D = 1.0                 # seconds for the whole --check run over the fleet
+SERIAL_SAMPLE = 4             # sources the serial s_client loop visits, scaled to FLEET
 
 BARE_SCRIPT = r'''
 """Only a verified handshake, then the served chain as PEM: the floor certgrab is held to."""
@@ -225,7 +233,7 @@ class DelayProxy(object):
                     return
 
 
-# ---------------------------------------------------------------- the three measurements
+# ---------------------------------------------------------------- the measurements
 
 def make_hashed_ca_dir(root_pem, directory):
     """A CA directory holding root_pem as HASH.0, as `openssl rehash` makes it."""
@@ -327,6 +335,50 @@ def bench_round_trips(python, certs, ports, runs):
     return commands, rows
 
 
+def check_fleet_output(command, sources):
+    """--check must report every source OK, one line each in order, or the time means nothing."""
+    _, out = command.run()
+    lines = out.decode().splitlines()
+    if not lines or not lines[0].startswith("CERTGRAB OK - %d source(s)" % len(sources)) or \
+            [line.split(": ")[0] for line in lines[1:]] != ["OK - " + s for s in sources]:
+        raise BenchError("%s: not one OK line per source, in order:\n%s"
+                         % (command.label, out.decode()[:2000]))
+    command.clear()
+
+
+def bench_fleet(python, certs, runs):
+    """(d): returns (commands, result rows)."""
+    chain = os.path.join(certs, CHAIN)
+    root = os.path.join(chain, "root.pem")
+    with contextlib.ExitStack() as stack:
+        upstreams = [stack.enter_context(servers.TLSServer(
+            os.path.join(chain, "fullchain.pem"), os.path.join(chain, "key.pem"), tls="1.3"))
+            for _ in range(FLEET_SERVERS)]
+        proxies = [stack.enter_context(DelayProxy(upstreams[i % FLEET_SERVERS].port))
+                   for i in range(FLEET)]
+        sources = ["127.0.0.1:%d" % proxy.port for proxy in proxies]
+        certgrab = Command("certgrab --check, %d sources, 100 ms RTT" % FLEET,
+                           [python, CERTGRAB, "--check", "-n", NAME, "--cafile", root] + sources)
+        check_fleet_output(certgrab, sources)
+        commands = [certgrab]
+        if _which("openssl"):
+            loop = " ".join(
+                "openssl s_client -connect %s -servername %s -CAfile %s -verify_return_error "
+                "-showcerts </dev/null >/dev/null 2>&1 || exit 1;" % (source, NAME, root)
+                for source in sources[:SERIAL_SAMPLE])
+            commands.append(Command("serial openssl s_client loop, %d sources" % SERIAL_SAMPLE,
+                                    ["sh", "-c", loop]))
+        measure(commands, runs)
+
+    rows = [("(d) %d sources, 100 ms RTT, --check" % FLEET, "%.2f s" % certgrab.median, "",
+             "%.1f s" % LIMIT_D, _verdict(certgrab.median <= LIMIT_D))]
+    if len(commands) > 1:
+        serial = commands[1].median * FLEET / SERIAL_SAMPLE
+        rows.append(("    serial s_client loop, scaled to %d" % FLEET, "%.1f s" % serial, "",
+                     "", "(for comparison: %.0fx)" % (serial / certgrab.median)))
+    return commands, rows
+
+
 def _verdict(within_limit, within_target=True):
     if not within_limit:
         return "FAIL"
@@ -363,6 +415,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=RUNS, help="rounds for (a), (b)")
     parser.add_argument("--rtt-runs", type=int, default=RTT_RUNS, help="rounds for (c)")
+    parser.add_argument("--fleet-runs", type=int, default=FLEET_RUNS, help="rounds for (d)")
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter for certgrab and the bare script (3.10+)")
     args = parser.parse_args(argv)
@@ -374,8 +427,8 @@ def main(argv=None):
             raise BenchError("the bare reference script needs Python 3.10+ (--python)")
         if not _which("openssl"):
             raise BenchError("needs the openssl command (apt-get install openssl)")
-        print("%d interleaved rounds for (a)/(b), %d for (c), medians; RTT %d ms"
-              % (args.runs, args.rtt_runs, RTT * 1000))
+        print("%d interleaved rounds for (a)/(b), %d for (c), %d for (d), medians; RTT %d ms"
+              % (args.runs, args.rtt_runs, args.fleet_runs, RTT * 1000))
         with tempfile.TemporaryDirectory(prefix="certgrab-bench-") as tmp:
             certs = make_certs.generate(os.path.join(tmp, "certs"))
             fullchain = os.path.join(certs, CHAIN, "fullchain.pem")
@@ -386,11 +439,13 @@ def main(argv=None):
                 remote, rtt_rows = bench_round_trips(args.python, certs,
                                                      {"1.3": s13.port, "1.2": s12.port},
                                                      args.rtt_runs)
+            fleet, fleet_rows = bench_fleet(args.python, certs, args.fleet_runs)
     except (BenchError, subprocess.SubprocessError, OSError) as e:
         print("bench: %s" % e, file=sys.stderr)
         return 2
-    print_report(local + remote, rows + rtt_rows)
-    failed = [row[0] for row in rows + rtt_rows if row[-1] == "FAIL"]
+    rows += rtt_rows + fleet_rows
+    print_report(local + remote + fleet, rows)
+    failed = [row[0] for row in rows if row[-1] == "FAIL"]
     print("%s in %.0f s" % ("FAIL: " + "; ".join(failed) if failed else "all limits met",
                             time.monotonic() - started))
     return 1 if failed else 0

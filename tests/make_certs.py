@@ -33,6 +33,14 @@ All dates are fixed, so two runs differ only in keys and serial numbers.
 
 Helpers for the tests, independent of certgrab's own PEM code:
     pem_ders(text) -> [DER]     read_ders(path) -> [DER]     ders_to_pem([DER]) -> text
+
+Chains dated from today, for expiry checks (made at test time, not by generate()):
+    make_dated_chain(outdir, root_dir, name, leaf_days, intermediate_days=None,
+                     leaf_subject=None, intermediate_subject=None, san=NAMES)
+        a fresh intermediate and leaf under the root in root_dir (e.g. OUTDIR/root-ec) whose
+        leaf expires leaf_days from now (its intermediate intermediate_days from now, else in
+        2099), written to outdir/name like the chains above. Subjects are lists of
+        (attribute, value) and may hold any text: shell syntax, control characters, UTF-8.
 """
 
 import base64
@@ -42,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 NAMES = "DNS:www.example.test,DNS:example.test,IP:127.0.0.1,IP:::1"
 
@@ -298,6 +307,62 @@ def generate(outdir):
     subprocess.run(["rm", "-rf", scratch], check=True)
     _write(os.path.join(outdir, DONE_MARKER), "")
     return outdir
+
+
+# ---------------------------------------------------------------- chains dated from today
+
+DAY = 86400  # seconds
+DATED_SLACK = 3600  # seconds added to each end date, so "expires in N days" still says N
+
+
+def subject_arg(pairs):
+    """The `openssl req -subj` text for [(attribute, value)]: \\, / and + escaped."""
+    return "".join("/%s=%s" % (attribute, re.sub(r"([\\/+])", r"\\\1", value))
+                   for attribute, value in pairs)
+
+
+def _request_subject(work, pairs, keytype):
+    """A CSR with a new key for a subject of any characters (UTF-8); (csr, key) paths."""
+    csr, key = work.tmp(".csr"), work.tmp(".key")
+    _openssl(["req", "-new", "-utf8", "-config", work.config, "-subj", subject_arg(pairs),
+              "-out", csr] + KEY_OPTIONS[keytype] + ["-nodes", "-keyout", key])
+    return csr, key
+
+
+def _stamp(epoch):
+    return time.strftime("%Y%m%d%H%M%SZ", time.gmtime(epoch))
+
+
+def _dates_from_now(days, now):
+    """(startdate, enddate) for openssl ca: from a day ago to `days` days from now."""
+    return _stamp(now - DAY), _stamp(now + days * DAY + DATED_SLACK)
+
+
+def make_dated_chain(outdir, root_dir, name, leaf_days, intermediate_days=None,
+                     leaf_subject=None, intermediate_subject=None, san=NAMES):
+    """Make outdir/name: an EC chain under root_dir whose leaf expires leaf_days from now."""
+    now = time.time()
+    outdir, root_dir = os.path.abspath(str(outdir)), os.path.abspath(str(root_dir))
+    work = _Workdir(tempfile.mkdtemp(prefix="work-%s-" % name, dir=outdir) + "/ca")
+    root = (os.path.join(root_dir, "cert.pem"), os.path.join(root_dir, "key.pem"))
+    csr, key = _request_subject(work, intermediate_subject or [
+        ("O", "certgrab tests"), ("CN", "certgrab test %s intermediate" % name)], "ec")
+    dates = INTERMEDIATE_DATES if intermediate_days is None else \
+        _dates_from_now(intermediate_days, now)
+    intermediate = _sign(work, csr, "intermediate", dates, root)
+    intermediate_path = work.tmp(".pem")
+    _write(intermediate_path, intermediate)
+    csr, leaf_key = _request_subject(work, leaf_subject or [
+        ("O", "certgrab tests"), ("CN", "%s leaf" % name)], "ec")
+    leaf = _sign(work, csr, "leaf_ec", _dates_from_now(leaf_days, now),
+                 (intermediate_path, key), san)
+    with open(leaf_key) as f:
+        key_text = f.read()
+    with open(root[0]) as f:
+        root_text = f.read()
+    _write_chain_dir(os.path.join(outdir, name), leaf, intermediate, key_text, root_text)
+    subprocess.run(["rm", "-rf", os.path.dirname(work.path)], check=True)
+    return os.path.join(outdir, name)
 
 
 if __name__ == "__main__":
