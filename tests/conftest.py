@@ -3,9 +3,13 @@
     certs        session: pathlib.Path of the generated chains (see make_certs.py)
     run          run(*argv) -> Result(rc, out, err, elapsed): certgrab.main in-process
     certgrab     the certgrab module, imported from the repository root
+    started      started(server): server started, and stopped at teardown; returns it
     served       served(name, tls="1.3", kind="stdlib", host=..., file=None): a running server
                  for chain `name` (kind "stdlib" = TLSServer, "openssl" = OpenSSLServer)
     fuzz_cases   how many cases each fuzz test runs
+    daemon_root  session: the work directory of the real daemons (daemons.py); at the end of
+                 the session, the files the daemon packages own under /etc are unchanged
+                 (daemon_fixture(cls, chain) makes the fixture of one daemon)
 
 CI policy: with CI=true in the environment a skipped test fails the run, and the summary names
 every skipped test. Locally a skip is only reported (e.g. an interpreter that is not installed).
@@ -13,7 +17,9 @@ every skipped test. Locally a skip is only reported (e.g. an interpreter that is
 
 import collections
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import pytest
@@ -25,12 +31,14 @@ for path in (ROOT, TESTS):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-import make_certs  # noqa: E402  (needs the path above)
+import daemons  # noqa: E402  (needs the path above)
+import make_certs  # noqa: E402
 import servers  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 FUZZ_CASES_LOCAL = 300  # per fuzz test; a few seconds in all
 FUZZ_CASES_CI = 5000  # per fuzz test in CI: thousands, as the issue asks
+FETCH = 3  # exit code: cannot fetch
 
 Result = collections.namedtuple("Result", "rc out err elapsed")
 
@@ -112,21 +120,12 @@ def run(certgrab, capsys):
 
 
 @pytest.fixture
-def served(certs, request):
-    """served(name, tls="1.3", kind="stdlib", host="127.0.0.1", file=None) starts a server
-    for chain `name` and returns it (stopped at teardown). `file` replaces the served
-    fullchain.pem (stdlib kind only), e.g. to serve a chain out of order."""
+def started():
+    """started(server) starts server and returns it; at teardown every server started this
+    way is stopped, the last first."""
     stack = []
 
-    def start(name, tls="1.3", kind="stdlib", host="127.0.0.1", file=None):
-        d = certs / name
-        if kind == "stdlib":
-            server = servers.TLSServer(file or d / "fullchain.pem", d / "key.pem", host=host,
-                                       tls=tls)
-        else:
-            assert file is None, "OpenSSLServer serves cert.pem + chain.pem"
-            server = servers.OpenSSLServer(d / "cert.pem", d / "key.pem", d / "chain.pem",
-                                           host=host, tls=tls)
+    def start(server):
         server.start()
         stack.append(server)
         return server
@@ -134,6 +133,24 @@ def served(certs, request):
     yield start
     for server in reversed(stack):
         server.stop()
+
+
+@pytest.fixture
+def served(certs, started):
+    """served(name, tls="1.3", kind="stdlib", host="127.0.0.1", file=None) starts a server
+    for chain `name` and returns it (stopped at teardown). `file` replaces the served
+    fullchain.pem (stdlib kind only), e.g. to serve a chain out of order."""
+
+    def start(name, tls="1.3", kind="stdlib", host="127.0.0.1", file=None):
+        d = certs / name
+        if kind == "stdlib":
+            return started(servers.TLSServer(file or d / "fullchain.pem", d / "key.pem",
+                                             host=host, tls=tls))
+        assert file is None, "OpenSSLServer serves cert.pem + chain.pem"
+        return started(servers.OpenSSLServer(d / "cert.pem", d / "key.pem", d / "chain.pem",
+                                             host=host, tls=tls))
+
+    return start
 
 
 @pytest.fixture(scope="session")
@@ -148,6 +165,40 @@ def fuzz_cases():
 def ipv6():
     if not servers.ipv6_available():
         pytest.skip("no IPv6 loopback (::1) on this machine")
+
+
+# Real daemons, for the STARTTLS test modules (see daemons.py) --------------------------------
+
+@pytest.fixture(scope="session")
+def daemon_root():
+    """A work directory the daemons' unprivileged users can reach (pytest's tmp is 0700);
+    at the end, /etc must be exactly as it was before any daemon started."""
+    before = daemons.etc_state(daemons.ETC_PATHS)
+    root = tempfile.mkdtemp(prefix="certgrab-daemons-")
+    os.chmod(root, 0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+    after = daemons.etc_state(daemons.ETC_PATHS)
+    changed = sorted(set(before.items()) ^ set(after.items()))
+    assert not changed, "the daemon tests changed files under /etc: %s" % changed
+
+
+def daemon_fixture(cls, chain):
+    """The session fixture named cls.name: cls serving the make_certs.py chain `chain`,
+    started under daemon_root when a test first asks for it (a test skips, with the reason,
+    where it cannot run), stopped at the end of the session."""
+
+    @pytest.fixture(scope="session", name=cls.name)
+    def daemon(daemon_root, certs):
+        running = cls(daemon_root, certs / chain)
+        try:
+            running.start()
+        except daemons.DaemonMissing as e:
+            pytest.skip(str(e))
+        yield running
+        running.stop()
+
+    return daemon
 
 
 # Helpers for assertions, imported by the test modules ---------------------------------------
@@ -169,3 +220,39 @@ def assert_one_error(result, allow_usage=False):
     assert len(lines) == 1, "want one error line, got:\n" + result.err
     assert lines[0].startswith("certgrab: "), result.err
 
+
+# Helpers for the tests against real daemons -------------------------------------------------
+
+def grab(run, daemon, port, *extra, name=daemons.NAME):
+    """certgrab 127.0.0.1:<daemon's port> -n NAME --cafile <its root> EXTRA..."""
+    return run("%s:%d" % (daemons.HOST, daemon.ports[port]), "-n", name,
+               "--cafile", os.path.join(daemon.chain, "root.pem"), *extra)
+
+
+def served_chain(daemon):
+    """The chain the daemon was given, as DER: what certgrab must print."""
+    return make_certs.read_ders(os.path.join(daemon.chain, "fullchain.pem"))
+
+
+def explain(daemon, result):
+    """certgrab's stderr and the end of the daemon's logs, for assertion messages."""
+    log = daemon.log_text().splitlines()[-40:]
+    return "certgrab rc=%s stderr:\n%s\n%s log:\n%s" % (result.rc, result.err, daemon.name,
+                                                        "\n".join(log))
+
+
+def assert_prints_served_chain(daemon, result):
+    """certgrab succeeded, printed exactly the chain the daemon serves, and no error."""
+    assert result.rc == 0, explain(daemon, result)
+    assert make_certs.pem_ders(result.out) == served_chain(daemon)
+    assert error_lines(result.err) == [], result.err
+
+
+def failed_fetch_line(daemon, result, within):
+    """The error line of a fetch that failed as it should: exit 3, one error line, nothing on
+    stdout, and less than `within` seconds."""
+    assert result.rc == FETCH, explain(daemon, result)
+    assert_one_error(result)
+    assert result.out == ""
+    assert result.elapsed < within
+    return error_lines(result.err)[0]

@@ -17,251 +17,18 @@ its processes in start() and ends them in stop(); `ports` maps a name to a port:
     Nnrpd     INN 2.7 nnrpd -D, three instances: nntp (STARTTLS), nntps (-S), nntp-plain (no
               certificate configured: INN still lists STARTTLS, then answers 580)
 
-start() raises DaemonMissing (a reason to skip) when a program is not installed or we are not
-root, and DaemonFailed with the daemon's own logs when it does not listen within READY
-seconds. stop() asks the daemon to stop, then signals its process group, so that no process
-outlives the test session. etc_state(paths) snapshots /etc files to prove they were left alone.
+Starting, waiting for the ports, the logs on failure and stopping are daemons.py's Daemon:
+start() raises DaemonMissing (a reason to skip) or DaemonFailed (with the daemon's logs).
 
 Debian packages: postfix dovecot-imapd dovecot-pop3d dovecot-lmtpd dovecot-managesieved
 vsftpd inn2 (see .ci/run for the inn2 postinst workaround on hosts without a domain name).
 """
 
 import os
-import pwd
 import shutil
-import signal
-import socket
 import subprocess
-import time
 
-READY = 20.0  # seconds; the longest a daemon may take to listen on all its ports
-STOP = 10.0  # seconds; the longest stop() waits for a process group to exit
-PROBE = 0.2  # seconds; one connection attempt while waiting for a port
-POLL = 0.05  # seconds; how often stop() looks whether a process group is gone
-LOG_TAIL = 60  # lines of each log shown when a daemon fails
-HOST = "127.0.0.1"
-NAME = "www.example.test"
-
-
-class DaemonMissing(Exception):
-    """The daemon cannot run here (not installed, not root): a reason to skip."""
-
-
-class DaemonFailed(Exception):
-    """The daemon was there but did not come up; the message carries its logs."""
-
-
-def free_ports(count):
-    """count distinct free TCP ports on HOST (bound together, then released)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind((HOST, 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def etc_state(paths):
-    """{file: (size, mtime_ns, mode)} of every file under paths (files or directories)."""
-    state = {}
-    for top in paths:
-        if os.path.isfile(top):
-            walk = [(os.path.dirname(top), [], [os.path.basename(top)])]
-        else:
-            walk = os.walk(top)
-        for folder, _, files in walk:
-            for name in files:
-                path = os.path.join(folder, name)
-                st = os.lstat(path)
-                state[path] = (st.st_size, st.st_mtime_ns, st.st_mode)
-    return state
-
-
-def _tail(path, lines=LOG_TAIL):
-    try:
-        with open(path, errors="replace") as f:
-            text = f.read().splitlines()[-lines:]
-    except OSError as e:
-        return "(%s)" % e
-    return "\n".join(text) or "(empty)"
-
-
-def _write(path, text, mode=0o644, owner=None):
-    with open(path, "w") as f:
-        f.write(text)
-    os.chmod(path, mode)
-    if owner:
-        shutil.chown(path, owner, owner)
-
-
-def _as_user(user):
-    """A preexec_fn that drops root to user (for tools that must run as a daemon's user)."""
-    entry = pwd.getpwnam(user)
-
-    def drop():
-        os.setgroups([])
-        os.setgid(entry.pw_gid)
-        os.setuid(entry.pw_uid)
-    return drop
-
-
-class Daemon(object):
-    """Processes of one daemon software; subclasses write configs and start them."""
-
-    name = "daemon"
-    programs = ()  # absolute paths that must exist
-    users = ()  # system users the package creates
-
-    def __init__(self, workdir, chain):
-        self.workdir = os.path.join(str(workdir), self.name)
-        self.chain = str(chain)  # a make_certs.py chain directory
-        self.ports = {}
-        self.procs = []
-        self.logs = []  # files shown when the daemon fails
-        os.makedirs(self.workdir)
-        os.chmod(self.workdir, 0o755)
-
-    def path(self, *parts):
-        return os.path.join(self.workdir, *parts)
-
-    def check_installed(self):
-        if os.geteuid() != 0:
-            raise DaemonMissing("%s: the daemon tests start daemons as root" % self.name)
-        for program in self.programs:
-            if not os.access(program, os.X_OK):
-                raise DaemonMissing("%s: %s is not installed (Debian packages: %s)"
-                                    % (self.name, program, PACKAGES))
-        for user in self.users:
-            try:
-                pwd.getpwnam(user)
-            except KeyError:
-                raise DaemonMissing("%s: no user %r (is the package installed?)"
-                                    % (self.name, user))
-
-    def copy_chain(self, owner=None):
-        """fullchain.pem and key.pem copied into workdir/chain (key 0600); their paths."""
-        folder = self.path("chain")
-        os.makedirs(folder, exist_ok=True)
-        os.chmod(folder, 0o755)
-        files = []
-        for name, mode in (("fullchain.pem", 0o644), ("key.pem", 0o600)):
-            with open(os.path.join(self.chain, name)) as f:
-                _write(os.path.join(folder, name), f.read(), mode, owner)
-            files.append(os.path.join(folder, name))
-        return files
-
-    def spawn(self, argv, output, env=None):
-        """Start argv in its own process group, stdout and stderr to workdir/output."""
-        log = self.path(output)
-        self.logs.append(log)
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True,
-                                    env=dict(os.environ, **(env or {})), cwd=self.workdir)
-        self.procs.append(proc)
-        return proc
-
-    def start(self):
-        """Start and wait until every port listens; a second try on fresh ports, since
-        another process may take a port between free_ports() and the daemon's bind."""
-        self.check_installed()
-        for attempt in (1, 2):
-            try:
-                self.launch()
-                self.wait_listening()
-                return self
-            except DaemonFailed:
-                self.stop()
-                if attempt == 2:
-                    raise
-                self._reset()
-            except BaseException:
-                self.stop()
-                raise
-
-    def _reset(self):
-        shutil.rmtree(self.workdir)
-        os.makedirs(self.workdir)
-        os.chmod(self.workdir, 0o755)
-        self.ports, self.logs = {}, []
-
-    def launch(self):
-        raise NotImplementedError
-
-    def wait_listening(self):
-        deadline = time.monotonic() + READY
-        waiting = dict(self.ports)
-        while waiting:
-            for proc in self.procs:
-                if proc.poll() is not None:
-                    raise self.failed("%s exited with status %s (ports %s)"
-                                      % (" ".join(proc.args), proc.returncode, self.ports))
-            for key, port in list(waiting.items()):
-                try:
-                    socket.create_connection((HOST, port), timeout=PROBE).close()
-                    del waiting[key]
-                except OSError:
-                    pass
-            if waiting and time.monotonic() > deadline:
-                raise self.failed("not listening after %.0f s on %s" % (READY, waiting))
-            if waiting:
-                time.sleep(PROBE)
-
-    def failed(self, why):
-        parts = ["%s: %s" % (self.name, why)]
-        for log in self.logs:
-            parts.append("--- %s ---\n%s" % (log, _tail(log)))
-        return DaemonFailed("\n".join(parts))
-
-    def log_text(self):
-        """Everything the daemon logged so far, all log files together."""
-        text = []
-        for log in self.logs:
-            try:
-                with open(log, errors="replace") as f:
-                    text.append(f.read())
-            except OSError:
-                pass
-        return "\n".join(text)
-
-    def ask_to_stop(self):
-        """The daemon's own way to stop (before its process groups are signalled)."""
-
-    def stop(self):
-        try:
-            self.ask_to_stop()
-        finally:
-            for proc in self.procs:
-                _end_group(proc)
-            self.procs = []
-
-
-def _end_group(proc):
-    """SIGTERM to the process group of proc (a child we started), SIGKILL if it lingers."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + STOP
-        while time.monotonic() < deadline:
-            proc.poll()  # reap the leader, or the group never looks empty
-            if proc.returncode is not None and not _group_alive(proc.pid):
-                return
-            time.sleep(POLL)
-
-
-def _group_alive(pgid):
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
+from daemons import HOST, STOP, Daemon, free_ports, write_file
 
 # Postfix ----------------------------------------------------------------------------------
 
@@ -326,6 +93,7 @@ class Postfix(Daemon):
     name = "postfix"
     programs = ("/usr/sbin/postfix", "/usr/lib/postfix/sbin/master")
     users = ("postfix",)
+    packages = "postfix"
 
     def launch(self):
         cert, key = self.copy_chain()
@@ -334,9 +102,9 @@ class Postfix(Daemon):
         for sub in ("conf", "queue", "data"):
             os.makedirs(self.path(sub))
         shutil.chown(self.path("data"), "postfix", "postfix")  # master.lock, caches
-        _write(self.path("conf", "main.cf"),
+        write_file(self.path("conf", "main.cf"),
                POSTFIX_MAIN.format(dir=self.workdir, key=key, cert=cert))
-        _write(self.path("conf", "master.cf"),
+        write_file(self.path("conf", "master.cf"),
                POSTFIX_MASTER.format(ip=HOST, smtp=smtp, smtps=smtps, plain=plain, slow=slow))
         self.logs.append(self.path("postfix.log"))
         self.spawn(["/usr/sbin/postfix", "-c", self.path("conf"), "start-fg"], "start-fg.out")
@@ -406,6 +174,7 @@ class Dovecot(Daemon):
     programs = ("/usr/sbin/dovecot", "/usr/lib/dovecot/imap-login", "/usr/lib/dovecot/pop3-login",
                 "/usr/lib/dovecot/lmtp", "/usr/lib/dovecot/managesieve-login")
     users = ("dovecot", "dovenull")
+    packages = "dovecot-imapd dovecot-pop3d dovecot-lmtpd dovecot-managesieved"
 
     def launch(self):
         cert, key = self.copy_chain()
@@ -426,7 +195,7 @@ class Dovecot(Daemon):
         for name in ("imaps", "pop3s"):
             extra[name] = DOVECOT_IMPLICIT.format(name=name, port=ports[name]) if implicit else ""
         conf = os.path.join(folder, "dovecot.conf")
-        _write(conf, DOVECOT_CONF.format(dir=folder, instance=instance, ip=HOST, tls=tls,
+        write_file(conf, DOVECOT_CONF.format(dir=folder, instance=instance, ip=HOST, tls=tls,
                                          imap=ports["imap"], pop3=ports["pop3"],
                                          lmtp=ports["lmtp"], sieve=ports["sieve"], **extra))
         self.logs.append(os.path.join(folder, "dovecot.log"))
@@ -473,11 +242,12 @@ class Vsftpd(Daemon):
     name = "vsftpd"
     programs = ("/usr/sbin/vsftpd",)
     users = ("nobody",)
+    packages = "vsftpd"
 
     def launch(self):
         cert, key = self.copy_chain()
         os.makedirs(self.path("empty"))  # must exist, not writable by the ftp user
-        _write(self.path("banner"), VSFTPD_BANNER)
+        write_file(self.path("banner"), VSFTPD_BANNER)
         tls = VSFTPD_TLS.format(cert=cert, key=key)
         instances = [("ftp", tls + "banner_file=%s\n" % self.path("banner")),
                      ("ftps", tls + "implicit_ssl=YES\n"),
@@ -485,7 +255,7 @@ class Vsftpd(Daemon):
         for (instance, extra), port in zip(instances, free_ports(len(instances))):
             self.ports[instance] = port
             conf = self.path("%s.conf" % instance)
-            _write(conf, VSFTPD_CONF.format(ip=HOST, port=port, dir=self.workdir,
+            write_file(conf, VSFTPD_CONF.format(ip=HOST, port=port, dir=self.workdir,
                                             instance=instance) + extra, mode=0o600)
             self.logs.append(self.path("%s.log" % instance))
             self.spawn(["/usr/sbin/vsftpd", conf], "%s.out" % instance)
@@ -545,6 +315,7 @@ class Nnrpd(Daemon):
     name = "nnrpd"
     programs = (INN_BIN + "/nnrpd", INN_BIN + "/makehistory", INN_BIN + "/innconfval")
     users = ("news",)
+    packages = "inn2"
 
     def launch(self):
         cert, key = self.copy_chain(owner="news")
@@ -553,12 +324,12 @@ class Nnrpd(Daemon):
             os.makedirs(self.path(sub))
         base = INN_CONF.format(dir=self.workdir)
         tls_conf, plain_conf = self.path("etc", "inn.conf"), self.path("etc", "inn-plain.conf")
-        _write(tls_conf, base + INN_TLS.format(cert=cert, key=key))
-        _write(plain_conf, base)
-        _write(self.path("etc", "readers.conf"), INN_READERS)
-        _write(self.path("etc", "storage.conf"), INN_STORAGE)
-        _write(self.path("db", "active"), INN_ACTIVE)
-        _write(self.path("db", "newsgroups"), "")
+        write_file(tls_conf, base + INN_TLS.format(cert=cert, key=key))
+        write_file(plain_conf, base)
+        write_file(self.path("etc", "readers.conf"), INN_READERS)
+        write_file(self.path("etc", "storage.conf"), INN_STORAGE)
+        write_file(self.path("db", "active"), INN_ACTIVE)
+        write_file(self.path("db", "newsgroups"), "")
         subprocess.run(["chown", "-R", "news:news", self.workdir], check=True)
         self._prepare(tls_conf)
         instances = [("nntp", tls_conf, []), ("nntps", tls_conf, ["-S"]),
@@ -570,19 +341,7 @@ class Nnrpd(Daemon):
 
     def _prepare(self, conf):
         """Check the config, then create the (empty) overview database as news."""
-        env = dict(os.environ, INNCONF=conf)
-        for argv in ([INN_BIN + "/innconfval", "-C"], [INN_BIN + "/makehistory", "-O", "-x", "-F"]):
-            proc = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, preexec_fn=_as_user("news"),
-                                  cwd=self.workdir, timeout=READY)
-            if proc.returncode != 0:
-                raise self.failed("%s failed:\n%s" % (" ".join(argv),
-                                                     proc.stdout.decode(errors="replace")))
-
-
-PACKAGES = ("postfix dovecot-imapd dovecot-pop3d dovecot-lmtpd dovecot-managesieved "
-            "vsftpd inn2")
-
-# /etc paths the packages own: the tests must leave them exactly as they found them.
-ETC_PATHS = ["/etc/postfix", "/etc/dovecot", "/etc/news", "/etc/vsftpd.conf"]
-
+        env = {"INNCONF": conf}
+        self.prepare([INN_BIN + "/innconfval", "-C"], "innconfval.out", user="news", env=env)
+        self.prepare([INN_BIN + "/makehistory", "-O", "-x", "-F"], "makehistory.out",
+                     user="news", env=env)

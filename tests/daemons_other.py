@@ -23,72 +23,21 @@ start() starts all of a class's processes, stop() ends them; `ports` maps a name
     Slapd      slapd 2.5 (GnuTLS), two instances: ldap (StartTLS) + ldaps in one; ldap-plain
                (no TLS configured: StartTLS ends in resultCode 2)
 
-start() raises DaemonMissing (a reason to skip) when a program is not installed or we are not
-root, and DaemonFailed with the daemon's own logs when it does not listen within READY
-seconds (after a second try on fresh ports). stop() signals each process group we started
-and waits for it to be gone, so no process outlives the test session. etc_state(paths)
-snapshots files under /etc to prove the run left them alone.
+Starting, waiting for the ports, the logs on failure and stopping are daemons.py's Daemon:
+start() raises DaemonMissing (a reason to skip) or DaemonFailed (with the daemon's logs).
 
-Debian 12 packages: prosody inspircd postgresql mariadb-server slapd (see PACKAGES).
+Debian 12 packages: prosody inspircd postgresql mariadb-server slapd.
 PostgreSQL 15 has no direct TLS (17+), so `--starttls postgres-direct` is tested against
 `openssl s_server -alpn postgresql` in the test module instead.
 """
 
 import glob
 import os
-import pwd
 import shutil
-import signal
-import socket
-import subprocess
-import time
 
-READY = 20.0  # seconds; the longest a daemon may take to listen on all its ports
-SETUP = 60.0  # seconds; the longest initdb or mariadb-install-db may take
-STOP = 10.0  # seconds; the longest stop() waits for a process group to exit
-PROBE = 0.2  # seconds; one connection attempt while waiting for a port
-POLL = 0.05  # seconds; how often stop() looks whether a process group is gone
-LOG_TAIL = 60  # lines of each log shown when a daemon fails
-HOST = "127.0.0.1"
-NAME = "www.example.test"  # the TLS virtual host / server name the leaf certificates carry
+from daemons import HOST, NAME, Daemon, free_ports, write_file
+
 NOTLS_NAME = "notls.example.test"  # Prosody's virtual host without TLS
-PACKAGES = "prosody inspircd postgresql mariadb-server slapd"
-ETC_PATHS = ["/etc/prosody", "/etc/inspircd", "/etc/postgresql", "/etc/postgresql-common",
-             "/etc/mysql", "/etc/ldap"]
-
-
-class DaemonMissing(Exception):
-    """The daemon cannot run here (not installed, not root): a reason to skip."""
-
-
-class DaemonFailed(Exception):
-    """The daemon was there but did not come up; the message carries its logs."""
-
-
-def free_ports(count):
-    """count distinct free TCP ports on HOST (bound together, then released)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind((HOST, 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def etc_state(paths):
-    """{file: (size, mtime_ns, mode)} of every file under paths (files or directories)."""
-    state = {}
-    for top in paths:
-        for folder, _, files in os.walk(top):
-            for name in files:
-                path = os.path.join(folder, name)
-                st = os.lstat(path)
-                state[path] = (st.st_size, st.st_mtime_ns, st.st_mode)
-    return state
 
 
 def postgres_bindir():
@@ -96,194 +45,6 @@ def postgres_bindir():
     found = glob.glob("/usr/lib/postgresql/*/bin/postgres")
     found.sort(key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0)
     return os.path.dirname(found[-1]) if found else None
-
-
-def _tail(path, lines=LOG_TAIL):
-    try:
-        with open(path, errors="replace") as f:
-            text = f.read().splitlines()[-lines:]
-    except OSError as e:
-        return "(%s)" % e
-    return "\n".join(text) or "(empty)"
-
-
-def _write(path, text, mode=0o644):
-    with open(path, "w") as f:
-        f.write(text)
-    os.chmod(path, mode)
-
-
-def _as_user(user):
-    """A preexec_fn that drops root to user (PostgreSQL refuses to run as root)."""
-    entry = pwd.getpwnam(user)
-
-    def drop():
-        os.setgroups([])
-        os.setgid(entry.pw_gid)
-        os.setuid(entry.pw_uid)
-    return drop
-
-
-def _end_group(proc):
-    """SIGTERM to the process group of proc (a child we started), SIGKILL if it lingers."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + STOP
-        while time.monotonic() < deadline:
-            proc.poll()  # reap the leader, or the group never looks empty
-            if proc.returncode is not None and not _group_alive(proc.pid):
-                return
-            time.sleep(POLL)
-
-
-def _group_alive(pgid):
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-class Daemon(object):
-    """Processes of one daemon software; subclasses write configs and start them."""
-
-    name = "daemon"
-    programs = ()  # absolute paths that must exist
-    users = ()  # system users the package creates
-
-    def __init__(self, workdir, chain):
-        self.workdir = os.path.join(str(workdir), self.name)
-        self.chain = str(chain)  # a make_certs.py chain directory
-        self.ports = {}
-        self.procs = []
-        self.logs = []  # files shown when the daemon fails
-        os.makedirs(self.workdir)
-        os.chmod(self.workdir, 0o755)
-
-    def path(self, *parts):
-        return os.path.join(self.workdir, *parts)
-
-    def check_installed(self):
-        if os.geteuid() != 0:
-            raise DaemonMissing("%s: the daemon tests start daemons as root" % self.name)
-        for program in self.programs:
-            if not program or not os.access(program, os.X_OK):
-                raise DaemonMissing("%s: %s is not installed (Debian packages: %s)"
-                                    % (self.name, program or "the server", PACKAGES))
-        for user in self.users:
-            try:
-                pwd.getpwnam(user)
-            except KeyError:
-                raise DaemonMissing("%s: no user %r (is the package installed?)"
-                                    % (self.name, user))
-
-    def copy_chain(self, owner=None):
-        """fullchain.pem and key.pem copied into workdir/chain (key 0600); their paths."""
-        folder = self.path("chain")
-        os.makedirs(folder, exist_ok=True)
-        os.chmod(folder, 0o755)
-        files = []
-        for name, mode in (("fullchain.pem", 0o644), ("key.pem", 0o600)):
-            target = os.path.join(folder, name)
-            shutil.copyfile(os.path.join(self.chain, name), target)
-            os.chmod(target, mode)
-            if owner:
-                shutil.chown(target, owner, owner)
-            files.append(target)
-        return files
-
-    def spawn(self, argv, output, user=None):
-        """Start argv in its own process group, stdout and stderr to workdir/output."""
-        log = self.path(output)
-        self.logs.append(log)
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True,
-                                    cwd=self.workdir, preexec_fn=_as_user(user) if user else None)
-        self.procs.append(proc)
-        return proc
-
-    def prepare(self, argv, output, user=None):
-        """Run a setup command (initdb, mariadb-install-db) to its end, or DaemonFailed."""
-        log = self.path(output)
-        self.logs.append(log)
-        with open(log, "ab") as out:
-            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                  stderr=subprocess.STDOUT, cwd=self.workdir, timeout=SETUP,
-                                  preexec_fn=_as_user(user) if user else None)
-        if proc.returncode != 0:
-            raise self.failed("%s exited with status %d" % (" ".join(argv), proc.returncode))
-
-    def start(self):
-        """Start and wait until every port listens; a second try on fresh ports, since
-        another process may take a port between free_ports() and the daemon's bind."""
-        self.check_installed()
-        for attempt in (1, 2):
-            try:
-                self.launch()
-                self.wait_listening()
-                return self
-            except DaemonFailed:
-                self.stop()
-                if attempt == 2:
-                    raise
-                self._reset()
-            except BaseException:
-                self.stop()
-                raise
-
-    def _reset(self):
-        shutil.rmtree(self.workdir)
-        os.makedirs(self.workdir)
-        os.chmod(self.workdir, 0o755)
-        self.ports, self.logs = {}, []
-
-    def launch(self):
-        raise NotImplementedError
-
-    def wait_listening(self):
-        deadline = time.monotonic() + READY
-        waiting = dict(self.ports)
-        while waiting:
-            for proc in self.procs:
-                if proc.poll() is not None:
-                    raise self.failed("%s exited with status %s (ports %s)"
-                                      % (" ".join(proc.args), proc.returncode, self.ports))
-            for key, port in list(waiting.items()):
-                try:
-                    socket.create_connection((HOST, port), timeout=PROBE).close()
-                    del waiting[key]
-                except OSError:
-                    pass
-            if waiting and time.monotonic() > deadline:
-                raise self.failed("not listening after %.0f s on %s" % (READY, waiting))
-            if waiting:
-                time.sleep(PROBE)
-
-    def failed(self, why):
-        parts = ["%s: %s" % (self.name, why)]
-        for log in self.logs:
-            parts.append("--- %s ---\n%s" % (log, _tail(log)))
-        return DaemonFailed("\n".join(parts))
-
-    def log_text(self):
-        """Everything the daemon logged so far, all log files together."""
-        text = []
-        for log in self.logs:
-            try:
-                with open(log, errors="replace") as f:
-                    text.append(f.read())
-            except OSError:
-                pass
-        return "\n".join(text)
-
-    def stop(self):
-        for proc in self.procs:
-            _end_group(proc)
-        self.procs = []
 
 
 # Prosody ----------------------------------------------------------------------------------
@@ -321,6 +82,7 @@ VirtualHost "{notls}"
 class Prosody(Daemon):
     name = "prosody"
     programs = ("/usr/bin/prosody",)
+    packages = "prosody"
 
     def launch(self):
         cert, key = self.copy_chain()
@@ -330,7 +92,7 @@ class Prosody(Daemon):
         values = dict(self.ports, dir=self.workdir, cert=cert, key=key, name=NAME,
                       notls=NOTLS_NAME)
         config = self.path("prosody.cfg.lua")
-        _write(config, PROSODY_CONFIG.format(**values))
+        write_file(config, PROSODY_CONFIG.format(**values))
         self.logs.append(self.path("prosody.log"))
         self.spawn(["/usr/bin/prosody", "-F", "--config", config], "prosody.out")
 
@@ -371,6 +133,7 @@ INSPIRCD_BARE = """\
 class InspIRCd(Daemon):
     name = "inspircd"
     programs = ("/usr/sbin/inspircd",)
+    packages = "inspircd"
 
     def launch(self):
         cert, key = self.copy_chain()
@@ -384,7 +147,7 @@ class InspIRCd(Daemon):
             values = dict(self.ports, dir=self.workdir, instance=instance, cert=cert, key=key,
                           resolve=resolve)
             config = self.path(instance + ".conf")
-            _write(config, (INSPIRCD_COMMON + body).format(**values))
+            write_file(config, (INSPIRCD_COMMON + body).format(**values))
             self.logs.append(self.path(instance + ".log"))
             self.spawn(["/usr/sbin/inspircd", "--config=" + config, "--nofork", "--runasroot"],
                        instance + ".out")
@@ -395,6 +158,7 @@ class InspIRCd(Daemon):
 class Postgres(Daemon):
     name = "postgres"
     users = ("postgres",)
+    packages = "postgresql"
 
     def __init__(self, workdir, chain):
         Daemon.__init__(self, workdir, chain)
@@ -423,6 +187,7 @@ class Postgres(Daemon):
 class MariaDB(Daemon):
     name = "mariadb"
     programs = ("/usr/sbin/mariadbd", "/usr/bin/mariadb-install-db")
+    packages = "mariadb-server"
 
     def launch(self):
         cert, key = self.copy_chain()
@@ -459,6 +224,7 @@ TLSCertificateKeyFile {key}
 class Slapd(Daemon):
     name = "slapd"
     programs = ("/usr/sbin/slapd",)
+    packages = "slapd"
 
     def launch(self):
         cert, key = self.copy_chain()
@@ -468,7 +234,7 @@ class Slapd(Daemon):
                 "plain": "ldap://%s:%d/" % (HOST, self.ports["ldap-plain"])}
         for instance, body in (("tls", SLAPD_CONFIG + SLAPD_TLS), ("plain", SLAPD_CONFIG)):
             config = self.path(instance + ".conf")
-            _write(config, body.format(dir=self.workdir, instance=instance, cert=cert, key=key))
+            write_file(config, body.format(dir=self.workdir, instance=instance, cert=cert, key=key))
             # -d keeps slapd in the foreground and logs to stderr (connections, operations)
             self.spawn(["/usr/sbin/slapd", "-d", "stats", "-h", urls[instance], "-f", config],
                        instance + ".log")

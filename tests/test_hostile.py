@@ -172,23 +172,20 @@ def test_missing_capath(run, served, tmp_path):
 
 # Output paths that cannot be written ---------------------------------------------------------
 
-def test_out_dir_is_an_existing_file(run, served, certs, tmp_path):
-    server = served("ec1")
-    target = tmp_path / "afile"
-    target.write_text("keep me\n")
-    result = run(server.address, "-n", NAME, "--cafile", certs / "ec1" / "root.pem",
-                 "--out-dir", target)
-    check_failure(result, 5, tmp_path / "out", limit=SLACK)
-    assert target.read_text() == "keep me\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+BLOCKED_PATHS = [  # (option, its path below the existing file "afile")
+    ("--out-dir", ()),  # the output directory is the file itself
+    ("--fullchain-path", ("sub", "fullchain.pem")),  # a path through the file
+]
 
 
-def test_path_under_a_file(run, served, certs, tmp_path):
+@pytest.mark.parametrize("option,below", BLOCKED_PATHS,
+                         ids=["out-dir-is-an-existing-file", "path-under-a-file"])
+def test_output_path_blocked_by_a_file(run, served, certs, tmp_path, option, below):
     server = served("ec1")
     blocker = tmp_path / "afile"
     blocker.write_text("keep me\n")
     result = run(server.address, "-n", NAME, "--cafile", certs / "ec1" / "root.pem",
-                 "--fullchain-path", blocker / "sub" / "fullchain.pem")
+                 option, blocker.joinpath(*below))
     check_failure(result, 5, tmp_path / "out", limit=SLACK)
     assert blocker.read_text() == "keep me\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

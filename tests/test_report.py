@@ -90,19 +90,14 @@ def dated(certs, tmp_path_factory):
 
 
 @pytest.fixture
-def serve_dir():
+def serve_dir(started):
     """serve_dir(directory, tls="1.3"): a TLSServer for directory's fullchain.pem and key."""
-    stack = []
 
     def start(directory, tls="1.3", server_class=TLSServer):
-        server = server_class(directory / "fullchain.pem", directory / "key.pem", tls=tls)
-        server.start()
-        stack.append(server)
-        return server
+        return started(server_class(directory / "fullchain.pem", directory / "key.pem",
+                                    tls=tls))
 
-    yield start
-    for server in reversed(stack):
-        server.stop()
+    return start
 
 
 @pytest.fixture
@@ -695,11 +690,23 @@ def test_the_same_errors_outside_check_mode_exit_2(run, argv):
 
 # ---------------------------------------------------------------- 5. hostile certificate text
 
-def test_hostile_subject_is_escaped_in_text(run, serve_dir, dated, root):
+@pytest.fixture
+def run_hostile(run, serve_dir, dated, root):
+    """run_hostile(*options, rc=0): certgrab OPTIONS against a server of the hostile chain,
+    verified; asserts the exit code, and that no control character reached the output."""
     server = serve_dir(dated / "hostile")
-    result = run("--text", *verified(root, server.address))
-    assert result.rc == 0, result.err
-    assert_escaped(result.out, result.err)
+
+    def call(*options, rc=0):
+        result = run(*list(options) + verified(root, server.address))
+        assert result.rc == rc, result.out + result.err
+        assert_escaped(result.out, result.err)
+        return result
+
+    return call
+
+
+def test_hostile_subject_is_escaped_in_text(run_hostile):
+    result = run_hostile("--text")
     assert "CN=$(touch %s-a) \\x1b[31mred\\x07" % MARK in result.out
     assert "`touch %s-b`; touch %s-c \\x1b]0;pwned\\x07" % (MARK, MARK) in result.out
     assert "\\u202e\\x9b" in result.out
@@ -707,12 +714,9 @@ def test_hostile_subject_is_escaped_in_text(run, serve_dir, dated, root):
     assert_nothing_ran()
 
 
-def test_hostile_intermediate_is_escaped_in_check(run, serve_dir, dated, root):
+def test_hostile_intermediate_is_escaped_in_check(run_hostile):
     """The intermediate (hostile subject) expires first, so the status line names it."""
-    server = serve_dir(dated / "hostile")
-    result = run("--check", *verified(root, server.address))
-    assert result.rc == 1, result.out + result.err
-    assert_escaped(result.out, result.err)
+    result = run_hostile("--check", rc=1)
     status = parse_check(result.out)[3][0]
     assert status[0] == "WARNING"
     assert "CN=$(touch %s-d)\\x1b[2J\\x1b[H\\x07 expires in 10 days" % MARK in status[1]
@@ -720,11 +724,8 @@ def test_hostile_intermediate_is_escaped_in_check(run, serve_dir, dated, root):
     assert_nothing_ran()
 
 
-def test_hostile_subject_is_escaped_in_verbose(run, serve_dir, dated, root):
-    server = serve_dir(dated / "hostile")
-    result = run("-v", *verified(root, server.address))
-    assert result.rc == 0, result.err
-    assert_escaped(result.out, result.err)
+def test_hostile_subject_is_escaped_in_verbose(run_hostile, dated):
+    result = run_hostile("-v")
     assert "$(touch %s-a) \\x1b[31mred\\x07" % MARK in result.err
     assert "$(touch %s-d)\\x1b[2J" % MARK in result.err
     assert make_certs.pem_ders(result.out) == make_certs.read_ders(
@@ -732,11 +733,8 @@ def test_hostile_subject_is_escaped_in_verbose(run, serve_dir, dated, root):
     assert_nothing_ran()
 
 
-def test_hostile_subject_is_escaped_in_json(run, serve_dir, dated, root):
-    server = serve_dir(dated / "hostile")
-    result = run("--json", *verified(root, server.address))
-    assert result.rc == 0, result.err
-    assert_escaped(result.out, result.err)
+def test_hostile_subject_is_escaped_in_json(run_hostile):
+    result = run_hostile("--json")
     assert result.out.isascii()
     assert "\\u001b[31mred\\u0007" in result.out
     chain = json.loads(result.out)[0]["chain"]
@@ -746,14 +744,10 @@ def test_hostile_subject_is_escaped_in_json(run, serve_dir, dated, root):
     assert_nothing_ran()
 
 
-def test_hostile_names_never_reach_a_shell(run, serve_dir, dated, root, tmp_path):
+def test_hostile_names_never_reach_a_shell(run_hostile, dated, tmp_path):
     """Installed with a deploy hook: the hook sees only clean names, and no marker appears."""
-    server = serve_dir(dated / "hostile")
     env_file = tmp_path / "hook-env"
-    result = run(*verified(root, server.address) + [
-        "--out-dir", tmp_path / "live", "--deploy-hook", 'env > "%s"' % env_file])
-    assert result.rc == 0, result.err
-    assert_escaped(result.out, result.err)
+    run_hostile("--out-dir", tmp_path / "live", "--deploy-hook", 'env > "%s"' % env_file)
     hook_env = dict(line.split("=", 1) for line in env_file.read_text().splitlines()
                     if "=" in line)
     assert hook_env["RENEWED_DOMAINS"] == "www.example.test example.test"

@@ -16,92 +16,25 @@ Without the packages (or root) every test here skips with the reason; under CI=t
 conftest turns those skips into a failure, which is intended: CI installs the packages.
 """
 
-import os
-import shutil
-import tempfile
-
 import pytest
 
-from conftest import assert_one_error, error_lines
-from daemons_mail import (ETC_PATHS, HOST, NAME, DaemonMissing, Dovecot, Nnrpd, Postfix,
-                          Vsftpd, etc_state)
+from conftest import (assert_one_error, assert_prints_served_chain, daemon_fixture, explain,
+                      failed_fetch_line, grab, served_chain)
+from daemons import HOST, NAME
+from daemons_mail import Dovecot, Nnrpd, Postfix, Vsftpd
 from install_helpers import expected, files_ders, hook_runs, snapshot
-from make_certs import pem_ders, read_ders
+from make_certs import pem_ders
 
 TIMEOUT = 5  # seconds; --timeout of the negative tests, which must fail well within it
-FETCH = 3  # exit code: cannot fetch
 VERIFY = 4  # exit code: verification failed
 
 
-# Daemons: one instance of each per session ------------------------------------------------
+# Daemons: one instance of each per session, with the chain each serves --------------------
 
-@pytest.fixture(scope="session")
-def daemon_root():
-    """A work directory the daemons' unprivileged users can reach (pytest's tmp is 0700);
-    at the end, /etc must be exactly as it was before any daemon started."""
-    before = etc_state(ETC_PATHS)
-    root = tempfile.mkdtemp(prefix="certgrab-daemons-")
-    os.chmod(root, 0o755)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-    after = etc_state(ETC_PATHS)
-    changed = sorted(set(before.items()) ^ set(after.items()))
-    assert not changed, "the daemon tests changed files under /etc: %s" % changed
-
-
-def _start(cls, root, certs, chain):
-    daemon = cls(root, certs / chain)
-    try:
-        daemon.start()
-    except DaemonMissing as e:
-        pytest.skip(str(e))
-    return daemon
-
-
-@pytest.fixture(scope="session")
-def postfix(daemon_root, certs):
-    daemon = _start(Postfix, daemon_root, certs, "rsa2")
-    yield daemon
-    daemon.stop()
-
-
-@pytest.fixture(scope="session")
-def dovecot(daemon_root, certs):
-    daemon = _start(Dovecot, daemon_root, certs, "ec2")
-    yield daemon
-    daemon.stop()
-
-
-@pytest.fixture(scope="session")
-def vsftpd(daemon_root, certs):
-    daemon = _start(Vsftpd, daemon_root, certs, "rsa2")
-    yield daemon
-    daemon.stop()
-
-
-@pytest.fixture(scope="session")
-def nnrpd(daemon_root, certs):
-    daemon = _start(Nnrpd, daemon_root, certs, "ec2")
-    yield daemon
-    daemon.stop()
-
-
-def grab(run, daemon, port, *extra):
-    """certgrab 127.0.0.1:<daemon's port> -n www.example.test --cafile <its root> EXTRA..."""
-    return run("%s:%d" % (HOST, daemon.ports[port]), "-n", NAME,
-               "--cafile", os.path.join(daemon.chain, "root.pem"), *extra)
-
-
-def served(daemon):
-    """The chain the daemon was given, as DER: what certgrab must print."""
-    return read_ders(os.path.join(daemon.chain, "fullchain.pem"))
-
-
-def explain(daemon, result):
-    """certgrab's stderr and the end of the daemon's logs, for assertion messages."""
-    log = daemon.log_text().splitlines()[-40:]
-    return "certgrab rc=%s stderr:\n%s\n%s log:\n%s" % (result.rc, result.err, daemon.name,
-                                                      "\n".join(log))
+postfix = daemon_fixture(Postfix, "rsa2")
+dovecot = daemon_fixture(Dovecot, "ec2")
+vsftpd = daemon_fixture(Vsftpd, "rsa2")
+nnrpd = daemon_fixture(Nnrpd, "ec2")
 
 
 # The chain, through each dialogue and on each implicit-TLS port ----------------------------
@@ -129,19 +62,13 @@ IMPLICIT = [  # (daemon fixture, port name)
                          ids=["%s-%s" % (d, p) for d, p, _ in STARTTLS])
 def test_starttls_prints_exactly_the_served_chain(request, run, daemon, port, protocol):
     daemon = request.getfixturevalue(daemon)
-    result = grab(run, daemon, port, "--starttls", protocol)
-    assert result.rc == 0, explain(daemon, result)
-    assert pem_ders(result.out) == served(daemon)
-    assert error_lines(result.err) == [], result.err
+    assert_prints_served_chain(daemon, grab(run, daemon, port, "--starttls", protocol))
 
 
 @pytest.mark.parametrize("daemon,port", IMPLICIT, ids=["%s-%s" % d for d in IMPLICIT])
 def test_implicit_tls_port_needs_no_flag(request, run, daemon, port):
     daemon = request.getfixturevalue(daemon)
-    result = grab(run, daemon, port)
-    assert result.rc == 0, explain(daemon, result)
-    assert pem_ders(result.out) == served(daemon)
-    assert error_lines(result.err) == [], result.err
+    assert_prints_served_chain(daemon, grab(run, daemon, port))
 
 
 def test_smtp_greeting_held_back_by_postscreen(run, postfix):
@@ -149,7 +76,7 @@ def test_smtp_greeting_held_back_by_postscreen(run, postfix):
     sends "220 ": a client that sends EHLO before the last greeting line is a PREGREET."""
     result = grab(run, postfix, "smtp-slow", "--starttls", "smtp")
     assert result.rc == 0, explain(postfix, result)
-    assert pem_ders(result.out) == served(postfix)
+    assert pem_ders(result.out) == served_chain(postfix)
     log = postfix.log_text()
     assert "PASS NEW [127.0.0.1]" in log, explain(postfix, result)
     assert "PREGREET" not in log, explain(postfix, result)
@@ -158,11 +85,8 @@ def test_smtp_greeting_held_back_by_postscreen(run, postfix):
 
 def test_starttls_port_without_the_flag_fails_cleanly(run, postfix):
     result = grab(run, postfix, "smtp", "--timeout", TIMEOUT)
-    assert result.rc == FETCH, explain(postfix, result)
-    assert_one_error(result)
+    failed_fetch_line(postfix, result, TIMEOUT)
     assert "STARTTLS" in result.err  # the hint names what was missing
-    assert result.out == ""
-    assert result.elapsed < TIMEOUT
 
 
 # TLS off, or the upgrade refused: one line, exit 3, the server's words -----------------------
@@ -185,30 +109,23 @@ def test_tls_off_fails_with_one_line_quoting_the_server(request, run, daemon, po
                                                         reply):
     daemon = request.getfixturevalue(daemon)
     result = grab(run, daemon, port, "--starttls", protocol, "--timeout", TIMEOUT)
-    assert result.rc == FETCH, explain(daemon, result)
-    assert_one_error(result)
-    line = error_lines(result.err)[0]
+    line = failed_fetch_line(daemon, result, TIMEOUT)
     prefix = "certgrab: %s:%d: %s: the server " % (HOST, daemon.ports[port], protocol)
     assert line.startswith(prefix), line
     # capabilities without STARTTLS: "does not offer"; the command answered no: "refused"
     assert line[len(prefix):].startswith(("does not offer STARTTLS (reply: ",
                                           "refused to start TLS (reply: ")), line
     assert reply in line, line
-    assert result.out == ""
-    assert result.elapsed < TIMEOUT
 
 
 def test_refused_ehlo_is_reported_with_the_name_sent(run, postfix):
     """--ehlo NAME is what the server sees: postfix rejects this one name at EHLO time."""
     result = grab(run, postfix, "smtp", "--starttls", "smtp", "--ehlo", "refused.example.test",
                   "--timeout", TIMEOUT)
-    assert result.rc == FETCH, explain(postfix, result)
-    assert_one_error(result)
-    line = error_lines(result.err)[0]
+    line = failed_fetch_line(postfix, result, TIMEOUT)
     assert line.startswith("certgrab: %s:%d: smtp: EHLO refused (reply: 554 5.7.1 "
                            "<refused.example.test>: Helo command rejected"
                            % (HOST, postfix.ports["smtp"])), line
-    assert result.elapsed < TIMEOUT
     accepted = grab(run, postfix, "smtp", "--starttls", "smtp", "--ehlo", "ok.example.test")
     assert accepted.rc == 0, explain(postfix, accepted)
 
