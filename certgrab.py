@@ -14,6 +14,9 @@ Synopsis
 
 Runs on CPython 3.6 to 3.13 with the standard library only, including Debian's
 python3-minimal (no json, shutil, ctypes; no CA store: pass --cafile there).
+Code that a plain fetch never runs (STARTTLS, keys, install, reports, the 3.6/3.7
+reader) sits in raw strings marked "Lazy", compiled on first use: Python compiles
+a script anew on every run, and that is most of what certgrab costs (load_section).
 
 Pipeline
     SOURCE ... --parse--> host, port, name --TCP--> socket --TLS, SNI=name--> handshake
