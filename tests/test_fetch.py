@@ -10,6 +10,8 @@ import stat
 
 import pytest
 
+import make_certs
+import servers
 from conftest import assert_one_error
 from make_certs import PEM_BLOCK, ders_to_pem, pem_ders, read_ders
 from servers import closed_port
@@ -191,6 +193,20 @@ def test_bare_ipv6_source_with_port_option(run, served, certs, ipv6):
     result = run("::1", "-p", server.port, "-n", NAME, "--cafile", certs / "rsa1" / "root.pem")
     assert result.rc == 0, result.err
     assert pem_ders(result.out) == read_ders(certs / "rsa1" / "fullchain.pem")
+
+
+def test_international_servername_is_sent_and_verified_in_its_ascii_form(run, started, certs,
+                                                                       tmp_path):
+    """-n bücher.example.test: the SNI and the name checked are xn--bcher-kva.example.test."""
+    chain = make_certs.make_dated_chain(tmp_path, certs / "root-ec", "idn", 30,
+                                        san="DNS:xn--bcher-kva.example.test")
+    server = started(servers.TLSServer(os.path.join(chain, "fullchain.pem"),
+                                       os.path.join(chain, "key.pem")))
+    result = run(server.address, "-n", "b\u00fccher.example.test", "--cafile",
+                 certs / "root-ec" / "cert.pem")
+    assert result.rc == 0, result.err
+    assert pem_ders(result.out) == read_ders(os.path.join(chain, "fullchain.pem"))
+    assert server.server_names == ["xn--bcher-kva.example.test"]
 
 
 def test_ip_source_without_name_sends_no_sni_and_verifies_ip_san(run, served, certs):
