@@ -26,6 +26,12 @@ CHAINS = ["ec1", "ec2", "rsa1", "rsa2", "ipsan", "expired"]
 pytestmark = pytest.mark.fuzz
 
 
+@pytest.fixture(scope="module", autouse=True)
+def certificate_message_reader(certgrab):
+    """parse_certificate_message sits in the lazy section Pythons before 3.10 load."""
+    certgrab.load_section(certgrab.BEFORE_310_SECTION)
+
+
 @pytest.fixture(scope="module")
 def corpus(certs):
     """Every distinct DER certificate the tests make: leaves, intermediates, roots."""
