@@ -23,7 +23,9 @@ The speed targets of issue 2, each a ratio of two commands timed in the same run
 
       Beside it, for information: how long a fresh interpreter takes to compile certgrab.py
       (reading and compiling it, less reading it). Python compiles a script anew on every
-      run, never caching it, and that compile is nearly all of the difference.
+      run, never caching it, and that compile is nearly all of the difference. Where
+      valgrind is installed, (a) is counted again in instructions (callgrind), which do
+      not vary with the machine's load, for the same split.
 Method: every command is a new process, as a user runs it. Runs are interleaved round-robin
 (the order rotating each round) so that noise from the machine hits all commands alike, and
 medians are compared. Exit status: 0 when every limit holds, 1 when one fails, 2 when the
@@ -36,6 +38,7 @@ import argparse
 import contextlib
 import os
 import queue
+import re
 import resource
 import socket
 import ssl
@@ -291,6 +294,7 @@ def bench_local(python, certs, tmp, port, runs):
     commands = [cg_cafile, bare_cafile, cg_hashed, cg_default, bare_default, start, read,
                 compiled]
     measure(commands, runs)
+    instructions = (cg_cafile, bare_cafile, read, compiled)   # for count_instructions
 
     a = cg_cafile.median / bare_cafile.median
     compile_ms = (compiled.median - read.median) * 1000     # Python redoes it on every run
@@ -314,7 +318,46 @@ def bench_local(python, certs, tmp, port, runs):
         ("    the same in CPU time", "%.2fx" % (cg_default.cpu_median / cg_cafile.cpu_median),
          "", "", "(for information)"),
     ]
-    return commands, rows
+    return commands, rows, instructions
+
+
+def count_instructions(command, tmp):
+    """Instructions the command executes, counted by valgrind's callgrind: unlike time, the
+    same from run to run, whatever else the machine is doing."""
+    out = os.path.join(tmp, "callgrind.out")
+    proc = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=" + out]
+                          + command.argv, env=command.env, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          timeout=COMMAND_TIMEOUT * 10)
+    if os.path.exists(out):
+        os.remove(out)
+    found = re.search(rb"Collected : (\d+)", proc.stderr)
+    if proc.returncode not in command.codes or not found:
+        raise BenchError("%s under valgrind: exit %d\n%s" % (
+            command.label, proc.returncode, proc.stderr.decode(errors="replace")[-2000:]))
+    return int(found.group(1))
+
+
+def instruction_rows(python, quartet, tmp):
+    """(a) again in instructions, with what compiling certgrab.py accounts for."""
+    if not _which("valgrind"):
+        return [("(a) in instructions", "-", "", "", "(valgrind not installed)")]
+    real = subprocess.run([python, "-c", "import sys; print(sys.executable)"],
+                          stdout=subprocess.PIPE, check=True).stdout.decode().strip()
+    counts = []
+    for command in quartet:     # valgrind needs the interpreter itself, not a pyenv shim
+        counts.append(count_instructions(Command(command.label, [real] + command.argv[1:],
+                                                 command.env, command.codes), tmp))
+    certgrab, bare, read, compiled = counts
+    compiling = compiled - read
+    return [
+        ("(a) in instructions (callgrind: %.1fM / %.1fM)" % (certgrab / 1e6, bare / 1e6),
+         "%.2fx" % (certgrab / bare), "", "", "(for information)"),
+        ("    compiling certgrab.py, M of the difference", "%.1f/%.1f" % (
+            compiling / 1e6, (certgrab - bare) / 1e6), "", "", "(for information)"),
+        ("    (a) less that compile, in instructions", "%.2fx" % (
+            (certgrab - compiling) / bare), "", "", "(for information)"),
+    ]
 
 
 def bench_round_trips(python, certs, ports, runs):
@@ -451,7 +494,9 @@ def main(argv=None):
             key = os.path.join(certs, CHAIN, "key.pem")
             with servers.TLSServer(fullchain, key, tls="1.3") as s13, \
                     servers.TLSServer(fullchain, key, tls="1.2") as s12:
-                local, rows = bench_local(args.python, certs, tmp, s13.port, args.runs)
+                local, rows, quartet = bench_local(args.python, certs, tmp, s13.port,
+                                                   args.runs)
+                rows[4:4] = instruction_rows(args.python, quartet, tmp)   # after (a)
                 remote, rtt_rows = bench_round_trips(args.python, certs,
                                                      {"1.3": s13.port, "1.2": s12.port},
                                                      args.rtt_runs)
