@@ -98,3 +98,17 @@ def test_several_sources_load_the_fleet_section(served, certs):
                          certs / "ec1" / "root.pem")
     assert report["rc"] == 0, proc.stderr
     assert report["loaded"] == ["fetch_parallel"]
+
+
+def test_every_lazy_section_is_listed_and_defines_its_sentinel(certgrab):
+    """make lint compiles LAZY_SECTIONS; load_section loads a section once, when its
+    sentinel name is missing. A section left out of the list, or whose sentinel it does not
+    define, would escape lint or be compiled again on every call."""
+    sections = {name: value for name, value in vars(certgrab).items()
+                if name.endswith("_SECTION")}
+    assert sorted(sections.values()) == sorted(certgrab.LAZY_SECTIONS)
+    for name, (line, sentinel, source) in sections.items():
+        defined = {}
+        exec(compile(source, "%s (line %d)" % (name, line), "exec"), dict(vars(certgrab)),
+             defined)
+        assert sentinel in defined, "%s does not define %s" % (name, sentinel)
