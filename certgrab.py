@@ -193,45 +193,36 @@ class HookError(CertgrabError):
 DER_INTEGER, DER_BIT_STRING, DER_OCTET_STRING, DER_OID = 0x02, 0x03, 0x04, 0x06
 DER_SEQUENCE, DER_SET = 0x30, 0x31
 DER_VERSION, DER_EXTENSIONS = 0xA0, 0xA3          # [0] and [3] in TBSCertificate
-SAN_DNS, SAN_IP = 0x82, 0x87                      # GeneralName [2] and [7]
-
-OID_NAMES = {
-    "2.5.4.3": "CN", "2.5.4.6": "C", "2.5.4.7": "L", "2.5.4.8": "ST",
-    "2.5.4.10": "O", "2.5.4.11": "OU", "2.5.4.5": "serialNumber",
-    "1.2.840.113549.1.9.1": "emailAddress", "0.9.2342.19200300.100.1.25": "DC",
-}
-OID_RSA, OID_EC = "1.2.840.113549.1.1.1", "1.2.840.10045.2.1"
-OID_CURVES = {"1.2.840.10045.3.1.7": ("P-256", 256), "1.3.132.0.34": ("P-384", 384),
-              "1.3.132.0.35": ("P-521", 521)}
-OID_EDWARDS = {"1.3.101.112": ("Ed25519", 256), "1.3.101.113": ("Ed448", 456)}
-OID_SIGNATURES = {
-    "1.2.840.113549.1.1.5": "sha1WithRSAEncryption",
-    "1.2.840.113549.1.1.10": "RSASSA-PSS",
-    "1.2.840.113549.1.1.11": "sha256WithRSAEncryption",
-    "1.2.840.113549.1.1.12": "sha384WithRSAEncryption",
-    "1.2.840.113549.1.1.13": "sha512WithRSAEncryption",
-    "1.2.840.10045.4.3.2": "ecdsa-with-SHA256", "1.2.840.10045.4.3.3": "ecdsa-with-SHA384",
-    "1.2.840.10045.4.3.4": "ecdsa-with-SHA512", "1.3.101.112": "Ed25519", "1.3.101.113": "Ed448",
-}
-OID_SAN, OID_BASIC_CONSTRAINTS = "2.5.29.17", "2.5.29.19"
-OID_SKI, OID_AKI = "2.5.29.14", "2.5.29.35"
+OID_SKI_DER, OID_AKI_DER = b"\x06\x03\x55\x1d\x0e", b"\x06\x03\x55\x1d\x23"  # 2.5.29.14, .35
 
 
 class Certificate(object):
-    """The fields of one X.509 certificate that certgrab looks at."""
+    """One X.509 certificate, as parse_certificate found it.
 
-    def __init__(self, der):
-        self.der = der
-        self.subject = self.issuer = ""        # text, e.g. "C=US, O=Example, CN=R1"
-        self.subject_der = self.issuer_der = b""
-        self.serial = 0
-        self.not_before = self.not_after = 0  # seconds since the epoch, UTC
-        self.dns_names, self.ip_addresses = [], []
-        self.key_type, self.key_bits = "unknown", 0
-        self.spki = b""                        # SubjectPublicKeyInfo, DER
-        self.signature_algorithm = ""
-        self.is_ca = False
+    Parsing checks the whole DER structure down to the extensions and reads
+    what the chain order needs: both names as DER and the key identifiers.
+    The other fields are decoded on first use, by the lazy Details section:
+    subject and issuer (text like "C=US, O=Example, CN=R1"), serial,
+    not_before and not_after (epoch seconds, UTC), dns_names, ip_addresses,
+    key_type, key_bits, spki (DER), signature_algorithm and is_ca, and the
+    helpers serial_hex, sans, sha256, spki_sha256, covers() and describe().
+    A plain fetch to stdout never reads them; every other run decodes each
+    certificate whole while fetching (decode_chain), so a malformed field is
+    that source's error.
+    """
+
+    def __init__(self, der, outer, tbs):
+        self.der, self.outer, self.tbs = der, outer, tbs   # DER, and its (tag, ...) items
+        self.issuer_der, self.subject_der = _element(der, tbs[2]), _element(der, tbs[4])
         self.ski = self.aki = None             # key identifiers, bytes or None
+
+    def __getattr__(self, name):
+        """Only for attributes not found: the details, decoded once, here."""
+        if name.startswith("_") or "subject" in self.__dict__:
+            raise AttributeError(name)
+        load_section(DETAILS_SECTION)
+        decode_details(self)
+        return getattr(self, name)
 
     @property
     def self_issued(self):
@@ -242,43 +233,6 @@ class Certificate(object):
         if self.subject_der != other.issuer_der:
             return False
         return self.ski is None or other.aki is None or self.ski == other.aki
-
-    @property
-    def serial_hex(self):
-        text = "%x" % self.serial
-        return "0" * (len(text) % 2) + text
-
-    @property
-    def sans(self):
-        return self.dns_names + self.ip_addresses
-
-    @property
-    def sha256(self):
-        import hashlib
-        return hashlib.sha256(self.der).hexdigest()
-
-    @property
-    def spki_sha256(self):
-        import hashlib
-        return hashlib.sha256(self.spki).hexdigest()
-
-    def covers(self, name):
-        """True if a subjectAltName matches name (a DNS name or an IP address)."""
-        if is_ip(name):
-            return any(same_ip(name, address) for address in self.ip_addresses)
-        name = ascii_host(name).lower()
-        for pattern in (p.lower().rstrip(".") for p in self.dns_names):
-            if pattern == name or pattern.startswith("*.") and "." in name \
-                    and name.split(".", 1)[1] == pattern[2:]:
-                return True
-        return False
-
-    def describe(self):
-        return "serial %s issued %s, expires %s" % (
-            self.serial_hex, format_time(self.not_before), format_time(self.not_after))
-
-    def __repr__(self):
-        return "<Certificate %s>" % self.subject
 
 
 def _tlv(data, pos, end):
@@ -326,6 +280,115 @@ def _wrapped(data, item, tag):
     if inner[2] != item[2]:
         raise ParseError("malformed certificate: trailing bytes in DER")
     return inner
+
+
+def _element(data, item):
+    """The whole encoding of an element, header included."""
+    return data[item[3]:item[2]]
+
+
+def extensions(cert):
+    """(OID as DER, value element) for each extension, in order."""
+    der = cert.der
+    for item in cert.tbs[6:]:
+        if item[0] == DER_EXTENSIONS:
+            for extension in _children(der, _children(der, item, DER_EXTENSIONS, 1)[0],
+                                       DER_SEQUENCE):
+                fields = _children(der, extension, DER_SEQUENCE, 2)
+                if fields[0][0] != DER_OID:
+                    raise ParseError("malformed certificate: bad extension")
+                yield _element(der, fields[0]), fields[-1]
+
+
+def parse_certificate(der):
+    """Check one DER certificate and read its names and key ids (the rest is
+    decoded on first use: see Certificate); raise ParseError if malformed."""
+    der = bytes(der)
+    top = _tlv(der, 0, len(der))
+    if top[2] != len(der):
+        raise ParseError("malformed certificate: trailing bytes after the certificate")
+    outer = _children(der, top, DER_SEQUENCE, 3)
+    tbs = _children(der, outer[0], DER_SEQUENCE, 6)
+    if tbs[0][0] == DER_VERSION:
+        tbs = tbs[1:]
+    if len(tbs) < 6 or tbs[0][0] != DER_INTEGER or any(t[0] != DER_SEQUENCE for t in tbs[1:6]):
+        raise ParseError("malformed certificate: bad TBSCertificate")
+    cert = Certificate(der, outer, tbs)
+    for oid, value in extensions(cert):
+        if oid == OID_SKI_DER:
+            inner = _wrapped(der, value, DER_OCTET_STRING)
+            cert.ski = der[inner[1]:inner[2]]
+        elif oid == OID_AKI_DER:
+            for field in _children(der, _wrapped(der, value, DER_OCTET_STRING), DER_SEQUENCE):
+                if field[0] == 0x80:
+                    cert.aki = der[field[1]:field[2]]
+    return cert
+
+
+def der_to_pem(der):
+    return ssl.DER_cert_to_PEM_cert(der)
+
+
+def format_time(epoch):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def printable(text):
+    """Text from a certificate, safe for a terminal: control characters (and the
+    backslash, so that an escape cannot be faked) written as escapes."""
+    return "".join(c if c.isprintable() and c != "\\" else "\\x%02x" % ord(c) if ord(c) < 256
+                   else "\\u%04x" % ord(c) for c in text)
+
+
+def clean_path(certs):
+    """The issuing path that starts at the leaf: (path, problems).
+
+    The path runs leaf, then each certificate that issued the one before, and
+    stops before a self-issued root (the trust store supplies the root). The
+    problems say how the served list differed from that: order, root, extras.
+    """
+    path, rest, problems = [certs[0]], list(certs[1:]), []
+    while not path[-1].self_issued:
+        issuer = next((c for c in rest if c.issued(path[-1])), None)
+        if issuer is None:
+            break
+        rest.remove(issuer)
+        path.append(issuer)
+    if [c.der for c in path] != [c.der for c in certs[:len(path)]]:
+        problems.append("the chain was served out of order")
+    if len(path) > 1 and path[-1].self_issued:
+        problems.append("the root certificate (%s) was included" % printable(path[-1].subject))
+        path.pop()
+    if rest:
+        problems.append("%d unrelated or duplicate certificate(s) were included: %s" % (
+            len(rest), "; ".join(printable(c.subject) for c in rest)))
+    return path, problems
+
+
+# Lazy (see load_section): the fields of a certificate beyond its names (see
+# Certificate), and PEM in. A plain fetch to stdout never reads them.
+DETAILS_SECTION = sys._getframe().f_lineno, "decode_details", r'''
+SAN_DNS, SAN_IP = 0x82, 0x87                      # GeneralName [2] and [7]
+
+OID_NAMES = {
+    "2.5.4.3": "CN", "2.5.4.6": "C", "2.5.4.7": "L", "2.5.4.8": "ST",
+    "2.5.4.10": "O", "2.5.4.11": "OU", "2.5.4.5": "serialNumber",
+    "1.2.840.113549.1.9.1": "emailAddress", "0.9.2342.19200300.100.1.25": "DC",
+}
+OID_RSA, OID_EC = "1.2.840.113549.1.1.1", "1.2.840.10045.2.1"
+OID_CURVES = {"1.2.840.10045.3.1.7": ("P-256", 256), "1.3.132.0.34": ("P-384", 384),
+              "1.3.132.0.35": ("P-521", 521)}
+OID_EDWARDS = {"1.3.101.112": ("Ed25519", 256), "1.3.101.113": ("Ed448", 456)}
+OID_SIGNATURES = {
+    "1.2.840.113549.1.1.5": "sha1WithRSAEncryption",
+    "1.2.840.113549.1.1.10": "RSASSA-PSS",
+    "1.2.840.113549.1.1.11": "sha256WithRSAEncryption",
+    "1.2.840.113549.1.1.12": "sha384WithRSAEncryption",
+    "1.2.840.113549.1.1.13": "sha512WithRSAEncryption",
+    "1.2.840.10045.4.3.2": "ecdsa-with-SHA256", "1.2.840.10045.4.3.3": "ecdsa-with-SHA384",
+    "1.2.840.10045.4.3.4": "ecdsa-with-SHA512", "1.3.101.112": "Ed25519", "1.3.101.113": "Ed448",
+}
+OID_SAN_DER, OID_BASIC_CONSTRAINTS_DER = b"\x06\x03\x55\x1d\x11", b"\x06\x03\x55\x1d\x13"
 
 
 def _oid(data, item):
@@ -388,11 +451,6 @@ def _time(data, item):
     return (_days_from_civil(year, month, day) * 86400 + hour * 3600 + minute * 60 + second)
 
 
-def _element(data, item):
-    """The whole encoding of an element, header included."""
-    return data[item[3]:item[2]]
-
-
 def _public_key(cert, data, item):
     cert.spki = _element(data, item)
     algorithm, key = _children(data, item, DER_SEQUENCE, 2)[:2]
@@ -413,7 +471,7 @@ def _public_key(cert, data, item):
 
 
 def _extension(cert, data, oid, value):
-    if oid == OID_SAN:
+    if oid == OID_SAN_DER:
         for name in _children(data, _wrapped(data, value, DER_OCTET_STRING), DER_SEQUENCE):
             raw = data[name[1]:name[2]]
             if name[0] == SAN_DNS:
@@ -421,52 +479,9 @@ def _extension(cert, data, oid, value):
             elif name[0] == SAN_IP and len(raw) in (4, 16):
                 family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
                 cert.ip_addresses.append(socket.inet_ntop(family, raw))
-    elif oid == OID_BASIC_CONSTRAINTS:
+    elif oid == OID_BASIC_CONSTRAINTS_DER:
         fields = _children(data, _wrapped(data, value, DER_OCTET_STRING), DER_SEQUENCE)
         cert.is_ca = bool(fields) and fields[0][0] == 0x01 and data[fields[0][1]:fields[0][2]] != b"\0"
-    elif oid == OID_SKI:
-        inner = _wrapped(data, value, DER_OCTET_STRING)
-        cert.ski = data[inner[1]:inner[2]]
-    elif oid == OID_AKI:
-        for field in _children(data, _wrapped(data, value, DER_OCTET_STRING), DER_SEQUENCE):
-            if field[0] == 0x80:
-                cert.aki = data[field[1]:field[2]]
-
-
-def parse_certificate(der):
-    """Parse one DER certificate; raise ParseError on anything malformed."""
-    der = bytes(der)
-    cert = Certificate(der)
-    top = _tlv(der, 0, len(der))
-    if top[2] != len(der):
-        raise ParseError("malformed certificate: trailing bytes after the certificate")
-    outer = _children(der, top, DER_SEQUENCE, 3)
-    tbs = _children(der, outer[0], DER_SEQUENCE, 6)
-    if tbs[0][0] == DER_VERSION:
-        tbs = tbs[1:]
-    if len(tbs) < 6 or tbs[0][0] != DER_INTEGER:
-        raise ParseError("malformed certificate: bad TBSCertificate")
-    serial, issuer, validity, subject, spki = tbs[0], tbs[2], tbs[3], tbs[4], tbs[5]
-    cert.serial = int.from_bytes(der[serial[1]:serial[2]], "big")
-    cert.signature_algorithm = _oid(der, _children(der, outer[1], DER_SEQUENCE, 1)[0])
-    cert.signature_algorithm = OID_SIGNATURES.get(cert.signature_algorithm,
-                                                  cert.signature_algorithm)
-    cert.issuer, cert.subject = _name(der, issuer), _name(der, subject)
-    cert.issuer_der, cert.subject_der = _element(der, issuer), _element(der, subject)
-    times = _children(der, validity, DER_SEQUENCE, 2)
-    cert.not_before, cert.not_after = _time(der, times[0]), _time(der, times[1])
-    _public_key(cert, der, spki)
-    for item in tbs[6:]:
-        if item[0] != DER_EXTENSIONS:
-            continue
-        for extension in _children(der, _children(der, item, DER_EXTENSIONS, 1)[0], DER_SEQUENCE):
-            fields = _children(der, extension, DER_SEQUENCE, 2)
-            _extension(cert, der, _oid(der, fields[0]), fields[-1])
-    return cert
-
-
-def der_to_pem(der):
-    return ssl.DER_cert_to_PEM_cert(der)
 
 
 def pem_to_ders(text):
@@ -487,40 +502,79 @@ def pem_to_ders(text):
         pos = stop + len(end)
 
 
-def format_time(epoch):
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+class DecodedFields(object):
+    """The fields of one certificate while they are decoded: all or none are kept."""
 
 
-def printable(text):
-    """Text from a certificate, safe for a terminal: control characters (and the
-    backslash, so that an escape cannot be faked) written as escapes."""
-    return "".join(c if c.isprintable() and c != "\\" else "\\x%02x" % ord(c) if ord(c) < 256
-                   else "\\u%04x" % ord(c) for c in text)
+def decode_details(cert):
+    """Decode the fields parse_certificate left for later (see Certificate);
+    ParseError if one is malformed, and then the certificate keeps none."""
+    if "subject" in vars(cert):
+        return cert
+    der, tbs, fields = cert.der, cert.tbs, DecodedFields()
+    fields.dns_names, fields.ip_addresses = [], []
+    fields.key_type, fields.key_bits, fields.is_ca = "unknown", 0, False
+    fields.serial = int.from_bytes(der[tbs[0][1]:tbs[0][2]], "big")
+    algorithm = _oid(der, _children(der, cert.outer[1], DER_SEQUENCE, 1)[0])
+    fields.signature_algorithm = OID_SIGNATURES.get(algorithm, algorithm)
+    fields.issuer, fields.subject = _name(der, tbs[2]), _name(der, tbs[4])
+    times = _children(der, tbs[3], DER_SEQUENCE, 2)
+    fields.not_before, fields.not_after = _time(der, times[0]), _time(der, times[1])
+    _public_key(fields, der, tbs[5])
+    for oid, value in extensions(cert):
+        _extension(fields, der, oid, value)
+    cert.__dict__.update(vars(fields))
+    return cert
 
 
-def clean_path(certs):
-    """The issuing path that starts at the leaf: (path, problems).
+def decode_chain(result):
+    """Runs other than a plain fetch read the fields: decode every certificate now,
+    so that a malformed one is this source's error."""
+    for cert in result.served + result.verified:
+        decode_details(cert)
 
-    The path runs leaf, then each certificate that issued the one before, and
-    stops before a self-issued root (the trust store supplies the root). The
-    problems say how the served list differed from that: order, root, extras.
-    """
-    path, rest, problems = [certs[0]], list(certs[1:]), []
-    while not path[-1].self_issued:
-        issuer = next((c for c in rest if c.issued(path[-1])), None)
-        if issuer is None:
-            break
-        rest.remove(issuer)
-        path.append(issuer)
-    if [c.der for c in path] != [c.der for c in certs[:len(path)]]:
-        problems.append("the chain was served out of order")
-    if len(path) > 1 and path[-1].self_issued:
-        problems.append("the root certificate (%s) was included" % printable(path[-1].subject))
-        path.pop()
-    if rest:
-        problems.append("%d unrelated or duplicate certificate(s) were included: %s" % (
-            len(rest), "; ".join(printable(c.subject) for c in rest)))
-    return path, problems
+
+class CertificateHelpers(object):
+    """Added to Certificate when this section loads."""
+
+    @property
+    def serial_hex(self):
+        text = "%x" % self.serial
+        return "0" * (len(text) % 2) + text
+
+    @property
+    def sans(self):
+        return self.dns_names + self.ip_addresses
+
+    @property
+    def sha256(self):
+        import hashlib
+        return hashlib.sha256(self.der).hexdigest()
+
+    @property
+    def spki_sha256(self):
+        import hashlib
+        return hashlib.sha256(self.spki).hexdigest()
+
+    def covers(self, name):
+        """True if a subjectAltName matches name (a DNS name or an IP address)."""
+        if is_ip(name):
+            return any(same_ip(name, address) for address in self.ip_addresses)
+        name = ascii_host(name).lower()
+        for pattern in (p.lower().rstrip(".") for p in self.dns_names):
+            if pattern == name or pattern.startswith("*.") and "." in name \
+                    and name.split(".", 1)[1] == pattern[2:]:
+                return True
+        return False
+
+    def describe(self):
+        return "serial %s issued %s, expires %s" % (
+            self.serial_hex, format_time(self.not_before), format_time(self.not_after))
+
+
+for helper in ("serial_hex", "sans", "sha256", "spki_sha256", "covers", "describe"):
+    setattr(Certificate, helper, vars(CertificateHelpers)[helper])
+'''
 
 
 # Lazy (see load_section): only runs with --key-path need this.
@@ -1482,6 +1536,8 @@ def _fetch_once(target, reader, opts):
             read_local_chain(result)
         else:
             _fetch_into(result, reader, opts, started + opts.timeout)
+        if opts.details:
+            decode_chain(result)
     except CertgrabError as exc:
         result.error = exc
     result.elapsed = time.monotonic() - started
@@ -1626,7 +1682,7 @@ def choose_result(results, opts):
     for result in results:
         if result.error is not None:
             warn(opts, "%s (skipped)" % result.error)
-    return max(good, key=lambda r: r.leaf.not_before)
+    return good[0] if len(good) == 1 else max(good, key=lambda r: r.leaf.not_before)
 
 
 # ---------------------------------------------------------------------------
@@ -2037,7 +2093,7 @@ def report_fetch(results, best, reader, opts, plan):
     for problem in best.problems:
         warn(opts, "%s: %s%s" % (best.target, problem, " (files get the issuing path: leaf, "
                                  "intermediates, no root)" if plan else ""))
-    for result in results:
+    for result in results if opts.verbose else ():
         if result.error is None:
             info(opts, "%s (%s): %s %s, %d certificate(s) read with %s, %s, %.0f ms" % (
                 result.target, result.address, result.tls_version, result.cipher,
@@ -2482,6 +2538,11 @@ def check_options(opts):
     opts.family = socket.AF_INET if opts.ipv4 else socket.AF_INET6 if opts.ipv6 else \
         socket.AF_UNSPEC
     opts.key = None
+    # Every run but a plain fetch reads certificate fields: decoded while fetching.
+    opts.details = bool(opts.report or opts.writes or opts.key_path or opts.verbose
+                        or len(opts.sources) > 1)
+    if opts.details:
+        load_section(DETAILS_SECTION)
     if any(getattr(opts, attribute) for attribute in INSTALL_OPTIONS):
         load_section(INSTALL_SECTION)
         check_install_options(opts)
@@ -2567,7 +2628,7 @@ def main(argv=None):
         return exc.exit_code
 
 
-LAZY_SECTIONS = (KEYS_SECTION, STARTTLS_SECTION, BEFORE_310_SECTION, FLEET_SECTION,
+LAZY_SECTIONS = (DETAILS_SECTION, KEYS_SECTION, STARTTLS_SECTION, BEFORE_310_SECTION, FLEET_SECTION,
                  INSTALL_SECTION, REPORT_SECTION, HELP_SECTION)   # make lint compiles each one
 
 

@@ -27,9 +27,19 @@ pytestmark = pytest.mark.fuzz
 
 
 @pytest.fixture(scope="module", autouse=True)
-def certificate_message_reader(certgrab):
-    """parse_certificate_message sits in the lazy section Pythons before 3.10 load."""
+def lazy_readers(certgrab):
+    """parse_certificate_message sits in the lazy section Pythons before 3.10 load;
+    decode_details and pem_to_ders in the one every run but a plain fetch loads."""
     certgrab.load_section(certgrab.BEFORE_310_SECTION)
+    certgrab.load_section(certgrab.DETAILS_SECTION)
+
+
+@pytest.fixture
+def parse_whole(certgrab):
+    """Parse a certificate and decode every field, as runs other than a plain fetch do."""
+    def parse_whole(data):
+        return certgrab.decode_details(certgrab.parse_certificate(data))
+    return parse_whole
 
 
 @pytest.fixture(scope="module")
@@ -331,18 +341,18 @@ def test_pem_to_ders_round_trip(certgrab, certs):
 
 # The fuzzing ----------------------------------------------------------------------------
 
-def test_fuzz_parse_certificate(certgrab, corpus, fuzz_cases):
+def test_fuzz_parse_certificate(certgrab, parse_whole, corpus, fuzz_cases):
     """Byte-level damage: bit flips, cuts, insertions, length bytes."""
     rng = random.Random(SEED)
     offsets = [length_offsets(der) for der in corpus]
     for case in range(fuzz_cases):
         index = rng.randrange(len(corpus))
         data = mutate(rng, corpus[index], offsets[index])
-        only_certgrab_errors(certgrab, certgrab.parse_certificate, data,
+        only_certgrab_errors(certgrab, parse_whole, data,
                              replay_note(SEED, case, data))
 
 
-def test_fuzz_parse_certificate_structure(certgrab, corpus, fuzz_cases):
+def test_fuzz_parse_certificate_structure(certgrab, parse_whole, corpus, fuzz_cases):
     """Element-level damage with consistent lengths, so the field readers see it."""
     rng = random.Random(SEED + 2)
     donors = [der_tree(der) for der in corpus]
@@ -352,18 +362,18 @@ def test_fuzz_parse_certificate_structure(certgrab, corpus, fuzz_cases):
         data = structural(rng, rng.choice(donors), donors, rng.choice([1, 1, 2, 3]))
         if rng.random() < 0.1:
             data = flip_bits(rng, data, [])
-        if only_certgrab_errors(certgrab, certgrab.parse_certificate, data,
+        if only_certgrab_errors(certgrab, parse_whole, data,
                                 replay_note(SEED + 2, case, data)) is not None:
             parsed += 1
     # Many mutations leave a certificate readable: the cases reach past the first check.
     assert parsed > fuzz_cases // 20, parsed
 
 
-def test_fuzz_parse_certificate_edge_inputs(certgrab):
+def test_fuzz_parse_certificate_edge_inputs(certgrab, parse_whole):
     for data in [b"", b"\x30", b"\x30\x00", b"\x30\x80", b"\x30\x84\xff\xff\xff\xff",
                  b"\x30\x03\x30\x01\x30", b"\x30" * 2000, b"\x30\x81" * 1000,
                  b"\x02\x01\x00", b"\xff" * 64, b"\x30\x02\x30\x00"]:
-        only_certgrab_errors(certgrab, certgrab.parse_certificate, data,
+        only_certgrab_errors(certgrab, parse_whole, data,
                              replay_note(SEED, -1, data))
 
 

@@ -80,7 +80,10 @@ def test_a_name_source_resolves_without_the_idna_codec(served, certs):
 
 @pytest.mark.parametrize("extra, section", [
     (("--out-dir", "{tmp}/out"), "install_chain"),
+    (("--out-dir", "{tmp}/out"), "decode_details"),
     (("--text",), "report"),
+    (("--text",), "decode_details"),
+    (("-v",), "decode_details"),
     (("--help",), "help_text"),
 ])
 def test_other_runs_load_their_own_section(served, certs, tmp_path, extra, section):
@@ -97,7 +100,7 @@ def test_several_sources_load_the_fleet_section(served, certs):
     report, proc = probe(server.address, server.address, "-n", NAME, "--cafile",
                          certs / "ec1" / "root.pem")
     assert report["rc"] == 0, proc.stderr
-    assert report["loaded"] == ["fetch_parallel"]
+    assert report["loaded"] == ["decode_details", "fetch_parallel"]
 
 
 def test_every_lazy_section_is_listed_and_defines_its_sentinel(certgrab):
