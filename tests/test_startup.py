@@ -95,6 +95,15 @@ def test_other_runs_load_their_own_section(served, certs, tmp_path, extra, secti
     assert "starttls_dialogue" not in report["loaded"]
 
 
+def test_a_failed_verification_loads_only_the_failure_section(served, certs):
+    """Failure hints are compiled only when a handshake fails, and still given."""
+    report, proc = probe(served("ec1").address, "-n", "wrong.example.test", "--cafile",
+                         certs / "ec1" / "root.pem")
+    assert report["rc"] == 4, proc.stderr
+    assert report["loaded"] == ["handshake_failure"]
+    assert "certgrab: hint: " in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_several_sources_load_the_fleet_section(served, certs):
     server = served("ec1")
     report, proc = probe(server.address, server.address, "-n", NAME, "--cafile",
