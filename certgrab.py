@@ -137,10 +137,6 @@ LOCK_POLL = 0.05        # seconds between tries for a directory lock another run
 LOCK_SLACK = 30.0       # seconds, beyond that run's own timeouts, before giving up on it
 HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._*")
 
-TLS_HANDSHAKE = 22      # TLS content type of handshake records
-TLS_CERTIFICATE = 11    # handshake message type of Certificate
-TLS13_VERSION = 0x0304
-
 OUT_DIR_FILES = ("cert.pem", "chain.pem", "fullchain.pem")  # certbot's names
 
 
@@ -919,6 +915,10 @@ STARTTLS_PORTS = {
     "xmpp-server": 5269, "irc": 6667, "postgres": 5432, "postgres-direct": 5432,
     "mysql": 3306, "nntp": 119, "sieve": 4190, "ldap": 389,
 }
+
+
+# Lazy (see load_section): only runs with --starttls need this.
+STARTTLS_SECTION = sys._getframe().f_lineno, "starttls_dialogue", r'''
 MAX_LINE = 8192          # bytes; a reply line longer than this is hostile
 MAX_PLAINTEXT = 65536    # bytes a server may send before TLS starts
 MAX_REPLY_LINES = 200    # lines in one reply (capability lists are a few dozen)
@@ -930,8 +930,6 @@ XMPP_STREAM = ("<?xml version='1.0'?><stream:stream xmlns='jabber:%s' "
                "xmlns:stream='http://etherx.jabber.org/streams' to='%s' version='1.0'>")
 
 
-# Lazy (see load_section): only runs with --starttls need this.
-STARTTLS_SECTION = sys._getframe().f_lineno, "starttls_dialogue", r'''
 def check_starttls_options(opts):
     """--starttls and --ehlo."""
     if opts.starttls is not None and opts.starttls not in STARTTLS_PORTS:
@@ -1362,6 +1360,11 @@ class ChainReader(object):
 # get_verified_chain; 3.8 and 3.9 read the chain from the Certificate message
 # (msg_callback), 3.6 and 3.7 from OpenSSL's own structures (ctypes).
 BEFORE_310_SECTION = sys._getframe().f_lineno, "rebuild_verified", r'''
+TLS_HANDSHAKE = 22      # TLS content type of handshake records
+TLS_CERTIFICATE = 11    # handshake message type of Certificate
+TLS13_VERSION = 0x0304
+
+
 class ChainReaderBefore310(ChainReader):
     """No get_verified_chain: the served chain from the Certificate message
     (3.8, 3.9) or from OpenSSL's own structures (3.6, 3.7)."""
@@ -1667,6 +1670,21 @@ def fetch_all(targets, reader, opts):
 
 # Lazy (see load_section): only runs with several sources need this.
 FLEET_SECTION = sys._getframe().f_lineno, "fetch_parallel", r'''
+def choose_newest(results, opts):
+    """Several sources: the newest good chain; the other failures warned about."""
+    good = [r for r in results if r.error is None]
+    if not good:
+        worst = max((r.error for r in results), key=lambda error: error.exit_code)
+        for result in results:
+            if result.error is not worst:
+                report_error(result.error)
+        raise worst
+    for result in results:
+        if result.error is not None:
+            warn(opts, "%s (skipped)" % result.error)
+    return max(good, key=lambda r: r.leaf.not_before)
+
+
 def check_fleet_options(opts):
     """--parallel, for runs with several sources."""
     try:
@@ -1714,17 +1732,11 @@ def fetch_parallel(targets, reader, opts):
 
 def choose_result(results, opts):
     """The newest good chain (latest leaf notBefore); the other failures warned about."""
-    good = [r for r in results if r.error is None]
-    if not good:
-        worst = max((r.error for r in results), key=lambda error: error.exit_code)
-        for result in results:
-            if result.error is not worst:
-                report_error(result.error)
-        raise worst
-    for result in results:
-        if result.error is not None:
-            warn(opts, "%s (skipped)" % result.error)
-    return good[0] if len(good) == 1 else max(good, key=lambda r: r.leaf.not_before)
+    if len(results) == 1:
+        if results[0].error is not None:
+            raise results[0].error
+        return results[0]
+    return choose_newest(results, opts)
 
 
 # ---------------------------------------------------------------------------
