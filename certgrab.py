@@ -2429,53 +2429,67 @@ def same_leaf_status(results, index):
 # Command line
 # ---------------------------------------------------------------------------
 
-# One row per option: flags, attribute, metavar (None for a switch), help.
+# The options, one per line: flags, the value's name ("-" for a switch), help.
+# Each sets the attribute its last flag names (--out-dir sets opts.out_dir).
 # A table instead of argparse: argparse and the locale module it pulls in cost
-# more than the whole rest of a fetch's own work (see `make bench`).
-OPTIONS = (
-    ("-n --servername", "servername", "NAME",
-     "SNI and the name verified (default: SOURCE's host)"),
-    ("-p --port", "port", "PORT", "port for a SOURCE without one (default %d)" % DEFAULT_PORT),
-    ("--timeout", "timeout", "SECONDS",
-     "deadline per source: DNS, connect, handshake (%g)" % DEFAULT_TIMEOUT),
-    ("--starttls", "starttls", "PROTOCOL", "talk PROTOCOL before TLS (list below)"),
-    ("--ehlo", "ehlo", "NAME", "EHLO/LHLO name for smtp, lmtp (default: this host)"),
-    ("--alpn", "alpn", "LIST", "ALPN protocols to offer, comma-separated"),
-    ("-4", "ipv4", None, "IPv4 only"),
-    ("-6", "ipv6", None, "IPv6 only"),
-    ("--cafile", "cafile", "FILE", "trust only the CA certificates in FILE"),
-    ("--capath", "capath", "DIR", "trust only the hashed CA directory DIR"),
-    ("--insecure", "insecure", None, "do not verify chain or name (says so on stderr)"),
-    ("--out-dir", "out_dir", "DIR", "write cert.pem, chain.pem, fullchain.pem in DIR"),
-    ("--cert-path", "cert_path", "FILE", "write the leaf to FILE"),
-    ("--chain-path", "chain_path", "FILE", "write the intermediates to FILE"),
-    ("--fullchain-path", "fullchain_path", "FILE", "write the leaf and intermediates to FILE"),
-    ("--verified-chain", "verified_chain", None,
-     "output the path verification built, with its root"),
-    ("--combined-path", "combined_path", "FILE", "write chain and private key to FILE (0600)"),
-    ("--key-path", "key_path", "FILE", "the private key the leaf must match"),
-    ("--key-password-file", "key_password_file", "FILE", "password of an encrypted key"),
-    ("--owner", "owner", "USER", "owner of new files (existing ones keep theirs)"),
-    ("--group", "group", "GROUP", "group of new files"),
-    ("--mode", "mode", "MODE", "octal mode of new certificate files (default 0644)"),
-    ("--force", "force", None, "install even a leaf not newer than the installed one"),
-    ("--dry-run", "dry_run", None, "check and say what would change; write nothing"),
-    ("--deploy-hook", "deploy_hook", "CMD", "run CMD with /bin/sh after files changed"),
-    ("--hook-timeout", "hook_timeout", "SECONDS",
-     "kill the hook after SECONDS (default %g)" % HOOK_TIMEOUT),
-    ("--text", "text", None, "describe each chain for people instead of PEM"),
-    ("--json", "json", None, "describe each source as JSON"),
-    ("--check", "check", None, "monitoring plugin: Nagios status lines and exit codes"),
-    ("--warn-days", "warn_days", "N", "--check: WARNING under N days left (%d)" % WARN_DAYS),
-    ("--crit-days", "crit_days", "N", "--check: CRITICAL under N days left (%d)" % CRIT_DAYS),
-    ("--same", "same", None, "--check: CRITICAL unless all sources serve one leaf"),
-    ("--expect-file", "expect_file", "FILE", "--check: CRITICAL unless the leaf is FILE's"),
-    ("--parallel", "parallel", "N", "fetch N sources at a time (default %d)" % MAX_PARALLEL),
-    ("-q --quiet", "quiet", None, "print errors only"),
-    ("-v --verbose", "verbose", None, "how each source went: TLS version, method, time"),
-    ("-h --help", "help", None, "show this help and exit"),
-    ("--version", "version", None, "show the version and exit"),
-)
+# more than the whole rest of a fetch's own work (see `make bench`); and text,
+# unlike a tuple of tuples, costs next to nothing to compile (see load_section).
+# --help fills in %(CONSTANT)s from this module.
+OPTIONS = """
+-n --servername        NAME      SNI and the name verified (default: SOURCE's host)
+-p --port              PORT      port for a SOURCE without one (default %(DEFAULT_PORT)d)
+--timeout              SECONDS   deadline per source: DNS, connect, handshake (%(DEFAULT_TIMEOUT)g)
+--starttls             PROTOCOL  talk PROTOCOL before TLS (list below)
+--ehlo                 NAME      EHLO/LHLO name for smtp, lmtp (default: this host)
+--alpn                 LIST      ALPN protocols to offer, comma-separated
+-4 --ipv4              -         IPv4 only
+-6 --ipv6              -         IPv6 only
+--cafile               FILE      trust only the CA certificates in FILE
+--capath               DIR       trust only the hashed CA directory DIR
+--insecure             -         do not verify chain or name (says so on stderr)
+--out-dir              DIR       write cert.pem, chain.pem, fullchain.pem in DIR
+--cert-path            FILE      write the leaf to FILE
+--chain-path           FILE      write the intermediates to FILE
+--fullchain-path       FILE      write the leaf and intermediates to FILE
+--verified-chain       -         output the path verification built, with its root
+--combined-path        FILE      write chain and private key to FILE (0600)
+--key-path             FILE      the private key the leaf must match
+--key-password-file    FILE      password of an encrypted key
+--owner                USER      owner of new files (existing ones keep theirs)
+--group                GROUP     group of new files
+--mode                 MODE      octal mode of new certificate files (default 0644)
+--force                -         install even a leaf not newer than the installed one
+--dry-run              -         check and say what would change; write nothing
+--deploy-hook          CMD       run CMD with /bin/sh after files changed
+--hook-timeout         SECONDS   kill the hook after SECONDS (default %(HOOK_TIMEOUT)g)
+--text                 -         describe each chain for people instead of PEM
+--json                 -         describe each source as JSON
+--check                -         monitoring plugin: Nagios status lines and exit codes
+--warn-days            N         --check: WARNING under N days left (%(WARN_DAYS)d)
+--crit-days            N         --check: CRITICAL under N days left (%(CRIT_DAYS)d)
+--same                 -         --check: CRITICAL unless all sources serve one leaf
+--expect-file          FILE      --check: CRITICAL unless the leaf is FILE's
+--parallel             N         fetch N sources at a time (default %(MAX_PARALLEL)d)
+-q --quiet             -         print errors only
+-v --verbose           -         how each source went: TLS version, method, time
+-h --help              -         show this help and exit
+--version              -         show the version and exit
+"""
+
+
+def option_rows():
+    """OPTIONS as rows: (flags, attribute, metavar or None for a switch, help)."""
+    rows = []
+    for line in OPTIONS.strip().split("\n"):
+        words = line.split()
+        count = next(i for i, word in enumerate(words) if word == "-" or word[0] != "-")
+        flags, metavar = words[:count], words[count]
+        rows.append((flags, flags[-1].lstrip("-").replace("-", "_"),
+                     None if metavar == "-" else metavar, " ".join(words[count + 1:])))
+    return rows
+
+
+OPTION_ROWS = option_rows()
 
 OUTPUT_OPTIONS = ("out_dir", "cert_path", "chain_path", "fullchain_path", "combined_path")
 # Options only runs that write files or check a key use: their rules are in the
@@ -2488,10 +2502,10 @@ CHECK_FLAGS = ("--check", "--same", "--expect-file")
 NAGIOS_UNKNOWN = 3      # a monitoring plugin's exit code for "could not even check"
 
 class Options(object):
-    """The parsed command line: one attribute per OPTIONS row, and sources."""
+    """The parsed command line: one attribute per option, and sources."""
 
     def __init__(self):
-        for _, attribute, metavar, _ in OPTIONS:
+        for _, attribute, metavar, _ in OPTION_ROWS:
             setattr(self, attribute, None if metavar else False)
         self.sources = []
 
@@ -2525,8 +2539,9 @@ exit codes:
 
 def help_text():
     rows = []
-    for flags, _, metavar, text in OPTIONS:
-        left = ", ".join(flags.split()) + (" " + metavar if metavar else "")
+    for flags, _, metavar, text in OPTION_ROWS:
+        left = ", ".join(flags) + (" " + metavar if metavar else "")
+        text %= globals()
         rows.append("  %-24s %s" % (left, text) if len(left) < 24 else
                     "  %s\n  %-24s %s" % (left, "", text))
     lines = wrap_items(["%s %d" % (name, STARTTLS_PORTS[name])
@@ -2539,13 +2554,13 @@ def help_text():
 
 
 def option_flag(attribute):
-    return next(flags.split()[-1] for flags, name, _, _ in OPTIONS if name == attribute)
+    return next(flags[-1] for flags, name, _, _ in OPTION_ROWS if name == attribute)
 
 
 def parse_args(argv):
     """Options from the command line: GNU style, long options spelt in full."""
     table = dict((flag, (attribute, metavar))
-                 for flags, attribute, metavar, _ in OPTIONS for flag in flags.split())
+                 for flags, attribute, metavar, _ in OPTION_ROWS for flag in flags)
     opts, args = Options(), list(argv)
     while args:
         arg = args.pop(0)

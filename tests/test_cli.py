@@ -8,7 +8,8 @@ import pytest
 
 from conftest import CERTGRAB, assert_one_error
 
-OPTIONS = ["--servername", "-n", "--port", "-p", "--timeout", "-4", "-6", "--cafile",
+OPTIONS = ["--servername", "-n", "--port", "-p", "--timeout", "-4", "-6", "--ipv4", "--ipv6",
+           "--cafile",
            "--capath", "--insecure", "--out-dir", "--cert-path", "--chain-path",
            "--fullchain-path", "--verified-chain", "--quiet", "-q", "--verbose", "-v",
            "--version"]
@@ -62,6 +63,7 @@ def test_help_has_examples(run):
     ["127.0.0.1", "--timeout", "0"],
     ["127.0.0.1", "--timeout", "-5"],
     ["127.0.0.1", "-4", "-6"],
+    ["127.0.0.1", "--ipv4", "--ipv6"],
     ["127.0.0.1", "-q", "-v"],
     ["127.0.0.1", "-p", "https"],
     ["127.0.0.1", "-n", "bad name with spaces"],
@@ -130,3 +132,12 @@ def test_script_is_quiet_about_broken_pipe(certs, served):
     proc.stderr.close()
     assert b"Traceback" not in err, err.decode()
     assert proc.returncode != 0
+
+
+def test_help_fills_in_the_defaults(run, certgrab):
+    """The option table's help texts name constants; --help shows their values."""
+    text = help_text(run)
+    assert "%(" not in text
+    for default in ("(default %d)" % certgrab.DEFAULT_PORT, "(%g)" % certgrab.DEFAULT_TIMEOUT,
+                    "(default %d)" % certgrab.MAX_PARALLEL, "(%d)" % certgrab.WARN_DAYS):
+        assert default in text, default

@@ -78,6 +78,18 @@ def test_host_name_source_with_servername(run, served, certs):
     assert server.server_names == [NAME]
 
 
+@pytest.mark.parametrize("family, rc", [("--ipv4", 0), ("-4", 0), ("--ipv6", 3), ("-6", 3)])
+def test_long_family_options_are_the_short_ones(run, served, certs, family, rc):
+    """--ipv4 and --ipv6 (as in curl) are -4 and -6: an IPv4 SOURCE only works with IPv4."""
+    server = served("ec1")
+    result = run("127.0.0.1:%d" % server.port, family, "-n", NAME, "--cafile",
+                 certs / "ec1" / "root.pem")
+    assert result.rc == rc, result.err
+    if rc:
+        assert_one_error(result)
+        assert "cannot use address 127.0.0.1" in result.err
+
+
 def test_host_name_source_is_the_default_servername(run, served, certs):
     """No -n: the name verified is the SOURCE host; `localhost` is not in the certificate."""
     server = served("ec1")
