@@ -14,10 +14,11 @@ Synopsis
 
 Runs on CPython 3.6 to 3.13 with the standard library only, including Debian's
 python3-minimal (no json, shutil, ctypes; no CA store: pass --cafile there).
-Code that a plain fetch never runs (STARTTLS, keys, files, reports, several
-sources, --help, the readers of Python 3.6-3.9) sits in raw strings marked
-"Lazy", compiled on first use: Python compiles a script anew on every run, and
-that is most of what certgrab costs (load_section).
+Code that a plain fetch never runs (certificate fields beyond the names,
+STARTTLS, keys, files, reports, several sources, failure hints, --help, the
+readers of Python 3.6-3.9) sits in raw strings marked "Lazy", compiled on
+first use: Python compiles a script anew on every run, and that is most of
+what certgrab costs (load_section).
 
 Pipeline
     SOURCE ... --parse--> host, port, name --TCP--> socket --TLS, SNI=name--> handshake
@@ -47,7 +48,9 @@ Security model
     - The deploy hook gets its context in environment variables, never by
       formatting certificate text into a command line.
     - Everything read from the network is bounded in size and time, and parsed by
-      the small DER reader below before it is trusted with anything.
+      the small DER reader below before it is trusted with anything: a plain
+      fetch checks each certificate's structure and its names; every other run
+      decodes every field of every certificate while fetching.
 
 Exit codes
     0  success: chain verified and written, or files already up to date
