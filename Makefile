@@ -26,11 +26,15 @@ help:
 test: venv
 	CERTGRAB_ROOTS=$(CERTGRAB_ROOTS) $(VENV)/bin/python -m pytest tests $(PYTEST_ARGS)
 
-# Create the venv with the default python3 and install pytest, unless already there.
-venv:
+# Create the venv with the default python3 and install tests/requirements.txt into it,
+# again whenever that file changes (the stamp is the venv's copy of it).
+venv: $(VENV)/requirements.txt
+
+$(VENV)/requirements.txt: tests/requirements.txt
 	@[ -x $(VENV)/bin/python ] || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
-	@$(VENV)/bin/python -c 'import pytest' 2>/dev/null || \
-	    { echo "installing pytest into $(VENV)"; $(VENV)/bin/python -m pip install --quiet --disable-pip-version-check 'pytest>=7'; }
+	@echo "installing tests/requirements.txt into $(VENV)"
+	@$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+	@cp tests/requirements.txt $@
 
 demo:
 	sh tests/demo.sh $(BUILD)/demo $(PYTHON)
