@@ -14,18 +14,17 @@ Synopsis
 
 Runs on CPython 3.6 to 3.13 with the standard library only, including Debian's
 python3-minimal (no json, shutil, ctypes; no CA store: pass --cafile there).
-Code that a plain fetch never runs (certificate fields beyond the names,
-STARTTLS, keys, files, reports, several sources, failure hints, --help, the
-readers of Python 3.6-3.9) sits in raw strings marked "Lazy", compiled on
-first use: Python compiles a script anew on every run, and that is most of
-what certgrab costs (load_section).
+The file reads in the order a run flows: Compatibility, Constants, Errors and
+messages, Certificates, Keys, Sources and connecting, STARTTLS, TLS, Several
+sources, Install, Reports, Command line, and main() last.
 
 Pipeline
-    SOURCE ... --parse--> host, port, name --TCP--> socket --TLS, SNI=name--> handshake
-                                                                                 |
-        one thread per source, one deadline (--timeout) per source               v
-    served chain (DER, as sent) <------ read per Python version (chain_method) --+
-        |
+    SOURCE ... --parse--> host, port, name --TCP--> socket --STARTTLS?--> dialogue
+                                                                             |
+        one thread per source, one deadline (--timeout) per source           v
+    served chain (DER, as sent) <-- read per Python version <-- TLS handshake, SNI=name
+        |                            (new_chain_reader)
+        +--> every certificate parsed whole: structure, names, dates, keys, SANs
         +--> gate: verified, key matches --key-path, leaf covers the name, in date
         +--> newest passing leaf (notBefore) of all sources
         +--> stdout: the chain exactly as served (PEM, leaf first), or
@@ -47,10 +46,9 @@ Security model
       into --combined-path. It is never printed.
     - The deploy hook gets its context in environment variables, never by
       formatting certificate text into a command line.
-    - Everything read from the network is bounded in size and time, and parsed by
-      the small DER reader below before it is trusted with anything: a plain
-      fetch checks each certificate's structure and its names; every other run
-      decodes every field of every certificate while fetching.
+    - Everything read from the network is bounded in size and time, and every
+      certificate is parsed whole by the small DER reader below before it is
+      trusted with anything: a malformed one is that source's error.
 
 Exit codes
     0  success: chain verified and written, or files already up to date
@@ -64,13 +62,16 @@ Exit codes
     0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (e.g. a usage error).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
+import argparse
 import binascii
+import hashlib
 import os
 import socket
 import ssl
 import sys
+import threading
 import time
 
 
@@ -95,6 +96,19 @@ def chain_method():
     return "ctypes"
 
 
+# 3.10+ can also give the path OpenSSL verified; older Pythons rebuild it.
+HAS_VERIFIED_CHAIN = hasattr(ssl._ssl._SSLSocket, "get_verified_chain")
+
+
+def new_chain_reader(ctx, trust, by_key_kind=None):
+    """The chain reader for this Python: ChainReader on 3.10+, where the ssl
+    module gives both chains; ChainReaderBefore310 (msg_callback or ctypes,
+    see chain_method) on 3.6 to 3.9. Both are in the TLS section."""
+    if HAS_VERIFIED_CHAIN:
+        return ChainReader(ctx, trust, by_key_kind)
+    return ChainReaderBefore310(ctx, trust, by_key_kind)
+
+
 def limit_to_tls12(ctx):
     if hasattr(ctx, "maximum_version"):                       # 3.7+
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
@@ -102,23 +116,12 @@ def limit_to_tls12(ctx):
         ctx.options |= getattr(ssl, "OP_NO_TLSv1_3", 0x20000000)
 
 
-def load_section(section):
-    """Compile one lazy section of this file into the module, once.
-
-    "python3 certgrab.py" compiles the whole file on every run (no .pyc is kept
-    for a script), at about 1.5 ms per 100 lines: more than the rest of a
-    fetch's own work. Code that a plain fetch never needs therefore sits in raw
-    strings marked "Lazy", compiled only when a run needs it. It is ordinary
-    Python; tracebacks give this file's lines, and make lint compiles it.
-    """
-    line, name, source = section
-    if name not in globals():
-        exec(compile("\n" * (line - 1) + source, __file__, "exec"), globals())
-
-
-HAS_VERIFIED_CHAIN = hasattr(ssl._ssl._SSLSocket, "get_verified_chain")  # 3.10+
-# Python 3.6 reports every verification failure as a plain SSLError.
+# Python 3.6 reports every verification failure as a plain SSLError with this
+# reason, and a name mismatch as ssl.CertificateError (a ValueError).
 VERIFY_FAILED_REASON = "CERTIFICATE_VERIFY_FAILED"
+# Python 3.6 checks the name in Python code, which needs a str; later ones take
+# ASCII bytes (a str would make them import the idna codec).
+NAME_AS_STR = sys.version_info < (3, 7)
 
 
 # ---------------------------------------------------------------------------
@@ -127,8 +130,10 @@ VERIFY_FAILED_REASON = "CERTIFICATE_VERIFY_FAILED"
 
 DEFAULT_PORT = 443
 DEFAULT_TIMEOUT = 10.0  # seconds; one deadline per source: DNS, connect and handshake
-MAX_CHAIN = 20          # certificates; real chains have 2 to 5, more is hostile
+MAX_CHAIN = 20          # certificates a server may send; real chains have 2 to 5
+MAX_FILE = 1 << 20      # bytes read from any local file: PEM, key, password, CA bundle
 MAX_PARALLEL = 32       # sources fetched at once by default (--parallel)
+PARALLEL_LIMIT = 1024   # the most --parallel accepts
 PROGRESS_FROM = 8       # sources; from this many on, a terminal sees progress
 WARN_DAYS, CRIT_DAYS = 21, 7  # --check: days left before WARNING and CRITICAL
 NEW_FILE_MODE = 0o644   # certificates are public; never group- or world-writable
@@ -138,13 +143,20 @@ HOOK_TIMEOUT = 300.0    # seconds a --deploy-hook may run before it is killed
 HOOK_PENDING_MTIME = 1  # mtime (1970-01-01T00:00:01Z) of files whose hook has not yet run
 LOCK_POLL = 0.05        # seconds between tries for a directory lock another run holds
 LOCK_SLACK = 30.0       # seconds, beyond that run's own timeouts, before giving up on it
+MAX_LINE = 8192         # bytes; a STARTTLS reply line longer than this is hostile
+MAX_PLAINTEXT = 65536   # bytes a server may send before TLS starts
+MAX_REPLY_LINES = 200   # lines in one STARTTLS reply (capability lists are a few dozen)
 HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._*")
 
 OUT_DIR_FILES = ("cert.pem", "chain.pem", "fullchain.pem")  # certbot's names
+CERTIFICATE_SUFFIXES = (".pem", ".crt", ".cer")  # a SOURCE with one of these is a file
+NAGIOS = ("OK", "WARNING", "CRITICAL", "UNKNOWN")  # a monitoring plugin's states, 0 to 3
+NAGIOS_UNKNOWN = 3      # a monitoring plugin's exit code for "could not even check"
 
 
 # ---------------------------------------------------------------------------
-# Errors: library code raises these; only main() turns them into exit codes.
+# Errors and messages: library code raises; only main() turns errors into
+# exit codes. Every line for people goes through one Reporter.
 # ---------------------------------------------------------------------------
 
 class CertgrabError(Exception):
@@ -171,6 +183,10 @@ class ParseError(FetchError):
 class VerifyError(CertgrabError):
     exit_code = 4
 
+    def __init__(self, message, hint=None, reason=None):
+        CertgrabError.__init__(self, message, hint)
+        self.reason = reason            # OpenSSL's words, for reports
+
 
 class WriteError(CertgrabError):
     exit_code = 5
@@ -185,6 +201,47 @@ class HookError(CertgrabError):
     exit_code = 7
 
 
+class Reporter(object):
+    """stderr lines for people: errors always, warnings unless quiet, details
+    when verbose. A message that cannot be written (stderr closed, or cron's
+    output on a full disk) is dropped: it never changes what a run does."""
+
+    def __init__(self, quiet=False, verbose=False):
+        self.quiet, self.verbose = quiet, verbose
+
+    def error(self, exc):
+        self._write("certgrab: %s\n" % exc)
+        if exc.hint:
+            self._write("certgrab: hint: %s\n" % exc.hint)
+
+    def hint(self, text):
+        self._write("certgrab: hint: %s\n" % text)
+
+    def warn(self, message):
+        if not self.quiet:
+            self._write("certgrab: warning: %s\n" % message)
+
+    def say(self, message):
+        if not self.quiet:
+            self._write("certgrab: %s\n" % message)
+
+    def info(self, message):
+        if self.verbose:
+            self._write("certgrab: %s\n" % message)
+
+    def progress(self, text):
+        """A line that rewrites itself on a terminal."""
+        self._write(text)
+
+    @staticmethod
+    def _write(text):
+        try:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        except (OSError, ValueError):       # ValueError: stderr was closed
+            pass
+
+
 # ---------------------------------------------------------------------------
 # Certificates: a small DER reader for X.509, PEM in and out.
 # ---------------------------------------------------------------------------
@@ -192,36 +249,49 @@ class HookError(CertgrabError):
 DER_INTEGER, DER_BIT_STRING, DER_OCTET_STRING, DER_OID = 0x02, 0x03, 0x04, 0x06
 DER_SEQUENCE, DER_SET = 0x30, 0x31
 DER_VERSION, DER_EXTENSIONS = 0xA0, 0xA3          # [0] and [3] in TBSCertificate
+SAN_DNS, SAN_IP = 0x82, 0x87                      # GeneralName [2] and [7]
+
+OID_NAMES = {
+    "2.5.4.3": "CN", "2.5.4.6": "C", "2.5.4.7": "L", "2.5.4.8": "ST",
+    "2.5.4.10": "O", "2.5.4.11": "OU", "2.5.4.5": "serialNumber",
+    "1.2.840.113549.1.9.1": "emailAddress", "0.9.2342.19200300.100.1.25": "DC",
+}
+OID_RSA, OID_EC = "1.2.840.113549.1.1.1", "1.2.840.10045.2.1"
+OID_CURVES = {"1.2.840.10045.3.1.7": ("P-256", 256), "1.3.132.0.34": ("P-384", 384),
+              "1.3.132.0.35": ("P-521", 521)}
+OID_EDWARDS = {"1.3.101.112": ("Ed25519", 256), "1.3.101.113": ("Ed448", 456)}
+OID_SIGNATURES = {
+    "1.2.840.113549.1.1.5": "sha1WithRSAEncryption",
+    "1.2.840.113549.1.1.10": "RSASSA-PSS",
+    "1.2.840.113549.1.1.11": "sha256WithRSAEncryption",
+    "1.2.840.113549.1.1.12": "sha384WithRSAEncryption",
+    "1.2.840.113549.1.1.13": "sha512WithRSAEncryption",
+    "1.2.840.10045.4.3.2": "ecdsa-with-SHA256", "1.2.840.10045.4.3.3": "ecdsa-with-SHA384",
+    "1.2.840.10045.4.3.4": "ecdsa-with-SHA512", "1.3.101.112": "Ed25519", "1.3.101.113": "Ed448",
+}
 OID_SKI_DER, OID_AKI_DER = b"\x06\x03\x55\x1d\x0e", b"\x06\x03\x55\x1d\x23"  # 2.5.29.14, .35
+OID_SAN_DER, OID_BASIC_CONSTRAINTS_DER = b"\x06\x03\x55\x1d\x11", b"\x06\x03\x55\x1d\x13"
 
 
 class Certificate(object):
-    """One X.509 certificate, as parse_certificate found it.
+    """One X.509 certificate, read whole by parse_certificate.
 
-    Parsing checks the whole DER structure down to the extensions and reads
-    what the chain order needs: both names as DER and the key identifiers.
-    The other fields are decoded on first use, by the lazy Details section:
-    subject and issuer (text like "C=US, O=Example, CN=R1"), serial,
-    not_before and not_after (epoch seconds, UTC), dns_names, ip_addresses,
-    key_type, key_bits, spki (DER), signature_algorithm and is_ca, and the
-    helpers serial_hex, sans, sha256, spki_sha256, covers() and describe().
-    A plain fetch to stdout never reads them; every other run decodes each
-    certificate whole while fetching (decode_chain), so a malformed field is
-    that source's error.
+    der, and its parts: subject_der and issuer_der (the names as DER, for chain
+    order), ski and aki (key identifiers, bytes or None), subject and issuer as
+    text ("C=US, O=Example, CN=R1"), serial (int), signature_algorithm,
+    not_before and not_after (epoch seconds, UTC), spki (DER), key_type,
+    key_bits, dns_names, ip_addresses and is_ca.
     """
 
-    def __init__(self, der, outer, tbs):
-        self.der, self.outer, self.tbs = der, outer, tbs   # DER, and its (tag, ...) items
-        self.issuer_der, self.subject_der = _element(der, tbs[2]), _element(der, tbs[4])
-        self.ski = self.aki = None             # key identifiers, bytes or None
-
-    def __getattr__(self, name):
-        """Only for attributes not found: the details, decoded once, here."""
-        if name.startswith("_") or "subject" in self.__dict__:
-            raise AttributeError(name)
-        load_section(DETAILS_SECTION)
-        decode_details(self)
-        return getattr(self, name)
+    def __init__(self, der):
+        self.der = der
+        self.subject_der = self.issuer_der = b""
+        self.ski = self.aki = None
+        self.subject = self.issuer = self.signature_algorithm = ""
+        self.serial = self.not_before = self.not_after = 0
+        self.spki, self.key_type, self.key_bits = b"", "unknown", 0
+        self.dns_names, self.ip_addresses = [], []
+        self.is_ca = False
 
     @property
     def self_issued(self):
@@ -232,6 +302,64 @@ class Certificate(object):
         if self.subject_der != other.issuer_der:
             return False
         return self.ski is None or other.aki is None or self.ski == other.aki
+
+    @property
+    def serial_hex(self):
+        text = "%x" % self.serial
+        return "0" * (len(text) % 2) + text
+
+    @property
+    def sans(self):
+        return self.dns_names + self.ip_addresses
+
+    @property
+    def sha256(self):
+        return hashlib.sha256(self.der).hexdigest()
+
+    @property
+    def spki_sha256(self):
+        return hashlib.sha256(self.spki).hexdigest()
+
+    def covers(self, name):
+        """True if a subjectAltName matches name (a DNS name or an IP address)."""
+        if is_ip(name):
+            return any(same_ip(name, address) for address in self.ip_addresses)
+        name = ascii_host(name).lower()
+        for pattern in (p.lower().rstrip(".") for p in self.dns_names):
+            if pattern == name or pattern.startswith("*.") and "." in name \
+                    and name.split(".", 1)[1] == pattern[2:]:
+                return True
+        return False
+
+    def describe(self):
+        return "serial %s issued %s, expires %s" % (
+            self.serial_hex, format_time(self.not_before), format_time(self.not_after))
+
+
+def parse_certificate(der):
+    """Read one DER certificate whole; ParseError if any part is malformed."""
+    cert = Certificate(bytes(der))
+    der = cert.der
+    top = _tlv(der, 0, len(der))
+    if top[2] != len(der):
+        raise ParseError("malformed certificate: trailing bytes after the certificate")
+    outer = _children(der, top, DER_SEQUENCE, 3)
+    tbs = _children(der, outer[0], DER_SEQUENCE, 6)
+    if tbs[0][0] == DER_VERSION:
+        tbs = tbs[1:]
+    if len(tbs) < 6 or tbs[0][0] != DER_INTEGER or any(t[0] != DER_SEQUENCE for t in tbs[1:6]):
+        raise ParseError("malformed certificate: bad TBSCertificate")
+    cert.serial = int.from_bytes(der[tbs[0][1]:tbs[0][2]], "big")
+    algorithm = _oid(der, _children(der, outer[1], DER_SEQUENCE, 1)[0])
+    cert.signature_algorithm = OID_SIGNATURES.get(algorithm, algorithm)
+    cert.issuer_der, cert.subject_der = _element(der, tbs[2]), _element(der, tbs[4])
+    cert.issuer, cert.subject = _name(der, tbs[2]), _name(der, tbs[4])
+    times = _children(der, tbs[3], DER_SEQUENCE, 2)
+    cert.not_before, cert.not_after = _time(der, times[0]), _time(der, times[1])
+    _public_key(cert, der, tbs[5])
+    for oid, value in _extensions(der, tbs):
+        _extension(cert, der, oid, value)
+    return cert
 
 
 def _tlv(data, pos, end):
@@ -286,10 +414,9 @@ def _element(data, item):
     return data[item[3]:item[2]]
 
 
-def extensions(cert):
+def _extensions(der, tbs):
     """(OID as DER, value element) for each extension, in order."""
-    der = cert.der
-    for item in cert.tbs[6:]:
+    for item in tbs[6:]:
         if item[0] == DER_EXTENSIONS:
             for extension in _children(der, _children(der, item, DER_EXTENSIONS, 1)[0],
                                        DER_SEQUENCE):
@@ -297,97 +424,6 @@ def extensions(cert):
                 if fields[0][0] != DER_OID:
                     raise ParseError("malformed certificate: bad extension")
                 yield _element(der, fields[0]), fields[-1]
-
-
-def parse_certificate(der):
-    """Check one DER certificate and read its names and key ids (the rest is
-    decoded on first use: see Certificate); raise ParseError if malformed."""
-    der = bytes(der)
-    top = _tlv(der, 0, len(der))
-    if top[2] != len(der):
-        raise ParseError("malformed certificate: trailing bytes after the certificate")
-    outer = _children(der, top, DER_SEQUENCE, 3)
-    tbs = _children(der, outer[0], DER_SEQUENCE, 6)
-    if tbs[0][0] == DER_VERSION:
-        tbs = tbs[1:]
-    if len(tbs) < 6 or tbs[0][0] != DER_INTEGER or any(t[0] != DER_SEQUENCE for t in tbs[1:6]):
-        raise ParseError("malformed certificate: bad TBSCertificate")
-    cert = Certificate(der, outer, tbs)
-    for oid, value in extensions(cert):
-        if oid == OID_SKI_DER:
-            inner = _wrapped(der, value, DER_OCTET_STRING)
-            cert.ski = der[inner[1]:inner[2]]
-        elif oid == OID_AKI_DER:
-            for field in _children(der, _wrapped(der, value, DER_OCTET_STRING), DER_SEQUENCE):
-                if field[0] == 0x80:
-                    cert.aki = der[field[1]:field[2]]
-    return cert
-
-
-def der_to_pem(der):
-    return ssl.DER_cert_to_PEM_cert(der)
-
-
-def format_time(epoch):
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
-
-
-def printable(text):
-    """Text from a certificate, safe for a terminal: control characters (and the
-    backslash, so that an escape cannot be faked) written as escapes."""
-    return "".join(c if c.isprintable() and c != "\\" else "\\x%02x" % ord(c) if ord(c) < 256
-                   else "\\u%04x" % ord(c) for c in text)
-
-
-def clean_path(certs):
-    """The issuing path that starts at the leaf: (path, problems).
-
-    The path runs leaf, then each certificate that issued the one before, and
-    stops before a self-issued root (the trust store supplies the root). The
-    problems say how the served list differed from that: order, root, extras.
-    """
-    path, rest, problems = [certs[0]], list(certs[1:]), []
-    while not path[-1].self_issued:
-        issuer = next((c for c in rest if c.issued(path[-1])), None)
-        if issuer is None:
-            break
-        rest.remove(issuer)
-        path.append(issuer)
-    if [c.der for c in path] != [c.der for c in certs[:len(path)]]:
-        problems.append("the chain was served out of order")
-    if len(path) > 1 and path[-1].self_issued:
-        problems.append("the root certificate (%s) was included" % printable(path[-1].subject))
-        path.pop()
-    if rest:
-        problems.append("%d unrelated or duplicate certificate(s) were included: %s" % (
-            len(rest), "; ".join(printable(c.subject) for c in rest)))
-    return path, problems
-
-
-# Lazy (see load_section): the fields of a certificate beyond its names (see
-# Certificate), and PEM in. A plain fetch to stdout never reads them.
-DETAILS_SECTION = sys._getframe().f_lineno, "decode_details", r'''
-SAN_DNS, SAN_IP = 0x82, 0x87                      # GeneralName [2] and [7]
-
-OID_NAMES = {
-    "2.5.4.3": "CN", "2.5.4.6": "C", "2.5.4.7": "L", "2.5.4.8": "ST",
-    "2.5.4.10": "O", "2.5.4.11": "OU", "2.5.4.5": "serialNumber",
-    "1.2.840.113549.1.9.1": "emailAddress", "0.9.2342.19200300.100.1.25": "DC",
-}
-OID_RSA, OID_EC = "1.2.840.113549.1.1.1", "1.2.840.10045.2.1"
-OID_CURVES = {"1.2.840.10045.3.1.7": ("P-256", 256), "1.3.132.0.34": ("P-384", 384),
-              "1.3.132.0.35": ("P-521", 521)}
-OID_EDWARDS = {"1.3.101.112": ("Ed25519", 256), "1.3.101.113": ("Ed448", 456)}
-OID_SIGNATURES = {
-    "1.2.840.113549.1.1.5": "sha1WithRSAEncryption",
-    "1.2.840.113549.1.1.10": "RSASSA-PSS",
-    "1.2.840.113549.1.1.11": "sha256WithRSAEncryption",
-    "1.2.840.113549.1.1.12": "sha384WithRSAEncryption",
-    "1.2.840.113549.1.1.13": "sha512WithRSAEncryption",
-    "1.2.840.10045.4.3.2": "ecdsa-with-SHA256", "1.2.840.10045.4.3.3": "ecdsa-with-SHA384",
-    "1.2.840.10045.4.3.4": "ecdsa-with-SHA512", "1.3.101.112": "Ed25519", "1.3.101.113": "Ed448",
-}
-OID_SAN_DER, OID_BASIC_CONSTRAINTS_DER = b"\x06\x03\x55\x1d\x11", b"\x06\x03\x55\x1d\x13"
 
 
 def _oid(data, item):
@@ -480,7 +516,19 @@ def _extension(cert, data, oid, value):
                 cert.ip_addresses.append(socket.inet_ntop(family, raw))
     elif oid == OID_BASIC_CONSTRAINTS_DER:
         fields = _children(data, _wrapped(data, value, DER_OCTET_STRING), DER_SEQUENCE)
-        cert.is_ca = bool(fields) and fields[0][0] == 0x01 and data[fields[0][1]:fields[0][2]] != b"\0"
+        cert.is_ca = bool(fields) and fields[0][0] == 0x01 \
+            and data[fields[0][1]:fields[0][2]] != b"\0"
+    elif oid == OID_SKI_DER:
+        inner = _wrapped(data, value, DER_OCTET_STRING)
+        cert.ski = data[inner[1]:inner[2]]
+    elif oid == OID_AKI_DER:
+        for field in _children(data, _wrapped(data, value, DER_OCTET_STRING), DER_SEQUENCE):
+            if field[0] == 0x80:                  # [0] keyIdentifier
+                cert.aki = data[field[1]:field[2]]
+
+
+def der_to_pem(der):
+    return ssl.DER_cert_to_PEM_cert(der)
 
 
 def pem_to_ders(text):
@@ -501,83 +549,47 @@ def pem_to_ders(text):
         pos = stop + len(end)
 
 
-class DecodedFields(object):
-    """The fields of one certificate while they are decoded: all or none are kept."""
+def format_time(epoch):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
-def decode_details(cert):
-    """Decode the fields parse_certificate left for later (see Certificate);
-    ParseError if one is malformed, and then the certificate keeps none."""
-    if "subject" in vars(cert):
-        return cert
-    der, tbs, fields = cert.der, cert.tbs, DecodedFields()
-    fields.dns_names, fields.ip_addresses = [], []
-    fields.key_type, fields.key_bits, fields.is_ca = "unknown", 0, False
-    fields.serial = int.from_bytes(der[tbs[0][1]:tbs[0][2]], "big")
-    algorithm = _oid(der, _children(der, cert.outer[1], DER_SEQUENCE, 1)[0])
-    fields.signature_algorithm = OID_SIGNATURES.get(algorithm, algorithm)
-    fields.issuer, fields.subject = _name(der, tbs[2]), _name(der, tbs[4])
-    times = _children(der, tbs[3], DER_SEQUENCE, 2)
-    fields.not_before, fields.not_after = _time(der, times[0]), _time(der, times[1])
-    _public_key(fields, der, tbs[5])
-    for oid, value in extensions(cert):
-        _extension(fields, der, oid, value)
-    cert.__dict__.update(vars(fields))
-    return cert
+def printable(text):
+    """Text from a certificate, safe for a terminal: control characters (and the
+    backslash, so that an escape cannot be faked) written as escapes."""
+    return "".join(c if c.isprintable() and c != "\\" else "\\x%02x" % ord(c) if ord(c) < 256
+                   else "\\u%04x" % ord(c) for c in text)
 
 
-def decode_chain(result):
-    """Runs other than a plain fetch read the fields: decode every certificate now,
-    so that a malformed one is this source's error."""
-    for cert in result.served + result.verified:
-        decode_details(cert)
+def clean_path(certs):
+    """The issuing path that starts at the leaf: (path, problems).
+
+    The path runs leaf, then each certificate that issued the one before, and
+    stops before a self-issued root (the trust store supplies the root). The
+    problems say how the served list differed from that: order, root, extras.
+    """
+    path, rest, problems = [certs[0]], list(certs[1:]), []
+    while not path[-1].self_issued:
+        issuer = next((c for c in rest if c.issued(path[-1])), None)
+        if issuer is None:
+            break
+        rest.remove(issuer)
+        path.append(issuer)
+    if [c.der for c in path] != [c.der for c in certs[:len(path)]]:
+        problems.append("the chain was served out of order")
+    if len(path) > 1 and path[-1].self_issued:
+        problems.append("the root certificate (%s) was included" % printable(path[-1].subject))
+        path.pop()
+    if rest:
+        problems.append("%d unrelated or duplicate certificate(s) were included: %s" % (
+            len(rest), "; ".join(printable(c.subject) for c in rest)))
+    return path, problems
 
 
-class CertificateHelpers(object):
-    """Added to Certificate when this section loads."""
-
-    @property
-    def serial_hex(self):
-        text = "%x" % self.serial
-        return "0" * (len(text) % 2) + text
-
-    @property
-    def sans(self):
-        return self.dns_names + self.ip_addresses
-
-    @property
-    def sha256(self):
-        import hashlib
-        return hashlib.sha256(self.der).hexdigest()
-
-    @property
-    def spki_sha256(self):
-        import hashlib
-        return hashlib.sha256(self.spki).hexdigest()
-
-    def covers(self, name):
-        """True if a subjectAltName matches name (a DNS name or an IP address)."""
-        if is_ip(name):
-            return any(same_ip(name, address) for address in self.ip_addresses)
-        name = ascii_host(name).lower()
-        for pattern in (p.lower().rstrip(".") for p in self.dns_names):
-            if pattern == name or pattern.startswith("*.") and "." in name \
-                    and name.split(".", 1)[1] == pattern[2:]:
-                return True
-        return False
-
-    def describe(self):
-        return "serial %s issued %s, expires %s" % (
-            self.serial_hex, format_time(self.not_before), format_time(self.not_after))
+# ---------------------------------------------------------------------------
+# Keys: --key-path, read once; matched against the leaf before anything is written.
+# ---------------------------------------------------------------------------
 
 
-for helper in ("serial_hex", "sans", "sha256", "spki_sha256", "covers", "describe"):
-    setattr(Certificate, helper, vars(CertificateHelpers)[helper])
-'''
-
-
-# Lazy (see load_section): only runs with --key-path need this.
-KEYS_SECTION = sys._getframe().f_lineno, "read_private_key", r'''
 class PrivateKey(object):
     """--key-path: the PEM as read, and its public key where certgrab can derive it.
 
@@ -593,7 +605,6 @@ class PrivateKey(object):
 
     @property
     def spki_sha256(self):
-        import hashlib
         return hashlib.sha256(self.spki).hexdigest() if self.spki else None
 
 
@@ -629,14 +640,15 @@ def read_private_key(path, password_path):
     return key
 
 
-def read_small_file(path, what, limit=1 << 20):
+def read_small_file(path, what):
+    """A local file of at most MAX_FILE bytes, for option what."""
     try:
         with open(path, "rb") as handle:
-            data = handle.read(limit + 1)
+            data = handle.read(MAX_FILE + 1)
     except OSError as exc:
         raise UsageError("cannot read %s %s: %s" % (what, path, exc.strerror or exc))
-    if len(data) > limit:
-        raise UsageError("%s %s: larger than %d bytes" % (what, path, limit))
+    if len(data) > MAX_FILE:
+        raise UsageError("%s %s: larger than %d bytes" % (what, path, MAX_FILE))
     return data
 
 
@@ -709,32 +721,8 @@ def key_matches(key, leaf):
         remove_quietly(temp)
 
 
-def refetch_for_key(result, reader, opts):
-    """The server sent the certificate for the other key type than --key-path
-    (a dual-certificate server): ask again, offering only that type's suites."""
-    wanted = _wanted_key_kind(result, opts.key)
-    if wanted and wanted in reader.by_key_kind:
-        retry = _fetch_once(result.target, reader.by_key_kind[wanted], opts)
-        if retry.error is None:
-            retry.note = "asked again for the %s certificate, matching --key-path" % wanted
-            return retry
-    return result
-
-
-def _wanted_key_kind(result, key):
-    if key is None or result.error is not None:
-        return None
-    served = result.leaf.key_type.split()[0]
-    if key.kind:
-        return key.kind if served != key.kind else None
-    if served in ("RSA", "EC") and not key_matches(key, result.leaf):
-        return "EC" if served == "RSA" else "RSA"
-    return None
-'''
-
-
 # ---------------------------------------------------------------------------
-# Connecting: SOURCE to address, TCP within the deadline.
+# Sources and connecting: SOURCE to address, TCP within the deadline.
 # ---------------------------------------------------------------------------
 
 class Target(object):
@@ -818,34 +806,37 @@ def check_dns_name(name, what):
         raise UsageError("%s: not a host name or IP address" % what)
 
 
-def parse_targets(opts):
-    default_port = parse_port(opts.port, "-p/--port") if opts.port else \
-        STARTTLS_PORTS[opts.starttls] if opts.starttls else DEFAULT_PORT
-    servername = None
-    if opts.servername is not None:
-        servername = opts.servername.rstrip(".")
-        if not is_ip(servername):
-            check_dns_name(servername, "bad --servername %r" % opts.servername)
+def parse_servername(text):
+    """-n/--servername: a DNS name (trailing dot removed) or an IP address; None if absent."""
+    if text is None:
+        return None
+    servername = text.rstrip(".")
+    if not is_ip(servername):
+        check_dns_name(servername, "bad --servername %r" % text)
+    return servername
+
+
+def parse_targets(sources, servername, default_port, files_allowed):
+    """A Target for each SOURCE; local files only where files_allowed (reports)."""
     targets = []
-    for source in opts.sources:
-        if is_local_file(source):
-            if not opts.report:
+    for source in sources:
+        if looks_like_file(source) and os.path.isfile(source):
+            if not files_allowed:
                 raise UsageError("SOURCE %s is a file: local files go with --text, --json or "
                                  "--check" % source)
             targets.append(Target(source, None, None, servername, path=source))
             continue
-        if opts.report and ("/" in source or source.endswith((".pem", ".crt", ".cer"))):
+        if files_allowed and looks_like_file(source):
             raise UsageError("SOURCE %s: no such file" % source)
         host, port = parse_source(source, default_port)
         name = servername or (None if is_ip(host) else host)
         targets.append(Target(source, host, port, name))
-    return targets
+    return tuple(targets)
 
 
-def is_local_file(source):
-    """A SOURCE naming a PEM file: it exists, and it has a / or a certificate suffix."""
-    return ("/" in source or source.endswith((".pem", ".crt", ".cer"))) \
-        and os.path.isfile(source)
+def looks_like_file(source):
+    """A SOURCE with a / or a certificate suffix names a local PEM file."""
+    return "/" in source or source.endswith(CERTIFICATE_SUFFIXES)
 
 
 def remaining(deadline, target, doing):
@@ -866,7 +857,6 @@ def resolve(target, family, deadline):
     if is_ip(target.host):
         return socket.getaddrinfo(target.host_bytes, target.port, family, socket.SOCK_STREAM, 0,
                                   socket.AI_NUMERICHOST)
-    import threading
     answer = []
 
     def lookup():
@@ -909,22 +899,25 @@ def open_connection(target, family, deadline):
         target, target.port, failure.strerror or failure))
 
 
+def read_local_chain(result):
+    """A local PEM file as a source: its certificates, in file order."""
+    try:
+        with open(result.target.path, "rb") as handle:
+            text = handle.read(MAX_FILE).decode("ascii", "replace")
+    except OSError as exc:
+        raise FetchError("cannot read %s: %s" % (result.target.path, exc.strerror or exc))
+    ders = pem_to_ders(text)
+    if not ders:
+        raise FetchError("%s: no PEM certificate in it" % result.target.path)
+    result.served = [parse_certificate(der) for der in ders[:MAX_CHAIN]]
+    result.path, result.problems = clean_path(result.served)
+
+
 # ---------------------------------------------------------------------------
-# Connecting: STARTTLS, the plaintext dialogue before the handshake.
+# STARTTLS: the plaintext dialogue before the handshake, one function per
+# protocol, each bounded by MAX_LINE, MAX_REPLY_LINES and MAX_PLAINTEXT.
 # ---------------------------------------------------------------------------
 
-STARTTLS_PORTS = {
-    "smtp": 25, "lmtp": 24, "pop3": 110, "imap": 143, "ftp": 21, "xmpp": 5222,
-    "xmpp-server": 5269, "irc": 6667, "postgres": 5432, "postgres-direct": 5432,
-    "mysql": 3306, "nntp": 119, "sieve": 4190, "ldap": 389,
-}
-
-
-# Lazy (see load_section): only runs with --starttls need this.
-STARTTLS_SECTION = sys._getframe().f_lineno, "starttls_dialogue", r'''
-MAX_LINE = 8192          # bytes; a reply line longer than this is hostile
-MAX_PLAINTEXT = 65536    # bytes a server may send before TLS starts
-MAX_REPLY_LINES = 200    # lines in one reply (capability lists are a few dozen)
 MYSQL_CLIENT_SSL = 0x0800
 MYSQL_CLIENT_FLAGS = 0x0800 | 0x0200 | 0x8000 | 0x0001   # SSL, PROTOCOL_41, SECURE, LONG_PW
 POSTGRES_SSL_REQUEST = (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big")
@@ -933,23 +926,20 @@ XMPP_STREAM = ("<?xml version='1.0'?><stream:stream xmlns='jabber:%s' "
                "xmlns:stream='http://etherx.jabber.org/streams' to='%s' version='1.0'>")
 
 
-def check_starttls_options(opts):
-    """--starttls and --ehlo."""
-    if opts.starttls is not None and opts.starttls not in STARTTLS_PORTS:
-        raise UsageError("--starttls %s: unknown protocol; known: %s"
-                         % (opts.starttls, ", ".join(sorted(STARTTLS_PORTS))))
-    if opts.ehlo is not None and not (opts.ehlo.startswith("[") and opts.ehlo.endswith("]")
-                                      and is_ip(opts.ehlo[1:-1].replace("IPv6:", ""))):
-        check_dns_name(opts.ehlo, "bad --ehlo %r" % opts.ehlo)
-    if opts.starttls == "postgres-direct" and not opts.alpn:
-        opts.alpn = ["postgresql"]
+def parse_ehlo(text):
+    """--ehlo: a host name or an address literal ([192.0.2.1], [IPv6:2001:db8::1])."""
+    if text is not None and not (text.startswith("[") and text.endswith("]")
+                                 and is_ip(text[1:-1].replace("IPv6:", ""))):
+        check_dns_name(text, "bad --ehlo %r" % text)
+    return text
 
 
 class Plaintext(object):
     """The plaintext part of a connection: every read bounded in size and time."""
 
-    def __init__(self, sock, target, protocol, deadline):
+    def __init__(self, sock, target, protocol, deadline, ehlo=None):
         self.sock, self.target, self.protocol, self.deadline = sock, target, protocol, deadline
+        self.ehlo = ehlo                # --ehlo, for smtp and lmtp
         self.buffer, self.received = b"", 0
 
     def fail(self, message, reply=None):
@@ -1059,14 +1049,14 @@ def dot_list(talk):
     raise talk.fail("a list of more than %d lines" % MAX_REPLY_LINES)
 
 
-def ehlo_name(sock, opts):
+def ehlo_name(talk):
     """--ehlo, this host's name when it is a dotted name, else our address literal."""
-    if opts.ehlo:
-        return opts.ehlo
+    if talk.ehlo:
+        return talk.ehlo
     name = socket.gethostname()
     if "." in name and set(name) <= HOST_CHARS:
         return name
-    address = sock.getsockname()[0]
+    address = talk.sock.getsockname()[0]
     return "[IPv6:%s]" % address if ":" in address else "[%s]" % address
 
 
@@ -1074,9 +1064,9 @@ def _greeting_failed(talk):
     return lambda reply: talk.fail("unexpected greeting", reply)
 
 
-def starttls_smtp(talk, opts, hello=b"EHLO"):
+def starttls_smtp(talk, hello=b"EHLO"):
     coded_reply(talk, (220,), _greeting_failed(talk))
-    talk.send(hello + b" " + ascii_host(ehlo_name(talk.sock, opts)).encode("ascii") + b"\r\n")
+    talk.send(hello + b" " + ascii_host(ehlo_name(talk)).encode("ascii") + b"\r\n")
     lines = coded_reply(talk, (250,), lambda r: talk.fail("%s refused" % hello.decode(), r))
     if not any(line[4:].strip().upper() == "STARTTLS" for line in lines):
         raise talk.refuse(lines)
@@ -1084,18 +1074,18 @@ def starttls_smtp(talk, opts, hello=b"EHLO"):
     coded_reply(talk, (220,), talk.refused)
 
 
-def starttls_lmtp(talk, opts):
-    starttls_smtp(talk, opts, hello=b"LHLO")
+def starttls_lmtp(talk):
+    starttls_smtp(talk, hello=b"LHLO")
 
 
-def starttls_ftp(talk, opts):
+def starttls_ftp(talk):
     while coded_reply(talk, (120, 220), _greeting_failed(talk))[-1][:3] == "120":
         pass                            # "ready in a minute" comes before the 220 (RFC 959)
     talk.send(b"AUTH TLS\r\n")
     coded_reply(talk, (234,), talk.refused)
 
 
-def starttls_pop3(talk, opts):
+def starttls_pop3(talk):
     greeting = talk.line()
     if not greeting.startswith("+OK"):
         raise talk.fail("unexpected greeting", greeting)
@@ -1121,7 +1111,7 @@ def _imap_command(talk, tag, command):
     raise talk.fail("a reply of more than %d lines" % MAX_REPLY_LINES)
 
 
-def starttls_imap(talk, opts):
+def starttls_imap(talk):
     greeting = talk.line()
     if not greeting.upper().startswith("* OK"):
         raise talk.fail("unexpected greeting", greeting)
@@ -1133,7 +1123,7 @@ def starttls_imap(talk, opts):
         raise talk.refused(lines)
 
 
-def starttls_sieve(talk, opts):
+def starttls_sieve(talk):
     lines = []
     while not lines or not lines[-1].upper().startswith(("OK", "NO", "BYE")):
         if len(lines) >= MAX_REPLY_LINES:
@@ -1148,7 +1138,7 @@ def starttls_sieve(talk, opts):
         raise talk.refused(answer)
 
 
-def starttls_nntp(talk, opts):
+def starttls_nntp(talk):
     greeting = talk.line()
     if greeting[:3] not in ("200", "201"):
         raise talk.fail("unexpected greeting", greeting)
@@ -1163,7 +1153,7 @@ def starttls_nntp(talk, opts):
         raise talk.refused(answer)
 
 
-def starttls_xmpp(talk, opts, kind="client"):
+def starttls_xmpp(talk, kind="client"):
     domain = talk.target.verify_name
     talk.send((XMPP_STREAM % (kind, domain)).encode("utf-8"))
     features = talk.until(b"</stream:features>", b"<stream:features/>", b"</stream:error>",
@@ -1178,11 +1168,11 @@ def starttls_xmpp(talk, opts, kind="client"):
     talk.until(b">")
 
 
-def starttls_xmpp_server(talk, opts):
-    starttls_xmpp(talk, opts, kind="server")
+def starttls_xmpp_server(talk):
+    starttls_xmpp(talk, kind="server")
 
 
-def starttls_irc(talk, opts):
+def starttls_irc(talk):
     talk.send(b"STARTTLS\r\n")
     for _ in range(MAX_REPLY_LINES):
         line = talk.line()
@@ -1199,7 +1189,7 @@ def starttls_irc(talk, opts):
     raise talk.fail("no answer to STARTTLS in %d lines" % MAX_REPLY_LINES)
 
 
-def starttls_postgres(talk, opts):
+def starttls_postgres(talk):
     talk.send(POSTGRES_SSL_REQUEST)
     answer = talk.exactly(1)
     if answer == b"N":
@@ -1210,7 +1200,7 @@ def starttls_postgres(talk, opts):
         raise talk.fail("not a PostgreSQL answer to SSLRequest", as_text(answer))
 
 
-def starttls_mysql(talk, opts):
+def starttls_mysql(talk):
     header = talk.exactly(4)
     payload = talk.exactly(int.from_bytes(header[:3], "little"))
     if payload[:1] == b"\xff":        # error code, then "#" and a SQL state, or not
@@ -1227,7 +1217,7 @@ def starttls_mysql(talk, opts):
     talk.send(len(request).to_bytes(3, "little") + bytes([(header[3] + 1) % 256]) + request)
 
 
-def starttls_ldap(talk, opts):
+def starttls_ldap(talk):
     talk.send(LDAP_STARTTLS)
     head = talk.exactly(2)
     size = head[1]
@@ -1251,24 +1241,33 @@ def starttls_ldap(talk, opts):
         raise talk.refused("resultCode %d %s" % (code, text))
 
 
-def starttls_postgres_direct(talk, opts):
+def starttls_postgres_direct(talk):
     """PostgreSQL 17+ direct TLS: no dialogue, ALPN "postgresql" (see make_context)."""
 
 
-def starttls_dialogue(sock, target, opts, deadline):
+# --starttls PROTOCOL: its dialogue and its default port.
+STARTTLS = {
+    "smtp": (starttls_smtp, 25), "lmtp": (starttls_lmtp, 24), "pop3": (starttls_pop3, 110),
+    "imap": (starttls_imap, 143), "ftp": (starttls_ftp, 21), "xmpp": (starttls_xmpp, 5222),
+    "xmpp-server": (starttls_xmpp_server, 5269), "irc": (starttls_irc, 6667),
+    "postgres": (starttls_postgres, 5432), "postgres-direct": (starttls_postgres_direct, 5432),
+    "mysql": (starttls_mysql, 3306), "nntp": (starttls_nntp, 119),
+    "sieve": (starttls_sieve, 4190), "ldap": (starttls_ldap, 389),
+}
+
+
+def starttls_dialogue(sock, target, protocol, ehlo, deadline):
     """Talk the protocol up to the point where the TLS handshake starts."""
-    talk = Plaintext(sock, target, opts.starttls, deadline)
-    dialogue = globals()["starttls_" + opts.starttls.replace("-", "_")]
-    dialogue(talk, opts)
+    talk = Plaintext(sock, target, protocol, deadline, ehlo)
+    STARTTLS[protocol][0](talk)
     talk.finish()
-'''
 
 
 # ---------------------------------------------------------------------------
 # TLS: trust store, handshake, and the chain the server sent.
 # ---------------------------------------------------------------------------
 
-def make_context(opts, key_kind=None):
+def make_context(settings, key_kind=None):
     """A client context: verifying (the default) or --insecure.
 
     With key_kind ("RSA" or "EC") it offers only TLS 1.2 cipher suites signed
@@ -1276,24 +1275,25 @@ def make_context(opts, key_kind=None):
     certificate, since Python cannot restrict TLS 1.3 signature algorithms.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if opts.alpn:
-        ctx.set_alpn_protocols(opts.alpn)
+    if settings.alpn:
+        ctx.set_alpn_protocols(settings.alpn)
     if key_kind:
         ctx.set_ciphers("aECDSA" if key_kind == "EC" else "aRSA")
         limit_to_tls12(ctx)
-    if opts.insecure:
+    if settings.insecure:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
         return ctx
-    if opts.cafile or opts.capath:
-        if opts.capath and not os.path.isdir(opts.capath):
-            raise UsageError("--capath %s: not a directory" % opts.capath)
+    if settings.cafile or settings.capath:
+        if settings.capath and not os.path.isdir(settings.capath):
+            raise UsageError("--capath %s: not a directory" % settings.capath)
         try:
-            ctx.load_verify_locations(cafile=opts.cafile, capath=opts.capath)
+            ctx.load_verify_locations(cafile=settings.cafile, capath=settings.capath)
         except ssl.SSLError as exc:
-            raise UsageError("cannot load --cafile %s: %s" % (opts.cafile, ssl_reason(exc)))
+            raise UsageError("cannot load --cafile %s: %s" % (settings.cafile, ssl_reason(exc)))
         except OSError as exc:
-            raise UsageError("cannot load --cafile %s: %s" % (opts.cafile, exc.strerror or exc))
+            raise UsageError("cannot load --cafile %s: %s" % (settings.cafile,
+                                                               exc.strerror or exc))
         return ctx
     load_system_store(ctx)
     return ctx
@@ -1359,10 +1359,6 @@ class ChainReader(object):
         return None
 
 
-# Lazy (see load_section): only Python 3.6 to 3.9 need this. They lack
-# get_verified_chain; 3.8 and 3.9 read the chain from the Certificate message
-# (msg_callback), 3.6 and 3.7 from OpenSSL's own structures (ctypes).
-BEFORE_310_SECTION = sys._getframe().f_lineno, "rebuild_verified", r'''
 TLS_HANDSHAKE = 22      # TLS content type of handshake records
 TLS_CERTIFICATE = 11    # handshake message type of Certificate
 TLS13_VERSION = 0x0304
@@ -1399,7 +1395,15 @@ class ChainReaderBefore310(ChainReader):
         return self._openssl.verify_message(tls) if self._openssl else None
 
     def store_certificates(self):
-        return [parse_certificate(der) for der in self.ctx.get_ca_certs(binary_form=True)]
+        """The loaded trust store, parsed; a CA certificate certgrab cannot read
+        is left out (OpenSSL has already verified the path with it)."""
+        certs = []
+        for der in self.ctx.get_ca_certs(binary_form=True):
+            try:
+                certs.append(parse_certificate(der))
+            except ParseError:
+                pass
+        return certs
 
 
 def rebuild_verified(path, reader):
@@ -1504,7 +1508,6 @@ class OpenSSLPeek(object):
     def verify_message(self, tls):
         code = self.lib.SSL_get_verify_result(self._ssl_pointer(tls))
         return self.lib.X509_verify_cert_error_string(code).decode("ascii", "replace")
-'''
 
 
 class FetchResult(object):
@@ -1521,47 +1524,44 @@ class FetchResult(object):
         return self.path[0] if self.path else None
 
 
-def fetch_chain(target, reader, opts):
+def fetch_chain(target, reader, settings):
     """Fetch one source; with --key-path, a dual-certificate server may be asked
     again for the certificate of the key's type (refetch_for_key)."""
-    result = _fetch_once(target, reader, opts)
-    return refetch_for_key(result, reader, opts) if opts.key else result
+    result = _fetch_once(target, reader, settings)
+    return refetch_for_key(result, reader, settings) if settings.key else result
 
 
-def _fetch_once(target, reader, opts):
+def _fetch_once(target, reader, settings):
     """Connect, handshake and read the chain; errors are kept in the result."""
     result, started = FetchResult(target), time.monotonic()
     try:
         if target.path:
             read_local_chain(result)
         else:
-            _fetch_into(result, reader, opts, started + opts.timeout)
-        if opts.details:
-            decode_chain(result)
+            _fetch_into(result, reader, settings, started + settings.timeout)
     except CertgrabError as exc:
         result.error = exc
     result.elapsed = time.monotonic() - started
     return result
 
 
-def _fetch_into(result, reader, opts, deadline):
+def _fetch_into(result, reader, settings, deadline):
     target = result.target
-    sock = open_connection(target, opts.family, deadline)
+    sock = open_connection(target, settings.family, deadline)
     result.address = sock.getpeername()[0]
-    if opts.starttls:
+    if settings.starttls:
         try:
-            starttls_dialogue(sock, target, opts, deadline)
+            starttls_dialogue(sock, target, settings.starttls, settings.ehlo, deadline)
         except CertgrabError:
             sock.close()
             raise
-    # Python 3.6 checks the name in Python code, which needs a str.
-    name = target.name_bytes if sys.version_info >= (3, 7) else target.name_bytes.decode()
+    name = target.name_bytes.decode() if NAME_AS_STR else target.name_bytes
     tls = reader.ctx.wrap_socket(sock, server_hostname=name,
                                  do_handshake_on_connect=False)
     try:
         failure = _handshake(tls, reader, target, deadline)
         served = reader.served(tls)
-        verified = reader.verified(tls) if failure is None and not opts.insecure else None
+        verified = reader.verified(tls) if failure is None and not settings.insecure else None
         cipher = tls.cipher() or (None, None)        # set even when verification failed
         result.tls_version, result.cipher = tls.version() or cipher[1], cipher[0]
     finally:
@@ -1576,15 +1576,15 @@ def _fetch_into(result, reader, opts, deadline):
     if failure is not None:
         result.verify_error = failure.reason
         raise failure
-    if not opts.insecure:
-        check_completeness(result, reader, verified, opts)
+    if not settings.insecure:
+        check_completeness(result, reader, verified, settings)
 
 
-def check_completeness(result, reader, verified, opts):
+def check_completeness(result, reader, verified, settings):
     """Keep the verified path, and say when the server left intermediates out."""
     if verified is not None:
         result.verified = [parse_certificate(der) for der in verified]
-    elif opts.verified_chain or len(result.path) == 1:
+    elif settings.verified_chain or len(result.path) == 1:
         result.verified = rebuild_verified(result.path, reader)
     missing = len(result.verified) - len(result.path) - 1
     if missing > 0:
@@ -1602,13 +1602,10 @@ def _handshake(tls, reader, target, deadline):
     except socket.timeout:
         raise timed_out(target, "during the TLS handshake")
     except (ssl.CertificateError, OSError) as exc:      # an SSLError is an OSError
-        load_section(FAILURE_SECTION)
         return handshake_failure(exc, tls, reader, target)
     return None
 
 
-# Lazy (see load_section): only a failed handshake needs this.
-FAILURE_SECTION = sys._getframe().f_lineno, "handshake_failure", r'''
 def handshake_failure(exc, tls, reader, target):
     """Why the handshake failed: a VerifyError returned, anything else raised."""
     if isinstance(exc, ssl.CertificateError):   # 3.7+: every verify failure; 3.6: name only
@@ -1626,10 +1623,8 @@ def handshake_failure(exc, tls, reader, target):
 
 
 def verify_failure(message, target, trust):
-    failure = VerifyError("%s: certificate verification failed: %s" % (target, message),
-                          hint=verify_hint(message, target, trust))
-    failure.reason = message
-    return failure
+    return VerifyError("%s: certificate verification failed: %s" % (target, message),
+                       hint=verify_hint(message, target, trust), reason=message)
 
 
 def tls_hint(reason, starttls):
@@ -1660,68 +1655,63 @@ def verify_hint(message, target, trust):
                "--insecure skips verification" % trust
     return "the chain does not lead to a root this host trusts: pass --cafile ROOT.pem " \
            "(or install ca-certificates); --insecure skips verification"
-'''
 
 
-def fetch_all(targets, reader, opts):
-    """Fetch every target, --parallel at a time; results in the order given."""
+def refetch_for_key(result, reader, settings):
+    """The server sent the certificate for the other key type than --key-path
+    (a dual-certificate server): ask again, offering only that type's suites."""
+    wanted = _wanted_key_kind(result, settings.key)
+    if wanted and wanted in reader.by_key_kind:
+        retry = _fetch_once(result.target, reader.by_key_kind[wanted], settings)
+        if retry.error is None:
+            retry.note = "asked again for the %s certificate, matching --key-path" % wanted
+            return retry
+    return result
+
+
+def _wanted_key_kind(result, key):
+    if key is None or result.error is not None:
+        return None
+    served = result.leaf.key_type.split()[0]
+    if key.kind:
+        return key.kind if served != key.kind else None
+    if served in ("RSA", "EC") and not key_matches(key, result.leaf):
+        return "EC" if served == "RSA" else "RSA"
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Several sources: fetched at once, the newest good chain wins.
+# ---------------------------------------------------------------------------
+
+def fetch_all(targets, reader, settings, reporter):
+    """Fetch every target, --parallel at a time; results in the order given.
+    One thread per source at most; progress on a terminal for long runs."""
     if len(targets) == 1:
-        return [fetch_chain(targets[0], reader, opts)]
-    load_section(FLEET_SECTION)
-    return fetch_parallel(targets, reader, opts)
-
-
-# Lazy (see load_section): only runs with several sources need this.
-FLEET_SECTION = sys._getframe().f_lineno, "fetch_parallel", r'''
-def choose_newest(results, opts):
-    """Several sources: the newest good chain; the other failures warned about."""
-    good = [r for r in results if r.error is None]
-    if not good:
-        worst = max((r.error for r in results), key=lambda error: error.exit_code)
-        for result in results:
-            if result.error is not worst:
-                report_error(result.error)
-        raise worst
-    for result in results:
-        if result.error is not None:
-            warn(opts, "%s (skipped)" % result.error)
-    return max(good, key=lambda r: r.leaf.not_before)
-
-
-def check_fleet_options(opts):
-    """--parallel, for runs with several sources."""
-    try:
-        opts.parallel = int(MAX_PARALLEL if opts.parallel is None else opts.parallel)
-    except ValueError:
-        raise UsageError("--parallel takes a number")
-    if not 1 <= opts.parallel <= 1024:
-        raise UsageError("--parallel must be from 1 to 1024")
-
-
-def fetch_parallel(targets, reader, opts):
-    """One thread per source, at most --parallel at once; progress on a terminal."""
-    import threading
+        return [fetch_chain(targets[0], reader, settings)]
     results, pending, lock = [None] * len(targets), list(range(len(targets))), threading.Lock()
-    progress = len(targets) >= PROGRESS_FROM and not opts.quiet and sys.stderr.isatty()
+    pending.reverse()                                   # pop() takes the first given
+    progress = len(targets) >= PROGRESS_FROM and not reporter.quiet and sys.stderr.isatty()
+    done = [0]
 
     def worker():
         while True:
             with lock:
                 if not pending:
                     return
-                index = pending.pop(0)
+                index = pending.pop()
             try:
-                results[index] = fetch_chain(targets[index], reader, opts)
+                results[index] = fetch_chain(targets[index], reader, settings)
             except BaseException as exc:  # a bug: re-raised in the main thread below
                 results[index] = exc
-            if progress:
-                with lock:
-                    done = sum(result is not None for result in results)
-                    sys.stderr.write("\rcertgrab: %d/%d sources done" % (done, len(targets))
-                                     + ("\n" if done == len(targets) else ""))
+            with lock:
+                done[0] += 1
+                if progress:
+                    reporter.progress("\rcertgrab: %d/%d sources done" % (done[0], len(targets))
+                                      + ("\n" if done[0] == len(targets) else ""))
 
     threads = [threading.Thread(target=worker, daemon=True)
-               for _ in range(min(opts.parallel, len(targets)))]
+               for _ in range(min(settings.parallel, len(targets)))]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -1730,68 +1720,32 @@ def fetch_parallel(targets, reader, opts):
         if isinstance(result, BaseException):
             raise result
     return results
-'''
 
 
-def choose_result(results, opts):
-    """The newest good chain (latest leaf notBefore); the other failures warned about."""
-    if len(results) == 1:
-        if results[0].error is not None:
-            raise results[0].error
-        return results[0]
-    return choose_newest(results, opts)
+def choose_result(results, reporter):
+    """The newest good chain (latest leaf notBefore, the first given on a tie);
+    with several sources the other failures are warned about. When every
+    source failed, the worst error is raised and the others are printed."""
+    good = [r for r in results if r.error is None]
+    if not good:
+        worst = max((r.error for r in results), key=lambda error: error.exit_code)
+        for result in results:
+            if result.error is not worst:
+                reporter.error(result.error)
+        raise worst
+    for result in results:
+        if result.error is not None:
+            reporter.warn("%s (skipped)" % result.error)
+    return max(good, key=lambda r: r.leaf.not_before)
 
 
 # ---------------------------------------------------------------------------
 # Install: output files, written whole or not at all.
 # ---------------------------------------------------------------------------
 
-# Lazy (see load_section): only runs that write files or check a key need this.
-INSTALL_SECTION = sys._getframe().f_lineno, "install_chain", r'''
-def check_install_options(opts):
-    """Options of runs that write files or check a key; the rest keep their defaults."""
-    for attribute in ("deploy_hook", "owner", "group", "mode", "force", "dry_run"):
-        if getattr(opts, attribute) and not opts.writes:
-            raise UsageError("%s needs an output file (--out-dir or a --*-path)"
-                             % option_flag(attribute))
-    for attribute in ("combined_path", "key_password_file"):
-        if getattr(opts, attribute) and not opts.key_path:
-            raise UsageError("%s needs --key-path" % option_flag(attribute))
-    try:
-        opts.hook_timeout = float(HOOK_TIMEOUT if opts.hook_timeout is None else opts.hook_timeout)
-        opts.mode = int(opts.mode, 8) if opts.mode is not None else None
-    except ValueError:
-        raise UsageError("--hook-timeout takes seconds and --mode an octal number like 0644")
-    if not opts.hook_timeout > 0:
-        raise UsageError("--hook-timeout must be above 0")
-    if opts.mode is not None and opts.mode & ~0o644:
-        raise UsageError("--mode allows at most 0644: certificate files are never "
-                         "executable or writable by others")
-    opts.uid = lookup_id(opts.owner, "pwd", "getpwnam", "pw_uid", "--owner")
-    opts.gid = lookup_id(opts.group, "grp", "getgrnam", "gr_gid", "--group")
-    if opts.key_path:
-        load_section(KEYS_SECTION)
-    opts.key = read_private_key(opts.key_path, opts.key_password_file) if opts.key_path \
-        else None
-    if opts.combined_path and opts.key.encrypted:
-        warn(opts, "--combined-path gets the key encrypted, as it is in --key-path")
-
-
-def lookup_id(name, module, function, field, flag):
-    """A user or group name (or number) to its number; -1 when not given."""
-    if name is None:
-        return -1
-    if name.isdigit():
-        return int(name)
-    try:
-        return getattr(getattr(__import__(module), function)(name), field)
-    except (KeyError, ImportError):
-        raise UsageError("%s %s: no such %s on this host" % (flag, name, flag[2:]))
-
-
-def check_gate(result, opts, now):
+def check_gate(result, key, now):
     """The install gate: the key, the name and the dates; raises RefusedError."""
-    leaf, target, key = result.leaf, result.target, opts.key
+    leaf, target = result.leaf, result.target
     if key is not None and not key_matches(key, leaf):
         raise RefusedError("%s: the leaf's key (SPKI sha256 %s) does not match --key-path %s (%s)"
                            % (target, leaf.spki_sha256, key.path, "SPKI sha256 %s" %
@@ -1809,33 +1763,35 @@ def check_gate(result, opts, now):
                                 "wrong (date -u)")
 
 
-def apply_gate(results, opts):
+def apply_gate(results, key):
+    """The gate for every fetched chain; a refusal becomes that source's error."""
     now = time.time()
     for result in results:
         if result.error is None:
             try:
-                check_gate(result, opts, now)
+                check_gate(result, key, now)
             except RefusedError as exc:
                 result.error = exc
 
 
-def plan_outputs(opts):
-    """(path, kind) for every file asked for, checked before any network I/O."""
+def plan_outputs(out_dir, paths, key_path):
+    """(path, kind) for every file asked for, checked before any network I/O:
+    --out-dir's files, then paths, a dict of kind ("cert", "chain", "fullchain",
+    "combined") to the file named by its --KIND-path (or None)."""
     plan = []
-    if opts.out_dir:
-        plan += [(os.path.join(opts.out_dir, name), name[:-4]) for name in OUT_DIR_FILES]
+    if out_dir:
+        plan += [(os.path.join(out_dir, name), name[:-4]) for name in OUT_DIR_FILES]
     for kind in ("cert", "chain", "fullchain", "combined"):
-        path = getattr(opts, kind + "_path")
-        if path:
-            plan.append((path, kind))
+        if paths[kind]:
+            plan.append((paths[kind], kind))
     absolute = [os.path.realpath(path) for path, _ in plan]
     if len(set(absolute)) != len(absolute):
         raise UsageError("two outputs name the same file")
-    if opts.key_path and os.path.realpath(opts.key_path) in absolute:
-        raise UsageError("an output would overwrite the --key-path file %s" % opts.key_path)
+    if key_path and os.path.realpath(key_path) in absolute:
+        raise UsageError("an output would overwrite the --key-path file %s" % key_path)
     for path, _ in plan:
         check_target(path)
-    return plan
+    return tuple(plan)
 
 
 def check_target(path):
@@ -1880,16 +1836,16 @@ def installed_leaf(plan):
     return None
 
 
-def check_not_older(best, installed, opts):
+def check_not_older(best, installed, force, reporter):
     """No downgrade: the offered leaf must be the installed one or issued later."""
     leaf = best.leaf
     if installed is None or installed.der == leaf.der or leaf.not_before > installed.not_before:
         return
     message = "%s offers a leaf (%s) that is not newer than the installed one (%s)" % (
         best.target, leaf.describe(), installed.describe())
-    if not opts.force:
+    if not force:
         raise RefusedError(message, hint="--force installs it anyway")
-    warn(opts, message + "; installing it because of --force")
+    reporter.warn(message + "; installing it because of --force")
 
 
 def lock_directories(directories, wait):
@@ -1939,18 +1895,18 @@ def remove_stale_temps(plan):
                 remove_quietly(os.path.join(directory, name))
 
 
-def install_files(outputs, opts, mark_pending):
+def install_files(outputs, settings, mark_pending):
     """Write each output that differs from the disk; return the paths written.
 
     Every new version is staged as a temporary file beside its target and
     fsynced before the first rename, so a failure leaves the old files alone.
     With a deploy hook the new files are dated HOOK_PENDING_MTIME until it ran.
     """
-    changed = [output for output in outputs if read_existing(output[0]) != output[1]]
+    changed = changed_outputs(outputs)
     staged, path = [], None
     try:
         for path, data, holds_key in changed:
-            staged.append((stage_file(path, data, holds_key, opts, mark_pending), path))
+            staged.append((stage_file(path, data, holds_key, settings, mark_pending), path))
         for temp, path in staged:
             os.replace(temp, path)
     except OSError as exc:
@@ -1963,7 +1919,12 @@ def install_files(outputs, opts, mark_pending):
     return [path for path, _, _ in changed]
 
 
-def stage_file(path, data, holds_key, opts, mark_pending):
+def changed_outputs(outputs):
+    """The outputs whose file does not hold exactly their bytes yet."""
+    return [output for output in outputs if read_existing(output[0]) != output[1]]
+
+
+def stage_file(path, data, holds_key, settings, mark_pending):
     """A fsynced temporary copy of data beside path, with the mode and owner it needs."""
     try:
         old = os.stat(path)
@@ -1972,9 +1933,9 @@ def stage_file(path, data, holds_key, opts, mark_pending):
     if old is not None:
         mode = old.st_mode & 0o7777
     else:
-        mode = 0o600 if holds_key else NEW_FILE_MODE if opts.mode is None else opts.mode
+        mode = 0o600 if holds_key else NEW_FILE_MODE if settings.mode is None else settings.mode
     mode &= 0o640 if holds_key else ~0o022      # never writable by others; key never public
-    owner = (old.st_uid, old.st_gid) if old else (opts.uid, opts.gid)
+    owner = (old.st_uid, old.st_gid) if old else (settings.uid, settings.gid)
     temp = write_temp_file(os.path.dirname(os.path.abspath(path)), os.path.basename(path),
                            data, mode, owner if os.geteuid() == 0 or not old else None)
     if mark_pending or old is not None and int(old.st_mtime) == HOOK_PENDING_MTIME:
@@ -2046,126 +2007,107 @@ def clear_pending(paths):
                 path, exc.strerror or exc), hint="the next run will run the hook again")
 
 
-def run_deploy_hook(opts, plan, best):
+def run_deploy_hook(settings, plan, best):
     """--deploy-hook through /bin/sh, context only in the environment (certbot's names)."""
     import subprocess
     leaf = best.leaf
-    lineage = opts.out_dir or os.path.dirname(os.path.abspath(plan[0][0]))
+    lineage = settings.out_dir or os.path.dirname(os.path.abspath(plan[0][0]))
     env = dict(os.environ)
     env.update(RENEWED_LINEAGE=os.path.realpath(lineage), CERTGRAB_SOURCE=best.target.source,
                RENEWED_DOMAINS=" ".join(n for n in leaf.dns_names if set(n) <= HOST_CHARS),
                CERTGRAB_FILES=" ".join(os.path.abspath(path) for path, _ in plan),
                CERTGRAB_SHA256=leaf.sha256)
     try:
-        hook = subprocess.Popen(["/bin/sh", "-c", opts.deploy_hook], env=env,
+        hook = subprocess.Popen(["/bin/sh", "-c", settings.deploy_hook], env=env,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     except OSError as exc:
         raise HookError("cannot run --deploy-hook: %s" % (exc.strerror or exc))
     try:
-        status = hook.wait(timeout=opts.hook_timeout)
+        status = hook.wait(timeout=settings.hook_timeout)
     except subprocess.TimeoutExpired:
         os.killpg(hook.pid, 9)
         hook.wait()
         raise HookError("--deploy-hook was killed after --hook-timeout %g s; the next run "
-                        "retries it" % opts.hook_timeout)
+                        "retries it" % settings.hook_timeout)
     if status != 0:
         raise HookError("--deploy-hook failed (%s); the next run retries it" % (
             "exit status %d" % status if status > 0 else "signal %d" % -status))
 
 
-def install_chain(plan, chain, best, opts):
+def install_chain(chain, best, settings, reporter):
     """Under the directory locks: no downgrade, write what changed, run the hook."""
-    named, plan = plan, [(os.path.realpath(path), kind) for path, kind in plan]  # keep links
-    outputs = render_outputs(plan, chain, opts.key)
-    if opts.dry_run:
-        return dry_run(plan, outputs, best, opts)
+    named = settings.plan
+    plan = [(os.path.realpath(path), kind) for path, kind in named]  # write through links
+    outputs = render_outputs(plan, chain, settings.key)
+    if settings.dry_run:
+        return dry_run(plan, outputs, best, settings, reporter)
     directories = sorted(set(os.path.dirname(os.path.abspath(path)) for path, _ in plan))
-    locks = lock_directories(directories, opts.hook_timeout + opts.timeout + LOCK_SLACK)
+    locks = lock_directories(directories, settings.hook_timeout + settings.timeout + LOCK_SLACK)
     try:
         remove_stale_temps(plan)
-        check_not_older(best, installed_leaf(plan), opts)
-        changed = install_files(outputs, opts, mark_pending=bool(opts.deploy_hook))
-        if changed and not opts.key:
-            warn(opts, "no --key-path: the leaf was not checked against the private key")
+        check_not_older(best, installed_leaf(plan), settings.force, reporter)
+        changed = install_files(outputs, settings, mark_pending=bool(settings.deploy_hook))
+        if changed and not settings.key:
+            reporter.warn("no --key-path: the leaf was not checked against the private key")
         if changed:
-            say(opts, "installed the chain from %s (%s): %s" % (
+            reporter.say("installed the chain from %s (%s): %s" % (
                 best.target, best.leaf.describe(), " ".join(changed)))
         pending = pending_files(plan)
-        if pending and opts.deploy_hook:
-            run_deploy_hook(opts, named, best)
+        if pending and settings.deploy_hook:
+            run_deploy_hook(settings, named, best)
             clear_pending(pending)
         elif pending:
-            warn(opts, "a deploy hook is still pending for %s (dated %s); a run with "
-                       "--deploy-hook retries it" % (" ".join(pending),
-                                                     format_time(HOOK_PENDING_MTIME)))
+            reporter.warn("a deploy hook is still pending for %s (dated %s); a run with "
+                          "--deploy-hook retries it" % (" ".join(pending),
+                                                        format_time(HOOK_PENDING_MTIME)))
         if not changed and not pending:
-            info(opts, "files are up to date; nothing written, no hook run")
+            reporter.info("files are up to date; nothing written, no hook run")
     finally:
         unlock_directories(locks)
 
 
-def dry_run(plan, outputs, best, opts):
-    check_not_older(best, installed_leaf(plan), opts)
-    changed = [path for path, data, _ in outputs if read_existing(path) != data]
+def dry_run(plan, outputs, best, settings, reporter):
+    """--dry-run: the same checks and the same comparison with the disk; no writes."""
+    check_not_older(best, installed_leaf(plan), settings.force, reporter)
+    changed = [path for path, _, _ in changed_outputs(outputs)]
     for path in changed:
         directory = os.path.dirname(path)
         while not os.path.exists(directory):
             directory = os.path.dirname(directory)
         if not os.access(directory, os.W_OK):
             raise WriteError("dry run: cannot write %s: %s is not writable" % (path, directory))
-    hook = opts.deploy_hook and (changed or pending_files(plan))
-    say(opts, "dry run: %s%s" % ("would write " + " ".join(changed) if changed else
-                                 "files are up to date", "; would run the deploy hook"
-                                 if hook else ""))
-'''
+    hook = settings.deploy_hook and (changed or pending_files(plan))
+    reporter.say("dry run: %s%s" % ("would write " + " ".join(changed) if changed else
+                                    "files are up to date", "; would run the deploy hook"
+                                    if hook else ""))
 
 
 # ---------------------------------------------------------------------------
 # Reports: stderr lines for people, stdout for the chain.
 # ---------------------------------------------------------------------------
 
-def report_error(exc):
-    sys.stderr.write("certgrab: %s\n" % exc)
-    if exc.hint:
-        sys.stderr.write("certgrab: hint: %s\n" % exc.hint)
-
-
-def warn(opts, message):
-    if not opts.quiet:
-        sys.stderr.write("certgrab: warning: %s\n" % message)
-
-
-def say(opts, message):
-    if not opts.quiet:
-        sys.stderr.write("certgrab: %s\n" % message)
-
-
-def info(opts, message):
-    if opts.verbose:
-        sys.stderr.write("certgrab: %s\n" % message)
-
-
-def report_fetch(results, best, reader, opts, plan):
+def report_fetch(results, best, reader, settings, reporter):
     """Chain problems of the winner; with -v, how each source went."""
     for problem in best.problems:
-        warn(opts, "%s: %s%s" % (best.target, problem, " (files get the issuing path: leaf, "
-                                 "intermediates, no root)" if plan else ""))
-    for result in results if opts.verbose else ():
+        reporter.warn("%s: %s%s" % (best.target, problem, " (files get the issuing path: "
+                                    "leaf, intermediates, no root)" if settings.plan else ""))
+    for result in results if reporter.verbose else ():
         if result.error is None:
-            info(opts, "%s (%s): %s %s, %d certificate(s) read with %s, %s, %.0f ms" % (
+            reporter.info("%s (%s): %s %s, %d certificate(s) read with %s, %s, %.0f ms" % (
                 result.target, result.address, result.tls_version, result.cipher,
                 len(result.served), reader.method,
-                "NOT verified (--insecure)" if opts.insecure else "verified",
+                "NOT verified (--insecure)" if settings.insecure else "verified",
                 result.elapsed * 1000))
             if result.note:
-                info(opts, "  " + result.note)
+                reporter.info("  " + result.note)
             for index, cert in enumerate(result.served):
-                info(opts, "  %d %s (issuer %s) %s to %s" % (
+                reporter.info("  %d %s (issuer %s) %s to %s" % (
                     index, printable(cert.subject), printable(cert.issuer),
                     format_time(cert.not_before), format_time(cert.not_after)))
     if len(results) > 1:        # with files, the install message names the source
-        (info if plan else say)(opts, "using the chain from %s (newest valid leaf, issued %s)"
-                                % (best.target, format_time(best.leaf.not_before)))
+        (reporter.info if settings.plan else reporter.say)(
+            "using the chain from %s (newest valid leaf, issued %s)"
+            % (best.target, format_time(best.leaf.not_before)))
 
 
 def wrap_items(items, width):
@@ -2194,59 +2136,23 @@ def write_stdout(text):
         raise WriteError("cannot write to standard output: %s" % (exc.strerror or exc))
 
 
-# Lazy (see load_section): only --text, --json and --check need this.
-REPORT_SECTION = sys._getframe().f_lineno, "report", r'''
-def check_report_options(opts):
-    """--text, --json, --check (with --same, --expect-file, --warn-days, --crit-days)."""
-    opts.check = opts.check or opts.same or bool(opts.expect_file)
-    modes = [flag for flag in ("text", "json", "check") if getattr(opts, flag)]
-    if len(modes) > 1:
-        raise UsageError("--%s and --%s exclude each other" % tuple(modes[:2]))
-    opts.report = modes[0] if modes else None
-    if opts.report and (opts.writes or opts.key_path or opts.verified_chain):
-        raise UsageError("--%s only reports; it cannot go with output files, --key-path or "
-                         "--verified-chain" % opts.report)
-    try:
-        opts.warn_days = float(WARN_DAYS if opts.warn_days is None else opts.warn_days)
-        opts.crit_days = float(CRIT_DAYS if opts.crit_days is None else opts.crit_days)
-    except ValueError:
-        raise UsageError("--warn-days and --crit-days take numbers")
-
-
-NAGIOS = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
-
-
-def read_local_chain(result):
-    """A local PEM file as a source: its certificates, in file order."""
-    try:
-        with open(result.target.path, "rb") as handle:
-            text = handle.read(1 << 20).decode("ascii", "replace")
-    except OSError as exc:
-        raise FetchError("cannot read %s: %s" % (result.target.path, exc.strerror or exc))
-    ders = pem_to_ders(text)
-    if not ders:
-        raise FetchError("%s: no PEM certificate in it" % result.target.path)
-    result.served = [parse_certificate(der) for der in ders[:MAX_CHAIN]]
-    result.path, result.problems = clean_path(result.served)
-
-
-def report(results, opts):
+def report(results, settings):
     """--text, --json or --check over every result; returns the exit code."""
     now = time.time()
-    if opts.report == "check":
-        return check_report(results, opts, now)
-    if opts.report == "json":
-        write_stdout(json_text([source_json(r, opts) for r in results]) + "\n")
+    if settings.report == "check":
+        return check_report(results, settings, now)
+    if settings.report == "json":
+        write_stdout(json_text([source_json(r, settings) for r in results]) + "\n")
     else:
-        write_stdout("\n".join(text_lines(r, opts, now) for r in results))
+        write_stdout("\n".join(text_lines(r, settings, now) for r in results))
     failures = [r.error for r in results if r.error is not None]
     return max(error.exit_code for error in failures) if failures else 0
 
 
-def verdict(result, opts):
+def verdict(result, settings):
     if result.target.path:
         return "not verified (a local file)"
-    if opts.insecure:
+    if settings.insecure:
         return "NOT verified (--insecure)"
     return "FAILED: " + result.verify_error if result.verify_error else "OK"
 
@@ -2255,7 +2161,7 @@ def days_left(cert, now):
     return (cert.not_after - now) / 86400.0
 
 
-def text_lines(result, opts, now):
+def text_lines(result, settings, now):
     """One source for people: 80 columns, certificate text escaped."""
     target = result.target
     lines = ["%s%s" % (target, " (%s)" % result.address if result.address else "")]
@@ -2265,9 +2171,9 @@ def text_lines(result, opts, now):
         return "\n".join(lines + ["  error:        %s" % result.error]) + "\n"
     if result.tls_version:
         lines.append("  protocol:     %s %s%s" % (result.tls_version, result.cipher,
-                                                 " after STARTTLS " + opts.starttls
-                                                 if opts.starttls else ""))
-    lines.append("  verification: %s" % verdict(result, opts))
+                                                 " after STARTTLS " + settings.starttls
+                                                 if settings.starttls else ""))
+    lines.append("  verification: %s" % verdict(result, settings))
     lines += ["  warning:      %s" % problem for problem in result.problems]
     for index, cert in enumerate(result.served):
         lines += certificate_lines(index, cert, now)
@@ -2299,14 +2205,14 @@ def spki_pin(cert):
     return binascii.b2a_base64(hashlib.sha256(cert.spki).digest()).decode("ascii").strip()
 
 
-def source_json(result, opts):
+def source_json(result, settings):
     target = result.target
     return [
         ("source", target.source), ("address", result.address),
         ("servername", target.servername), ("error", None if result.error is None
                                               else str(result.error)),
         ("tls_version", result.tls_version), ("cipher", result.cipher),
-        ("verified", None if target.path or opts.insecure or not result.served else
+        ("verified", None if target.path or settings.insecure or not result.served else
          result.error is None and result.verify_error is None),
         ("verify_error", result.verify_error), ("problems", result.problems),
         ("chain", [certificate_json(cert) for cert in result.served]),
@@ -2353,10 +2259,10 @@ def _json_char(char):
     return "\\u%04x" % code
 
 
-def check_report(results, opts, now):
+def check_report(results, settings, now):
     """Nagios plugin output: a summary line with perfdata, then one line per source."""
-    lines = [check_source(result, opts, now) for result in results]
-    if opts.same:
+    lines = [check_source(result, settings, now) for result in results]
+    if settings.same:
         lines = [max(lines[i], same_leaf_status(results, i), key=lambda s: s[0])
                  for i in range(len(results))]
     worst = max(status for status, _ in lines)
@@ -2365,7 +2271,7 @@ def check_report(results, opts, now):
     labels = [r.target.source.replace("'", "").replace("=", "") for r in results]
     perfdata = " ".join("'days_left %s'=%d;%g:;%g:" % (
         label if labels.count(label) == 1 else "%s #%d" % (label, index + 1),
-        min_days(result, now), opts.warn_days, opts.crit_days)
+        min_days(result, now), settings.warn_days, settings.crit_days)
         for index, (label, result) in enumerate(zip(labels, results)) if result.path)
     first_problem = next(("; first: " + text for status, text in lines if status == worst
                           and worst), "")   # notifications often show the first line only
@@ -2379,7 +2285,7 @@ def min_days(result, now):
     return min(days_left(cert, now) for cert in result.path)
 
 
-def check_source(result, opts, now):
+def check_source(result, settings, now):
     """(status, text) for one source."""
     target = result.target
     if result.error is not None and not result.served:
@@ -2387,28 +2293,18 @@ def check_source(result, opts, now):
     if result.verify_error:
         return 2, "%s" % result.error
     leaf = result.path[0]
-    if opts.expect_file and not expected_leaf(opts, leaf):
+    if settings.expected is not None and settings.expected[:1] != [leaf.der]:
         return 2, "%s: serves %s, not the leaf in %s (a service not reloaded?)" % (
-            target, leaf_summary(leaf), opts.expect_file)
+            target, leaf_summary(leaf), settings.expect_file)
     soonest = min(result.path, key=lambda cert: cert.not_after)
     left = days_left(soonest, now)
     what = "the leaf" if soonest is leaf else "intermediate %s" % printable(soonest.subject)
     text = "%s: %s %s (%s), chain of %d %s" % (
         target, what, "EXPIRED %d days ago" % -left if left < 0 else
         "expires in %d days" % left, format_time(soonest.not_after), len(result.path),
-        "verified" if not (target.path or opts.insecure) else "not verified")
-    status = 2 if left < opts.crit_days else 1 if left < opts.warn_days else 0
+        "verified" if not (target.path or settings.insecure) else "not verified")
+    status = 2 if left < settings.crit_days else 1 if left < settings.warn_days else 0
     return status, text
-
-
-def expected_leaf(opts, leaf):
-    try:
-        with open(opts.expect_file, "rb") as handle:
-            ders = pem_to_ders(handle.read(1 << 20).decode("ascii", "replace"))
-    except OSError as exc:
-        raise UsageError("cannot read --expect-file %s: %s" % (opts.expect_file,
-                                                                 exc.strerror or exc))
-    return bool(ders) and ders[0] == leaf.der
 
 
 def leaf_summary(leaf):
@@ -2425,284 +2321,366 @@ def same_leaf_status(results, index):
     return 2, "%s: serves %s, unlike %d of %d sources" % (
         results[index].target, leaf_summary(results[index].path[0]), leaves.count(common),
         len(results))
-'''
 
 
 # ---------------------------------------------------------------------------
-# Command line
+# Command line: argparse, validated once into read-only Settings, then main().
 # ---------------------------------------------------------------------------
 
-# The options, one per line: flags, the value's name ("-" for a switch), help.
-# Each sets the attribute its last flag names (--out-dir sets opts.out_dir).
-# A table instead of argparse: argparse and the locale module it pulls in cost
-# more than the whole rest of a fetch's own work (see `make bench`); and text,
-# unlike a tuple of tuples, costs next to nothing to compile (see load_section).
-# --help fills in %(CONSTANT)s from this module.
-OPTIONS = """
--n --servername        NAME      SNI and the name verified (default: SOURCE's host)
--p --port              PORT      port for a SOURCE without one (default %(DEFAULT_PORT)d)
---timeout              SECONDS   deadline per source: DNS, connect, handshake (%(DEFAULT_TIMEOUT)g)
---starttls             PROTOCOL  talk PROTOCOL before TLS (list below)
---ehlo                 NAME      EHLO/LHLO name for smtp, lmtp (default: this host)
---alpn                 LIST      ALPN protocols to offer, comma-separated
--4 --ipv4              -         IPv4 only
--6 --ipv6              -         IPv6 only
---cafile               FILE      trust only the CA certificates in FILE
---capath               DIR       trust only the hashed CA directory DIR
---insecure             -         do not verify chain or name (says so on stderr)
---out-dir              DIR       write cert.pem, chain.pem, fullchain.pem in DIR
---cert-path            FILE      write the leaf to FILE
---chain-path           FILE      write the intermediates to FILE
---fullchain-path       FILE      write the leaf and intermediates to FILE
---verified-chain       -         output the path verification built, with its root
---combined-path        FILE      write chain and private key to FILE (0600)
---key-path             FILE      the private key the leaf must match
---key-password-file    FILE      password of an encrypted key
---owner                USER      owner of new files (existing ones keep theirs)
---group                GROUP     group of new files
---mode                 MODE      octal mode of new certificate files (default 0644)
---force                -         install even a leaf not newer than the installed one
---dry-run              -         check and say what would change; write nothing
---deploy-hook          CMD       run CMD with /bin/sh after files changed
---hook-timeout         SECONDS   kill the hook after SECONDS (default %(HOOK_TIMEOUT)g)
---text                 -         describe each chain for people instead of PEM
---json                 -         describe each source as JSON
---check                -         monitoring plugin: Nagios status lines and exit codes
---warn-days            N         --check: WARNING under N days left (%(WARN_DAYS)d)
---crit-days            N         --check: CRITICAL under N days left (%(CRIT_DAYS)d)
---same                 -         --check: CRITICAL unless all sources serve one leaf
---expect-file          FILE      --check: CRITICAL unless the leaf is FILE's
---parallel             N         fetch N sources at a time (default %(MAX_PARALLEL)d)
--q --quiet             -         print errors only
--v --verbose           -         how each source went: TLS version, method, time
--h --help              -         show this help and exit
---version              -         show the version and exit
-"""
-
-
-def option_rows():
-    """OPTIONS as rows: (flags, attribute, metavar or None for a switch, help)."""
-    rows = []
-    for line in OPTIONS.strip().split("\n"):
-        words = line.split()
-        count = next(i for i, word in enumerate(words) if word == "-" or word[0] != "-")
-        flags, metavar = words[:count], words[count]
-        rows.append((flags, flags[-1].lstrip("-").replace("-", "_"),
-                     None if metavar == "-" else metavar, " ".join(words[count + 1:])))
-    return rows
-
-
-OPTION_ROWS = option_rows()
-
-OUTPUT_OPTIONS = ("out_dir", "cert_path", "chain_path", "fullchain_path", "combined_path")
-# Options only runs that write files or check a key use: their rules are in the
-# Install section, loaded when one of these is given.
-INSTALL_OPTIONS = OUTPUT_OPTIONS + ("key_path", "key_password_file", "owner", "group", "mode",
-                                    "force", "dry_run", "deploy_hook", "hook_timeout")
-# Options of reports: their rules are in the Report section, loaded when one is given.
-REPORT_OPTIONS = ("text", "json", "check", "same", "expect_file", "warn_days", "crit_days")
-CHECK_FLAGS = ("--check", "--same", "--expect-file")
-NAGIOS_UNKNOWN = 3      # a monitoring plugin's exit code for "could not even check"
-
-class Options(object):
-    """The parsed command line: one attribute per option, and sources."""
-
-    def __init__(self):
-        for _, attribute, metavar, _ in OPTION_ROWS:
-            setattr(self, attribute, None if metavar else False)
-        self.sources = []
-
-
-# Lazy (see load_section): only --help needs this.
-HELP_SECTION = sys._getframe().f_lineno, "help_text", r'''
-USAGE = "usage: certgrab.py SOURCE [SOURCE ...] [-n NAME] [options]"
-
-HELP_TEXT = """\
+USAGE = "certgrab.py SOURCE [SOURCE ...] [-n NAME] [options]"
+DESCRIPTION = """\
 Fetch the certificate chain a TLS server presents, verify it, write it.
 
 SOURCE is host, host:port, IPv4, [IPv6]:port or IPv6 (default port 443).
 With several SOURCEs, all are fetched at once and the newest valid chain wins.
 Verification is on by default, against the system CA store.
-With no output option the chain is printed as PEM exactly as served.
-
-options:
-%s
-
---starttls protocols (default port):
-%s
-
+With no output option the chain is printed as PEM exactly as served."""
+EXAMPLES = """\
 examples:
   certgrab.py 203.0.113.7 -n www.example.com > fullchain.pem
   certgrab.py [2001:db8::7]:8443 -n www.example.com --out-dir /etc/ssl/example
-  certgrab.py 10.0.0.5 10.0.0.6 -n www.example.com --cafile ca.pem --out-dir x
+  certgrab.py 10.0.0.5 10.0.0.6 -n www.example.com --cafile ca.pem --out-dir x"""
+CHECK_FLAGS = ("--check", "--same", "--expect-file")     # a plugin's run: UNKNOWN on errors
+OUTPUT_OPTIONS = ("out_dir", "cert_path", "chain_path", "fullchain_path", "combined_path")
 
-exit codes:
-%s"""
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing usage and exiting."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+    def exit(self, status=0, message=None):
+        raise UsageError(message or "argparse wanted to exit with status %d" % status)
 
 
-def help_text():
-    rows = []
-    for flags, _, metavar, text in OPTION_ROWS:
-        left = ", ".join(flags) + (" " + metavar if metavar else "")
-        text %= globals()
-        rows.append("  %-24s %s" % (left, text) if len(left) < 24 else
-                    "  %s\n  %-24s %s" % (left, "", text))
-    lines = wrap_items(["%s %d" % (name, STARTTLS_PORTS[name])
-                        for name in sorted(STARTTLS_PORTS)], 76)
+def build_parser():
+    """Every option, grouped as README's usage table. Values stay strings here:
+    validate_settings converts them, with messages of its own."""
+    parser = ArgumentParser(prog="certgrab.py", usage=USAGE, description=DESCRIPTION,
+                            epilog=epilog(), add_help=False,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_argument_group("connecting")
+    group.add_argument("-n", "--servername", metavar="NAME",
+                       help="SNI and the name verified (default: SOURCE's host)")
+    group.add_argument("-p", "--port", metavar="PORT",
+                       help="port for a SOURCE without one (default %d)" % DEFAULT_PORT)
+    group.add_argument("--timeout", metavar="SECONDS", help="deadline per source: DNS, "
+                       "connect, handshake (default %g)" % DEFAULT_TIMEOUT)
+    group.add_argument("-4", "--ipv4", action="store_true", help="IPv4 only")
+    group.add_argument("-6", "--ipv6", action="store_true", help="IPv6 only")
+    group.add_argument("--parallel", metavar="N", help="fetch N sources at a time "
+                       "(default %d)" % MAX_PARALLEL)
+    group = parser.add_argument_group("STARTTLS")
+    group.add_argument("--starttls", metavar="PROTOCOL",
+                       help="talk PROTOCOL before TLS (list below)")
+    group.add_argument("--ehlo", metavar="NAME",
+                       help="EHLO/LHLO name for smtp, lmtp (default: this host)")
+    group.add_argument("--alpn", metavar="LIST", help="ALPN protocols to offer, comma-separated")
+    group = parser.add_argument_group("trust")
+    group.add_argument("--cafile", metavar="FILE", help="trust only the CA certificates in FILE")
+    group.add_argument("--capath", metavar="DIR", help="trust only the hashed CA directory DIR")
+    group.add_argument("--insecure", action="store_true",
+                       help="do not verify chain or name (says so on stderr)")
+    group = parser.add_argument_group("output (default: the chain as served, on stdout)")
+    group.add_argument("--out-dir", metavar="DIR",
+                       help="write cert.pem, chain.pem, fullchain.pem in DIR")
+    group.add_argument("--cert-path", metavar="FILE", help="write the leaf to FILE")
+    group.add_argument("--chain-path", metavar="FILE", help="write the intermediates to FILE")
+    group.add_argument("--fullchain-path", metavar="FILE",
+                       help="write the leaf and intermediates to FILE")
+    group.add_argument("--combined-path", metavar="FILE",
+                       help="write chain and private key to FILE (0600)")
+    group.add_argument("--verified-chain", action="store_true",
+                       help="output the path verification built, with its root")
+    group = parser.add_argument_group("install gate")
+    group.add_argument("--key-path", metavar="FILE", help="the private key the leaf must match")
+    group.add_argument("--key-password-file", metavar="FILE",
+                       help="password of an encrypted key")
+    group.add_argument("--force", action="store_true",
+                       help="install even a leaf not newer than the installed one")
+    group.add_argument("--dry-run", action="store_true",
+                       help="check and say what would change; write nothing")
+    group = parser.add_argument_group("files")
+    group.add_argument("--owner", metavar="USER",
+                       help="owner of new files (existing ones keep theirs)")
+    group.add_argument("--group", metavar="GROUP", help="group of new files")
+    group.add_argument("--mode", metavar="MODE", help="octal mode of new certificate files "
+                       "(default %04o)" % NEW_FILE_MODE)
+    group = parser.add_argument_group("hook")
+    group.add_argument("--deploy-hook", metavar="CMD", help="run CMD with /bin/sh after files "
+                       "changed")
+    group.add_argument("--hook-timeout", metavar="SECONDS", help="kill the hook after SECONDS "
+                       "(default %g)" % HOOK_TIMEOUT)
+    group = parser.add_argument_group("reports")
+    group.add_argument("--text", action="store_true",
+                       help="describe each chain for people instead of PEM")
+    group.add_argument("--json", action="store_true", help="describe each source as JSON")
+    group.add_argument("--check", action="store_true",
+                       help="monitoring plugin: Nagios status lines and exit codes")
+    group.add_argument("--warn-days", metavar="N",
+                       help="--check: WARNING under N days left (default %d)" % WARN_DAYS)
+    group.add_argument("--crit-days", metavar="N",
+                       help="--check: CRITICAL under N days left (default %d)" % CRIT_DAYS)
+    group.add_argument("--same", action="store_true",
+                       help="--check: CRITICAL unless all sources serve one leaf")
+    group.add_argument("--expect-file", metavar="FILE",
+                       help="--check: CRITICAL unless the leaf is FILE's")
+    group = parser.add_argument_group("messages")
+    group.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    group.add_argument("-v", "--verbose", action="store_true",
+                       help="how each source went: TLS version, method, time")
+    group.add_argument("-h", "--help", action="store_true", help="show this help and exit")
+    group.add_argument("--version", action="store_true", help="show the version and exit")
+    return parser
+
+
+def epilog():
+    """--starttls protocols, examples and the exit codes of the docstring."""
+    protocols = wrap_items(["%s %d" % (name, STARTTLS[name][1]) for name in sorted(STARTTLS)],
+                           76)
     doc = __doc__ or "\nExit codes\n    (see README.md: python -OO dropped them)\n"
     exit_codes = doc.split("\nExit codes\n", 1)[1].replace("    ", "  ")
-    return USAGE + "\n\n" + HELP_TEXT % ("\n".join(rows), "\n".join(
-        "  " + line for line in lines), exit_codes)
-'''
+    return "--starttls protocols (default port):\n%s\n\n%s\n\nexit codes:\n%s" % (
+        "\n".join("  " + line for line in protocols), EXAMPLES, exit_codes.rstrip("\n"))
 
 
-def option_flag(attribute):
-    return next(flags[-1] for flags, name, _, _ in OPTION_ROWS if name == attribute)
+def parse_command_line(parser, argv):
+    """argparse's namespace, and the SOURCEs: anywhere among the options, and
+    every word after "--". Long options are spelt in full: an abbreviation that
+    works today would change meaning when a longer option is added."""
+    words, sources = list(argv), []
+    if "--" in words:
+        words, sources = words[:words.index("--")], words[words.index("--") + 1:]
+    known = parser._option_string_actions
+    for word in words:
+        flag = word.split("=", 1)[0]
+        if word.startswith("--") and flag not in known:
+            longer = sorted(option for option in known if option.startswith(flag))
+            raise UsageError("unknown option %s%s" % (flag, "; long options are spelt in "
+                             "full: %s" % ", ".join(longer) if longer else ""))
+    args, extra = parser.parse_known_args(words)
+    unknown = [word for word in extra if word.startswith("-") and word != "-"]
+    if unknown:
+        raise UsageError("unknown option %s" % unknown[0])
+    return args, extra + sources
 
 
-def parse_args(argv):
-    """Options from the command line: GNU style, long options spelt in full."""
-    table = dict((flag, (attribute, metavar))
-                 for flags, attribute, metavar, _ in OPTION_ROWS for flag in flags)
-    opts, args = Options(), list(argv)
-    while args:
-        arg = args.pop(0)
-        if arg == "--":
-            opts.sources += args
-            break
-        if not arg.startswith("-") or arg == "-":
-            opts.sources.append(arg)
-            continue
-        if arg.startswith("--"):
-            flag, has_value, value = arg.partition("=")
-            pairs = [(flag, value if has_value else None)]
-        else:   # -qv, -n NAME, -nNAME
-            pairs = [("-" + c, None) for c in arg[1:]]
-            for index, (flag, _) in enumerate(pairs):
-                if table.get(flag, (0, None))[1] and arg[index + 2:]:
-                    pairs = pairs[:index] + [(flag, arg[index + 2:])]
-                    break
-        for flag, value in pairs:
-            _set_option(opts, table, flag, value, args)
-    return opts
+class Settings(object):
+    """The command line, validated and converted once by validate_settings:
+    numbers are numbers, the key is read, paths and names are checked.
+    Read-only afterwards, so that no step can change what a later one sees."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Settings are read-only: cannot set %s" % name)
+
+    def __delattr__(self, name):
+        raise AttributeError("Settings are read-only: cannot delete %s" % name)
 
 
-def _set_option(opts, table, flag, value, args):
-    if flag not in table:
-        raise UsageError("unknown option %s" % flag)
-    attribute, metavar = table[flag]
-    if metavar is None and value is not None:
-        raise UsageError("%s takes no value" % flag)
-    if metavar is not None and value is None:
-        if not args:
-            raise UsageError("%s needs a value (%s)" % (flag, metavar))
-        value = args.pop(0)
-    setattr(opts, attribute, True if metavar is None else value)
-
-
-def check_options(opts):
-    """The rules between options; numbers converted. The rules of option families
-    a run does not use sit in their lazy sections, checked when one is given."""
-    if not opts.sources:
+def validate_settings(args, sources, reporter):
+    """Settings from argparse's namespace; UsageError on the first rule broken."""
+    if not sources:
         raise UsageError("no SOURCE given")
-    try:
-        opts.timeout = float(DEFAULT_TIMEOUT if opts.timeout is None else opts.timeout)
-    except ValueError:
-        opts.timeout = -1.0
-    if not 0 < opts.timeout < 86400:
+    for first, second in (("--ipv4", "--ipv6"), ("--quiet", "--verbose"),
+                          ("--insecure", "--cafile"), ("--insecure", "--capath"),
+                          ("--insecure", "--verified-chain")):
+        if _given(args, first) and _given(args, second):
+            raise UsageError("%s and %s exclude each other" % (first, second))
+    values = dict(sources=tuple(sources), quiet=args.quiet, verbose=args.verbose,
+                  insecure=args.insecure, cafile=args.cafile, capath=args.capath,
+                  verified_chain=args.verified_chain)
+    values.update(_connecting_settings(args, len(sources)))
+    values.update(_report_settings(args))
+    values.update(_install_settings(args, values["report"], reporter))
+    default_port = parse_port(args.port, "-p/--port") if args.port is not None else \
+        STARTTLS[args.starttls][1] if args.starttls else DEFAULT_PORT
+    values["targets"] = parse_targets(sources, parse_servername(args.servername),
+                                      default_port, files_allowed=bool(values["report"]))
+    values["trust"] = " and ".join("%s %s" % (flag, path) for flag, path in (
+        ("--cafile", args.cafile), ("--capath", args.capath)) if path) or "the system store"
+    values["plan"] = plan_outputs(args.out_dir, dict(
+        (kind, getattr(args, kind + "_path")) for kind in ("cert", "chain", "fullchain",
+                                                          "combined")), args.key_path)
+    return Settings(**values)
+
+
+def _given(args, flag):
+    return getattr(args, flag.lstrip("-").replace("-", "_")) not in (None, False)
+
+
+def _connecting_settings(args, source_count):
+    """-4/-6, --timeout, --parallel, --starttls, --ehlo, --alpn."""
+    timeout = _number(args.timeout, DEFAULT_TIMEOUT, float)
+    if timeout is None or not 0 < timeout < 86400:
         raise UsageError("--timeout must be a number of seconds above 0")
-    for first, second in (("ipv4", "ipv6"), ("quiet", "verbose"), ("insecure", "cafile"),
-                          ("insecure", "capath"), ("insecure", "verified_chain")):
-        if getattr(opts, first) and getattr(opts, second):
-            raise UsageError("%s and %s exclude each other" % (
-                option_flag(first), option_flag(second)))
-    opts.family = socket.AF_INET if opts.ipv4 else socket.AF_INET6 if opts.ipv6 else \
+    parallel = _number(args.parallel, MAX_PARALLEL, int)
+    if parallel is None:
+        raise UsageError("--parallel takes a number")
+    if not 1 <= parallel <= PARALLEL_LIMIT:
+        raise UsageError("--parallel must be from 1 to %d" % PARALLEL_LIMIT)
+    if args.starttls is not None and args.starttls not in STARTTLS:
+        raise UsageError("--starttls %s: unknown protocol; known: %s"
+                         % (args.starttls, ", ".join(sorted(STARTTLS))))
+    alpn = [protocol for protocol in (args.alpn or "").split(",") if protocol]
+    if args.starttls == "postgres-direct" and not alpn:
+        alpn = ["postgresql"]                   # PostgreSQL 17's direct TLS requires it
+    family = socket.AF_INET if args.ipv4 else socket.AF_INET6 if args.ipv6 else \
         socket.AF_UNSPEC
-    opts.alpn = [p for p in (opts.alpn or "").split(",") if p] or None
-    opts.writes = any(getattr(opts, attribute) for attribute in OUTPUT_OPTIONS)
-    opts.report, opts.key = None, None
-    if opts.starttls is not None or opts.ehlo is not None:
-        load_section(STARTTLS_SECTION)
-        check_starttls_options(opts)
-    if any(getattr(opts, attribute) not in (None, False) for attribute in REPORT_OPTIONS):
-        load_section(REPORT_SECTION)
-        check_report_options(opts)
-    if opts.parallel is not None or len(opts.sources) > 1:
-        load_section(FLEET_SECTION)
-        check_fleet_options(opts)
-    # Every run but a plain fetch reads certificate fields: decoded while fetching.
-    opts.details = bool(opts.report or opts.writes or opts.key_path or opts.verbose
-                        or len(opts.sources) > 1)
-    if opts.details:
-        load_section(DETAILS_SECTION)
-    if any(getattr(opts, attribute) for attribute in INSTALL_OPTIONS):
-        load_section(INSTALL_SECTION)
-        check_install_options(opts)
+    return dict(timeout=timeout, parallel=parallel, starttls=args.starttls,
+                ehlo=parse_ehlo(args.ehlo), alpn=alpn or None, family=family)
 
 
-def make_reader(opts, targets):
+def _number(text, default, kind):
+    """text as kind (int or float), default when absent, None when not a number."""
+    if text is None:
+        return default
+    try:
+        return kind(text)
+    except ValueError:
+        return None
+
+
+def _report_settings(args):
+    """--text, --json, --check (with --same, --expect-file, --warn-days, --crit-days)."""
+    check = args.check or args.same or args.expect_file is not None
+    modes = [mode for mode, given in (("text", args.text), ("json", args.json),
+                                      ("check", check)) if given]
+    if len(modes) > 1:
+        raise UsageError("--%s and --%s exclude each other" % tuple(modes[:2]))
+    report = modes[0] if modes else None
+    writes = any(getattr(args, name) for name in OUTPUT_OPTIONS)
+    if report and (writes or args.key_path or args.verified_chain):
+        raise UsageError("--%s only reports; it cannot go with output files, --key-path or "
+                         "--verified-chain" % report)
+    warn_days, crit_days = _number(args.warn_days, WARN_DAYS, float), \
+        _number(args.crit_days, CRIT_DAYS, float)
+    if warn_days is None or crit_days is None:
+        raise UsageError("--warn-days and --crit-days take numbers")
+    expected = None                 # --expect-file: its certificates, as DER
+    if args.expect_file is not None:
+        expected = pem_to_ders(read_small_file(args.expect_file, "--expect-file")
+                               .decode("ascii", "replace"))
+    return dict(report=report, same=args.same, expect_file=args.expect_file,
+                expected=expected, warn_days=warn_days, crit_days=crit_days, writes=writes)
+
+
+def _install_settings(args, report, reporter):
+    """Files, key, hook: the options of runs that write files or check a key."""
+    writes = any(getattr(args, name) for name in OUTPUT_OPTIONS)
+    for flag in ("--deploy-hook", "--owner", "--group", "--mode", "--force", "--dry-run"):
+        if _given(args, flag) and not writes:
+            raise UsageError("%s needs an output file (--out-dir or a --*-path)" % flag)
+    for flag in ("--combined-path", "--key-password-file"):
+        if _given(args, flag) and not args.key_path:
+            raise UsageError("%s needs --key-path" % flag)
+    hook_timeout = _number(args.hook_timeout, HOOK_TIMEOUT, float)
+    mode = _number(args.mode, None, lambda text: int(text, 8))
+    if hook_timeout is None or args.mode is not None and mode is None:
+        raise UsageError("--hook-timeout takes seconds and --mode an octal number like 0644")
+    if not hook_timeout > 0:
+        raise UsageError("--hook-timeout must be above 0")
+    if mode is not None and mode & ~0o644:
+        raise UsageError("--mode allows at most 0644: certificate files are never "
+                         "executable or writable by others")
+    key = read_private_key(args.key_path, args.key_password_file) if args.key_path else None
+    if args.combined_path and key.encrypted:
+        reporter.warn("--combined-path gets the key encrypted, as it is in --key-path")
+    return dict(out_dir=args.out_dir, cert_path=args.cert_path, chain_path=args.chain_path,
+                fullchain_path=args.fullchain_path, combined_path=args.combined_path,
+                key_path=args.key_path, key=key, force=args.force, dry_run=args.dry_run,
+                deploy_hook=args.deploy_hook, hook_timeout=hook_timeout, mode=mode,
+                uid=lookup_user(args.owner), gid=lookup_group(args.group))
+
+
+def lookup_user(name):
+    """--owner: a user name or number to its number; -1 when not given."""
+    if name is None or name.isdigit():
+        return -1 if name is None else int(name)
+    try:
+        import pwd
+        return pwd.getpwnam(name).pw_uid
+    except (KeyError, ImportError):
+        raise UsageError("--owner %s: no such user on this host" % name)
+
+
+def lookup_group(name):
+    """--group: a group name or number to its number; -1 when not given."""
+    if name is None or name.isdigit():
+        return -1 if name is None else int(name)
+    try:
+        import grp
+        return grp.getgrnam(name).gr_gid
+    except (KeyError, ImportError):
+        raise UsageError("--group %s: no such group on this host" % name)
+
+
+def make_reader(settings):
     """The run's context; with --key-path, one more per key type for dual-cert servers.
     None when every source is a local file: they need no trust store."""
-    if all(target.path for target in targets):
+    if all(target.path for target in settings.targets):
         return None
-    kinds = ("RSA", "EC") if opts.key else ()
-    trust = " and ".join("%s %s" % (flag, getattr(opts, flag[2:])) for flag in
-                         ("--cafile", "--capath") if getattr(opts, flag[2:])) or "the system store"
-    if not HAS_VERIFIED_CHAIN:
-        load_section(BEFORE_310_SECTION)
-    new_reader = ChainReader if HAS_VERIFIED_CHAIN else ChainReaderBefore310
-    readers = dict((kind, new_reader(make_context(opts, kind), trust)) for kind in kinds)
-    reader = new_reader(make_context(opts), trust, readers)
+    kinds = ("RSA", "EC") if settings.key else ()
+    readers = dict((kind, new_chain_reader(make_context(settings, kind), settings.trust))
+                   for kind in kinds)
+    reader = new_chain_reader(make_context(settings), settings.trust, readers)
     for each in [reader] + list(readers.values()):
-        each.starttls = opts.starttls
+        each.starttls = settings.starttls
     return reader
 
 
 def main(argv=None):
     """Run certgrab; return the exit code (see the module docstring)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    reporter = Reporter()
     try:
-        opts = parse_args(argv)
-        if opts.help:
-            load_section(HELP_SECTION)
-            sys.stdout.write(help_text())
+        parser = build_parser()
+        args, sources = parse_command_line(parser, argv)
+        if args.help:
+            write_stdout(parser.format_help())
             return 0
-        if opts.version:
-            sys.stdout.write("certgrab %s\n" % __version__)
+        if args.version:
+            write_stdout("certgrab %s\n" % __version__)
             return 0
-        check_options(opts)
-        targets = parse_targets(opts)                   # 1. what to dial, what name to verify
-        plan = plan_outputs(opts) if opts.writes else []  # 2. where to write, checked now
-        reader = make_reader(opts, targets)             # 3. trust store, chain access
-        if opts.insecure:
-            warn(opts, "--insecure: the chain is NOT verified; anyone on the path could "
-                       "have sent it")
-        results = fetch_all(targets, reader, opts)      # 4. one handshake per source
-        if opts.report:                                 #    or: describe them all
-            return report(results, opts)
-        if plan or opts.key:
-            apply_gate(results, opts)                   # 5. key, name, dates
-        best = choose_result(results, opts)             # 6. the newest good chain
-        report_fetch(results, best, reader, opts, plan)
-        if not plan:                                    # 7a. stdout: exactly as served
-            certs = best.verified if opts.verified_chain else best.served
-            write_stdout("".join(der_to_pem(cert.der) for cert in certs))
+        reporter = Reporter(quiet=args.quiet, verbose=args.verbose)
+        settings = validate_settings(args, sources, reporter)  # 1. options, SOURCEs, files
+        reader = make_reader(settings)                  # 2. trust store, chain access
+        if settings.insecure:
+            reporter.warn("--insecure: the chain is NOT verified; anyone on the path could "
+                          "have sent it")
+        results = fetch_all(settings.targets, reader, settings, reporter)  # 3. handshakes
+        if settings.report:                             #    or: describe them all
+            return report(results, settings)
+        if settings.plan or settings.key:
+            apply_gate(results, settings.key)           # 4. key, name, dates
+        best = choose_result(results, reporter)         # 5. the newest good chain
+        report_fetch(results, best, reader, settings, reporter)
+        chain = best.verified if settings.verified_chain else None
+        if not settings.plan:                           # 6a. stdout: exactly as served
+            write_stdout("".join(der_to_pem(cert.der) for cert in chain or best.served))
             return 0
-        install_chain(plan, best.verified if opts.verified_chain else best.path, best, opts)
-        return 0                                        # 7b. files, then the hook
+        install_chain(chain or best.path, best, settings, reporter)  # 6b. files, hook
+        return 0
     except CertgrabError as exc:
-        report_error(exc)
-        if isinstance(exc, UsageError):
-            sys.stderr.write("certgrab: hint: certgrab.py --help lists the options\n")
-        if any(arg.split("=")[0] in CHECK_FLAGS for arg in argv):
-            sys.stdout.write("CERTGRAB UNKNOWN - %s\n" % exc)    # a plugin's status line
-            return NAGIOS_UNKNOWN
-        return exc.exit_code
+        return report_failure(exc, argv, reporter)
 
 
-LAZY_SECTIONS = (DETAILS_SECTION, KEYS_SECTION, STARTTLS_SECTION, BEFORE_310_SECTION,
-                 FAILURE_SECTION, FLEET_SECTION, INSTALL_SECTION, REPORT_SECTION,
-                 HELP_SECTION)      # make lint compiles each one
+def report_failure(exc, argv, reporter):
+    """An expected failure: its line (and hint) on stderr; the exit code. Under
+    --check, --same or --expect-file a plugin's UNKNOWN status line as well."""
+    reporter.error(exc)
+    if isinstance(exc, UsageError):
+        reporter.hint("certgrab.py --help lists the options")
+    if any(arg.split("=")[0] in CHECK_FLAGS for arg in argv):
+        try:
+            write_stdout("CERTGRAB UNKNOWN - %s\n" % exc)   # a plugin's status line
+        except WriteError:
+            pass                        # stdout is gone: the exit code still says it
+        return NAGIOS_UNKNOWN
+    return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -26,20 +26,10 @@ CHAINS = ["ec1", "ec2", "rsa1", "rsa2", "ipsan", "expired"]
 pytestmark = pytest.mark.fuzz
 
 
-@pytest.fixture(scope="module", autouse=True)
-def lazy_readers(certgrab):
-    """parse_certificate_message sits in the lazy section Pythons before 3.10 load;
-    decode_details and pem_to_ders in the one every run but a plain fetch loads."""
-    certgrab.load_section(certgrab.BEFORE_310_SECTION)
-    certgrab.load_section(certgrab.DETAILS_SECTION)
-
-
 @pytest.fixture
 def parse_whole(certgrab):
-    """Parse a certificate and decode every field, as runs other than a plain fetch do."""
-    def parse_whole(data):
-        return certgrab.decode_details(certgrab.parse_certificate(data))
-    return parse_whole
+    """Parse a certificate: parse_certificate reads every field."""
+    return certgrab.parse_certificate
 
 
 @pytest.fixture(scope="module")

@@ -659,7 +659,6 @@ def test_megabytes_long_line_hits_a_limit(run, certs, proto):
 
 def test_total_plaintext_is_bounded(run, certs, certgrab):
     """Lines under MAX_LINE, fewer than MAX_REPLY_LINES, but more than MAX_PLAINTEXT in all."""
-    certgrab.load_section(certgrab.STARTTLS_SECTION)
     unit = b"220-" + b"x" * 2000 + b"\r\n"
     assert certgrab.MAX_PLAINTEXT // len(unit) + 1 < certgrab.MAX_REPLY_LINES
     with FakeServer([forever(unit)], certs / CHAIN) as fake:
@@ -669,7 +668,6 @@ def test_total_plaintext_is_bounded(run, certs, certgrab):
 
 
 def test_line_of_exactly_max_line_bytes_is_accepted(run, certs, certgrab):
-    certgrab.load_section(certgrab.STARTTLS_SECTION)
     banner = b"220-" + b"x" * (certgrab.MAX_LINE - 6) + b"\r\n"
     assert len(banner) == certgrab.MAX_LINE
     with FakeServer(smtp_like(banner + SMTP_GREETING, EHLO_REPLY), certs / CHAIN) as fake:
@@ -967,11 +965,10 @@ def play_dialogue(certgrab, proto, data, listener):
     try:
         port = client.getpeername()[1]
         target = certgrab.Target("127.0.0.1:%d" % port, "127.0.0.1", port, NAME)
-        opts = certgrab.Options()
-        opts.starttls, opts.ehlo = proto, "client.example.test"
-        talk = certgrab.Plaintext(client, target, proto, time.monotonic() + FUZZ_DEADLINE)
+        talk = certgrab.Plaintext(client, target, proto, time.monotonic() + FUZZ_DEADLINE,
+                                  ehlo="client.example.test")
         try:
-            getattr(certgrab, "starttls_" + proto.replace("-", "_"))(talk, opts)
+            certgrab.STARTTLS[proto][0](talk)
             talk.finish()
         except certgrab.CertgrabError as exc:
             return exc
@@ -984,7 +981,6 @@ def play_dialogue(certgrab, proto, data, listener):
 @pytest.mark.fuzz
 @pytest.mark.parametrize("proto", PLAINTEXT)
 def test_fuzz_dialogue_ends_in_agreement_or_one_clean_error(certgrab, proto, fuzz_cases):
-    certgrab.load_section(certgrab.STARTTLS_SECTION)
     corpus = [server_replies(proto)] + EXTRA_CORPUS.get(proto, [])
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))

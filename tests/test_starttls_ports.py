@@ -61,7 +61,7 @@ def listen():
 
 
 def test_the_table_is_the_one_certgrab_knows(certgrab):
-    assert certgrab.STARTTLS_PORTS == DEFAULT_PORTS
+    assert {name: port for name, (_, port) in certgrab.STARTTLS.items()} == DEFAULT_PORTS
 
 
 @pytest.mark.parametrize("protocol", sorted(DEFAULT_PORTS))
