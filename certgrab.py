@@ -152,6 +152,7 @@ OUT_DIR_FILES = ("cert.pem", "chain.pem", "fullchain.pem")  # certbot's names
 CERTIFICATE_SUFFIXES = (".pem", ".crt", ".cer")  # a SOURCE with one of these is a file
 NAGIOS = ("OK", "WARNING", "CRITICAL", "UNKNOWN")  # a monitoring plugin's states, 0 to 3
 NAGIOS_UNKNOWN = 3      # a monitoring plugin's exit code for "could not even check"
+TEXT_WIDTH = 64         # characters of a --text value column: lines stay within 80
 
 
 # ---------------------------------------------------------------------------
@@ -250,27 +251,76 @@ DER_INTEGER, DER_BIT_STRING, DER_OCTET_STRING, DER_OID = 0x02, 0x03, 0x04, 0x06
 DER_SEQUENCE, DER_SET = 0x30, 0x31
 DER_VERSION, DER_EXTENSIONS = 0xA0, 0xA3          # [0] and [3] in TBSCertificate
 SAN_DNS, SAN_IP = 0x82, 0x87                      # GeneralName [2] and [7]
+SAN_TYPES = {0xA0: "othername", 0x81: "email", 0x82: "DNS", 0xA3: "X400Name", 0xA4: "DirName",
+             0xA5: "EdiPartyName", 0x86: "URI", 0x87: "IP", 0x88: "RID"}   # OpenSSL's names
+DER_BOOLEAN, DER_T61_STRING = 0x01, 0x14
+DER_TRUE = b"\xff"                                # DER writes TRUE so; FALSE is 00
 
+# RFC 4514's short names, and two that OpenSSL and certgrab have always printed;
+# every other attribute type prints as its dotted OID.
 OID_NAMES = {
-    "2.5.4.3": "CN", "2.5.4.6": "C", "2.5.4.7": "L", "2.5.4.8": "ST",
-    "2.5.4.10": "O", "2.5.4.11": "OU", "2.5.4.5": "serialNumber",
-    "1.2.840.113549.1.9.1": "emailAddress", "0.9.2342.19200300.100.1.25": "DC",
+    "2.5.4.3": "CN", "2.5.4.7": "L", "2.5.4.8": "ST", "2.5.4.10": "O", "2.5.4.11": "OU",
+    "2.5.4.6": "C", "2.5.4.9": "STREET", "0.9.2342.19200300.100.1.25": "DC",
+    "0.9.2342.19200300.100.1.1": "UID", "2.5.4.5": "serialNumber",
+    "1.2.840.113549.1.9.1": "emailAddress",
 }
-OID_RSA, OID_EC = "1.2.840.113549.1.1.1", "1.2.840.10045.2.1"
+# Name values with a string representation (RFC 4514 2.4), and how they are decoded. Like
+# pyca/cryptography, the 8-bit types are read as UTF-8 (PrintableString, IA5String and the
+# like are ASCII, a subset), refused if invalid, except a T61String that is not UTF-8: that
+# is Latin-1 in practice. Any other value prints as "#" and the hex of its DER encoding.
+NAME_STRING_CODECS = {0x0C: "utf-8", 0x12: "utf-8", 0x13: "utf-8", 0x14: "utf-8",
+                      0x16: "utf-8", 0x1A: "utf-8", 0x1E: "utf-16-be", 0x1C: "utf-32-be"}
+RFC4514_SPECIALS = {"\\": "\\\\", '"': '\\"', "+": "\\+", ",": "\\,", ";": "\\;",
+                    "<": "\\<", ">": "\\>", "\0": "\\00"}
+
+OID_RSA, OID_RSA_PSS = "1.2.840.113549.1.1.1", "1.2.840.113549.1.1.10"
+OID_EC, OID_DSA, OID_PRIME_FIELD = "1.2.840.10045.2.1", "1.2.840.10040.4.1", "1.2.840.10045.1.1"
 OID_CURVES = {"1.2.840.10045.3.1.7": ("P-256", 256), "1.3.132.0.34": ("P-384", 384),
-              "1.3.132.0.35": ("P-521", 521)}
-OID_EDWARDS = {"1.3.101.112": ("Ed25519", 256), "1.3.101.113": ("Ed448", 456)}
+              "1.3.132.0.35": ("P-521", 521), "1.3.132.0.33": ("P-224", 224),
+              "1.2.840.10045.3.1.1": ("P-192", 192), "1.3.132.0.10": ("secp256k1", 256),
+              "1.3.36.3.3.2.8.1.1.7": ("brainpoolP256r1", 256),
+              "1.3.36.3.3.2.8.1.1.11": ("brainpoolP384r1", 384),
+              "1.3.36.3.3.2.8.1.1.13": ("brainpoolP512r1", 512)}
+P256, P384, P521 = (2 ** 256 - 2 ** 224 + 2 ** 192 + 2 ** 96 - 1,
+                    2 ** 384 - 2 ** 128 - 2 ** 96 + 2 ** 32 - 1, 2 ** 521 - 1)
+K256 = 2 ** 256 - 2 ** 32 - 977
+# Explicit curve parameters (prime p, coefficients a and b) of the curves such keys use,
+# named as OpenSSL and pyca/cryptography name them; other explicit curves stay unnamed.
+EC_EXPLICIT_CURVES = {
+    (P256, P256 - 3, 0x5ac635d8aa3a93e7b3ebbd55769886bc651d06b0cc53b0f63bce3c3e27d2604b):
+        "1.2.840.10045.3.1.7",
+    (P384, P384 - 3, int("b3312fa7e23ee7e4988e056be3f82d19181d9c6efe8141120314088f5013875a"
+                         "c656398d8a2ed19d2a85c8edd3ec2aef", 16)): "1.3.132.0.34",
+    (P521, P521 - 3, int("0051953eb9618e1c9a1f929a21a0b68540eea2da725b99b315f3b8b489918ef1"
+                         "09e156193951ec7e937b1652c0bd3bb1bf073573df883d2c34f1ef451fd46b503f00",
+                         16)): "1.3.132.0.35",
+    (K256, 0, 7): "1.3.132.0.10",
+}
+OID_EDWARDS = {"1.3.101.112": ("Ed25519", 256), "1.3.101.113": ("Ed448", 456),
+               "1.3.101.110": ("X25519", 256), "1.3.101.111": ("X448", 448)}
 OID_SIGNATURES = {
+    "1.2.840.113549.1.1.2": "md2WithRSAEncryption",
+    "1.2.840.113549.1.1.4": "md5WithRSAEncryption",
     "1.2.840.113549.1.1.5": "sha1WithRSAEncryption",
     "1.2.840.113549.1.1.10": "RSASSA-PSS",
     "1.2.840.113549.1.1.11": "sha256WithRSAEncryption",
     "1.2.840.113549.1.1.12": "sha384WithRSAEncryption",
     "1.2.840.113549.1.1.13": "sha512WithRSAEncryption",
+    "1.2.840.113549.1.1.14": "sha224WithRSAEncryption",
+    "1.2.840.10045.4.1": "ecdsa-with-SHA1", "1.2.840.10045.4.3.1": "ecdsa-with-SHA224",
     "1.2.840.10045.4.3.2": "ecdsa-with-SHA256", "1.2.840.10045.4.3.3": "ecdsa-with-SHA384",
     "1.2.840.10045.4.3.4": "ecdsa-with-SHA512", "1.3.101.112": "Ed25519", "1.3.101.113": "Ed448",
+    "1.2.840.10040.4.3": "dsa-with-sha1", "2.16.840.1.101.3.4.3.1": "dsa-with-sha224",
+    "2.16.840.1.101.3.4.3.2": "dsa-with-sha256",
 }
-OID_SKI_DER, OID_AKI_DER = b"\x06\x03\x55\x1d\x0e", b"\x06\x03\x55\x1d\x23"  # 2.5.29.14, .35
+# Signature algorithms whose AlgorithmIdentifier has no parameters at all (RFC 5758, 8410):
+# pyca/cryptography refuses a NULL there (it lets sha1 DSA and ECDSA keep their old NULL).
+SIGNATURES_WITHOUT_PARAMETERS = frozenset((
+    "1.2.840.10045.4.3.1", "1.2.840.10045.4.3.2", "1.2.840.10045.4.3.3", "1.2.840.10045.4.3.4",
+    "2.16.840.1.101.3.4.3.1", "2.16.840.1.101.3.4.3.2", "1.3.101.112", "1.3.101.113"))
 OID_SAN_DER, OID_BASIC_CONSTRAINTS_DER = b"\x06\x03\x55\x1d\x11", b"\x06\x03\x55\x1d\x13"
+PEM_LABELS = ("CERTIFICATE", "X509 CERTIFICATE", "TRUSTED CERTIFICATE")  # as OpenSSL reads them
+OID_SKI_DER, OID_AKI_DER = b"\x06\x03\x55\x1d\x0e", b"\x06\x03\x55\x1d\x23"  # 2.5.29.14, .35
 
 
 class Certificate(object):
@@ -278,9 +328,12 @@ class Certificate(object):
 
     der, and its parts: subject_der and issuer_der (the names as DER, for chain
     order), ski and aki (key identifiers, bytes or None), subject and issuer as
-    text ("C=US, O=Example, CN=R1"), serial (int), signature_algorithm,
-    not_before and not_after (epoch seconds, UTC), spki (DER), key_type,
-    key_bits, dns_names, ip_addresses and is_ca.
+    RFC 4514 text in the order encoded ("C=US, O=Example, CN=R1"), serial
+    (a signed int), signature_algorithm, not_before and not_after (epoch
+    seconds, UTC), spki (DER), key_type, key_bits, alt_names (every
+    subjectAltName as (type, text)), dns_names and ip_addresses (those of type
+    DNS and IP), and is_ca. The fields agree with pyca/cryptography's reading;
+    README's "--json" section says where their formats differ.
     """
 
     def __init__(self, der):
@@ -290,7 +343,7 @@ class Certificate(object):
         self.subject = self.issuer = self.signature_algorithm = ""
         self.serial = self.not_before = self.not_after = 0
         self.spki, self.key_type, self.key_bits = b"", "unknown", 0
-        self.dns_names, self.ip_addresses = [], []
+        self.alt_names, self.dns_names, self.ip_addresses = [], [], []
         self.is_ca = False
 
     @property
@@ -305,12 +358,16 @@ class Certificate(object):
 
     @property
     def serial_hex(self):
-        text = "%x" % self.serial
-        return "0" * (len(text) % 2) + text
+        """The serial in hex, an even number of digits, with its sign."""
+        text = "%x" % abs(self.serial)
+        return "-" * (self.serial < 0) + "0" * (len(text) % 2) + text
 
     @property
     def sans(self):
-        return self.dns_names + self.ip_addresses
+        """Every subjectAltName in encoded order: DNS names and IP addresses bare,
+        the other types as OpenSSL writes them ("email:a@example.com", "URI:...")."""
+        return [text if kind in ("DNS", "IP") else "%s:%s" % (kind, text)
+                for kind, text in self.alt_names]
 
     @property
     def sha256(self):
@@ -349,9 +406,10 @@ def parse_certificate(der):
         tbs = tbs[1:]
     if len(tbs) < 6 or tbs[0][0] != DER_INTEGER or any(t[0] != DER_SEQUENCE for t in tbs[1:6]):
         raise ParseError("malformed certificate: bad TBSCertificate")
-    cert.serial = int.from_bytes(der[tbs[0][1]:tbs[0][2]], "big")
-    algorithm = _oid(der, _children(der, outer[1], DER_SEQUENCE, 1)[0])
-    cert.signature_algorithm = OID_SIGNATURES.get(algorithm, algorithm)
+    _check_version(der, outer[0])
+    cert.serial = _integer(der, tbs[0])
+    cert.signature_algorithm = _signature_algorithm(der, outer[1])
+    _signature_algorithm(der, tbs[1])
     cert.issuer_der, cert.subject_der = _element(der, tbs[2]), _element(der, tbs[4])
     cert.issuer, cert.subject = _name(der, tbs[2]), _name(der, tbs[4])
     times = _children(der, tbs[3], DER_SEQUENCE, 2)
@@ -414,31 +472,113 @@ def _element(data, item):
     return data[item[3]:item[2]]
 
 
+def parse_chain(ders, source):
+    """Every certificate of a chain; a malformed one is named by source and position."""
+    certs = []
+    for index, der in enumerate(ders):
+        try:
+            certs.append(parse_certificate(der))
+        except ParseError as exc:
+            raise ParseError("%s: certificate %d of %d: %s" % (source, index + 1, len(ders),
+                                                                exc))
+    return certs
+
+
+def _check_version(der, tbs_item):
+    """The TBSCertificate's [0] EXPLICIT version, if present, must be v2 or v3
+    (v1, the default, is never written in DER)."""
+    first = _children(der, tbs_item, DER_SEQUENCE, 1)[0]
+    if first[0] == DER_VERSION:
+        inner = _children(der, first, DER_VERSION, 1)
+        number = _integer(der, inner[0]) if len(inner) == 1 else -1
+        if number not in (1, 2):
+            raise ParseError("malformed certificate: X.509 version %d" % (number + 1))
+
+
 def _extensions(der, tbs):
-    """(OID as DER, value element) for each extension, in order."""
+    """(OID as DER, value) of each extension, in order; ParseError for one that
+    appears twice (RFC 5280 4.2) or a "critical" FALSE written out (DER omits a
+    default)."""
+    seen = set()
     for item in tbs[6:]:
-        if item[0] == DER_EXTENSIONS:
-            for extension in _children(der, _children(der, item, DER_EXTENSIONS, 1)[0],
-                                       DER_SEQUENCE):
-                fields = _children(der, extension, DER_SEQUENCE, 2)
-                if fields[0][0] != DER_OID:
-                    raise ParseError("malformed certificate: bad extension")
-                yield _element(der, fields[0]), fields[-1]
+        if item[0] != DER_EXTENSIONS:
+            continue
+        for extension in _children(der, _children(der, item, DER_EXTENSIONS, 1)[0],
+                                   DER_SEQUENCE):
+            fields = _children(der, extension, DER_SEQUENCE, 2)
+            if fields[0][0] != DER_OID:
+                raise ParseError("malformed certificate: bad extension")
+            oid = _element(der, fields[0])
+            if oid in seen or len(fields) > 3 or len(fields) == 3 and not _boolean(der, fields[1]):
+                raise ParseError("malformed certificate: bad or repeated extension %s"
+                                 % _oid(der, fields[0]))
+            seen.add(oid)
+            yield oid, fields[-1]
 
 
 def _oid(data, item):
     if item[0] != DER_OID or item[1] == item[2]:
         raise ParseError("malformed certificate: bad object identifier")
-    arcs, value = [], 0
+    arcs, value, start = [], 0, True
     for byte in data[item[1]:item[2]]:
+        if start and byte == 0x80:
+            raise ParseError("malformed certificate: object identifier not minimally encoded")
         value = (value << 7) | (byte & 0x7F)
-        if not byte & 0x80:
+        start = not byte & 0x80
+        if start:
             arcs.append(value)
             value = 0
     if data[item[2] - 1] & 0x80:
         raise ParseError("malformed certificate: truncated object identifier")
     first = min(arcs[0] // 40, 2)
     return ".".join(str(arc) for arc in [first, arcs[0] - 40 * first] + arcs[1:])
+
+
+def _integer(data, item):
+    """A DER INTEGER (signed, minimally encoded) as an int."""
+    raw = data[item[1]:item[2]]
+    if item[0] != DER_INTEGER or not raw or len(raw) > 1 and (
+            raw[0] == 0 and raw[1] < 0x80 or raw[0] == 0xFF and raw[1] >= 0x80):
+        raise ParseError("malformed certificate: bad INTEGER")
+    return int.from_bytes(raw, "big", signed=True)
+
+
+def _boolean(data, item):
+    raw = data[item[1]:item[2]]
+    if item[0] != DER_BOOLEAN or raw not in (b"\0", DER_TRUE):
+        raise ParseError("malformed certificate: bad BOOLEAN")
+    return raw == DER_TRUE
+
+
+def _hex_element(data, item):
+    """RFC 4514's form of a value without a string representation: # and its DER in hex."""
+    return "#" + binascii.hexlify(_element(data, item)).decode("ascii")
+
+
+def _escape_dn_value(text):
+    """RFC 4514 2.4 escaping, as pyca/cryptography does it."""
+    text = "".join(RFC4514_SPECIALS.get(char, char) for char in text)
+    if text[:1] in ("#", " "):
+        text = "\\" + text
+    if text[-1:] == " ":
+        text = text[:-1] + "\\ "
+    return text
+
+
+def _attribute_value(data, item):
+    """One attribute value of a Name, as RFC 4514 writes it."""
+    if item[0] & 0xC0:
+        raise ParseError("malformed certificate: name value with tag 0x%02x" % item[0])
+    codec = NAME_STRING_CODECS.get(item[0])
+    if codec is None:
+        return _hex_element(data, item)
+    raw = data[item[1]:item[2]]
+    try:
+        return _escape_dn_value(raw.decode(codec))
+    except UnicodeDecodeError:
+        if item[0] != DER_T61_STRING:
+            raise ParseError("malformed certificate: a name holds invalid %s" % codec.upper())
+        return _escape_dn_value(raw.decode("latin-1"))
 
 
 def _string(data, item):
@@ -448,14 +588,19 @@ def _string(data, item):
 
 
 def _name(data, item):
-    """A Name as "C=US, O=Org, CN=name", in the order it is encoded."""
-    parts = []
+    """A Name as RFC 4514 text in the order it is encoded: "C=US, O=Org, CN=name"
+    (the attributes of a multi-valued RDN joined by "+")."""
+    rdns = []
     for rdn in _children(data, item, DER_SEQUENCE):
+        attributes = []
         for attribute in _children(data, rdn, DER_SET, 1):
-            oid, value = _children(data, attribute, DER_SEQUENCE, 2)[:2]
-            oid = _oid(data, oid)
-            parts.append("%s=%s" % (OID_NAMES.get(oid, oid), _string(data, value)))
-    return ", ".join(parts)
+            fields = _children(data, attribute, DER_SEQUENCE, 2)
+            if len(fields) != 2:
+                raise ParseError("malformed certificate: bad name attribute")
+            oid = _oid(data, fields[0])
+            attributes.append("%s=%s" % (OID_NAMES.get(oid, oid), _attribute_value(data, fields[1])))
+        rdns.append("+".join(attributes))
+    return ", ".join(rdns)
 
 
 def _days_from_civil(year, month, day):
@@ -468,22 +613,47 @@ def _days_from_civil(year, month, day):
     return era * 146097 + day_of_era - 719468
 
 
+def _days_in_month(year, month):
+    if month == 2:
+        return 29 if year % 4 == 0 and (year % 100 != 0 or year % 400 == 0) else 28
+    return 30 if month in (4, 6, 9, 11) else 31
+
+
 def _time(data, item):
-    """UTCTime or GeneralizedTime (as RFC 5280 requires them) to epoch seconds."""
+    """UTCTime (YYMMDDHHMMSSZ, years 1950-2049) or GeneralizedTime (YYYYMMDDHHMMSSZ),
+    the forms RFC 5280 4.1.2.5 allows, to epoch seconds. Only real times: 30 February,
+    second 60 (X.509 has no leap seconds) and year 0 are refused, never shifted."""
     text = data[item[1]:item[2]]
-    if item[0] == 0x17 and len(text) == 13:
-        year, rest = int(text[:2]) if text[:2].isdigit() else -1, text[2:12]
-        year += 2000 if 0 <= year < 50 else 1900
-    elif item[0] == 0x18 and len(text) == 15:
-        year, rest = int(text[:4]) if text[:4].isdigit() else -1, text[4:14]
-    else:
+    if not (item[0] == 0x17 and len(text) == 13 or item[0] == 0x18 and len(text) == 15) \
+            or not text[:-1].isdigit() or text[-1:] != b"Z":
         raise ParseError("malformed certificate: bad validity time")
-    if year < 0 or not rest.isdigit() or text[-1:] != b"Z":
-        raise ParseError("malformed certificate: bad validity time")
-    month, day, hour, minute, second = (int(rest[i:i + 2]) for i in range(0, 10, 2))
-    if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and second < 61):
-        raise ParseError("malformed certificate: bad validity time")
+    year = int(text[:-11])
+    if item[0] == 0x17:
+        year += 2000 if year < 50 else 1900
+    month, day, hour, minute, second = (int(text[i:i + 2]) for i in range(-11, -1, 2))
+    if year < 1 or not 1 <= month <= 12 or not 1 <= day <= _days_in_month(year, month) \
+            or hour > 23 or minute > 59 or second > 59:
+        raise ParseError("malformed certificate: impossible validity time %s"
+                         % text.decode("ascii"))
     return (_days_from_civil(year, month, day) * 86400 + hour * 3600 + minute * 60 + second)
+
+
+def _ec_curve(data, parameters):
+    """(name, bits) of an EC key's curve: a named curve, or explicit parameters."""
+    if parameters is not None and parameters[0] == DER_OID:
+        curve = _oid(data, parameters)
+        return OID_CURVES.get(curve, (curve, 0))
+    if parameters is None or parameters[0] != DER_SEQUENCE:
+        raise ParseError("malformed certificate: EC key without its curve")
+    fields = _children(data, parameters, DER_SEQUENCE, 5)   # version, field, curve, G, n
+    field = _children(data, fields[1], DER_SEQUENCE, 2)
+    coefficients = _children(data, fields[2], DER_SEQUENCE, 2)
+    if _oid(data, field[0]) != OID_PRIME_FIELD:
+        return "explicit binary-field curve", 0
+    prime = _integer(data, field[1])
+    a, b = (int.from_bytes(data[c[1]:c[2]], "big") for c in coefficients[:2])
+    curve = EC_EXPLICIT_CURVES.get((prime, a, b))
+    return OID_CURVES[curve] if curve else ("explicit curve", max(prime.bit_length(), 0))
 
 
 def _public_key(cert, data, item):
@@ -491,33 +661,87 @@ def _public_key(cert, data, item):
     algorithm, key = _children(data, item, DER_SEQUENCE, 2)[:2]
     algorithm = _children(data, algorithm, DER_SEQUENCE, 1)
     oid = _oid(data, algorithm[0])
-    if oid == OID_RSA:
+    parameters = algorithm[1] if len(algorithm) > 1 else None
+    if oid in (OID_RSA, OID_RSA_PSS):
         modulus = _children(data, _wrapped(data, key, DER_BIT_STRING), DER_SEQUENCE, 2)[0]
-        cert.key_type = "RSA"
-        cert.key_bits = int.from_bytes(data[modulus[1]:modulus[2]], "big").bit_length()
-    elif oid == OID_EC and len(algorithm) > 1 and algorithm[1][0] == DER_OID:
-        curve = _oid(data, algorithm[1])
-        name, cert.key_bits = OID_CURVES.get(curve, (curve, 0))
+        cert.key_type = "RSA" if oid == OID_RSA else "RSA-PSS"
+        cert.key_bits = _integer(data, modulus).bit_length()
+    elif oid == OID_EC:
+        name, cert.key_bits = _ec_curve(data, parameters)
         cert.key_type = "EC " + name
+    elif oid == OID_DSA:
+        if parameters is None:   # "inherited from the issuer": RFC 3279 allows, nobody reads it
+            raise ParseError("malformed certificate: DSA key without its parameters")
+        prime = _children(data, parameters, DER_SEQUENCE, 3)[0]
+        cert.key_type, cert.key_bits = "DSA", _integer(data, prime).bit_length()
     elif oid in OID_EDWARDS:
         cert.key_type, cert.key_bits = OID_EDWARDS[oid]
     else:
         cert.key_type = oid
 
 
+def _signature_algorithm(data, item):
+    """The name of a signature AlgorithmIdentifier; ParseError if its parameters are
+    present where the algorithm has none."""
+    fields = _children(data, item, DER_SEQUENCE, 1)
+    oid = _oid(data, fields[0])
+    if len(fields) > 1 and oid in SIGNATURES_WITHOUT_PARAMETERS:
+        raise ParseError("malformed certificate: parameters with %s" % OID_SIGNATURES[oid])
+    return OID_SIGNATURES.get(oid, oid)
+
+
+def _ia5_text(raw):
+    """An IA5String of a subjectAltName: UTF-8 read as such (as pyca/cryptography does),
+    any other byte beyond ASCII as \\xNN, never replaced."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "".join(chr(byte) if byte < 0x80 else "\\x%02x" % byte for byte in raw)
+
+
+def _general_name(data, item):
+    """One GeneralName (RFC 5280 4.2.1.6) as (type, text): the types and the forms of the
+    values as OpenSSL prints them (DNS, IP, email, URI, DirName, RID, othername, ...)."""
+    kind, raw = SAN_TYPES.get(item[0]), data[item[1]:item[2]]
+    if kind in ("DNS", "email", "URI"):
+        return kind, _ia5_text(raw)
+    if kind == "IP":
+        if len(raw) not in (4, 16):
+            raise ParseError("malformed certificate: IP address of %d bytes" % len(raw))
+        return kind, socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
+    if kind == "RID":
+        return kind, _oid(data, (DER_OID,) + tuple(item[1:]))
+    if kind == "DirName":
+        inner = _children(data, item, item[0], 1)
+        if len(inner) != 1:
+            raise ParseError("malformed certificate: bad directoryName")
+        return kind, _name(data, inner[0])
+    if kind == "othername":
+        fields = _children(data, item, item[0], 2)
+        value = _children(data, fields[1], 0xA0, 1)
+        if len(fields) != 2 or len(value) != 1:
+            raise ParseError("malformed certificate: bad otherName")
+        return kind, "%s:%s" % (_oid(data, fields[0]), _hex_element(data, value[0]))
+    if kind:
+        return kind, "#" + binascii.hexlify(raw).decode("ascii")
+    raise ParseError("malformed certificate: subjectAltName entry with tag 0x%02x" % item[0])
+
+
 def _extension(cert, data, oid, value):
     if oid == OID_SAN_DER:
-        for name in _children(data, _wrapped(data, value, DER_OCTET_STRING), DER_SEQUENCE):
-            raw = data[name[1]:name[2]]
-            if name[0] == SAN_DNS:
-                cert.dns_names.append(raw.decode("ascii", "replace"))
-            elif name[0] == SAN_IP and len(raw) in (4, 16):
-                family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
-                cert.ip_addresses.append(socket.inet_ntop(family, raw))
+        names = _children(data, _wrapped(data, value, DER_OCTET_STRING), DER_SEQUENCE, 1)
+        for kind, text in (_general_name(data, name) for name in names):
+            cert.alt_names.append((kind, text))
+            if kind == "DNS":
+                cert.dns_names.append(text)
+            elif kind == "IP":
+                cert.ip_addresses.append(text)
     elif oid == OID_BASIC_CONSTRAINTS_DER:
         fields = _children(data, _wrapped(data, value, DER_OCTET_STRING), DER_SEQUENCE)
-        cert.is_ca = bool(fields) and fields[0][0] == 0x01 \
-            and data[fields[0][1]:fields[0][2]] != b"\0"
+        if fields and fields[0][0] == DER_BOOLEAN:
+            cert.is_ca = _boolean(data, fields[0])
+            if not cert.is_ca:
+                raise ParseError("malformed certificate: cA FALSE written out (DER omits it)")
     elif oid == OID_SKI_DER:
         inner = _wrapped(data, value, DER_OCTET_STRING)
         cert.ski = data[inner[1]:inner[2]]
@@ -531,26 +755,44 @@ def der_to_pem(der):
     return ssl.DER_cert_to_PEM_cert(der)
 
 
+def _pem_body(text):
+    """The bytes of one PEM block's base64, after any RFC 1421 headers."""
+    lines = text.strip().splitlines()
+    if lines and ":" in lines[0]:
+        while lines and lines[0].strip():
+            lines.pop(0)
+    try:
+        return binascii.a2b_base64("".join(line.strip() for line in lines))
+    except (binascii.Error, ValueError):
+        raise ParseError("malformed PEM: bad base64 in a certificate")
+
+
 def pem_to_ders(text):
-    """Every CERTIFICATE block of a PEM text, decoded; other blocks are ignored."""
-    begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
+    """Every certificate block of a PEM text, decoded: the labels OpenSSL reads
+    (PEM_LABELS); other blocks are ignored. A TRUSTED CERTIFICATE (OpenSSL's, with
+    trust settings after the certificate) gives the certificate alone."""
     ders, pos = [], 0
     while True:
-        start = text.find(begin, pos)
-        if start < 0:
+        start = text.find("-----BEGIN ", pos)
+        label_end = text.find("-----", start + 11)
+        if start < 0 or label_end < 0:
             return ders
-        stop = text.find(end, start)
+        label, pos = text[start + 11:label_end], label_end + 5
+        if label not in PEM_LABELS:
+            continue
+        stop = text.find("-----END %s-----" % label, pos)
         if stop < 0:
-            raise ParseError("malformed PEM: BEGIN CERTIFICATE without END")
-        try:
-            ders.append(binascii.a2b_base64(text[start + len(begin):stop].strip()))
-        except (binascii.Error, ValueError):
-            raise ParseError("malformed PEM: bad base64 in a certificate")
-        pos = stop + len(end)
+            raise ParseError("malformed PEM: BEGIN %s without END" % label)
+        der = _pem_body(text[pos:stop])
+        if label == "TRUSTED CERTIFICATE":
+            der = der[:_tlv(der, 0, len(der))[2]]
+        ders.append(der)
+        pos = stop + len(label) + 14
 
 
 def format_time(epoch):
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+    """RFC 3339 UTC, the year always in four digits (strftime's %Y is not, below 1000)."""
+    return "%04d-%02d-%02dT%02d:%02d:%02dZ" % time.gmtime(epoch)[:6]
 
 
 def printable(text):
@@ -736,7 +978,7 @@ class Target(object):
         # imports the idna codec (with stringprep and unicodedata), 3 ms a run.
         self.host_bytes = ascii_host(host or "").encode("ascii")
         self.name_bytes = ascii_host(self.verify_name).encode("ascii")
-        self.path = path                      # a local PEM file (--text, --json, --check)
+        self.file = path                      # a local certificate file (reports only)
 
     def __str__(self):
         return self.source
@@ -899,18 +1141,34 @@ def open_connection(target, family, deadline):
         target, target.port, failure.strerror or failure))
 
 
+MAX_LOCAL_CERTS = 1000      # certificates read from one local file: a CA bundle holds ~150
+MAX_LOCAL_FILE = 8 << 20    # bytes of one local file: 1000 PEM certificates are ~2 MiB
+
+
 def read_local_chain(result):
-    """A local PEM file as a source: its certificates, in file order."""
+    """A local file as a source: its certificates in file order, from PEM blocks
+    (see pem_to_ders) or a single DER certificate. A bundle is read up to
+    MAX_LOCAL_CERTS (not MAX_CHAIN, a bound for what a server sends), and a
+    larger one says so in the warnings."""
+    path = result.target.file
     try:
-        with open(result.target.path, "rb") as handle:
-            text = handle.read(MAX_FILE).decode("ascii", "replace")
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_LOCAL_FILE + 1)
     except OSError as exc:
-        raise FetchError("cannot read %s: %s" % (result.target.path, exc.strerror or exc))
-    ders = pem_to_ders(text)
+        raise FetchError("cannot read %s: %s" % (path, exc.strerror or exc))
+    if len(data) > MAX_LOCAL_FILE:
+        raise FetchError("%s: larger than %d MiB; not a certificate file" % (
+            path, MAX_LOCAL_FILE >> 20))
+    ders = pem_to_ders(data.decode("ascii", "replace"))
+    if not ders and data[:1] == b"\x30" and b"-----BEGIN" not in data:
+        ders = [data]                    # DER, as openssl x509 -outform DER writes it
     if not ders:
-        raise FetchError("%s: no PEM certificate in it" % result.target.path)
-    result.served = [parse_certificate(der) for der in ders[:MAX_CHAIN]]
-    result.path, result.problems = clean_path(result.served)
+        raise FetchError("%s: no PEM certificate in it" % path)
+    result.served = parse_chain(ders[:MAX_LOCAL_CERTS], path)
+    result.issuing, result.problems = clean_path(result.served)
+    if len(ders) > MAX_LOCAL_CERTS:
+        result.problems.append("only the first %d of the %d certificates in %s were read" % (
+            MAX_LOCAL_CERTS, len(ders), path))
 
 
 # ---------------------------------------------------------------------------
@@ -1343,14 +1601,14 @@ class ChainReader(object):
         self.starttls = None        # set by make_reader: the protocol, for hints
         self.by_key_kind = by_key_kind or {}    # key kind -> ChainReader asking for it
 
-    def served(self, tls):
+    def served_ders(self, tls):
         """The certificates as the server sent them: list of DER."""
         if self.method == "get_unverified_chain":
             return tls.get_unverified_chain()
         chain = tls._sslobj.get_unverified_chain() or []
         return [cert.public_bytes(ssl._ssl.ENCODING_DER) for cert in chain]
 
-    def verified(self, tls):
+    def verified_ders(self, tls):
         """The path OpenSSL built, as DER."""
         chain = tls._sslobj.get_verified_chain() or []
         return [cert.public_bytes(ssl._ssl.ENCODING_DER) for cert in chain]
@@ -1380,7 +1638,7 @@ class ChainReaderBefore310(ChainReader):
         if direction == "read" and content_type == TLS_HANDSHAKE and msg_type == TLS_CERTIFICATE:
             self._messages.append((conn, version, data))
 
-    def served(self, tls):
+    def served_ders(self, tls):
         if self._openssl:
             return self._openssl.peer_chain(tls)
         for conn, version, data in self._messages:
@@ -1388,7 +1646,7 @@ class ChainReaderBefore310(ChainReader):
                 return parse_certificate_message(data[4:], version == TLS13_VERSION)
         return []
 
-    def verified(self, tls):
+    def verified_ders(self, tls):
         return None             # rebuild_verified finds the path instead
 
     def verify_message(self, tls):
@@ -1511,17 +1769,20 @@ class OpenSSLPeek(object):
 
 
 class FetchResult(object):
-    """What one source gave: the chain, the verdict, or the error."""
+    """What one source gave, or its error. served: the certificates as sent, in
+    their order; issuing: the issuing path from the leaf (clean_path), what files
+    get; verified: the path verification built, root included (when known);
+    problems: how served differed from issuing, for warnings."""
 
     def __init__(self, target):
         self.target, self.error, self.address = target, None, None
-        self.served, self.path, self.problems, self.verified = [], [], [], []
+        self.served, self.issuing, self.problems, self.verified = [], [], [], []
         self.tls_version = self.cipher = self.verify_error = self.note = None
         self.elapsed = 0.0
 
     @property
     def leaf(self):
-        return self.path[0] if self.path else None
+        return self.issuing[0] if self.issuing else None
 
 
 def fetch_chain(target, reader, settings):
@@ -1535,7 +1796,7 @@ def _fetch_once(target, reader, settings):
     """Connect, handshake and read the chain; errors are kept in the result."""
     result, started = FetchResult(target), time.monotonic()
     try:
-        if target.path:
+        if target.file:
             read_local_chain(result)
         else:
             _fetch_into(result, reader, settings, started + settings.timeout)
@@ -1560,33 +1821,34 @@ def _fetch_into(result, reader, settings, deadline):
                                  do_handshake_on_connect=False)
     try:
         failure = _handshake(tls, reader, target, deadline)
-        served = reader.served(tls)
-        verified = reader.verified(tls) if failure is None and not settings.insecure else None
+        served_ders = reader.served_ders(tls)
+        verified_ders = reader.verified_ders(tls) if failure is None and not settings.insecure \
+            else None
         cipher = tls.cipher() or (None, None)        # set even when verification failed
         result.tls_version, result.cipher = tls.version() or cipher[1], cipher[0]
     finally:
         tls.close()
-    if not served:
+    if not served_ders:
         raise FetchError("%s: could not read the chain the server sent (method: %s)"
                          % (target, reader.method))
-    if len(served) > MAX_CHAIN:
+    if len(served_ders) > MAX_CHAIN:
         raise FetchError("%s: the server sent more than %d certificates" % (target, MAX_CHAIN))
-    result.served = [parse_certificate(der) for der in served]
-    result.path, result.problems = clean_path(result.served)
+    result.served = parse_chain(served_ders, target)
+    result.issuing, result.problems = clean_path(result.served)
     if failure is not None:
         result.verify_error = failure.reason
         raise failure
     if not settings.insecure:
-        check_completeness(result, reader, verified, settings)
+        check_completeness(result, reader, verified_ders, settings)
 
 
-def check_completeness(result, reader, verified, settings):
+def check_completeness(result, reader, verified_ders, settings):
     """Keep the verified path, and say when the server left intermediates out."""
-    if verified is not None:
-        result.verified = [parse_certificate(der) for der in verified]
-    elif settings.verified_chain or len(result.path) == 1:
-        result.verified = rebuild_verified(result.path, reader)
-    missing = len(result.verified) - len(result.path) - 1
+    if verified_ders is not None:
+        result.verified = parse_chain(verified_ders, "%s: the verified path" % result.target)
+    elif settings.verified_chain or len(result.issuing) == 1:
+        result.verified = rebuild_verified(result.issuing, reader)
+    missing = len(result.verified) - len(result.issuing) - 1
     if missing > 0:
         result.problems.append(
             "the server did not send %d intermediate certificate(s) that verification found "
@@ -2111,11 +2373,18 @@ def report_fetch(results, best, reader, settings, reporter):
 
 
 def wrap_items(items, width):
-    """Items joined by ", " in lines of at most width characters."""
+    """Items joined by ", " in lines of at most width characters; an item longer
+    than a line is cut into lines of its own."""
     lines = [""]
     for item in items:
         if lines[-1] and len(lines[-1]) + 2 + len(item) > width:
             lines[-1] += ","
+            lines.append("")
+        while len(item) > width:
+            if lines[-1]:
+                lines[-1] += ","
+                lines.append("")
+            lines[-1], item = item[:width], item[width:]
             lines.append("")
         lines[-1] += (", " if lines[-1] else "") + item
     return lines
@@ -2136,11 +2405,16 @@ def write_stdout(text):
         raise WriteError("cannot write to standard output: %s" % (exc.strerror or exc))
 
 
-def report(results, settings):
-    """--text, --json or --check over every result; returns the exit code."""
+def report(results, settings, reporter):
+    """--text, --json or --check over every result; returns the exit code. Each
+    source's error is in its own part of the report (and, but for --check, on
+    stderr too): one bad source never hides the others."""
     now = time.time()
     if settings.report == "check":
         return check_report(results, settings, now)
+    for result in results:
+        if result.error is not None:
+            reporter.error(result.error)
     if settings.report == "json":
         write_stdout(json_text([source_json(r, settings) for r in results]) + "\n")
     else:
@@ -2150,7 +2424,7 @@ def report(results, settings):
 
 
 def verdict(result, settings):
-    if result.target.path:
+    if result.target.file:
         return "not verified (a local file)"
     if settings.insecure:
         return "NOT verified (--insecure)"
@@ -2165,7 +2439,7 @@ def text_lines(result, settings, now):
     """One source for people: 80 columns, certificate text escaped."""
     target = result.target
     lines = ["%s%s" % (target, " (%s)" % result.address if result.address else "")]
-    if not target.path:
+    if not target.file:
         lines.append("  servername:   %s" % (target.servername or "(none: IP address)"))
     if result.error is not None and not result.served:
         return "\n".join(lines + ["  error:        %s" % result.error]) + "\n"
@@ -2183,11 +2457,13 @@ def text_lines(result, settings, now):
 def certificate_lines(index, cert, now):
     left = days_left(cert, now)
     when = "EXPIRED %d days ago" % -left if left < 0 else "expires in %d days" % left
-    rows = [("subject", printable(cert.subject)), ("issuer", printable(cert.issuer)),
-            ("serial", cert.serial_hex)]
-    for number, line in enumerate(wrap_items([printable(n) for n in cert.sans] or ["(none)"],
-                                             64)):
-        rows.append(("SANs" if number == 0 else "", line))
+    rows = []
+    for label, items in (("subject", printable(cert.subject).split(", ")),
+                         ("issuer", printable(cert.issuer).split(", ")),
+                         ("serial", [cert.serial_hex]),
+                         ("SANs", [printable(name) for name in cert.sans] or ["(none)"])):
+        rows += [(label if number == 0 else "", line)
+                 for number, line in enumerate(wrap_items(items, TEXT_WIDTH))]
     rows += [("key", "%s%s" % (cert.key_type, " (%d bits)" % cert.key_bits
                                if cert.key_bits else "")),
              ("sig alg", cert.signature_algorithm),
@@ -2212,7 +2488,7 @@ def source_json(result, settings):
         ("servername", target.servername), ("error", None if result.error is None
                                               else str(result.error)),
         ("tls_version", result.tls_version), ("cipher", result.cipher),
-        ("verified", None if target.path or settings.insecure or not result.served else
+        ("verified", None if target.file or settings.insecure or not result.served else
          result.error is None and result.verify_error is None),
         ("verify_error", result.verify_error), ("problems", result.problems),
         ("chain", [certificate_json(cert) for cert in result.served]),
@@ -2272,7 +2548,7 @@ def check_report(results, settings, now):
     perfdata = " ".join("'days_left %s'=%d;%g:;%g:" % (
         label if labels.count(label) == 1 else "%s #%d" % (label, index + 1),
         min_days(result, now), settings.warn_days, settings.crit_days)
-        for index, (label, result) in enumerate(zip(labels, results)) if result.path)
+        for index, (label, result) in enumerate(zip(labels, results)) if result.issuing)
     first_problem = next(("; first: " + text for status, text in lines if status == worst
                           and worst), "")   # notifications often show the first line only
     write_stdout("CERTGRAB %s - %d source(s): %s%s%s\n" % (
@@ -2282,7 +2558,7 @@ def check_report(results, settings, now):
 
 
 def min_days(result, now):
-    return min(days_left(cert, now) for cert in result.path)
+    return min(days_left(cert, now) for cert in result.issuing)
 
 
 def check_source(result, settings, now):
@@ -2292,17 +2568,17 @@ def check_source(result, settings, now):
         return 2, "%s" % result.error
     if result.verify_error:
         return 2, "%s" % result.error
-    leaf = result.path[0]
+    leaf = result.issuing[0]
     if settings.expected is not None and settings.expected[:1] != [leaf.der]:
         return 2, "%s: serves %s, not the leaf in %s (a service not reloaded?)" % (
             target, leaf_summary(leaf), settings.expect_file)
-    soonest = min(result.path, key=lambda cert: cert.not_after)
+    soonest = min(result.issuing, key=lambda cert: cert.not_after)
     left = days_left(soonest, now)
     what = "the leaf" if soonest is leaf else "intermediate %s" % printable(soonest.subject)
     text = "%s: %s %s (%s), chain of %d %s" % (
         target, what, "EXPIRED %d days ago" % -left if left < 0 else
-        "expires in %d days" % left, format_time(soonest.not_after), len(result.path),
-        "verified" if not (target.path or settings.insecure) else "not verified")
+        "expires in %d days" % left, format_time(soonest.not_after), len(result.issuing),
+        "verified" if not (target.file or settings.insecure) else "not verified")
     status = 2 if left < settings.crit_days else 1 if left < settings.warn_days else 0
     return status, text
 
@@ -2313,13 +2589,13 @@ def leaf_summary(leaf):
 
 def same_leaf_status(results, index):
     """--same: CRITICAL for a source whose leaf differs from what most sources serve."""
-    leaves = [r.path[0].sha256 if r.path else None for r in results]
+    leaves = [r.issuing[0].sha256 if r.issuing else None for r in results]
     common = max(leaves, key=lambda leaf: (leaves.count(leaf), leaf is not None,
                                            -leaves.index(leaf)))
     if leaves[index] == common or leaves[index] is None:
         return 0, ""
     return 2, "%s: serves %s, unlike %d of %d sources" % (
-        results[index].target, leaf_summary(results[index].path[0]), leaves.count(common),
+        results[index].target, leaf_summary(results[index].issuing[0]), leaves.count(common),
         len(results))
 
 
@@ -2621,7 +2897,7 @@ def lookup_group(name):
 def make_reader(settings):
     """The run's context; with --key-path, one more per key type for dual-cert servers.
     None when every source is a local file: they need no trust store."""
-    if all(target.path for target in settings.targets):
+    if all(target.file for target in settings.targets):
         return None
     kinds = ("RSA", "EC") if settings.key else ()
     readers = dict((kind, new_chain_reader(make_context(settings, kind), settings.trust))
@@ -2653,7 +2929,7 @@ def main(argv=None):
                           "have sent it")
         results = fetch_all(settings.targets, reader, settings, reporter)  # 3. handshakes
         if settings.report:                             #    or: describe them all
-            return report(results, settings)
+            return report(results, settings, reporter)
         if settings.plan or settings.key:
             apply_gate(results, settings.key)           # 4. key, name, dates
         best = choose_result(results, reporter)         # 5. the newest good chain
@@ -2662,7 +2938,7 @@ def main(argv=None):
         if not settings.plan:                           # 6a. stdout: exactly as served
             write_stdout("".join(der_to_pem(cert.der) for cert in chain or best.served))
             return 0
-        install_chain(chain or best.path, best, settings, reporter)  # 6b. files, hook
+        install_chain(chain or best.issuing, best, settings, reporter)  # 6b. files, hook
         return 0
     except CertgrabError as exc:
         return report_failure(exc, argv, reporter)
