@@ -17,7 +17,8 @@ help:
 	@echo "                pass pytest options with PYTEST_ARGS='-x -k ipv6'"
 	@echo "make demo       fetch a chain from a local openssl s_server and write --out-dir files"
 	@echo "make bench      measure speed against a bare handshake, the system store, and 100 ms RTT"
-	@echo "make lint       byte-compile certgrab.py under every python3.6 ... python3.13 found"
+	@echo "make lint       pyflakes over certgrab.py and tests/, then byte-compile certgrab.py"
+	@echo "                under every python3.6 ... python3.13 found"
 	@echo "make roots      build the Debian 12/11 python3-minimal roots (root, debootstrap) in"
 	@echo "                CERTGRAB_ROOTS=$(CERTGRAB_ROOTS)"
 	@echo "make clean      remove $(BUILD)/ and Python caches"
@@ -42,18 +43,21 @@ demo:
 bench:
 	$(PYTHON) tests/bench.py
 
-# py_compile certgrab.py with each interpreter, the .pyc going to $(BUILD)/lint, and compile
-# the lazily compiled sections (strings in certgrab.py) too.
+# pyflakes over certgrab.py and tests/ (from the test venv): any finding fails; no code in
+# strings in certgrab.py. Then
+# py_compile certgrab.py with each interpreter, the .pyc going to $(BUILD)/lint.
 # Interpreters come from ~/.pyenv/versions (or $PYENV_ROOT), else from PATH.
-lint:
+lint: venv
+	$(VENV)/bin/python -m pyflakes certgrab.py tests
+	@! grep -nE 'exec\(|compile\(|load_section|_SECTION|setattr\(Certificate' certgrab.py || \
+	    { echo "lint: certgrab.py must be plain Python: no code compiled from strings"; exit 1; }
 	@mkdir -p $(BUILD)/lint; found=0; failed=0; \
 	for v in 6 7 8 9 10 11 12 13; do \
 	    py=$$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.$$v.*/bin/python3.$$v 2>/dev/null | sort -V | tail -n 1); \
 	    [ -n "$$py" ] || py=$$(command -v python3.$$v 2>/dev/null) || true; \
 	    if [ -z "$$py" ]; then printf 'python3.%-3s not found, skipped\n' $$v; continue; fi; \
 	    found=$$((found + 1)); \
-	    if $$py -c 'import py_compile, sys; py_compile.compile(sys.argv[1], cfile=sys.argv[2], doraise=True); \
-	        sys.path.insert(0, "."); import certgrab; [compile(s[2], "certgrab.py:" + s[1], "exec") for s in certgrab.LAZY_SECTIONS]' \
+	    if $$py -c 'import py_compile, sys; py_compile.compile(sys.argv[1], cfile=sys.argv[2], doraise=True)' \
 	        certgrab.py $(BUILD)/lint/certgrab.3$$v.pyc; then printf 'python3.%-3s ok    %s\n' $$v $$py; \
 	    else printf 'python3.%-3s FAIL  %s\n' $$v $$py; failed=$$((failed + 1)); fi; \
 	done; \

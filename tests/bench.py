@@ -5,8 +5,10 @@ The speed targets of issue 2, each a ratio of two commands timed in the same run
 
   (a) fetch cost: `certgrab.py 127.0.0.1:PORT -n www.example.test --cafile root.pem` against a
       bare stdlib script (written here to a temp file) that only does the same verified
-      handshake and prints the served chain as PEM, on the same interpreter.
-      Target 1.10x, limit 1.25x.
+      handshake and prints the served chain as PEM, on the same interpreter. Printed for
+      information, with a guard of 1.75x (issue 10): certgrab is a plain script that Python
+      compiles on every run, which a cron job does not notice; the guard catches a heavy
+      import slipping into the fetch path.
   (b) system trust store: certgrab without --cafile against certgrab with --cafile.
       Limit 1.15x. Measured twice:
       (b1) the test root made trusted through a hashed CA directory (SSL_CERT_DIR pointing to a
@@ -65,7 +67,7 @@ ONE_WAY = 0.050               # seconds the proxy holds data in each direction: 
 RTT = 2 * ONE_WAY
 RTT_SLACK = 0.5               # RTTs allowed beyond the floor before we call it an extra trip
 COMMAND_TIMEOUT = 30          # seconds; a fetch on loopback takes well under one
-TARGET_A, LIMIT_A = 1.10, 1.25
+GUARD_A = 1.75                # (a): above this, something heavy slipped into a plain fetch
 LIMIT_B = 1.15
 ROUND_TRIPS = {"1.3": 2, "1.2": 3}   # TCP connect + TLS handshake
 FLEET = 64                    # sources for (d), as in issue 5
@@ -301,8 +303,8 @@ def bench_local(python, certs, tmp, port, runs):
     b1 = cg_hashed.median / cg_cafile.median
     b2 = cg_default.median / cg_cafile.median
     rows = [
-        ("(a) certgrab / bare handshake script", "%.2fx" % a, "%.2fx" % TARGET_A,
-         "%.2fx" % LIMIT_A, _verdict(a <= LIMIT_A, a <= TARGET_A)),
+        ("(a) certgrab / bare handshake script", "%.2fx" % a, "",
+         "%.2fx" % GUARD_A, _verdict(a <= GUARD_A)),
         ("    the same in CPU time", "%.2fx" % (cg_cafile.cpu_median / bare_cafile.cpu_median),
          "", "", "(for information)"),
         ("    compiling certgrab.py, ms of the difference", "%.0f/%.0f" % (
