@@ -1,0 +1,135 @@
+"""End to end with a real ACME CA (issue 11): a leader renews with certbot from pebble, over
+HTTP-01 validated for real; followers keep their copies in sync with certgrab.
+
+The module is a scenario, in order, on one leader (see acme.py for the machinery):
+  1. three followers sync: the leader's files, the hook once each; a rerun changes nothing
+  2. the leader renews with its key (--reuse-key): followers install the newer leaf, their
+     hooks run once more, and --check --same over the leader and the followers' own nginx
+     goes from CRITICAL (diverged) to OK
+  3. the leader renews with a new key: followers holding the old key refuse it (exit 6),
+     their files and hooks untouched, and the monitoring says CRITICAL
+Each test first brings the followers up to date, so that it also runs on its own.
+"""
+
+import os
+
+import pytest
+
+pytest.register_assert_rewrite("acme")  # before the import: acme is also a plugin (below)
+import acme  # noqa: E402
+from install_helpers import (OUT_FILES, assert_refused, files_ders,  # noqa: E402
+                             snapshot, temp_files)
+from make_certs import read_ders  # noqa: E402
+
+pytest_plugins = ["acme"]
+
+FOLLOWERS = 3
+REFUSED = 6  # exit code: refused by a safety check (here: the leaf is not for our key)
+OK, CRITICAL = 0, 2  # --check exit codes
+
+
+@pytest.fixture(scope="module")
+def followers(leader):
+    """Machines that got a copy of the leader's key once, when they were set up."""
+    key = acme.read_text(leader.certbot.live("privkey.pem"))
+    return [acme.Follower(os.path.join(leader.workdir, "followers"), "follower%d" % i, key)
+            for i in range(1, FOLLOWERS + 1)]
+
+
+@pytest.fixture
+def follower_nginx(run, followers, leader, pebble, started, request):
+    """The followers brought up to date, then nginx serving each follower's installed
+    fullchain.pem with its key, one port each."""
+    sync_all(run, leader, pebble, followers)
+    sites = [(f.file("fullchain.pem"), f.key) for f in followers]
+    return started(acme.Nginx(leader.workdir, "nginx-" + request.node.name, sites=sites))
+
+
+def sync_all(run, leader, pebble, followers):
+    """Every follower's cron job once; each must succeed."""
+    for follower in followers:
+        result = run(*follower.sync_args(leader, pebble))
+        assert result.rc == 0, (follower.dir, result.err)
+
+
+def check_same(run, leader, pebble, follower_nginx):
+    return run("--check", "--same", leader.address, *follower_nginx.addresses(),
+               "-n", acme.NAME, "--cafile", pebble.root_pem)
+
+
+def test_followers_install_the_leaders_chain(run, leader, pebble, followers):
+    assert leader.validations() >= 1, "pebble validated HTTP-01 against the leader"
+    want = leader.files()
+    assert want["chain.pem"][-1] == pebble.intermediate_der(), \
+        "certbot's chain.pem ends with pebble's intermediate"
+    assert read_ders(pebble.root_pem)[0] not in want["fullchain.pem"], "the root is not served"
+    for follower in followers:
+        result = run(*follower.sync_args(leader, pebble))
+        assert result.rc == 0, result.err
+        assert files_ders(follower.out) == want, "cert = leaf, chain = intermediate(s)"
+        assert sorted(os.listdir(follower.out)) == OUT_FILES and not temp_files(follower.out)
+        assert follower.hook_runs() == [follower.out], "the hook ran once, with the lineage"
+    for follower in followers:
+        before = snapshot(follower.out)
+        again = run(*follower.sync_args(leader, pebble))
+        assert again.rc == 0, again.err
+        assert snapshot(follower.out) == before, "a rerun touches nothing"
+        assert len(follower.hook_runs()) == 1, "and runs no hook"
+
+
+def test_renewal_with_the_same_key_reaches_every_follower(run, leader, pebble, followers,
+                                                           follower_nginx):
+    assert check_same(run, leader, pebble, follower_nginx).rc == OK
+    hooks = [len(f.hook_runs()) for f in followers]
+    key = acme.read_text(leader.certbot.live("privkey.pem"))
+    old = acme.pem_fields(leader.certbot.live("cert.pem"))
+    validations = leader.validations()
+
+    leader.renew("--reuse-key")
+
+    assert leader.validations() > validations, "pebble fetched a new HTTP-01 token"
+
+    assert acme.read_text(leader.certbot.live("privkey.pem")) == key, "certbot kept the key"
+    new = acme.pem_fields(leader.certbot.live("cert.pem"))
+    assert new["serial"] != old["serial"] and new["not_before"] > old["not_before"]
+    diverged = check_same(run, leader, pebble, follower_nginx)
+    assert diverged.rc == CRITICAL, diverged.out
+    for follower, runs in zip(followers, hooks):
+        result = run(*follower.sync_args(leader, pebble))
+        assert result.rc == 0, result.err
+        assert files_ders(follower.out) == leader.files()
+        assert acme.pem_fields(follower.file("cert.pem"))["sha256"] == new["sha256"]
+        assert len(follower.hook_runs()) == runs + 1, "the hook ran once more"
+        again = run(*follower.sync_args(leader, pebble))
+        assert again.rc == 0 and len(follower.hook_runs()) == runs + 1, again.err
+    follower_nginx.reload()
+    converged = check_same(run, leader, pebble, follower_nginx)
+    assert converged.rc == OK, converged.out + converged.err
+    for follower in followers:
+        result = run(leader.address, "-n", acme.NAME, "--cafile", pebble.root_pem,
+                     "--check", "--expect-file", follower.file("cert.pem"))
+        assert result.rc == OK, result.out + result.err
+        assert result.out.startswith("CERTGRAB OK"), result.out
+
+
+def test_renewal_with_a_new_key_is_refused_by_followers(run, leader, pebble, followers,
+                                                        follower_nginx):
+    old_key = acme.read_text(leader.certbot.live("privkey.pem"))
+
+    # certbot 2.1 keeps reuse_key = True in the renewal configuration once given; --new-key
+    # makes one new key anyway (--no-reuse-key would also unset the setting).
+    leader.renew("--new-key")
+
+    assert acme.read_text(leader.certbot.live("privkey.pem")) != old_key, "a new key"
+    for follower in followers:
+        before, runs = snapshot(follower.out), follower.hook_runs()
+        result = run(*follower.sync_args(leader, pebble))
+        assert_refused(result, REFUSED)
+        assert snapshot(follower.out) == before, "the files are unchanged"
+        assert follower.hook_runs() == runs, "no hook"
+    result = check_same(run, leader, pebble, follower_nginx)
+    assert result.rc == CRITICAL, result.out
+    for follower in followers:
+        result = run(leader.address, "-n", acme.NAME, "--cafile", pebble.root_pem,
+                     "--check", "--expect-file", follower.file("cert.pem"))
+        assert result.rc == CRITICAL, result.out + result.err
