@@ -598,7 +598,8 @@ def _name(data, item):
             if len(fields) != 2:
                 raise ParseError("malformed certificate: bad name attribute")
             oid = _oid(data, fields[0])
-            attributes.append("%s=%s" % (OID_NAMES.get(oid, oid), _attribute_value(data, fields[1])))
+            attributes.append("%s=%s" % (OID_NAMES.get(oid, oid),
+                                         _attribute_value(data, fields[1])))
         rdns.append("+".join(attributes))
     return ", ".join(rdns)
 
