@@ -1595,7 +1595,7 @@ def ssl_reason(exc):
 
 class ChainReader(object):
     """The context for every handshake of a run, and the way to read chains.
-    Python 3.6 to 3.9 use ChainReaderBefore310 (lazy) instead."""
+    Python 3.6 to 3.9 use ChainReaderBefore310 instead (see new_chain_reader)."""
 
     def __init__(self, ctx, trust, by_key_kind=None):
         self.ctx, self.trust, self.method = ctx, trust, chain_method()
