@@ -2301,9 +2301,9 @@ def run_deploy_hook(settings, plan, best):
     leaf = best.leaf
     lineage = settings.out_dir or os.path.dirname(os.path.abspath(plan[0][0]))
     env = dict(os.environ)
+    names = [n for n in leaf.dns_names if set(n) <= HOST_CHARS] or leaf.ip_addresses
     env.update(RENEWED_LINEAGE=os.path.realpath(lineage), CERTGRAB_SOURCE=best.target.source,
-               RENEWED_DOMAINS=" ".join([n for n in leaf.dns_names if set(n) <= HOST_CHARS]
-                                        + leaf.ip_addresses),
+               RENEWED_DOMAINS=" ".join(names),     # an IP-address certificate: its IPs
                CERTGRAB_FILES=" ".join(os.path.abspath(path) for path, _ in plan),
                CERTGRAB_SHA256=leaf.sha256)
     try:
