@@ -2687,7 +2687,7 @@ LAST_SYNC = "certgrab_last_sync_timestamp_seconds"
 
 def metrics_text(results, settings, clock, outcome):
     """The exposition text: (name, help, [(labels, value)]) per metric, in order."""
-    run = [("run", os.path.basename(settings.prometheus).rsplit(".prom", 1)[0])]
+    run = [("run", printable(os.path.basename(settings.prometheus).rsplit(".prom", 1)[0]))]
     now = time.time()
     metrics = [("certgrab_run_timestamp_seconds", "When this run started.", [(run, clock[0])]),
                ("certgrab_run_duration_seconds", "How long this run took.",
@@ -2716,7 +2716,8 @@ def source_metrics(results, settings, run):
     fetched, verified, before, after, chain = [], [], [], [], []
     for result in results:
         target = result.target
-        labels = run + [("source", target.source), ("servername", target.servername or "")]
+        labels = run + [("source", printable(target.source)),
+                        ("servername", target.servername or "")]
         fetched.append((labels, int(bool(result.served))))
         if not (target.file or settings.insecure):
             verified.append((labels, int(bool(result.served) and not result.verify_error
@@ -2740,8 +2741,9 @@ def source_metrics(results, settings, run):
 
 
 def metric_labels(pairs):
-    """{a="x",b="y"}: values terminal-safe, then escaped as the exposition format says."""
-    return "{%s}" % ",".join('%s="%s"' % (key, printable(value).replace("\\", "\\\\")
+    """{a="x",b="y"}, the values (made terminal-safe by printable() where they come from
+    a certificate or the command line) escaped as the exposition format says."""
+    return "{%s}" % ",".join('%s="%s"' % (key, value.replace("\\", "\\\\")
                                             .replace('"', '\\"').replace("\n", "\\n"))
                              for key, value in pairs)
 
