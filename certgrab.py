@@ -10,7 +10,9 @@ Synopsis
     certgrab.py 203.0.113.7 -n www.example.com > fullchain.pem
     certgrab.py [2001:db8::7]:8443 -n www.example.com --out-dir /etc/ssl/example
     certgrab.py 203.0.113.7 198.51.100.9 -n www.example.com --key-path /etc/ssl/ex.key \\
-        --out-dir /etc/ssl/example --deploy-hook 'systemctl reload nginx' -q
+        --out-dir /etc/ssl/example --deploy-hook 'systemctl reload nginx' -q \\
+        --prometheus /var/lib/prometheus/node-exporter/certgrab-example.prom
+    certgrab.py --check 203.0.113.7 -n www.example.com --warn 36h --crit 10%
 
 Runs on CPython 3.6 to 3.13 with the standard library only, including Debian's
 python3-minimal (no json, shutil, ctypes; no CA store: pass --cafile there).
@@ -341,8 +343,10 @@ class Certificate(object):
     (a signed int), signature_algorithm, not_before and not_after (epoch
     seconds, UTC), spki (DER), key_type, key_bits, alt_names (every
     subjectAltName as (type, text)), dns_names and ip_addresses (those of type
-    DNS and IP), and is_ca. The fields agree with pyca/cryptography's reading;
-    README's "--json" section says where their formats differ.
+    DNS and IP), and is_ca; name (for messages: the subject, or the SANs when
+    it is empty) and lifetime (seconds) are derived. The fields agree with
+    pyca/cryptography's reading; README's "--json" section says where their
+    formats differ.
     """
 
     def __init__(self, der):
