@@ -149,6 +149,7 @@ MAX_REPLY_LINES = 200   # lines in one STARTTLS reply (capability lists are a fe
 HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._*")
 
 OUT_DIR_FILES = ("cert.pem", "chain.pem", "fullchain.pem")  # certbot's names
+PRIVKEY_FILE = "privkey.pem"  # certbot's name for the key; in --out-dir with --privkey
 CERTIFICATE_SUFFIXES = (".pem", ".crt", ".cer")  # a SOURCE with one of these is a file
 NAGIOS = ("OK", "WARNING", "CRITICAL", "UNKNOWN")  # a monitoring plugin's states, 0 to 3
 NAGIOS_UNKNOWN = 3      # a monitoring plugin's exit code for "could not even check"
@@ -961,6 +962,11 @@ def key_matches(key, leaf):
                          hint="is --key-password-file the key's password?")
     finally:
         remove_quietly(temp)
+
+
+def matching_key(keys, leaf):
+    """The first of the --key-path keys that belongs to the leaf; None if none does."""
+    return next((key for key in keys if key_matches(key, leaf)), None)
 
 
 # ---------------------------------------------------------------------------
@@ -1779,6 +1785,7 @@ class FetchResult(object):
         self.served, self.issuing, self.problems, self.verified = [], [], [], []
         self.tls_version = self.cipher = self.verify_error = self.note = None
         self.elapsed = 0.0
+        self.key = None         # the --key-path the leaf matched (check_gate)
 
     @property
     def leaf(self):
@@ -1789,7 +1796,7 @@ def fetch_chain(target, reader, settings):
     """Fetch one source; with --key-path, a dual-certificate server may be asked
     again for the certificate of the key's type (refetch_for_key)."""
     result = _fetch_once(target, reader, settings)
-    return refetch_for_key(result, reader, settings) if settings.key else result
+    return refetch_for_key(result, reader, settings) if settings.keys else result
 
 
 def _fetch_once(target, reader, settings):
@@ -1922,7 +1929,7 @@ def verify_hint(message, target, trust):
 def refetch_for_key(result, reader, settings):
     """The server sent the certificate for the other key type than --key-path
     (a dual-certificate server): ask again, offering only that type's suites."""
-    wanted = _wanted_key_kind(result, settings.key)
+    wanted = _wanted_key_kind(result, settings.keys)
     if wanted and wanted in reader.by_key_kind:
         retry = _fetch_once(result.target, reader.by_key_kind[wanted], settings)
         if retry.error is None:
@@ -1931,13 +1938,18 @@ def refetch_for_key(result, reader, settings):
     return result
 
 
-def _wanted_key_kind(result, key):
-    if key is None or result.error is not None:
+def _wanted_key_kind(result, keys):
+    """The other key type, when no --key-path is of the served leaf's type (or,
+    for keys certgrab cannot read, none matches it)."""
+    if not keys or result.error is not None:
         return None
     served = result.leaf.key_type.split()[0]
-    if key.kind:
-        return key.kind if served != key.kind else None
-    if served in ("RSA", "EC") and not key_matches(key, result.leaf):
+    if served in [key.kind for key in keys]:
+        return None
+    known = [key.kind for key in keys if key.kind]
+    if len(known) == len(keys):
+        return known[0]
+    if served in ("RSA", "EC") and matching_key(keys, result.leaf) is None:
         return "EC" if served == "RSA" else "RSA"
     return None
 
@@ -2005,13 +2017,13 @@ def choose_result(results, reporter):
 # Install: output files, written whole or not at all.
 # ---------------------------------------------------------------------------
 
-def check_gate(result, key, now):
-    """The install gate: the key, the name and the dates; raises RefusedError."""
+def check_gate(result, keys, now):
+    """The install gate: the key, the name and the dates; raises RefusedError.
+    Sets result.key to the --key-path the leaf matched."""
     leaf, target = result.leaf, result.target
-    if key is not None and not key_matches(key, leaf):
-        raise RefusedError("%s: the leaf's key (SPKI sha256 %s) does not match --key-path %s (%s)"
-                           % (target, leaf.spki_sha256, key.path, "SPKI sha256 %s" %
-                              key.spki_sha256 if key.spki else "encrypted or unusual key"))
+    result.key = matching_key(keys, leaf)
+    if keys and result.key is None:
+        raise key_mismatch(target, leaf, keys)
     if not leaf.covers(target.verify_name):
         raise RefusedError("%s: the leaf does not cover %s; it covers: %s" % (
             target, target.verify_name,
@@ -2025,32 +2037,66 @@ def check_gate(result, key, now):
                                 "wrong (date -u)")
 
 
-def apply_gate(results, key):
-    """The gate for every fetched chain; a refusal becomes that source's error."""
+def key_mismatch(target, leaf, keys):
+    """The refusal of a leaf for none of the keys: which leaf, the likely cause, the fix."""
+    return RefusedError(
+        "%s: refused the leaf serial %s issued %s: its key (SPKI sha256 %s) is not %s" % (
+            target, leaf.serial_hex, format_time(leaf.not_before), leaf.spki_sha256, " nor ".join(
+                "--key-path %s (%s)" % (key.path, "SPKI sha256 %s" % key.spki_sha256
+                                        if key.spki else "encrypted or unusual key")
+                for key in keys)),
+        hint="the renewing machine likely made a new key: renew there with --reuse-key "
+             "(certbot, lego), or copy its new key here and add it as another --key-path "
+             "(README: key rollover)")
+
+
+def apply_gate(results, keys, reporter):
+    """The gate for every fetched chain; a refusal becomes that source's error
+    (with -v, what was refused: see refusal_details)."""
     now = time.time()
     for result in results:
         if result.error is None:
             try:
-                check_gate(result, key, now)
+                check_gate(result, keys, now)
             except RefusedError as exc:
                 result.error = exc
+                for line in refusal_details(result):
+                    reporter.info(line)
 
 
-def plan_outputs(out_dir, paths, key_path):
+def refusal_details(result):
+    """-v on a refused chain: its protocol, the leaf, and the chain, a line each."""
+    leaf = result.leaf
+    return ["%s: refused: %s" % (result.target, " ".join(
+                filter(None, (result.tls_version, result.cipher))) or "a local file"),
+            "%s: refused: leaf serial %s, issued %s, expires %s" % (
+                result.target, leaf.serial_hex, format_time(leaf.not_before),
+                format_time(leaf.not_after)),
+            "%s: refused: chain, leaf first: %s" % (result.target, "; ".join(
+                '"%s"' % printable(cert.subject) for cert in result.issuing))]
+
+
+def plan_outputs(out_dir, paths, key_paths, privkey=False):
     """(path, kind) for every file asked for, checked before any network I/O:
-    --out-dir's files, then paths, a dict of kind ("cert", "chain", "fullchain",
-    "combined") to the file named by its --KIND-path (or None)."""
+    --out-dir's files (and privkey.pem with --privkey), then paths, a dict of
+    kind ("cert", "chain", "fullchain", "combined") to the file named by its
+    --KIND-path (or None). Only privkey.pem may be a --key-path file itself:
+    it then gets the key the new leaf matches, in the same set."""
     plan = []
     if out_dir:
         plan += [(os.path.join(out_dir, name), name[:-4]) for name in OUT_DIR_FILES]
+    if out_dir and privkey:
+        plan.append((os.path.join(out_dir, PRIVKEY_FILE), "privkey"))
     for kind in ("cert", "chain", "fullchain", "combined"):
         if paths[kind]:
             plan.append((paths[kind], kind))
     absolute = [os.path.realpath(path) for path, _ in plan]
     if len(set(absolute)) != len(absolute):
         raise UsageError("two outputs name the same file")
-    if key_path and os.path.realpath(key_path) in absolute:
-        raise UsageError("an output would overwrite the --key-path file %s" % key_path)
+    for key_path in key_paths:
+        if any(path == os.path.realpath(key_path) and kind != "privkey"
+               for path, (_, kind) in zip(absolute, plan)):
+            raise UsageError("an output would overwrite the --key-path file %s" % key_path)
     for path, _ in plan:
         check_target(path)
     return tuple(plan)
@@ -2067,13 +2113,14 @@ def check_target(path):
 
 
 def render_outputs(plan, chain, key):
-    """(path, bytes, holds_key) for each planned file."""
+    """(path, bytes, holds_key) for each planned file; key is the --key-path the
+    leaf matched, copied only into privkey.pem and the combined file."""
     outputs = []
     for path, kind in plan:
-        certs = {"cert": chain[:1], "chain": chain[1:]}.get(kind, chain)
+        certs = {"cert": chain[:1], "chain": chain[1:], "privkey": []}.get(kind, chain)
         data = "".join(der_to_pem(cert.der) for cert in certs).encode("ascii")
-        outputs.append((path, data + key.pem if kind == "combined" else data,
-                        kind == "combined"))
+        data += key.pem if kind in ("combined", "privkey") else b""
+        outputs.append((path, data, kind in ("combined", "privkey")))
     return outputs
 
 
@@ -2088,7 +2135,7 @@ def read_existing(path):
 def installed_leaf(plan):
     """The leaf in the first existing cert, fullchain or combined file; None if none."""
     for path, kind in plan:
-        data = read_existing(path) if kind != "chain" else None
+        data = read_existing(path) if kind not in ("chain", "privkey") else None
         if data:
             try:
                 ders = pem_to_ders(data.decode("ascii", "replace"))
@@ -2300,7 +2347,7 @@ def install_chain(chain, best, settings, reporter):
     """Under the directory locks: no downgrade, write what changed, run the hook."""
     named = settings.plan
     plan = [(os.path.realpath(path), kind) for path, kind in named]  # write through links
-    outputs = render_outputs(plan, chain, settings.key)
+    outputs = render_outputs(plan, chain, best.key)
     if settings.dry_run:
         return dry_run(plan, outputs, best, settings, reporter)
     directories = sorted(set(os.path.dirname(os.path.abspath(path)) for path, _ in plan))
@@ -2309,7 +2356,7 @@ def install_chain(chain, best, settings, reporter):
         remove_stale_temps(plan)
         check_not_older(best, installed_leaf(plan), settings.force, reporter)
         changed = install_files(outputs, settings, mark_pending=bool(settings.deploy_hook))
-        if changed and not settings.key:
+        if changed and not settings.keys:
             reporter.warn("no --key-path: the leaf was not checked against the private key")
         if changed:
             reporter.say("installed the chain from %s (%s): %s" % (
@@ -2670,7 +2717,10 @@ def build_parser():
     group.add_argument("--verified-chain", action="store_true",
                        help="output the path verification built, with its root")
     group = parser.add_argument_group("install gate")
-    group.add_argument("--key-path", metavar="FILE", help="the private key the leaf must match")
+    group.add_argument("--key-path", metavar="FILE", action="append",
+                       help="a private key the leaf must match; twice: current and next key")
+    group.add_argument("--privkey", action="store_true",
+                       help="with --out-dir, install the matching key as privkey.pem (0600)")
     group.add_argument("--key-password-file", metavar="FILE",
                        help="password of an encrypted key")
     group.add_argument("--force", action="store_true",
@@ -2780,7 +2830,8 @@ def validate_settings(args, sources, reporter):
         ("--cafile", args.cafile), ("--capath", args.capath)) if path) or "the system store"
     values["plan"] = plan_outputs(args.out_dir, dict(
         (kind, getattr(args, kind + "_path")) for kind in ("cert", "chain", "fullchain",
-                                                          "combined")), args.key_path)
+                                                          "combined")), args.key_path or (),
+        args.privkey)
     return Settings(**values)
 
 
@@ -2850,9 +2901,15 @@ def _install_settings(args, report, reporter):
     for flag in ("--deploy-hook", "--owner", "--group", "--mode", "--force", "--dry-run"):
         if _given(args, flag) and not writes:
             raise UsageError("%s needs an output file (--out-dir or a --*-path)" % flag)
-    for flag in ("--combined-path", "--key-password-file"):
+    for flag in ("--combined-path", "--key-password-file", "--privkey"):
         if _given(args, flag) and not args.key_path:
             raise UsageError("%s needs --key-path" % flag)
+    if args.privkey and not args.out_dir:
+        raise UsageError("--privkey writes privkey.pem in --out-dir; give --out-dir")
+    if len(args.key_path or ()) > 1 and writes and not (args.privkey or args.combined_path):
+        raise UsageError("several --key-path need --privkey (or --combined-path) to install",
+                         hint="the service must get the key that matches the new "
+                              "certificate, in the same set: README, key rollover")
     hook_timeout = _number(args.hook_timeout, HOOK_TIMEOUT, float)
     mode = _number(args.mode, None, lambda text: int(text, 8))
     if hook_timeout is None or args.mode is not None and mode is None:
@@ -2862,12 +2919,15 @@ def _install_settings(args, report, reporter):
     if mode is not None and mode & ~0o644:
         raise UsageError("--mode allows at most 0644: certificate files are never "
                          "executable or writable by others")
-    key = read_private_key(args.key_path, args.key_password_file) if args.key_path else None
-    if args.combined_path and key.encrypted:
-        reporter.warn("--combined-path gets the key encrypted, as it is in --key-path")
+    keys = tuple(read_private_key(path, args.key_password_file)
+                 for path in args.key_path or ())
+    for flag in ("--combined-path", "--privkey"):
+        if _given(args, flag) and any(key.encrypted for key in keys):
+            reporter.warn("%s gets the key encrypted, as it is in --key-path" % flag)
     return dict(out_dir=args.out_dir, cert_path=args.cert_path, chain_path=args.chain_path,
                 fullchain_path=args.fullchain_path, combined_path=args.combined_path,
-                key_path=args.key_path, key=key, force=args.force, dry_run=args.dry_run,
+                key_paths=tuple(args.key_path or ()), keys=keys, privkey=args.privkey,
+                force=args.force, dry_run=args.dry_run,
                 deploy_hook=args.deploy_hook, hook_timeout=hook_timeout, mode=mode,
                 uid=lookup_user(args.owner), gid=lookup_group(args.group))
 
@@ -2899,7 +2959,7 @@ def make_reader(settings):
     None when every source is a local file: they need no trust store."""
     if all(target.file for target in settings.targets):
         return None
-    kinds = ("RSA", "EC") if settings.key else ()
+    kinds = ("RSA", "EC") if settings.keys else ()
     readers = dict((kind, new_chain_reader(make_context(settings, kind), settings.trust))
                    for kind in kinds)
     reader = new_chain_reader(make_context(settings), settings.trust, readers)
@@ -2930,8 +2990,8 @@ def main(argv=None):
         results = fetch_all(settings.targets, reader, settings, reporter)  # 3. handshakes
         if settings.report:                             #    or: describe them all
             return report(results, settings, reporter)
-        if settings.plan or settings.key:
-            apply_gate(results, settings.key)           # 4. key, name, dates
+        if settings.plan or settings.keys:
+            apply_gate(results, settings.keys, reporter)  # 4. key, name, dates
         best = choose_result(results, reporter)         # 5. the newest good chain
         report_fetch(results, best, reader, settings, reporter)
         chain = best.verified if settings.verified_chain else None
