@@ -1634,7 +1634,7 @@ class ChainReaderBefore310(ChainReader):
 
     def __init__(self, ctx, trust, by_key_kind=None):
         ChainReader.__init__(self, ctx, trust, by_key_kind)
-        self._messages, self._openssl = [], None
+        self._messages, self._openssl, self._store = [], None, None
         if self.method == "msg_callback":
             ctx._msg_callback = self._record
         else:
@@ -1660,13 +1660,19 @@ class ChainReaderBefore310(ChainReader):
 
     def store_certificates(self):
         """The loaded trust store, parsed; a CA certificate certgrab cannot read
-        is left out (OpenSSL has already verified the path with it)."""
+        is left out (OpenSSL has already verified the path with it). A --cafile
+        store is parsed once per run; a hashed directory loads lazily, so it is
+        read again for each source."""
+        if self._store is not None:
+            return self._store
         certs = []
         for der in self.ctx.get_ca_certs(binary_form=True):
             try:
                 certs.append(parse_certificate(der))
             except ParseError:
                 pass
+        if self.trust.startswith("--cafile") and "--capath" not in self.trust:
+            self._store = certs
         return certs
 
 
@@ -1786,6 +1792,7 @@ class FetchResult(object):
         self.tls_version = self.cipher = self.verify_error = self.note = None
         self.elapsed = 0.0
         self.key = None         # the --key-path the leaf matched (check_gate)
+        self.missing = 0        # intermediates the server left out (check_completeness)
 
     @property
     def leaf(self):
@@ -1844,22 +1851,71 @@ def _fetch_into(result, reader, settings, deadline):
     result.issuing, result.problems = clean_path(result.served)
     if failure is not None:
         result.verify_error = failure.reason
-        raise failure
+        raise explain_verify_failure(failure, result, reader.trust, bool(settings.plan))
     if not settings.insecure:
         check_completeness(result, reader, verified_ders, settings)
 
 
 def check_completeness(result, reader, verified_ders, settings):
-    """Keep the verified path, and say when the server left intermediates out."""
+    """Keep the verified path. When the server left out intermediates that
+    verification found in the trust store, the issuing path (what files get)
+    is completed with them, result.missing counts them, and a problem names
+    the server as misconfigured: never install less than a browser needs."""
     if verified_ders is not None:
         result.verified = parse_chain(verified_ders, "%s: the verified path" % result.target)
-    elif settings.verified_chain or len(result.issuing) == 1:
+    else:
         result.verified = rebuild_verified(result.issuing, reader)
-    missing = len(result.verified) - len(result.issuing) - 1
-    if missing > 0:
+    path = result.verified
+    if len(path) > 1 and path[-1].self_issued:
+        path = path[:-1]                                    # the root stays in the store
+    sent = len(result.issuing)
+    if len(path) > sent and [c.der for c in path[:sent]] == [c.der for c in result.issuing]:
+        result.missing, result.issuing = len(path) - sent, list(path)
         result.problems.append(
-            "the server did not send %d intermediate certificate(s) that verification found "
-            "in the trust store; clients that lack them will fail" % missing)
+            "%s, without the %d intermediate certificate(s) that verification found in %s: "
+            "the server is misconfigured (point it at fullchain.pem); clients that lack them "
+            "fail" % (sent_only(sent, len(path)), result.missing, reader.trust))
+
+
+def sent_only(sent, complete):
+    """How much of its chain an incomplete server sent (the root aside)."""
+    if sent == 1:
+        return "the server sent only its leaf"
+    return "the server sent only %d of the %d certificates of its chain" % (sent, complete)
+
+
+def explain_verify_failure(failure, result, trust, installing):
+    """A verification failure, told with what the server sent: a leaf alone,
+    the root the chain leads to, the names the leaf covers. While installing,
+    no hint suggests --insecure."""
+    reason, leaf, last = failure.reason, result.issuing[0], result.issuing[-1]
+    lower = reason.lower()
+    if "match" in lower:
+        hint = "the leaf covers %s; pass -n/--servername with one of those names" % (
+            printable(", ".join(leaf.dns_names + leaf.ip_addresses)) or "no names")
+    elif "issuer" not in lower and "self signed" not in lower and "self-signed" not in lower:
+        hint = verify_hint(reason, result.target, trust, installing)
+    elif len(result.issuing) == 1 and not leaf.self_issued and not leaf.is_ca:
+        return VerifyError("%s: certificate verification failed: %s: the server sent only its "
+                           "leaf (issued by \"%s\"); point it at fullchain.pem" % (
+                               result.target, reason, printable(leaf.issuer)),
+                           hint="certbot's fullchain.pem holds the leaf and its "
+                                "intermediates, cert.pem only the leaf", reason=reason)
+    else:
+        hint = unknown_root_hint(last, trust, installing)
+    return VerifyError(str(failure), hint=hint, reason=reason)
+
+
+def unknown_root_hint(last, trust, installing):
+    """Name the root the chain leads to; --insecure only when not installing."""
+    root = printable(last.subject if last.self_issued else last.issuer)
+    if trust == "the system store":
+        hint = "the chain leads to the root \"%s\", which this host does not trust: pass " \
+               "--cafile ROOT.pem with that root (or install ca-certificates)" % root
+    else:
+        hint = "the chain leads to the root \"%s\", which %s does not hold: if your CA " \
+               "changed its root, add the new one" % (root, trust)
+    return hint if installing else hint + "; --insecure skips verification"
 
 
 def _handshake(tls, reader, target, deadline):
@@ -1911,11 +1967,11 @@ def tls_hint(reason, starttls):
     return None
 
 
-def verify_hint(message, target, trust):
+def verify_hint(message, target, trust, installing=False):
     message = message.lower()
     if "expired" in message or "not yet valid" in message:
         return "check this machine's clock (date -u); if it is right, the server serves a " \
-               "stale certificate. --insecure fetches it anyway"
+               "stale certificate%s" % ("" if installing else ". --insecure fetches it anyway")
     if "match" in message:
         return "the certificate does not cover %s: pass -n/--servername with a name it " \
                "covers" % target.verify_name
@@ -2153,7 +2209,9 @@ def check_not_older(best, installed, force, reporter):
     message = "%s offers a leaf (%s) that is not newer than the installed one (%s)" % (
         best.target, leaf.describe(), installed.describe())
     if not force:
-        raise RefusedError(message, hint="--force installs it anyway")
+        raise RefusedError(message, hint="the source is behind this machine: it has not yet "
+                                         "installed the newest certificate; fix the source, "
+                                         "not this machine")
     reporter.warn(message + "; installing it because of --force")
 
 
@@ -2398,8 +2456,9 @@ def dry_run(plan, outputs, best, settings, reporter):
 def report_fetch(results, best, reader, settings, reporter):
     """Chain problems of the winner; with -v, how each source went."""
     for problem in best.problems:
-        reporter.warn("%s: %s%s" % (best.target, problem, " (files get the issuing path: "
-                                    "leaf, intermediates, no root)" if settings.plan else ""))
+        reporter.warn("%s: %s%s" % (best.target, problem, " (files get the complete "
+                                    "issuing path: leaf, intermediates, no root)"
+                                    if settings.plan else ""))
     for result in results if reporter.verbose else ():
         if result.error is None:
             reporter.info("%s (%s): %s %s, %d certificate(s) read with %s, %s, %.0f ms" % (
