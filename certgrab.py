@@ -803,6 +803,9 @@ def printable(text):
                    else "\\u%04x" % ord(c) for c in text)
 
 
+OUT_OF_ORDER = "the chain was served out of order"   # a problem --check warns about
+
+
 def clean_path(certs):
     """The issuing path that starts at the leaf: (path, problems).
 
@@ -818,7 +821,7 @@ def clean_path(certs):
         rest.remove(issuer)
         path.append(issuer)
     if [c.der for c in path] != [c.der for c in certs[:len(path)]]:
-        problems.append("the chain was served out of order")
+        problems.append(OUT_OF_ORDER)
     if len(path) > 1 and path[-1].self_issued:
         problems.append("the root certificate (%s) was included" % printable(path[-1].subject))
         path.pop()
@@ -2642,11 +2645,15 @@ def _json_char(char):
 
 
 def check_report(results, settings, now):
-    """Nagios plugin output: a summary line with perfdata, then one line per source."""
+    """Nagios plugin output: a summary line with perfdata, then one line per source.
+    A source's line is its worst finding: expiry, served chain, --same."""
     lines = [check_source(result, settings, now) for result in results]
+    if settings.chain_warning:
+        lines = [max(line, chain_status(result), key=lambda s: s[0])
+                 for line, result in zip(lines, results)]
     if settings.same:
-        lines = [max(lines[i], same_leaf_status(results, i), key=lambda s: s[0])
-                 for i in range(len(results))]
+        lines = [max(line, same, key=lambda s: s[0])
+                 for line, same in zip(lines, same_chain_statuses(results))]
     worst = max(status for status, _ in lines)
     counts = ", ".join("%d %s" % (sum(s == n for s, _ in lines), NAGIOS[n])
                        for n in range(4) if any(s == n for s, _ in lines))
@@ -2675,9 +2682,9 @@ def check_source(result, settings, now):
     if result.verify_error:
         return 2, "%s" % result.error
     leaf = result.issuing[0]
-    if settings.expected is not None and settings.expected[:1] != [leaf.der]:
-        return 2, "%s: serves %s, not the leaf in %s (a service not reloaded?)" % (
-            target, leaf_summary(leaf), settings.expect_file)
+    difference = settings.expected is not None and expect_difference(result, settings)
+    if difference:
+        return 2, difference
     soonest = min(result.issuing, key=lambda cert: cert.not_after)
     left = days_left(soonest, now)
     what = "the leaf" if soonest is leaf else "intermediate %s" % printable(soonest.subject)
@@ -2693,16 +2700,78 @@ def leaf_summary(leaf):
     return "sha256 %s... issued %s" % (leaf.sha256[:16], format_time(leaf.not_before))
 
 
-def same_leaf_status(results, index):
-    """--same: CRITICAL for a source whose leaf differs from what most sources serve."""
-    leaves = [r.issuing[0].sha256 if r.issuing else None for r in results]
-    common = max(leaves, key=lambda leaf: (leaves.count(leaf), leaf is not None,
-                                           -leaves.index(leaf)))
-    if leaves[index] == common or leaves[index] is None:
+def chain_status(result):
+    """--check: WARNING for a served chain that lacks intermediates or is out of
+    order (--no-chain-warning turns this off): clients that lack them fail."""
+    if not result.issuing or result.error is not None:
         return 0, ""
-    return 2, "%s: serves %s, unlike %d of %d sources" % (
-        results[index].target, leaf_summary(results[index].issuing[0]), leaves.count(common),
-        len(results))
+    for problem in result.problems:
+        if problem == OUT_OF_ORDER or result.missing and problem.startswith(
+                "the server sent only"):
+            return 1, "%s: %s" % (result.target, problem)
+    return 0, ""
+
+
+def served_path(result):
+    """The issuing path as the server sent it (without intermediates found locally)."""
+    return result.issuing[:len(result.issuing) - result.missing]
+
+
+def chain_age(result):
+    """--same's order: the leaf's notBefore, then its intermediates' (the leaf's issuer
+    first)."""
+    path = served_path(result)
+    return path[0].not_before, [cert.not_before for cert in path[1:]]
+
+
+def same_chain_statuses(results):
+    """--same: CRITICAL for each source whose served chain (leaf and intermediates)
+    is not the newest valid one among the sources (chain_age; the first given on a
+    tie). Linear in the number of sources: the newest is found once."""
+    good = [r for r in results if r.error is None and r.issuing]
+    if not good:
+        return [(0, "")] * len(results)
+    newest = max(good, key=chain_age)
+    want = served_path(newest)
+    statuses = []
+    for result in results:
+        difference = result.error is None and result.issuing and \
+            first_difference(served_path(result), want)
+        statuses.append((2, "%s: not the newest chain: serves %s; the newest (%s) serves %s" % (
+            result.target, difference[0], newest.target, difference[1]))
+                        if difference else (0, ""))
+    return statuses
+
+
+def expect_difference(result, settings):
+    """--expect-file: how the served chain differs from the file's ("" if it does
+    not). A file with one certificate (cert.pem) is compared with the leaf only."""
+    served = served_path(result)
+    expected = settings.expected
+    difference = first_difference(served[:1] if len(expected) == 1 else served, expected)
+    if not difference:
+        return ""
+    return "%s: serves %s; %s has %s (a service not reloaded?)" % (
+        result.target, difference[0], settings.expect_file, difference[1])
+
+
+def first_difference(chain, other):
+    """(what chain has, what other has) at the first position where they differ,
+    described for people; None when both hold the same certificates in order."""
+    for index in range(max(len(chain), len(other))):
+        mine = chain[index] if index < len(chain) else None
+        theirs = other[index] if index < len(other) else None
+        if mine is None or theirs is None or mine.der != theirs.der:
+            return cert_summary(mine, index), cert_summary(theirs, index)
+    return None
+
+
+def cert_summary(cert, index):
+    """The leaf or intermediate N of a chain, by subject, sha256 and notBefore."""
+    if cert is None:
+        return "no intermediate %d" % index
+    what = "the leaf" if index == 0 else 'intermediate %d "%s"' % (index, printable(cert.subject))
+    return "%s (%s)" % (what, leaf_summary(cert))
 
 
 # ---------------------------------------------------------------------------
@@ -2807,10 +2876,12 @@ def build_parser():
                        help="--check: WARNING under N days left (default %d)" % WARN_DAYS)
     group.add_argument("--crit-days", metavar="N",
                        help="--check: CRITICAL under N days left (default %d)" % CRIT_DAYS)
-    group.add_argument("--same", action="store_true",
-                       help="--check: CRITICAL unless all sources serve one leaf")
+    group.add_argument("--same", action="store_true", help="--check: CRITICAL for sources "
+                       "not serving the newest chain among them")
     group.add_argument("--expect-file", metavar="FILE",
-                       help="--check: CRITICAL unless the leaf is FILE's")
+                       help="--check: CRITICAL unless the served chain is FILE's")
+    group.add_argument("--no-chain-warning", action="store_true", help="--check: no WARNING "
+                       "for a served chain lacking intermediates or out of order")
     group = parser.add_argument_group("messages")
     group.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     group.add_argument("-v", "--verbose", action="store_true",
@@ -2946,12 +3017,16 @@ def _report_settings(args):
         _number(args.crit_days, CRIT_DAYS, float)
     if warn_days is None or crit_days is None:
         raise UsageError("--warn-days and --crit-days take numbers")
-    expected = None                 # --expect-file: its certificates, as DER
+    expected = None                 # --expect-file: its issuing path (root aside)
     if args.expect_file is not None:
-        expected = pem_to_ders(read_small_file(args.expect_file, "--expect-file")
-                               .decode("ascii", "replace"))
+        ders = pem_to_ders(read_small_file(args.expect_file, "--expect-file")
+                           .decode("ascii", "replace"))
+        if not ders:
+            raise UsageError("--expect-file %s: no PEM certificate in it" % args.expect_file)
+        expected = clean_path(parse_chain(ders[:MAX_CHAIN], args.expect_file))[0]
     return dict(report=report, same=args.same, expect_file=args.expect_file,
-                expected=expected, warn_days=warn_days, crit_days=crit_days, writes=writes)
+                expected=expected, warn_days=warn_days, crit_days=crit_days, writes=writes,
+                chain_warning=not args.no_chain_warning)
 
 
 def _install_settings(args, report, reporter):
