@@ -116,6 +116,24 @@ def limit_to_tls12(ctx):
         ctx.options |= getattr(ssl, "OP_NO_TLSv1_3", 0x20000000)
 
 
+TLS_VERSIONS = ("1.0", "1.1", "1.2", "1.3")   # what --tls-min and --tls-max accept
+
+
+def limit_tls_versions(ctx, minimum, maximum):
+    """--tls-min and --tls-max: TLSVersion on 3.7+, OP_NO_* options on 3.6.
+    Versions compare as text: "1.0" < "1.1" < "1.2" < "1.3"."""
+    names = dict(zip(TLS_VERSIONS, ("TLSv1", "TLSv1_1", "TLSv1_2", "TLSv1_3")))
+    if hasattr(ctx, "minimum_version"):                       # 3.7+
+        if minimum:
+            ctx.minimum_version = getattr(ssl.TLSVersion, names[minimum])
+        if maximum:
+            ctx.maximum_version = getattr(ssl.TLSVersion, names[maximum])
+        return
+    for version in TLS_VERSIONS:
+        if minimum and version < minimum or maximum and version > maximum:
+            ctx.options |= getattr(ssl, "OP_NO_" + names[version], 0)
+
+
 # Python 3.6 reports every verification failure as a plain SSLError with this
 # reason, and a name mismatch as ssl.CertificateError (a ValueError).
 VERIFY_FAILED_REASON = "CERTIFICATE_VERIFY_FAILED"
@@ -226,6 +244,10 @@ class Reporter(object):
     def say(self, message):
         if not self.quiet:
             self._write("certgrab: %s\n" % message)
+
+    def notice(self, message):
+        """A line even under -q: it explains an action cron's log would otherwise not."""
+        self._write("certgrab: %s\n" % message)
 
     def info(self, message):
         if self.verbose:
@@ -1544,6 +1566,8 @@ def make_context(settings, key_kind=None):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if settings.alpn:
         ctx.set_alpn_protocols(settings.alpn)
+    if settings.tls_min or settings.tls_max:
+        limit_tls_versions(ctx, settings.tls_min, settings.tls_max)
     if key_kind:
         ctx.set_ciphers("aECDSA" if key_kind == "EC" else "aRSA")
         limit_to_tls12(ctx)
@@ -2424,6 +2448,10 @@ def install_chain(chain, best, settings, reporter):
                 best.target, best.leaf.describe(), " ".join(changed)))
         pending = pending_files(plan)
         if pending and settings.deploy_hook:
+            retried = [path for path in pending if path not in changed]
+            if retried:
+                reporter.notice("retrying the deploy hook, which did not complete after an "
+                                "earlier run installed %s" % " ".join(retried))
             run_deploy_hook(settings, named, best)
             clear_pending(pending)
         elif pending:
@@ -2822,6 +2850,10 @@ def build_parser():
     group.add_argument("-6", "--ipv6", action="store_true", help="IPv6 only")
     group.add_argument("--parallel", metavar="N", help="fetch N sources at a time "
                        "(default %d)" % MAX_PARALLEL)
+    group.add_argument("--tls-min", metavar="VERSION",
+                       help="offer no TLS version below VERSION (1.0 to 1.3)")
+    group.add_argument("--tls-max", metavar="VERSION",
+                       help="offer no TLS version above VERSION, e.g. 1.2")
     group = parser.add_argument_group("STARTTLS")
     group.add_argument("--starttls", metavar="PROTOCOL",
                        help="talk PROTOCOL before TLS (list below)")
@@ -2950,6 +2982,7 @@ def validate_settings(args, sources, reporter):
                   insecure=args.insecure, cafile=args.cafile, capath=args.capath,
                   verified_chain=args.verified_chain)
     values.update(_connecting_settings(args, len(sources)))
+    values.update(_tls_version_settings(args))
     values.update(_report_settings(args))
     values.update(_install_settings(args, values["report"], reporter))
     default_port = parse_port(args.port, "-p/--port") if args.port is not None else \
@@ -2989,6 +3022,17 @@ def _connecting_settings(args, source_count):
         socket.AF_UNSPEC
     return dict(timeout=timeout, parallel=parallel, starttls=args.starttls,
                 ehlo=parse_ehlo(args.ehlo), alpn=alpn or None, family=family)
+
+
+def _tls_version_settings(args):
+    """--tls-min and --tls-max: one of TLS_VERSIONS each, the minimum not above the maximum."""
+    for flag, value in (("--tls-min", args.tls_min), ("--tls-max", args.tls_max)):
+        if value is not None and value not in TLS_VERSIONS:
+            raise UsageError("%s %s: not a TLS version; known: %s" % (
+                flag, value, ", ".join(TLS_VERSIONS)))
+    if args.tls_min and args.tls_max and args.tls_min > args.tls_max:
+        raise UsageError("--tls-min %s is above --tls-max %s" % (args.tls_min, args.tls_max))
+    return dict(tls_min=args.tls_min, tls_max=args.tls_max)
 
 
 def _number(text, default, kind):
