@@ -25,25 +25,31 @@ Pipeline
     served chain (DER, as sent) <-- read per Python version <-- TLS handshake, SNI=name
         |                            (new_chain_reader)
         +--> every certificate parsed whole: structure, names, dates, keys, SANs
-        +--> gate: verified, key matches --key-path, leaf covers the name, in date
+        +--> intermediates the server left out but verification found: completed
+        +--> gate: verified, key matches a --key-path, leaf covers the name, in date
         +--> newest passing leaf (notBefore) of all sources
         +--> stdout: the chain exactly as served (PEM, leaf first), or
         +--> files, under a lock on their directory: not older than installed,
-             only what changed, temp file + fsync + rename --> --deploy-hook
+             only what changed (privkey.pem too, with --privkey), temp file + fsync
+             + rename --> --deploy-hook
 
 Security model
     - Verification is on by default: the chain must lead to a trusted root (the
       system store, or --cafile/--capath) and the leaf must cover --servername
       (or the IP address dialled). --insecure turns this off and says so.
-    - Before files are written the leaf must also match --key-path, cover the
-      name (even with --insecure), be within its dates and not be older than the
-      installed leaf (--force overrides only that last check).
+    - Before files are written the leaf must also match --key-path (one of them,
+      when given twice for a key rollover), cover the name (even with --insecure),
+      be within its dates and not be older than the installed leaf (--force
+      overrides only that last check). Files get the complete issuing path: never
+      less than a browser needs, even when the server left intermediates out.
     - Nothing is written unless every step before it succeeded; a file is either
       the old version or the new one, never half of each. New certificate files
-      get mode 0644 (--mode), the combined file with the key 0600; an existing
-      file keeps its mode and owner; nothing is ever group- or world-writable.
-    - The private key is read only to compare its public half and is copied only
-      into --combined-path. It is never printed.
+      get mode 0644 (--mode), the files with the key (--combined-path, and
+      privkey.pem with --privkey) 0600; an existing file keeps its mode and owner;
+      nothing is ever group- or world-writable.
+    - The private key is read only to compare its public half. Never print or
+      copy the private key except into the files that ask for it: --combined-path
+      and privkey.pem (--privkey), which get the --key-path the leaf matched.
     - The deploy hook gets its context in environment variables, never by
       formatting certificate text into a command line.
     - Everything read from the network is bounded in size and time, and every
