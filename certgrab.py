@@ -2028,17 +2028,15 @@ def refetch_for_key(result, reader, settings):
 
 
 def _wanted_key_kind(result, keys):
-    """The other key type, when no --key-path is of the served leaf's type (or,
-    for keys certgrab cannot read, none matches it)."""
-    if not keys or result.error is not None:
+    """The other key type, when no --key-path matches the served leaf and one of
+    them is (or, for a key certgrab cannot read, may be) of that type."""
+    if not keys or result.error is not None or matching_key(keys, result.leaf) is not None:
         return None
     served = result.leaf.key_type.split()[0]
-    if served in [key.kind for key in keys]:
-        return None
-    known = [key.kind for key in keys if key.kind]
-    if len(known) == len(keys):
-        return known[0]
-    if served in ("RSA", "EC") and matching_key(keys, result.leaf) is None:
+    kinds = [key.kind for key in keys if key.kind and key.kind != served]
+    if kinds:
+        return kinds[0]
+    if served in ("RSA", "EC") and any(key.kind is None for key in keys):
         return "EC" if served == "RSA" else "RSA"
     return None
 
@@ -3085,15 +3083,7 @@ def _install_settings(args, report, reporter):
     for flag in ("--deploy-hook", "--owner", "--group", "--mode", "--force", "--dry-run"):
         if _given(args, flag) and not writes:
             raise UsageError("%s needs an output file (--out-dir or a --*-path)" % flag)
-    for flag in ("--combined-path", "--key-password-file", "--privkey"):
-        if _given(args, flag) and not args.key_path:
-            raise UsageError("%s needs --key-path" % flag)
-    if args.privkey and not args.out_dir:
-        raise UsageError("--privkey writes privkey.pem in --out-dir; give --out-dir")
-    if len(args.key_path or ()) > 1 and writes and not (args.privkey or args.combined_path):
-        raise UsageError("several --key-path need --privkey (or --combined-path) to install",
-                         hint="the service must get the key that matches the new "
-                              "certificate, in the same set: README, key rollover")
+    keys = _key_settings(args, writes, reporter)
     hook_timeout = _number(args.hook_timeout, HOOK_TIMEOUT, float)
     mode = _number(args.mode, None, lambda text: int(text, 8))
     if hook_timeout is None or args.mode is not None and mode is None:
@@ -3103,17 +3093,32 @@ def _install_settings(args, report, reporter):
     if mode is not None and mode & ~0o644:
         raise UsageError("--mode allows at most 0644: certificate files are never "
                          "executable or writable by others")
-    keys = tuple(read_private_key(path, args.key_password_file)
-                 for path in args.key_path or ())
-    for flag in ("--combined-path", "--privkey"):
-        if _given(args, flag) and any(key.encrypted for key in keys):
-            reporter.warn("%s gets the key encrypted, as it is in --key-path" % flag)
     return dict(out_dir=args.out_dir, cert_path=args.cert_path, chain_path=args.chain_path,
                 fullchain_path=args.fullchain_path, combined_path=args.combined_path,
                 key_paths=tuple(args.key_path or ()), keys=keys, privkey=args.privkey,
                 force=args.force, dry_run=args.dry_run,
                 deploy_hook=args.deploy_hook, hook_timeout=hook_timeout, mode=mode,
                 uid=lookup_user(args.owner), gid=lookup_group(args.group))
+
+
+def _key_settings(args, writes, reporter):
+    """--key-path (once, or twice for a rollover), read; --privkey's and the
+    key's companions checked. Returns the keys, a tuple in the order given."""
+    for flag in ("--combined-path", "--key-password-file", "--privkey"):
+        if _given(args, flag) and not args.key_path:
+            raise UsageError("%s needs --key-path" % flag)
+    if args.privkey and not args.out_dir:
+        raise UsageError("--privkey writes privkey.pem in --out-dir; give --out-dir")
+    if len(args.key_path or ()) > 1 and writes and not (args.privkey or args.combined_path):
+        raise UsageError("several --key-path need --privkey (or --combined-path) to install",
+                         hint="the service must get the key that matches the new "
+                              "certificate, in the same set: README, key rollover")
+    keys = tuple(read_private_key(path, args.key_password_file)
+                 for path in args.key_path or ())
+    for flag in ("--combined-path", "--privkey"):
+        if _given(args, flag) and any(key.encrypted for key in keys):
+            reporter.warn("%s gets the key encrypted, as it is in --key-path" % flag)
+    return keys
 
 
 def lookup_user(name):
