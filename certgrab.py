@@ -41,14 +41,15 @@ Security model
       (or the IP address dialled). --insecure turns this off and says so.
     - Before files are written the leaf must also match --key-path (one of them,
       when given twice for a key rollover), cover the name (even with --insecure),
-      be within its dates and not be older than the installed leaf (--force
-      overrides only that last check). Files get the complete issuing path: never
+      be within its dates and not be older than the newest leaf in any output; an
+      output that is not a readable certificate file refuses every chain (--force
+      overrides only these last two checks). Files get the complete issuing path: never
       less than a browser needs, even when the server left intermediates out.
     - Nothing is written unless every step before it succeeded; a file is either
       the old version or the new one, never half of each. New certificate files
       get mode 0644 (--mode), the files with the key (--combined-path, and
       privkey.pem with --privkey) 0600; an existing file keeps its mode and owner;
-      nothing is ever group- or world-writable.
+      nothing is ever group- or world-writable, executable or set-id.
     - The private key is read only to compare its public half. Never print or
       copy the private key except into the files that ask for it: --combined-path
       and privkey.pem (--privkey), which get the --key-path the leaf matched.
@@ -59,13 +60,17 @@ Security model
       trusted with anything: a malformed one is that source's error.
 
 Exit codes
-    0  success: chain verified and written, or files already up to date
-    2  usage error: bad option, SOURCE, port, --cafile, --key-path
+    0  success: chain verified and written (and the hook run), or up to date
+    2  usage error: bad option, SOURCE, port; unusable or unreadable --cafile,
+       --key-path
     3  cannot fetch: connection refused/timed out, not TLS, TLS failure
     4  verification failed: unknown issuer, expired, name mismatch
-    5  cannot write an output file (the previous files are unchanged)
-    6  refused by a safety check: key mismatch, name, dates, not newer
-    7  the deploy hook failed or timed out (the next run retries it)
+    5  cannot write: the previous files are unchanged, or (the hint says which)
+       some are new and the next run completes the set
+    6  refused by a safety check: key mismatch, name, dates, not newer, or an
+       output that is not a readable certificate file; files untouched
+    7  files installed, deploy hook pending: it failed, timed out, or ran but
+       could not be recorded (the next run runs it again)
     With --check, --same or --expect-file, a monitoring plugin's codes instead:
     0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (e.g. a usage error).
 """
@@ -78,6 +83,7 @@ import hashlib
 import os
 import socket
 import ssl
+import stat
 import sys
 import threading
 import time
@@ -236,6 +242,12 @@ class RefusedError(CertgrabError):
 
 class HookError(CertgrabError):
     exit_code = 7
+
+
+class InputError(CertgrabError):
+    """A file named on the command line exists but cannot be read: exit 2 without the
+    usage hint, since --help cannot fix an I/O error."""
+    exit_code = 2
 
 
 class Reporter(object):
@@ -951,7 +963,7 @@ def read_small_file(path, what):
         with open(path, "rb") as handle:
             data = handle.read(MAX_FILE + 1)
     except OSError as exc:
-        raise UsageError("cannot read %s %s: %s" % (what, path, exc.strerror or exc))
+        raise InputError("cannot read %s %s: %s" % (what, path, exc.strerror or exc))
     if len(data) > MAX_FILE:
         raise UsageError("%s %s: larger than %d bytes" % (what, path, MAX_FILE))
     return data
@@ -1620,7 +1632,7 @@ def make_context(settings, key_kind=None):
         except ssl.SSLError as exc:
             raise UsageError("cannot load --cafile %s: %s" % (settings.cafile, ssl_reason(exc)))
         except OSError as exc:
-            raise UsageError("cannot load --cafile %s: %s" % (settings.cafile,
+            raise InputError("cannot load --cafile %s: %s" % (settings.cafile,
                                                                exc.strerror or exc))
         return ctx
     load_system_store(ctx)
@@ -2221,13 +2233,25 @@ def plan_outputs(out_dir, paths, key_paths, privkey=False):
 
 
 def check_target(path):
-    if os.path.isdir(path):
+    """An output and its nearest existing parent can be what they must (the rest: later)."""
+    if _kind_of(path, path) == "directory":
         raise WriteError("cannot write %s: it is a directory" % path)
     parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
+    while _kind_of(parent, path) is None:
         parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
+    if _kind_of(parent, path) != "directory":
         raise WriteError("cannot write %s: %s is not a directory" % (path, parent))
+
+
+def _kind_of(path, output):
+    """"directory", "other" or None (missing); an error to stat it is said as it is."""
+    try:
+        return "directory" if stat.S_ISDIR(os.stat(path).st_mode) else "other"
+    except (FileNotFoundError, NotADirectoryError):    # look further up
+        return None
+    except OSError as exc:
+        raise WriteError("cannot write %s: cannot look at %s: %s" % (
+            output, path, exc.strerror or exc))
 
 
 def render_outputs(plan, chain, key):
@@ -2251,29 +2275,67 @@ def read_existing(path):
 
 
 def installed_leaf(plan):
-    """The leaf in the first existing cert, fullchain or combined file; None if none."""
+    """What the outputs hold: (newest leaf or None, [(path, why) of damaged outputs]).
+
+    Every cert, fullchain and combined output counts, so a damaged file cannot
+    hide a newer leaf in another. An output that exists but cannot be read as
+    certificates is damaged, never "nothing installed".
+    """
+    newest, damaged = None, []
     for path, kind in plan:
-        data = read_existing(path) if kind not in ("chain", "privkey") else None
-        if data:
-            try:
-                ders = pem_to_ders(data.decode("ascii", "replace"))
-                return parse_certificate(ders[0]) if ders else None
-            except ParseError:
-                return None
-    return None
+        if kind in ("chain", "privkey"):        # no leaf in these
+            continue
+        try:
+            leaf = read_leaf(path)
+        except (OSError, ParseError) as exc:
+            damaged.append((path, getattr(exc, "strerror", None) or str(exc)))
+            continue
+        if leaf is not None and (newest is None or leaf.not_before > newest.not_before):
+            newest = leaf
+    return newest, damaged
+
+
+def read_leaf(path):
+    """The first certificate of an existing output, None when there is no such file.
+
+    Raises OSError when the file cannot be read and ParseError when it is not
+    whole PEM certificates (garbage, cut short, bad base64, bad DER, empty).
+    """
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_FILE)
+    except FileNotFoundError:
+        return None
+    ders = pem_to_ders(data.decode("ascii", "replace"))
+    if not ders:
+        raise ParseError("no PEM certificate in it")
+    return [parse_certificate(der) for der in ders][0]     # every one must be whole
 
 
 def check_not_older(best, installed, force, reporter):
-    """No downgrade: the offered leaf must be the installed one or issued later."""
-    leaf = best.leaf
-    if installed is None or installed.der == leaf.der or leaf.not_before > installed.not_before:
+    """No downgrade: the offered leaf must be the installed one or issued later.
+
+    installed is installed_leaf's answer. A damaged output refuses any offer
+    (unless --force): what it held is unknown.
+    """
+    leaf, (newest, damaged) = best.leaf, installed
+    problems = []
+    if newest is not None and newest.der != leaf.der and \
+            not leaf.not_before > newest.not_before:
+        problems.append("%s offers a leaf (%s) that is not newer than the installed one (%s)"
+                        % (best.target, leaf.describe(), newest.describe()))
+    if damaged:
+        problems.append("cannot tell which leaf is installed: " + "; ".join(
+            "%s is not a readable certificate file (%s)" % (path, printable(why))
+            for path, why in damaged))
+    if not problems:
         return
-    message = "%s offers a leaf (%s) that is not newer than the installed one (%s)" % (
-        best.target, leaf.describe(), installed.describe())
+    message = "; ".join(problems)
     if not force:
-        raise RefusedError(message, hint="the source is behind this machine: it has not yet "
-                                         "installed the newest certificate; fix the source, "
-                                         "not this machine")
+        raise RefusedError(message, hint="check the damaged file; --force replaces it"
+                           if damaged else "the source is behind this machine: it has not "
+                           "yet installed the newest certificate; fix the source, not this "
+                           "machine")
     reporter.warn(message + "; installing it because of --force")
 
 
@@ -2310,42 +2372,80 @@ def make_directory(directory):
 
 
 def unlock_directories(fds):
+    """Closing releases each lock; a directory opened read-only has nothing to lose."""
     for fd in fds:
-        os.close(fd)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def remove_stale_temps(plan):
-    """Temporary files a killed run left beside the outputs (we hold the lock)."""
+    """Temporary files a killed run left beside the outputs (we hold the lock).
+
+    One that stays could hold a private key (.combined temp files do), so a
+    failure here stops the run before anything is written.
+    """
+    for directory, prefixes in temp_prefixes(plan).items():
+        try:
+            names = os.listdir(directory)
+        except OSError as exc:
+            raise WriteError("cannot list %s for leftover temporary files: %s" % (
+                directory, exc.strerror or exc), hint="the previous files are unchanged")
+        for name in names:
+            if name.startswith(prefixes):
+                stale = os.path.join(directory, name)
+                if not discard_temp(stale):
+                    raise WriteError("cannot remove the leftover temporary file %s" % stale,
+                                     hint="the previous files are unchanged")
+
+
+def temp_prefixes(plan):
+    """{directory: (".NAME" + TEMP_MARK, ...)} for the outputs in each directory."""
+    prefixes = {}
     for path, _ in plan:
-        directory, prefix = os.path.dirname(os.path.abspath(path)), \
-            "." + os.path.basename(path) + TEMP_MARK
-        for name in os.listdir(directory):
-            if name.startswith(prefix):
-                remove_quietly(os.path.join(directory, name))
+        directory = os.path.dirname(os.path.abspath(path))
+        prefixes[directory] = prefixes.get(directory, ()) + (
+            "." + os.path.basename(path) + TEMP_MARK,)
+    return prefixes
 
 
-def install_files(outputs, settings, mark_pending):
+def install_files(outputs, settings, mark_pending, reporter):
     """Write each output that differs from the disk; return the paths written.
 
     Every new version is staged as a temporary file beside its target and
-    fsynced before the first rename, so a failure leaves the old files alone.
-    With a deploy hook the new files are dated HOOK_PENDING_MTIME until it ran.
+    fsynced before the first rename, so a failure before the renames leaves
+    the old files alone, and one during them leaves a set the next run
+    completes. With a deploy hook the new files are dated HOOK_PENDING_MTIME
+    until it ran.
     """
     changed = changed_outputs(outputs)
-    staged, path = [], None
+    staged, renamed, path = [], [], None
     try:
         for path, data, holds_key in changed:
             staged.append((stage_file(path, data, holds_key, settings, mark_pending), path))
         for temp, path in staged:
             os.replace(temp, path)
+            renamed.append(path)
     except OSError as exc:
-        for temp, _ in staged:
-            remove_quietly(temp)
-        raise WriteError("cannot write %s: %s" % (path, exc.strerror or exc),
-                         hint="the previous files are unchanged")
+        left = [temp for temp, target in staged if target not in renamed]
+        kept = [temp for temp in left if not discard_temp(temp)]
+        raise WriteError(*write_failure(path, exc, renamed, kept, mark_pending))
     for directory in set(os.path.dirname(os.path.abspath(p)) for p, _, _ in changed):
-        sync_directory(directory)
-    return [path for path, _, _ in changed]
+        sync_directory(directory, reporter)
+    return renamed
+
+
+def write_failure(path, exc, renamed, kept, mark_pending):
+    """(message, hint) of a failed install_files, true to what is on disk now."""
+    message = "cannot write %s: %s" % (path, exc.strerror or exc)
+    if kept:
+        message += "; could not remove %s" % " ".join(kept)
+    if not renamed:
+        return message, "the previous files are unchanged"
+    return message + "; already new: %s" % " ".join(renamed), \
+        "the next run completes the set%s" % (" and runs the deploy hook" if mark_pending
+                                              else "")
 
 
 def changed_outputs(outputs):
@@ -2363,17 +2463,20 @@ def stage_file(path, data, holds_key, settings, mark_pending):
         mode = old.st_mode & 0o7777
     else:
         mode = 0o600 if holds_key else NEW_FILE_MODE if settings.mode is None else settings.mode
-    mode &= 0o640 if holds_key else ~0o022      # never writable by others; key never public
+    # A certificate is never executable, set-id or writable by others; the key never public.
+    mode &= 0o640 if holds_key else 0o644
     owner = (old.st_uid, old.st_gid) if old else (settings.uid, settings.gid)
-    temp = write_temp_file(os.path.dirname(os.path.abspath(path)), os.path.basename(path),
-                           data, mode, owner if os.geteuid() == 0 or not old else None)
-    if mark_pending or old is not None and int(old.st_mtime) == HOOK_PENDING_MTIME:
-        os.utime(temp, (HOOK_PENDING_MTIME, HOOK_PENDING_MTIME))
-    return temp
+    pending = mark_pending or old is not None and int(old.st_mtime) == HOOK_PENDING_MTIME
+    return write_temp_file(os.path.dirname(os.path.abspath(path)), os.path.basename(path),
+                           data, mode, owner if os.geteuid() == 0 or not old else None,
+                           HOOK_PENDING_MTIME if pending else None)
 
 
-def write_temp_file(directory, name, data, mode=0o600, owner=None):
-    """A new file "." + name + TEMP_MARK + random in directory, written and fsynced."""
+def write_temp_file(directory, name, data, mode=0o600, owner=None, mtime=None):
+    """A new file "." + name + TEMP_MARK + random in directory, written and fsynced.
+
+    On any failure the file is emptied and removed: it may hold a private key.
+    """
     temp = os.path.join(directory, "." + name + TEMP_MARK
                         + binascii.hexlify(os.urandom(6)).decode("ascii"))
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -2384,34 +2487,67 @@ def write_temp_file(directory, name, data, mode=0o600, owner=None):
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
+        if mtime is not None:
+            os.utime(fd, (mtime, mtime))
         os.fsync(fd)
     except OSError:
-        os.close(fd)
-        remove_quietly(temp)
+        close_emptied(fd)
+        discard_temp(temp)
         raise
-    os.close(fd)
+    try:
+        os.close(fd)
+    except OSError:
+        discard_temp(temp)
+        raise
     return temp
 
 
+def close_emptied(fd):
+    """Close a temporary file of ours after emptying it (it may hold a private key)."""
+    for step in (lambda: os.ftruncate(fd, 0), lambda: os.close(fd)):
+        try:
+            step()
+        except OSError:
+            pass
+
+
+def discard_temp(path):
+    """Remove a temporary file of ours; if it cannot go, at least empty it. True if gone."""
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        pass
+    try:
+        os.truncate(path, 0)
+    except OSError:
+        pass
+    return False
+
+
 def remove_quietly(path):
+    """Remove a scratch file that holds nothing secret (key_matches' public
+    certificate, an old metrics file's temp); a failure changes nothing."""
     try:
         os.unlink(path)
     except OSError:
         pass
 
 
-def sync_directory(directory):
-    """Make the renames durable; some filesystems refuse, which is harmless."""
+def sync_directory(directory, reporter):
+    """Make the renames durable; say so when the filesystem refuses (-v)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        reporter.info("cannot fsync directory %s (%s): the new files are in place, but a "
+                      "power failure now could bring back old ones" % (
+                          directory, exc.strerror or exc))
 
 
 def pending_files(plan):
@@ -2427,13 +2563,17 @@ def pending_files(plan):
 
 
 def clear_pending(paths):
-    """Date the files now: their hook ran."""
+    """Date the files now: their hook ran. Those that keep the mark get the hook again."""
+    failed = None
     for path in paths:
         try:
             os.utime(path, None)
         except OSError as exc:
-            raise WriteError("cannot clear the hook-pending date of %s: %s" % (
-                path, exc.strerror or exc), hint="the next run will run the hook again")
+            failed = failed or (path, exc)
+    if failed:
+        raise HookError("the deploy hook ran, but cannot clear the hook-pending date of %s: "
+                        "%s" % (failed[0], failed[1].strerror or failed[1]),
+                        hint="the next run runs the hook again")
 
 
 def run_deploy_hook(settings, plan, best):
@@ -2472,20 +2612,21 @@ def install_chain(chain, best, settings, reporter):
     plan = [(os.path.realpath(path), kind) for path, kind in named]  # write through links
     outputs = render_outputs(plan, chain, best.key)
     if settings.dry_run:
-        return dry_run(plan, outputs, best, settings, reporter)
+        return dry_run(plan, outputs, best, settings, reporter, installed_leaf(named))
     directories = sorted(set(os.path.dirname(os.path.abspath(path)) for path, _ in plan))
     locks = lock_directories(directories, settings.hook_timeout + settings.timeout + LOCK_SLACK)
     try:
         remove_stale_temps(plan)
-        check_not_older(best, installed_leaf(plan), settings.force, reporter)
-        changed = install_files(outputs, settings, mark_pending=bool(settings.deploy_hook))
+        check_not_older(best, installed_leaf(named), settings.force, reporter)  # as named
+        mark = bool(settings.deploy_hook)
+        changed = install_files(outputs, settings, mark, reporter)
         if changed and not settings.keys:
             reporter.warn("no --key-path: the leaf was not checked against the private key")
         if changed:
             reporter.say("installed the chain from %s (%s; %s): %s" % (
                 best.target, best.leaf.describe(), when_expires(best.leaf, time.time()),
                 " ".join(changed)))
-        pending = pending_files(plan)
+        pending = sorted(set(pending_files(plan)) | set(changed if mark else ()))
         if pending and settings.deploy_hook:
             retried = [path for path in pending if path not in changed]
             if retried:
@@ -2504,9 +2645,9 @@ def install_chain(chain, best, settings, reporter):
         unlock_directories(locks)
 
 
-def dry_run(plan, outputs, best, settings, reporter):
+def dry_run(plan, outputs, best, settings, reporter, installed):
     """--dry-run: the same checks and the same comparison with the disk; no writes."""
-    check_not_older(best, installed_leaf(plan), settings.force, reporter)
+    check_not_older(best, installed, settings.force, reporter)
     changed = [path for path, _, _ in changed_outputs(outputs)]
     for path in changed:
         directory = os.path.dirname(path)
@@ -2976,16 +3117,16 @@ def previous_value(path, name):
     return None
 
 
-def write_metrics(path, text):
+def write_metrics(path, text, reporter):
     """Replace path atomically: a temp file beside it, fsynced, renamed over it. The
     temp's name does not end in .prom, so the textfile collector never reads it."""
     directory, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
-    for stale in os.listdir(directory):
-        if stale.startswith("." + name + TEMP_MARK) and \
-                time.time() - os.stat(os.path.join(directory, stale)).st_mtime > \
-                METRICS_TEMP_STALE:
-            remove_quietly(os.path.join(directory, stale))
     try:
+        for stale in os.listdir(directory):
+            if stale.startswith("." + name + TEMP_MARK) and \
+                    time.time() - os.stat(os.path.join(directory, stale)).st_mtime > \
+                    METRICS_TEMP_STALE:
+                remove_quietly(os.path.join(directory, stale))
         temp = write_temp_file(directory, name, text.encode("utf-8"), NEW_FILE_MODE)
         try:
             os.replace(temp, path)
@@ -2994,7 +3135,7 @@ def write_metrics(path, text):
             raise
     except OSError as exc:
         raise WriteError("cannot write --prometheus %s: %s" % (path, exc.strerror or exc))
-    sync_directory(directory)
+    sync_directory(directory, reporter)
 
 
 def record_run(settings, results, clock, outcome, code, reporter):
@@ -3004,7 +3145,8 @@ def record_run(settings, results, clock, outcome, code, reporter):
     if not settings.prometheus:
         return code
     try:
-        write_metrics(settings.prometheus, metrics_text(results, settings, clock, outcome))
+        write_metrics(settings.prometheus, metrics_text(results, settings, clock, outcome),
+                      reporter)
     except WriteError as exc:
         reporter.error(exc)
         return code or (0 if settings.report == "check" else exc.exit_code)
