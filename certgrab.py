@@ -281,6 +281,9 @@ class SectionReporter(Reporter):
     def _write(self, text):
         Reporter._write(text.replace("certgrab: ", "certgrab: [%s] " % self.section, 1))
 
+    def checking(self, subject):
+        Reporter.checking(self, "section %s: %s" % (self.section, subject))
+
     def log(self, code, exc=None):
         if not self.quiet:              # with --quiet, the run's line names failed sections
             Reporter.log(self, code, exc)
