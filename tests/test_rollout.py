@@ -91,7 +91,7 @@ certgrab_certificates:
 def playbook(tmp_path, inventory):
     env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_LOCAL_TEMP=str(tmp_path / "tmp"),
                ANSIBLE_REMOTE_TEMP=str(tmp_path / "tmp"), ANSIBLE_HOME=str(tmp_path / "home"),
-               ANSIBLE_RETRY_FILES_ENABLED="0", ANSIBLE_GATHERING="explicit",
+               ANSIBLE_RETRY_FILES_ENABLED="0", ANSIBLE_GATHERING="explicit", ANSIBLE_PIPELINING="1",
                PATH=BIN + ":" + os.environ.get("PATH", os.defpath))
     return subprocess.run(
         [tool("ansible-playbook", BIN), "-i", str(inventory), "--vault-password-file",
