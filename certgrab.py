@@ -11,6 +11,7 @@ Synopsis
     certgrab.py [2001:db8::7]:8443 -n www.example.com --out-dir /etc/ssl/example
     certgrab.py 203.0.113.7 198.51.100.9 -n www.example.com --key-path /etc/ssl/ex.key \\
         --out-dir /etc/ssl/example --deploy-hook 'systemctl reload nginx' -q
+    certgrab.py --config /etc/certgrab/certgrab.conf --syslog    (a section per certificate)
 
 Runs on CPython 3.6 to 3.13 with the standard library only, including Debian's
 python3-minimal (no json, shutil, ctypes; no CA store: pass --cafile there).
@@ -60,6 +61,7 @@ Exit codes
     7  the deploy hook failed or timed out (the next run retries it)
     With --check, --same or --expect-file, a monitoring plugin's codes instead:
     0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (e.g. a usage error).
+    With --config, the highest code of its sections (2 for a mistake in the file).
 """
 
 __version__ = "0.2.0"
@@ -2675,7 +2677,8 @@ EXAMPLES = """\
 examples:
   certgrab.py 203.0.113.7 -n www.example.com > fullchain.pem
   certgrab.py [2001:db8::7]:8443 -n www.example.com --out-dir /etc/ssl/example
-  certgrab.py 10.0.0.5 10.0.0.6 -n www.example.com --cafile ca.pem --out-dir x"""
+  certgrab.py 10.0.0.5 10.0.0.6 -n www.example.com --cafile ca.pem --out-dir x
+  certgrab.py --config /etc/certgrab/certgrab.conf --dry-run"""
 CHECK_FLAGS = ("--check", "--same", "--expect-file")     # a plugin's run: UNKNOWN on errors
 # Options of the run itself, never keys of a --config file: every other long option is one.
 COMMAND_LINE_ONLY = ("--help", "--version", "--config", "--section", "--syslog")

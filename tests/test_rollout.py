@@ -1,5 +1,6 @@
 """Running certgrab for years: contrib/'s systemd units and the Ansible rollout, for real.
 
+  * contrib/ansible passes ansible-lint's production profile;
   * `systemd-analyze verify` accepts contrib/certgrab.service and certgrab.timer with no
     warning at all (an unknown or misspelt directive is only a warning: it fails here too);
   * contrib/ansible/site.yml runs with ansible-playbook against two hosts of this machine:
@@ -40,7 +41,8 @@ def tool(name, where=None):
 
 def verify_units(*paths, **kw):
     """systemd-analyze verify PATHS (with the drop-ins beside them): (exit code, output)."""
-    completed = subprocess.run([tool("systemd-analyze"), "verify"] + list(paths), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    completed = subprocess.run([tool("systemd-analyze"), "verify"] + list(paths),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                universal_newlines=True, timeout=60, cwd=kw.get("cwd"))
     return completed.returncode, completed.stdout
 
@@ -61,6 +63,19 @@ def test_a_bad_unit_fails_the_same_check(tmp_path):
 
 
 # Ansible -------------------------------------------------------------------------------------
+
+def test_the_role_passes_ansible_lint(tmp_path):
+    """ansible-lint's strictest profile, offline, over site.yml and the role."""
+    lint = tool("ansible-lint", BIN)
+    completed = subprocess.run(
+        [lint, "--offline", "--nocolor", "--profile", "production", "site.yml",
+         "roles/certgrab"], cwd=ANSIBLE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        universal_newlines=True, timeout=PLAYBOOK_TIMEOUT, stdin=subprocess.DEVNULL,
+        env=dict(os.environ, ANSIBLE_HOME=str(tmp_path),
+                 PATH=BIN + ":" + os.environ.get("PATH", os.defpath)))
+    assert completed.returncode == 0, completed.stdout[-4000:]
+    assert "Profile 'production' was required, and it passed" in completed.stdout
+
 
 INVENTORY = """\
 [certgrab]
@@ -91,8 +106,8 @@ certgrab_certificates:
 def playbook(tmp_path, inventory):
     env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_LOCAL_TEMP=str(tmp_path / "tmp"),
                ANSIBLE_REMOTE_TEMP=str(tmp_path / "tmp"), ANSIBLE_HOME=str(tmp_path / "home"),
-               ANSIBLE_RETRY_FILES_ENABLED="0", ANSIBLE_GATHERING="explicit", ANSIBLE_PIPELINING="1",
-               PATH=BIN + ":" + os.environ.get("PATH", os.defpath))
+               ANSIBLE_RETRY_FILES_ENABLED="0", ANSIBLE_GATHERING="explicit",
+               ANSIBLE_PIPELINING="1", PATH=BIN + ":" + os.environ.get("PATH", os.defpath))
     return subprocess.run(
         [tool("ansible-playbook", BIN), "-i", str(inventory), "--vault-password-file",
          str(tmp_path / "vault-pass"), os.path.join(ANSIBLE, "site.yml")],
