@@ -2998,8 +2998,15 @@ def run_config(parser, args, sources, reporter):
     return summarize_sections(sections, codes, reporter)  # 3. which failed, the worst code
 
 
+class Section(object):
+    """One section of --config, ready to run: its name, Settings, reader and reporter."""
+
+    def __init__(self, name, settings, reader, reporter):
+        self.name, self.settings, self.reader, self.reporter = name, settings, reader, reporter
+
+
 def config_sections(parser, args, sources, reporter):
-    """[(name, Settings, SectionReporter)] of the sections to run. Options given on
+    """[Section] of the sections to run, in file order. Options given on
     the command line replace that key in every section. UsageError names the file,
     the section and the key."""
     path = args.config
@@ -3034,7 +3041,7 @@ def read_config(path):
 
 
 def section_settings(parser, config, name, path, overrides, syslog):
-    """(name, Settings, SectionReporter) of one section, validated like a command line."""
+    """The Section of one section, validated like a command line."""
     where = "%s, section [%s]" % (path, name)
     args, sources = section_args(parser, config, name, where)
     for dest, value in overrides.items():
@@ -3044,11 +3051,12 @@ def section_settings(parser, config, name, path, overrides, syslog):
     reporter = SectionReporter(name, quiet=args.quiet, verbose=args.verbose, syslog=syslog)
     try:
         settings = validate_settings(args, sources, reporter)
+        reader = make_reader(settings)          # --cafile, --capath: read before any run
     except UsageError as exc:
         keys = [key for key in config.options(name) if "--" + key in str(exc)]
         raise UsageError("%s%s: %s" % (where, ", key " + keys[0] if keys else "", exc),
                          exc.hint)
-    return name, settings, reporter
+    return Section(name, settings, reader, reporter)
 
 
 def section_args(parser, config, name, where):
@@ -3113,9 +3121,8 @@ def run_sections(sections):
                     return
                 group = groups.pop(0)
             for index in group:
-                _, settings, reporter = sections[index]
                 try:
-                    codes[index] = run_section(settings, reporter)
+                    codes[index] = run_section(sections[index])
                 except BaseException as exc:   # a bug: re-raised in the main thread below
                     codes[index] = exc
 
@@ -3135,8 +3142,9 @@ def source_groups(sections):
     """Lists of section indexes: sections that share a source (host and port, or
     file) are in one group, so that no source sees two of our runs at once."""
     groups = []                                 # [(sources, [index, ...])]
-    for index, (_, settings, _) in enumerate(sections):
-        keys = set((target.host, target.port, target.file) for target in settings.targets)
+    for index, section in enumerate(sections):
+        keys = set((target.host, target.port, target.file) for target in
+                   section.settings.targets)
         merged = (keys, [index])
         for group in [group for group in groups if group[0] & keys]:
             groups.remove(group)
@@ -3146,10 +3154,11 @@ def source_groups(sections):
     return [sorted(indexes) for _, indexes in groups]
 
 
-def run_section(settings, reporter):
+def run_section(section):
     """One section: its exit code; an expected failure is its own error line."""
+    settings, reporter = section.settings, section.reporter
     try:
-        code, failure = run_one(settings, reporter), None
+        code, failure = run_one(settings, section.reader, reporter), None
     except CertgrabError as exc:
         reporter.error(exc)
         code, failure = exc.exit_code, exc
@@ -3162,7 +3171,7 @@ def run_section(settings, reporter):
 
 def summarize_sections(sections, codes, reporter):
     """The run's last line: which sections failed (always) or that all went well."""
-    failed = ["%s (exit %d)" % (name, code) for (name, _, _), code in zip(sections, codes)
+    failed = ["%s (exit %d)" % (section.name, code) for section, code in zip(sections, codes)
               if code]
     if failed:
         text = "%d of %d sections failed: %s" % (len(failed), len(sections), ", ".join(failed))
@@ -3193,36 +3202,36 @@ def main(argv=None):
         if args.config is not None:                     # 2a. every section of the file
             return run_config(parser, args, sources, reporter)
         settings = validate_settings(args, sources, reporter)  # 2b. options, SOURCEs, files
-        code = run_one(settings, reporter)              # 3. fetch, gate, install
+        reader = make_reader(settings)                  # 3. trust store, chain access
+        code = run_one(settings, reader, reporter)      # 4. fetch, gate, install
         reporter.log(code)
         return code
     except CertgrabError as exc:
         return report_failure(exc, argv, reporter)
 
 
-def run_one(settings, reporter):
+def run_one(settings, reader, reporter):
     """One certificate: fetch every source, gate, choose, then print, report or
     install. Returns the exit code; an expected failure raises CertgrabError."""
     reporter.checking("%s from %s" % (settings.targets[0].verify_name,
                                       " ".join(settings.sources)))
-    reader = make_reader(settings)                      # 1. trust store, chain access
     if settings.insecure:
         reporter.warn("--insecure: the chain is NOT verified; anyone on the path could "
                       "have sent it")
-    results = fetch_all(settings.targets, reader, settings, reporter)  # 2. handshakes
+    results = fetch_all(settings.targets, reader, settings, reporter)  # 1. handshakes
     if settings.report:                                 #    or: describe them all
         reporter.outcome("reported (--%s)" % settings.report)
         return report(results, settings, reporter)
     if settings.plan or settings.key:
-        apply_gate(results, settings.key)               # 3. key, name, dates
-    best = choose_result(results, reporter)             # 4. the newest good chain
+        apply_gate(results, settings.key)               # 2. key, name, dates
+    best = choose_result(results, reporter)             # 3. the newest good chain
     report_fetch(results, best, reader, settings, reporter)
     chain = best.verified if settings.verified_chain else None
-    if not settings.plan:                               # 5a. stdout: exactly as served
+    if not settings.plan:                               # 4a. stdout: exactly as served
         write_stdout("".join(der_to_pem(cert.der) for cert in chain or best.served))
         reporter.outcome("printed sha256:%s from %s" % (best.leaf.sha256, best.target))
         return 0
-    install_chain(chain or best.issuing, best, settings, reporter)  # 5b. files, hook
+    install_chain(chain or best.issuing, best, settings, reporter)  # 4b. files, hook
     return 0
 
 

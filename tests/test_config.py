@@ -133,6 +133,7 @@ MISTAKES = [  # (the section's extra lines, what the error line must say after t
                                             "each other"),
     ("starttls = smtpx", "key starttls: --starttls smtpx: unknown protocol"),
     ("key-path = /nonexistent/key.pem", "key key-path: cannot read --key-path"),
+    ("cafile = /nonexistent/ca.pem", "key cafile: cannot load --cafile /nonexistent/ca.pem"),
 ]
 
 
@@ -222,7 +223,8 @@ def test_sections_with_different_sources_run_at_once(run, started, tmp_path):
 
 def test_sections_sharing_a_source_run_one_after_the_other(certgrab):
     targets = lambda *sources: certgrab.parse_targets(sources, NAME, 443, False)  # noqa: E731
-    sections = [(name, certgrab.Settings(targets=targets(*sources)), None) for name, sources in
+    sections = [certgrab.Section(name, certgrab.Settings(targets=targets(*sources)), None, None)
+                for name, sources in
                 [("a", ["10.0.0.1"]), ("b", ["10.0.0.2"]), ("c", ["10.0.0.3", "10.0.0.1"]),
                  ("d", ["10.0.0.4:8443"])]]
     assert sorted(certgrab.source_groups(sections)) == [[0, 2], [1], [3]]
