@@ -3044,8 +3044,10 @@ def section_settings(parser, config, name, path, overrides, syslog):
     """The Section of one section, validated like a command line."""
     where = "%s, section [%s]" % (path, name)
     args, sources = section_args(parser, config, name, where)
+    writes = any(getattr(args, name) for name in OUTPUT_OPTIONS)
     for dest, value in overrides.items():
-        setattr(args, dest, value)
+        if dest != "dry_run" or writes:     # --dry-run: for the sections that write files
+            setattr(args, dest, value)
     if not sources:
         raise UsageError("%s, key source: missing; list the section's SOURCEs there" % where)
     reporter = SectionReporter(name, quiet=args.quiet, verbose=args.verbose, syslog=syslog)

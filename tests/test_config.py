@@ -192,13 +192,17 @@ def web_config(tmp_path, certs, server, names=("one", "two")):
 
 
 def test_dry_run_on_the_command_line_covers_every_section(run, certs, served, tmp_path):
-    config = web_config(tmp_path, certs, served("ec1"))
+    server = served("ec1")
+    config = web_config(tmp_path, certs, server)
+    with open(str(config), "a") as f:               # a section that only reports
+        f.write("[monitor]\nout-dir =\ncheck = yes\n")
     result = run("--config", config, "--dry-run")
     assert result.rc == 0, result.err
     assert not (tmp_path / "one").exists() and not (tmp_path / "two").exists()
     assert "certgrab: [one] dry run: would write" in result.err
     assert "certgrab: [two] dry run: would write" in result.err
-    assert result.err.splitlines()[-1] == "certgrab: 2 sections done"
+    assert result.out.startswith("CERTGRAB OK")
+    assert result.err.splitlines()[-1] == "certgrab: 3 sections done"
 
 
 def test_section_runs_one_and_quiet_overrides(run, certs, served, tmp_path):
