@@ -10,7 +10,9 @@ Synopsis
     certgrab.py 203.0.113.7 -n www.example.com > fullchain.pem
     certgrab.py [2001:db8::7]:8443 -n www.example.com --out-dir /etc/ssl/example
     certgrab.py 203.0.113.7 198.51.100.9 -n www.example.com --key-path /etc/ssl/ex.key \\
-        --out-dir /etc/ssl/example --deploy-hook 'systemctl reload nginx' -q
+        --out-dir /etc/ssl/example --deploy-hook 'systemctl reload nginx' -q \\
+        --prometheus /var/lib/prometheus/node-exporter/certgrab-example.prom
+    certgrab.py --check 203.0.113.7 -n www.example.com --warn 36h --crit 10%
     certgrab.py --config /etc/certgrab/certgrab.conf --syslog    (a section per certificate)
 
 Runs on CPython 3.6 to 3.13 with the standard library only, including Debian's
@@ -137,7 +139,16 @@ MAX_FILE = 1 << 20      # bytes read from any local file: PEM, key, password, CA
 MAX_PARALLEL = 32       # sources fetched at once by default (--parallel)
 PARALLEL_LIMIT = 1024   # the most --parallel accepts
 PROGRESS_FROM = 8       # sources; from this many on, a terminal sees progress
-WARN_DAYS, CRIT_DAYS = 21, 7  # --check: days left before WARNING and CRITICAL
+MINUTE, HOUR, DAY = 60, 3600, 86400  # seconds
+WARN_SHARE = 0.2        # --check default: WARNING under a fifth of a certificate's lifetime
+CRIT_SHARE = 0.1        # left, CRITICAL under a tenth. ACME clients renew at a third left
+                        # (half under 10 days: certbot 4): a fifth left is a renewal overdue
+                        # by 12 days of 90 or 43 hours of 6, and a 6-day certificate is
+                        # CRITICAL with 14.4 hours left. README: "Short-lived certificates".
+DURATION_UNITS = {"s": 1, "m": MINUTE, "h": HOUR, "d": DAY}  # --warn/--crit 90m, 36h, 2d
+HOURS_BELOW = 7 * DAY   # seconds; spans shorter than a week are told in days and hours
+MAX_NAMES_SHOWN = 3     # SANs that name a certificate with an empty subject in a message
+METRICS_TEMP_STALE = 3600  # seconds; an older temp beside --prometheus FILE is a killed run's
 NEW_FILE_MODE = 0o644   # certificates are public; never group- or world-writable
 DIR_MODE = 0o755        # for a missing output directory
 TEMP_MARK = ".certgrab-tmp-"  # in the names of temporary files beside the outputs
@@ -390,8 +401,10 @@ class Certificate(object):
     (a signed int), signature_algorithm, not_before and not_after (epoch
     seconds, UTC), spki (DER), key_type, key_bits, alt_names (every
     subjectAltName as (type, text)), dns_names and ip_addresses (those of type
-    DNS and IP), and is_ca. The fields agree with pyca/cryptography's reading;
-    README's "--json" section says where their formats differ.
+    DNS and IP), and is_ca; name (for messages: the subject, or the SANs when
+    it is empty) and lifetime (seconds) are derived. The fields agree with
+    pyca/cryptography's reading; README's "--json" section says where their
+    formats differ.
     """
 
     def __init__(self, der):
@@ -449,6 +462,23 @@ class Certificate(object):
     def describe(self):
         return "serial %s issued %s, expires %s" % (
             self.serial_hex, format_time(self.not_before), format_time(self.not_after))
+
+    @property
+    def name(self):
+        """How messages name the certificate, terminal-safe: its subject, or for an
+        empty one (the tlsserver and shortlived profiles) its SANs, or its serial."""
+        if self.subject:
+            return printable(self.subject)
+        if self.sans:
+            more = len(self.sans) - MAX_NAMES_SHOWN
+            return "(no subject) SAN %s%s" % (printable(", ".join(self.sans[:MAX_NAMES_SHOWN])),
+                                              " and %d more" % more if more > 0 else "")
+        return "(no subject, no SAN) serial %s" % self.serial_hex
+
+    @property
+    def lifetime(self):
+        """Seconds from notBefore to notAfter."""
+        return self.not_after - self.not_before
 
 
 def parse_certificate(der):
@@ -656,7 +686,8 @@ def _name(data, item):
             if len(fields) != 2:
                 raise ParseError("malformed certificate: bad name attribute")
             oid = _oid(data, fields[0])
-            attributes.append("%s=%s" % (OID_NAMES.get(oid, oid), _attribute_value(data, fields[1])))
+            attributes.append("%s=%s" % (OID_NAMES.get(oid, oid),
+                                         _attribute_value(data, fields[1])))
         rdns.append("+".join(attributes))
     return ", ".join(rdns)
 
@@ -877,11 +908,11 @@ def clean_path(certs):
     if [c.der for c in path] != [c.der for c in certs[:len(path)]]:
         problems.append("the chain was served out of order")
     if len(path) > 1 and path[-1].self_issued:
-        problems.append("the root certificate (%s) was included" % printable(path[-1].subject))
+        problems.append("the root certificate (%s) was included" % path[-1].name)
         path.pop()
     if rest:
         problems.append("%d unrelated or duplicate certificate(s) were included: %s" % (
-            len(rest), "; ".join(printable(c.subject) for c in rest)))
+            len(rest), "; ".join(c.name for c in rest)))
     return path, problems
 
 
@@ -1652,7 +1683,7 @@ def ssl_reason(exc):
 
 class ChainReader(object):
     """The context for every handshake of a run, and the way to read chains.
-    Python 3.6 to 3.9 use ChainReaderBefore310 (lazy) instead."""
+    Python 3.6 to 3.9 use ChainReaderBefore310 instead (see new_chain_reader)."""
 
     def __init__(self, ctx, trust, by_key_kind=None):
         self.ctx, self.trust, self.method = ctx, trust, chain_method()
@@ -2333,8 +2364,9 @@ def run_deploy_hook(settings, plan, best):
     leaf = best.leaf
     lineage = settings.out_dir or os.path.dirname(os.path.abspath(plan[0][0]))
     env = dict(os.environ)
+    names = [n for n in leaf.dns_names if set(n) <= HOST_CHARS] or leaf.ip_addresses
     env.update(RENEWED_LINEAGE=os.path.realpath(lineage), CERTGRAB_SOURCE=best.target.source,
-               RENEWED_DOMAINS=" ".join(n for n in leaf.dns_names if set(n) <= HOST_CHARS),
+               RENEWED_DOMAINS=" ".join(names),     # an IP-address certificate: its IPs
                CERTGRAB_FILES=" ".join(os.path.abspath(path) for path, _ in plan),
                CERTGRAB_SHA256=leaf.sha256)
     try:
@@ -2355,7 +2387,9 @@ def run_deploy_hook(settings, plan, best):
 
 
 def install_chain(chain, best, settings, reporter):
-    """Under the directory locks: no downgrade, write what changed, run the hook."""
+    """Under the directory locks: no downgrade, write what changed, run the hook.
+    Returns "installed" (files written or a pending hook ran) or "unchanged";
+    None for a dry run."""
     named = settings.plan
     plan = [(os.path.realpath(path), kind) for path, kind in named]  # write through links
     outputs = render_outputs(plan, chain, settings.key)
@@ -2367,13 +2401,12 @@ def install_chain(chain, best, settings, reporter):
         remove_stale_temps(plan)
         check_not_older(best, installed_leaf(plan), settings.force, reporter)
         changed = install_files(outputs, settings, mark_pending=bool(settings.deploy_hook))
-        reporter.outcome("installed sha256:%s from %s" % (best.leaf.sha256, best.target)
-                         if changed else "unchanged")
         if changed and not settings.key:
             reporter.warn("no --key-path: the leaf was not checked against the private key")
         if changed:
-            reporter.say("installed the chain from %s (%s): %s" % (
-                best.target, best.leaf.describe(), " ".join(changed)))
+            reporter.say("installed the chain from %s (%s; %s): %s" % (
+                best.target, best.leaf.describe(), when_expires(best.leaf, time.time()),
+                " ".join(changed)))
         pending = pending_files(plan)
         if pending and settings.deploy_hook:
             run_deploy_hook(settings, named, best)
@@ -2384,6 +2417,7 @@ def install_chain(chain, best, settings, reporter):
                                                         format_time(HOOK_PENDING_MTIME)))
         if not changed and not pending:
             reporter.info("files are up to date; nothing written, no hook run")
+        return "installed" if changed or pending and settings.deploy_hook else "unchanged"
     finally:
         unlock_directories(locks)
 
@@ -2425,9 +2459,9 @@ def report_fetch(results, best, reader, settings, reporter):
             if result.note:
                 reporter.info("  " + result.note)
             for index, cert in enumerate(result.served):
-                reporter.info("  %d %s (issuer %s) %s to %s" % (
-                    index, printable(cert.subject), printable(cert.issuer),
-                    format_time(cert.not_before), format_time(cert.not_after)))
+                reporter.info("  %d %s (issuer %s) %s to %s (%s)" % (
+                    index, cert.name, printable(cert.issuer), format_time(cert.not_before),
+                    format_time(cert.not_after), when_expires(cert, time.time())))
     if len(results) > 1:        # with files, the install message names the source
         (reporter.info if settings.plan else reporter.say)(
             "using the chain from %s (newest valid leaf, issued %s)"
@@ -2478,7 +2512,7 @@ def report(results, settings, reporter):
         if result.error is not None:
             reporter.error(result.error)
     if settings.report == "json":
-        write_stdout(json_text([source_json(r, settings) for r in results]) + "\n")
+        write_stdout(json_text([source_json(r, settings, now) for r in results]) + "\n")
     else:
         write_stdout("\n".join(text_lines(r, settings, now) for r in results))
     failures = [r.error for r in results if r.error is not None]
@@ -2493,8 +2527,34 @@ def verdict(result, settings):
     return "FAILED: " + result.verify_error if result.verify_error else "OK"
 
 
-def days_left(cert, now):
-    return (cert.not_after - now) / 86400.0
+def format_span(seconds):
+    """A span for people: "8435 days"; under HOURS_BELOW "2 days 5 hours", "14 hours",
+    "35 minutes" (whole units, rounded down)."""
+    seconds = int(abs(seconds))
+    days, hours = seconds // DAY, seconds % DAY // HOUR
+    if days and (seconds >= HOURS_BELOW or not hours):
+        return _count(days, "day")
+    if days:
+        return "%s %s" % (_count(days, "day"), _count(hours, "hour"))
+    return _count(hours, "hour") if hours else _count(seconds // MINUTE, "minute")
+
+
+def _count(number, unit):
+    return "%d %s%s" % (number, unit, "" if number == 1 else "s")
+
+
+def when_expires(cert, now):
+    """ "expires in 2 days 5 hours" or "EXPIRED 3 hours ago"."""
+    left = cert.not_after - now
+    return "EXPIRED %s ago" % format_span(left) if left < 0 else \
+        "expires in %s" % format_span(left)
+
+
+def when_issued(cert, now):
+    """ "issued 3 hours ago" or "not valid for another 2 hours"."""
+    age = now - cert.not_before
+    return "issued %s ago" % format_span(age) if age >= 0 else \
+        "not valid for another %s" % format_span(age)
 
 
 def text_lines(result, settings, now):
@@ -2517,10 +2577,9 @@ def text_lines(result, settings, now):
 
 
 def certificate_lines(index, cert, now):
-    left = days_left(cert, now)
-    when = "EXPIRED %d days ago" % -left if left < 0 else "expires in %d days" % left
     rows = []
-    for label, items in (("subject", printable(cert.subject).split(", ")),
+    subject = printable(cert.subject).split(", ") if cert.subject else ["(empty: see SANs)"]
+    for label, items in (("subject", subject),
                          ("issuer", printable(cert.issuer).split(", ")),
                          ("serial", [cert.serial_hex]),
                          ("SANs", [printable(name) for name in cert.sans] or ["(none)"])):
@@ -2529,8 +2588,8 @@ def certificate_lines(index, cert, now):
     rows += [("key", "%s%s" % (cert.key_type, " (%d bits)" % cert.key_bits
                                if cert.key_bits else "")),
              ("sig alg", cert.signature_algorithm),
-             ("from", format_time(cert.not_before)),
-             ("until", "%s (%s)" % (format_time(cert.not_after), when)),
+             ("from", "%s (%s)" % (format_time(cert.not_before), when_issued(cert, now))),
+             ("until", "%s (%s)" % (format_time(cert.not_after), when_expires(cert, now))),
              ("sha256", cert.sha256), ("spki pin", spki_pin(cert)),
              ("CA", "yes" if cert.is_ca else "no")]
     return ["  [%d] %-8s %s" % (index, rows[0][0], rows[0][1])] + \
@@ -2543,7 +2602,7 @@ def spki_pin(cert):
     return binascii.b2a_base64(hashlib.sha256(cert.spki).digest()).decode("ascii").strip()
 
 
-def source_json(result, settings):
+def source_json(result, settings, now):
     target = result.target
     return [
         ("source", target.source), ("address", result.address),
@@ -2553,18 +2612,19 @@ def source_json(result, settings):
         ("verified", None if target.file or settings.insecure or not result.served else
          result.error is None and result.verify_error is None),
         ("verify_error", result.verify_error), ("problems", result.problems),
-        ("chain", [certificate_json(cert) for cert in result.served]),
+        ("chain", [certificate_json(cert, now) for cert in result.served]),
     ]
 
 
-def certificate_json(cert):
+def certificate_json(cert, now):
     return [("subject", cert.subject), ("issuer", cert.issuer), ("serial", cert.serial_hex),
             ("sans", cert.sans), ("key", cert.key_type), ("key_bits", cert.key_bits),
             ("signature_algorithm", cert.signature_algorithm),
             ("not_before", format_time(cert.not_before)),
             ("not_after", format_time(cert.not_after)), ("sha256", cert.sha256),
             ("spki_sha256", cert.spki_sha256), ("spki_pin", spki_pin(cert)),
-            ("is_ca", cert.is_ca)]
+            ("is_ca", cert.is_ca), ("lifetime_seconds", cert.lifetime),
+            ("seconds_left", int(cert.not_after - now))]
 
 
 def json_text(value, indent=""):
@@ -2607,9 +2667,9 @@ def check_report(results, settings, now):
     counts = ", ".join("%d %s" % (sum(s == n for s, _ in lines), NAGIOS[n])
                        for n in range(4) if any(s == n for s, _ in lines))
     labels = [r.target.source.replace("'", "").replace("=", "") for r in results]
-    perfdata = " ".join("'days_left %s'=%d;%g:;%g:" % (
+    perfdata = " ".join(check_perfdata(
         label if labels.count(label) == 1 else "%s #%d" % (label, index + 1),
-        min_days(result, now), settings.warn_days, settings.crit_days)
+        result, settings, now)
         for index, (label, result) in enumerate(zip(labels, results)) if result.issuing)
     first_problem = next(("; first: " + text for status, text in lines if status == worst
                           and worst), "")   # notifications often show the first line only
@@ -2619,8 +2679,31 @@ def check_report(results, settings, now):
     return worst
 
 
-def min_days(result, now):
-    return min(days_left(cert, now) for cert in result.issuing)
+def check_perfdata(label, result, settings, now):
+    """'expires_in LABEL'=SECONDSs;WARN:;CRIT: for the certificate the status line
+    names (Nagios ranges: "W:" alerts below W), and 'age LABEL' of the leaf."""
+    cert = most_urgent(result.issuing, settings, now)
+    return "'expires_in %s'=%ds;%d:;%d: 'age %s'=%ds" % (
+        label, cert.not_after - now, threshold_seconds(settings.warn, cert),
+        threshold_seconds(settings.crit, cert), label, now - result.issuing[0].not_before)
+
+
+def threshold_seconds(threshold, cert):
+    """--warn/--crit for this certificate: (amount, is_share) -> seconds left."""
+    amount, is_share = threshold
+    return amount * cert.lifetime if is_share else amount
+
+
+def expiry_status(cert, settings, now):
+    """0 OK, 1 WARNING, 2 CRITICAL: seconds left against cert's own thresholds."""
+    left = cert.not_after - now
+    return 2 if left < threshold_seconds(settings.crit, cert) else \
+        1 if left < threshold_seconds(settings.warn, cert) else 0
+
+
+def most_urgent(certs, settings, now):
+    """The certificate of the worst status; of those, the one that expires first."""
+    return max(certs, key=lambda cert: (expiry_status(cert, settings, now), -cert.not_after))
 
 
 def check_source(result, settings, now):
@@ -2634,15 +2717,13 @@ def check_source(result, settings, now):
     if settings.expected is not None and settings.expected[:1] != [leaf.der]:
         return 2, "%s: serves %s, not the leaf in %s (a service not reloaded?)" % (
             target, leaf_summary(leaf), settings.expect_file)
-    soonest = min(result.issuing, key=lambda cert: cert.not_after)
-    left = days_left(soonest, now)
-    what = "the leaf" if soonest is leaf else "intermediate %s" % printable(soonest.subject)
-    text = "%s: %s %s (%s), chain of %d %s" % (
-        target, what, "EXPIRED %d days ago" % -left if left < 0 else
-        "expires in %d days" % left, format_time(soonest.not_after), len(result.issuing),
-        "verified" if not (target.file or settings.insecure) else "not verified")
-    status = 2 if left < settings.crit_days else 1 if left < settings.warn_days else 0
-    return status, text
+    soonest = most_urgent(result.issuing, settings, now)
+    what = "the leaf" if soonest is leaf else "intermediate %s" % soonest.name
+    text = "%s: %s %s (%s), chain of %d %s, the leaf %s" % (
+        target, what, when_expires(soonest, now), format_time(soonest.not_after),
+        len(result.issuing), "verified" if not (target.file or settings.insecure)
+        else "not verified", when_issued(leaf, now))
+    return expiry_status(soonest, settings, now), text
 
 
 def leaf_summary(leaf):
@@ -2659,6 +2740,136 @@ def same_leaf_status(results, index):
     return 2, "%s: serves %s, unlike %d of %d sources" % (
         results[index].target, leaf_summary(results[index].issuing[0]), leaves.count(common),
         len(results))
+
+
+# Metrics for Prometheus: node_exporter's textfile collector reads --prometheus FILE.
+# Every series has run="FILE's name without .prom", so that two certgrab runs writing
+# two files into one collector directory never export the same series twice.
+
+INSTALL_OUTCOMES = ("installed", "unchanged", "refused", "hook_failed", "failed")
+LAST_SYNC = "certgrab_last_sync_timestamp_seconds"
+
+
+def metrics_text(results, settings, clock, outcome):
+    """The exposition text: (name, help, [(labels, value)]) per metric, in order."""
+    run = [("run", printable(os.path.basename(settings.prometheus).rsplit(".prom", 1)[0]))]
+    now = time.time()
+    metrics = [("certgrab_run_timestamp_seconds", "When this run started.", [(run, clock[0])]),
+               ("certgrab_run_duration_seconds", "How long this run took.",
+                [(run, time.monotonic() - clock[1])])]
+    metrics += source_metrics(results, settings, run)
+    leaves = set(r.leaf.sha256 for r in results if r.issuing)
+    metrics.append(("certgrab_distinct_leaves", "Different leaves served across the sources "
+                    "(1: the fleet has converged).", [(run, len(leaves))]))
+    if outcome is not None:
+        metrics.append(("certgrab_install_outcome", "This run's install: 1 for its outcome.",
+                        [(run + [("outcome", name)], int(name == outcome))
+                         for name in INSTALL_OUTCOMES]))
+        last = now if outcome in ("installed", "unchanged") else \
+            previous_value(settings.prometheus, LAST_SYNC)
+        if last is not None:
+            metrics.append((LAST_SYNC, "When a run last installed or confirmed the files.",
+                            [(run, last)]))
+    return "".join("# HELP %s %s\n# TYPE %s gauge\n%s" % (name, text, name, "".join(
+        "%s%s %s\n" % (name, metric_labels(labels), metric_value(value))
+        for labels, value in series)) for name, text, series in metrics if series)
+
+
+def source_metrics(results, settings, run):
+    """Per source: fetch and verification; per certificate of the issuing path
+    (position 0 is the leaf): its dates; the chain's earliest notAfter."""
+    fetched, verified, before, after, chain = [], [], [], [], []
+    for result in results:
+        target = result.target
+        labels = run + [("source", printable(target.source)),
+                        ("servername", target.servername or "")]
+        fetched.append((labels, int(bool(result.served))))
+        if not (target.file or settings.insecure):
+            verified.append((labels, int(bool(result.served) and not result.verify_error
+                                         and not isinstance(result.error, VerifyError))))
+        for position, cert in enumerate(result.issuing):
+            named = labels + [("position", str(position)), ("sha256", cert.sha256),
+                              ("name", cert.name)]
+            before.append((named, cert.not_before))
+            after.append((named, cert.not_after))
+        if result.issuing:
+            chain.append((labels, min(cert.not_after for cert in result.issuing)))
+    return [
+        ("certgrab_source_fetch_success", "1 if the source's chain was read.", fetched),
+        ("certgrab_source_verify_success", "1 if the source's chain verified.", verified),
+        ("certgrab_certificate_not_before_timestamp_seconds",
+         "notBefore of each certificate of the issuing path.", before),
+        ("certgrab_certificate_not_after_timestamp_seconds",
+         "notAfter of each certificate of the issuing path.", after),
+        ("certgrab_chain_not_after_timestamp_seconds",
+         "The earliest notAfter of the source's issuing path.", chain)]
+
+
+def metric_labels(pairs):
+    """{a="x",b="y"}, the values (made terminal-safe by printable() where they come from
+    a certificate or the command line) escaped as the exposition format says."""
+    return "{%s}" % ",".join('%s="%s"' % (key, value.replace("\\", "\\\\")
+                                            .replace('"', '\\"').replace("\n", "\\n"))
+                             for key, value in pairs)
+
+
+def metric_value(value):
+    return "%d" % value if isinstance(value, int) else "%.3f" % value
+
+
+def previous_value(path, name):
+    """name's value in the metrics file a previous run wrote; None if unknown."""
+    data = read_existing(path) or b""
+    for line in data.decode("utf-8", "replace").splitlines():
+        if line.startswith(name + "{"):
+            try:
+                return float(line.rsplit(" ", 1)[1])
+            except ValueError:
+                return None
+    return None
+
+
+def write_metrics(path, text):
+    """Replace path atomically: a temp file beside it, fsynced, renamed over it. The
+    temp's name does not end in .prom, so the textfile collector never reads it."""
+    directory, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    for stale in os.listdir(directory):
+        if stale.startswith("." + name + TEMP_MARK) and \
+                time.time() - os.stat(os.path.join(directory, stale)).st_mtime > \
+                METRICS_TEMP_STALE:
+            remove_quietly(os.path.join(directory, stale))
+    try:
+        temp = write_temp_file(directory, name, text.encode("utf-8"), NEW_FILE_MODE)
+        try:
+            os.replace(temp, path)
+        except OSError:
+            remove_quietly(temp)
+            raise
+    except OSError as exc:
+        raise WriteError("cannot write --prometheus %s: %s" % (path, exc.strerror or exc))
+    sync_directory(directory)
+
+
+def record_run(settings, results, clock, outcome, code, reporter):
+    """--prometheus: write the run's metrics; returns the run's exit code. A failed
+    write is an error line; it makes a run that otherwise succeeded exit 5, but
+    leaves --check's status alone (the status line is already out)."""
+    if not settings.prometheus:
+        return code
+    try:
+        write_metrics(settings.prometheus, metrics_text(results, settings, clock, outcome))
+    except WriteError as exc:
+        reporter.error(exc)
+        return code or (0 if settings.report == "check" else exc.exit_code)
+    return code
+
+
+def install_outcome(exc, settings):
+    """The outcome of an install that raised exc; None when the run installs nothing."""
+    if not settings.plan or settings.dry_run:
+        return None
+    return "refused" if isinstance(exc, RefusedError) else \
+        "hook_failed" if isinstance(exc, HookError) else "failed"
 
 
 # ---------------------------------------------------------------------------
@@ -2759,14 +2970,19 @@ def build_parser():
     group.add_argument("--json", action="store_true", help="describe each source as JSON")
     group.add_argument("--check", action="store_true",
                        help="monitoring plugin: Nagios status lines and exit codes")
-    group.add_argument("--warn-days", metavar="N",
-                       help="--check: WARNING under N days left (default %d)" % WARN_DAYS)
-    group.add_argument("--crit-days", metavar="N",
-                       help="--check: CRITICAL under N days left (default %d)" % CRIT_DAYS)
+    group.add_argument("--warn", metavar="WHEN", help="--check: WARNING under WHEN left: a "
+                       "duration (36h, 2d, 90m) or a share of each certificate's lifetime "
+                       "(default %g%%%%)" % (WARN_SHARE * 100))
+    group.add_argument("--crit", metavar="WHEN", help="--check: CRITICAL under WHEN left "
+                       "(default %g%%%%)" % (CRIT_SHARE * 100))
+    group.add_argument("--warn-days", metavar="N", help="--check: --warn in days")
+    group.add_argument("--crit-days", metavar="N", help="--check: --crit in days")
     group.add_argument("--same", action="store_true",
                        help="--check: CRITICAL unless all sources serve one leaf")
     group.add_argument("--expect-file", metavar="FILE",
                        help="--check: CRITICAL unless the leaf is FILE's")
+    group.add_argument("--prometheus", metavar="FILE", help="also write the run's metrics "
+                       "to FILE (node_exporter's textfile format), in any mode")
     group = parser.add_argument_group("config file: several certificates, one section each")
     group.add_argument("--config", metavar="FILE", help="run every section of the INI FILE "
                        "(keys: long options, and source)")
@@ -2854,7 +3070,24 @@ def validate_settings(args, sources, reporter):
     values["plan"] = plan_outputs(args.out_dir, dict(
         (kind, getattr(args, kind + "_path")) for kind in ("cert", "chain", "fullchain",
                                                           "combined")), args.key_path)
+    values["prometheus"] = _prometheus_path(args.prometheus, values["plan"], args.key_path)
     return Settings(**values)
+
+
+def _prometheus_path(path, plan, key_path):
+    """--prometheus FILE: never one of the outputs or the key; its directory must exist."""
+    if path is None:
+        return None
+    if os.path.realpath(path) in [os.path.realpath(p) for p, _ in plan] + \
+            ([os.path.realpath(key_path)] if key_path else []):
+        raise UsageError("--prometheus %s names a certificate output or the key" % path)
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise UsageError("--prometheus %s: the directory %s does not exist" % (
+            path, os.path.dirname(os.path.abspath(path))))
+    if os.path.isdir(path):
+        raise UsageError("--prometheus %s is a directory; name a file in it, such as "
+                         "%s" % (path, os.path.join(path, "certgrab.prom")))
+    return path
 
 
 def _given(args, flag):
@@ -2905,16 +3138,35 @@ def _report_settings(args):
     if report and (writes or args.key_path or args.verified_chain):
         raise UsageError("--%s only reports; it cannot go with output files, --key-path or "
                          "--verified-chain" % report)
-    warn_days, crit_days = _number(args.warn_days, WARN_DAYS, float), \
-        _number(args.crit_days, CRIT_DAYS, float)
-    if warn_days is None or crit_days is None:
-        raise UsageError("--warn-days and --crit-days take numbers")
+    warn = _threshold(args.warn, args.warn_days, "--warn", WARN_SHARE)
+    crit = _threshold(args.crit, args.crit_days, "--crit", CRIT_SHARE)
     expected = None                 # --expect-file: its certificates, as DER
     if args.expect_file is not None:
         expected = pem_to_ders(read_small_file(args.expect_file, "--expect-file")
                                .decode("ascii", "replace"))
     return dict(report=report, same=args.same, expect_file=args.expect_file,
-                expected=expected, warn_days=warn_days, crit_days=crit_days, writes=writes)
+                expected=expected, warn=warn, crit=crit, writes=writes)
+
+
+def _threshold(text, days, flag, default_share):
+    """--warn/--crit (or their --*-days form) as (amount, is_share): "36h", "2d",
+    "90m", "600s" -> (seconds, False); "25%" -> (0.25, True); absent: the default."""
+    if text is not None and days is not None:
+        raise UsageError("%s and %s-days exclude each other" % (flag, flag))
+    if days is not None:
+        number = _number(days, None, float)
+        if number is None or not 0 <= number < float("inf"):
+            raise UsageError("%s-days %s: give a number of days, such as 14" % (flag, days))
+        return number * DAY, False
+    if text is None:
+        return default_share, True
+    unit = text[-1:].lower()
+    scale = DURATION_UNITS.get(unit) or (0.01 if unit == "%" else None)
+    number = _number(text[:-1], None, float) if scale else None
+    if number is None or not 0 <= number < float("inf") or unit == "%" and number > 100:
+        raise UsageError("%s %s: give a duration such as 36h, 2d or 90m, or a share of the "
+                         "certificate's lifetime such as 25%%" % (flag, text))
+    return number * scale, unit == "%"
 
 
 def _install_settings(args, report, reporter):
@@ -3023,8 +3275,21 @@ def config_sections(parser, args, sources, reporter):
     overrides = dict((action.dest, getattr(args, action.dest)) for action in parser._actions
                      if action.option_strings and action.option_strings[-1] not in
                      COMMAND_LINE_ONLY and getattr(args, action.dest) != action.default)
-    return [section_settings(parser, config, name, path, overrides, reporter.syslog)
-            for name in ([args.section] if args.section is not None else names)]
+    sections = [section_settings(parser, config, name, path, overrides, reporter.syslog)
+                for name in ([args.section] if args.section is not None else names)]
+    check_metrics_files(path, sections)
+    return sections
+
+
+def check_metrics_files(path, sections):
+    """--prometheus: one file per section (a file holds one run's metrics)."""
+    files = [section.settings.prometheus for section in sections]
+    for index, section in enumerate(sections):
+        if files[index] and files[index] in files[:index]:
+            raise UsageError("%s, section [%s], key prometheus: %s is also section [%s]'s; "
+                             "give each section its own file" % (
+                                 path, section.name, files[index],
+                                 sections[files.index(files[index])].name))
 
 
 def read_config(path):
@@ -3205,7 +3470,7 @@ def main(argv=None):
             return run_config(parser, args, sources, reporter)
         settings = validate_settings(args, sources, reporter)  # 2b. options, SOURCEs, files
         reader = make_reader(settings)                  # 3. trust store, chain access
-        code = run_one(settings, reader, reporter)      # 4. fetch, gate, install
+        code = run_one(settings, reader, reporter)      # 4. fetch, gate, install, metrics
         reporter.log(code)
         return code
     except CertgrabError as exc:
@@ -3213,17 +3478,31 @@ def main(argv=None):
 
 
 def run_one(settings, reader, reporter):
-    """One certificate: fetch every source, gate, choose, then print, report or
-    install. Returns the exit code; an expected failure raises CertgrabError."""
+    """One certificate: fetch every source, then deliver, then --prometheus.
+    Returns the exit code; an expected failure raises CertgrabError, after the
+    metrics have recorded it."""
+    clock = (time.time(), time.monotonic())
     reporter.checking("%s from %s" % (settings.targets[0].verify_name,
                                       " ".join(settings.sources)))
     if settings.insecure:
         reporter.warn("--insecure: the chain is NOT verified; anyone on the path could "
                       "have sent it")
     results = fetch_all(settings.targets, reader, settings, reporter)  # 1. handshakes
+    try:
+        code, outcome = deliver(results, settings, reader, reporter)  # 2. to 4. below
+    except CertgrabError as exc:
+        record_run(settings, results, clock, install_outcome(exc, settings), exc.exit_code,
+                   reporter)
+        raise
+    return record_run(settings, results, clock, outcome, code, reporter)  # 5. metrics
+
+
+def deliver(results, settings, reader, reporter):
+    """Report on the results, or print or install the newest good chain:
+    (exit code, install outcome for the metrics or None)."""
     if settings.report:                                 #    or: describe them all
         reporter.outcome("reported (--%s)" % settings.report)
-        return report(results, settings, reporter)
+        return report(results, settings, reporter), None
     if settings.plan or settings.key:
         apply_gate(results, settings.key)               # 2. key, name, dates
     best = choose_result(results, reporter)             # 3. the newest good chain
@@ -3232,9 +3511,12 @@ def run_one(settings, reader, reporter):
     if not settings.plan:                               # 4a. stdout: exactly as served
         write_stdout("".join(der_to_pem(cert.der) for cert in chain or best.served))
         reporter.outcome("printed sha256:%s from %s" % (best.leaf.sha256, best.target))
-        return 0
-    install_chain(chain or best.issuing, best, settings, reporter)  # 4b. files, hook
-    return 0
+        return 0, None
+    outcome = install_chain(chain or best.issuing, best, settings, reporter)  # 4b. files
+    if outcome is not None:                             #    (None: a dry run said it)
+        reporter.outcome("installed sha256:%s from %s" % (best.leaf.sha256, best.target)
+                         if outcome == "installed" else outcome)
+    return 0, outcome
 
 
 def report_failure(exc, argv, reporter):

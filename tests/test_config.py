@@ -329,3 +329,23 @@ def test_syslog_names_refusals_and_hook_failures(certs, served, tmp_path, syslog
     assert "; exit 6; " in lines[0] and ": refused: %s: the leaf's key" % server.address \
         in lines[0], lines
     assert ": hook failed: --deploy-hook failed (exit status 3)" in lines[1], lines
+
+
+def test_each_section_writes_its_own_metrics(run, certs, served, tmp_path):
+    config = web_config(tmp_path, certs, served("ec1"))
+    config.write_text(config.read_text().replace(
+        "[one]\n", "[one]\nprometheus = %s\n" % (tmp_path / "one.prom")).replace(
+        "[two]\n", "[two]\nprometheus = %s\n" % (tmp_path / "two.prom")))
+    result = run("--config", config)
+    assert result.rc == 0, result.err
+    for name in ("one", "two"):
+        metrics = (tmp_path / ("%s.prom" % name)).read_text()
+        assert 'certgrab_install_outcome{run="%s",outcome="installed"} 1' % name in metrics
+
+    shared = config.read_text().replace("two.prom", "one.prom")
+    config.write_text(shared)
+    again = run("--config", config)
+    assert again.rc == USAGE
+    assert error_lines(again.err) == [
+        "certgrab: %s, section [two], key prometheus: %s is also section [one]'s; give each "
+        "section its own file" % (config, tmp_path / "one.prom")]
