@@ -3277,19 +3277,24 @@ def config_sections(parser, args, sources, reporter):
                      COMMAND_LINE_ONLY and getattr(args, action.dest) != action.default)
     sections = [section_settings(parser, config, name, path, overrides, reporter.syslog)
                 for name in ([args.section] if args.section is not None else names)]
-    check_metrics_files(path, sections)
+    check_own_files(path, sections)
     return sections
 
 
-def check_metrics_files(path, sections):
-    """--prometheus: one file per section (a file holds one run's metrics)."""
-    files = [section.settings.prometheus for section in sections]
-    for index, section in enumerate(sections):
-        if files[index] and files[index] in files[:index]:
-            raise UsageError("%s, section [%s], key prometheus: %s is also section [%s]'s; "
-                             "give each section its own file" % (
-                                 path, section.name, files[index],
-                                 sections[files.index(files[index])].name))
+def check_own_files(path, sections):
+    """Every section writes files of its own: two writing one file would undo each
+    other at every run, and a --prometheus file holds one run's metrics."""
+    owners = {}
+    for section in sections:
+        settings = section.settings
+        named = [(os.path.realpath(file), "key prometheus: ") for file in
+                 [settings.prometheus] if file] + [(os.path.realpath(file), "")
+                                                   for file, _ in settings.plan]
+        for file, key in named:
+            if owners.setdefault(file, section.name) != section.name:
+                raise UsageError("%s, section [%s], %s%s is also written by section [%s]; "
+                                 "give each section its own files" % (
+                                     path, section.name, key, file, owners[file]))
 
 
 def read_config(path):

@@ -225,6 +225,17 @@ def test_sections_with_different_sources_run_at_once(run, started, tmp_path):
     assert "3 of 3 sections failed: s0 (exit 3), s1 (exit 3), s2 (exit 3)" in result.err
 
 
+def test_sections_sharing_a_source_wait_for_each_other(run, started, tmp_path):
+    """Two sections dial one silent source, a third another: 2 s in all, not 1 or 3."""
+    shared, other = started(SilentServer()), started(SilentServer())
+    config = write_config(tmp_path / "c.conf", "[DEFAULT]\nservername = %s\ntimeout = 1\n"
+                          "[a]\nsource = %s\n[b]\nsource = %s\n[c]\nsource = %s\n" % (
+                              NAME, shared.address, shared.address, other.address))
+    result = run("--config", config)
+    assert result.rc == FETCH
+    assert 2.0 <= result.elapsed < 2.9, result.elapsed
+
+
 def test_sections_sharing_a_source_run_one_after_the_other(certgrab):
     targets = lambda *sources: certgrab.parse_targets(sources, NAME, 443, False)  # noqa: E731
     sections = [certgrab.Section(name, certgrab.Settings(targets=targets(*sources)), None, None)
@@ -347,5 +358,18 @@ def test_each_section_writes_its_own_metrics(run, certs, served, tmp_path):
     again = run("--config", config)
     assert again.rc == USAGE
     assert error_lines(again.err) == [
-        "certgrab: %s, section [two], key prometheus: %s is also section [one]'s; give each "
-        "section its own file" % (config, tmp_path / "one.prom")]
+        "certgrab: %s, section [two], key prometheus: %s is also written by section [one]; "
+        "give each section its own files" % (config, tmp_path / "one.prom")]
+
+
+def test_two_sections_writing_one_file_is_a_mistake(run, certs, served, tmp_path, listener):
+    config = write_config(tmp_path / "c.conf", "[DEFAULT]\nservername = %s\nsource = "
+                          "127.0.0.1:%d\n[a]\nout-dir = %s\n[b]\nfullchain-path = %s\n" % (
+                              NAME, listener.port, tmp_path / "out",
+                              tmp_path / "out" / "fullchain.pem"))
+    result = run("--config", config)
+    assert result.rc == USAGE
+    assert error_lines(result.err) == [
+        "certgrab: %s, section [b], %s is also written by section [a]; give each section "
+        "its own files" % (config, tmp_path / "out" / "fullchain.pem")]
+    assert not listener.connections_made()
