@@ -11,6 +11,8 @@ What a fleet relies on:
   * options on the command line replace the file's keys in every section (--dry-run writes
     nothing anywhere); --section runs one section; sections with different sources run at
     once;
+  * --config (and --syslog's import) work on Debian 12 and 11 python3-minimal, in the roots
+    of `make roots`;
   * --syslog lines reach the syslog socket: certgrab runs in a mount namespace whose /dev/log
     is a stdlib UNIX datagram socket of the test (stdlib syslog always writes to /dev/log).
 """
@@ -373,3 +375,36 @@ def test_two_sections_writing_one_file_is_a_mistake(run, certs, served, tmp_path
         "certgrab: %s, section [b], %s is also written by section [a]; give each section "
         "its own files" % (config, tmp_path / "out" / "fullchain.pem")]
     assert not listener.connections_made()
+
+
+# On a bare server: Debian's python3-minimal (configparser and syslog, no json) --------------
+
+ROOTS = os.environ.get("CERTGRAB_ROOTS", "/var/cache/certgrab-roots")
+
+
+@pytest.mark.parametrize("suite", ["bookworm", "bullseye"])
+def test_config_on_python3_minimal(certs, served, suite):
+    root = os.path.join(ROOTS, suite)
+    if not os.path.isfile(os.path.join(root, ".certgrab-complete")) or os.geteuid() != 0:
+        pytest.skip("no %s root in %s, or not root: run `make roots`" % (suite, ROOTS))
+    server = served("ec1")
+    scratch = tempfile.mkdtemp(prefix="certgrab-config-", dir=os.path.join(root, "tmp"))
+    inside = "/tmp/" + os.path.basename(scratch)
+    try:
+        shutil.copy(CERTGRAB, scratch)
+        for name in ("root.pem", "key.pem"):
+            shutil.copy(str(certs / "ec1" / name), scratch)
+        with open(os.path.join(scratch, "c.conf"), "w") as f:
+            f.write("[DEFAULT]\nservername = %s\ncafile = %s/root.pem\n[web]\nsource = %s\n"
+                    "key-path = %s/key.pem\nout-dir = %s/out\n" % (
+                        NAME, inside, server.address, inside, inside))
+        completed = subprocess.run(
+            [shutil.which("chroot", path=os.defpath + ":/usr/sbin:/sbin"), root, "python3",
+             inside + "/certgrab.py", "--config", inside + "/c.conf", "--syslog"],
+            env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL, universal_newlines=True, timeout=60)
+        assert completed.returncode == 0, completed.stderr
+        assert files_ders(os.path.join(scratch, "out")) == expected(certs, "ec1")
+        assert completed.stderr.splitlines()[-1] == "certgrab: 1 section done"
+    finally:
+        shutil.rmtree(scratch)
