@@ -28,25 +28,31 @@ Pipeline
     served chain (DER, as sent) <-- read per Python version <-- TLS handshake, SNI=name
         |                            (new_chain_reader)
         +--> every certificate parsed whole: structure, names, dates, keys, SANs
-        +--> gate: verified, key matches --key-path, leaf covers the name, in date
+        +--> intermediates the server left out but verification found: completed
+        +--> gate: verified, key matches a --key-path, leaf covers the name, in date
         +--> newest passing leaf (notBefore) of all sources
         +--> stdout: the chain exactly as served (PEM, leaf first), or
         +--> files, under a lock on their directory: not older than installed,
-             only what changed, temp file + fsync + rename --> --deploy-hook
+             only what changed (privkey.pem too, with --privkey), temp file + fsync
+             + rename --> --deploy-hook
 
 Security model
     - Verification is on by default: the chain must lead to a trusted root (the
       system store, or --cafile/--capath) and the leaf must cover --servername
       (or the IP address dialled). --insecure turns this off and says so.
-    - Before files are written the leaf must also match --key-path, cover the
-      name (even with --insecure), be within its dates and not be older than the
-      installed leaf (--force overrides only that last check).
+    - Before files are written the leaf must also match --key-path (one of them,
+      when given twice for a key rollover), cover the name (even with --insecure),
+      be within its dates and not be older than the installed leaf (--force
+      overrides only that last check). Files get the complete issuing path: never
+      less than a browser needs, even when the server left intermediates out.
     - Nothing is written unless every step before it succeeded; a file is either
       the old version or the new one, never half of each. New certificate files
-      get mode 0644 (--mode), the combined file with the key 0600; an existing
-      file keeps its mode and owner; nothing is ever group- or world-writable.
-    - The private key is read only to compare its public half and is copied only
-      into --combined-path. It is never printed.
+      get mode 0644 (--mode), the files with the key (--combined-path, and
+      privkey.pem with --privkey) 0600; an existing file keeps its mode and owner;
+      nothing is ever group- or world-writable.
+    - The private key is read only to compare its public half. Never print or
+      copy the private key except into the files that ask for it: --combined-path
+      and privkey.pem (--privkey), which get the --key-path the leaf matched.
     - The deploy hook gets its context in environment variables, never by
       formatting certificate text into a command line.
     - Everything read from the network is bounded in size and time, and every
@@ -120,6 +126,24 @@ def limit_to_tls12(ctx):
         ctx.options |= getattr(ssl, "OP_NO_TLSv1_3", 0x20000000)
 
 
+TLS_VERSIONS = ("1.0", "1.1", "1.2", "1.3")   # what --tls-min and --tls-max accept
+
+
+def limit_tls_versions(ctx, minimum, maximum):
+    """--tls-min and --tls-max: TLSVersion on 3.7+, OP_NO_* options on 3.6.
+    Versions compare as text: "1.0" < "1.1" < "1.2" < "1.3"."""
+    names = dict(zip(TLS_VERSIONS, ("TLSv1", "TLSv1_1", "TLSv1_2", "TLSv1_3")))
+    if hasattr(ctx, "minimum_version"):                       # 3.7+
+        if minimum:
+            ctx.minimum_version = getattr(ssl.TLSVersion, names[minimum])
+        if maximum:
+            ctx.maximum_version = getattr(ssl.TLSVersion, names[maximum])
+        return
+    for version in TLS_VERSIONS:
+        if minimum and version < minimum or maximum and version > maximum:
+            ctx.options |= getattr(ssl, "OP_NO_" + names[version], 0)
+
+
 # Python 3.6 reports every verification failure as a plain SSLError with this
 # reason, and a name mismatch as ssl.CertificateError (a ValueError).
 VERIFY_FAILED_REASON = "CERTIFICATE_VERIFY_FAILED"
@@ -162,6 +186,7 @@ MAX_REPLY_LINES = 200   # lines in one STARTTLS reply (capability lists are a fe
 HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._*")
 
 OUT_DIR_FILES = ("cert.pem", "chain.pem", "fullchain.pem")  # certbot's names
+PRIVKEY_FILE = "privkey.pem"  # certbot's name for the key; in --out-dir with --privkey
 CERTIFICATE_SUFFIXES = (".pem", ".crt", ".cer")  # a SOURCE with one of these is a file
 NAGIOS = ("OK", "WARNING", "CRITICAL", "UNKNOWN")  # a monitoring plugin's states, 0 to 3
 NAGIOS_UNKNOWN = 3      # a monitoring plugin's exit code for "could not even check"
@@ -241,6 +266,10 @@ class Reporter(object):
     def say(self, message):
         if not self.quiet:
             self._write("certgrab: %s\n" % message)
+
+    def notice(self, message):
+        """A line even under -q: it explains an action cron's log would otherwise not."""
+        self._write("certgrab: %s\n" % message)
 
     def info(self, message):
         if self.verbose:
@@ -891,6 +920,9 @@ def printable(text):
                    else "\\u%04x" % ord(c) for c in text)
 
 
+OUT_OF_ORDER = "the chain was served out of order"   # a problem --check warns about
+
+
 def clean_path(certs):
     """The issuing path that starts at the leaf: (path, problems).
 
@@ -906,7 +938,7 @@ def clean_path(certs):
         rest.remove(issuer)
         path.append(issuer)
     if [c.der for c in path] != [c.der for c in certs[:len(path)]]:
-        problems.append("the chain was served out of order")
+        problems.append(OUT_OF_ORDER)
     if len(path) > 1 and path[-1].self_issued:
         problems.append("the root certificate (%s) was included" % path[-1].name)
         path.pop()
@@ -1050,6 +1082,11 @@ def key_matches(key, leaf):
                          hint="is --key-password-file the key's password?")
     finally:
         remove_quietly(temp)
+
+
+def matching_key(keys, leaf):
+    """The first of the --key-path keys that belongs to the leaf; None if none does."""
+    return next((key for key in keys if key_matches(key, leaf)), None)
 
 
 # ---------------------------------------------------------------------------
@@ -1624,6 +1661,8 @@ def make_context(settings, key_kind=None):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if settings.alpn:
         ctx.set_alpn_protocols(settings.alpn)
+    if settings.tls_min or settings.tls_max:
+        limit_tls_versions(ctx, settings.tls_min, settings.tls_max)
     if key_kind:
         ctx.set_ciphers("aECDSA" if key_kind == "EC" else "aRSA")
         limit_to_tls12(ctx)
@@ -1717,7 +1756,7 @@ class ChainReaderBefore310(ChainReader):
 
     def __init__(self, ctx, trust, by_key_kind=None):
         ChainReader.__init__(self, ctx, trust, by_key_kind)
-        self._messages, self._openssl = [], None
+        self._messages, self._openssl, self._store = [], None, None
         if self.method == "msg_callback":
             ctx._msg_callback = self._record
         else:
@@ -1743,13 +1782,19 @@ class ChainReaderBefore310(ChainReader):
 
     def store_certificates(self):
         """The loaded trust store, parsed; a CA certificate certgrab cannot read
-        is left out (OpenSSL has already verified the path with it)."""
+        is left out (OpenSSL has already verified the path with it). A --cafile
+        store is parsed once per run; a hashed directory loads lazily, so it is
+        read again for each source."""
+        if self._store is not None:
+            return self._store
         certs = []
         for der in self.ctx.get_ca_certs(binary_form=True):
             try:
                 certs.append(parse_certificate(der))
             except ParseError:
                 pass
+        if self.trust.startswith("--cafile") and "--capath" not in self.trust:
+            self._store = certs
         return certs
 
 
@@ -1868,6 +1913,8 @@ class FetchResult(object):
         self.served, self.issuing, self.problems, self.verified = [], [], [], []
         self.tls_version = self.cipher = self.verify_error = self.note = None
         self.elapsed = 0.0
+        self.key = None         # the --key-path the leaf matched (check_gate)
+        self.missing = 0        # intermediates the server left out (check_completeness)
 
     @property
     def leaf(self):
@@ -1878,7 +1925,7 @@ def fetch_chain(target, reader, settings):
     """Fetch one source; with --key-path, a dual-certificate server may be asked
     again for the certificate of the key's type (refetch_for_key)."""
     result = _fetch_once(target, reader, settings)
-    return refetch_for_key(result, reader, settings) if settings.key else result
+    return refetch_for_key(result, reader, settings) if settings.keys else result
 
 
 def _fetch_once(target, reader, settings):
@@ -1926,22 +1973,71 @@ def _fetch_into(result, reader, settings, deadline):
     result.issuing, result.problems = clean_path(result.served)
     if failure is not None:
         result.verify_error = failure.reason
-        raise failure
+        raise explain_verify_failure(failure, result, reader.trust, bool(settings.plan))
     if not settings.insecure:
         check_completeness(result, reader, verified_ders, settings)
 
 
 def check_completeness(result, reader, verified_ders, settings):
-    """Keep the verified path, and say when the server left intermediates out."""
+    """Keep the verified path. When the server left out intermediates that
+    verification found in the trust store, the issuing path (what files get)
+    is completed with them, result.missing counts them, and a problem names
+    the server as misconfigured: never install less than a browser needs."""
     if verified_ders is not None:
         result.verified = parse_chain(verified_ders, "%s: the verified path" % result.target)
-    elif settings.verified_chain or len(result.issuing) == 1:
+    else:
         result.verified = rebuild_verified(result.issuing, reader)
-    missing = len(result.verified) - len(result.issuing) - 1
-    if missing > 0:
+    path = result.verified
+    if len(path) > 1 and path[-1].self_issued:
+        path = path[:-1]                                    # the root stays in the store
+    sent = len(result.issuing)
+    if len(path) > sent and [c.der for c in path[:sent]] == [c.der for c in result.issuing]:
+        result.missing, result.issuing = len(path) - sent, list(path)
         result.problems.append(
-            "the server did not send %d intermediate certificate(s) that verification found "
-            "in the trust store; clients that lack them will fail" % missing)
+            "%s, without the %d intermediate certificate(s) that verification found in %s: "
+            "the server is misconfigured (point it at fullchain.pem); clients that lack them "
+            "fail" % (sent_only(sent, len(path)), result.missing, reader.trust))
+
+
+def sent_only(sent, complete):
+    """How much of its chain an incomplete server sent (the root aside)."""
+    if sent == 1:
+        return "the server sent only its leaf"
+    return "the server sent only %d of the %d certificates of its chain" % (sent, complete)
+
+
+def explain_verify_failure(failure, result, trust, installing):
+    """A verification failure, told with what the server sent: a leaf alone,
+    the root the chain leads to, the names the leaf covers. While installing,
+    no hint suggests --insecure."""
+    reason, leaf, last = failure.reason, result.issuing[0], result.issuing[-1]
+    lower = reason.lower()
+    if "match" in lower:
+        hint = "the leaf covers %s; pass -n/--servername with one of those names" % (
+            printable(", ".join(leaf.dns_names + leaf.ip_addresses)) or "no names")
+    elif "issuer" not in lower and "self signed" not in lower and "self-signed" not in lower:
+        hint = verify_hint(reason, result.target, trust, installing)
+    elif len(result.issuing) == 1 and not leaf.self_issued and not leaf.is_ca:
+        return VerifyError("%s: certificate verification failed: %s: the server sent only its "
+                           "leaf (issued by \"%s\"); point it at fullchain.pem" % (
+                               result.target, reason, printable(leaf.issuer)),
+                           hint="certbot's fullchain.pem holds the leaf and its "
+                                "intermediates, cert.pem only the leaf", reason=reason)
+    else:
+        hint = unknown_root_hint(last, trust, installing)
+    return VerifyError(str(failure), hint=hint, reason=reason)
+
+
+def unknown_root_hint(last, trust, installing):
+    """Name the root the chain leads to; --insecure only when not installing."""
+    root = printable(last.subject if last.self_issued else last.issuer)
+    if trust == "the system store":
+        hint = "the chain leads to the root \"%s\", which this host does not trust: pass " \
+               "--cafile ROOT.pem with that root (or install ca-certificates)" % root
+    else:
+        hint = "the chain leads to the root \"%s\", which %s does not hold: if your CA " \
+               "changed its root, add the new one" % (root, trust)
+    return hint if installing else hint + "; --insecure skips verification"
 
 
 def _handshake(tls, reader, target, deadline):
@@ -1993,11 +2089,11 @@ def tls_hint(reason, starttls):
     return None
 
 
-def verify_hint(message, target, trust):
+def verify_hint(message, target, trust, installing=False):
     message = message.lower()
     if "expired" in message or "not yet valid" in message:
         return "check this machine's clock (date -u); if it is right, the server serves a " \
-               "stale certificate. --insecure fetches it anyway"
+               "stale certificate%s" % ("" if installing else ". --insecure fetches it anyway")
     if "match" in message:
         return "the certificate does not cover %s: pass -n/--servername with a name it " \
                "covers" % target.verify_name
@@ -2011,7 +2107,7 @@ def verify_hint(message, target, trust):
 def refetch_for_key(result, reader, settings):
     """The server sent the certificate for the other key type than --key-path
     (a dual-certificate server): ask again, offering only that type's suites."""
-    wanted = _wanted_key_kind(result, settings.key)
+    wanted = _wanted_key_kind(result, settings.keys)
     if wanted and wanted in reader.by_key_kind:
         retry = _fetch_once(result.target, reader.by_key_kind[wanted], settings)
         if retry.error is None:
@@ -2020,13 +2116,16 @@ def refetch_for_key(result, reader, settings):
     return result
 
 
-def _wanted_key_kind(result, key):
-    if key is None or result.error is not None:
+def _wanted_key_kind(result, keys):
+    """The other key type, when no --key-path matches the served leaf and one of
+    them is (or, for a key certgrab cannot read, may be) of that type."""
+    if not keys or result.error is not None or matching_key(keys, result.leaf) is not None:
         return None
     served = result.leaf.key_type.split()[0]
-    if key.kind:
-        return key.kind if served != key.kind else None
-    if served in ("RSA", "EC") and not key_matches(key, result.leaf):
+    kinds = [key.kind for key in keys if key.kind and key.kind != served]
+    if kinds:
+        return kinds[0]
+    if served in ("RSA", "EC") and any(key.kind is None for key in keys):
         return "EC" if served == "RSA" else "RSA"
     return None
 
@@ -2094,13 +2193,13 @@ def choose_result(results, reporter):
 # Install: output files, written whole or not at all.
 # ---------------------------------------------------------------------------
 
-def check_gate(result, key, now):
-    """The install gate: the key, the name and the dates; raises RefusedError."""
+def check_gate(result, keys, now):
+    """The install gate: the key, the name and the dates; raises RefusedError.
+    Sets result.key to the --key-path the leaf matched."""
     leaf, target = result.leaf, result.target
-    if key is not None and not key_matches(key, leaf):
-        raise RefusedError("%s: the leaf's key (SPKI sha256 %s) does not match --key-path %s (%s)"
-                           % (target, leaf.spki_sha256, key.path, "SPKI sha256 %s" %
-                              key.spki_sha256 if key.spki else "encrypted or unusual key"))
+    result.key = matching_key(keys, leaf)
+    if keys and result.key is None:
+        raise key_mismatch(target, leaf, keys)
     if not leaf.covers(target.verify_name):
         raise RefusedError("%s: the leaf does not cover %s; it covers: %s" % (
             target, target.verify_name,
@@ -2114,32 +2213,66 @@ def check_gate(result, key, now):
                                 "wrong (date -u)")
 
 
-def apply_gate(results, key):
-    """The gate for every fetched chain; a refusal becomes that source's error."""
+def key_mismatch(target, leaf, keys):
+    """The refusal of a leaf for none of the keys: which leaf, the likely cause, the fix."""
+    return RefusedError(
+        "%s: refused the leaf serial %s issued %s: its key (SPKI sha256 %s) is not %s" % (
+            target, leaf.serial_hex, format_time(leaf.not_before), leaf.spki_sha256, " nor ".join(
+                "--key-path %s (%s)" % (key.path, "SPKI sha256 %s" % key.spki_sha256
+                                        if key.spki else "encrypted or unusual key")
+                for key in keys)),
+        hint="the renewing machine likely made a new key: renew there with --reuse-key "
+             "(certbot, lego), or copy its new key here and add it as another --key-path "
+             "(README: key rollover)")
+
+
+def apply_gate(results, keys, reporter):
+    """The gate for every fetched chain; a refusal becomes that source's error
+    (with -v, what was refused: see refusal_details)."""
     now = time.time()
     for result in results:
         if result.error is None:
             try:
-                check_gate(result, key, now)
+                check_gate(result, keys, now)
             except RefusedError as exc:
                 result.error = exc
+                for line in refusal_details(result):
+                    reporter.info(line)
 
 
-def plan_outputs(out_dir, paths, key_path):
+def refusal_details(result):
+    """-v on a refused chain: its protocol, the leaf, and the chain, a line each."""
+    leaf = result.leaf
+    return ["%s: refused: %s" % (result.target, " ".join(
+                filter(None, (result.tls_version, result.cipher))) or "a local file"),
+            "%s: refused: leaf serial %s, issued %s, expires %s" % (
+                result.target, leaf.serial_hex, format_time(leaf.not_before),
+                format_time(leaf.not_after)),
+            "%s: refused: chain, leaf first: %s" % (result.target, "; ".join(
+                '"%s"' % printable(cert.subject) for cert in result.issuing))]
+
+
+def plan_outputs(out_dir, paths, key_paths, privkey=False):
     """(path, kind) for every file asked for, checked before any network I/O:
-    --out-dir's files, then paths, a dict of kind ("cert", "chain", "fullchain",
-    "combined") to the file named by its --KIND-path (or None)."""
+    --out-dir's files (and privkey.pem with --privkey), then paths, a dict of
+    kind ("cert", "chain", "fullchain", "combined") to the file named by its
+    --KIND-path (or None). Only privkey.pem may be a --key-path file itself:
+    it then gets the key the new leaf matches, in the same set."""
     plan = []
     if out_dir:
         plan += [(os.path.join(out_dir, name), name[:-4]) for name in OUT_DIR_FILES]
+    if out_dir and privkey:
+        plan.append((os.path.join(out_dir, PRIVKEY_FILE), "privkey"))
     for kind in ("cert", "chain", "fullchain", "combined"):
         if paths[kind]:
             plan.append((paths[kind], kind))
     absolute = [os.path.realpath(path) for path, _ in plan]
     if len(set(absolute)) != len(absolute):
         raise UsageError("two outputs name the same file")
-    if key_path and os.path.realpath(key_path) in absolute:
-        raise UsageError("an output would overwrite the --key-path file %s" % key_path)
+    for key_path in key_paths:
+        if any(path == os.path.realpath(key_path) and kind != "privkey"
+               for path, (_, kind) in zip(absolute, plan)):
+            raise UsageError("an output would overwrite the --key-path file %s" % key_path)
     for path, _ in plan:
         check_target(path)
     return tuple(plan)
@@ -2156,13 +2289,14 @@ def check_target(path):
 
 
 def render_outputs(plan, chain, key):
-    """(path, bytes, holds_key) for each planned file."""
+    """(path, bytes, holds_key) for each planned file; key is the --key-path the
+    leaf matched, copied only into privkey.pem and the combined file."""
     outputs = []
     for path, kind in plan:
-        certs = {"cert": chain[:1], "chain": chain[1:]}.get(kind, chain)
+        certs = {"cert": chain[:1], "chain": chain[1:], "privkey": []}.get(kind, chain)
         data = "".join(der_to_pem(cert.der) for cert in certs).encode("ascii")
-        outputs.append((path, data + key.pem if kind == "combined" else data,
-                        kind == "combined"))
+        data += key.pem if kind in ("combined", "privkey") else b""
+        outputs.append((path, data, kind in ("combined", "privkey")))
     return outputs
 
 
@@ -2177,7 +2311,7 @@ def read_existing(path):
 def installed_leaf(plan):
     """The leaf in the first existing cert, fullchain or combined file; None if none."""
     for path, kind in plan:
-        data = read_existing(path) if kind != "chain" else None
+        data = read_existing(path) if kind not in ("chain", "privkey") else None
         if data:
             try:
                 ders = pem_to_ders(data.decode("ascii", "replace"))
@@ -2195,7 +2329,9 @@ def check_not_older(best, installed, force, reporter):
     message = "%s offers a leaf (%s) that is not newer than the installed one (%s)" % (
         best.target, leaf.describe(), installed.describe())
     if not force:
-        raise RefusedError(message, hint="--force installs it anyway")
+        raise RefusedError(message, hint="the source is behind this machine: it has not yet "
+                                         "installed the newest certificate; fix the source, "
+                                         "not this machine")
     reporter.warn(message + "; installing it because of --force")
 
 
@@ -2392,7 +2528,7 @@ def install_chain(chain, best, settings, reporter):
     None for a dry run."""
     named = settings.plan
     plan = [(os.path.realpath(path), kind) for path, kind in named]  # write through links
-    outputs = render_outputs(plan, chain, settings.key)
+    outputs = render_outputs(plan, chain, best.key)
     if settings.dry_run:
         return dry_run(plan, outputs, best, settings, reporter)
     directories = sorted(set(os.path.dirname(os.path.abspath(path)) for path, _ in plan))
@@ -2401,7 +2537,7 @@ def install_chain(chain, best, settings, reporter):
         remove_stale_temps(plan)
         check_not_older(best, installed_leaf(plan), settings.force, reporter)
         changed = install_files(outputs, settings, mark_pending=bool(settings.deploy_hook))
-        if changed and not settings.key:
+        if changed and not settings.keys:
             reporter.warn("no --key-path: the leaf was not checked against the private key")
         if changed:
             reporter.say("installed the chain from %s (%s; %s): %s" % (
@@ -2409,6 +2545,10 @@ def install_chain(chain, best, settings, reporter):
                 " ".join(changed)))
         pending = pending_files(plan)
         if pending and settings.deploy_hook:
+            retried = [path for path in pending if path not in changed]
+            if retried:
+                reporter.notice("retrying the deploy hook, which did not complete after an "
+                                "earlier run installed %s" % " ".join(retried))
             run_deploy_hook(settings, named, best)
             clear_pending(pending)
         elif pending:
@@ -2447,8 +2587,9 @@ def dry_run(plan, outputs, best, settings, reporter):
 def report_fetch(results, best, reader, settings, reporter):
     """Chain problems of the winner; with -v, how each source went."""
     for problem in best.problems:
-        reporter.warn("%s: %s%s" % (best.target, problem, " (files get the issuing path: "
-                                    "leaf, intermediates, no root)" if settings.plan else ""))
+        reporter.warn("%s: %s%s" % (best.target, problem, " (files get the complete "
+                                    "issuing path: leaf, intermediates, no root)"
+                                    if settings.plan else ""))
     for result in results if reporter.verbose else ():
         if result.error is None:
             reporter.info("%s (%s): %s %s, %d certificate(s) read with %s, %s, %.0f ms" % (
@@ -2658,11 +2799,15 @@ def _json_char(char):
 
 
 def check_report(results, settings, now):
-    """Nagios plugin output: a summary line with perfdata, then one line per source."""
+    """Nagios plugin output: a summary line with perfdata, then one line per source.
+    A source's line is its worst finding: expiry, served chain, --same."""
     lines = [check_source(result, settings, now) for result in results]
+    if settings.chain_warning:
+        lines = [max(line, chain_status(result), key=lambda s: s[0])
+                 for line, result in zip(lines, results)]
     if settings.same:
-        lines = [max(lines[i], same_leaf_status(results, i), key=lambda s: s[0])
-                 for i in range(len(results))]
+        lines = [max(line, same, key=lambda s: s[0])
+                 for line, same in zip(lines, same_chain_statuses(results))]
     worst = max(status for status, _ in lines)
     counts = ", ".join("%d %s" % (sum(s == n for s, _ in lines), NAGIOS[n])
                        for n in range(4) if any(s == n for s, _ in lines))
@@ -2714,9 +2859,9 @@ def check_source(result, settings, now):
     if result.verify_error:
         return 2, "%s" % result.error
     leaf = result.issuing[0]
-    if settings.expected is not None and settings.expected[:1] != [leaf.der]:
-        return 2, "%s: serves %s, not the leaf in %s (a service not reloaded?)" % (
-            target, leaf_summary(leaf), settings.expect_file)
+    difference = settings.expected is not None and expect_difference(result, settings)
+    if difference:
+        return 2, difference
     soonest = most_urgent(result.issuing, settings, now)
     what = "the leaf" if soonest is leaf else "intermediate %s" % soonest.name
     text = "%s: %s %s (%s), chain of %d %s, the leaf %s" % (
@@ -2730,16 +2875,78 @@ def leaf_summary(leaf):
     return "sha256 %s... issued %s" % (leaf.sha256[:16], format_time(leaf.not_before))
 
 
-def same_leaf_status(results, index):
-    """--same: CRITICAL for a source whose leaf differs from what most sources serve."""
-    leaves = [r.issuing[0].sha256 if r.issuing else None for r in results]
-    common = max(leaves, key=lambda leaf: (leaves.count(leaf), leaf is not None,
-                                           -leaves.index(leaf)))
-    if leaves[index] == common or leaves[index] is None:
+def chain_status(result):
+    """--check: WARNING for a served chain that lacks intermediates or is out of
+    order (--no-chain-warning turns this off): clients that lack them fail."""
+    if not result.issuing or result.error is not None:
         return 0, ""
-    return 2, "%s: serves %s, unlike %d of %d sources" % (
-        results[index].target, leaf_summary(results[index].issuing[0]), leaves.count(common),
-        len(results))
+    for problem in result.problems:
+        if problem == OUT_OF_ORDER or result.missing and problem.startswith(
+                "the server sent only"):
+            return 1, "%s: %s" % (result.target, problem)
+    return 0, ""
+
+
+def served_path(result):
+    """The issuing path as the server sent it (without intermediates found locally)."""
+    return result.issuing[:len(result.issuing) - result.missing]
+
+
+def chain_age(result):
+    """--same's order: the leaf's notBefore, then its intermediates' (the leaf's issuer
+    first)."""
+    path = served_path(result)
+    return path[0].not_before, [cert.not_before for cert in path[1:]]
+
+
+def same_chain_statuses(results):
+    """--same: CRITICAL for each source whose served chain (leaf and intermediates)
+    is not the newest valid one among the sources (chain_age; the first given on a
+    tie). Linear in the number of sources: the newest is found once."""
+    good = [r for r in results if r.error is None and r.issuing]
+    if not good:
+        return [(0, "")] * len(results)
+    newest = max(good, key=chain_age)
+    want = served_path(newest)
+    statuses = []
+    for result in results:
+        difference = result.error is None and result.issuing and \
+            first_difference(served_path(result), want)
+        statuses.append((2, "%s: not the newest chain: serves %s; the newest (%s) serves %s" % (
+            result.target, difference[0], newest.target, difference[1]))
+                        if difference else (0, ""))
+    return statuses
+
+
+def expect_difference(result, settings):
+    """--expect-file: how the served chain differs from the file's ("" if it does
+    not). A file with one certificate (cert.pem) is compared with the leaf only."""
+    served = served_path(result)
+    expected = settings.expected
+    difference = first_difference(served[:1] if len(expected) == 1 else served, expected)
+    if not difference:
+        return ""
+    return "%s: serves %s; %s has %s (a service not reloaded?)" % (
+        result.target, difference[0], settings.expect_file, difference[1])
+
+
+def first_difference(chain, other):
+    """(what chain has, what other has) at the first position where they differ,
+    described for people; None when both hold the same certificates in order."""
+    for index in range(max(len(chain), len(other))):
+        mine = chain[index] if index < len(chain) else None
+        theirs = other[index] if index < len(other) else None
+        if mine is None or theirs is None or mine.der != theirs.der:
+            return cert_summary(mine, index), cert_summary(theirs, index)
+    return None
+
+
+def cert_summary(cert, index):
+    """The leaf or intermediate N of a chain, by subject, sha256 and notBefore."""
+    if cert is None:
+        return "no intermediate %d" % index
+    what = "the leaf" if index == 0 else 'intermediate %d "%s"' % (index, printable(cert.subject))
+    return "%s (%s)" % (what, leaf_summary(cert))
 
 
 # Metrics for Prometheus: node_exporter's textfile collector reads --prometheus FILE.
@@ -2923,6 +3130,10 @@ def build_parser():
     group.add_argument("-6", "--ipv6", action="store_true", help="IPv6 only")
     group.add_argument("--parallel", metavar="N", help="fetch N sources at a time "
                        "(default %d)" % MAX_PARALLEL)
+    group.add_argument("--tls-min", metavar="VERSION",
+                       help="offer no TLS version below VERSION (1.0 to 1.3)")
+    group.add_argument("--tls-max", metavar="VERSION",
+                       help="offer no TLS version above VERSION, e.g. 1.2")
     group = parser.add_argument_group("STARTTLS")
     group.add_argument("--starttls", metavar="PROTOCOL",
                        help="talk PROTOCOL before TLS (list below)")
@@ -2946,7 +3157,10 @@ def build_parser():
     group.add_argument("--verified-chain", action="store_true",
                        help="output the path verification built, with its root")
     group = parser.add_argument_group("install gate")
-    group.add_argument("--key-path", metavar="FILE", help="the private key the leaf must match")
+    group.add_argument("--key-path", metavar="FILE", action="append",
+                       help="a private key the leaf must match; twice: current and next key")
+    group.add_argument("--privkey", action="store_true",
+                       help="with --out-dir, install the matching key as privkey.pem (0600)")
     group.add_argument("--key-password-file", metavar="FILE",
                        help="password of an encrypted key")
     group.add_argument("--force", action="store_true",
@@ -2977,10 +3191,12 @@ def build_parser():
                        "(default %g%%%%)" % (CRIT_SHARE * 100))
     group.add_argument("--warn-days", metavar="N", help="--check: --warn in days")
     group.add_argument("--crit-days", metavar="N", help="--check: --crit in days")
-    group.add_argument("--same", action="store_true",
-                       help="--check: CRITICAL unless all sources serve one leaf")
+    group.add_argument("--same", action="store_true", help="--check: CRITICAL for sources "
+                       "not serving the newest chain among them")
     group.add_argument("--expect-file", metavar="FILE",
-                       help="--check: CRITICAL unless the leaf is FILE's")
+                       help="--check: CRITICAL unless the served chain is FILE's")
+    group.add_argument("--no-chain-warning", action="store_true", help="--check: no WARNING "
+                       "for a served chain lacking intermediates or out of order")
     group.add_argument("--prometheus", metavar="FILE", help="also write the run's metrics "
                        "to FILE (node_exporter's textfile format), in any mode")
     group = parser.add_argument_group("config file: several certificates, one section each")
@@ -3059,6 +3275,7 @@ def validate_settings(args, sources, reporter):
                   insecure=args.insecure, cafile=args.cafile, capath=args.capath,
                   verified_chain=args.verified_chain)
     values.update(_connecting_settings(args, len(sources)))
+    values.update(_tls_version_settings(args))
     values.update(_report_settings(args))
     values.update(_install_settings(args, values["report"], reporter))
     default_port = parse_port(args.port, "-p/--port") if args.port is not None else \
@@ -3069,17 +3286,18 @@ def validate_settings(args, sources, reporter):
         ("--cafile", args.cafile), ("--capath", args.capath)) if path) or "the system store"
     values["plan"] = plan_outputs(args.out_dir, dict(
         (kind, getattr(args, kind + "_path")) for kind in ("cert", "chain", "fullchain",
-                                                          "combined")), args.key_path)
-    values["prometheus"] = _prometheus_path(args.prometheus, values["plan"], args.key_path)
+                                                          "combined")), args.key_path or (),
+        args.privkey)
+    values["prometheus"] = _prometheus_path(args.prometheus, values["plan"], args.key_path or ())
     return Settings(**values)
 
 
-def _prometheus_path(path, plan, key_path):
-    """--prometheus FILE: never one of the outputs or the key; its directory must exist."""
+def _prometheus_path(path, plan, key_paths):
+    """--prometheus FILE: never one of the outputs or a key; its directory must exist."""
     if path is None:
         return None
-    if os.path.realpath(path) in [os.path.realpath(p) for p, _ in plan] + \
-            ([os.path.realpath(key_path)] if key_path else []):
+    if os.path.realpath(path) in [os.path.realpath(p) for p in
+                                  [p for p, _ in plan] + list(key_paths)]:
         raise UsageError("--prometheus %s names a certificate output or the key" % path)
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise UsageError("--prometheus %s: the directory %s does not exist" % (
@@ -3116,6 +3334,17 @@ def _connecting_settings(args, source_count):
                 ehlo=parse_ehlo(args.ehlo), alpn=alpn or None, family=family)
 
 
+def _tls_version_settings(args):
+    """--tls-min and --tls-max: one of TLS_VERSIONS each, the minimum not above the maximum."""
+    for flag, value in (("--tls-min", args.tls_min), ("--tls-max", args.tls_max)):
+        if value is not None and value not in TLS_VERSIONS:
+            raise UsageError("%s %s: not a TLS version; known: %s" % (
+                flag, value, ", ".join(TLS_VERSIONS)))
+    if args.tls_min and args.tls_max and args.tls_min > args.tls_max:
+        raise UsageError("--tls-min %s is above --tls-max %s" % (args.tls_min, args.tls_max))
+    return dict(tls_min=args.tls_min, tls_max=args.tls_max)
+
+
 def _number(text, default, kind):
     """text as kind (int or float), default when absent, None when not a number."""
     if text is None:
@@ -3140,12 +3369,16 @@ def _report_settings(args):
                          "--verified-chain" % report)
     warn = _threshold(args.warn, args.warn_days, "--warn", WARN_SHARE)
     crit = _threshold(args.crit, args.crit_days, "--crit", CRIT_SHARE)
-    expected = None                 # --expect-file: its certificates, as DER
+    expected = None                 # --expect-file: its issuing path (root aside)
     if args.expect_file is not None:
-        expected = pem_to_ders(read_small_file(args.expect_file, "--expect-file")
-                               .decode("ascii", "replace"))
+        ders = pem_to_ders(read_small_file(args.expect_file, "--expect-file")
+                           .decode("ascii", "replace"))
+        if not ders:
+            raise UsageError("--expect-file %s: no PEM certificate in it" % args.expect_file)
+        expected = clean_path(parse_chain(ders[:MAX_CHAIN], args.expect_file))[0]
     return dict(report=report, same=args.same, expect_file=args.expect_file,
-                expected=expected, warn=warn, crit=crit, writes=writes)
+                expected=expected, warn=warn, crit=crit, writes=writes,
+                chain_warning=not args.no_chain_warning)
 
 
 def _threshold(text, days, flag, default_share):
@@ -3175,9 +3408,7 @@ def _install_settings(args, report, reporter):
     for flag in ("--deploy-hook", "--owner", "--group", "--mode", "--force", "--dry-run"):
         if _given(args, flag) and not writes:
             raise UsageError("%s needs an output file (--out-dir or a --*-path)" % flag)
-    for flag in ("--combined-path", "--key-password-file"):
-        if _given(args, flag) and not args.key_path:
-            raise UsageError("%s needs --key-path" % flag)
+    keys = _key_settings(args, writes, reporter)
     hook_timeout = _number(args.hook_timeout, HOOK_TIMEOUT, float)
     mode = _number(args.mode, None, lambda text: int(text, 8))
     if hook_timeout is None or args.mode is not None and mode is None:
@@ -3187,14 +3418,32 @@ def _install_settings(args, report, reporter):
     if mode is not None and mode & ~0o644:
         raise UsageError("--mode allows at most 0644: certificate files are never "
                          "executable or writable by others")
-    key = read_private_key(args.key_path, args.key_password_file) if args.key_path else None
-    if args.combined_path and key.encrypted:
-        reporter.warn("--combined-path gets the key encrypted, as it is in --key-path")
     return dict(out_dir=args.out_dir, cert_path=args.cert_path, chain_path=args.chain_path,
                 fullchain_path=args.fullchain_path, combined_path=args.combined_path,
-                key_path=args.key_path, key=key, force=args.force, dry_run=args.dry_run,
+                key_paths=tuple(args.key_path or ()), keys=keys, privkey=args.privkey,
+                force=args.force, dry_run=args.dry_run,
                 deploy_hook=args.deploy_hook, hook_timeout=hook_timeout, mode=mode,
                 uid=lookup_user(args.owner), gid=lookup_group(args.group))
+
+
+def _key_settings(args, writes, reporter):
+    """--key-path (once, or twice for a rollover), read; --privkey's and the
+    key's companions checked. Returns the keys, a tuple in the order given."""
+    for flag in ("--combined-path", "--key-password-file", "--privkey"):
+        if _given(args, flag) and not args.key_path:
+            raise UsageError("%s needs --key-path" % flag)
+    if args.privkey and not args.out_dir:
+        raise UsageError("--privkey writes privkey.pem in --out-dir; give --out-dir")
+    if len(args.key_path or ()) > 1 and writes and not (args.privkey or args.combined_path):
+        raise UsageError("several --key-path need --privkey (or --combined-path) to install",
+                         hint="the service must get the key that matches the new "
+                              "certificate, in the same set: README, key rollover")
+    keys = tuple(read_private_key(path, args.key_password_file)
+                 for path in args.key_path or ())
+    for flag in ("--combined-path", "--privkey"):
+        if _given(args, flag) and any(key.encrypted for key in keys):
+            reporter.warn("%s gets the key encrypted, as it is in --key-path" % flag)
+    return keys
 
 
 def lookup_user(name):
@@ -3224,7 +3473,7 @@ def make_reader(settings):
     None when every source is a local file: they need no trust store."""
     if all(target.file for target in settings.targets):
         return None
-    kinds = ("RSA", "EC") if settings.key else ()
+    kinds = ("RSA", "EC") if settings.keys else ()
     readers = dict((kind, new_chain_reader(make_context(settings, kind), settings.trust))
                    for kind in kinds)
     reader = new_chain_reader(make_context(settings), settings.trust, readers)
@@ -3508,8 +3757,8 @@ def deliver(results, settings, reader, reporter):
     if settings.report:                                 #    or: describe them all
         reporter.outcome("reported (--%s)" % settings.report)
         return report(results, settings, reporter), None
-    if settings.plan or settings.key:
-        apply_gate(results, settings.key)               # 2. key, name, dates
+    if settings.plan or settings.keys:
+        apply_gate(results, settings.keys, reporter)    # 2. key, name, dates
     best = choose_result(results, reporter)             # 3. the newest good chain
     report_fetch(results, best, reader, settings, reporter)
     chain = best.verified if settings.verified_chain else None

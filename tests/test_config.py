@@ -339,8 +339,8 @@ def test_syslog_names_refusals_and_hook_failures(certs, served, tmp_path, syslog
     hook = run_with_dev_log(directory, *base + ["--deploy-hook", "exit 3"])
     lines = received(sock)
     assert (refused.returncode, hook.returncode) == (6, 7)
-    assert "; exit 6; " in lines[0] and ": refused: %s: the leaf's key" % server.address \
-        in lines[0], lines
+    assert "; exit 6; " in lines[0] and ": refused: %s: " % server.address in lines[0], lines
+    assert "rsa1/key.pem" in lines[0]                # the refusal's own words: which key
     assert ": hook failed: --deploy-hook failed (exit status 3)" in lines[1], lines
 
 
@@ -408,3 +408,18 @@ def test_config_on_python3_minimal(certs, served, suite):
         assert completed.stderr.splitlines()[-1] == "certgrab: 1 section done"
     finally:
         shutil.rmtree(scratch)
+
+
+def test_an_option_given_several_times_is_a_list_in_the_file(run, certs, served, tmp_path):
+    """key-path = CURRENT NEXT (a key rollover): the leaf matches one of them."""
+    config = write_config(tmp_path / "c.conf", "[web]\nsource = %s\nservername = %s\n"
+                          "cafile = %s\nout-dir = %s\nprivkey = yes\nkey-path = %s %s\n" % (
+                              served("ec1").address, NAME, certs / "ec1" / "root.pem",
+                              tmp_path / "out", certs / "rsa1" / "key.pem",
+                              certs / "ec1" / "key.pem"))
+    assert run("--config", config).rc == 0
+    assert files_ders(tmp_path / "out") == expected(certs, "ec1")
+    assert (tmp_path / "out" / "privkey.pem").read_bytes() == \
+        (certs / "ec1" / "key.pem").read_bytes()
+    config.write_text(config.read_text().replace(" %s" % (certs / "ec1" / "key.pem"), ""))
+    assert run("--config", config).rc == 6          # the rsa1 key alone: refused

@@ -443,18 +443,21 @@ def test_garbage_and_http_answers_stay_one_line_each(run, served, root):
 
 # ---------------------------------------------------------------- 3. --same, --expect-file
 
-def test_same_names_the_source_serving_another_leaf(run, served, certs, root):
-    """The odd one is in the middle: majority, not position, decides."""
+def test_same_names_the_sources_behind_the_newest(run, served, certs, root):
+    """The newest is in the middle, outnumbered: the newest chain, not the majority, decides
+    (issue 11: the majority flagged the one up-to-date leader during a rollout)."""
     sources = [served("ec1").address, served("ec1new").address, served("ec1").address]
     result = run("--same", *verified(root, *sources))
     assert result.rc == 2, result.out + result.err
     status, _, _, statuses = parse_check(result.out)
     assert status == "CRITICAL"
     assert_lines_in_order(statuses, sources)
-    assert [s for s, _ in statuses] == ["OK", "CRITICAL", "OK"]
-    odd = statuses[1][1]
-    assert leaf_sha256(certs / "ec1new" / "cert.pem")[:16] in odd
-    assert "2025-01-01T00:00:00Z" in odd, "the odd leaf's notBefore"
+    assert [s for s, _ in statuses] == ["CRITICAL", "OK", "CRITICAL"]
+    for behind in (statuses[0][1], statuses[2][1]):
+        assert leaf_sha256(certs / "ec1" / "cert.pem")[:16] in behind
+        assert "2024-01-01T00:00:00Z" in behind, "the stale leaf's notBefore"
+        assert "the newest (%s)" % sources[1] in behind
+        assert leaf_sha256(certs / "ec1new" / "cert.pem")[:16] in behind
 
 
 def test_same_is_ok_when_the_fleet_has_converged(run, served, root):
