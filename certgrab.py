@@ -3522,8 +3522,8 @@ def config_sections(parser, args, sources, reporter):
     if not names:
         raise UsageError("--config %s: no sections: write one [NAME] per certificate" % path)
     overrides = dict((action.dest, getattr(args, action.dest)) for action in parser._actions
-                     if action.option_strings and action.option_strings[-1] not in
-                     COMMAND_LINE_ONLY and getattr(args, action.dest) != action.default)
+                     if action.option_strings and getattr(args, action.dest) != action.default
+                     and not set(action.option_strings) & set(COMMAND_LINE_ONLY))
     sections = [section_settings(parser, config, name, path, overrides, reporter.syslog)
                 for name in ([args.section] if args.section is not None else names)]
     check_own_files(path, sections)
@@ -3563,7 +3563,7 @@ def section_settings(parser, config, name, path, overrides, syslog):
     """The Section of one section, validated like a command line."""
     where = "%s, section [%s]" % (path, name)
     args, sources = section_args(parser, config, name, where)
-    writes = any(getattr(args, name) for name in OUTPUT_OPTIONS)
+    writes = any(getattr(args, option) for option in OUTPUT_OPTIONS)
     for dest, value in overrides.items():
         if dest != "dry_run" or writes:     # --dry-run: for the sections that write files
             setattr(args, dest, value)
@@ -3589,7 +3589,8 @@ def section_args(parser, config, name, where):
         if key == "source":
             sources = value.split()
             continue
-        here = "%s, key %s" % (where, key)
+        inherited = config.defaults().get(key) == value     # as far as one can tell
+        here = "%s%s, key %s" % (where, " (from [DEFAULT])" if inherited else "", key)
         if key not in options:
             raise UsageError("%s: %s" % (here, "an option of the command line only" if "--" +
                                          key in COMMAND_LINE_ONLY else "no such option; keys "

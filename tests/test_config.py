@@ -160,6 +160,14 @@ servername = {name}
     assert not listener.connections_made()
 
 
+def test_a_mistake_in_default_says_so(run, tmp_path):
+    config = write_config(tmp_path / "c.conf", "[DEFAULT]\ntimout = 3\n[web]\nsource = a\n")
+    result = run("--config", config)
+    assert result.rc == USAGE
+    assert error_lines(result.err)[0].startswith(
+        "certgrab: %s, section [web] (from [DEFAULT]), key timout: no such option" % config)
+
+
 def test_a_section_without_source_names_the_key(run, tmp_path):
     config = write_config(tmp_path / "c.conf", "[web]\nservername = %s\n" % NAME)
     result = run("--config", config)
