@@ -13,6 +13,7 @@ Synopsis
         --out-dir /etc/ssl/example --deploy-hook 'systemctl reload nginx' -q \\
         --prometheus /var/lib/prometheus/node-exporter/certgrab-example.prom
     certgrab.py --check 203.0.113.7 -n www.example.com --warn 36h --crit 10%
+    certgrab.py --config /etc/certgrab/certgrab.conf --syslog    (a section per certificate)
 
 Runs on CPython 3.6 to 3.13 with the standard library only, including Debian's
 python3-minimal (no json, shutil, ctypes; no CA store: pass --cafile there).
@@ -73,6 +74,7 @@ Exit codes
        could not be recorded (the next run runs it again)
     With --check, --same or --expect-file, a monitoring plugin's codes instead:
     0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (e.g. a usage error).
+    With --config, the highest code of its sections (2 for a mistake in the file).
 """
 
 __version__ = "0.2.0"
@@ -255,8 +257,11 @@ class Reporter(object):
     when verbose. A message that cannot be written (stderr closed, or cron's
     output on a full disk) is dropped: it never changes what a run does."""
 
-    def __init__(self, quiet=False, verbose=False):
+    def __init__(self, quiet=False, verbose=False, syslog=None):
         self.quiet, self.verbose = quiet, verbose
+        self.syslog = syslog                # the syslog module with --syslog, else None
+        self.subject, self.result = "", ""  # what was checked, and how it went
+        self.started = time.monotonic()
 
     def error(self, exc):
         self._write("certgrab: %s\n" % exc)
@@ -293,6 +298,59 @@ class Reporter(object):
             sys.stderr.flush()
         except (OSError, ValueError):       # ValueError: stderr was closed
             pass
+
+    def checking(self, subject):
+        """What this run (or section) checks, for its --syslog line."""
+        self.subject = subject
+
+    def outcome(self, text):
+        """How it went when it did not fail: "unchanged", "installed sha256:..."."""
+        self.result = text
+
+    def log(self, code, exc=None):
+        """--syslog: the one line of this run or section: what was checked, the
+        outcome (or why it failed), its exit code and the time it took."""
+        if self.syslog is None:
+            return
+        if exc is not None:
+            kind = "refused" if isinstance(exc, RefusedError) else \
+                "hook failed" if isinstance(exc, HookError) else "failed"
+            outcome = "%s: %s" % (kind, exc)
+        else:
+            outcome = self.result or "done"
+        line = "%s%s; exit %d; %.2f s" % (self.subject + ": " if self.subject else "", outcome,
+                                         code, time.monotonic() - self.started)
+        priority = self.syslog.LOG_ERR if code else \
+            self.syslog.LOG_NOTICE if outcome.startswith("installed") else self.syslog.LOG_INFO
+        self.syslog.syslog(priority, " ".join(line.split()))   # one line, whatever it quotes
+
+
+class SectionReporter(Reporter):
+    """The Reporter of one --config section: its stderr lines say which section."""
+
+    def __init__(self, section, quiet=False, verbose=False, syslog=None):
+        Reporter.__init__(self, quiet, verbose, syslog)
+        self.section = section
+
+    def _write(self, text):
+        Reporter._write(text.replace("certgrab: ", "certgrab: [%s] " % self.section, 1))
+
+    def checking(self, subject):
+        Reporter.checking(self, "section %s: %s" % (self.section, subject))
+
+    def log(self, code, exc=None):
+        if not self.quiet:              # with --quiet, the run's line names failed sections
+            Reporter.log(self, code, exc)
+
+
+def open_syslog():
+    """--syslog: the stdlib syslog module, opened as "certgrab[PID]", facility daemon."""
+    try:
+        import syslog
+    except ImportError:
+        raise UsageError("--syslog: this Python has no syslog module")
+    syslog.openlog("certgrab", syslog.LOG_PID, syslog.LOG_DAEMON)
+    return syslog
 
 
 # ---------------------------------------------------------------------------
@@ -2656,6 +2714,8 @@ def dry_run(plan, outputs, best, settings, reporter, installed):
         if not os.access(directory, os.W_OK):
             raise WriteError("dry run: cannot write %s: %s is not writable" % (path, directory))
     hook = settings.deploy_hook and (changed or pending_files(plan))
+    reporter.outcome("dry run: %s" % ("would install sha256:%s from %s" % (
+        best.leaf.sha256, best.target) if changed else "unchanged"))
     reporter.say("dry run: %s%s" % ("would write " + " ".join(changed) if changed else
                                     "files are up to date", "; would run the deploy hook"
                                     if hook else ""))
@@ -3177,8 +3237,11 @@ EXAMPLES = """\
 examples:
   certgrab.py 203.0.113.7 -n www.example.com > fullchain.pem
   certgrab.py [2001:db8::7]:8443 -n www.example.com --out-dir /etc/ssl/example
-  certgrab.py 10.0.0.5 10.0.0.6 -n www.example.com --cafile ca.pem --out-dir x"""
+  certgrab.py 10.0.0.5 10.0.0.6 -n www.example.com --cafile ca.pem --out-dir x
+  certgrab.py --config /etc/certgrab/certgrab.conf --dry-run"""
 CHECK_FLAGS = ("--check", "--same", "--expect-file")     # a plugin's run: UNKNOWN on errors
+# Options of the run itself, never keys of a --config file: every other long option is one.
+COMMAND_LINE_ONLY = ("--help", "--version", "--config", "--section", "--syslog")
 OUTPUT_OPTIONS = ("out_dir", "cert_path", "chain_path", "fullchain_path", "combined_path")
 
 
@@ -3278,8 +3341,14 @@ def build_parser():
                        "for a served chain lacking intermediates or out of order")
     group.add_argument("--prometheus", metavar="FILE", help="also write the run's metrics "
                        "to FILE (node_exporter's textfile format), in any mode")
+    group = parser.add_argument_group("config file: several certificates, one section each")
+    group.add_argument("--config", metavar="FILE", help="run every section of the INI FILE "
+                       "(keys: long options, and source)")
+    group.add_argument("--section", metavar="NAME", help="--config: run section NAME only")
     group = parser.add_argument_group("messages")
     group.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    group.add_argument("--syslog", action="store_true",
+                       help="also log one line per run and per section to syslog")
     group.add_argument("-v", "--verbose", action="store_true",
                        help="how each source went: TLS version, method, time")
     group.add_argument("-h", "--help", action="store_true", help="show this help and exit")
@@ -3335,6 +3404,8 @@ class Settings(object):
 
 def validate_settings(args, sources, reporter):
     """Settings from argparse's namespace; UsageError on the first rule broken."""
+    if args.section is not None:
+        raise UsageError("--section needs --config")
     if not sources:
         raise UsageError("no SOURCE given")
     for first, second in (("--ipv4", "--ipv6"), ("--quiet", "--verbose"),
@@ -3553,43 +3624,296 @@ def make_reader(settings):
     return reader
 
 
+# ---------------------------------------------------------------------------
+# Config file: one section per certificate, keys named like the long options.
+# ---------------------------------------------------------------------------
+
+SECTIONS_AT_ONCE = 8    # sections run concurrently at most; each opens --parallel connections
+
+
+def run_config(parser, args, sources, reporter):
+    """--config: every section (or the one --section names), all validated before
+    any connection, then run concurrently where their sources differ. One failing
+    section does not stop the others; returns the worst exit code."""
+    reporter.checking("config %s" % args.config)
+    sections = config_sections(parser, args, sources, reporter)  # 1. every section, checked
+    codes = run_sections(sections)                  # 2. fetch, gate, install each
+    return summarize_sections(sections, codes, reporter)  # 3. which failed, the worst code
+
+
+class Section(object):
+    """One section of --config, ready to run: its name, Settings, reader and reporter."""
+
+    def __init__(self, name, settings, reader, reporter):
+        self.name, self.settings, self.reader, self.reporter = name, settings, reader, reporter
+
+
+def config_sections(parser, args, sources, reporter):
+    """[Section] of the sections to run, in file order. Options given on
+    the command line replace that key in every section. UsageError names the file,
+    the section and the key."""
+    path = args.config
+    if sources:
+        raise UsageError("--config %s: SOURCEs come from each section's source key, not from "
+                         "the command line (%s)" % (path, sources[0]))
+    config = read_config(path)
+    names = config.sections()
+    if args.section is not None and args.section not in names:
+        raise UsageError("--section %s: %s has no such section; it has: %s" % (
+            args.section, path, ", ".join(names) or "none"))
+    if not names:
+        raise UsageError("--config %s: no sections: write one [NAME] per certificate" % path)
+    overrides = dict((action.dest, getattr(args, action.dest)) for action in parser._actions
+                     if action.option_strings and getattr(args, action.dest) != action.default
+                     and not set(action.option_strings) & set(COMMAND_LINE_ONLY))
+    sections = [section_settings(parser, config, name, path, overrides, reporter.syslog)
+                for name in ([args.section] if args.section is not None else names)]
+    check_own_files(path, sections)
+    return sections
+
+
+def check_own_files(path, sections):
+    """Every section writes files of its own: two writing one file would undo each
+    other at every run, and a --prometheus file holds one run's metrics."""
+    owners = {}
+    for section in sections:
+        settings = section.settings
+        named = [(os.path.realpath(file), "key prometheus: ") for file in
+                 [settings.prometheus] if file] + [(os.path.realpath(file), "")
+                                                   for file, _ in settings.plan]
+        for file, key in named:
+            if owners.setdefault(file, section.name) != section.name:
+                raise UsageError("%s, section [%s], %s%s is also written by section [%s]; "
+                                 "give each section its own files" % (
+                                     path, section.name, key, file, owners[file]))
+
+
+def read_config(path):
+    """FILE through configparser (no interpolation: a hook keeps its % and $)."""
+    import configparser
+    config = configparser.ConfigParser(interpolation=None)
+    try:
+        config.read_string(read_small_file(path, "--config").decode("utf-8"), path)
+    except UnicodeDecodeError:
+        raise UsageError("--config %s: not UTF-8 text" % path)
+    except configparser.Error as exc:
+        raise UsageError("--config %s: %s" % (path, " ".join(str(exc).split())))
+    return config
+
+
+def section_settings(parser, config, name, path, overrides, syslog):
+    """The Section of one section, validated like a command line."""
+    where = "%s, section [%s]" % (path, name)
+    args, sources = section_args(parser, config, name, where)
+    writes = any(getattr(args, option) for option in OUTPUT_OPTIONS)
+    for dest, value in overrides.items():
+        if dest != "dry_run" or writes:     # --dry-run: for the sections that write files
+            setattr(args, dest, value)
+    if not sources:
+        raise UsageError("%s, key source: missing; list the section's SOURCEs there" % where)
+    reporter = SectionReporter(name, quiet=args.quiet, verbose=args.verbose, syslog=syslog)
+    try:
+        settings = validate_settings(args, sources, reporter)
+        reader = make_reader(settings)          # --cafile, --capath: read before any run
+    except UsageError as exc:
+        keys = [key for key in config.options(name) if "--" + key in str(exc)]
+        raise UsageError("%s%s: %s" % (where, ", key " + keys[0] if keys else "", exc),
+                         exc.hint)
+    return Section(name, settings, reader, reporter)
+
+
+def section_args(parser, config, name, where):
+    """argparse's namespace and the SOURCEs of one section ([DEFAULT] included).
+    Each key becomes its option's words and is parsed alone first, so that an
+    error names the key; the options are the parser's own (file_options)."""
+    options, words, sources = file_options(parser), [], []
+    for key, value in config.items(name):
+        if key == "source":
+            sources = value.split()
+            continue
+        inherited = config.defaults().get(key) == value     # as far as one can tell
+        here = "%s%s, key %s" % (where, " (from [DEFAULT])" if inherited else "", key)
+        if key not in options:
+            raise UsageError("%s: %s" % (here, "an option of the command line only" if "--" +
+                                         key in COMMAND_LINE_ONLY else "no such option; keys "
+                                         "are source and the long options without --"))
+        try:
+            key_words = option_words(options[key], "--" + key, value)
+            parse_command_line(parser, key_words)
+        except UsageError as exc:
+            raise UsageError("%s: %s" % (here, exc))
+        words.extend(key_words)
+    return parse_command_line(parser, words)[0], sources
+
+
+def file_options(parser):
+    """{key: argparse action}: every long option but COMMAND_LINE_ONLY, so that an
+    option added to build_parser is a key of the file at once."""
+    options = {}
+    for action in parser._actions:
+        names = [name for name in action.option_strings if name.startswith("--")]
+        if names and names[0] not in COMMAND_LINE_ONLY:
+            options[names[0][2:]] = action
+    return options
+
+
+def option_words(action, flag, value):
+    """A key's value as command-line words: a flag takes yes or no (configparser's
+    words), an option given several times takes a list split at white space."""
+    if action.nargs == 0:
+        import configparser
+        state = configparser.ConfigParser.BOOLEAN_STATES.get(value.strip().lower())
+        if state is None:
+            raise UsageError("takes yes or no, not %r" % value)
+        return [flag] if state else []
+    if isinstance(action, argparse._AppendAction):
+        return ["%s=%s" % (flag, item) for item in value.split()]
+    if action.nargs in (None, "?"):
+        return ["%s=%s" % (flag, value)]
+    return [flag] + value.split()
+
+
+def run_sections(sections):
+    """Exit codes of every section, in file order. Sections that share a source run
+    one after the other; groups of them run at once, SECTIONS_AT_ONCE at most."""
+    codes, groups, lock = [None] * len(sections), source_groups(sections), threading.Lock()
+
+    def worker():
+        while True:
+            with lock:
+                if not groups:
+                    return
+                group = groups.pop(0)
+            for index in group:
+                try:
+                    codes[index] = run_section(sections[index])
+                except BaseException as exc:   # a bug: re-raised in the main thread below
+                    codes[index] = exc
+
+    threads = [threading.Thread(target=worker, daemon=True)
+               for _ in range(min(SECTIONS_AT_ONCE, len(groups)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for code in codes:
+        if isinstance(code, BaseException):
+            raise code
+    return codes
+
+
+def source_groups(sections):
+    """Lists of section indexes: sections that share a source (host and port, or
+    file) are in one group, so that no source sees two of our runs at once."""
+    groups = []                                 # [(sources, [index, ...])]
+    for index, section in enumerate(sections):
+        keys = set((target.host, target.port, target.file) for target in
+                   section.settings.targets)
+        merged = (keys, [index])
+        for group in [group for group in groups if group[0] & keys]:
+            groups.remove(group)
+            merged[0].update(group[0])
+            merged[1].extend(group[1])
+        groups.append(merged)
+    return [sorted(indexes) for _, indexes in groups]
+
+
+def run_section(section):
+    """One section: its exit code; an expected failure is its own error line."""
+    settings, reporter = section.settings, section.reporter
+    try:
+        code, failure = run_one(settings, section.reader, reporter), None
+    except CertgrabError as exc:
+        reporter.error(exc)
+        code, failure = exc.exit_code, exc
+        if settings.report == "check":
+            plugin_unknown(exc)
+            code = NAGIOS_UNKNOWN
+    reporter.log(code, failure)
+    return code
+
+
+def summarize_sections(sections, codes, reporter):
+    """The run's last line: which sections failed (always) or that all went well."""
+    failed = ["%s (exit %d)" % (section.name, code) for section, code in zip(sections, codes)
+              if code]
+    if failed:
+        text = "%d of %d sections failed: %s" % (len(failed), len(sections), ", ".join(failed))
+        reporter.error(CertgrabError(text))
+    else:
+        text = "%d section%s done" % (len(sections), "" if len(sections) == 1 else "s")
+        reporter.say(text)
+    reporter.outcome(text)
+    reporter.log(max(codes))
+    return max(codes)
+
+
 def main(argv=None):
     """Run certgrab; return the exit code (see the module docstring)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    reporter, clock, results = Reporter(), (time.time(), time.monotonic()), None
+    reporter = Reporter()
     try:
         parser = build_parser()
-        args, sources = parse_command_line(parser, argv)
+        args, sources = parse_command_line(parser, argv)  # 1. the command line
         if args.help:
             write_stdout(parser.format_help())
             return 0
         if args.version:
             write_stdout("certgrab %s\n" % __version__)
             return 0
-        reporter = Reporter(quiet=args.quiet, verbose=args.verbose)
-        settings = validate_settings(args, sources, reporter)  # 1. options, SOURCEs, files
-        reader = make_reader(settings)                  # 2. trust store, chain access
-        if settings.insecure:
-            reporter.warn("--insecure: the chain is NOT verified; anyone on the path could "
-                          "have sent it")
-        results = fetch_all(settings.targets, reader, settings, reporter)  # 3. handshakes
-        if settings.report:                             #    or: describe them all
-            return record_run(settings, results, clock, None,   # 7. --prometheus FILE
-                              report(results, settings, reporter), reporter)
-        if settings.plan or settings.keys:
-            apply_gate(results, settings.keys, reporter)  # 4. key, name, dates
-        best = choose_result(results, reporter)         # 5. the newest good chain
-        report_fetch(results, best, reader, settings, reporter)
-        chain = best.verified if settings.verified_chain else None
-        if not settings.plan:                           # 6a. stdout: exactly as served
-            write_stdout("".join(der_to_pem(cert.der) for cert in chain or best.served))
-            return record_run(settings, results, clock, None, 0, reporter)
-        outcome = install_chain(chain or best.issuing, best, settings, reporter)  # 6b. files
-        return record_run(settings, results, clock, outcome, 0, reporter)
+        reporter = Reporter(quiet=args.quiet, verbose=args.verbose,
+                            syslog=open_syslog() if args.syslog else None)
+        if args.config is not None:                     # 2a. every section of the file
+            return run_config(parser, args, sources, reporter)
+        settings = validate_settings(args, sources, reporter)  # 2b. options, SOURCEs, files
+        reader = make_reader(settings)                  # 3. trust store, chain access
+        code = run_one(settings, reader, reporter)      # 4. fetch, gate, install, metrics
+        reporter.log(code)
+        return code
     except CertgrabError as exc:
-        code = report_failure(exc, argv, reporter)
-        return code if results is None else \
-            record_run(settings, results, clock, install_outcome(exc, settings), code, reporter)
+        return report_failure(exc, argv, reporter)
+
+
+def run_one(settings, reader, reporter):
+    """One certificate: fetch every source, then deliver, then --prometheus.
+    Returns the exit code; an expected failure raises CertgrabError, after the
+    metrics have recorded it."""
+    clock = (time.time(), time.monotonic())
+    reporter.checking("%s from %s" % (settings.targets[0].verify_name,
+                                      " ".join(settings.sources)))
+    if settings.insecure:
+        reporter.warn("--insecure: the chain is NOT verified; anyone on the path could "
+                      "have sent it")
+    results = fetch_all(settings.targets, reader, settings, reporter)  # 1. handshakes
+    try:
+        code, outcome = deliver(results, settings, reader, reporter)  # 2. to 4. below
+    except CertgrabError as exc:
+        record_run(settings, results, clock, install_outcome(exc, settings), exc.exit_code,
+                   reporter)
+        raise
+    return record_run(settings, results, clock, outcome, code, reporter)  # 5. metrics
+
+
+def deliver(results, settings, reader, reporter):
+    """Report on the results, or print or install the newest good chain:
+    (exit code, install outcome for the metrics or None)."""
+    if settings.report:                                 #    or: describe them all
+        reporter.outcome("reported (--%s)" % settings.report)
+        return report(results, settings, reporter), None
+    if settings.plan or settings.keys:
+        apply_gate(results, settings.keys, reporter)    # 2. key, name, dates
+    best = choose_result(results, reporter)             # 3. the newest good chain
+    report_fetch(results, best, reader, settings, reporter)
+    chain = best.verified if settings.verified_chain else None
+    if not settings.plan:                               # 4a. stdout: exactly as served
+        write_stdout("".join(der_to_pem(cert.der) for cert in chain or best.served))
+        reporter.outcome("printed sha256:%s from %s" % (best.leaf.sha256, best.target))
+        return 0, None
+    outcome = install_chain(chain or best.issuing, best, settings, reporter)  # 4b. files
+    if outcome is not None:                             #    (None: a dry run said it)
+        reporter.outcome("installed sha256:%s from %s" % (best.leaf.sha256, best.target)
+                         if outcome == "installed" else outcome)
+    return 0, outcome
 
 
 def report_failure(exc, argv, reporter):
@@ -3598,13 +3922,20 @@ def report_failure(exc, argv, reporter):
     reporter.error(exc)
     if isinstance(exc, UsageError):
         reporter.hint("certgrab.py --help lists the options")
+    code = exc.exit_code
     if any(arg.split("=")[0] in CHECK_FLAGS for arg in argv):
-        try:
-            write_stdout("CERTGRAB UNKNOWN - %s\n" % exc)   # a plugin's status line
-        except WriteError:
-            pass                        # stdout is gone: the exit code still says it
-        return NAGIOS_UNKNOWN
-    return exc.exit_code
+        plugin_unknown(exc)
+        code = NAGIOS_UNKNOWN
+    reporter.log(code, exc)
+    return code
+
+
+def plugin_unknown(exc):
+    """A monitoring plugin's status line for a run that could not even check."""
+    try:
+        write_stdout("CERTGRAB UNKNOWN - %s\n" % exc)
+    except WriteError:
+        pass                            # stdout is gone: the exit code still says it
 
 
 if __name__ == "__main__":
