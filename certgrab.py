@@ -3715,10 +3715,10 @@ def section_settings(parser, config, name, path, overrides, syslog):
     try:
         settings = validate_settings(args, sources, reporter)
         reader = make_reader(settings)          # --cafile, --capath: read before any run
-    except UsageError as exc:
+    except (UsageError, InputError) as exc:     # InputError: a file that cannot be read
         keys = [key for key in config.options(name) if "--" + key in str(exc)]
-        raise UsageError("%s%s: %s" % (where, ", key " + keys[0] if keys else "", exc),
-                         exc.hint)
+        raise type(exc)("%s%s: %s" % (where, ", key " + keys[0] if keys else "", exc),
+                        exc.hint)
     return Section(name, settings, reader, reporter)
 
 
