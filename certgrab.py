@@ -3255,104 +3255,107 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message or "argparse wanted to exit with status %d" % status)
 
 
+# Every option: (group, ((flags, value, help), ...)) in --help's order, as README's
+# usage table groups them. value is the metavar, SWITCH for a flag without one, and
+# "NAME..." for an option that may be given more than once. --config reads its keys
+# from the same definitions (file_options).
+SWITCH = None
+OPTIONS = (
+    ("connecting", (
+        (("-n", "--servername"), "NAME", "SNI and the name verified (default: SOURCE's host)"),
+        (("-p", "--port"), "PORT", "port for a SOURCE without one (default %d)" % DEFAULT_PORT),
+        (("--timeout",), "SECONDS",
+         "deadline per source: DNS, connect, handshake (default %g)" % DEFAULT_TIMEOUT),
+        (("-4", "--ipv4"), SWITCH, "IPv4 only"),
+        (("-6", "--ipv6"), SWITCH, "IPv6 only"),
+        (("--parallel",), "N", "fetch N sources at a time (default %d)" % MAX_PARALLEL),
+        (("--tls-min",), "VERSION", "offer no TLS version below VERSION (1.0 to 1.3)"),
+        (("--tls-max",), "VERSION", "offer no TLS version above VERSION, e.g. 1.2"),
+    )),
+    ("STARTTLS", (
+        (("--starttls",), "PROTOCOL", "talk PROTOCOL before TLS (list below)"),
+        (("--ehlo",), "NAME", "EHLO/LHLO name for smtp, lmtp (default: this host)"),
+        (("--alpn",), "LIST", "ALPN protocols to offer, comma-separated"),
+    )),
+    ("trust", (
+        (("--cafile",), "FILE", "trust only the CA certificates in FILE"),
+        (("--capath",), "DIR", "trust only the hashed CA directory DIR"),
+        (("--insecure",), SWITCH, "do not verify chain or name (says so on stderr)"),
+    )),
+    ("output (default: the chain as served, on stdout)", (
+        (("--out-dir",), "DIR", "write cert.pem, chain.pem, fullchain.pem in DIR"),
+        (("--cert-path",), "FILE", "write the leaf to FILE"),
+        (("--chain-path",), "FILE", "write the intermediates to FILE"),
+        (("--fullchain-path",), "FILE", "write the leaf and intermediates to FILE"),
+        (("--combined-path",), "FILE", "write chain and private key to FILE (0600)"),
+        (("--verified-chain",), SWITCH, "output the path verification built, with its root"),
+    )),
+    ("install gate", (
+        (("--key-path",), "FILE...",
+         "a private key the leaf must match; twice: current and next key"),
+        (("--privkey",), SWITCH, "with --out-dir, install the matching key as privkey.pem (0600)"),
+        (("--key-password-file",), "FILE", "password of an encrypted key"),
+        (("--force",), SWITCH, "install even a leaf not newer than the installed one"),
+        (("--dry-run",), SWITCH, "check and say what would change; write nothing"),
+    )),
+    ("files", (
+        (("--owner",), "USER", "owner of new files (existing ones keep theirs)"),
+        (("--group",), "GROUP", "group of new files"),
+        (("--mode",), "MODE", "octal mode of new certificate files (default %04o)" % NEW_FILE_MODE),
+    )),
+    ("hook", (
+        (("--deploy-hook",), "CMD", "run CMD with /bin/sh after files changed"),
+        (("--hook-timeout",), "SECONDS", "kill the hook after SECONDS (default %g)" % HOOK_TIMEOUT),
+    )),
+    ("reports", (
+        (("--text",), SWITCH, "describe each chain for people instead of PEM"),
+        (("--json",), SWITCH, "describe each source as JSON"),
+        (("--check",), SWITCH, "monitoring plugin: Nagios status lines and exit codes"),
+        (("--warn",), "WHEN",
+         "--check: WARNING under WHEN left: a duration (36h, 2d, 90m) or a share of each "
+         "certificate's lifetime (default %g%%%%)" % (WARN_SHARE * 100)),
+        (("--crit",), "WHEN",
+         "--check: CRITICAL under WHEN left (default %g%%%%)" % (CRIT_SHARE * 100)),
+        (("--warn-days",), "N", "--check: --warn in days"),
+        (("--crit-days",), "N", "--check: --crit in days"),
+        (("--same",), SWITCH,
+         "--check: CRITICAL for sources not serving the newest chain among them"),
+        (("--expect-file",), "FILE", "--check: CRITICAL unless the served chain is FILE's"),
+        (("--no-chain-warning",), SWITCH,
+         "--check: no WARNING for a served chain lacking intermediates or out of order"),
+        (("--prometheus",), "FILE",
+         "also write the run's metrics to FILE (node_exporter's textfile format), in any mode"),
+    )),
+    ("config file: several certificates, one section each", (
+        (("--config",), "FILE",
+         "run every section of the INI FILE (keys: long options, and source)"),
+        (("--section",), "NAME", "--config: run section NAME only"),
+    )),
+    ("messages", (
+        (("-q", "--quiet"), SWITCH, "print errors only"),
+        (("--syslog",), SWITCH, "also log one line per run and per section to syslog"),
+        (("-v", "--verbose"), SWITCH, "how each source went: TLS version, method, time"),
+        (("-h", "--help"), SWITCH, "show this help and exit"),
+        (("--version",), SWITCH, "show the version and exit"),
+    )),
+)
+
+
 def build_parser():
-    """Every option, grouped as README's usage table. Values stay strings here:
-    validate_settings converts them, with messages of its own."""
+    """argparse for OPTIONS. Values stay strings here: validate_settings converts
+    them, with messages of its own."""
     parser = ArgumentParser(prog="certgrab.py", usage=USAGE, description=DESCRIPTION,
                             epilog=epilog(), add_help=False,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = parser.add_argument_group("connecting")
-    group.add_argument("-n", "--servername", metavar="NAME",
-                       help="SNI and the name verified (default: SOURCE's host)")
-    group.add_argument("-p", "--port", metavar="PORT",
-                       help="port for a SOURCE without one (default %d)" % DEFAULT_PORT)
-    group.add_argument("--timeout", metavar="SECONDS", help="deadline per source: DNS, "
-                       "connect, handshake (default %g)" % DEFAULT_TIMEOUT)
-    group.add_argument("-4", "--ipv4", action="store_true", help="IPv4 only")
-    group.add_argument("-6", "--ipv6", action="store_true", help="IPv6 only")
-    group.add_argument("--parallel", metavar="N", help="fetch N sources at a time "
-                       "(default %d)" % MAX_PARALLEL)
-    group.add_argument("--tls-min", metavar="VERSION",
-                       help="offer no TLS version below VERSION (1.0 to 1.3)")
-    group.add_argument("--tls-max", metavar="VERSION",
-                       help="offer no TLS version above VERSION, e.g. 1.2")
-    group = parser.add_argument_group("STARTTLS")
-    group.add_argument("--starttls", metavar="PROTOCOL",
-                       help="talk PROTOCOL before TLS (list below)")
-    group.add_argument("--ehlo", metavar="NAME",
-                       help="EHLO/LHLO name for smtp, lmtp (default: this host)")
-    group.add_argument("--alpn", metavar="LIST", help="ALPN protocols to offer, comma-separated")
-    group = parser.add_argument_group("trust")
-    group.add_argument("--cafile", metavar="FILE", help="trust only the CA certificates in FILE")
-    group.add_argument("--capath", metavar="DIR", help="trust only the hashed CA directory DIR")
-    group.add_argument("--insecure", action="store_true",
-                       help="do not verify chain or name (says so on stderr)")
-    group = parser.add_argument_group("output (default: the chain as served, on stdout)")
-    group.add_argument("--out-dir", metavar="DIR",
-                       help="write cert.pem, chain.pem, fullchain.pem in DIR")
-    group.add_argument("--cert-path", metavar="FILE", help="write the leaf to FILE")
-    group.add_argument("--chain-path", metavar="FILE", help="write the intermediates to FILE")
-    group.add_argument("--fullchain-path", metavar="FILE",
-                       help="write the leaf and intermediates to FILE")
-    group.add_argument("--combined-path", metavar="FILE",
-                       help="write chain and private key to FILE (0600)")
-    group.add_argument("--verified-chain", action="store_true",
-                       help="output the path verification built, with its root")
-    group = parser.add_argument_group("install gate")
-    group.add_argument("--key-path", metavar="FILE", action="append",
-                       help="a private key the leaf must match; twice: current and next key")
-    group.add_argument("--privkey", action="store_true",
-                       help="with --out-dir, install the matching key as privkey.pem (0600)")
-    group.add_argument("--key-password-file", metavar="FILE",
-                       help="password of an encrypted key")
-    group.add_argument("--force", action="store_true",
-                       help="install even a leaf not newer than the installed one")
-    group.add_argument("--dry-run", action="store_true",
-                       help="check and say what would change; write nothing")
-    group = parser.add_argument_group("files")
-    group.add_argument("--owner", metavar="USER",
-                       help="owner of new files (existing ones keep theirs)")
-    group.add_argument("--group", metavar="GROUP", help="group of new files")
-    group.add_argument("--mode", metavar="MODE", help="octal mode of new certificate files "
-                       "(default %04o)" % NEW_FILE_MODE)
-    group = parser.add_argument_group("hook")
-    group.add_argument("--deploy-hook", metavar="CMD", help="run CMD with /bin/sh after files "
-                       "changed")
-    group.add_argument("--hook-timeout", metavar="SECONDS", help="kill the hook after SECONDS "
-                       "(default %g)" % HOOK_TIMEOUT)
-    group = parser.add_argument_group("reports")
-    group.add_argument("--text", action="store_true",
-                       help="describe each chain for people instead of PEM")
-    group.add_argument("--json", action="store_true", help="describe each source as JSON")
-    group.add_argument("--check", action="store_true",
-                       help="monitoring plugin: Nagios status lines and exit codes")
-    group.add_argument("--warn", metavar="WHEN", help="--check: WARNING under WHEN left: a "
-                       "duration (36h, 2d, 90m) or a share of each certificate's lifetime "
-                       "(default %g%%%%)" % (WARN_SHARE * 100))
-    group.add_argument("--crit", metavar="WHEN", help="--check: CRITICAL under WHEN left "
-                       "(default %g%%%%)" % (CRIT_SHARE * 100))
-    group.add_argument("--warn-days", metavar="N", help="--check: --warn in days")
-    group.add_argument("--crit-days", metavar="N", help="--check: --crit in days")
-    group.add_argument("--same", action="store_true", help="--check: CRITICAL for sources "
-                       "not serving the newest chain among them")
-    group.add_argument("--expect-file", metavar="FILE",
-                       help="--check: CRITICAL unless the served chain is FILE's")
-    group.add_argument("--no-chain-warning", action="store_true", help="--check: no WARNING "
-                       "for a served chain lacking intermediates or out of order")
-    group.add_argument("--prometheus", metavar="FILE", help="also write the run's metrics "
-                       "to FILE (node_exporter's textfile format), in any mode")
-    group = parser.add_argument_group("config file: several certificates, one section each")
-    group.add_argument("--config", metavar="FILE", help="run every section of the INI FILE "
-                       "(keys: long options, and source)")
-    group.add_argument("--section", metavar="NAME", help="--config: run section NAME only")
-    group = parser.add_argument_group("messages")
-    group.add_argument("-q", "--quiet", action="store_true", help="print errors only")
-    group.add_argument("--syslog", action="store_true",
-                       help="also log one line per run and per section to syslog")
-    group.add_argument("-v", "--verbose", action="store_true",
-                       help="how each source went: TLS version, method, time")
-    group.add_argument("-h", "--help", action="store_true", help="show this help and exit")
-    group.add_argument("--version", action="store_true", help="show the version and exit")
+    for title, options in OPTIONS:
+        group = parser.add_argument_group(title)
+        for flags, value, text in options:
+            if value is SWITCH:
+                group.add_argument(*flags, action="store_true", help=text)
+            elif value.endswith("..."):
+                group.add_argument(*flags, metavar=value[:-3], action="append", help=text)
+            else:
+                group.add_argument(*flags, metavar=value, help=text)
     return parser
 
 
