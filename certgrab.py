@@ -3568,7 +3568,7 @@ def _install_settings(args, report, reporter):
                 key_paths=tuple(args.key_path or ()), keys=keys, privkey=args.privkey,
                 force=args.force, dry_run=args.dry_run,
                 deploy_hook=args.deploy_hook, hook_timeout=hook_timeout, mode=mode,
-                uid=lookup_user(args.owner), gid=lookup_group(args.group))
+                uid=lookup_id(args.owner, "--owner"), gid=lookup_id(args.group, "--group"))
 
 
 def _key_settings(args, writes, reporter):
@@ -3591,26 +3591,19 @@ def _key_settings(args, writes, reporter):
     return keys
 
 
-def lookup_user(name):
-    """--owner: a user name or number to its number; -1 when not given."""
+def lookup_id(name, flag):
+    """--owner USER or --group GROUP: a name or number to its number; -1 when not given."""
     if name is None or name.isdigit():
         return -1 if name is None else int(name)
+    what = "user" if flag == "--owner" else "group"
     try:
-        import pwd
-        return pwd.getpwnam(name).pw_uid
-    except (KeyError, ImportError):
-        raise UsageError("--owner %s: no such user on this host" % name)
-
-
-def lookup_group(name):
-    """--group: a group name or number to its number; -1 when not given."""
-    if name is None or name.isdigit():
-        return -1 if name is None else int(name)
-    try:
+        if what == "user":
+            import pwd
+            return pwd.getpwnam(name).pw_uid
         import grp
         return grp.getgrnam(name).gr_gid
     except (KeyError, ImportError):
-        raise UsageError("--group %s: no such group on this host" % name)
+        raise UsageError("%s %s: no such %s on this host" % (flag, name, what))
 
 
 def make_reader(settings):

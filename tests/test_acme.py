@@ -70,6 +70,19 @@ def check_same(run, leader, pebble, follower_nginx):
                "-n", acme.NAME, "--cafile", pebble.root_pem)
 
 
+def assert_converged(run, leader, pebble, followers, follower_nginx):
+    """Once the followers' nginx reloaded: --check --same is OK over the leader and the
+    followers, and each follower's fullchain.pem is what the leader serves."""
+    follower_nginx.reload()
+    converged = check_same(run, leader, pebble, follower_nginx)
+    assert converged.rc == OK, converged.out + converged.err
+    for follower in followers:
+        result = run(leader.address, "-n", acme.NAME, "--cafile", pebble.root_pem,
+                     "--check", "--expect-file", follower.file("fullchain.pem"))
+        assert result.rc == OK, result.out + result.err
+        assert result.out.startswith("CERTGRAB OK"), result.out
+
+
 def test_followers_install_the_leaders_chain(run, leader, pebble, followers):
     assert leader.validations() >= 1, "pebble validated HTTP-01 against the leader"
     want = leader.files()
@@ -116,14 +129,7 @@ def test_renewal_with_the_same_key_reaches_every_follower(run, leader, pebble, f
         assert len(follower.hook_runs()) == runs + 1, "the hook ran once more"
         again = run(*follower.sync_args(leader, pebble))
         assert again.rc == 0 and len(follower.hook_runs()) == runs + 1, again.err
-    follower_nginx.reload()
-    converged = check_same(run, leader, pebble, follower_nginx)
-    assert converged.rc == OK, converged.out + converged.err
-    for follower in followers:
-        result = run(leader.address, "-n", acme.NAME, "--cafile", pebble.root_pem,
-                     "--check", "--expect-file", follower.file("fullchain.pem"))
-        assert result.rc == OK, result.out + result.err
-        assert result.out.startswith("CERTGRAB OK"), result.out
+    assert_converged(run, leader, pebble, followers, follower_nginx)
 
 
 def test_renewal_with_a_new_key_is_refused_by_followers(run, leader, pebble, followers,
@@ -163,10 +169,4 @@ def test_renewal_with_a_new_key_is_refused_by_followers(run, leader, pebble, fol
         assert files_ders(follower.out) == leader.files()
         assert acme.read_text(follower.file("privkey.pem")) == new_key, "the matching key"
         assert len(follower.hook_runs()) == runs + 1, "the hook ran once"
-    follower_nginx.reload()
-    converged = check_same(run, leader, pebble, follower_nginx)
-    assert converged.rc == OK, converged.out + converged.err
-    for follower in followers:
-        result = run(leader.address, "-n", acme.NAME, "--cafile", pebble.root_pem,
-                     "--check", "--expect-file", follower.file("fullchain.pem"))
-        assert result.rc == OK, result.out + result.err
+    assert_converged(run, leader, pebble, followers, follower_nginx)
