@@ -2096,8 +2096,9 @@ def start_workers(worker, width, reporter):
         try:
             thread.start()
         except RuntimeError:        # "can't start new thread": out of threads or memory
-            reporter.warn("could start only %d of %d threads: fetching %d source(s) at a "
-                          "time" % (len(threads), width, max(1, len(threads))))
+            reporter.warn("could start only %d of %d threads (out of threads or memory): "
+                          "fetching %d source(s) at a time" % (len(threads), width,
+                                                                max(1, len(threads))))
             break
         threads.append(thread)
     return threads
