@@ -7,8 +7,9 @@ socket. Nothing here can outlive a test: waits are bounded and threads are daemo
     TLSServer(certfile, keyfile, tls="1.3")   stdlib ssl server in a thread; serves certfile
                                               exactly as given (load_cert_chain on the whole
                                               file), so out-of-order or junk chains can be served
-    DelayedTLSServer(certfile, keyfile, delay)   a TLSServer that waits `delay` seconds after
-                                              each accept (a far server), backlog 4096
+    DelayedTLSServer(certfile, keyfile, delay)   a TLSServer that waits `delay` seconds (or
+                                              (low, high)) after each accept, as a far server
+                                              seems to; backlog 4096
     OpenSSLServer(certfile, keyfile, chainfile, tls="1.2")   `openssl s_server`
     SilentServer()          accepts and never says anything
     GarbageServer(payload)  sends bytes that are not TLS, then keeps the connection open
@@ -207,9 +208,9 @@ class TLSServer(ThreadedServer):
 
 
 class DelayedTLSServer(TLSServer):
-    """A TLSServer that waits `delay` seconds after each accept before the handshake, as a far
-    server seems to (where the kernel has no netem), with a queue long enough for a fleet's
-    worth of clients. `most` is the most clients waiting at once: how many a client fetched
+    """A TLSServer that waits `delay` seconds (or, given (low, high), a random time between
+    them) after each accept before the handshake, as a far server seems to (where the kernel
+    has no netem), with a queue long enough for a fleet's worth of clients. `most` is the most clients waiting at once: how many a client fetched
     at the same time when every source is this server."""
 
     backlog = 4096
@@ -223,7 +224,8 @@ class DelayedTLSServer(TLSServer):
         with self._count:
             self.waiting += 1
             self.most = max(self.most, self.waiting)
-        self._stop.wait(self.delay)
+        self._stop.wait(random.uniform(*self.delay) if isinstance(self.delay, tuple)
+                        else self.delay)
         with self._count:
             self.waiting -= 1
         TLSServer.handle(self, conn)
