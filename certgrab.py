@@ -114,12 +114,12 @@ def open_file_limit(wanted):
     """How many files this process may open, after raising its soft limit toward
     wanted (never past the hard limit, and only when it is lower). The resource
     module does it where it exists. Debian's python3-minimal lacks it: there the
-    limit is read from Linux's /proc/self/limits and cannot be raised; elsewhere
-    ASSUMED_FILE_LIMIT is assumed."""
+    soft limit is read with sysconf and cannot be raised; where even that cannot
+    say, ASSUMED_FILE_LIMIT is assumed."""
     try:
         import resource
     except ImportError:
-        return _proc_file_limit(wanted)
+        return _sysconf_file_limit(wanted)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     unlimited = resource.RLIM_INFINITY
     if soft != unlimited and soft < wanted:
@@ -132,16 +132,12 @@ def open_file_limit(wanted):
     return wanted if soft == unlimited else soft
 
 
-def _proc_file_limit(wanted):
+def _sysconf_file_limit(wanted):
     try:
-        with open("/proc/self/limits") as limits:
-            for line in limits:
-                if line.startswith("Max open files"):
-                    soft = line.split()[3]
-                    return wanted if soft == "unlimited" else int(soft)
-    except (OSError, ValueError, IndexError):
-        pass
-    return ASSUMED_FILE_LIMIT
+        soft = os.sysconf("SC_OPEN_MAX")        # the soft RLIMIT_NOFILE; -1: unlimited
+    except (ValueError, OSError, AttributeError):
+        return ASSUMED_FILE_LIMIT
+    return wanted if soft < 0 else soft
 
 
 def limit_to_tls12(ctx):
