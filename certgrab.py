@@ -2041,7 +2041,7 @@ def fetch_all(targets, reader, settings, reporter):
     if not threads:
         worker()                        # not even one thread: fetch them here, one by one
     if len(targets) >= PROGRESS_FROM and not reporter.quiet and sys.stderr.isatty():
-        while not finished.wait(PROGRESS_EVERY):
+        while not finished.wait(PROGRESS_EVERY) and any(t.is_alive() for t in threads):
             reporter.progress("\rcertgrab: %d/%d sources done" % (done[0], len(targets)))
         reporter.progress("\rcertgrab: %d/%d sources done\n" % (done[0], len(targets)))
     for thread in threads:
