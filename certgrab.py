@@ -10,7 +10,10 @@ Synopsis
     certgrab.py 203.0.113.7 -n www.example.com > fullchain.pem
     certgrab.py [2001:db8::7]:8443 -n www.example.com --out-dir /etc/ssl/example
     certgrab.py 203.0.113.7 198.51.100.9 -n www.example.com --key-path /etc/ssl/ex.key \\
-        --out-dir /etc/ssl/example --deploy-hook 'systemctl reload nginx' -q
+        --out-dir /etc/ssl/example --deploy-hook 'systemctl reload nginx' -q \\
+        --prometheus /var/lib/prometheus/node-exporter/certgrab-example.prom
+    certgrab.py --check 203.0.113.7 -n www.example.com --warn 36h --crit 10%
+    certgrab.py --config /etc/certgrab/certgrab.conf --syslog    (a section per certificate)
 
 Runs on CPython 3.6 to 3.13 with the standard library only, including Debian's
 python3-minimal (no json, shutil, ctypes; no CA store: pass --cafile there).
@@ -25,25 +28,32 @@ Pipeline
     served chain (DER, as sent) <-- read per Python version <-- TLS handshake, SNI=name
         |                            (new_chain_reader)
         +--> every certificate parsed whole: structure, names, dates, keys, SANs
-        +--> gate: verified, key matches --key-path, leaf covers the name, in date
+        +--> intermediates the server left out but verification found: completed
+        +--> gate: verified, key matches a --key-path, leaf covers the name, in date
         +--> newest passing leaf (notBefore) of all sources
         +--> stdout: the chain exactly as served (PEM, leaf first), or
         +--> files, under a lock on their directory: not older than installed,
-             only what changed, temp file + fsync + rename --> --deploy-hook
+             only what changed (privkey.pem too, with --privkey), temp file + fsync
+             + rename --> --deploy-hook
 
 Security model
     - Verification is on by default: the chain must lead to a trusted root (the
       system store, or --cafile/--capath) and the leaf must cover --servername
       (or the IP address dialled). --insecure turns this off and says so.
-    - Before files are written the leaf must also match --key-path, cover the
-      name (even with --insecure), be within its dates and not be older than the
-      installed leaf (--force overrides only that last check).
+    - Before files are written the leaf must also match --key-path (one of them,
+      when given twice for a key rollover), cover the name (even with --insecure),
+      be within its dates and not be older than the newest leaf in any output; an
+      output that is not a readable certificate file refuses every chain (--force
+      overrides only these last two checks). Files get the complete issuing path: never
+      less than a browser needs, even when the server left intermediates out.
     - Nothing is written unless every step before it succeeded; a file is either
       the old version or the new one, never half of each. New certificate files
-      get mode 0644 (--mode), the combined file with the key 0600; an existing
-      file keeps its mode and owner; nothing is ever group- or world-writable.
-    - The private key is read only to compare its public half and is copied only
-      into --combined-path. It is never printed.
+      get mode 0644 (--mode), the files with the key (--combined-path, and
+      privkey.pem with --privkey) 0600; an existing file keeps its mode and owner;
+      nothing is ever group- or world-writable, executable or set-id.
+    - The private key is read only to compare its public half. Never print or
+      copy the private key except into the files that ask for it: --combined-path
+      and privkey.pem (--privkey), which get the --key-path the leaf matched.
     - The deploy hook gets its context in environment variables, never by
       formatting certificate text into a command line.
     - Everything read from the network is bounded in size and time, and every
@@ -51,15 +61,20 @@ Security model
       trusted with anything: a malformed one is that source's error.
 
 Exit codes
-    0  success: chain verified and written, or files already up to date
-    2  usage error: bad option, SOURCE, port, --cafile, --key-path
+    0  success: chain verified and written (and the hook run), or up to date
+    2  usage error: bad option, SOURCE, port; unusable or unreadable --cafile,
+       --key-path
     3  cannot fetch: connection refused/timed out, not TLS, TLS failure
     4  verification failed: unknown issuer, expired, name mismatch
-    5  cannot write an output file (the previous files are unchanged)
-    6  refused by a safety check: key mismatch, name, dates, not newer
-    7  the deploy hook failed or timed out (the next run retries it)
+    5  cannot write: the previous files are unchanged, or (the hint says which)
+       some are new and the next run completes the set
+    6  refused by a safety check: key mismatch, name, dates, not newer, or an
+       output that is not a readable certificate file; files untouched
+    7  files installed, deploy hook pending: it failed, timed out, or ran but
+       could not be recorded (the next run runs it again)
     With --check, --same or --expect-file, a monitoring plugin's codes instead:
     0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (e.g. a usage error).
+    With --config, the highest code of its sections (2 for a mistake in the file).
 """
 
 __version__ = "0.2.0"
@@ -71,6 +86,7 @@ import hashlib
 import os
 import socket
 import ssl
+import stat
 import sys
 import threading
 import time
@@ -147,6 +163,24 @@ def limit_to_tls12(ctx):
         ctx.options |= getattr(ssl, "OP_NO_TLSv1_3", 0x20000000)
 
 
+TLS_VERSIONS = ("1.0", "1.1", "1.2", "1.3")   # what --tls-min and --tls-max accept
+
+
+def limit_tls_versions(ctx, minimum, maximum):
+    """--tls-min and --tls-max: TLSVersion on 3.7+, OP_NO_* options on 3.6.
+    Versions compare as text: "1.0" < "1.1" < "1.2" < "1.3"."""
+    names = dict(zip(TLS_VERSIONS, ("TLSv1", "TLSv1_1", "TLSv1_2", "TLSv1_3")))
+    if hasattr(ctx, "minimum_version"):                       # 3.7+
+        if minimum:
+            ctx.minimum_version = getattr(ssl.TLSVersion, names[minimum])
+        if maximum:
+            ctx.maximum_version = getattr(ssl.TLSVersion, names[maximum])
+        return
+    for version in TLS_VERSIONS:
+        if minimum and version < minimum or maximum and version > maximum:
+            ctx.options |= getattr(ssl, "OP_NO_" + names[version], 0)
+
+
 # Python 3.6 reports every verification failure as a plain SSLError with this
 # reason, and a name mismatch as ssl.CertificateError (a ValueError).
 VERIFY_FAILED_REASON = "CERTIFICATE_VERIFY_FAILED"
@@ -174,7 +208,16 @@ ASSUMED_FILE_LIMIT = 1024  # open files allowed when the system cannot say (a co
 NO_FILE_WAIT = 0.05     # seconds between tries for a socket while no descriptor is free
 PROGRESS_FROM = 8       # sources; from this many on, a terminal sees progress
 PROGRESS_EVERY = 0.1    # seconds between updates of the progress line
-WARN_DAYS, CRIT_DAYS = 21, 7  # --check: days left before WARNING and CRITICAL
+MINUTE, HOUR, DAY = 60, 3600, 86400  # seconds
+WARN_SHARE = 0.2        # --check default: WARNING under a fifth of a certificate's lifetime
+CRIT_SHARE = 0.1        # left, CRITICAL under a tenth. ACME clients renew at a third left
+                        # (half under 10 days: certbot 4): a fifth left is a renewal overdue
+                        # by 12 days of 90 or 43 hours of 6, and a 6-day certificate is
+                        # CRITICAL with 14.4 hours left. README: "Short-lived certificates".
+DURATION_UNITS = {"s": 1, "m": MINUTE, "h": HOUR, "d": DAY}  # --warn/--crit 90m, 36h, 2d
+HOURS_BELOW = 7 * DAY   # seconds; spans shorter than a week are told in days and hours
+MAX_NAMES_SHOWN = 3     # SANs that name a certificate with an empty subject in a message
+METRICS_TEMP_STALE = 3600  # seconds; an older temp beside --prometheus FILE is a killed run's
 NEW_FILE_MODE = 0o644   # certificates are public; never group- or world-writable
 DIR_MODE = 0o755        # for a missing output directory
 TEMP_MARK = ".certgrab-tmp-"  # in the names of temporary files beside the outputs
@@ -190,6 +233,7 @@ HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123
 FEWER_AT_ONCE = "too many sources at once for this host's limits: raise the open-files " \
     "limit (ulimit -n) or pass a lower --parallel"
 OUT_DIR_FILES = ("cert.pem", "chain.pem", "fullchain.pem")  # certbot's names
+PRIVKEY_FILE = "privkey.pem"  # certbot's name for the key; in --out-dir with --privkey
 CERTIFICATE_SUFFIXES = (".pem", ".crt", ".cer")  # a SOURCE with one of these is a file
 NAGIOS = ("OK", "WARNING", "CRITICAL", "UNKNOWN")  # a monitoring plugin's states, 0 to 3
 NAGIOS_UNKNOWN = 3      # a monitoring plugin's exit code for "could not even check"
@@ -243,13 +287,22 @@ class HookError(CertgrabError):
     exit_code = 7
 
 
+class InputError(CertgrabError):
+    """A file named on the command line exists but cannot be read: exit 2 without the
+    usage hint, since --help cannot fix an I/O error."""
+    exit_code = 2
+
+
 class Reporter(object):
     """stderr lines for people: errors always, warnings unless quiet, details
     when verbose. A message that cannot be written (stderr closed, or cron's
     output on a full disk) is dropped: it never changes what a run does."""
 
-    def __init__(self, quiet=False, verbose=False):
+    def __init__(self, quiet=False, verbose=False, syslog=None):
         self.quiet, self.verbose = quiet, verbose
+        self.syslog = syslog                # the syslog module with --syslog, else None
+        self.subject, self.result = "", ""  # what was checked, and how it went
+        self.started = time.monotonic()
 
     def error(self, exc):
         self._write("certgrab: %s\n" % exc)
@@ -267,6 +320,10 @@ class Reporter(object):
         if not self.quiet:
             self._write("certgrab: %s\n" % message)
 
+    def notice(self, message):
+        """A line even under -q: it explains an action cron's log would otherwise not."""
+        self._write("certgrab: %s\n" % message)
+
     def info(self, message):
         if self.verbose:
             self._write("certgrab: %s\n" % message)
@@ -282,6 +339,59 @@ class Reporter(object):
             sys.stderr.flush()
         except (OSError, ValueError):       # ValueError: stderr was closed
             pass
+
+    def checking(self, subject):
+        """What this run (or section) checks, for its --syslog line."""
+        self.subject = subject
+
+    def outcome(self, text):
+        """How it went when it did not fail: "unchanged", "installed sha256:..."."""
+        self.result = text
+
+    def log(self, code, exc=None):
+        """--syslog: the one line of this run or section: what was checked, the
+        outcome (or why it failed), its exit code and the time it took."""
+        if self.syslog is None:
+            return
+        if exc is not None:
+            kind = "refused" if isinstance(exc, RefusedError) else \
+                "hook failed" if isinstance(exc, HookError) else "failed"
+            outcome = "%s: %s" % (kind, exc)
+        else:
+            outcome = self.result or "done"
+        line = "%s%s; exit %d; %.2f s" % (self.subject + ": " if self.subject else "", outcome,
+                                         code, time.monotonic() - self.started)
+        priority = self.syslog.LOG_ERR if code else \
+            self.syslog.LOG_NOTICE if outcome.startswith("installed") else self.syslog.LOG_INFO
+        self.syslog.syslog(priority, " ".join(line.split()))   # one line, whatever it quotes
+
+
+class SectionReporter(Reporter):
+    """The Reporter of one --config section: its stderr lines say which section."""
+
+    def __init__(self, section, quiet=False, verbose=False, syslog=None):
+        Reporter.__init__(self, quiet, verbose, syslog)
+        self.section = section
+
+    def _write(self, text):
+        Reporter._write(text.replace("certgrab: ", "certgrab: [%s] " % self.section, 1))
+
+    def checking(self, subject):
+        Reporter.checking(self, "section %s: %s" % (self.section, subject))
+
+    def log(self, code, exc=None):
+        if not self.quiet:              # with --quiet, the run's line names failed sections
+            Reporter.log(self, code, exc)
+
+
+def open_syslog():
+    """--syslog: the stdlib syslog module, opened as "certgrab[PID]", facility daemon."""
+    try:
+        import syslog
+    except ImportError:
+        raise UsageError("--syslog: this Python has no syslog module")
+    syslog.openlog("certgrab", syslog.LOG_PID, syslog.LOG_DAEMON)
+    return syslog
 
 
 # ---------------------------------------------------------------------------
@@ -373,8 +483,10 @@ class Certificate(object):
     (a signed int), signature_algorithm, not_before and not_after (epoch
     seconds, UTC), spki (DER), key_type, key_bits, alt_names (every
     subjectAltName as (type, text)), dns_names and ip_addresses (those of type
-    DNS and IP), and is_ca. The fields agree with pyca/cryptography's reading;
-    README's "--json" section says where their formats differ.
+    DNS and IP), and is_ca; name (for messages: the subject, or the SANs when
+    it is empty) and lifetime (seconds) are derived. The fields agree with
+    pyca/cryptography's reading; README's "--json" section says where their
+    formats differ.
     """
 
     def __init__(self, der):
@@ -432,6 +544,23 @@ class Certificate(object):
     def describe(self):
         return "serial %s issued %s, expires %s" % (
             self.serial_hex, format_time(self.not_before), format_time(self.not_after))
+
+    @property
+    def name(self):
+        """How messages name the certificate, terminal-safe: its subject, or for an
+        empty one (the tlsserver and shortlived profiles) its SANs, or its serial."""
+        if self.subject:
+            return printable(self.subject)
+        if self.sans:
+            more = len(self.sans) - MAX_NAMES_SHOWN
+            return "(no subject) SAN %s%s" % (printable(", ".join(self.sans[:MAX_NAMES_SHOWN])),
+                                              " and %d more" % more if more > 0 else "")
+        return "(no subject, no SAN) serial %s" % self.serial_hex
+
+    @property
+    def lifetime(self):
+        """Seconds from notBefore to notAfter."""
+        return self.not_after - self.not_before
 
 
 def parse_certificate(der):
@@ -639,7 +768,8 @@ def _name(data, item):
             if len(fields) != 2:
                 raise ParseError("malformed certificate: bad name attribute")
             oid = _oid(data, fields[0])
-            attributes.append("%s=%s" % (OID_NAMES.get(oid, oid), _attribute_value(data, fields[1])))
+            attributes.append("%s=%s" % (OID_NAMES.get(oid, oid),
+                                         _attribute_value(data, fields[1])))
         rdns.append("+".join(attributes))
     return ", ".join(rdns)
 
@@ -843,6 +973,9 @@ def printable(text):
                    else "\\u%04x" % ord(c) for c in text)
 
 
+OUT_OF_ORDER = "the chain was served out of order"   # a problem --check warns about
+
+
 def clean_path(certs):
     """The issuing path that starts at the leaf: (path, problems).
 
@@ -858,13 +991,13 @@ def clean_path(certs):
         rest.remove(issuer)
         path.append(issuer)
     if [c.der for c in path] != [c.der for c in certs[:len(path)]]:
-        problems.append("the chain was served out of order")
+        problems.append(OUT_OF_ORDER)
     if len(path) > 1 and path[-1].self_issued:
-        problems.append("the root certificate (%s) was included" % printable(path[-1].subject))
+        problems.append("the root certificate (%s) was included" % path[-1].name)
         path.pop()
     if rest:
         problems.append("%d unrelated or duplicate certificate(s) were included: %s" % (
-            len(rest), "; ".join(printable(c.subject) for c in rest)))
+            len(rest), "; ".join(c.name for c in rest)))
     return path, problems
 
 
@@ -929,7 +1062,7 @@ def read_small_file(path, what):
         with open(path, "rb") as handle:
             data = handle.read(MAX_FILE + 1)
     except OSError as exc:
-        raise UsageError("cannot read %s %s: %s" % (what, path, exc.strerror or exc))
+        raise InputError("cannot read %s %s: %s" % (what, path, exc.strerror or exc))
     if len(data) > MAX_FILE:
         raise UsageError("%s %s: larger than %d bytes" % (what, path, MAX_FILE))
     return data
@@ -1002,6 +1135,11 @@ def key_matches(key, leaf):
                          hint="is --key-password-file the key's password?")
     finally:
         remove_quietly(temp)
+
+
+def matching_key(keys, leaf):
+    """The first of the --key-path keys that belongs to the leaf; None if none does."""
+    return next((key for key in keys if key_matches(key, leaf)), None)
 
 
 # ---------------------------------------------------------------------------
@@ -1595,6 +1733,8 @@ def make_context(settings, key_kind=None):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if settings.alpn:
         ctx.set_alpn_protocols(settings.alpn)
+    if settings.tls_min or settings.tls_max:
+        limit_tls_versions(ctx, settings.tls_min, settings.tls_max)
     if key_kind:
         ctx.set_ciphers("aECDSA" if key_kind == "EC" else "aRSA")
         limit_to_tls12(ctx)
@@ -1610,7 +1750,7 @@ def make_context(settings, key_kind=None):
         except ssl.SSLError as exc:
             raise UsageError("cannot load --cafile %s: %s" % (settings.cafile, ssl_reason(exc)))
         except OSError as exc:
-            raise UsageError("cannot load --cafile %s: %s" % (settings.cafile,
+            raise InputError("cannot load --cafile %s: %s" % (settings.cafile,
                                                                exc.strerror or exc))
         return ctx
     load_system_store(ctx)
@@ -1654,7 +1794,7 @@ def ssl_reason(exc):
 
 class ChainReader(object):
     """The context for every handshake of a run, and the way to read chains.
-    Python 3.6 to 3.9 use ChainReaderBefore310 (lazy) instead."""
+    Python 3.6 to 3.9 use ChainReaderBefore310 instead (see new_chain_reader)."""
 
     def __init__(self, ctx, trust, by_key_kind=None):
         self.ctx, self.trust, self.method = ctx, trust, chain_method()
@@ -1688,7 +1828,8 @@ class ChainReaderBefore310(ChainReader):
 
     def __init__(self, ctx, trust, by_key_kind=None):
         ChainReader.__init__(self, ctx, trust, by_key_kind)
-        self._messages, self._openssl = {}, None    # connection -> its Certificate message
+        self._messages, self._openssl, self._store = {}, None, None  # _messages:
+        # connection -> its Certificate message, while it is being read
         if self.method == "msg_callback":
             ctx._msg_callback = self._record
         else:
@@ -1715,13 +1856,19 @@ class ChainReaderBefore310(ChainReader):
 
     def store_certificates(self):
         """The loaded trust store, parsed; a CA certificate certgrab cannot read
-        is left out (OpenSSL has already verified the path with it)."""
+        is left out (OpenSSL has already verified the path with it). A --cafile
+        store is parsed once per run; a hashed directory loads lazily, so it is
+        read again for each source."""
+        if self._store is not None:
+            return self._store
         certs = []
         for der in self.ctx.get_ca_certs(binary_form=True):
             try:
                 certs.append(parse_certificate(der))
             except ParseError:
                 pass
+        if self.trust.startswith("--cafile") and "--capath" not in self.trust:
+            self._store = certs
         return certs
 
 
@@ -1841,6 +1988,8 @@ class FetchResult(object):
         self.served, self.issuing, self.problems, self.verified = [], [], [], []
         self.tls_version = self.cipher = self.verify_error = self.note = None
         self.elapsed = 0.0
+        self.key = None         # the --key-path the leaf matched (check_gate)
+        self.missing = 0        # intermediates the server left out (check_completeness)
 
     @property
     def leaf(self):
@@ -1851,7 +2000,7 @@ def fetch_chain(target, reader, settings):
     """Fetch one source; with --key-path, a dual-certificate server may be asked
     again for the certificate of the key's type (refetch_for_key)."""
     result = _fetch_once(target, reader, settings)
-    return refetch_for_key(result, reader, settings) if settings.key else result
+    return refetch_for_key(result, reader, settings) if settings.keys else result
 
 
 def _fetch_once(target, reader, settings):
@@ -1899,28 +2048,82 @@ def _fetch_into(result, reader, settings, deadline):
     result.issuing, result.problems = clean_path(result.served)
     if failure is not None:
         result.verify_error = failure.reason
-        raise failure
+        raise explain_verify_failure(failure, result, reader.trust, bool(settings.plan))
     if not settings.insecure:
         check_completeness(result, reader, verified_ders, settings)
 
 
 def check_completeness(result, reader, verified_ders, settings):
-    """Say when the server left intermediates out; keep the verified path for
-    --verified-chain (only its length is needed otherwise: it is not decoded)."""
-    length = 0
+    """Keep the verified path. When the server left out intermediates that
+    verification found in the trust store, the issuing path (what files get)
+    is completed with them, result.missing counts them, and a problem names
+    the server as misconfigured: never install less than a browser needs."""
     if verified_ders is not None:
-        length = len(verified_ders)
-        if settings.verified_chain:
-            result.verified = parse_chain(verified_ders, "%s: the verified path"
-                                          % result.target)
-    elif settings.verified_chain or len(result.issuing) == 1:
+        result.verified = verified_path(result, verified_ders)
+    else:
         result.verified = rebuild_verified(result.issuing, reader)
-        length = len(result.verified)
-    missing = length - len(result.issuing) - 1
-    if missing > 0:
+    path = result.verified
+    if len(path) > 1 and path[-1].self_issued:
+        path = path[:-1]                                    # the root stays in the store
+    sent = len(result.issuing)
+    if len(path) > sent and [c.der for c in path[:sent]] == [c.der for c in result.issuing]:
+        result.missing, result.issuing = len(path) - sent, list(path)
         result.problems.append(
-            "the server did not send %d intermediate certificate(s) that verification found "
-            "in the trust store; clients that lack them will fail" % missing)
+            "%s, without the %d intermediate certificate(s) that verification found in %s: "
+            "the server is misconfigured (point it at fullchain.pem); clients that lack them "
+            "fail" % (sent_only(sent, len(path)), result.missing, reader.trust))
+
+
+def verified_path(result, ders):
+    """The verified path as certificates. Where it starts with the issuing path,
+    as it nearly always does, those are reused as already parsed: only what the
+    trust store added (intermediates, the root) is decoded here."""
+    sent = [cert.der for cert in result.issuing]
+    source = "%s: the verified path" % result.target
+    if ders[:len(sent)] == sent:
+        return result.issuing + parse_chain(ders[len(sent):], source)
+    return parse_chain(ders, source)
+
+
+def sent_only(sent, complete):
+    """How much of its chain an incomplete server sent (the root aside)."""
+    if sent == 1:
+        return "the server sent only its leaf"
+    return "the server sent only %d of the %d certificates of its chain" % (sent, complete)
+
+
+def explain_verify_failure(failure, result, trust, installing):
+    """A verification failure, told with what the server sent: a leaf alone,
+    the root the chain leads to, the names the leaf covers. While installing,
+    no hint suggests --insecure."""
+    reason, leaf, last = failure.reason, result.issuing[0], result.issuing[-1]
+    lower = reason.lower()
+    if "match" in lower:
+        hint = "the leaf covers %s; pass -n/--servername with one of those names" % (
+            printable(", ".join(leaf.dns_names + leaf.ip_addresses)) or "no names")
+    elif "issuer" not in lower and "self signed" not in lower and "self-signed" not in lower:
+        hint = verify_hint(reason, result.target, trust, installing)
+    elif len(result.issuing) == 1 and not leaf.self_issued and not leaf.is_ca:
+        return VerifyError("%s: certificate verification failed: %s: the server sent only its "
+                           "leaf (issued by \"%s\"); point it at fullchain.pem" % (
+                               result.target, reason, printable(leaf.issuer)),
+                           hint="certbot's fullchain.pem holds the leaf and its "
+                                "intermediates, cert.pem only the leaf", reason=reason)
+    else:
+        hint = unknown_root_hint(last, trust, installing)
+    return VerifyError(str(failure), hint=hint, reason=reason)
+
+
+def unknown_root_hint(last, trust, installing):
+    """Name the root the chain leads to; --insecure only when not installing."""
+    root = printable(last.subject if last.self_issued else last.issuer)
+    if trust == "the system store":
+        hint = "the chain leads to the root \"%s\", which this host does not trust: pass " \
+               "--cafile ROOT.pem with that root (or install ca-certificates)" % root
+    else:
+        hint = "the chain leads to the root \"%s\", which %s does not hold: if your CA " \
+               "changed its root, add the new one" % (root, trust)
+    return hint if installing else hint + "; --insecure skips verification"
 
 
 def _handshake(tls, reader, target, deadline):
@@ -1972,11 +2175,11 @@ def tls_hint(reason, starttls):
     return None
 
 
-def verify_hint(message, target, trust):
+def verify_hint(message, target, trust, installing=False):
     message = message.lower()
     if "expired" in message or "not yet valid" in message:
         return "check this machine's clock (date -u); if it is right, the server serves a " \
-               "stale certificate. --insecure fetches it anyway"
+               "stale certificate%s" % ("" if installing else ". --insecure fetches it anyway")
     if "match" in message:
         return "the certificate does not cover %s: pass -n/--servername with a name it " \
                "covers" % target.verify_name
@@ -1990,7 +2193,7 @@ def verify_hint(message, target, trust):
 def refetch_for_key(result, reader, settings):
     """The server sent the certificate for the other key type than --key-path
     (a dual-certificate server): ask again, offering only that type's suites."""
-    wanted = _wanted_key_kind(result, settings.key)
+    wanted = _wanted_key_kind(result, settings.keys)
     if wanted and wanted in reader.by_key_kind:
         retry = _fetch_once(result.target, reader.by_key_kind[wanted], settings)
         if retry.error is None:
@@ -1999,13 +2202,16 @@ def refetch_for_key(result, reader, settings):
     return result
 
 
-def _wanted_key_kind(result, key):
-    if key is None or result.error is not None:
+def _wanted_key_kind(result, keys):
+    """The other key type, when no --key-path matches the served leaf and one of
+    them is (or, for a key certgrab cannot read, may be) of that type."""
+    if not keys or result.error is not None or matching_key(keys, result.leaf) is not None:
         return None
     served = result.leaf.key_type.split()[0]
-    if key.kind:
-        return key.kind if served != key.kind else None
-    if served in ("RSA", "EC") and not key_matches(key, result.leaf):
+    kinds = [key.kind for key in keys if key.kind and key.kind != served]
+    if kinds:
+        return kinds[0]
+    if served in ("RSA", "EC") and any(key.kind is None for key in keys):
         return "EC" if served == "RSA" else "RSA"
     return None
 
@@ -2121,13 +2327,13 @@ def choose_result(results, reporter):
 # Install: output files, written whole or not at all.
 # ---------------------------------------------------------------------------
 
-def check_gate(result, key, now):
-    """The install gate: the key, the name and the dates; raises RefusedError."""
+def check_gate(result, keys, now):
+    """The install gate: the key, the name and the dates; raises RefusedError.
+    Sets result.key to the --key-path the leaf matched."""
     leaf, target = result.leaf, result.target
-    if key is not None and not key_matches(key, leaf):
-        raise RefusedError("%s: the leaf's key (SPKI sha256 %s) does not match --key-path %s (%s)"
-                           % (target, leaf.spki_sha256, key.path, "SPKI sha256 %s" %
-                              key.spki_sha256 if key.spki else "encrypted or unusual key"))
+    result.key = matching_key(keys, leaf)
+    if keys and result.key is None:
+        raise key_mismatch(target, leaf, keys)
     if not leaf.covers(target.verify_name):
         raise RefusedError("%s: the leaf does not cover %s; it covers: %s" % (
             target, target.verify_name,
@@ -2141,55 +2347,102 @@ def check_gate(result, key, now):
                                 "wrong (date -u)")
 
 
-def apply_gate(results, key):
-    """The gate for every fetched chain; a refusal becomes that source's error."""
+def key_mismatch(target, leaf, keys):
+    """The refusal of a leaf for none of the keys: which leaf, the likely cause, the fix."""
+    return RefusedError(
+        "%s: refused the leaf serial %s issued %s: its key (SPKI sha256 %s) is not %s" % (
+            target, leaf.serial_hex, format_time(leaf.not_before), leaf.spki_sha256, " nor ".join(
+                "--key-path %s (%s)" % (key.path, "SPKI sha256 %s" % key.spki_sha256
+                                        if key.spki else "encrypted or unusual key")
+                for key in keys)),
+        hint="the renewing machine likely made a new key: renew there with --reuse-key "
+             "(certbot, lego), or copy its new key here and add it as another --key-path "
+             "(README: key rollover)")
+
+
+def apply_gate(results, keys, reporter):
+    """The gate for every fetched chain; a refusal becomes that source's error
+    (with -v, what was refused: see refusal_details)."""
     now = time.time()
     for result in results:
         if result.error is None:
             try:
-                check_gate(result, key, now)
+                check_gate(result, keys, now)
             except RefusedError as exc:
                 result.error = exc
+                for line in refusal_details(result):
+                    reporter.info(line)
 
 
-def plan_outputs(out_dir, paths, key_path):
+def refusal_details(result):
+    """-v on a refused chain: its protocol, the leaf, and the chain, a line each."""
+    leaf = result.leaf
+    return ["%s: refused: %s" % (result.target, " ".join(
+                filter(None, (result.tls_version, result.cipher))) or "a local file"),
+            "%s: refused: leaf serial %s, issued %s, expires %s" % (
+                result.target, leaf.serial_hex, format_time(leaf.not_before),
+                format_time(leaf.not_after)),
+            "%s: refused: chain, leaf first: %s" % (result.target, "; ".join(
+                '"%s"' % printable(cert.subject) for cert in result.issuing))]
+
+
+def plan_outputs(out_dir, paths, key_paths, privkey=False):
     """(path, kind) for every file asked for, checked before any network I/O:
-    --out-dir's files, then paths, a dict of kind ("cert", "chain", "fullchain",
-    "combined") to the file named by its --KIND-path (or None)."""
+    --out-dir's files (and privkey.pem with --privkey), then paths, a dict of
+    kind ("cert", "chain", "fullchain", "combined") to the file named by its
+    --KIND-path (or None). Only privkey.pem may be a --key-path file itself:
+    it then gets the key the new leaf matches, in the same set."""
     plan = []
     if out_dir:
         plan += [(os.path.join(out_dir, name), name[:-4]) for name in OUT_DIR_FILES]
+    if out_dir and privkey:
+        plan.append((os.path.join(out_dir, PRIVKEY_FILE), "privkey"))
     for kind in ("cert", "chain", "fullchain", "combined"):
         if paths[kind]:
             plan.append((paths[kind], kind))
     absolute = [os.path.realpath(path) for path, _ in plan]
     if len(set(absolute)) != len(absolute):
         raise UsageError("two outputs name the same file")
-    if key_path and os.path.realpath(key_path) in absolute:
-        raise UsageError("an output would overwrite the --key-path file %s" % key_path)
+    for key_path in key_paths:
+        if any(path == os.path.realpath(key_path) and kind != "privkey"
+               for path, (_, kind) in zip(absolute, plan)):
+            raise UsageError("an output would overwrite the --key-path file %s" % key_path)
     for path, _ in plan:
         check_target(path)
     return tuple(plan)
 
 
 def check_target(path):
-    if os.path.isdir(path):
+    """An output and its nearest existing parent can be what they must (the rest: later)."""
+    if _kind_of(path, path) == "directory":
         raise WriteError("cannot write %s: it is a directory" % path)
     parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
+    while _kind_of(parent, path) is None:
         parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
+    if _kind_of(parent, path) != "directory":
         raise WriteError("cannot write %s: %s is not a directory" % (path, parent))
 
 
+def _kind_of(path, output):
+    """"directory", "other" or None (missing); an error to stat it is said as it is."""
+    try:
+        return "directory" if stat.S_ISDIR(os.stat(path).st_mode) else "other"
+    except (FileNotFoundError, NotADirectoryError):    # look further up
+        return None
+    except OSError as exc:
+        raise WriteError("cannot write %s: cannot look at %s: %s" % (
+            output, path, exc.strerror or exc))
+
+
 def render_outputs(plan, chain, key):
-    """(path, bytes, holds_key) for each planned file."""
+    """(path, bytes, holds_key) for each planned file; key is the --key-path the
+    leaf matched, copied only into privkey.pem and the combined file."""
     outputs = []
     for path, kind in plan:
-        certs = {"cert": chain[:1], "chain": chain[1:]}.get(kind, chain)
+        certs = {"cert": chain[:1], "chain": chain[1:], "privkey": []}.get(kind, chain)
         data = "".join(der_to_pem(cert.der) for cert in certs).encode("ascii")
-        outputs.append((path, data + key.pem if kind == "combined" else data,
-                        kind == "combined"))
+        data += key.pem if kind in ("combined", "privkey") else b""
+        outputs.append((path, data, kind in ("combined", "privkey")))
     return outputs
 
 
@@ -2202,27 +2455,67 @@ def read_existing(path):
 
 
 def installed_leaf(plan):
-    """The leaf in the first existing cert, fullchain or combined file; None if none."""
+    """What the outputs hold: (newest leaf or None, [(path, why) of damaged outputs]).
+
+    Every cert, fullchain and combined output counts, so a damaged file cannot
+    hide a newer leaf in another. An output that exists but cannot be read as
+    certificates is damaged, never "nothing installed".
+    """
+    newest, damaged = None, []
     for path, kind in plan:
-        data = read_existing(path) if kind != "chain" else None
-        if data:
-            try:
-                ders = pem_to_ders(data.decode("ascii", "replace"))
-                return parse_certificate(ders[0]) if ders else None
-            except ParseError:
-                return None
-    return None
+        if kind in ("chain", "privkey"):        # no leaf in these
+            continue
+        try:
+            leaf = read_leaf(path)
+        except (OSError, ParseError) as exc:
+            damaged.append((path, getattr(exc, "strerror", None) or str(exc)))
+            continue
+        if leaf is not None and (newest is None or leaf.not_before > newest.not_before):
+            newest = leaf
+    return newest, damaged
+
+
+def read_leaf(path):
+    """The first certificate of an existing output, None when there is no such file.
+
+    Raises OSError when the file cannot be read and ParseError when it is not
+    whole PEM certificates (garbage, cut short, bad base64, bad DER, empty).
+    """
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_FILE)
+    except FileNotFoundError:
+        return None
+    ders = pem_to_ders(data.decode("ascii", "replace"))
+    if not ders:
+        raise ParseError("no PEM certificate in it")
+    return [parse_certificate(der) for der in ders][0]     # every one must be whole
 
 
 def check_not_older(best, installed, force, reporter):
-    """No downgrade: the offered leaf must be the installed one or issued later."""
-    leaf = best.leaf
-    if installed is None or installed.der == leaf.der or leaf.not_before > installed.not_before:
+    """No downgrade: the offered leaf must be the installed one or issued later.
+
+    installed is installed_leaf's answer. A damaged output refuses any offer
+    (unless --force): what it held is unknown.
+    """
+    leaf, (newest, damaged) = best.leaf, installed
+    problems = []
+    if newest is not None and newest.der != leaf.der and \
+            not leaf.not_before > newest.not_before:
+        problems.append("%s offers a leaf (%s) that is not newer than the installed one (%s)"
+                        % (best.target, leaf.describe(), newest.describe()))
+    if damaged:
+        problems.append("cannot tell which leaf is installed: " + "; ".join(
+            "%s is not a readable certificate file (%s)" % (path, printable(why))
+            for path, why in damaged))
+    if not problems:
         return
-    message = "%s offers a leaf (%s) that is not newer than the installed one (%s)" % (
-        best.target, leaf.describe(), installed.describe())
+    message = "; ".join(problems)
     if not force:
-        raise RefusedError(message, hint="--force installs it anyway")
+        raise RefusedError(message, hint="check the damaged file; --force replaces it"
+                           if damaged else "the source is behind this machine: it has not "
+                           "yet installed the newest certificate; fix the source, not this "
+                           "machine")
     reporter.warn(message + "; installing it because of --force")
 
 
@@ -2259,42 +2552,80 @@ def make_directory(directory):
 
 
 def unlock_directories(fds):
+    """Closing releases each lock; a directory opened read-only has nothing to lose."""
     for fd in fds:
-        os.close(fd)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def remove_stale_temps(plan):
-    """Temporary files a killed run left beside the outputs (we hold the lock)."""
+    """Temporary files a killed run left beside the outputs (we hold the lock).
+
+    One that stays could hold a private key (.combined temp files do), so a
+    failure here stops the run before anything is written.
+    """
+    for directory, prefixes in temp_prefixes(plan).items():
+        try:
+            names = os.listdir(directory)
+        except OSError as exc:
+            raise WriteError("cannot list %s for leftover temporary files: %s" % (
+                directory, exc.strerror or exc), hint="the previous files are unchanged")
+        for name in names:
+            if name.startswith(prefixes):
+                stale = os.path.join(directory, name)
+                if not discard_temp(stale):
+                    raise WriteError("cannot remove the leftover temporary file %s" % stale,
+                                     hint="the previous files are unchanged")
+
+
+def temp_prefixes(plan):
+    """{directory: (".NAME" + TEMP_MARK, ...)} for the outputs in each directory."""
+    prefixes = {}
     for path, _ in plan:
-        directory, prefix = os.path.dirname(os.path.abspath(path)), \
-            "." + os.path.basename(path) + TEMP_MARK
-        for name in os.listdir(directory):
-            if name.startswith(prefix):
-                remove_quietly(os.path.join(directory, name))
+        directory = os.path.dirname(os.path.abspath(path))
+        prefixes[directory] = prefixes.get(directory, ()) + (
+            "." + os.path.basename(path) + TEMP_MARK,)
+    return prefixes
 
 
-def install_files(outputs, settings, mark_pending):
+def install_files(outputs, settings, mark_pending, reporter):
     """Write each output that differs from the disk; return the paths written.
 
     Every new version is staged as a temporary file beside its target and
-    fsynced before the first rename, so a failure leaves the old files alone.
-    With a deploy hook the new files are dated HOOK_PENDING_MTIME until it ran.
+    fsynced before the first rename, so a failure before the renames leaves
+    the old files alone, and one during them leaves a set the next run
+    completes. With a deploy hook the new files are dated HOOK_PENDING_MTIME
+    until it ran.
     """
     changed = changed_outputs(outputs)
-    staged, path = [], None
+    staged, renamed, path = [], [], None
     try:
         for path, data, holds_key in changed:
             staged.append((stage_file(path, data, holds_key, settings, mark_pending), path))
         for temp, path in staged:
             os.replace(temp, path)
+            renamed.append(path)
     except OSError as exc:
-        for temp, _ in staged:
-            remove_quietly(temp)
-        raise WriteError("cannot write %s: %s" % (path, exc.strerror or exc),
-                         hint="the previous files are unchanged")
+        left = [temp for temp, target in staged if target not in renamed]
+        kept = [temp for temp in left if not discard_temp(temp)]
+        raise WriteError(*write_failure(path, exc, renamed, kept, mark_pending))
     for directory in set(os.path.dirname(os.path.abspath(p)) for p, _, _ in changed):
-        sync_directory(directory)
-    return [path for path, _, _ in changed]
+        sync_directory(directory, reporter)
+    return renamed
+
+
+def write_failure(path, exc, renamed, kept, mark_pending):
+    """(message, hint) of a failed install_files, true to what is on disk now."""
+    message = "cannot write %s: %s" % (path, exc.strerror or exc)
+    if kept:
+        message += "; could not remove %s" % " ".join(kept)
+    if not renamed:
+        return message, "the previous files are unchanged"
+    return message + "; already new: %s" % " ".join(renamed), \
+        "the next run completes the set%s" % (" and runs the deploy hook" if mark_pending
+                                              else "")
 
 
 def changed_outputs(outputs):
@@ -2312,17 +2643,20 @@ def stage_file(path, data, holds_key, settings, mark_pending):
         mode = old.st_mode & 0o7777
     else:
         mode = 0o600 if holds_key else NEW_FILE_MODE if settings.mode is None else settings.mode
-    mode &= 0o640 if holds_key else ~0o022      # never writable by others; key never public
+    # A certificate is never executable, set-id or writable by others; the key never public.
+    mode &= 0o640 if holds_key else 0o644
     owner = (old.st_uid, old.st_gid) if old else (settings.uid, settings.gid)
-    temp = write_temp_file(os.path.dirname(os.path.abspath(path)), os.path.basename(path),
-                           data, mode, owner if os.geteuid() == 0 or not old else None)
-    if mark_pending or old is not None and int(old.st_mtime) == HOOK_PENDING_MTIME:
-        os.utime(temp, (HOOK_PENDING_MTIME, HOOK_PENDING_MTIME))
-    return temp
+    pending = mark_pending or old is not None and int(old.st_mtime) == HOOK_PENDING_MTIME
+    return write_temp_file(os.path.dirname(os.path.abspath(path)), os.path.basename(path),
+                           data, mode, owner if os.geteuid() == 0 or not old else None,
+                           HOOK_PENDING_MTIME if pending else None)
 
 
-def write_temp_file(directory, name, data, mode=0o600, owner=None):
-    """A new file "." + name + TEMP_MARK + random in directory, written and fsynced."""
+def write_temp_file(directory, name, data, mode=0o600, owner=None, mtime=None):
+    """A new file "." + name + TEMP_MARK + random in directory, written and fsynced.
+
+    On any failure the file is emptied and removed: it may hold a private key.
+    """
     temp = os.path.join(directory, "." + name + TEMP_MARK
                         + binascii.hexlify(os.urandom(6)).decode("ascii"))
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -2333,34 +2667,67 @@ def write_temp_file(directory, name, data, mode=0o600, owner=None):
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
+        if mtime is not None:
+            os.utime(fd, (mtime, mtime))
         os.fsync(fd)
     except OSError:
-        os.close(fd)
-        remove_quietly(temp)
+        close_emptied(fd)
+        discard_temp(temp)
         raise
-    os.close(fd)
+    try:
+        os.close(fd)
+    except OSError:
+        discard_temp(temp)
+        raise
     return temp
 
 
+def close_emptied(fd):
+    """Close a temporary file of ours after emptying it (it may hold a private key)."""
+    for step in (lambda: os.ftruncate(fd, 0), lambda: os.close(fd)):
+        try:
+            step()
+        except OSError:
+            pass
+
+
+def discard_temp(path):
+    """Remove a temporary file of ours; if it cannot go, at least empty it. True if gone."""
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        pass
+    try:
+        os.truncate(path, 0)
+    except OSError:
+        pass
+    return False
+
+
 def remove_quietly(path):
+    """Remove a scratch file that holds nothing secret (key_matches' public
+    certificate, an old metrics file's temp); a failure changes nothing."""
     try:
         os.unlink(path)
     except OSError:
         pass
 
 
-def sync_directory(directory):
-    """Make the renames durable; some filesystems refuse, which is harmless."""
+def sync_directory(directory, reporter):
+    """Make the renames durable; say so when the filesystem refuses (-v)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        reporter.info("cannot fsync directory %s (%s): the new files are in place, but a "
+                      "power failure now could bring back old ones" % (
+                          directory, exc.strerror or exc))
 
 
 def pending_files(plan):
@@ -2376,13 +2743,17 @@ def pending_files(plan):
 
 
 def clear_pending(paths):
-    """Date the files now: their hook ran."""
+    """Date the files now: their hook ran. Those that keep the mark get the hook again."""
+    failed = None
     for path in paths:
         try:
             os.utime(path, None)
         except OSError as exc:
-            raise WriteError("cannot clear the hook-pending date of %s: %s" % (
-                path, exc.strerror or exc), hint="the next run will run the hook again")
+            failed = failed or (path, exc)
+    if failed:
+        raise HookError("the deploy hook ran, but cannot clear the hook-pending date of %s: "
+                        "%s" % (failed[0], failed[1].strerror or failed[1]),
+                        hint="the next run runs the hook again")
 
 
 def run_deploy_hook(settings, plan, best):
@@ -2391,8 +2762,9 @@ def run_deploy_hook(settings, plan, best):
     leaf = best.leaf
     lineage = settings.out_dir or os.path.dirname(os.path.abspath(plan[0][0]))
     env = dict(os.environ)
+    names = [n for n in leaf.dns_names if set(n) <= HOST_CHARS] or leaf.ip_addresses
     env.update(RENEWED_LINEAGE=os.path.realpath(lineage), CERTGRAB_SOURCE=best.target.source,
-               RENEWED_DOMAINS=" ".join(n for n in leaf.dns_names if set(n) <= HOST_CHARS),
+               RENEWED_DOMAINS=" ".join(names),     # an IP-address certificate: its IPs
                CERTGRAB_FILES=" ".join(os.path.abspath(path) for path, _ in plan),
                CERTGRAB_SHA256=leaf.sha256)
     try:
@@ -2413,25 +2785,33 @@ def run_deploy_hook(settings, plan, best):
 
 
 def install_chain(chain, best, settings, reporter):
-    """Under the directory locks: no downgrade, write what changed, run the hook."""
+    """Under the directory locks: no downgrade, write what changed, run the hook.
+    Returns "installed" (files written or a pending hook ran) or "unchanged";
+    None for a dry run."""
     named = settings.plan
     plan = [(os.path.realpath(path), kind) for path, kind in named]  # write through links
-    outputs = render_outputs(plan, chain, settings.key)
+    outputs = render_outputs(plan, chain, best.key)
     if settings.dry_run:
-        return dry_run(plan, outputs, best, settings, reporter)
+        return dry_run(plan, outputs, best, settings, reporter, installed_leaf(named))
     directories = sorted(set(os.path.dirname(os.path.abspath(path)) for path, _ in plan))
     locks = lock_directories(directories, settings.hook_timeout + settings.timeout + LOCK_SLACK)
     try:
         remove_stale_temps(plan)
-        check_not_older(best, installed_leaf(plan), settings.force, reporter)
-        changed = install_files(outputs, settings, mark_pending=bool(settings.deploy_hook))
-        if changed and not settings.key:
+        check_not_older(best, installed_leaf(named), settings.force, reporter)  # as named
+        mark = bool(settings.deploy_hook)
+        changed = install_files(outputs, settings, mark, reporter)
+        if changed and not settings.keys:
             reporter.warn("no --key-path: the leaf was not checked against the private key")
         if changed:
-            reporter.say("installed the chain from %s (%s): %s" % (
-                best.target, best.leaf.describe(), " ".join(changed)))
-        pending = pending_files(plan)
+            reporter.say("installed the chain from %s (%s; %s): %s" % (
+                best.target, best.leaf.describe(), when_expires(best.leaf, time.time()),
+                " ".join(changed)))
+        pending = sorted(set(pending_files(plan)) | set(changed if mark else ()))
         if pending and settings.deploy_hook:
+            retried = [path for path in pending if path not in changed]
+            if retried:
+                reporter.notice("retrying the deploy hook, which did not complete after an "
+                                "earlier run installed %s" % " ".join(retried))
             run_deploy_hook(settings, named, best)
             clear_pending(pending)
         elif pending:
@@ -2440,13 +2820,14 @@ def install_chain(chain, best, settings, reporter):
                                                         format_time(HOOK_PENDING_MTIME)))
         if not changed and not pending:
             reporter.info("files are up to date; nothing written, no hook run")
+        return "installed" if changed or pending and settings.deploy_hook else "unchanged"
     finally:
         unlock_directories(locks)
 
 
-def dry_run(plan, outputs, best, settings, reporter):
+def dry_run(plan, outputs, best, settings, reporter, installed):
     """--dry-run: the same checks and the same comparison with the disk; no writes."""
-    check_not_older(best, installed_leaf(plan), settings.force, reporter)
+    check_not_older(best, installed, settings.force, reporter)
     changed = [path for path, _, _ in changed_outputs(outputs)]
     for path in changed:
         directory = os.path.dirname(path)
@@ -2455,6 +2836,8 @@ def dry_run(plan, outputs, best, settings, reporter):
         if not os.access(directory, os.W_OK):
             raise WriteError("dry run: cannot write %s: %s is not writable" % (path, directory))
     hook = settings.deploy_hook and (changed or pending_files(plan))
+    reporter.outcome("dry run: %s" % ("would install sha256:%s from %s" % (
+        best.leaf.sha256, best.target) if changed else "unchanged"))
     reporter.say("dry run: %s%s" % ("would write " + " ".join(changed) if changed else
                                     "files are up to date", "; would run the deploy hook"
                                     if hook else ""))
@@ -2467,8 +2850,9 @@ def dry_run(plan, outputs, best, settings, reporter):
 def report_fetch(results, best, reader, settings, reporter):
     """Chain problems of the winner; with -v, how each source went."""
     for problem in best.problems:
-        reporter.warn("%s: %s%s" % (best.target, problem, " (files get the issuing path: "
-                                    "leaf, intermediates, no root)" if settings.plan else ""))
+        reporter.warn("%s: %s%s" % (best.target, problem, " (files get the complete "
+                                    "issuing path: leaf, intermediates, no root)"
+                                    if settings.plan else ""))
     for result in results if reporter.verbose else ():
         if result.error is None:
             reporter.info("%s (%s): %s %s, %d certificate(s) read with %s, %s, %.0f ms" % (
@@ -2479,9 +2863,9 @@ def report_fetch(results, best, reader, settings, reporter):
             if result.note:
                 reporter.info("  " + result.note)
             for index, cert in enumerate(result.served):
-                reporter.info("  %d %s (issuer %s) %s to %s" % (
-                    index, printable(cert.subject), printable(cert.issuer),
-                    format_time(cert.not_before), format_time(cert.not_after)))
+                reporter.info("  %d %s (issuer %s) %s to %s (%s)" % (
+                    index, cert.name, printable(cert.issuer), format_time(cert.not_before),
+                    format_time(cert.not_after), when_expires(cert, time.time())))
     if len(results) > 1:        # with files, the install message names the source
         (reporter.info if settings.plan else reporter.say)(
             "using the chain from %s (newest valid leaf, issued %s)"
@@ -2532,7 +2916,7 @@ def report(results, settings, reporter):
         if result.error is not None:
             reporter.error(result.error)
     if settings.report == "json":
-        write_stdout(json_text([source_json(r, settings) for r in results]) + "\n")
+        write_stdout(json_text([source_json(r, settings, now) for r in results]) + "\n")
     else:
         write_stdout("\n".join(text_lines(r, settings, now) for r in results))
     failures = [r.error for r in results if r.error is not None]
@@ -2547,8 +2931,34 @@ def verdict(result, settings):
     return "FAILED: " + result.verify_error if result.verify_error else "OK"
 
 
-def days_left(cert, now):
-    return (cert.not_after - now) / 86400.0
+def format_span(seconds):
+    """A span for people: "8435 days"; under HOURS_BELOW "2 days 5 hours", "14 hours",
+    "35 minutes" (whole units, rounded down)."""
+    seconds = int(abs(seconds))
+    days, hours = seconds // DAY, seconds % DAY // HOUR
+    if days and (seconds >= HOURS_BELOW or not hours):
+        return _count(days, "day")
+    if days:
+        return "%s %s" % (_count(days, "day"), _count(hours, "hour"))
+    return _count(hours, "hour") if hours else _count(seconds // MINUTE, "minute")
+
+
+def _count(number, unit):
+    return "%d %s%s" % (number, unit, "" if number == 1 else "s")
+
+
+def when_expires(cert, now):
+    """ "expires in 2 days 5 hours" or "EXPIRED 3 hours ago"."""
+    left = cert.not_after - now
+    return "EXPIRED %s ago" % format_span(left) if left < 0 else \
+        "expires in %s" % format_span(left)
+
+
+def when_issued(cert, now):
+    """ "issued 3 hours ago" or "not valid for another 2 hours"."""
+    age = now - cert.not_before
+    return "issued %s ago" % format_span(age) if age >= 0 else \
+        "not valid for another %s" % format_span(age)
 
 
 def text_lines(result, settings, now):
@@ -2571,10 +2981,9 @@ def text_lines(result, settings, now):
 
 
 def certificate_lines(index, cert, now):
-    left = days_left(cert, now)
-    when = "EXPIRED %d days ago" % -left if left < 0 else "expires in %d days" % left
     rows = []
-    for label, items in (("subject", printable(cert.subject).split(", ")),
+    subject = printable(cert.subject).split(", ") if cert.subject else ["(empty: see SANs)"]
+    for label, items in (("subject", subject),
                          ("issuer", printable(cert.issuer).split(", ")),
                          ("serial", [cert.serial_hex]),
                          ("SANs", [printable(name) for name in cert.sans] or ["(none)"])):
@@ -2583,8 +2992,8 @@ def certificate_lines(index, cert, now):
     rows += [("key", "%s%s" % (cert.key_type, " (%d bits)" % cert.key_bits
                                if cert.key_bits else "")),
              ("sig alg", cert.signature_algorithm),
-             ("from", format_time(cert.not_before)),
-             ("until", "%s (%s)" % (format_time(cert.not_after), when)),
+             ("from", "%s (%s)" % (format_time(cert.not_before), when_issued(cert, now))),
+             ("until", "%s (%s)" % (format_time(cert.not_after), when_expires(cert, now))),
              ("sha256", cert.sha256), ("spki pin", spki_pin(cert)),
              ("CA", "yes" if cert.is_ca else "no")]
     return ["  [%d] %-8s %s" % (index, rows[0][0], rows[0][1])] + \
@@ -2597,7 +3006,7 @@ def spki_pin(cert):
     return binascii.b2a_base64(hashlib.sha256(cert.spki).digest()).decode("ascii").strip()
 
 
-def source_json(result, settings):
+def source_json(result, settings, now):
     target = result.target
     return [
         ("source", target.source), ("address", result.address),
@@ -2607,18 +3016,19 @@ def source_json(result, settings):
         ("verified", None if target.file or settings.insecure or not result.served else
          result.error is None and result.verify_error is None),
         ("verify_error", result.verify_error), ("problems", result.problems),
-        ("chain", [certificate_json(cert) for cert in result.served]),
+        ("chain", [certificate_json(cert, now) for cert in result.served]),
     ]
 
 
-def certificate_json(cert):
+def certificate_json(cert, now):
     return [("subject", cert.subject), ("issuer", cert.issuer), ("serial", cert.serial_hex),
             ("sans", cert.sans), ("key", cert.key_type), ("key_bits", cert.key_bits),
             ("signature_algorithm", cert.signature_algorithm),
             ("not_before", format_time(cert.not_before)),
             ("not_after", format_time(cert.not_after)), ("sha256", cert.sha256),
             ("spki_sha256", cert.spki_sha256), ("spki_pin", spki_pin(cert)),
-            ("is_ca", cert.is_ca)]
+            ("is_ca", cert.is_ca), ("lifetime_seconds", cert.lifetime),
+            ("seconds_left", int(cert.not_after - now))]
 
 
 def json_text(value, indent=""):
@@ -2652,11 +3062,15 @@ def _json_char(char):
 
 
 def check_report(results, settings, now):
-    """Nagios plugin output: a summary line with perfdata, then one line per source."""
+    """Nagios plugin output: a summary line with perfdata, then one line per source.
+    A source's line is its worst finding: expiry, served chain, --same."""
     lines = [check_source(result, settings, now) for result in results]
+    if settings.chain_warning:
+        lines = [max(line, chain_status(result), key=lambda s: s[0])
+                 for line, result in zip(lines, results)]
     if settings.same:
-        lines = [max(lines[i], same_leaf_status(results, i), key=lambda s: s[0])
-                 for i in range(len(results))]
+        lines = [max(line, same, key=lambda s: s[0])
+                 for line, same in zip(lines, same_chain_statuses(results))]
     worst = max(status for status, _ in lines)
     counts = ", ".join("%d %s" % (sum(s == n for s, _ in lines), NAGIOS[n])
                        for n in range(4) if any(s == n for s, _ in lines))
@@ -2664,9 +3078,9 @@ def check_report(results, settings, now):
     seen, repeated = set(), set()       # labels given twice get "#n": linear in sources
     for label in labels:
         (repeated if label in seen else seen).add(label)
-    perfdata = " ".join("'days_left %s'=%d;%g:;%g:" % (
+    perfdata = " ".join(check_perfdata(
         "%s #%d" % (label, index + 1) if label in repeated else label,
-        min_days(result, now), settings.warn_days, settings.crit_days)
+        result, settings, now)
         for index, (label, result) in enumerate(zip(labels, results)) if result.issuing)
     first_problem = next(("; first: " + text for status, text in lines if status == worst
                           and worst), "")   # notifications often show the first line only
@@ -2676,8 +3090,31 @@ def check_report(results, settings, now):
     return worst
 
 
-def min_days(result, now):
-    return min(days_left(cert, now) for cert in result.issuing)
+def check_perfdata(label, result, settings, now):
+    """'expires_in LABEL'=SECONDSs;WARN:;CRIT: for the certificate the status line
+    names (Nagios ranges: "W:" alerts below W), and 'age LABEL' of the leaf."""
+    cert = most_urgent(result.issuing, settings, now)
+    return "'expires_in %s'=%ds;%d:;%d: 'age %s'=%ds" % (
+        label, cert.not_after - now, threshold_seconds(settings.warn, cert),
+        threshold_seconds(settings.crit, cert), label, now - result.issuing[0].not_before)
+
+
+def threshold_seconds(threshold, cert):
+    """--warn/--crit for this certificate: (amount, is_share) -> seconds left."""
+    amount, is_share = threshold
+    return amount * cert.lifetime if is_share else amount
+
+
+def expiry_status(cert, settings, now):
+    """0 OK, 1 WARNING, 2 CRITICAL: seconds left against cert's own thresholds."""
+    left = cert.not_after - now
+    return 2 if left < threshold_seconds(settings.crit, cert) else \
+        1 if left < threshold_seconds(settings.warn, cert) else 0
+
+
+def most_urgent(certs, settings, now):
+    """The certificate of the worst status; of those, the one that expires first."""
+    return max(certs, key=lambda cert: (expiry_status(cert, settings, now), -cert.not_after))
 
 
 def check_source(result, settings, now):
@@ -2688,34 +3125,225 @@ def check_source(result, settings, now):
     if result.verify_error:
         return 2, "%s" % result.error
     leaf = result.issuing[0]
-    if settings.expected is not None and settings.expected[:1] != [leaf.der]:
-        return 2, "%s: serves %s, not the leaf in %s (a service not reloaded?)" % (
-            target, leaf_summary(leaf), settings.expect_file)
-    soonest = min(result.issuing, key=lambda cert: cert.not_after)
-    left = days_left(soonest, now)
-    what = "the leaf" if soonest is leaf else "intermediate %s" % printable(soonest.subject)
-    text = "%s: %s %s (%s), chain of %d %s" % (
-        target, what, "EXPIRED %d days ago" % -left if left < 0 else
-        "expires in %d days" % left, format_time(soonest.not_after), len(result.issuing),
-        "verified" if not (target.file or settings.insecure) else "not verified")
-    status = 2 if left < settings.crit_days else 1 if left < settings.warn_days else 0
-    return status, text
+    difference = settings.expected is not None and expect_difference(result, settings)
+    if difference:
+        return 2, difference
+    soonest = most_urgent(result.issuing, settings, now)
+    what = "the leaf" if soonest is leaf else "intermediate %s" % soonest.name
+    text = "%s: %s %s (%s), chain of %d %s, the leaf %s" % (
+        target, what, when_expires(soonest, now), format_time(soonest.not_after),
+        len(result.issuing), "verified" if not (target.file or settings.insecure)
+        else "not verified", when_issued(leaf, now))
+    return expiry_status(soonest, settings, now), text
 
 
 def leaf_summary(leaf):
     return "sha256 %s... issued %s" % (leaf.sha256[:16], format_time(leaf.not_before))
 
 
-def same_leaf_status(results, index):
-    """--same: CRITICAL for a source whose leaf differs from what most sources serve."""
-    leaves = [r.issuing[0].sha256 if r.issuing else None for r in results]
-    common = max(leaves, key=lambda leaf: (leaves.count(leaf), leaf is not None,
-                                           -leaves.index(leaf)))
-    if leaves[index] == common or leaves[index] is None:
+def chain_status(result):
+    """--check: WARNING for a served chain that lacks intermediates or is out of
+    order (--no-chain-warning turns this off): clients that lack them fail."""
+    if not result.issuing or result.error is not None:
         return 0, ""
-    return 2, "%s: serves %s, unlike %d of %d sources" % (
-        results[index].target, leaf_summary(results[index].issuing[0]), leaves.count(common),
-        len(results))
+    for problem in result.problems:
+        if problem == OUT_OF_ORDER or result.missing and problem.startswith(
+                "the server sent only"):
+            return 1, "%s: %s" % (result.target, problem)
+    return 0, ""
+
+
+def served_path(result):
+    """The issuing path as the server sent it (without intermediates found locally)."""
+    return result.issuing[:len(result.issuing) - result.missing]
+
+
+def chain_age(result):
+    """--same's order: the leaf's notBefore, then its intermediates' (the leaf's issuer
+    first)."""
+    path = served_path(result)
+    return path[0].not_before, [cert.not_before for cert in path[1:]]
+
+
+def same_chain_statuses(results):
+    """--same: CRITICAL for each source whose served chain (leaf and intermediates)
+    is not the newest valid one among the sources (chain_age; the first given on a
+    tie). Linear in the number of sources: the newest is found once."""
+    good = [r for r in results if r.error is None and r.issuing]
+    if not good:
+        return [(0, "")] * len(results)
+    newest = max(good, key=chain_age)
+    want = served_path(newest)
+    statuses = []
+    for result in results:
+        difference = result.error is None and result.issuing and \
+            first_difference(served_path(result), want)
+        statuses.append((2, "%s: not the newest chain: serves %s; the newest (%s) serves %s" % (
+            result.target, difference[0], newest.target, difference[1]))
+                        if difference else (0, ""))
+    return statuses
+
+
+def expect_difference(result, settings):
+    """--expect-file: how the served chain differs from the file's ("" if it does
+    not). A file with one certificate (cert.pem) is compared with the leaf only."""
+    served = served_path(result)
+    expected = settings.expected
+    difference = first_difference(served[:1] if len(expected) == 1 else served, expected)
+    if not difference:
+        return ""
+    return "%s: serves %s; %s has %s (a service not reloaded?)" % (
+        result.target, difference[0], settings.expect_file, difference[1])
+
+
+def first_difference(chain, other):
+    """(what chain has, what other has) at the first position where they differ,
+    described for people; None when both hold the same certificates in order."""
+    for index in range(max(len(chain), len(other))):
+        mine = chain[index] if index < len(chain) else None
+        theirs = other[index] if index < len(other) else None
+        if mine is None or theirs is None or mine.der != theirs.der:
+            return cert_summary(mine, index), cert_summary(theirs, index)
+    return None
+
+
+def cert_summary(cert, index):
+    """The leaf or intermediate N of a chain, by subject, sha256 and notBefore."""
+    if cert is None:
+        return "no intermediate %d" % index
+    what = "the leaf" if index == 0 else 'intermediate %d "%s"' % (index, printable(cert.subject))
+    return "%s (%s)" % (what, leaf_summary(cert))
+
+
+# Metrics for Prometheus: node_exporter's textfile collector reads --prometheus FILE.
+# Every series has run="FILE's name without .prom", so that two certgrab runs writing
+# two files into one collector directory never export the same series twice.
+
+INSTALL_OUTCOMES = ("installed", "unchanged", "refused", "hook_failed", "failed")
+LAST_SYNC = "certgrab_last_sync_timestamp_seconds"
+
+
+def metrics_text(results, settings, clock, outcome):
+    """The exposition text: (name, help, [(labels, value)]) per metric, in order."""
+    run = [("run", printable(os.path.basename(settings.prometheus).rsplit(".prom", 1)[0]))]
+    now = time.time()
+    metrics = [("certgrab_run_timestamp_seconds", "When this run started.", [(run, clock[0])]),
+               ("certgrab_run_duration_seconds", "How long this run took.",
+                [(run, time.monotonic() - clock[1])])]
+    metrics += source_metrics(results, settings, run)
+    leaves = set(r.leaf.sha256 for r in results if r.issuing)
+    metrics.append(("certgrab_distinct_leaves", "Different leaves served across the sources "
+                    "(1: the fleet has converged).", [(run, len(leaves))]))
+    if outcome is not None:
+        metrics.append(("certgrab_install_outcome", "This run's install: 1 for its outcome.",
+                        [(run + [("outcome", name)], int(name == outcome))
+                         for name in INSTALL_OUTCOMES]))
+        last = now if outcome in ("installed", "unchanged") else \
+            previous_value(settings.prometheus, LAST_SYNC)
+        if last is not None:
+            metrics.append((LAST_SYNC, "When a run last installed or confirmed the files.",
+                            [(run, last)]))
+    return "".join("# HELP %s %s\n# TYPE %s gauge\n%s" % (name, text, name, "".join(
+        "%s%s %s\n" % (name, metric_labels(labels), metric_value(value))
+        for labels, value in series)) for name, text, series in metrics if series)
+
+
+def source_metrics(results, settings, run):
+    """Per source: fetch and verification; per certificate of the issuing path
+    (position 0 is the leaf): its dates; the chain's earliest notAfter."""
+    fetched, verified, before, after, chain = [], [], [], [], []
+    for result in results:
+        target = result.target
+        labels = run + [("source", printable(target.source)),
+                        ("servername", target.servername or "")]
+        fetched.append((labels, int(bool(result.served))))
+        if not (target.file or settings.insecure):
+            verified.append((labels, int(bool(result.served) and not result.verify_error
+                                         and not isinstance(result.error, VerifyError))))
+        for position, cert in enumerate(result.issuing):
+            named = labels + [("position", str(position)), ("sha256", cert.sha256),
+                              ("name", cert.name)]
+            before.append((named, cert.not_before))
+            after.append((named, cert.not_after))
+        if result.issuing:
+            chain.append((labels, min(cert.not_after for cert in result.issuing)))
+    return [
+        ("certgrab_source_fetch_success", "1 if the source's chain was read.", fetched),
+        ("certgrab_source_verify_success", "1 if the source's chain verified.", verified),
+        ("certgrab_certificate_not_before_timestamp_seconds",
+         "notBefore of each certificate of the issuing path.", before),
+        ("certgrab_certificate_not_after_timestamp_seconds",
+         "notAfter of each certificate of the issuing path.", after),
+        ("certgrab_chain_not_after_timestamp_seconds",
+         "The earliest notAfter of the source's issuing path.", chain)]
+
+
+def metric_labels(pairs):
+    """{a="x",b="y"}, the values (made terminal-safe by printable() where they come from
+    a certificate or the command line) escaped as the exposition format says."""
+    return "{%s}" % ",".join('%s="%s"' % (key, value.replace("\\", "\\\\")
+                                            .replace('"', '\\"').replace("\n", "\\n"))
+                             for key, value in pairs)
+
+
+def metric_value(value):
+    return "%d" % value if isinstance(value, int) else "%.3f" % value
+
+
+def previous_value(path, name):
+    """name's value in the metrics file a previous run wrote; None if unknown."""
+    data = read_existing(path) or b""
+    for line in data.decode("utf-8", "replace").splitlines():
+        if line.startswith(name + "{"):
+            try:
+                return float(line.rsplit(" ", 1)[1])
+            except ValueError:
+                return None
+    return None
+
+
+def write_metrics(path, text, reporter):
+    """Replace path atomically: a temp file beside it, fsynced, renamed over it. The
+    temp's name does not end in .prom, so the textfile collector never reads it."""
+    directory, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    try:
+        for stale in os.listdir(directory):
+            if stale.startswith("." + name + TEMP_MARK) and \
+                    time.time() - os.stat(os.path.join(directory, stale)).st_mtime > \
+                    METRICS_TEMP_STALE:
+                remove_quietly(os.path.join(directory, stale))
+        temp = write_temp_file(directory, name, text.encode("utf-8"), NEW_FILE_MODE)
+        try:
+            os.replace(temp, path)
+        except OSError:
+            remove_quietly(temp)
+            raise
+    except OSError as exc:
+        raise WriteError("cannot write --prometheus %s: %s" % (path, exc.strerror or exc))
+    sync_directory(directory, reporter)
+
+
+def record_run(settings, results, clock, outcome, code, reporter):
+    """--prometheus: write the run's metrics; returns the run's exit code. A failed
+    write is an error line; it makes a run that otherwise succeeded exit 5, but
+    leaves --check's status alone (the status line is already out)."""
+    if not settings.prometheus:
+        return code
+    try:
+        write_metrics(settings.prometheus, metrics_text(results, settings, clock, outcome),
+                      reporter)
+    except WriteError as exc:
+        reporter.error(exc)
+        return code or (0 if settings.report == "check" else exc.exit_code)
+    return code
+
+
+def install_outcome(exc, settings):
+    """The outcome of an install that raised exc; None when the run installs nothing."""
+    if not settings.plan or settings.dry_run:
+        return None
+    return "refused" if isinstance(exc, RefusedError) else \
+        "hook_failed" if isinstance(exc, HookError) else "failed"
 
 
 # ---------------------------------------------------------------------------
@@ -2734,8 +3362,11 @@ EXAMPLES = """\
 examples:
   certgrab.py 203.0.113.7 -n www.example.com > fullchain.pem
   certgrab.py [2001:db8::7]:8443 -n www.example.com --out-dir /etc/ssl/example
-  certgrab.py 10.0.0.5 10.0.0.6 -n www.example.com --cafile ca.pem --out-dir x"""
+  certgrab.py 10.0.0.5 10.0.0.6 -n www.example.com --cafile ca.pem --out-dir x
+  certgrab.py --config /etc/certgrab/certgrab.conf --dry-run"""
 CHECK_FLAGS = ("--check", "--same", "--expect-file")     # a plugin's run: UNKNOWN on errors
+# Options of the run itself, never keys of a --config file: every other long option is one.
+COMMAND_LINE_ONLY = ("--help", "--version", "--config", "--section", "--syslog")
 OUTPUT_OPTIONS = ("out_dir", "cert_path", "chain_path", "fullchain_path", "combined_path")
 
 
@@ -2749,84 +3380,108 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message or "argparse wanted to exit with status %d" % status)
 
 
+# Every option: (group, ((flags, value, help), ...)) in --help's order, as README's
+# usage table groups them. value is the metavar, SWITCH for a flag without one, and
+# "NAME..." for an option that may be given more than once. --config reads its keys
+# from the same definitions (file_options).
+SWITCH = None
+OPTIONS = (
+    ("connecting", (
+        (("-n", "--servername"), "NAME", "SNI and the name verified (default: SOURCE's host)"),
+        (("-p", "--port"), "PORT", "port for a SOURCE without one (default %d)" % DEFAULT_PORT),
+        (("--timeout",), "SECONDS",
+         "deadline per source: DNS, connect, handshake (default %g)" % DEFAULT_TIMEOUT),
+        (("-4", "--ipv4"), SWITCH, "IPv4 only"),
+        (("-6", "--ipv6"), SWITCH, "IPv6 only"),
+        (("--parallel",), "N", "fetch N sources at a time (default %d), fewer if ulimit -n "
+         "is low" % DEFAULT_PARALLEL),
+        (("--tls-min",), "VERSION", "offer no TLS version below VERSION (1.0 to 1.3)"),
+        (("--tls-max",), "VERSION", "offer no TLS version above VERSION, e.g. 1.2"),
+    )),
+    ("STARTTLS", (
+        (("--starttls",), "PROTOCOL", "talk PROTOCOL before TLS (list below)"),
+        (("--ehlo",), "NAME", "EHLO/LHLO name for smtp, lmtp (default: this host)"),
+        (("--alpn",), "LIST", "ALPN protocols to offer, comma-separated"),
+    )),
+    ("trust", (
+        (("--cafile",), "FILE", "trust only the CA certificates in FILE"),
+        (("--capath",), "DIR", "trust only the hashed CA directory DIR"),
+        (("--insecure",), SWITCH, "do not verify chain or name (says so on stderr)"),
+    )),
+    ("output (default: the chain as served, on stdout)", (
+        (("--out-dir",), "DIR", "write cert.pem, chain.pem, fullchain.pem in DIR"),
+        (("--cert-path",), "FILE", "write the leaf to FILE"),
+        (("--chain-path",), "FILE", "write the intermediates to FILE"),
+        (("--fullchain-path",), "FILE", "write the leaf and intermediates to FILE"),
+        (("--combined-path",), "FILE", "write chain and private key to FILE (0600)"),
+        (("--verified-chain",), SWITCH, "output the path verification built, with its root"),
+    )),
+    ("install gate", (
+        (("--key-path",), "FILE...",
+         "a private key the leaf must match; twice: current and next key"),
+        (("--privkey",), SWITCH, "with --out-dir, install the matching key as privkey.pem (0600)"),
+        (("--key-password-file",), "FILE", "password of an encrypted key"),
+        (("--force",), SWITCH, "install even a leaf not newer than the installed one"),
+        (("--dry-run",), SWITCH, "check and say what would change; write nothing"),
+    )),
+    ("files", (
+        (("--owner",), "USER", "owner of new files (existing ones keep theirs)"),
+        (("--group",), "GROUP", "group of new files"),
+        (("--mode",), "MODE", "octal mode of new certificate files (default %04o)" % NEW_FILE_MODE),
+    )),
+    ("hook", (
+        (("--deploy-hook",), "CMD", "run CMD with /bin/sh after files changed"),
+        (("--hook-timeout",), "SECONDS", "kill the hook after SECONDS (default %g)" % HOOK_TIMEOUT),
+    )),
+    ("reports", (
+        (("--text",), SWITCH, "describe each chain for people instead of PEM"),
+        (("--json",), SWITCH, "describe each source as JSON"),
+        (("--check",), SWITCH, "monitoring plugin: Nagios status lines and exit codes"),
+        (("--warn",), "WHEN",
+         "--check: WARNING under WHEN left: a duration (36h, 2d, 90m) or a share of each "
+         "certificate's lifetime (default %g%%%%)" % (WARN_SHARE * 100)),
+        (("--crit",), "WHEN",
+         "--check: CRITICAL under WHEN left (default %g%%%%)" % (CRIT_SHARE * 100)),
+        (("--warn-days",), "N", "--check: --warn in days"),
+        (("--crit-days",), "N", "--check: --crit in days"),
+        (("--same",), SWITCH,
+         "--check: CRITICAL for sources not serving the newest chain among them"),
+        (("--expect-file",), "FILE", "--check: CRITICAL unless the served chain is FILE's"),
+        (("--no-chain-warning",), SWITCH,
+         "--check: no WARNING for a served chain lacking intermediates or out of order"),
+        (("--prometheus",), "FILE",
+         "also write the run's metrics to FILE (node_exporter's textfile format), in any mode"),
+    )),
+    ("config file: several certificates, one section each", (
+        (("--config",), "FILE",
+         "run every section of the INI FILE (keys: long options, and source)"),
+        (("--section",), "NAME", "--config: run section NAME only"),
+    )),
+    ("messages", (
+        (("-q", "--quiet"), SWITCH, "print errors only"),
+        (("--syslog",), SWITCH, "also log one line per run and per section to syslog"),
+        (("-v", "--verbose"), SWITCH, "how each source went: TLS version, method, time"),
+        (("-h", "--help"), SWITCH, "show this help and exit"),
+        (("--version",), SWITCH, "show the version and exit"),
+    )),
+)
+
+
 def build_parser():
-    """Every option, grouped as README's usage table. Values stay strings here:
-    validate_settings converts them, with messages of its own."""
+    """argparse for OPTIONS. Values stay strings here: validate_settings converts
+    them, with messages of its own."""
     parser = ArgumentParser(prog="certgrab.py", usage=USAGE, description=DESCRIPTION,
                             epilog=epilog(), add_help=False,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = parser.add_argument_group("connecting")
-    group.add_argument("-n", "--servername", metavar="NAME",
-                       help="SNI and the name verified (default: SOURCE's host)")
-    group.add_argument("-p", "--port", metavar="PORT",
-                       help="port for a SOURCE without one (default %d)" % DEFAULT_PORT)
-    group.add_argument("--timeout", metavar="SECONDS", help="deadline per source: DNS, "
-                       "connect, handshake (default %g)" % DEFAULT_TIMEOUT)
-    group.add_argument("-4", "--ipv4", action="store_true", help="IPv4 only")
-    group.add_argument("-6", "--ipv6", action="store_true", help="IPv6 only")
-    group.add_argument("--parallel", metavar="N", help="fetch N sources at a time "
-                       "(default %d), fewer if ulimit -n is low" % DEFAULT_PARALLEL)
-    group = parser.add_argument_group("STARTTLS")
-    group.add_argument("--starttls", metavar="PROTOCOL",
-                       help="talk PROTOCOL before TLS (list below)")
-    group.add_argument("--ehlo", metavar="NAME",
-                       help="EHLO/LHLO name for smtp, lmtp (default: this host)")
-    group.add_argument("--alpn", metavar="LIST", help="ALPN protocols to offer, comma-separated")
-    group = parser.add_argument_group("trust")
-    group.add_argument("--cafile", metavar="FILE", help="trust only the CA certificates in FILE")
-    group.add_argument("--capath", metavar="DIR", help="trust only the hashed CA directory DIR")
-    group.add_argument("--insecure", action="store_true",
-                       help="do not verify chain or name (says so on stderr)")
-    group = parser.add_argument_group("output (default: the chain as served, on stdout)")
-    group.add_argument("--out-dir", metavar="DIR",
-                       help="write cert.pem, chain.pem, fullchain.pem in DIR")
-    group.add_argument("--cert-path", metavar="FILE", help="write the leaf to FILE")
-    group.add_argument("--chain-path", metavar="FILE", help="write the intermediates to FILE")
-    group.add_argument("--fullchain-path", metavar="FILE",
-                       help="write the leaf and intermediates to FILE")
-    group.add_argument("--combined-path", metavar="FILE",
-                       help="write chain and private key to FILE (0600)")
-    group.add_argument("--verified-chain", action="store_true",
-                       help="output the path verification built, with its root")
-    group = parser.add_argument_group("install gate")
-    group.add_argument("--key-path", metavar="FILE", help="the private key the leaf must match")
-    group.add_argument("--key-password-file", metavar="FILE",
-                       help="password of an encrypted key")
-    group.add_argument("--force", action="store_true",
-                       help="install even a leaf not newer than the installed one")
-    group.add_argument("--dry-run", action="store_true",
-                       help="check and say what would change; write nothing")
-    group = parser.add_argument_group("files")
-    group.add_argument("--owner", metavar="USER",
-                       help="owner of new files (existing ones keep theirs)")
-    group.add_argument("--group", metavar="GROUP", help="group of new files")
-    group.add_argument("--mode", metavar="MODE", help="octal mode of new certificate files "
-                       "(default %04o)" % NEW_FILE_MODE)
-    group = parser.add_argument_group("hook")
-    group.add_argument("--deploy-hook", metavar="CMD", help="run CMD with /bin/sh after files "
-                       "changed")
-    group.add_argument("--hook-timeout", metavar="SECONDS", help="kill the hook after SECONDS "
-                       "(default %g)" % HOOK_TIMEOUT)
-    group = parser.add_argument_group("reports")
-    group.add_argument("--text", action="store_true",
-                       help="describe each chain for people instead of PEM")
-    group.add_argument("--json", action="store_true", help="describe each source as JSON")
-    group.add_argument("--check", action="store_true",
-                       help="monitoring plugin: Nagios status lines and exit codes")
-    group.add_argument("--warn-days", metavar="N",
-                       help="--check: WARNING under N days left (default %d)" % WARN_DAYS)
-    group.add_argument("--crit-days", metavar="N",
-                       help="--check: CRITICAL under N days left (default %d)" % CRIT_DAYS)
-    group.add_argument("--same", action="store_true",
-                       help="--check: CRITICAL unless all sources serve one leaf")
-    group.add_argument("--expect-file", metavar="FILE",
-                       help="--check: CRITICAL unless the leaf is FILE's")
-    group = parser.add_argument_group("messages")
-    group.add_argument("-q", "--quiet", action="store_true", help="print errors only")
-    group.add_argument("-v", "--verbose", action="store_true",
-                       help="how each source went: TLS version, method, time")
-    group.add_argument("-h", "--help", action="store_true", help="show this help and exit")
-    group.add_argument("--version", action="store_true", help="show the version and exit")
+    for title, options in OPTIONS:
+        group = parser.add_argument_group(title)
+        for flags, value, text in options:
+            if value is SWITCH:
+                group.add_argument(*flags, action="store_true", help=text)
+            elif value.endswith("..."):
+                group.add_argument(*flags, metavar=value[:-3], action="append", help=text)
+            else:
+                group.add_argument(*flags, metavar=value, help=text)
     return parser
 
 
@@ -2878,6 +3533,8 @@ class Settings(object):
 
 def validate_settings(args, sources, reporter):
     """Settings from argparse's namespace; UsageError on the first rule broken."""
+    if args.section is not None:
+        raise UsageError("--section needs --config")
     if not sources:
         raise UsageError("no SOURCE given")
     for first, second in (("--ipv4", "--ipv6"), ("--quiet", "--verbose"),
@@ -2889,6 +3546,7 @@ def validate_settings(args, sources, reporter):
                   insecure=args.insecure, cafile=args.cafile, capath=args.capath,
                   verified_chain=args.verified_chain)
     values.update(_connecting_settings(args, len(sources)))
+    values.update(_tls_version_settings(args))
     values.update(_report_settings(args))
     values.update(_install_settings(args, values["report"], reporter))
     default_port = parse_port(args.port, "-p/--port") if args.port is not None else \
@@ -2899,8 +3557,26 @@ def validate_settings(args, sources, reporter):
         ("--cafile", args.cafile), ("--capath", args.capath)) if path) or "the system store"
     values["plan"] = plan_outputs(args.out_dir, dict(
         (kind, getattr(args, kind + "_path")) for kind in ("cert", "chain", "fullchain",
-                                                          "combined")), args.key_path)
+                                                          "combined")), args.key_path or (),
+        args.privkey)
+    values["prometheus"] = _prometheus_path(args.prometheus, values["plan"], args.key_path or ())
     return Settings(**values)
+
+
+def _prometheus_path(path, plan, key_paths):
+    """--prometheus FILE: never one of the outputs or a key; its directory must exist."""
+    if path is None:
+        return None
+    if os.path.realpath(path) in [os.path.realpath(p) for p in
+                                  [p for p, _ in plan] + list(key_paths)]:
+        raise UsageError("--prometheus %s names a certificate output or the key" % path)
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise UsageError("--prometheus %s: the directory %s does not exist" % (
+            path, os.path.dirname(os.path.abspath(path))))
+    if os.path.isdir(path):
+        raise UsageError("--prometheus %s is a directory; name a file in it, such as "
+                         "%s" % (path, os.path.join(path, "certgrab.prom")))
+    return path
 
 
 def _given(args, flag):
@@ -2929,6 +3605,17 @@ def _connecting_settings(args, source_count):
                 ehlo=parse_ehlo(args.ehlo), alpn=alpn or None, family=family)
 
 
+def _tls_version_settings(args):
+    """--tls-min and --tls-max: one of TLS_VERSIONS each, the minimum not above the maximum."""
+    for flag, value in (("--tls-min", args.tls_min), ("--tls-max", args.tls_max)):
+        if value is not None and value not in TLS_VERSIONS:
+            raise UsageError("%s %s: not a TLS version; known: %s" % (
+                flag, value, ", ".join(TLS_VERSIONS)))
+    if args.tls_min and args.tls_max and args.tls_min > args.tls_max:
+        raise UsageError("--tls-min %s is above --tls-max %s" % (args.tls_min, args.tls_max))
+    return dict(tls_min=args.tls_min, tls_max=args.tls_max)
+
+
 def _number(text, default, kind):
     """text as kind (int or float), default when absent, None when not a number."""
     if text is None:
@@ -2951,16 +3638,39 @@ def _report_settings(args):
     if report and (writes or args.key_path or args.verified_chain):
         raise UsageError("--%s only reports; it cannot go with output files, --key-path or "
                          "--verified-chain" % report)
-    warn_days, crit_days = _number(args.warn_days, WARN_DAYS, float), \
-        _number(args.crit_days, CRIT_DAYS, float)
-    if warn_days is None or crit_days is None:
-        raise UsageError("--warn-days and --crit-days take numbers")
-    expected = None                 # --expect-file: its certificates, as DER
+    warn = _threshold(args.warn, args.warn_days, "--warn", WARN_SHARE)
+    crit = _threshold(args.crit, args.crit_days, "--crit", CRIT_SHARE)
+    expected = None                 # --expect-file: its issuing path (root aside)
     if args.expect_file is not None:
-        expected = pem_to_ders(read_small_file(args.expect_file, "--expect-file")
-                               .decode("ascii", "replace"))
+        ders = pem_to_ders(read_small_file(args.expect_file, "--expect-file")
+                           .decode("ascii", "replace"))
+        if not ders:
+            raise UsageError("--expect-file %s: no PEM certificate in it" % args.expect_file)
+        expected = clean_path(parse_chain(ders[:MAX_CHAIN], args.expect_file))[0]
     return dict(report=report, same=args.same, expect_file=args.expect_file,
-                expected=expected, warn_days=warn_days, crit_days=crit_days, writes=writes)
+                expected=expected, warn=warn, crit=crit, writes=writes,
+                chain_warning=not args.no_chain_warning)
+
+
+def _threshold(text, days, flag, default_share):
+    """--warn/--crit (or their --*-days form) as (amount, is_share): "36h", "2d",
+    "90m", "600s" -> (seconds, False); "25%" -> (0.25, True); absent: the default."""
+    if text is not None and days is not None:
+        raise UsageError("%s and %s-days exclude each other" % (flag, flag))
+    if days is not None:
+        number = _number(days, None, float)
+        if number is None or not 0 <= number < float("inf"):
+            raise UsageError("%s-days %s: give a number of days, such as 14" % (flag, days))
+        return number * DAY, False
+    if text is None:
+        return default_share, True
+    unit = text[-1:].lower()
+    scale = DURATION_UNITS.get(unit) or (0.01 if unit == "%" else None)
+    number = _number(text[:-1], None, float) if scale else None
+    if number is None or not 0 <= number < float("inf") or unit == "%" and number > 100:
+        raise UsageError("%s %s: give a duration such as 36h, 2d or 90m, or a share of the "
+                         "certificate's lifetime such as 25%%" % (flag, text))
+    return number * scale, unit == "%"
 
 
 def _install_settings(args, report, reporter):
@@ -2969,9 +3679,7 @@ def _install_settings(args, report, reporter):
     for flag in ("--deploy-hook", "--owner", "--group", "--mode", "--force", "--dry-run"):
         if _given(args, flag) and not writes:
             raise UsageError("%s needs an output file (--out-dir or a --*-path)" % flag)
-    for flag in ("--combined-path", "--key-password-file"):
-        if _given(args, flag) and not args.key_path:
-            raise UsageError("%s needs --key-path" % flag)
+    keys = _key_settings(args, writes, reporter)
     hook_timeout = _number(args.hook_timeout, HOOK_TIMEOUT, float)
     mode = _number(args.mode, None, lambda text: int(text, 8))
     if hook_timeout is None or args.mode is not None and mode is None:
@@ -2981,14 +3689,32 @@ def _install_settings(args, report, reporter):
     if mode is not None and mode & ~0o644:
         raise UsageError("--mode allows at most 0644: certificate files are never "
                          "executable or writable by others")
-    key = read_private_key(args.key_path, args.key_password_file) if args.key_path else None
-    if args.combined_path and key.encrypted:
-        reporter.warn("--combined-path gets the key encrypted, as it is in --key-path")
     return dict(out_dir=args.out_dir, cert_path=args.cert_path, chain_path=args.chain_path,
                 fullchain_path=args.fullchain_path, combined_path=args.combined_path,
-                key_path=args.key_path, key=key, force=args.force, dry_run=args.dry_run,
+                key_paths=tuple(args.key_path or ()), keys=keys, privkey=args.privkey,
+                force=args.force, dry_run=args.dry_run,
                 deploy_hook=args.deploy_hook, hook_timeout=hook_timeout, mode=mode,
                 uid=lookup_user(args.owner), gid=lookup_group(args.group))
+
+
+def _key_settings(args, writes, reporter):
+    """--key-path (once, or twice for a rollover), read; --privkey's and the
+    key's companions checked. Returns the keys, a tuple in the order given."""
+    for flag in ("--combined-path", "--key-password-file", "--privkey"):
+        if _given(args, flag) and not args.key_path:
+            raise UsageError("%s needs --key-path" % flag)
+    if args.privkey and not args.out_dir:
+        raise UsageError("--privkey writes privkey.pem in --out-dir; give --out-dir")
+    if len(args.key_path or ()) > 1 and writes and not (args.privkey or args.combined_path):
+        raise UsageError("several --key-path need --privkey (or --combined-path) to install",
+                         hint="the service must get the key that matches the new "
+                              "certificate, in the same set: README, key rollover")
+    keys = tuple(read_private_key(path, args.key_password_file)
+                 for path in args.key_path or ())
+    for flag in ("--combined-path", "--privkey"):
+        if _given(args, flag) and any(key.encrypted for key in keys):
+            reporter.warn("%s gets the key encrypted, as it is in --key-path" % flag)
+    return keys
 
 
 def lookup_user(name):
@@ -3018,7 +3744,7 @@ def make_reader(settings):
     None when every source is a local file: they need no trust store."""
     if all(target.file for target in settings.targets):
         return None
-    kinds = ("RSA", "EC") if settings.key else ()
+    kinds = ("RSA", "EC") if settings.keys else ()
     readers = dict((kind, new_chain_reader(make_context(settings, kind), settings.trust))
                    for kind in kinds)
     reader = new_chain_reader(make_context(settings), settings.trust, readers)
@@ -3027,40 +3753,296 @@ def make_reader(settings):
     return reader
 
 
+# ---------------------------------------------------------------------------
+# Config file: one section per certificate, keys named like the long options.
+# ---------------------------------------------------------------------------
+
+SECTIONS_AT_ONCE = 8    # sections run concurrently at most; each opens --parallel connections
+
+
+def run_config(parser, args, sources, reporter):
+    """--config: every section (or the one --section names), all validated before
+    any connection, then run concurrently where their sources differ. One failing
+    section does not stop the others; returns the worst exit code."""
+    reporter.checking("config %s" % args.config)
+    sections = config_sections(parser, args, sources, reporter)  # 1. every section, checked
+    codes = run_sections(sections)                  # 2. fetch, gate, install each
+    return summarize_sections(sections, codes, reporter)  # 3. which failed, the worst code
+
+
+class Section(object):
+    """One section of --config, ready to run: its name, Settings, reader and reporter."""
+
+    def __init__(self, name, settings, reader, reporter):
+        self.name, self.settings, self.reader, self.reporter = name, settings, reader, reporter
+
+
+def config_sections(parser, args, sources, reporter):
+    """[Section] of the sections to run, in file order. Options given on
+    the command line replace that key in every section. UsageError names the file,
+    the section and the key."""
+    path = args.config
+    if sources:
+        raise UsageError("--config %s: SOURCEs come from each section's source key, not from "
+                         "the command line (%s)" % (path, sources[0]))
+    config = read_config(path)
+    names = config.sections()
+    if args.section is not None and args.section not in names:
+        raise UsageError("--section %s: %s has no such section; it has: %s" % (
+            args.section, path, ", ".join(names) or "none"))
+    if not names:
+        raise UsageError("--config %s: no sections: write one [NAME] per certificate" % path)
+    overrides = dict((action.dest, getattr(args, action.dest)) for action in parser._actions
+                     if action.option_strings and getattr(args, action.dest) != action.default
+                     and not set(action.option_strings) & set(COMMAND_LINE_ONLY))
+    sections = [section_settings(parser, config, name, path, overrides, reporter.syslog)
+                for name in ([args.section] if args.section is not None else names)]
+    check_own_files(path, sections)
+    return sections
+
+
+def check_own_files(path, sections):
+    """Every section writes files of its own: two writing one file would undo each
+    other at every run, and a --prometheus file holds one run's metrics."""
+    owners = {}
+    for section in sections:
+        settings = section.settings
+        named = [(os.path.realpath(file), "key prometheus: ") for file in
+                 [settings.prometheus] if file] + [(os.path.realpath(file), "")
+                                                   for file, _ in settings.plan]
+        for file, key in named:
+            if owners.setdefault(file, section.name) != section.name:
+                raise UsageError("%s, section [%s], %s%s is also written by section [%s]; "
+                                 "give each section its own files" % (
+                                     path, section.name, key, file, owners[file]))
+
+
+def read_config(path):
+    """FILE through configparser (no interpolation: a hook keeps its % and $)."""
+    import configparser
+    config = configparser.ConfigParser(interpolation=None)
+    try:
+        config.read_string(read_small_file(path, "--config").decode("utf-8"), path)
+    except UnicodeDecodeError:
+        raise UsageError("--config %s: not UTF-8 text" % path)
+    except configparser.Error as exc:
+        raise UsageError("--config %s: %s" % (path, " ".join(str(exc).split())))
+    return config
+
+
+def section_settings(parser, config, name, path, overrides, syslog):
+    """The Section of one section, validated like a command line."""
+    where = "%s, section [%s]" % (path, name)
+    args, sources = section_args(parser, config, name, where)
+    writes = any(getattr(args, option) for option in OUTPUT_OPTIONS)
+    for dest, value in overrides.items():
+        if dest != "dry_run" or writes:     # --dry-run: for the sections that write files
+            setattr(args, dest, value)
+    if not sources:
+        raise UsageError("%s, key source: missing; list the section's SOURCEs there" % where)
+    reporter = SectionReporter(name, quiet=args.quiet, verbose=args.verbose, syslog=syslog)
+    try:
+        settings = validate_settings(args, sources, reporter)
+        reader = make_reader(settings)          # --cafile, --capath: read before any run
+    except (UsageError, InputError) as exc:     # InputError: a file that cannot be read
+        keys = [key for key in config.options(name) if "--" + key in str(exc)]
+        raise type(exc)("%s%s: %s" % (where, ", key " + keys[0] if keys else "", exc),
+                        exc.hint)
+    return Section(name, settings, reader, reporter)
+
+
+def section_args(parser, config, name, where):
+    """argparse's namespace and the SOURCEs of one section ([DEFAULT] included).
+    Each key becomes its option's words and is parsed alone first, so that an
+    error names the key; the options are the parser's own (file_options)."""
+    options, words, sources = file_options(parser), [], []
+    for key, value in config.items(name):
+        if key == "source":
+            sources = value.split()
+            continue
+        inherited = config.defaults().get(key) == value     # as far as one can tell
+        here = "%s%s, key %s" % (where, " (from [DEFAULT])" if inherited else "", key)
+        if key not in options:
+            raise UsageError("%s: %s" % (here, "an option of the command line only" if "--" +
+                                         key in COMMAND_LINE_ONLY else "no such option; keys "
+                                         "are source and the long options without --"))
+        try:
+            key_words = option_words(options[key], "--" + key, value)
+            parse_command_line(parser, key_words)
+        except UsageError as exc:
+            raise UsageError("%s: %s" % (here, exc))
+        words.extend(key_words)
+    return parse_command_line(parser, words)[0], sources
+
+
+def file_options(parser):
+    """{key: argparse action}: every long option but COMMAND_LINE_ONLY, so that an
+    option added to build_parser is a key of the file at once."""
+    options = {}
+    for action in parser._actions:
+        names = [name for name in action.option_strings if name.startswith("--")]
+        if names and names[0] not in COMMAND_LINE_ONLY:
+            options[names[0][2:]] = action
+    return options
+
+
+def option_words(action, flag, value):
+    """A key's value as command-line words: a flag takes yes or no (configparser's
+    words), an option given several times takes a list split at white space."""
+    if action.nargs == 0:
+        import configparser
+        state = configparser.ConfigParser.BOOLEAN_STATES.get(value.strip().lower())
+        if state is None:
+            raise UsageError("takes yes or no, not %r" % value)
+        return [flag] if state else []
+    if isinstance(action, argparse._AppendAction):
+        return ["%s=%s" % (flag, item) for item in value.split()]
+    if action.nargs in (None, "?"):
+        return ["%s=%s" % (flag, value)]
+    return [flag] + value.split()
+
+
+def run_sections(sections):
+    """Exit codes of every section, in file order. Sections that share a source run
+    one after the other; groups of them run at once, SECTIONS_AT_ONCE at most."""
+    codes, groups, lock = [None] * len(sections), source_groups(sections), threading.Lock()
+
+    def worker():
+        while True:
+            with lock:
+                if not groups:
+                    return
+                group = groups.pop(0)
+            for index in group:
+                try:
+                    codes[index] = run_section(sections[index])
+                except BaseException as exc:   # a bug: re-raised in the main thread below
+                    codes[index] = exc
+
+    threads = [threading.Thread(target=worker, daemon=True)
+               for _ in range(min(SECTIONS_AT_ONCE, len(groups)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for code in codes:
+        if isinstance(code, BaseException):
+            raise code
+    return codes
+
+
+def source_groups(sections):
+    """Lists of section indexes: sections that share a source (host and port, or
+    file) are in one group, so that no source sees two of our runs at once."""
+    groups = []                                 # [(sources, [index, ...])]
+    for index, section in enumerate(sections):
+        keys = set((target.host, target.port, target.file) for target in
+                   section.settings.targets)
+        merged = (keys, [index])
+        for group in [group for group in groups if group[0] & keys]:
+            groups.remove(group)
+            merged[0].update(group[0])
+            merged[1].extend(group[1])
+        groups.append(merged)
+    return [sorted(indexes) for _, indexes in groups]
+
+
+def run_section(section):
+    """One section: its exit code; an expected failure is its own error line."""
+    settings, reporter = section.settings, section.reporter
+    try:
+        code, failure = run_one(settings, section.reader, reporter), None
+    except CertgrabError as exc:
+        reporter.error(exc)
+        code, failure = exc.exit_code, exc
+        if settings.report == "check":
+            plugin_unknown(exc)
+            code = NAGIOS_UNKNOWN
+    reporter.log(code, failure)
+    return code
+
+
+def summarize_sections(sections, codes, reporter):
+    """The run's last line: which sections failed (always) or that all went well."""
+    failed = ["%s (exit %d)" % (section.name, code) for section, code in zip(sections, codes)
+              if code]
+    if failed:
+        text = "%d of %d sections failed: %s" % (len(failed), len(sections), ", ".join(failed))
+        reporter.error(CertgrabError(text))
+    else:
+        text = "%d section%s done" % (len(sections), "" if len(sections) == 1 else "s")
+        reporter.say(text)
+    reporter.outcome(text)
+    reporter.log(max(codes))
+    return max(codes)
+
+
 def main(argv=None):
     """Run certgrab; return the exit code (see the module docstring)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     reporter = Reporter()
     try:
         parser = build_parser()
-        args, sources = parse_command_line(parser, argv)
+        args, sources = parse_command_line(parser, argv)  # 1. the command line
         if args.help:
             write_stdout(parser.format_help())
             return 0
         if args.version:
             write_stdout("certgrab %s\n" % __version__)
             return 0
-        reporter = Reporter(quiet=args.quiet, verbose=args.verbose)
-        settings = validate_settings(args, sources, reporter)  # 1. options, SOURCEs, files
-        reader = make_reader(settings)                  # 2. trust store, chain access
-        if settings.insecure:
-            reporter.warn("--insecure: the chain is NOT verified; anyone on the path could "
-                          "have sent it")
-        results = fetch_all(settings.targets, reader, settings, reporter)  # 3. handshakes
-        if settings.report:                             #    or: describe them all
-            return report(results, settings, reporter)
-        if settings.plan or settings.key:
-            apply_gate(results, settings.key)           # 4. key, name, dates
-        best = choose_result(results, reporter)         # 5. the newest good chain
-        report_fetch(results, best, reader, settings, reporter)
-        chain = best.verified if settings.verified_chain else None
-        if not settings.plan:                           # 6a. stdout: exactly as served
-            write_stdout("".join(der_to_pem(cert.der) for cert in chain or best.served))
-            return 0
-        install_chain(chain or best.issuing, best, settings, reporter)  # 6b. files, hook
-        return 0
+        reporter = Reporter(quiet=args.quiet, verbose=args.verbose,
+                            syslog=open_syslog() if args.syslog else None)
+        if args.config is not None:                     # 2a. every section of the file
+            return run_config(parser, args, sources, reporter)
+        settings = validate_settings(args, sources, reporter)  # 2b. options, SOURCEs, files
+        reader = make_reader(settings)                  # 3. trust store, chain access
+        code = run_one(settings, reader, reporter)      # 4. fetch, gate, install, metrics
+        reporter.log(code)
+        return code
     except CertgrabError as exc:
         return report_failure(exc, argv, reporter)
+
+
+def run_one(settings, reader, reporter):
+    """One certificate: fetch every source, then deliver, then --prometheus.
+    Returns the exit code; an expected failure raises CertgrabError, after the
+    metrics have recorded it."""
+    clock = (time.time(), time.monotonic())
+    reporter.checking("%s from %s" % (settings.targets[0].verify_name,
+                                      " ".join(settings.sources)))
+    if settings.insecure:
+        reporter.warn("--insecure: the chain is NOT verified; anyone on the path could "
+                      "have sent it")
+    results = fetch_all(settings.targets, reader, settings, reporter)  # 1. handshakes
+    try:
+        code, outcome = deliver(results, settings, reader, reporter)  # 2. to 4. below
+    except CertgrabError as exc:
+        record_run(settings, results, clock, install_outcome(exc, settings), exc.exit_code,
+                   reporter)
+        raise
+    return record_run(settings, results, clock, outcome, code, reporter)  # 5. metrics
+
+
+def deliver(results, settings, reader, reporter):
+    """Report on the results, or print or install the newest good chain:
+    (exit code, install outcome for the metrics or None)."""
+    if settings.report:                                 #    or: describe them all
+        reporter.outcome("reported (--%s)" % settings.report)
+        return report(results, settings, reporter), None
+    if settings.plan or settings.keys:
+        apply_gate(results, settings.keys, reporter)    # 2. key, name, dates
+    best = choose_result(results, reporter)             # 3. the newest good chain
+    report_fetch(results, best, reader, settings, reporter)
+    chain = best.verified if settings.verified_chain else None
+    if not settings.plan:                               # 4a. stdout: exactly as served
+        write_stdout("".join(der_to_pem(cert.der) for cert in chain or best.served))
+        reporter.outcome("printed sha256:%s from %s" % (best.leaf.sha256, best.target))
+        return 0, None
+    outcome = install_chain(chain or best.issuing, best, settings, reporter)  # 4b. files
+    if outcome is not None:                             #    (None: a dry run said it)
+        reporter.outcome("installed sha256:%s from %s" % (best.leaf.sha256, best.target)
+                         if outcome == "installed" else outcome)
+    return 0, outcome
 
 
 def report_failure(exc, argv, reporter):
@@ -3069,13 +4051,20 @@ def report_failure(exc, argv, reporter):
     reporter.error(exc)
     if isinstance(exc, UsageError):
         reporter.hint("certgrab.py --help lists the options")
+    code = exc.exit_code
     if any(arg.split("=")[0] in CHECK_FLAGS for arg in argv):
-        try:
-            write_stdout("CERTGRAB UNKNOWN - %s\n" % exc)   # a plugin's status line
-        except WriteError:
-            pass                        # stdout is gone: the exit code still says it
-        return NAGIOS_UNKNOWN
-    return exc.exit_code
+        plugin_unknown(exc)
+        code = NAGIOS_UNKNOWN
+    reporter.log(code, exc)
+    return code
+
+
+def plugin_unknown(exc):
+    """A monitoring plugin's status line for a run that could not even check."""
+    try:
+        write_stdout("CERTGRAB UNKNOWN - %s\n" % exc)
+    except WriteError:
+        pass                            # stdout is gone: the exit code still says it
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ another loopback port: that is what the followers (certgrab) fetch.
                              validations() (pebble's HTTP-01 requests in nginx's access log)
     Follower(root, name, key_pem)
                              a machine with a copy of the leader's key (key.pem), the files
-                             certgrab writes (live/) and the lines its deploy hook appends
+                             certgrab writes (live/, privkey.pem included) and the lines its
+                             deploy hook appends
     pem_fields(path)         serial, notBefore, sha256 and public key of a certificate, by
                              openssl (independent of certgrab's own DER reader)
 
@@ -449,9 +450,10 @@ class Follower(object):
 
     def sync_args(self, leader, pebble, *extra):
         """The argv of the cron job: fetch from the leader, verify against pebble's root,
-        check the leaf against the key, install and run the hook."""
+        check the leaf against the key, install (with the key as privkey.pem, which the
+        follower's own nginx serves) and run the hook."""
         return [leader.address, "-n", NAME, "--cafile", pebble.root_pem,
-                "--out-dir", self.out, "--key-path", self.key,
+                "--out-dir", self.out, "--key-path", self.key, "--privkey",
                 "--deploy-hook", self.hook()] + list(extra)
 
 

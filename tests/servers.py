@@ -16,6 +16,8 @@ socket. Nothing here can outlive a test: waits are bounded and threads are daemo
     HTTPServer()            answers the ClientHello with a plain HTTP 400 reply, then closes
     CloseServer(reset=False)  closes each connection at once (with a RST when reset=True)
     AlertServer()           reads the ClientHello, answers with a fatal TLS alert record
+    InstalledFilesServer(certfile, keyfile)   a fleet member: serves the files as they are at
+                            each connection (as after a reload), closes while there are none
     DripProxy(port)         forwards to a real server, but sends its replies one byte every
                             `interval` seconds (0.3 by default)
     closed_port()           a port where connections are refused (bound, never listening)
@@ -210,8 +212,9 @@ class TLSServer(ThreadedServer):
 class DelayedTLSServer(TLSServer):
     """A TLSServer that waits `delay` seconds (or, given (low, high), a random time between
     them) after each accept before the handshake, as a far server seems to (where the kernel
-    has no netem), with a queue long enough for a fleet's worth of clients. `most` is the most clients waiting at once: how many a client fetched
-    at the same time when every source is this server."""
+    has no netem), with a queue long enough for a fleet's worth of clients. `most` is the most
+    clients waiting at once: how many a client fetched at the same time when every source is
+    this server."""
 
     backlog = 4096
 
@@ -229,6 +232,34 @@ class DelayedTLSServer(TLSServer):
         with self._count:
             self.waiting -= 1
         TLSServer.handle(self, conn)
+
+
+class InstalledFilesServer(ThreadedServer):
+    """A fleet member serving what it has installed: certfile and keyfile are read again for
+    every connection (as a reload after each install would), and a connection is closed at
+    once while there is nothing to serve. `handshakes` counts completed handshakes."""
+
+    def __init__(self, certfile, keyfile, host="127.0.0.1"):
+        ThreadedServer.__init__(self, host)
+        self.certfile, self.keyfile = str(certfile), str(keyfile)
+        self.handshakes = 0
+
+    def handle(self, conn):
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self.certfile, self.keyfile, password="")
+        except (OSError, ssl.SSLError):
+            _close(conn)
+            return
+        tls = context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        tls.settimeout(5.0)
+        try:
+            tls.do_handshake()
+            self.handshakes += 1
+            self.read_some(tls)
+        except OSError:
+            pass
+        _close(tls)
 
 
 class OpenSSLServer(object):

@@ -6,8 +6,11 @@ The module is a scenario, in order, on one leader (see acme.py for the machinery
   2. the leader renews with its key (--reuse-key): followers install the newer leaf, their
      hooks run once more, and --check --same over the leader and the followers' own nginx
      goes from CRITICAL (diverged) to OK
-  3. the leader renews with a new key: followers holding the old key refuse it (exit 6),
-     their files and hooks untouched, and the monitoring says CRITICAL
+  3. the leader renews with a new key: followers holding the old key refuse it (exit 6) with
+     the cause and the fix, their files and hooks untouched, and the monitoring says
+     CRITICAL; once the new key is listed as a second --key-path, each follower installs the
+     certificate with that key as privkey.pem, its hook runs once, and --check --same and
+     --expect-file (whole chains) say OK again
 Each test first brings the followers up to date, so that it also runs on its own.
 """
 
@@ -18,13 +21,17 @@ import pytest
 pytest.register_assert_rewrite("acme")  # before the import: acme is also a plugin (below)
 import acme  # noqa: E402
 from install_helpers import (OUT_FILES, assert_refused, files_ders,  # noqa: E402
-                             snapshot, temp_files)
+                             message_lines, snapshot, temp_files)
 from make_certs import read_ders  # noqa: E402
 
 pytest_plugins = ["acme"]
 
 FOLLOWERS = 3
 REFUSED = 6  # exit code: refused by a safety check (here: the leaf is not for our key)
+WITH_KEY = sorted(OUT_FILES + ["privkey.pem"])  # what --out-dir --privkey holds
+REUSE_KEY_HINT = ("certgrab: hint: the renewing machine likely made a new key: renew there "
+                  "with --reuse-key (certbot, lego), or copy its new key here and add it as "
+                  "another --key-path (README: key rollover)")
 OK, CRITICAL = 0, 2  # --check exit codes
 
 
@@ -39,9 +46,9 @@ def followers(leader):
 @pytest.fixture
 def follower_nginx(run, followers, leader, pebble, started, request):
     """The followers brought up to date, then nginx serving each follower's installed
-    fullchain.pem with its key, one port each."""
+    fullchain.pem and privkey.pem, one port each."""
     sync_all(run, leader, pebble, followers)
-    sites = [(f.file("fullchain.pem"), f.key) for f in followers]
+    sites = [(f.file("fullchain.pem"), f.file("privkey.pem")) for f in followers]
     return started(acme.Nginx(leader.workdir, "nginx-" + request.node.name, sites=sites))
 
 
@@ -50,6 +57,12 @@ def sync_all(run, leader, pebble, followers):
     for follower in followers:
         result = run(*follower.sync_args(leader, pebble))
         assert result.rc == 0, (follower.dir, result.err)
+
+
+def serial_hex(serial):
+    """A serial as certgrab prints it: hex, an even number of digits."""
+    text = "%x" % serial
+    return "0" * (len(text) % 2) + text
 
 
 def check_same(run, leader, pebble, follower_nginx):
@@ -67,7 +80,8 @@ def test_followers_install_the_leaders_chain(run, leader, pebble, followers):
         result = run(*follower.sync_args(leader, pebble))
         assert result.rc == 0, result.err
         assert files_ders(follower.out) == want, "cert = leaf, chain = intermediate(s)"
-        assert sorted(os.listdir(follower.out)) == OUT_FILES and not temp_files(follower.out)
+        assert sorted(os.listdir(follower.out)) == WITH_KEY and not temp_files(follower.out)
+        assert acme.read_text(follower.file("privkey.pem")) == acme.read_text(follower.key)
         assert follower.hook_runs() == [follower.out], "the hook ran once, with the lineage"
     for follower in followers:
         before = snapshot(follower.out)
@@ -107,7 +121,7 @@ def test_renewal_with_the_same_key_reaches_every_follower(run, leader, pebble, f
     assert converged.rc == OK, converged.out + converged.err
     for follower in followers:
         result = run(leader.address, "-n", acme.NAME, "--cafile", pebble.root_pem,
-                     "--check", "--expect-file", follower.file("cert.pem"))
+                     "--check", "--expect-file", follower.file("fullchain.pem"))
         assert result.rc == OK, result.out + result.err
         assert result.out.startswith("CERTGRAB OK"), result.out
 
@@ -121,15 +135,38 @@ def test_renewal_with_a_new_key_is_refused_by_followers(run, leader, pebble, fol
     leader.renew("--new-key")
 
     assert acme.read_text(leader.certbot.live("privkey.pem")) != old_key, "a new key"
+    new = acme.pem_fields(leader.certbot.live("cert.pem"))
     for follower in followers:
         before, runs = snapshot(follower.out), follower.hook_runs()
         result = run(*follower.sync_args(leader, pebble))
-        assert_refused(result, REFUSED)
+        line = assert_refused(result, REFUSED)
+        assert line.startswith("certgrab: %s: refused the leaf serial %s issued " % (
+            leader.address, serial_hex(new["serial"]))), line
+        assert message_lines(result.err) + [REUSE_KEY_HINT] == result.err.splitlines()
         assert snapshot(follower.out) == before, "the files are unchanged"
         assert follower.hook_runs() == runs, "no hook"
     result = check_same(run, leader, pebble, follower_nginx)
     assert result.rc == CRITICAL, result.out
     for follower in followers:
         result = run(leader.address, "-n", acme.NAME, "--cafile", pebble.root_pem,
-                     "--check", "--expect-file", follower.file("cert.pem"))
+                     "--check", "--expect-file", follower.file("fullchain.pem"))
         assert result.rc == CRITICAL, result.out + result.err
+
+    # The fix the message gives: the new key, copied to every follower, listed as well.
+    new_key = acme.read_text(leader.certbot.live("privkey.pem"))
+    for follower in followers:
+        runs = len(follower.hook_runs())
+        listed = os.path.join(follower.dir, "next.pem")
+        acme.write_file(listed, new_key, mode=0o600)
+        result = run(*follower.sync_args(leader, pebble, "--key-path", listed))
+        assert result.rc == 0, result.err
+        assert files_ders(follower.out) == leader.files()
+        assert acme.read_text(follower.file("privkey.pem")) == new_key, "the matching key"
+        assert len(follower.hook_runs()) == runs + 1, "the hook ran once"
+    follower_nginx.reload()
+    converged = check_same(run, leader, pebble, follower_nginx)
+    assert converged.rc == OK, converged.out + converged.err
+    for follower in followers:
+        result = run(leader.address, "-n", acme.NAME, "--cafile", pebble.root_pem,
+                     "--check", "--expect-file", follower.file("fullchain.pem"))
+        assert result.rc == OK, result.out + result.err

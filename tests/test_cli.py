@@ -141,5 +141,5 @@ def test_help_fills_in_the_defaults(run, certgrab):
     for default in ("(default %d)" % certgrab.DEFAULT_PORT,
                     "(default %g)" % certgrab.DEFAULT_TIMEOUT,
                     "(default %d)" % certgrab.DEFAULT_PARALLEL,
-                    "(default %d)" % certgrab.WARN_DAYS):
+                    "(default %g%%)" % (certgrab.WARN_SHARE * 100)):
         assert default in text, default

@@ -315,7 +315,8 @@ def test_read_only_bind_mount_keeps_the_old_set(run, certs, tmp_path, old_and_ne
 def test_pending_hook_on_a_read_only_filesystem_is_not_forgotten(run, certs, tmpfs, tmp_path,
                                                                   old_and_new):
     """The hook failed, then the mount became read-only: the hook runs, and certgrab says it
-    could not clear the mark rather than crash."""
+    could not clear the mark rather than crash. The mark stays, so the hook is still pending
+    on disk: exit 7, as for a failed hook."""
     old_server, new_server, old, new = old_and_new
     out, log, fail = tmpfs / "live", tmp_path / "hook.log", tmp_path / "fail"
     hook = "echo x >> %s; test ! -e %s" % (log, fail)
@@ -326,7 +327,9 @@ def test_pending_hook_on_a_read_only_filesystem_is_not_forgotten(run, certs, tmp
     try:
         result = run(*args_for(certs, old_server, out, "--deploy-hook", hook))
         assert "Traceback" not in result.err
-        assert result.rc in (0, 5), result.err
+        assert result.rc == 7, result.err
+        assert "the deploy hook ran, but cannot clear the hook-pending date" in result.err
+        assert "previous files are unchanged" not in result.err
         assert hook_runs(log) == ["x", "x"]
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(tmpfs)], check=True)

@@ -212,3 +212,19 @@ def test_encrypted_rsa_key_picks_the_rsa_chain(run, dual, certs, both_roots, tmp
                      "--key-path", keyfile, *extra)
         assert result.rc == 0, result.err
         assert files_ders(out) == expected(certs, chain)
+
+
+@pytest.mark.parametrize("chain, other", [("rsa1", "ec2"), ("ec1", "rsa2")])
+def test_a_rollover_across_key_types_asks_for_the_listed_keys_type(run, dual, certs,
+                                                                   both_roots, tmp_path,
+                                                                   chain, other):
+    """Two --key-path (issue 11): one matches a chain of the dual server, the other (of the
+    other type) matches neither. Whichever chain the server hands out first, the one for a
+    listed key is installed, with that key as privkey.pem."""
+    out = tmp_path / "out"
+    result = run(dual.address, "-n", NAME, "--cafile", both_roots, "--out-dir", out,
+                 "--privkey", "--key-path", certs / other / "key.pem",
+                 "--key-path", certs / chain / "key.pem")
+    assert result.rc == 0, result.err
+    assert files_ders(out) == expected(certs, chain)
+    assert (out / "privkey.pem").read_bytes() == (certs / chain / "key.pem").read_bytes()

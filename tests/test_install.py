@@ -126,7 +126,7 @@ def test_an_older_leaf_is_refused_and_force_installs_it(run, served, certs, line
     line = assert_refused(result, 6)
     assert "2024" in line and "2025" in line, "say what is installed and what was offered: " \
         + line
-    assert "--force" in result.err, "hint at --force"
+    assert "--force" not in result.err, "a stale source gets no --force hint (issue 11)"
 
     forced = install(run, certs, old, out, log, "--force")
     assert forced.rc == 0, forced.err

@@ -126,17 +126,19 @@ def verified(root, *sources):
 def parse_check(out):
     """--check output: (status, count, {label: (days, warn, crit)}, [(status, text)]).
 
-    warn and crit are the perfdata thresholds as written: Nagios ranges, where "21:" means
-    "alert below 21" (a bare "21" would mean "alert above 21", wrong for days left)."""
+    The perfdata are in seconds ('expires_in LABEL'=SECONDSs;WARN:;CRIT:); days, warn and
+    crit are given here in whole days, the thresholds as Nagios ranges, where "21:" means
+    "alert below 21" (a bare "21" would mean "alert above 21", wrong for time left)."""
     lines = out.splitlines()
     assert lines, "no output"
     match = re.match(r"^CERTGRAB (OK|WARNING|CRITICAL|UNKNOWN) - (\d+) source\(s\): "
                      r"([^|]*?)(?: \| (.*))?$", lines[0])
     assert match, "bad summary line: %r" % lines[0]
     perfdata = {}
-    for source, days, warn, crit in re.findall(r"'days_left ([^']*)'=(-?\d+);([^; ]*);([^; ]*)",
-                                               match.group(4) or ""):
-        perfdata[source] = (int(days), warn, crit)
+    for source, seconds, warn, crit in re.findall(
+            r"'expires_in ([^']*)'=(-?\d+)s;(\d+):;(\d+):", match.group(4) or ""):
+        perfdata[source] = (int(seconds) // 86400, "%g:" % (int(warn) / 86400.0),
+                            "%g:" % (int(crit) / 86400.0))
     statuses = []
     for line in lines[1:]:
         status, _, text = line.partition(" - ")
@@ -339,7 +341,8 @@ def test_progress_only_on_a_terminal_and_for_many_sources(certs, count, tty, sho
 
 def test_leaf_expiring_in_5_days_is_critical_under_crit_days_7(run, serve_dir, dated, root):
     server = serve_dir(dated / "soon5")
-    result = run("--check", "--crit-days", "7", *verified(root, server.address))
+    result = run("--check", "--warn-days", "21", "--crit-days", "7",
+                 *verified(root, server.address))
     assert result.rc == 2, result.out + result.err
     status, _, perfdata, statuses = parse_check(result.out)
     assert status == "CRITICAL"
@@ -350,7 +353,8 @@ def test_leaf_expiring_in_5_days_is_critical_under_crit_days_7(run, serve_dir, d
 
 def test_leaf_expiring_in_10_days_warns_under_warn_days_14(run, serve_dir, dated, root):
     server = serve_dir(dated / "soon10")
-    result = run("--check", "--warn-days", "14", *verified(root, server.address))
+    result = run("--check", "--warn-days", "14", "--crit-days", "7",
+                 *verified(root, server.address))
     assert result.rc == 1, result.out + result.err
     status, _, perfdata, statuses = parse_check(result.out)
     assert (status, statuses[0][0]) == ("WARNING", "WARNING")
@@ -359,10 +363,10 @@ def test_leaf_expiring_in_10_days_warns_under_warn_days_14(run, serve_dir, dated
 
 
 @pytest.mark.parametrize("chain, options, rc", [
-    ("soon5", [], 2),                                    # defaults 21/7
-    ("soon5", ["--crit-days", "3"], 1),
+    ("soon5", ["--warn-days", "21", "--crit-days", "7"], 2),  # the defaults until 0.2
+    ("soon5", ["--warn-days", "21", "--crit-days", "3"], 1),
     ("soon5", ["--warn-days", "4", "--crit-days", "3"], 0),
-    ("soon10", [], 1),
+    ("soon10", ["--warn-days", "21"], 1),
     ("soon10", ["--warn-days", "9"], 0),
     ("soon10", ["--crit-days", "11"], 2),
 ])
@@ -383,7 +387,8 @@ def test_intermediate_expiring_soon_triggers_too(run, serve_dir, dated, root):
     assert "intermediate O=certgrab tests, CN=certgrab test inter5 intermediate expires in " \
            "5 days" in statuses[0][1]
     assert perfdata[server.address][0] == 5
-    result = run("--check", "--crit-days", "3", *verified(root, server.address))
+    result = run("--check", "--warn-days", "21", "--crit-days", "3",
+                 *verified(root, server.address))
     assert result.rc == 1
 
 
@@ -404,11 +409,13 @@ def test_unreachable_source_among_good_ones(run, served, root):
 
 def test_worst_status_wins(run, serve_dir, dated, served, root):
     good, warning = served("ec1"), serve_dir(dated / "soon10")
-    result = run("--check", *verified(root, good.address, warning.address))
+    days = ["--warn-days", "21", "--crit-days", "7"]
+    result = run("--check", *days + verified(root, good.address, warning.address))
     assert result.rc == 1
     assert [s for s, _ in parse_check(result.out)[3]] == ["OK", "WARNING"]
     critical = serve_dir(dated / "soon5")
-    result = run("--check", *verified(root, warning.address, critical.address, good.address))
+    result = run("--check", *days + verified(root, warning.address, critical.address,
+                                            good.address))
     assert result.rc == 2
     assert [s for s, _ in parse_check(result.out)[3]] == ["WARNING", "CRITICAL", "OK"]
 
@@ -436,18 +443,21 @@ def test_garbage_and_http_answers_stay_one_line_each(run, served, root):
 
 # ---------------------------------------------------------------- 3. --same, --expect-file
 
-def test_same_names_the_source_serving_another_leaf(run, served, certs, root):
-    """The odd one is in the middle: majority, not position, decides."""
+def test_same_names_the_sources_behind_the_newest(run, served, certs, root):
+    """The newest is in the middle, outnumbered: the newest chain, not the majority, decides
+    (issue 11: the majority flagged the one up-to-date leader during a rollout)."""
     sources = [served("ec1").address, served("ec1new").address, served("ec1").address]
     result = run("--same", *verified(root, *sources))
     assert result.rc == 2, result.out + result.err
     status, _, _, statuses = parse_check(result.out)
     assert status == "CRITICAL"
     assert_lines_in_order(statuses, sources)
-    assert [s for s, _ in statuses] == ["OK", "CRITICAL", "OK"]
-    odd = statuses[1][1]
-    assert leaf_sha256(certs / "ec1new" / "cert.pem")[:16] in odd
-    assert "2025-01-01T00:00:00Z" in odd, "the odd leaf's notBefore"
+    assert [s for s, _ in statuses] == ["CRITICAL", "OK", "CRITICAL"]
+    for behind in (statuses[0][1], statuses[2][1]):
+        assert leaf_sha256(certs / "ec1" / "cert.pem")[:16] in behind
+        assert "2024-01-01T00:00:00Z" in behind, "the stale leaf's notBefore"
+        assert "the newest (%s)" % sources[1] in behind
+        assert leaf_sha256(certs / "ec1new" / "cert.pem")[:16] in behind
 
 
 def test_same_is_ok_when_the_fleet_has_converged(run, served, root):
@@ -735,7 +745,7 @@ def test_hostile_subject_is_escaped_in_text(run_hostile):
 
 def test_hostile_intermediate_is_escaped_in_check(run_hostile):
     """The intermediate (hostile subject) expires first, so the status line names it."""
-    result = run_hostile("--check", rc=1)
+    result = run_hostile("--check", "--warn-days", "21", rc=1)
     status = parse_check(result.out)[3][0]
     assert status[0] == "WARNING"
     assert "CN=$(touch %s-d)\\x1b[2J\\x1b[H\\x07 expires in 10 days" % MARK in status[1]
@@ -839,7 +849,7 @@ def test_minimal_host_hostile_json_and_check(minimal):
     assert_escaped(proc.stdout, proc.stderr)
     assert json.loads(proc.stdout)[0]["chain"][0]["subject"] == \
         rfc4514(HOSTILE_LEAF)
-    proc = minimal.certgrab("--check", path, *cafile)
+    proc = minimal.certgrab("--check", "--warn-days", "21", path, *cafile)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert_escaped(proc.stdout, proc.stderr)
     assert_nothing_ran()
