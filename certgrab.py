@@ -81,6 +81,7 @@ __version__ = "0.2.0"
 
 import argparse
 import binascii
+import errno
 import hashlib
 import os
 import socket
@@ -125,6 +126,36 @@ def new_chain_reader(ctx, trust, by_key_kind=None):
     return ChainReaderBefore310(ctx, trust, by_key_kind)
 
 
+def open_file_limit(wanted):
+    """How many files this process may open, after raising its soft limit toward
+    wanted (never past the hard limit, and only when it is lower). The resource
+    module does it where it exists. Debian's python3-minimal lacks it: there the
+    soft limit is read with sysconf and cannot be raised; where even that cannot
+    say, ASSUMED_FILE_LIMIT is assumed."""
+    try:
+        import resource
+    except ImportError:
+        return _sysconf_file_limit(wanted)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    unlimited = resource.RLIM_INFINITY
+    if soft != unlimited and soft < wanted:
+        raised = wanted if hard == unlimited else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):   # e.g. macOS caps it at OPEN_MAX
+            pass
+    return wanted if soft == unlimited else soft
+
+
+def _sysconf_file_limit(wanted):
+    try:
+        soft = os.sysconf("SC_OPEN_MAX")        # the soft RLIMIT_NOFILE; -1: unlimited
+    except (ValueError, OSError, AttributeError):
+        return ASSUMED_FILE_LIMIT
+    return wanted if soft < 0 else soft
+
+
 def limit_to_tls12(ctx):
     if hasattr(ctx, "maximum_version"):                       # 3.7+
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
@@ -166,9 +197,17 @@ DEFAULT_PORT = 443
 DEFAULT_TIMEOUT = 10.0  # seconds; one deadline per source: DNS, connect and handshake
 MAX_CHAIN = 20          # certificates a server may send; real chains have 2 to 5
 MAX_FILE = 1 << 20      # bytes read from any local file: PEM, key, password, CA bundle
-MAX_PARALLEL = 32       # sources fetched at once by default (--parallel)
-PARALLEL_LIMIT = 1024   # the most --parallel accepts
+DEFAULT_PARALLEL = 256  # sources fetched at once by default (--parallel): 1,024 sources at
+                        # 100 ms RTT take ~2 s; wider gains little, as the handshakes'
+                        # CPU (~1.5 ms each) then bounds the run
+PARALLEL_LIMIT = 1024   # the most --parallel accepts: one thread per source fetched at once
+FILES_PER_FETCH = 2     # descriptors one fetch may hold at once: its socket, and a DNS
+                        # lookup's socket or a --capath file OpenSSL opens to verify
+FILES_KEPT = 32         # descriptors left for the rest: stdio, --cafile, key, locks, hook
+ASSUMED_FILE_LIMIT = 1024  # open files allowed when the system cannot say (a common default)
+NO_FILE_WAIT = 0.05     # seconds between tries for a socket while no descriptor is free
 PROGRESS_FROM = 8       # sources; from this many on, a terminal sees progress
+PROGRESS_EVERY = 0.1    # seconds between updates of the progress line
 MINUTE, HOUR, DAY = 60, 3600, 86400  # seconds
 WARN_SHARE = 0.2        # --check default: WARNING under a fifth of a certificate's lifetime
 CRIT_SHARE = 0.1        # left, CRITICAL under a tenth. ACME clients renew at a third left
@@ -191,6 +230,8 @@ MAX_PLAINTEXT = 65536   # bytes a server may send before TLS starts
 MAX_REPLY_LINES = 200   # lines in one STARTTLS reply (capability lists are a few dozen)
 HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._*")
 
+FEWER_AT_ONCE = "too many sources at once for this host's limits: raise the open-files " \
+    "limit (ulimit -n) or pass a lower --parallel"
 OUT_DIR_FILES = ("cert.pem", "chain.pem", "fullchain.pem")  # certbot's names
 PRIVKEY_FILE = "privkey.pem"  # certbot's name for the key; in --out-dir with --privkey
 CERTIFICATE_SUFFIXES = (".pem", ".crt", ".cer")  # a SOURCE with one of these is a file
@@ -1247,7 +1288,11 @@ def resolve(target, family, deadline):
             answer.append(exc)
 
     thread = threading.Thread(target=lookup, daemon=True)
-    thread.start()
+    try:
+        thread.start()
+    except RuntimeError:            # "can't start new thread": out of threads or memory
+        raise FetchError("%s: cannot resolve %s: no thread free for the lookup" % (
+            target, target.host), hint=FEWER_AT_ONCE)
     thread.join(remaining(deadline, target, "resolving %s" % target.host))
     if not answer:
         raise timed_out(target, "resolving %s" % target.host)
@@ -1264,7 +1309,7 @@ def open_connection(target, family, deadline):
         raise FetchError("%s: cannot use address %s: %s" % (target, target.host, exc.args[-1]))
     failure = None
     for family, kind, proto, _, address in addresses:
-        sock = socket.socket(family, kind, proto)
+        sock = new_socket(family, kind, proto, target, deadline)
         try:
             sock.settimeout(remaining(deadline, target, "connecting"))
             sock.connect(address)
@@ -1277,6 +1322,21 @@ def open_connection(target, family, deadline):
             failure = exc
     raise FetchError("%s: cannot connect to port %d: %s" % (
         target, target.port, failure.strerror or failure))
+
+
+def new_socket(family, kind, proto, target, deadline):
+    """A socket; while the process (or the system) has no descriptor free, wait
+    for another source to close one, until the deadline."""
+    while True:
+        try:
+            return socket.socket(family, kind, proto)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                raise FetchError("%s: cannot open a socket: %s" % (target, exc.strerror or exc))
+            if deadline - time.monotonic() <= NO_FILE_WAIT:
+                raise FetchError("%s: cannot open a socket: %s" % (target, exc.strerror),
+                                 hint=FEWER_AT_ONCE)
+        time.sleep(NO_FILE_WAIT)
 
 
 MAX_LOCAL_CERTS = 1000      # certificates read from one local file: a CA bundle holds ~150
@@ -1768,7 +1828,8 @@ class ChainReaderBefore310(ChainReader):
 
     def __init__(self, ctx, trust, by_key_kind=None):
         ChainReader.__init__(self, ctx, trust, by_key_kind)
-        self._messages, self._openssl, self._store = [], None, None
+        self._messages, self._openssl, self._store = {}, None, None  # _messages:
+        # connection -> its Certificate message, while it is being read
         if self.method == "msg_callback":
             ctx._msg_callback = self._record
         else:
@@ -1776,15 +1837,16 @@ class ChainReaderBefore310(ChainReader):
 
     def _record(self, conn, direction, version, content_type, msg_type, data):
         if direction == "read" and content_type == TLS_HANDSHAKE and msg_type == TLS_CERTIFICATE:
-            self._messages.append((conn, version, data))
+            self._messages.setdefault(conn, (version, data))
 
     def served_ders(self, tls):
+        """Taken out of _messages, which holds only connections still being read."""
         if self._openssl:
             return self._openssl.peer_chain(tls)
-        for conn, version, data in self._messages:
-            if conn is tls:
-                return parse_certificate_message(data[4:], version == TLS13_VERSION)
-        return []
+        version, data = self._messages.pop(tls, (None, None))
+        if data is None:
+            return []
+        return parse_certificate_message(data[4:], version == TLS13_VERSION)
 
     def verified_ders(self, tls):
         return None             # rebuild_verified finds the path instead
@@ -1917,8 +1979,9 @@ class OpenSSLPeek(object):
 class FetchResult(object):
     """What one source gave, or its error. served: the certificates as sent, in
     their order; issuing: the issuing path from the leaf (clean_path), what files
-    get; verified: the path verification built, root included (when known);
-    problems: how served differed from issuing, for warnings."""
+    get; verified: the path verification built, root included, kept only for
+    --verified-chain (and on Python < 3.10 where rebuilt to count it); problems:
+    how served differed from issuing, for warnings."""
 
     def __init__(self, target):
         self.target, self.error, self.address = target, None, None
@@ -1996,7 +2059,7 @@ def check_completeness(result, reader, verified_ders, settings):
     is completed with them, result.missing counts them, and a problem names
     the server as misconfigured: never install less than a browser needs."""
     if verified_ders is not None:
-        result.verified = parse_chain(verified_ders, "%s: the verified path" % result.target)
+        result.verified = verified_path(result, verified_ders)
     else:
         result.verified = rebuild_verified(result.issuing, reader)
     path = result.verified
@@ -2009,6 +2072,17 @@ def check_completeness(result, reader, verified_ders, settings):
             "%s, without the %d intermediate certificate(s) that verification found in %s: "
             "the server is misconfigured (point it at fullchain.pem); clients that lack them "
             "fail" % (sent_only(sent, len(path)), result.missing, reader.trust))
+
+
+def verified_path(result, ders):
+    """The verified path as certificates. Where it starts with the issuing path,
+    as it nearly always does, those are reused as already parsed: only what the
+    trust store added (intermediates, the root) is decoded here."""
+    sent = [cert.der for cert in result.issuing]
+    source = "%s: the verified path" % result.target
+    if ders[:len(sent)] == sent:
+        return result.issuing + parse_chain(ders[len(sent):], source)
+    return parse_chain(ders, source)
 
 
 def sent_only(sent, complete):
@@ -2147,14 +2221,14 @@ def _wanted_key_kind(result, keys):
 # ---------------------------------------------------------------------------
 
 def fetch_all(targets, reader, settings, reporter):
-    """Fetch every target, --parallel at a time; results in the order given.
-    One thread per source at most; progress on a terminal for long runs."""
+    """Fetch every target, fetch_width at a time; results in the order given.
+    One thread per source fetched at once, taking the next source when done;
+    progress on a terminal for long runs, written by this thread."""
     if len(targets) == 1:
         return [fetch_chain(targets[0], reader, settings)]
     results, pending, lock = [None] * len(targets), list(range(len(targets))), threading.Lock()
     pending.reverse()                                   # pop() takes the first given
-    progress = len(targets) >= PROGRESS_FROM and not reporter.quiet and sys.stderr.isatty()
-    done = [0]
+    done, finished = [0], threading.Event()
 
     def worker():
         while True:
@@ -2162,26 +2236,74 @@ def fetch_all(targets, reader, settings, reporter):
                 if not pending:
                     return
                 index = pending.pop()
-            try:
-                results[index] = fetch_chain(targets[index], reader, settings)
-            except BaseException as exc:  # a bug: re-raised in the main thread below
-                results[index] = exc
+            results[index] = _fetch_guarded(targets[index], reader, settings)
             with lock:
                 done[0] += 1
-                if progress:
-                    reporter.progress("\rcertgrab: %d/%d sources done" % (done[0], len(targets))
-                                      + ("\n" if done[0] == len(targets) else ""))
+                if done[0] == len(targets):
+                    finished.set()
 
-    threads = [threading.Thread(target=worker, daemon=True)
-               for _ in range(min(settings.parallel, len(targets)))]
-    for thread in threads:
-        thread.start()
+    width = fetch_width(settings.parallel, len(targets), reporter)
+    threads = start_workers(worker, width, reporter)
+    if not threads:
+        worker()                        # not even one thread: fetch them here, one by one
+    if len(targets) >= PROGRESS_FROM and not reporter.quiet and sys.stderr.isatty():
+        while not finished.wait(PROGRESS_EVERY) and any(t.is_alive() for t in threads):
+            reporter.progress("\rcertgrab: %d/%d sources done" % (done[0], len(targets)))
+        reporter.progress("\rcertgrab: %d/%d sources done\n" % (done[0], len(targets)))
     for thread in threads:
         thread.join()
     for result in results:
         if isinstance(result, BaseException):
             raise result
     return results
+
+
+def _fetch_guarded(target, reader, settings):
+    """fetch_chain; running out of memory is this source's error. A bug's
+    exception is returned, for fetch_all to raise once every thread is done."""
+    try:
+        return fetch_chain(target, reader, settings)
+    except MemoryError:
+        result = FetchResult(target)
+        result.error = FetchError("%s: out of memory" % target, hint=FEWER_AT_ONCE)
+        return result
+    except BaseException as exc:
+        return exc
+
+
+def fetch_width(parallel, count, reporter):
+    """Sources fetched at once: --parallel (default DEFAULT_PARALLEL), no more
+    than there are sources, and no more than the open-files limit allows once
+    raised toward its hard limit. A --parallel above that is lowered, saying so."""
+    wanted = min(count, parallel or DEFAULT_PARALLEL)
+    limit = open_file_limit(FILES_KEPT + wanted * FILES_PER_FETCH)
+    allowed = max(1, (limit - FILES_KEPT) // FILES_PER_FETCH)
+    if wanted <= allowed:
+        return wanted
+    if parallel:
+        reporter.warn("--parallel %d lowered to %d: this process may open only %d files "
+                      "(ulimit -n), %d per source at once" % (parallel, allowed, limit,
+                                                               FILES_PER_FETCH))
+    else:
+        reporter.info("fetching %d sources at a time: this process may open only %d files "
+                      "(ulimit -n)" % (allowed, limit))
+    return allowed
+
+
+def start_workers(worker, width, reporter):
+    """Start width threads running worker; fewer (said) when the system refuses more."""
+    threads = []
+    for _ in range(width):
+        thread = threading.Thread(target=worker, daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:        # "can't start new thread": out of threads or memory
+            reporter.warn("could start only %d of %d threads (out of threads or memory): "
+                          "fetching %d source(s) at a time" % (len(threads), width,
+                                                                max(1, len(threads))))
+            break
+        threads.append(thread)
+    return threads
 
 
 def choose_result(results, reporter):
@@ -2953,8 +3075,11 @@ def check_report(results, settings, now):
     counts = ", ".join("%d %s" % (sum(s == n for s, _ in lines), NAGIOS[n])
                        for n in range(4) if any(s == n for s, _ in lines))
     labels = [r.target.source.replace("'", "").replace("=", "") for r in results]
+    seen, repeated = set(), set()       # labels given twice get "#n": linear in sources
+    for label in labels:
+        (repeated if label in seen else seen).add(label)
     perfdata = " ".join(check_perfdata(
-        label if labels.count(label) == 1 else "%s #%d" % (label, index + 1),
+        "%s #%d" % (label, index + 1) if label in repeated else label,
         result, settings, now)
         for index, (label, result) in enumerate(zip(labels, results)) if result.issuing)
     first_problem = next(("; first: " + text for status, text in lines if status == worst
@@ -3268,7 +3393,8 @@ OPTIONS = (
          "deadline per source: DNS, connect, handshake (default %g)" % DEFAULT_TIMEOUT),
         (("-4", "--ipv4"), SWITCH, "IPv4 only"),
         (("-6", "--ipv6"), SWITCH, "IPv6 only"),
-        (("--parallel",), "N", "fetch N sources at a time (default %d)" % MAX_PARALLEL),
+        (("--parallel",), "N", "fetch N sources at a time (default %d), fewer if ulimit -n "
+         "is low" % DEFAULT_PARALLEL),
         (("--tls-min",), "VERSION", "offer no TLS version below VERSION (1.0 to 1.3)"),
         (("--tls-max",), "VERSION", "offer no TLS version above VERSION, e.g. 1.2"),
     )),
@@ -3462,10 +3588,10 @@ def _connecting_settings(args, source_count):
     timeout = _number(args.timeout, DEFAULT_TIMEOUT, float)
     if timeout is None or not 0 < timeout < 86400:
         raise UsageError("--timeout must be a number of seconds above 0")
-    parallel = _number(args.parallel, MAX_PARALLEL, int)
+    parallel = _number(args.parallel, 0, int)       # 0: fetch_width chooses
     if parallel is None:
         raise UsageError("--parallel takes a number")
-    if not 1 <= parallel <= PARALLEL_LIMIT:
+    if args.parallel is not None and not 1 <= parallel <= PARALLEL_LIMIT:
         raise UsageError("--parallel must be from 1 to %d" % PARALLEL_LIMIT)
     if args.starttls is not None and args.starttls not in STARTTLS:
         raise UsageError("--starttls %s: unknown protocol; known: %s"

@@ -23,7 +23,14 @@ The speed targets of issue 2, each a ratio of two commands timed in the same run
       of 8 TLS 1.3 servers), wall time of the whole run. Limit 1.0 s (issue 5). Beside it a
       serial loop of `openssl s_client` over 4 of the sources, extrapolated to 64.
 
-      Beside it, for information: how long a fresh interpreter takes to compile certgrab.py
+  (e) a thousand endpoints (issue 15): `certgrab.py --check` over 1,024 sources, with default
+      flags, against a loopback server that waits 100-200 ms after each accept before its
+      handshake (where the kernel has no netem, as here); wall time of the whole run. Limit
+      3.0 s. `--check --same` over the same: limit 3.5 s. Beside them the same fleet checked by a parallel loop of
+      `openssl s_client` (xargs -P32), and with every source the same, no fleet is needed:
+      each SOURCE names the one server again.
+
+      Beside (a), for information: how long a fresh interpreter takes to compile certgrab.py
       (reading and compiling it, less reading it). Python compiles a script anew on every
       run, never caching it, and that compile is nearly all of the difference. Where
       valgrind is installed, (a) is counted again in instructions (callgrind), which do
@@ -33,7 +40,8 @@ Method: every command is a new process, as a user runs it. Runs are interleaved 
 medians are compared. Exit status: 0 when every limit holds, 1 when one fails, 2 when the
 measurement itself could not be made (certgrab failed, a tool is missing...).
 
-Usage: python3 tests/bench.py [--runs N] [--rtt-runs N] [--fleet-runs N] [--python PYTHON]
+Usage: python3 tests/bench.py [--runs N] [--rtt-runs N] [--fleet-runs N] [--thousand-runs N]
+                              [--python PYTHON]
 """
 
 import argparse
@@ -75,6 +83,11 @@ FLEET_SERVERS = 8             # TLS servers behind the 64 proxies (a listen back
 FLEET_RUNS = 5                # rounds for (d)
 LIMIT_D = 1.0                 # seconds for the whole --check run over the fleet
 SERIAL_SAMPLE = 4             # sources the serial s_client loop visits, scaled to FLEET
+THOUSAND = 1024               # sources for (e), as in issue 15
+THOUSAND_DELAY = (0.1, 0.2)   # seconds the (e) server waits after each accept
+THOUSAND_RUNS = 3             # rounds for (e); a round takes ~10 s, mostly the s_client loop
+LIMIT_E, LIMIT_E_SAME = 3.0, 3.5    # seconds: issue 15's acceptance 1 and 2
+XARGS_PARALLEL = 32           # s_client processes at once in the (e) loop
 
 BARE_SCRIPT = r'''
 """Only a verified handshake, then the served chain as PEM: the floor certgrab is held to."""
@@ -440,6 +453,38 @@ def bench_fleet(python, certs, runs):
     return commands, rows
 
 
+def bench_thousand(python, certs, runs):
+    """(e): returns (commands, result rows)."""
+    chain = os.path.join(certs, CHAIN)
+    root = os.path.join(chain, "root.pem")
+    with servers.DelayedTLSServer(os.path.join(chain, "fullchain.pem"),
+                                  os.path.join(chain, "key.pem"), THOUSAND_DELAY) as server:
+        sources = [server.address] * THOUSAND
+        argv = [python, CERTGRAB, "--check", "-n", NAME, "--cafile", root] + sources
+        check = Command("certgrab --check, %d sources, default flags" % THOUSAND, argv)
+        same = Command("certgrab --check --same, %d sources" % THOUSAND, argv + ["--same"])
+        for command in (check, same):
+            check_fleet_output(command, sources)
+        commands = [check, same]
+        if _which("openssl") and _which("xargs"):
+            loop = ("printf '%%s\\n' \"$@\" | xargs -P%d -n1 sh -c 'openssl s_client "
+                    "-connect \"$0\" -servername %s -CAfile %s -verify_return_error "
+                    "</dev/null >/dev/null 2>&1'" % (XARGS_PARALLEL, NAME, root))
+            commands.append(Command("openssl s_client loop, xargs -P%d, %d sources"
+                                    % (XARGS_PARALLEL, THOUSAND), ["sh", "-c", loop, "sh"]
+                                    + sources))
+        measure(commands, runs)
+    rows = [("(e) %d sources, 100-200 ms, --check" % THOUSAND, "%.2f s" % check.median, "",
+             "%.1f s" % LIMIT_E, _verdict(check.median <= LIMIT_E)),
+            ("(e) the same with --same", "%.2f s" % same.median, "", "%.1f s" % LIMIT_E_SAME,
+             _verdict(same.median <= LIMIT_E_SAME))]
+    if len(commands) > 2:
+        loop = commands[2].median
+        rows.append(("    s_client loop, xargs -P%d" % XARGS_PARALLEL, "%.1f s" % loop, "", "",
+                     "(for comparison: %.1fx)" % (loop / check.median)))
+    return commands, rows
+
+
 def _verdict(within_limit, within_target=True):
     if not within_limit:
         return "FAIL"
@@ -477,6 +522,8 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=RUNS, help="rounds for (a), (b)")
     parser.add_argument("--rtt-runs", type=int, default=RTT_RUNS, help="rounds for (c)")
     parser.add_argument("--fleet-runs", type=int, default=FLEET_RUNS, help="rounds for (d)")
+    parser.add_argument("--thousand-runs", type=int, default=THOUSAND_RUNS,
+                        help="rounds for (e)")
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter for certgrab and the bare script (3.10+)")
     args = parser.parse_args(argv)
@@ -488,8 +535,9 @@ def main(argv=None):
             raise BenchError("the bare reference script needs Python 3.10+ (--python)")
         if not _which("openssl"):
             raise BenchError("needs the openssl command (apt-get install openssl)")
-        print("%d interleaved rounds for (a)/(b), %d for (c), %d for (d), medians; RTT %d ms"
-              % (args.runs, args.rtt_runs, args.fleet_runs, RTT * 1000))
+        print("%d interleaved rounds for (a)/(b), %d for (c), %d for (d), %d for (e), medians; "
+              "RTT %d ms" % (args.runs, args.rtt_runs, args.fleet_runs, args.thousand_runs,
+                             RTT * 1000))
         with tempfile.TemporaryDirectory(prefix="certgrab-bench-") as tmp:
             certs = make_certs.generate(os.path.join(tmp, "certs"))
             fullchain = os.path.join(certs, CHAIN, "fullchain.pem")
@@ -503,11 +551,12 @@ def main(argv=None):
                                                      {"1.3": s13.port, "1.2": s12.port},
                                                      args.rtt_runs)
             fleet, fleet_rows = bench_fleet(args.python, certs, args.fleet_runs)
+            thousand, thousand_rows = bench_thousand(args.python, certs, args.thousand_runs)
     except (BenchError, subprocess.SubprocessError, OSError) as e:
         print("bench: %s" % e, file=sys.stderr)
         return 2
-    rows += rtt_rows + fleet_rows
-    print_report(local + remote + fleet, rows)
+    rows += rtt_rows + fleet_rows + thousand_rows
+    print_report(local + remote + fleet + thousand, rows)
     failed = [row[0] for row in rows if row[-1] == "FAIL"]
     print("%s in %.0f s" % ("FAIL: " + "; ".join(failed) if failed else "all limits met",
                             time.monotonic() - started))

@@ -7,6 +7,9 @@ socket. Nothing here can outlive a test: waits are bounded and threads are daemo
     TLSServer(certfile, keyfile, tls="1.3")   stdlib ssl server in a thread; serves certfile
                                               exactly as given (load_cert_chain on the whole
                                               file), so out-of-order or junk chains can be served
+    DelayedTLSServer(certfile, keyfile, delay)   a TLSServer that waits `delay` seconds (or
+                                              (low, high)) after each accept, as a far server
+                                              seems to; backlog 4096
     OpenSSLServer(certfile, keyfile, chainfile, tls="1.2")   `openssl s_server`
     SilentServer()          accepts and never says anything
     GarbageServer(payload)  sends bytes that are not TLS, then keeps the connection open
@@ -57,6 +60,8 @@ def _url_host(host):
 class ThreadedServer(object):
     """Accept loop in a thread; each connection goes to self.handle(conn) in its own thread."""
 
+    backlog = 16  # connections the kernel queues before accept; a fleet's server needs more
+
     def __init__(self, host="127.0.0.1"):
         self.host = host
         self.port = None
@@ -83,7 +88,7 @@ class ThreadedServer(object):
     def start(self):
         self._listener = socket.socket(_family(self.host), socket.SOCK_STREAM)
         self._listener.bind((self.host, 0))
-        self._listener.listen(16)
+        self._listener.listen(self.backlog)
         self._listener.settimeout(POLL)
         self.port = self._listener.getsockname()[1]
         self._spawn(self._accept_loop)
@@ -202,6 +207,31 @@ class TLSServer(ThreadedServer):
             except OSError:
                 break
         _close(tls)
+
+
+class DelayedTLSServer(TLSServer):
+    """A TLSServer that waits `delay` seconds (or, given (low, high), a random time between
+    them) after each accept before the handshake, as a far server seems to (where the kernel
+    has no netem), with a queue long enough for a fleet's worth of clients. `most` is the most
+    clients waiting at once: how many a client fetched at the same time when every source is
+    this server."""
+
+    backlog = 4096
+
+    def __init__(self, certfile, keyfile, delay, **kwargs):
+        TLSServer.__init__(self, certfile, keyfile, **kwargs)
+        self.delay, self.waiting, self.most = delay, 0, 0
+        self._count = threading.Lock()
+
+    def handle(self, conn):
+        with self._count:
+            self.waiting += 1
+            self.most = max(self.most, self.waiting)
+        self._stop.wait(random.uniform(*self.delay) if isinstance(self.delay, tuple)
+                        else self.delay)
+        with self._count:
+            self.waiting -= 1
+        TLSServer.handle(self, conn)
 
 
 class InstalledFilesServer(ThreadedServer):

@@ -140,6 +140,6 @@ def test_help_fills_in_the_defaults(run, certgrab):
     assert "%(" not in text
     for default in ("(default %d)" % certgrab.DEFAULT_PORT,
                     "(default %g)" % certgrab.DEFAULT_TIMEOUT,
-                    "(default %d)" % certgrab.MAX_PARALLEL,
+                    "(default %d)" % certgrab.DEFAULT_PARALLEL,
                     "(default %g%%)" % (certgrab.WARN_SHARE * 100)):
         assert default in text, default

@@ -14,6 +14,7 @@ with an environment that carries nothing of the host's Python set-up.
 """
 
 import os
+import resource
 import shutil
 import ssl
 import subprocess
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from servers import TLSServer, ipv6_available
+from servers import DelayedTLSServer, TLSServer, ipv6_available
 
 ROOTS = Path(os.environ.get("CERTGRAB_ROOTS", "/var/cache/certgrab-roots")).resolve()
 CERTGRAB = Path(__file__).resolve().parent.parent / "certgrab.py"
@@ -174,3 +175,23 @@ def test_without_cafile_says_the_store_is_empty(host, certs):
     assert all(line.startswith("certgrab: hint: ") for line in lines[1:]), proc.stderr
     assert "--cafile" in proc.stderr
     assert not out.exists()
+
+
+def test_parallel_is_lowered_to_ulimit_without_the_resource_module(host, certs):
+    """python3-minimal has no `resource` (and a chroot no /proc): sysconf still tells
+    certgrab the open-files limit, so --parallel is lowered to it and every source served."""
+    chain = certs / "ec1"
+    with DelayedTLSServer(str(chain / "fullchain.pem"), str(chain / "key.pem"), 0.1) as server:
+        sources = ["127.0.0.1:%d" % server.port] * 200
+        proc = subprocess.run(
+            [CHROOT, str(host.root), "python3", host.inside(host.scratch / "certgrab.py"),
+             "--check", "--parallel", "100", "-n", NAME, "--cafile", host.cafile("ec1")]
+            + sources, env=CHROOT_ENV, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, universal_newlines=True, timeout=TIMEOUT,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128)))
+    assert proc.returncode == 0, proc.stdout[:2000] + proc.stderr
+    assert proc.stdout.startswith("CERTGRAB OK - 200 source(s): 200 OK")
+    assert len(proc.stdout.splitlines()) == 201
+    assert proc.stderr == "certgrab: warning: --parallel 100 lowered to 48: this process may " \
+        "open only 128 files (ulimit -n), 2 per source at once\n"
+    assert server.most <= 48
