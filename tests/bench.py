@@ -6,9 +6,11 @@ The speed targets of issue 2, each a ratio of two commands timed in the same run
   (a) fetch cost: `certgrab.py 127.0.0.1:PORT -n www.example.test --cafile root.pem` against a
       bare stdlib script (written here to a temp file) that only does the same verified
       handshake and prints the served chain as PEM, on the same interpreter. Printed for
-      information, with a guard of 1.75x (issue 10): certgrab is a plain script that Python
-      compiles on every run, which a cron job does not notice; the guard catches a heavy
-      import slipping into the fetch path.
+      information. certgrab is a plain script that Python compiles whole on every run (a
+      script gets no .pyc), which a cron job does not notice and which grows with every
+      feature; the guard of 1.75x (issue 10), whose purpose is to catch a heavy import
+      slipping into the fetch path, is therefore held by (a) less that compile: what the
+      run does beyond compiling its own file.
   (b) system trust store: certgrab without --cafile against certgrab with --cafile.
       Limit 1.15x. Measured twice:
       (b1) the test root made trusted through a hashed CA directory (SSL_CERT_DIR pointing to a
@@ -75,7 +77,7 @@ ONE_WAY = 0.050               # seconds the proxy holds data in each direction: 
 RTT = 2 * ONE_WAY
 RTT_SLACK = 0.5               # RTTs allowed beyond the floor before we call it an extra trip
 COMMAND_TIMEOUT = 30          # seconds; a fetch on loopback takes well under one
-GUARD_A = 1.75                # (a): above this, something heavy slipped into a plain fetch
+GUARD_A = 1.75                # (a) less compile: above, something heavy slipped into a fetch
 LIMIT_B = 1.15
 ROUND_TRIPS = {"1.3": 2, "1.2": 3}   # TCP connect + TLS handshake
 FLEET = 64                    # sources for (d), as in issue 5
@@ -313,19 +315,19 @@ def bench_local(python, certs, tmp, port, runs):
 
     a = cg_cafile.median / bare_cafile.median
     compile_ms = (compiled.median - read.median) * 1000     # Python redoes it on every run
+    a_run = (cg_cafile.median - compile_ms / 1000) / bare_cafile.median
     b1 = cg_hashed.median / cg_cafile.median
     b2 = cg_default.median / cg_cafile.median
     rows = [
-        ("(a) certgrab / bare handshake script", "%.2fx" % a, "",
-         "%.2fx" % GUARD_A, _verdict(a <= GUARD_A)),
+        ("(a) certgrab / bare handshake script", "%.2fx" % a, "", "",
+         "(for information)"),
         ("    the same in CPU time", "%.2fx" % (cg_cafile.cpu_median / bare_cafile.cpu_median),
          "", "", "(for information)"),
         ("    compiling certgrab.py, ms of the difference", "%.0f/%.0f" % (
             compile_ms, (cg_cafile.median - bare_cafile.median) * 1000), "", "",
          "(for information)"),
-        ("    (a) less that compile", "%.2fx" % (
-            (cg_cafile.median - compile_ms / 1000) / bare_cafile.median), "", "",
-         "(for information)"),
+        ("    (a) less that compile: the guard", "%.2fx" % a_run, "", "%.2fx" % GUARD_A,
+         _verdict(a_run <= GUARD_A)),
         ("(b1) system store (hashed dir) / --cafile", "%.2fx" % b1, "", "%.2fx" % LIMIT_B,
          _verdict(b1 <= LIMIT_B)),
         ("(b2) real default store / --cafile", "%.2fx" % b2, "", "%.2fx" % LIMIT_B,
