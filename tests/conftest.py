@@ -32,6 +32,7 @@ for path in (ROOT, TESTS):
         sys.path.insert(0, path)
 
 import daemons  # noqa: E402  (needs the path above)
+import daemons_mail  # noqa: E402
 import make_certs  # noqa: E402
 import servers  # noqa: E402
 
@@ -199,6 +200,11 @@ def daemon_fixture(cls, chain):
         running.stop()
 
     return daemon
+
+
+# The real postfix, shared by the modules that use it (test_starttls_mail, test_config): one
+# session fixture, so that it starts once in daemon_root.
+postfix = daemon_fixture(daemons_mail.Postfix, "rsa2")
 
 
 # Helpers for assertions, imported by the test modules ---------------------------------------

@@ -27,14 +27,11 @@ import tempfile
 
 import pytest
 
-from conftest import CERTGRAB, IN_CI, assert_one_error, daemon_fixture, error_lines
-from daemons_mail import Postfix
+from conftest import CERTGRAB, IN_CI, assert_one_error, error_lines
 from install_helpers import NAME, expected, files_ders, snapshot
 from servers import SilentServer
 
 USAGE, FETCH = 2, 3  # exit codes
-
-postfix = daemon_fixture(Postfix, "rsa2")
 
 
 def write_config(path, text):

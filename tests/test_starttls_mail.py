@@ -21,7 +21,7 @@ import pytest
 from conftest import (assert_one_error, assert_prints_served_chain, daemon_fixture, explain,
                       failed_fetch_line, grab, served_chain)
 from daemons import HOST, NAME
-from daemons_mail import Dovecot, Nnrpd, Postfix, Vsftpd
+from daemons_mail import Dovecot, Nnrpd, Vsftpd
 from install_helpers import expected, files_ders, hook_runs, snapshot
 from make_certs import pem_ders
 
@@ -31,7 +31,6 @@ VERIFY = 4  # exit code: verification failed
 
 # Daemons: one instance of each per session, with the chain each serves --------------------
 
-postfix = daemon_fixture(Postfix, "rsa2")
 dovecot = daemon_fixture(Dovecot, "ec2")
 vsftpd = daemon_fixture(Vsftpd, "rsa2")
 nnrpd = daemon_fixture(Nnrpd, "ec2")
