@@ -143,3 +143,62 @@ def test_help_fills_in_the_defaults(run, certgrab):
                     "(default %d)" % certgrab.DEFAULT_PARALLEL,
                     "(default %g%%)" % (certgrab.WARN_SHARE * 100)):
         assert default in text, default
+
+
+# The forms of the command line users rely on (argparse, issue 10) ----------------------------
+
+def parsed(certgrab, *argv):
+    """The Settings certgrab would run with, for argv (no network: validation only)."""
+    parser = certgrab.build_parser()
+    args, sources = certgrab.parse_command_line(parser, list(argv))
+    return certgrab.validate_settings(args, sources, certgrab.Reporter())
+
+
+def test_grouped_short_options_and_attached_values(certgrab):
+    settings = parsed(certgrab, "-4q", "-nwww.example.test", "127.0.0.1")
+    assert settings.family == __import__("socket").AF_INET and settings.quiet
+    assert settings.targets[0].servername == "www.example.test"
+
+
+def test_long_option_with_equals_and_the_last_value_wins(certgrab):
+    settings = parsed(certgrab, "--timeout=3", "127.0.0.1", "--timeout", "4.5",
+                      "--servername=a.example.test", "-n", "b.example.test")
+    assert settings.timeout == 4.5
+    assert settings.targets[0].servername == "b.example.test"
+
+
+def test_sources_anywhere_and_every_word_after_double_dash(certgrab):
+    settings = parsed(certgrab, "10.0.0.1", "-n", "x.example.test", "10.0.0.2", "--",
+                      "10.0.0.3")
+    assert [t.source for t in settings.targets] == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+
+
+def test_grouped_switches_that_exclude_each_other_are_a_usage_error(run):
+    result = run("-qv", "127.0.0.1")
+    assert result.rc == 2
+    assert "--quiet and --verbose exclude each other" in result.err
+
+
+def test_an_abbreviated_long_option_is_refused_with_its_full_name(run):
+    result = run("--serv", "www.example.test", "127.0.0.1")
+    assert result.rc == 2, result.err
+    assert_one_error(result)
+    assert "certgrab: unknown option --serv; long options are spelt in full: --servername" \
+        in result.err
+
+
+def test_usage_error_under_check_is_unknown_with_one_status_line(run):
+    result = run("--check", "127.0.0.1", "--timeout", "soon")
+    assert result.rc == 3
+    assert result.out == "CERTGRAB UNKNOWN - --timeout must be a number of seconds above 0\n"
+    assert "usage:" not in result.err and "Traceback" not in result.err
+
+
+def test_settings_cannot_be_changed_after_validation(certgrab):
+    """Every step sees the command line as validated: Settings refuse assignment."""
+    settings = parsed(certgrab, "127.0.0.1", "--timeout", "3")
+    with pytest.raises(AttributeError):
+        settings.timeout = 99
+    with pytest.raises(AttributeError):
+        del settings.timeout
+    assert settings.timeout == 3.0
