@@ -19,7 +19,8 @@ Runs on CPython 3.6 to 3.13 with the standard library only, including Debian's
 python3-minimal (no json, shutil, ctypes; no CA store: pass --cafile there).
 The file reads in the order a run flows: Compatibility, Constants, Errors and
 messages, Certificates, Keys, Sources and connecting, STARTTLS, TLS, Several
-sources, Install, Reports, Command line, and main() last.
+sources, Install, Reports, Metrics for Prometheus, Command line, Config file,
+and main() with the one run it steps through (run_one) last.
 
 Pipeline
     SOURCE ... --parse--> host, port, name --TCP--> socket --STARTTLS?--> dialogue
