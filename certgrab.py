@@ -2223,13 +2223,38 @@ def _wanted_key_kind(result, keys):
 
 def fetch_all(targets, reader, settings, reporter):
     """Fetch every target, fetch_width at a time; results in the order given.
-    One thread per source fetched at once, taking the next source when done;
-    progress on a terminal for long runs, written by this thread."""
+    Progress on a terminal for long runs, written by this thread."""
     if len(targets) == 1:
         return [fetch_chain(targets[0], reader, settings)]
-    results, pending, lock = [None] * len(targets), list(range(len(targets))), threading.Lock()
+    done, lock = [0], threading.Lock()
+
+    def fetch(target):
+        result = _fetch_guarded(target, reader, settings)
+        with lock:
+            done[0] += 1
+        return result
+
+    def progress(threads):
+        for thread in threads:
+            while thread.is_alive():
+                reporter.progress("\rcertgrab: %d/%d sources done" % (done[0], len(targets)))
+                thread.join(PROGRESS_EVERY)
+        reporter.progress("\rcertgrab: %d/%d sources done\n" % (done[0], len(targets)))
+
+    width = fetch_width(settings.parallel, len(targets), reporter)
+    show = len(targets) >= PROGRESS_FROM and not reporter.quiet and sys.stderr.isatty()
+    return map_in_threads(fetch, targets, width, reporter, "fetching %d source(s)",
+                          progress if show else None)
+
+
+def map_in_threads(function, items, width, reporter, doing, waiting=None):
+    """[function(item) for item in items], width threads at a time (fewer when the
+    host refuses more threads; with none at all, one by one in this thread); each
+    thread takes the next item when done. waiting(threads), if given, runs in this
+    thread meanwhile. An exception escaping function is a bug: raised here, once
+    every thread is done."""
+    results, pending, lock = [None] * len(items), list(range(len(items))), threading.Lock()
     pending.reverse()                                   # pop() takes the first given
-    done, finished = [0], threading.Event()
 
     def worker():
         while True:
@@ -2237,20 +2262,16 @@ def fetch_all(targets, reader, settings, reporter):
                 if not pending:
                     return
                 index = pending.pop()
-            results[index] = _fetch_guarded(targets[index], reader, settings)
-            with lock:
-                done[0] += 1
-                if done[0] == len(targets):
-                    finished.set()
+            try:
+                results[index] = function(items[index])
+            except BaseException as exc:  # a bug: re-raised in the calling thread below
+                results[index] = exc
 
-    width = fetch_width(settings.parallel, len(targets), reporter)
-    threads = start_workers(worker, width, reporter)
+    threads = start_workers(worker, width, reporter, doing)
     if not threads:
-        worker()                        # not even one thread: fetch them here, one by one
-    if len(targets) >= PROGRESS_FROM and not reporter.quiet and sys.stderr.isatty():
-        while not finished.wait(PROGRESS_EVERY) and any(t.is_alive() for t in threads):
-            reporter.progress("\rcertgrab: %d/%d sources done" % (done[0], len(targets)))
-        reporter.progress("\rcertgrab: %d/%d sources done\n" % (done[0], len(targets)))
+        worker()
+    elif waiting:
+        waiting(threads)
     for thread in threads:
         thread.join()
     for result in results:
@@ -2260,16 +2281,13 @@ def fetch_all(targets, reader, settings, reporter):
 
 
 def _fetch_guarded(target, reader, settings):
-    """fetch_chain; running out of memory is this source's error. A bug's
-    exception is returned, for fetch_all to raise once every thread is done."""
+    """fetch_chain; running out of memory is this source's error."""
     try:
         return fetch_chain(target, reader, settings)
     except MemoryError:
         result = FetchResult(target)
         result.error = FetchError("%s: out of memory" % target, hint=FEWER_AT_ONCE)
         return result
-    except BaseException as exc:
-        return exc
 
 
 def fetch_width(parallel, count, reporter):
@@ -2291,8 +2309,9 @@ def fetch_width(parallel, count, reporter):
     return allowed
 
 
-def start_workers(worker, width, reporter):
-    """Start width threads running worker; fewer (said) when the system refuses more."""
+def start_workers(worker, width, reporter, doing):
+    """Start width threads running worker; fewer (said) when the system refuses more.
+    doing says what each thread does, for that warning: "fetching %d source(s)"."""
     threads = []
     for _ in range(width):
         thread = threading.Thread(target=worker, daemon=True)
@@ -2300,8 +2319,7 @@ def start_workers(worker, width, reporter):
             thread.start()
         except RuntimeError:        # "can't start new thread": out of threads or memory
             reporter.warn("could start only %d of %d threads (out of threads or memory): "
-                          "fetching %d source(s) at a time" % (len(threads), width,
-                                                                max(1, len(threads))))
+                          "%s at a time" % (len(threads), width, doing % max(1, len(threads))))
             break
         threads.append(thread)
     return threads
@@ -3760,7 +3778,7 @@ def run_config(parser, args, sources, reporter):
     section does not stop the others; returns the worst exit code."""
     reporter.checking("config %s" % args.config)
     sections = config_sections(parser, args, sources, reporter)  # 1. every section, checked
-    codes = run_sections(sections)                  # 2. fetch, gate, install each
+    codes = run_sections(sections, reporter)        # 2. fetch, gate, install each
     return summarize_sections(sections, codes, reporter)  # 3. which failed, the worst code
 
 
@@ -3896,32 +3914,17 @@ def option_words(action, flag, value):
     return [flag] + value.split()
 
 
-def run_sections(sections):
+def run_sections(sections, reporter):
     """Exit codes of every section, in file order. Sections that share a source run
     one after the other; groups of them run at once, SECTIONS_AT_ONCE at most."""
-    codes, groups, lock = [None] * len(sections), source_groups(sections), threading.Lock()
+    codes, groups = [None] * len(sections), source_groups(sections)
 
-    def worker():
-        while True:
-            with lock:
-                if not groups:
-                    return
-                group = groups.pop(0)
-            for index in group:
-                try:
-                    codes[index] = run_section(sections[index])
-                except BaseException as exc:   # a bug: re-raised in the main thread below
-                    codes[index] = exc
+    def run_group(group):
+        for index in group:
+            codes[index] = run_section(sections[index])
 
-    threads = [threading.Thread(target=worker, daemon=True)
-               for _ in range(min(SECTIONS_AT_ONCE, len(groups)))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for code in codes:
-        if isinstance(code, BaseException):
-            raise code
+    map_in_threads(run_group, groups, min(SECTIONS_AT_ONCE, len(groups)), reporter,
+                   "running %d group(s) of sections")
     return codes
 
 
