@@ -2221,9 +2221,10 @@ def _wanted_key_kind(result, keys):
 # Several sources: fetched at once, the newest good chain wins.
 # ---------------------------------------------------------------------------
 
-def fetch_all(targets, reader, settings, reporter):
+def fetch_all(targets, reader, settings, reporter, sharers=1):
     """Fetch every target, fetch_width at a time; results in the order given.
-    Progress on a terminal for long runs, written by this thread."""
+    Progress on a terminal for long runs, written by this thread. sharers: how
+    many runs (--config's sections) share this process's limits at once."""
     if len(targets) == 1:
         return [fetch_chain(targets[0], reader, settings)]
     done, lock = [0], threading.Lock()
@@ -2241,7 +2242,7 @@ def fetch_all(targets, reader, settings, reporter):
                 thread.join(PROGRESS_EVERY)
         reporter.progress("\rcertgrab: %d/%d sources done\n" % (done[0], len(targets)))
 
-    width = fetch_width(settings.parallel, len(targets), reporter)
+    width = fetch_width(settings.parallel, len(targets), reporter, sharers)
     show = len(targets) >= PROGRESS_FROM and not reporter.quiet and sys.stderr.isatty()
     return map_in_threads(fetch, targets, width, reporter, "fetching %d source(s)",
                           progress if show else None)
@@ -2290,22 +2291,24 @@ def _fetch_guarded(target, reader, settings):
         return result
 
 
-def fetch_width(parallel, count, reporter):
+def fetch_width(parallel, count, reporter, sharers=1):
     """Sources fetched at once: --parallel (default DEFAULT_PARALLEL), no more
     than there are sources, and no more than the open-files limit allows once
-    raised toward its hard limit. A --parallel above that is lowered, saying so."""
+    raised toward its hard limit, shared by the sharers runs at once (--config's
+    sections). A --parallel above that is lowered, saying so."""
     wanted = min(count, parallel or DEFAULT_PARALLEL)
-    limit = open_file_limit(FILES_KEPT + wanted * FILES_PER_FETCH)
-    allowed = max(1, (limit - FILES_KEPT) // FILES_PER_FETCH)
+    limit = open_file_limit(FILES_KEPT + wanted * FILES_PER_FETCH * sharers)
+    allowed = max(1, (limit - FILES_KEPT) // FILES_PER_FETCH // sharers)
     if wanted <= allowed:
         return wanted
+    shared = ", shared by %d sections at once" % sharers if sharers > 1 else ""
     if parallel:
         reporter.warn("--parallel %d lowered to %d: this process may open only %d files "
-                      "(ulimit -n), %d per source at once" % (parallel, allowed, limit,
-                                                               FILES_PER_FETCH))
+                      "(ulimit -n), %d per source at once%s" % (parallel, allowed, limit,
+                                                                 FILES_PER_FETCH, shared))
     else:
         reporter.info("fetching %d sources at a time: this process may open only %d files "
-                      "(ulimit -n)" % (allowed, limit))
+                      "(ulimit -n)%s" % (allowed, limit, shared))
     return allowed
 
 
@@ -3918,13 +3921,13 @@ def run_sections(sections, reporter):
     """Exit codes of every section, in file order. Sections that share a source run
     one after the other; groups of them run at once, SECTIONS_AT_ONCE at most."""
     codes, groups = [None] * len(sections), source_groups(sections)
+    at_once = min(SECTIONS_AT_ONCE, len(groups))
 
     def run_group(group):
         for index in group:
-            codes[index] = run_section(sections[index])
+            codes[index] = run_section(sections[index], at_once)
 
-    map_in_threads(run_group, groups, min(SECTIONS_AT_ONCE, len(groups)), reporter,
-                   "running %d group(s) of sections")
+    map_in_threads(run_group, groups, at_once, reporter, "running %d group(s) of sections")
     return codes
 
 
@@ -3944,11 +3947,12 @@ def source_groups(sections):
     return [sorted(indexes) for _, indexes in groups]
 
 
-def run_section(section):
-    """One section: its exit code; an expected failure is its own error line."""
+def run_section(section, sharers):
+    """One section: its exit code; an expected failure is its own error line.
+    sharers: how many sections run at once, sharing the open-files limit."""
     settings, reporter = section.settings, section.reporter
     try:
-        code, failure = run_one(settings, section.reader, reporter), None
+        code, failure = run_one(settings, section.reader, reporter, sharers), None
     except CertgrabError as exc:
         reporter.error(exc)
         code, failure = exc.exit_code, exc
@@ -4000,17 +4004,17 @@ def main(argv=None):
         return report_failure(exc, argv, reporter)
 
 
-def run_one(settings, reader, reporter):
+def run_one(settings, reader, reporter, sharers=1):
     """One certificate: fetch every source, then deliver, then --prometheus.
     Returns the exit code; an expected failure raises CertgrabError, after the
-    metrics have recorded it."""
+    metrics have recorded it. sharers: see fetch_all."""
     clock = (time.time(), time.monotonic())
     reporter.checking("%s from %s" % (settings.targets[0].verify_name,
                                       " ".join(settings.sources)))
     if settings.insecure:
         reporter.warn("--insecure: the chain is NOT verified; anyone on the path could "
                       "have sent it")
-    results = fetch_all(settings.targets, reader, settings, reporter)  # 1. handshakes
+    results = fetch_all(settings.targets, reader, settings, reporter, sharers)  # 1. fetch
     try:
         code, outcome = deliver(results, settings, reader, reporter)  # 2. to 4. below
     except CertgrabError as exc:

@@ -200,3 +200,27 @@ def test_no_thread_free_fetches_with_the_threads_there_are(fleet_server, certs, 
     assert "of 16 threads (out of threads or memory): fetching " in err
     assert "Traceback" not in err
     assert fleet_server.most < 4
+
+
+def test_config_sections_run_at_once_share_the_open_files_limit(certs, root, tmp_path):
+    """Two --config sections on different sources run at once: each gets half of what
+    the open-files limit allows, says so when its --parallel is lowered, and every source
+    of both is reported."""
+    chain = certs / "ec1"
+    with DelayedTLSServer(chain / "fullchain.pem", chain / "key.pem", DELAY) as first, \
+            DelayedTLSServer(chain / "fullchain.pem", chain / "key.pem", DELAY) as second:
+        config = tmp_path / "fleet.conf"
+        config.write_text("[DEFAULT]\nservername = %s\ncafile = %s\ncheck = yes\n"
+                          "parallel = 200\n\n[first]\nsource = %s\n\n[second]\nsource = %s\n"
+                          % (NAME, root, " ".join([first.address] * 100),
+                             " ".join([second.address] * 100)))
+        rc, out, err = run_limited([CERTGRAB, "--config", str(config)],
+                                   [(resource.RLIMIT_NOFILE, (256, 256))])
+    assert rc == 0, out + err
+    share = (256 - 32) // 2 // 2        # FILES_KEPT, FILES_PER_FETCH, two sections at once
+    lowered = ("--parallel 200 lowered to %d: this process may open only 256 files "
+               "(ulimit -n), 2 per source at once, shared by 2 sections at once" % share)
+    assert err.count(lowered) == 2, err
+    assert out.count("\nOK - ") == 200, out
+    assert "Traceback" not in err
+    assert first.most <= share and second.most <= share
