@@ -197,11 +197,14 @@ NAME_AS_STR = sys.version_info < (3, 7)
 DEFAULT_PORT = 443
 DEFAULT_TIMEOUT = 10.0  # seconds; one deadline per source: DNS, connect and handshake
 MAX_CHAIN = 20          # certificates a server may send; real chains have 2 to 5
-MAX_FILE = 1 << 20      # bytes read from any local file: PEM, key, password, CA bundle
+MAX_FILE = 1 << 20      # bytes read from a key, password, --config, --expect-file or output
+MAX_LOCAL_FILE = 8 << 20  # bytes of a local certificate file (SOURCE): 1000 PEM are ~2 MiB
+MAX_LOCAL_CERTS = 1000  # certificates read from one local file: a CA bundle holds ~150
 DEFAULT_PARALLEL = 256  # sources fetched at once by default (--parallel): 1,024 sources at
                         # 100 ms RTT take ~2 s; wider gains little, as the handshakes'
                         # CPU (~1.5 ms each) then bounds the run
 PARALLEL_LIMIT = 1024   # the most --parallel accepts: one thread per source fetched at once
+SECTIONS_AT_ONCE = 8    # sections run concurrently at most; each opens --parallel connections
 FILES_PER_FETCH = 2     # descriptors one fetch may hold at once: its socket, and a DNS
                         # lookup's socket or a --capath file OpenSSL opens to verify
 FILES_KEPT = 32         # descriptors left for the rest: stdio, --cafile, key, locks, hook
@@ -308,7 +311,7 @@ class Reporter(object):
     def error(self, exc):
         self._write("certgrab: %s\n" % exc)
         if exc.hint:
-            self._write("certgrab: hint: %s\n" % exc.hint)
+            self.hint(exc.hint)
 
     def hint(self, text):
         self._write("certgrab: hint: %s\n" % text)
@@ -333,8 +336,7 @@ class Reporter(object):
         """A line that rewrites itself on a terminal."""
         self._write(text)
 
-    @staticmethod
-    def _write(text):
+    def _write(self, text):
         try:
             sys.stderr.write(text)
             sys.stderr.flush()
@@ -375,7 +377,7 @@ class SectionReporter(Reporter):
         self.section = section
 
     def _write(self, text):
-        Reporter._write(text.replace("certgrab: ", "certgrab: [%s] " % self.section, 1))
+        Reporter._write(self, text.replace("certgrab: ", "certgrab: [%s] " % self.section, 1))
 
     def checking(self, subject):
         Reporter.checking(self, "section %s: %s" % (self.section, subject))
@@ -402,7 +404,6 @@ def open_syslog():
 DER_INTEGER, DER_BIT_STRING, DER_OCTET_STRING, DER_OID = 0x02, 0x03, 0x04, 0x06
 DER_SEQUENCE, DER_SET = 0x30, 0x31
 DER_VERSION, DER_EXTENSIONS = 0xA0, 0xA3          # [0] and [3] in TBSCertificate
-SAN_DNS, SAN_IP = 0x82, 0x87                      # GeneralName [2] and [7]
 SAN_TYPES = {0xA0: "othername", 0x81: "email", 0x82: "DNS", 0xA3: "X400Name", 0xA4: "DirName",
              0xA5: "EdiPartyName", 0x86: "URI", 0x87: "IP", 0x88: "RID"}   # OpenSSL's names
 DER_BOOLEAN, DER_T61_STRING = 0x01, 0x14
@@ -541,6 +542,11 @@ class Certificate(object):
                     and name.split(".", 1)[1] == pattern[2:]:
                 return True
         return False
+
+    @property
+    def covered_names(self):
+        """The names the certificate covers, for messages: "a, b", or "no names"."""
+        return printable(", ".join(self.dns_names + self.ip_addresses)) or "no names"
 
     def describe(self):
         return "serial %s issued %s, expires %s" % (
@@ -750,12 +756,6 @@ def _attribute_value(data, item):
         if item[0] != DER_T61_STRING:
             raise ParseError("malformed certificate: a name holds invalid %s" % codec.upper())
         return _escape_dn_value(raw.decode("latin-1"))
-
-
-def _string(data, item):
-    raw = data[item[1]:item[2]]
-    codec = {0x1E: "utf-16-be", 0x1C: "utf-32-be", 0x14: "latin-1"}.get(item[0], "utf-8")
-    return raw.decode(codec, "replace")
 
 
 def _name(data, item):
@@ -1338,10 +1338,6 @@ def new_socket(family, kind, proto, target, deadline):
                 raise FetchError("%s: cannot open a socket: %s" % (target, exc.strerror),
                                  hint=FEWER_AT_ONCE)
         time.sleep(NO_FILE_WAIT)
-
-
-MAX_LOCAL_CERTS = 1000      # certificates read from one local file: a CA bundle holds ~150
-MAX_LOCAL_FILE = 8 << 20    # bytes of one local file: 1000 PEM certificates are ~2 MiB
 
 
 def read_local_chain(result):
@@ -1989,7 +1985,7 @@ class FetchResult(object):
         self.served, self.issuing, self.problems, self.verified = [], [], [], []
         self.tls_version = self.cipher = self.verify_error = self.note = None
         self.elapsed = 0.0
-        self.key = None         # the --key-path the leaf matched (check_gate)
+        self.key = None         # the --key-path the leaf matched (refetch_for_key)
         self.missing = 0        # intermediates the server left out (check_completeness)
 
     @property
@@ -2101,7 +2097,7 @@ def explain_verify_failure(failure, result, trust, installing):
     lower = reason.lower()
     if "match" in lower:
         hint = "the leaf covers %s; pass -n/--servername with one of those names" % (
-            printable(", ".join(leaf.dns_names + leaf.ip_addresses)) or "no names")
+            leaf.covered_names)
     elif "issuer" not in lower and "self signed" not in lower and "self-signed" not in lower:
         hint = verify_hint(reason, result.target, trust, installing)
     elif len(result.issuing) == 1 and not leaf.self_issued and not leaf.is_ca:
@@ -2192,12 +2188,16 @@ def verify_hint(message, target, trust, installing=False):
 
 
 def refetch_for_key(result, reader, settings):
-    """The server sent the certificate for the other key type than --key-path
+    """Match the leaf with the --key-path keys, once (result.key, for the gate).
+    When none matches and the server sent the certificate for the other key type
     (a dual-certificate server): ask again, offering only that type's suites."""
+    if result.error is None:
+        result.key = matching_key(settings.keys, result.leaf)
     wanted = _wanted_key_kind(result, settings.keys)
     if wanted and wanted in reader.by_key_kind:
         retry = _fetch_once(result.target, reader.by_key_kind[wanted], settings)
         if retry.error is None:
+            retry.key = matching_key(settings.keys, retry.leaf)
             retry.note = "asked again for the %s certificate, matching --key-path" % wanted
             return retry
     return result
@@ -2206,7 +2206,7 @@ def refetch_for_key(result, reader, settings):
 def _wanted_key_kind(result, keys):
     """The other key type, when no --key-path matches the served leaf and one of
     them is (or, for a key certgrab cannot read, may be) of that type."""
-    if not keys or result.error is not None or matching_key(keys, result.leaf) is not None:
+    if not keys or result.error is not None or result.key is not None:
         return None
     served = result.leaf.key_type.split()[0]
     kinds = [key.kind for key in keys if key.kind and key.kind != served]
@@ -2350,16 +2350,14 @@ def choose_result(results, reporter):
 # ---------------------------------------------------------------------------
 
 def check_gate(result, keys, now):
-    """The install gate: the key, the name and the dates; raises RefusedError.
-    Sets result.key to the --key-path the leaf matched."""
+    """The install gate: the key (matched while fetching: refetch_for_key), the
+    name and the dates; raises RefusedError."""
     leaf, target = result.leaf, result.target
-    result.key = matching_key(keys, leaf)
     if keys and result.key is None:
         raise key_mismatch(target, leaf, keys)
     if not leaf.covers(target.verify_name):
         raise RefusedError("%s: the leaf does not cover %s; it covers: %s" % (
-            target, target.verify_name,
-            printable(", ".join(leaf.dns_names + leaf.ip_addresses)) or "no names"))
+            target, target.verify_name, leaf.covered_names))
     if now < leaf.not_before:
         raise RefusedError("%s: the leaf is not valid before %s" % (
             target, format_time(leaf.not_before)), hint="check this machine's clock (date -u)")
@@ -2405,7 +2403,7 @@ def refusal_details(result):
                 result.target, leaf.serial_hex, format_time(leaf.not_before),
                 format_time(leaf.not_after)),
             "%s: refused: chain, leaf first: %s" % (result.target, "; ".join(
-                '"%s"' % printable(cert.subject) for cert in result.issuing))]
+                '"%s"' % cert.name for cert in result.issuing))]
 
 
 def plan_outputs(out_dir, paths, key_paths, privkey=False):
@@ -3142,10 +3140,8 @@ def most_urgent(certs, settings, now):
 def check_source(result, settings, now):
     """(status, text) for one source."""
     target = result.target
-    if result.error is not None and not result.served:
-        return 2, "%s" % result.error
-    if result.verify_error:
-        return 2, "%s" % result.error
+    if result.verify_error or result.error is not None and not result.served:
+        return 2, "%s" % result.error       # unreachable, malformed, or not verified
     leaf = result.issuing[0]
     difference = settings.expected is not None and expect_difference(result, settings)
     if difference:
@@ -3233,7 +3229,7 @@ def cert_summary(cert, index):
     """The leaf or intermediate N of a chain, by subject, sha256 and notBefore."""
     if cert is None:
         return "no intermediate %d" % index
-    what = "the leaf" if index == 0 else 'intermediate %d "%s"' % (index, printable(cert.subject))
+    what = "the leaf" if index == 0 else 'intermediate %d "%s"' % (index, cert.name)
     return "%s (%s)" % (what, leaf_summary(cert))
 
 
@@ -3771,9 +3767,6 @@ def make_reader(settings):
 # ---------------------------------------------------------------------------
 # Config file: one section per certificate, keys named like the long options.
 # ---------------------------------------------------------------------------
-
-SECTIONS_AT_ONCE = 8    # sections run concurrently at most; each opens --parallel connections
-
 
 def run_config(parser, args, sources, reporter):
     """--config: every section (or the one --section names), all validated before
