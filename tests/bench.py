@@ -10,7 +10,8 @@ The speed targets of issue 2, each a ratio of two commands timed in the same run
       script gets no .pyc), which a cron job does not notice and which grows with every
       feature; the guard of 1.75x (issue 10), whose purpose is to catch a heavy import
       slipping into the fetch path, is therefore held by (a) less that compile: what the
-      run does beyond compiling its own file.
+      run does beyond compiling its own file (confirmed by the founders). The raw ratio,
+      compile included, is held under 2.5x so that the file's growth stays in view.
   (b) system trust store: certgrab without --cafile against certgrab with --cafile.
       Limit 1.15x. Measured twice:
       (b1) the test root made trusted through a hashed CA directory (SSL_CERT_DIR pointing to a
@@ -78,6 +79,7 @@ RTT = 2 * ONE_WAY
 RTT_SLACK = 0.5               # RTTs allowed beyond the floor before we call it an extra trip
 COMMAND_TIMEOUT = 30          # seconds; a fetch on loopback takes well under one
 GUARD_A = 1.75                # (a) less compile: above, something heavy slipped into a fetch
+LIMIT_A_RAW = 2.5             # (a) as measured, compile included: the file's size stays in view
 LIMIT_B = 1.15
 ROUND_TRIPS = {"1.3": 2, "1.2": 3}   # TCP connect + TLS handshake
 FLEET = 64                    # sources for (d), as in issue 5
@@ -319,8 +321,8 @@ def bench_local(python, certs, tmp, port, runs):
     b1 = cg_hashed.median / cg_cafile.median
     b2 = cg_default.median / cg_cafile.median
     rows = [
-        ("(a) certgrab / bare handshake script", "%.2fx" % a, "", "",
-         "(for information)"),
+        ("(a) certgrab / bare handshake script", "%.2fx" % a, "", "%.2fx" % LIMIT_A_RAW,
+         _verdict(a <= LIMIT_A_RAW)),
         ("    the same in CPU time", "%.2fx" % (cg_cafile.cpu_median / bare_cafile.cpu_median),
          "", "", "(for information)"),
         ("    compiling certgrab.py, ms of the difference", "%.0f/%.0f" % (
