@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # Debian python3-minimal roots for tests/test_minimal_hosts.py (see tests/make_roots.sh).
 CERTGRAB_ROOTS ?= /var/cache/certgrab-roots
 
-.PHONY: help test venv demo bench lint roots clean distclean
+.PHONY: help test venv demo bench lint man roots clean distclean
 
 help:
 	@echo "make test       run the test suite (first run creates $(VENV) and installs pytest);"
@@ -19,6 +19,7 @@ help:
 	@echo "make bench      measure speed against a bare handshake, the system store, and 100 ms RTT"
 	@echo "make lint       pyflakes over certgrab.py and tests/, then byte-compile certgrab.py"
 	@echo "                under every python3.6 ... python3.13 found"
+	@echo "make man        regenerate docs/certgrab.1 from certgrab.py (after changing an option)"
 	@echo "make roots      build the Debian 12/11 python3-minimal roots (root, debootstrap) in"
 	@echo "                CERTGRAB_ROOTS=$(CERTGRAB_ROOTS)"
 	@echo "make clean      remove $(BUILD)/ and Python caches"
@@ -63,6 +64,11 @@ lint: venv
 	done; \
 	[ $$found -gt 0 ] || { echo "lint: no python3.6 ... python3.13 found"; exit 1; }; \
 	[ $$failed -eq 0 ]
+
+# The man page, from the option table that builds --help and the module docstring
+# (tests/make_man.py). It is committed; tests/test_docs.py fails while it is out of date.
+man:
+	$(PYTHON) tests/make_man.py docs/certgrab.1
 
 roots:
 	CERTGRAB_ROOTS=$(CERTGRAB_ROOTS) sh tests/make_roots.sh

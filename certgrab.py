@@ -217,7 +217,7 @@ WARN_SHARE = 0.2        # --check default: WARNING under a fifth of a certificat
 CRIT_SHARE = 0.1        # left, CRITICAL under a tenth. ACME clients renew at a third left
                         # (half under 10 days: certbot 4): a fifth left is a renewal overdue
                         # by 12 days of 90 or 43 hours of 6, and a 6-day certificate is
-                        # CRITICAL with 14.4 hours left. README: "Short-lived certificates".
+                        # CRITICAL with 14.4 hours left. docs/certificates.md.
 DURATION_UNITS = {"s": 1, "m": MINUTE, "h": HOUR, "d": DAY}  # --warn/--crit 90m, 36h, 2d
 HOURS_BELOW = 7 * DAY   # seconds; spans shorter than a week are told in days and hours
 MAX_NAMES_SHOWN = 3     # SANs that name a certificate with an empty subject in a message
@@ -487,7 +487,7 @@ class Certificate(object):
     subjectAltName as (type, text)), dns_names and ip_addresses (those of type
     DNS and IP), and is_ca; name (for messages: the subject, or the SANs when
     it is empty) and lifetime (seconds) are derived. The fields agree with
-    pyca/cryptography's reading; README's "--json" section says where their
+    pyca/cryptography's reading; docs/monitoring.md ("--json") says where their
     formats differ.
     """
 
@@ -3398,10 +3398,10 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message or "argparse wanted to exit with status %d" % status)
 
 
-# Every option: (group, ((flags, value, help), ...)) in --help's order, as README's
-# usage table groups them. value is the metavar, SWITCH for a flag without one, and
-# "NAME..." for an option that may be given more than once. --config reads its keys
-# from the same definitions (file_options).
+# Every option: (group, ((flags, value, help), ...)) in --help's order, as docs/options.md
+# and the man page (tests/make_man.py) group them. value is the metavar, SWITCH for a flag
+# without one, and "NAME..." for an option that may be given more than once. --config
+# reads its keys from the same definitions (file_options).
 SWITCH = None
 OPTIONS = (
     ("connecting", (

@@ -7,7 +7,7 @@ pyca/cryptography parses from the same file. A file cryptography refuses (to loa
 field certgrab reports) must be certgrab's one-line error too, never a traceback; the few
 files where certgrab deliberately differs are listed in DIFFERENT with the reason.
 
-Normalisations (certgrab's documented formats, README "Fields"):
+Normalisations (certgrab's documented formats, docs/monitoring.md "--json"):
     subject, issuer  RFC 4514 in the order encoded, RDNs joined by ", " (cryptography's
                      rfc4514_string() reverses the order and joins by ","); certgrab also
                      says serialNumber and emailAddress; a value without a string form

@@ -5,7 +5,7 @@ mode.
     2. a real prometheus-node-exporter on loopback scrapes the file and shows the values
     3. install outcomes and the last successful sync, carried across failed runs
     4. SIGKILL at random moments and at fsync/rename (strace): FILE is old or new, never half
-    5. README's alert rules pass promtool check rules
+    5. the alert rules of docs/monitoring.md pass promtool check rules
 """
 
 import os
@@ -26,7 +26,7 @@ from profiles import DAY, make_profile_chain
 from servers import TLSServer
 
 HOUR = 3600  # seconds
-README = os.path.join(os.path.dirname(CERTGRAB), "README.md")
+MONITORING = os.path.join(os.path.dirname(CERTGRAB), "docs", "monitoring.md")
 NODE_EXPORTER = "/usr/bin/prometheus-node-exporter"
 SERIES = re.compile(r'^([a-z_]+)\{((?:[a-z_0-9]+="(?:[^"\\]|\\.)*",?)*)\} (\S+)$')
 LABEL = re.compile(r'([a-z_0-9]+)="((?:[^"\\]|\\.)*)"')
@@ -353,10 +353,10 @@ def test_stale_temps_are_removed_after_an_hour(run, chain, tmp_path, certgrab):
     assert not stale.exists() and fresh.exists(), "a running write's temp is left alone"
 
 
-# ---------------------------------------------------------------- 5. README's rules
+# ---------------------------------------------------------------- 5. the documented rules
 
-def test_readme_alert_rules_pass_promtool(tmp_path):
-    with open(README) as f:
+def test_documented_alert_rules_pass_promtool(tmp_path):
+    with open(MONITORING) as f:
         text = f.read()
     rules = re.search(r"Example alert rules.*?```yaml\n(.*?)```", text, re.S).group(1)
     for name in ("certgrab_certificate_not_after_timestamp_seconds",

@@ -2,11 +2,13 @@
 
   * contrib/ansible passes ansible-lint's production profile;
   * `systemd-analyze verify` accepts contrib/certgrab.service and certgrab.timer with no
-    warning at all (an unknown or misspelt directive is only a warning: it fails here too);
+    warning at all (an unknown or misspelt directive is only a warning: it fails here too),
+    including the unit's Documentation=man:certgrab(1), which verify looks up with man;
   * contrib/ansible/site.yml runs with ansible-playbook against two hosts of this machine:
     local connections, each host a directory tree (certgrab_root), one scheduled by systemd
     (units installed and the timer enabled offline with systemctl --root, then verified in
-    that root), one by cron. The key comes out of an ansible-vault file; each host then
+    that root), one by cron. Both get the man page, and `man certgrab` finds it there. The
+    key comes out of an ansible-vault file; each host then
     serves its installed files (servers.InstalledFilesServer, as nginx reloaded by the hook
     would), and the role's last step, `certgrab --check --same` over the leader and both
     hosts, passes. A second run changes nothing.
@@ -24,6 +26,7 @@ from install_helpers import NAME, expected, files_ders
 from servers import InstalledFilesServer
 
 CONTRIB = os.path.join(ROOT, "contrib")
+MAN_PAGE = os.path.join(ROOT, "docs", "certgrab.1")
 ANSIBLE = os.path.join(CONTRIB, "ansible")
 BIN = os.path.dirname(sys.executable)  # the test venv: ansible-playbook, ansible-vault
 PLAYBOOK_TIMEOUT = 120  # seconds; a run takes about 15 s on this 2-core machine
@@ -40,18 +43,32 @@ def tool(name, where=None):
 
 
 def verify_units(*paths, **kw):
-    """systemd-analyze verify PATHS (with the drop-ins beside them): (exit code, output)."""
+    """systemd-analyze verify PATHS (with the drop-ins beside them): (exit code, output).
+    man_path: where the man pages of Documentation= are (verify runs man to find them)."""
     completed = subprocess.run([tool("systemd-analyze"), "verify"] + list(paths),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               universal_newlines=True, timeout=60, cwd=kw.get("cwd"))
+                               universal_newlines=True, timeout=60, cwd=kw.get("cwd"),
+                               env=dict(os.environ, MANPATH=kw.get("man_path", "")))
     return completed.returncode, completed.stdout
 
 
 def test_units_pass_systemd_analyze_verify(tmp_path):
     for name in ("certgrab.service", "certgrab.timer"):
         shutil.copy(os.path.join(CONTRIB, name), str(tmp_path / name))
-    code, output = verify_units("./certgrab.service", "./certgrab.timer", cwd=str(tmp_path))
+    (tmp_path / "man" / "man1").mkdir(parents=True)
+    shutil.copy(MAN_PAGE, str(tmp_path / "man" / "man1" / "certgrab.1"))
+    code, output = verify_units("./certgrab.service", "./certgrab.timer", cwd=str(tmp_path),
+                                man_path=str(tmp_path / "man"))
     assert (code, output) == (0, "")
+
+
+def test_verify_looks_up_the_documentation_man_page(tmp_path):
+    """Without the man page, the unit's Documentation= is reported: the check above sees it."""
+    shutil.copy(os.path.join(CONTRIB, "certgrab.service"), str(tmp_path / "certgrab.service"))
+    (tmp_path / "man").mkdir()
+    code, output = verify_units("./certgrab.service", cwd=str(tmp_path),
+                                man_path=str(tmp_path / "man"))
+    assert "Command 'man certgrab(1)' failed" in output
 
 
 def test_a_bad_unit_fails_the_same_check(tmp_path):
@@ -126,6 +143,20 @@ def recap(output):
     return hosts
 
 
+def assert_man_certgrab_works(man_path):
+    """The role installed docs/certgrab.1 there, and `man certgrab` (that manpath) shows it."""
+    page = man_path / "man1" / "certgrab.1"
+    with open(MAN_PAGE, "rb") as f:
+        assert page.read_bytes() == f.read()
+    assert oct(page.stat().st_mode & 0o777) == "0o644"
+    completed = subprocess.run([tool("man"), "-M", str(man_path), "certgrab"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               universal_newlines=True, timeout=60,
+                               env=dict(os.environ, MANPAGER="cat", PAGER="cat", MANWIDTH="80"))
+    assert (completed.returncode, completed.stderr) == (0, "")
+    assert "certgrab - fetch the certificate chain a TLS server presents" in completed.stdout
+
+
 def test_ansible_rollout_to_two_hosts_then_check_same(certs, served, started, tmp_path):
     tool("systemctl")
     leader = served("ec1")
@@ -159,10 +190,14 @@ def test_ansible_rollout_to_two_hosts_then_check_same(certs, served, started, tm
         assert oct(key.stat().st_mode & 0o777) == "0o600"
     assert all(member.handshakes >= 1 for member in members)   # the group check dialled them
 
+    for host in ("web1", "web2"):
+        assert_man_certgrab_works(root / host / "usr/local/share/man")
+
     web1 = root / "web1"
     assert (web1 / "etc/systemd/system/timers.target.wants/certgrab.timer").is_symlink()
     code, output = verify_units("./certgrab.service", "./certgrab.timer",   # and its drop-in
-                                cwd=str(web1 / "etc/systemd/system"))
+                                cwd=str(web1 / "etc/systemd/system"),
+                                man_path=str(web1 / "usr/local/share/man"))
     assert (code, output) == (0, "")
     with open(str(web1 / "etc/systemd/system/certgrab.service.d/paths.conf")) as f:
         assert "ReadWritePaths=/etc/ssl/certgrab/www" in f.read()

@@ -2,14 +2,13 @@
 messages, and leaves like the 2026 profiles' (no CN, no SKID, only an IP SAN, P-384 above).
 
     1. --check at issue, at certbot's renewal point and past it, for 6, 45 and 90-day leaves,
-       with the default thresholds; README's table is the code's numbers
+       with the default thresholds (docs/certificates.md's table of them: test_docs.py)
     2. --warn/--crit as durations and shares, the --warn-days/--crit-days forms, bad values
     3. hours and ages in --check, --text, perfdata in seconds, --json lifetime and seconds left
     4. a no-CN, IP-only leaf under a P-384 chain: fetched, installed, checked and described
 """
 
 import json
-import os
 import re
 
 import pytest
@@ -20,7 +19,6 @@ from servers import TLSServer
 HOUR = 3600  # seconds
 PROFILES = {"6-day (shortlived)": 6 * DAY, "160-hour (shortlived, exact)": 160 * HOUR,
             "45-day (tlsserver)": 45 * DAY, "90-day (classic)": 90 * DAY}
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 STATUS = {"OK": 0, "WARNING": 1, "CRITICAL": 2}
 
 
@@ -71,35 +69,6 @@ def test_expired_short_lived_leaf_says_hours_ago(run, tmp_path):
     rc, line = check(run, make_profile_chain(tmp_path, 6 * DAY, -3 * HOUR - 60))
     assert rc == 2
     assert "the leaf EXPIRED 3 hours ago" in line
-
-
-def readme_table():
-    """The rows of README's threshold table: {lifetime in days: (renews, warn, crit)}."""
-    with open(README) as f:
-        text = f.read()
-    rows = re.findall(r"^\| (\d+) days \| (.+?) left \| (.+?) left \| (.+?) left \|$", text,
-                      re.M)
-    return dict((int(days), (renews, warn, crit)) for days, renews, warn, crit in rows)
-
-
-def test_readme_table_is_what_the_code_does(certgrab):
-    """Each row computed from certgrab's defaults and its own wording of a span."""
-    expected = {}
-    for days in (6, 45, 90, 200):
-        leaf = certgrab.Certificate(b"")
-        leaf.not_after = days * DAY
-        expected[days] = tuple(certgrab.format_span(seconds) for seconds in (
-            renewal_left(leaf.lifetime),
-            certgrab.threshold_seconds((certgrab.WARN_SHARE, True), leaf),
-            certgrab.threshold_seconds((certgrab.CRIT_SHARE, True), leaf)))
-    assert readme_table() == expected
-
-
-def test_readme_gives_the_default_shares(certgrab):
-    with open(README) as f:
-        text = f.read()
-    assert "`--warn %g%%`" % (certgrab.WARN_SHARE * 100) in text
-    assert "`--crit %g%%`" % (certgrab.CRIT_SHARE * 100) in text
 
 
 # ---------------------------------------------------------------- 2. forms and bad values
