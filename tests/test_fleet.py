@@ -127,8 +127,8 @@ def test_intermediates_known_here_complete_the_files_and_a_warning_names_the_ser
     intermediates = len(make_certs.read_ders(certs / chain / "chain.pem"))
     assert "certgrab: warning: %s: the server sent only its leaf, without the %d intermediate " \
         "certificate(s) that verification found in --cafile %s: the server is misconfigured " \
-        "(point it at fullchain.pem); clients that lack them fail (files get the complete " \
-        "issuing path: leaf, intermediates, no root)" % (server.address, intermediates,
+        "(point it at fullchain.pem); clients that lack them fail (files get the path " \
+        "OpenSSL verified: leaf, intermediates, no root)" % (server.address, intermediates,
                                                          cafile) in result.err.splitlines()
     want = make_certs.read_ders(certs / chain / "fullchain.pem")
     assert files_ders(out) == {"cert.pem": want[:1], "chain.pem": want[1:],
