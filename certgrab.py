@@ -2006,12 +2006,12 @@ class OpenSSLPeek(object):
 # starts a handshake in memory; its ClientHello is answered with a TLS 1.2 ServerHello
 # and a Certificate message holding exactly one candidate path. OpenSSL either verifies
 # that path, and then waits for the next message, or fails it. No key is involved and
-# nothing leaves the process. Candidates come shortest first, the store's certificates
-# before the served ones (OpenSSL's trusted-first search), so the first that verifies
-# is the path OpenSSL builds.
+# nothing leaves the process. Candidates come in the order OpenSSL's search prefers
+# them (the store's certificates first, then the served ones within their dates, in the
+# order sent), so the first that verifies is the path OpenSSL builds.
 MAX_REPLAYS = 16        # candidate paths replayed per source: a real chain verifies at the
 #                         first, and each look-alike a server sends costs one more
-MAX_PATHS = 256         # partial paths the candidate search explores: names that repeat
+MAX_PATHS = 256         # partial paths the candidate search looks at: names that repeat
 #                         (a hostile chain) make the paths multiply
 TLS_CLIENT_HELLO = 1    # handshake message types
 TLS_SERVER_HELLO = 2
@@ -2049,24 +2049,22 @@ def issuers_by_name(served, store, now):
 
 
 def candidate_paths(served, store, now):
-    """Paths from the leaf (served[0]) to a self-issued root of the store, by
-    names and key identifiers, through served and store certificates: shortest
-    first, in issuers_by_name's order at each step. A self-issued leaf is a path
-    of its own. At most MAX_PATHS partial paths are explored."""
-    issuers, leaf = issuers_by_name(served[1:], store, now), served[0]
-    if leaf.self_issued:
-        yield [leaf]
-    paths, done = [[leaf]], 0
-    while done < len(paths) and done < MAX_PATHS:
-        path, done = paths[done], done + 1
-        for issuer, trusted in issuers.get(path[-1].issuer_der, ()):
-            if not issuer.issued(path[-1]) or issuer in path:
-                continue
-            if issuer.self_issued:
-                if trusted:
-                    yield path + [issuer]
-            elif len(path) < MAX_CHAIN and len(paths) < MAX_PATHS:
-                paths.append(path + [issuer])
+    """Paths from the leaf (served[0]) to a self-issued root of the store (or the
+    leaf alone, if self-issued), by names and key identifiers, through served and
+    store certificates, in the order OpenSSL's own search prefers them: depth
+    first, at each step the issuers in issuers_by_name's order. The first is the
+    path OpenSSL builds; the others follow where it skipped a look-alike that
+    names alone cannot tell apart. At most MAX_PATHS paths are looked at."""
+    issuers, stack, looked = issuers_by_name(served[1:], store, now), [served[:1]], 0
+    while stack and looked < MAX_PATHS:
+        path, looked = stack.pop(), looked + 1
+        if path[-1].self_issued:
+            yield path
+        elif len(path) <= MAX_CHAIN:
+            stack.extend(path + [issuer] for issuer, trusted in reversed(
+                issuers.get(path[-1].issuer_der, ()))
+                if issuer.issued(path[-1]) and issuer not in path
+                and (trusted or not issuer.self_issued))
 
 
 def _vector(data, size):
