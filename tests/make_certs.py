@@ -48,6 +48,8 @@ Chains whose path a name search gets wrong (issue 19), also made at test time:
     make_lookalike(outdir, chain_dir, name, kind, count=1)
         chain_dir served with look-alikes of its intermediate (same subject and key id,
         another key) right after the leaf
+    make_direct_leaf(outdir, root_dir, name)
+        a leaf the root issued itself: chain.pem is empty
 """
 
 import base64
@@ -481,6 +483,23 @@ def make_cross_signed(outdir, root_dir, name):
     _write(os.path.join(target, "served.pem"), leaf + cross + second_text + direct)
     subprocess.run(["rm", "-rf", os.path.dirname(work.path)], check=True)
     return target
+
+
+def make_direct_leaf(outdir, root_dir, name):
+    """outdir/name: an EC leaf issued by the root in root_dir itself (no intermediate; an
+    empty chain.pem), files as make_dated_chain."""
+    outdir, root_dir = os.path.abspath(str(outdir)), os.path.abspath(str(root_dir))
+    work = _Workdir(tempfile.mkdtemp(prefix="work-%s-" % name, dir=outdir) + "/ca")
+    root = (os.path.join(root_dir, "cert.pem"), os.path.join(root_dir, "key.pem"))
+    csr, key = _request(work, "%s leaf" % name, "ec")
+    leaf = _sign(work, csr, "leaf_ec", ("20240101000000Z", "20491231235959Z"), root, NAMES)
+    with open(key) as f:
+        key_text = f.read()
+    with open(root[0]) as f:
+        root_text = f.read()
+    _write_chain_dir(os.path.join(outdir, name), leaf, "", key_text, root_text)
+    subprocess.run(["rm", "-rf", os.path.dirname(work.path)], check=True)
+    return os.path.join(outdir, name)
 
 
 if __name__ == "__main__":

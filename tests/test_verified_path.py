@@ -41,9 +41,11 @@ LOOKALIKES = {
 
 @pytest.fixture(scope="module")
 def lookalikes(certs, tmp_path_factory):
-    """Directory of each LOOKALIKES entry (plus "cross", the cross-signed chain alone)."""
+    """Directory of each LOOKALIKES entry, plus "cross" (the cross-signed chain alone) and
+    "direct" (a leaf the root issued itself)."""
     outdir = tmp_path_factory.mktemp("lookalikes")
-    made = {"cross": make_certs.make_cross_signed(outdir, certs / "root-ec", "cross")}
+    made = {"cross": make_certs.make_cross_signed(outdir, certs / "root-ec", "cross"),
+            "direct": make_certs.make_direct_leaf(outdir, certs / "root-ec", "direct")}
     for name, (base, kind, count) in sorted(LOOKALIKES.items()):
         source = made["cross"] if base == "cross" else certs / base
         made[name] = make_certs.make_lookalike(outdir, source, name, kind, count)
@@ -284,3 +286,20 @@ def test_more_lookalikes_than_replays_fail_before_3_10_and_never_write(
     assert hint.startswith("certgrab: hint: the server may send certificates that look like "
                            "its intermediates but are not"), err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_every_python_writes_an_empty_chain_for_a_leaf_the_root_issued(python, lookalikes,
+                                                                       started, tmp_path):
+    """No intermediate: chain.pem is empty, fullchain.pem the leaf, and openssl verifies
+    cert.pem against the root alone (3.6-3.9: a replay of the leaf alone)."""
+    minor, interpreter = python
+    d = lookalikes["direct"]
+    server = started(TLSServer(d / "fullchain.pem", d / "key.pem", tls="1.2"))
+    out = tmp_path / "out"
+    rc, stdout, err = certgrab_run(interpreter, server.address, "-n", NAME, "--cafile",
+                                   d / "root.pem", "--out-dir", out, "-q")
+    assert rc == 0 and err == "", err
+    assert files_ders(out) == {"cert.pem": read_ders(d / "cert.pem"), "chain.pem": [],
+                               "fullchain.pem": read_ders(d / "cert.pem")}
+    assert_verifies(d / "root.pem", out)
