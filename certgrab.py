@@ -29,7 +29,7 @@ Pipeline
     served chain (DER, as sent) <-- read per Python version <-- TLS handshake, SNI=name
         |                            (new_chain_reader)
         +--> every certificate parsed whole: structure, names, dates, keys, SANs
-        +--> intermediates the server left out but verification found: completed
+        +--> the path OpenSSL verified (3.6-3.9: replayed to find it): what files get
         +--> gate: verified, key matches a --key-path, leaf covers the name, in date
         +--> newest passing leaf (notBefore) of all sources
         +--> stdout: the chain exactly as served (PEM, leaf first), or
@@ -45,8 +45,11 @@ Security model
       when given twice for a key rollover), cover the name (even with --insecure),
       be within its dates and not be older than the newest leaf in any output; an
       output that is not a readable certificate file refuses every chain (--force
-      overrides only these last two checks). Files get the complete issuing path: never
-      less than a browser needs, even when the server left intermediates out.
+      overrides only these last two checks). Files get exactly the path OpenSSL
+      verified, leaf and intermediates without the root: never a served certificate
+      off that path (a warning names it), never less than a browser needs, even when
+      the server left intermediates out. --insecure writes the path built from names
+      alone, unverified, and says so.
     - Nothing is written unless every step before it succeeded; a file is either
       the old version or the new one, never half of each. New certificate files
       get mode 0644 (--mode), the files with the key (--combined-path, and
