@@ -998,11 +998,8 @@ class Problem(object):
     def __init__(self, kind, text):
         self.kind, self.text = kind, text
 
-    def __str__(self):
-        return self.text
 
-
-def listed(certs):
+def names_and_digests(certs):
     """Certificates for a message, each by its name and the start of its sha256: a
     look-alike has the name of the certificate it imitates."""
     return "; ".join("%s (sha256 %s...)" % (cert.name, cert.sha256[:16]) for cert in certs)
@@ -1033,7 +1030,7 @@ def clean_path(certs):
         path.pop()
     if rest:
         problems.append(Problem(PROBLEM_UNRELATED, "%d unrelated or duplicate certificate(s) "
-                                "were included: %s" % (len(rest), listed(rest))))
+                                "were included: %s" % (len(rest), names_and_digests(rest))))
     return path, problems
 
 
@@ -2302,11 +2299,11 @@ def served_problems(result, trust):
     if off_path:
         problems.append(Problem(PROBLEM_OFF_PATH, "%d served certificate(s) not on the path "
                                 "OpenSSL verified, never written: %s" % (len(off_path), "; ".join(
-                                    "[%d] %s" % (position, listed([cert]))
+                                    "[%d] %s" % (position, names_and_digests([cert]))
                                     for position, cert in off_path))))
     if again:
         problems.append(Problem(PROBLEM_DUPLICATE, "%d certificate(s) of the path were sent "
-                                "more than once: %s" % (len(again), listed(again))))
+                                "more than once: %s" % (len(again), names_and_digests(again))))
     if missing:
         problems.append(Problem(PROBLEM_INCOMPLETE, "%s, without the %d intermediate "
                                 "certificate(s) that verification found in %s: the server is "
