@@ -984,7 +984,7 @@ def printable(text):
 PROBLEM_ORDER = "order"            # the path's certificates were sent out of order
 PROBLEM_ROOT = "root"              # the root was sent too, byte for byte the trust anchor
 PROBLEM_OFF_PATH = "off_path"      # sent, not on the path OpenSSL verified: never written
-PROBLEM_DUPLICATE = "duplicate"    # a certificate of the path was sent more than once
+PROBLEM_DUPLICATE = "duplicate"    # a certificate was sent more than once
 PROBLEM_INCOMPLETE = "incomplete"  # intermediates the server left out, found in the trust store
 PROBLEM_UNRELATED = "unrelated"    # nothing verified: sent, not on the path built from names
 PROBLEM_TRUNCATED = "truncated"    # a local file held more than MAX_LOCAL_CERTS
@@ -2302,8 +2302,8 @@ def served_problems(result, trust):
                                     "[%d] %s" % (position, names_and_digests([cert]))
                                     for position, cert in off_path))))
     if again:
-        problems.append(Problem(PROBLEM_DUPLICATE, "%d certificate(s) of the path were sent "
-                                "more than once: %s" % (len(again), names_and_digests(again))))
+        problems.append(Problem(PROBLEM_DUPLICATE, "%d certificate(s) were sent more than "
+                                "once: %s" % (len(again), names_and_digests(again))))
     if missing:
         problems.append(Problem(PROBLEM_INCOMPLETE, "%s, without the %d intermediate "
                                 "certificate(s) that verification found in %s: the server is "

@@ -328,12 +328,13 @@ def _anomalies(certs):
         "root-appended": ([leaf, i2, i1, root], r"root"),
         "extra-unrelated": ([leaf, i2, unrelated, i1], r"not on the path OpenSSL verified"),
         "extra-at-end": ([leaf, i2, i1, unrelated], r"not on the path OpenSSL verified"),
+        "sent-twice": ([leaf, i2, i2, i1], r"1 certificate\(s\) were sent more than once"),
     }
 
 
 @pytest.mark.parametrize("tls", ["1.2", "1.3"])
 @pytest.mark.parametrize("case", ["out-of-order", "root-appended", "extra-unrelated",
-                                  "extra-at-end"])
+                                  "extra-at-end", "sent-twice"])
 def test_anomalous_chain_stdout_as_served_files_cleaned(run, served, certs, tmp_path, case,
                                                         tls):
     ders, warning = _anomalies(certs)[case]
