@@ -29,7 +29,7 @@ Pipeline
     served chain (DER, as sent) <-- read per Python version <-- TLS handshake, SNI=name
         |                            (new_chain_reader)
         +--> every certificate parsed whole: structure, names, dates, keys, SANs
-        +--> intermediates the server left out but verification found: completed
+        +--> the path OpenSSL verified (3.6-3.9: replayed to find it): what files get
         +--> gate: verified, key matches a --key-path, leaf covers the name, in date
         +--> newest passing leaf (notBefore) of all sources
         +--> stdout: the chain exactly as served (PEM, leaf first), or
@@ -45,8 +45,11 @@ Security model
       when given twice for a key rollover), cover the name (even with --insecure),
       be within its dates and not be older than the newest leaf in any output; an
       output that is not a readable certificate file refuses every chain (--force
-      overrides only these last two checks). Files get the complete issuing path: never
-      less than a browser needs, even when the server left intermediates out.
+      overrides only these last two checks). Files get exactly the path OpenSSL
+      verified, leaf and intermediates without the root: never a served certificate
+      off that path (a warning names it), never less than a browser needs, even when
+      the server left intermediates out. --insecure writes the path built from names
+      alone, unverified, and says so.
     - Nothing is written unless every step before it succeeded; a file is either
       the old version or the new one, never half of each. New certificate files
       get mode 0644 (--mode), the files with the key (--combined-path, and
@@ -114,17 +117,19 @@ def chain_method():
     return "ctypes"
 
 
-# 3.10+ can also give the path OpenSSL verified; older Pythons rebuild it.
+# 3.10+ can also give the path OpenSSL verified; 3.6-3.9 find it by replaying
+# candidate paths to OpenSSL in memory (find_verified_path).
 HAS_VERIFIED_CHAIN = hasattr(ssl._ssl._SSLSocket, "get_verified_chain")
 
 
-def new_chain_reader(ctx, trust, by_key_kind=None):
+def new_chain_reader(ctx, trust, by_key_kind=None, replay_ctx=None):
     """The chain reader for this Python: ChainReader on 3.10+, where the ssl
     module gives both chains; ChainReaderBefore310 (msg_callback or ctypes,
-    see chain_method) on 3.6 to 3.9. Both are in the TLS section."""
+    see chain_method; replay_ctx for the verified path) on 3.6 to 3.9. Both
+    are in the TLS section."""
     if HAS_VERIFIED_CHAIN:
         return ChainReader(ctx, trust, by_key_kind)
-    return ChainReaderBefore310(ctx, trust, by_key_kind)
+    return ChainReaderBefore310(ctx, trust, by_key_kind, replay_ctx)
 
 
 def open_file_limit(wanted):
@@ -974,15 +979,41 @@ def printable(text):
                    else "\\u%04x" % ord(c) for c in text)
 
 
-OUT_OF_ORDER = "the chain was served out of order"   # a problem --check warns about
+# Kinds of chain problem: how the served chain differed from the path files get. Decisions
+# (--check's WARNING: CHECK_WARNS) read the kind; the text is for people and may change.
+PROBLEM_ORDER = "order"            # the path's certificates were sent out of order
+PROBLEM_ROOT = "root"              # the root was sent too, byte for byte the trust anchor
+PROBLEM_OFF_PATH = "off_path"      # sent, not on the path OpenSSL verified: never written
+PROBLEM_DUPLICATE = "duplicate"    # a certificate was sent more than once
+PROBLEM_INCOMPLETE = "incomplete"  # intermediates the server left out, found in the trust store
+PROBLEM_UNRELATED = "unrelated"    # nothing verified: sent, not on the path built from names
+PROBLEM_TRUNCATED = "truncated"    # a local file held more than MAX_LOCAL_CERTS
+CHECK_WARNS = (PROBLEM_ORDER, PROBLEM_OFF_PATH, PROBLEM_INCOMPLETE)  # clients may fail
+OUT_OF_ORDER = "the chain was served out of order"
+
+
+class Problem(object):
+    """One chain problem: kind (a PROBLEM_* constant), text for people."""
+
+    def __init__(self, kind, text):
+        self.kind, self.text = kind, text
+
+
+def names_and_digests(certs):
+    """Certificates for a message, each by its name and the start of its sha256: a
+    look-alike has the name of the certificate it imitates."""
+    return "; ".join("%s (sha256 %s...)" % (cert.name, cert.sha256[:16]) for cert in certs)
 
 
 def clean_path(certs):
-    """The issuing path that starts at the leaf: (path, problems).
+    """The issuing path built from names and key identifiers alone: (path, problems).
 
-    The path runs leaf, then each certificate that issued the one before, and
-    stops before a self-issued root (the trust store supplies the root). The
-    problems say how the served list differed from that: order, root, extras.
+    The path runs leaf, then the first served certificate whose subject (and key
+    id) names the issuer of the one before, and stops before a self-issued root.
+    No signature is checked: this is what unverified runs (--insecure, local
+    files, a failed verification's message) go by; verified runs get the path
+    OpenSSL built instead (keep_verified_path). The problems say how the served
+    list differed from that: order, root, extras.
     """
     path, rest, problems = [certs[0]], list(certs[1:]), []
     while not path[-1].self_issued:
@@ -992,13 +1023,14 @@ def clean_path(certs):
         rest.remove(issuer)
         path.append(issuer)
     if [c.der for c in path] != [c.der for c in certs[:len(path)]]:
-        problems.append(OUT_OF_ORDER)
+        problems.append(Problem(PROBLEM_ORDER, OUT_OF_ORDER))
     if len(path) > 1 and path[-1].self_issued:
-        problems.append("the root certificate (%s) was included" % path[-1].name)
+        problems.append(Problem(PROBLEM_ROOT, "the root certificate (%s) was included"
+                                % path[-1].name))
         path.pop()
     if rest:
-        problems.append("%d unrelated or duplicate certificate(s) were included: %s" % (
-            len(rest), "; ".join(c.name for c in rest)))
+        problems.append(Problem(PROBLEM_UNRELATED, "%d unrelated or duplicate certificate(s) "
+                                "were included: %s" % (len(rest), names_and_digests(rest))))
     return path, problems
 
 
@@ -1362,8 +1394,9 @@ def read_local_chain(result):
     result.served = parse_chain(ders[:MAX_LOCAL_CERTS], path)
     result.issuing, result.problems = clean_path(result.served)
     if len(ders) > MAX_LOCAL_CERTS:
-        result.problems.append("only the first %d of the %d certificates in %s were read" % (
-            MAX_LOCAL_CERTS, len(ders), path))
+        result.problems.append(Problem(PROBLEM_TRUNCATED, "only the first %d of the %d "
+                                       "certificates in %s were read" % (
+                                           MAX_LOCAL_CERTS, len(ders), path)))
 
 
 # ---------------------------------------------------------------------------
@@ -1720,17 +1753,20 @@ def starttls_dialogue(sock, target, protocol, ehlo, deadline):
 # TLS: trust store, handshake, and the chain the server sent.
 # ---------------------------------------------------------------------------
 
-def make_context(settings, key_kind=None):
+def make_context(settings, key_kind=None, for_replay=False):
     """A client context: verifying (the default) or --insecure.
 
     With key_kind ("RSA" or "EC") it offers only TLS 1.2 cipher suites signed
     by that key type: the way to ask a dual-certificate server for the other
     certificate, since Python cannot restrict TLS 1.3 signature algorithms.
+    for_replay: the same trust store and verification, without the handshake's
+    shape (ALPN, --tls-min, --tls-max), for the TLS 1.2 replays that find the
+    verified path on Python 3.6-3.9 (find_verified_path).
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if settings.alpn:
+    if settings.alpn and not for_replay:
         ctx.set_alpn_protocols(settings.alpn)
-    if settings.tls_min or settings.tls_max:
+    if (settings.tls_min or settings.tls_max) and not for_replay:
         limit_tls_versions(ctx, settings.tls_min, settings.tls_max)
     if key_kind:
         ctx.set_ciphers("aECDSA" if key_kind == "EC" else "aRSA")
@@ -1806,7 +1842,7 @@ class ChainReader(object):
         return [cert.public_bytes(ssl._ssl.ENCODING_DER) for cert in chain]
 
     def verified_ders(self, tls):
-        """The path OpenSSL built, as DER."""
+        """The path OpenSSL verified, root included, as DER."""
         chain = tls._sslobj.get_verified_chain() or []
         return [cert.public_bytes(ssl._ssl.ENCODING_DER) for cert in chain]
 
@@ -1821,10 +1857,13 @@ TLS13_VERSION = 0x0304
 
 class ChainReaderBefore310(ChainReader):
     """No get_verified_chain: the served chain from the Certificate message
-    (3.8, 3.9) or from OpenSSL's own structures (3.6, 3.7)."""
+    (3.8, 3.9) or from OpenSSL's own structures (3.6, 3.7); the verified path
+    by replays on replay_ctx (find_verified_path), a context of its own, so
+    that no replay reaches _record."""
 
-    def __init__(self, ctx, trust, by_key_kind=None):
+    def __init__(self, ctx, trust, by_key_kind=None, replay_ctx=None):
         ChainReader.__init__(self, ctx, trust, by_key_kind)
+        self.replay_ctx = replay_ctx
         self._messages, self._openssl, self._store = {}, None, None  # _messages:
         # connection -> its Certificate message, while it is being read
         if self.method == "msg_callback":
@@ -1846,16 +1885,16 @@ class ChainReaderBefore310(ChainReader):
         return parse_certificate_message(data[4:], version == TLS13_VERSION)
 
     def verified_ders(self, tls):
-        return None             # rebuild_verified finds the path instead
+        return None             # find_verified_path finds the path instead
 
     def verify_message(self, tls):
         return self._openssl.verify_message(tls) if self._openssl else None
 
     def store_certificates(self):
         """The loaded trust store, parsed; a CA certificate certgrab cannot read
-        is left out (OpenSSL has already verified the path with it). A --cafile
-        store is parsed once per run; a hashed directory loads lazily, so it is
-        read again for each source."""
+        is left out (no candidate path then goes through it). A --cafile store
+        is parsed once per run; a hashed directory loads lazily (the handshake
+        has loaded what it looked up), so it is read again for each source."""
         if self._store is not None:
             return self._store
         certs = []
@@ -1867,17 +1906,6 @@ class ChainReaderBefore310(ChainReader):
         if self.trust.startswith("--cafile") and "--capath" not in self.trust:
             self._store = certs
         return certs
-
-
-def rebuild_verified(path, reader):
-    """Python < 3.10: the cleaned path, extended with issuers from the trust store."""
-    chain, store = list(path), reader.store_certificates()
-    while not chain[-1].self_issued and len(chain) <= MAX_CHAIN:
-        issuer = next((c for c in store if c.issued(chain[-1])), None)
-        if issuer is None:
-            break
-        chain.append(issuer)
-    return chain
 
 
 def parse_certificate_message(body, tls13):
@@ -1973,12 +2001,174 @@ class OpenSSLPeek(object):
         return self.lib.X509_verify_cert_error_string(code).decode("ascii", "replace")
 
 
+# Python 3.6-3.9 cannot ask OpenSSL which path it verified. certgrab finds it by
+# replaying: a client object of replay_ctx (the run's trust store and verification)
+# starts a handshake in memory; its ClientHello is answered with a TLS 1.2 ServerHello
+# and a Certificate message holding exactly one candidate path. OpenSSL either verifies
+# that path, and then waits for the next message, or fails it. No key is involved and
+# nothing leaves the process. Candidates come in the order OpenSSL's search prefers
+# them (the store's certificates first, then the served ones within their dates, in the
+# order sent), so the first that verifies is the path OpenSSL builds.
+MAX_REPLAYS = 16        # candidate paths replayed per source: a real chain verifies at the
+#                         first, and each look-alike a server sends costs one more
+MAX_PATHS = 256         # partial paths the candidate search looks at: names that repeat
+#                         (a hostile chain) make the paths multiply
+TLS_CLIENT_HELLO = 1    # handshake message types
+TLS_SERVER_HELLO = 2
+TLS12 = b"\x03\x03"     # the protocol version TLS 1.2 writes on the wire
+MAX_RECORD = 16384      # bytes of plaintext in one TLS record (RFC 5246 6.2.1)
+REPLAY_SUITES = {"EC": b"\xc0\x2b",     # ECDHE-ECDSA-AES128-GCM-SHA256 (EC and EdDSA keys)
+                 "RSA": b"\xc0\x2f"}    # ECDHE-RSA-AES128-GCM-SHA256 (RSA, RSA-PSS keys)
+RENEGOTIATION_INFO = b"\xff\x01\x00\x01\x00"  # an empty one: OpenSSL 3 insists on it
+REPLAY_RANDOM = bytes(32)   # the ServerHello's random: any value but TLS 1.3's downgrade mark
+
+
+def server_hostname(target):
+    """The name handed to OpenSSL for SNI and the name check."""
+    return target.name_bytes.decode() if NAME_AS_STR else target.name_bytes
+
+
+def without_root(path):
+    """A path as files get it: a self-issued root at its end stays in the store."""
+    return path[:-1] if len(path) > 1 and path[-1].self_issued else list(path)
+
+
+def issuers_by_name(served, store, now):
+    """subject DER -> [(certificate, from the store)]: each certificate once (the
+    store's copy of one also served), the store's before the served (OpenSSL
+    looks there first), those within their dates first."""
+    found, seen = {}, set()
+    for cert, trusted in [(c, True) for c in store] + [(c, False) for c in served]:
+        if cert.der not in seen:
+            seen.add(cert.der)
+            found.setdefault(cert.subject_der, []).append((cert, trusted))
+    for options in found.values():
+        options.sort(key=lambda option: (not option[1], not (
+            option[0].not_before <= now < option[0].not_after)))
+    return found
+
+
+def candidate_paths(served, store, now):
+    """Paths from the leaf (served[0]) to a self-issued root of the store (or the
+    leaf alone, if self-issued), by names and key identifiers, through served and
+    store certificates, in the order OpenSSL's own search prefers them: depth
+    first, at each step the issuers in issuers_by_name's order. The first is the
+    path OpenSSL builds; the others follow where it skipped a look-alike that
+    names alone cannot tell apart. At most MAX_PATHS paths are looked at."""
+    issuers, stack, looked = issuers_by_name(served[1:], store, now), [served[:1]], 0
+    while stack and looked < MAX_PATHS:
+        path, looked = stack.pop(), looked + 1
+        if path[-1].self_issued:
+            yield path
+        elif len(path) <= MAX_CHAIN:
+            stack.extend(path + [issuer] for issuer, trusted in reversed(
+                issuers.get(path[-1].issuer_der, ()))
+                if issuer.issued(path[-1]) and issuer not in path
+                and (trusted or not issuer.self_issued))
+
+
+def _vector(data, size):
+    """TLS's variable-length vector: its length in size bytes, then data."""
+    return len(data).to_bytes(size, "big") + data
+
+
+def client_hello_offer(hello, target):
+    """(session id, [cipher suite]) of the ClientHello that replay_ctx wrote: one
+    TLS record of handshake header 4 bytes, version 2, random 32, session id <1>,
+    cipher suites <2>. certgrab's own bytes, read within their bounds all the same."""
+    record = hello[5:5 + int.from_bytes(hello[3:5], "big")] if len(hello) > 5 else b""
+    at = 4 + 2 + 32
+    if len(record) <= at or hello[0] != TLS_HANDSHAKE or record[0] != TLS_CLIENT_HELLO:
+        raise replay_error(target, "no ClientHello to answer")
+    suites_at = at + 1 + record[at]
+    end = suites_at + 2 + int.from_bytes(record[suites_at:suites_at + 2], "big")
+    if end > len(record):
+        raise replay_error(target, "the ClientHello is cut short")
+    return record[at + 1:suites_at], [record[i:i + 2] for i in range(suites_at + 2, end - 1, 2)]
+
+
+def server_flight(session_id, suite, ders):
+    """TLS 1.2 records holding a ServerHello (the client's session id echoed, suite,
+    renegotiation_info) and a Certificate message with exactly ders."""
+    hello = TLS12 + REPLAY_RANDOM + _vector(session_id, 1) + suite + b"\x00" + \
+        _vector(RENEGOTIATION_INFO, 2)
+    certificates = _vector(b"".join(_vector(der, 3) for der in ders), 3)
+    body = bytes([TLS_SERVER_HELLO]) + _vector(hello, 3) + \
+        bytes([TLS_CERTIFICATE]) + _vector(certificates, 3)
+    return b"".join(bytes([TLS_HANDSHAKE]) + TLS12 + _vector(body[at:at + MAX_RECORD], 2)
+                    for at in range(0, len(body), MAX_RECORD))
+
+
+def replay_error(target, why):
+    return FetchError("%s: cannot tell which path OpenSSL verified: %s" % (target, why),
+                      hint="Python 3.10 and newer read the verified path from OpenSSL")
+
+
+def _replay_step(tls, target):
+    """One step of a replayed handshake: None when it waits for the server, else
+    the reason OpenSSL failed to verify; any other outcome is a FetchError."""
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        return None
+    except ssl.SSLError as exc:
+        if exc.reason == VERIFY_FAILED_REASON:
+            return getattr(exc, "verify_message", None) or ssl_reason(exc)
+        raise replay_error(target, "the replayed handshake failed: %s" % ssl_reason(exc))
+    raise replay_error(target, "the replayed handshake went on without the server")
+
+
+def replay_verifies(ctx, target, ders, suite):
+    """Whether OpenSSL verifies exactly ders (leaf first) for the target's name:
+    (True, None), or (False, OpenSSL's reason)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname(target))
+    if _replay_step(tls, target) is not None:
+        raise replay_error(target, "the replayed handshake failed before the server spoke")
+    session_id, suites = client_hello_offer(outgoing.read(5 + MAX_RECORD), target)
+    if suite not in suites:
+        raise replay_error(target, "the replayed ClientHello lacks the TLS 1.2 suite for "
+                                   "the leaf's key")
+    incoming.write(server_flight(session_id, suite, ders))
+    reason = _replay_step(tls, target)  # None: verified, waiting for ServerKeyExchange
+    return reason is None, reason
+
+
+def find_verified_path(result, reader):
+    """Python 3.6-3.9: the path OpenSSL verified, root included: the first of
+    candidate_paths that OpenSSL verifies when replayed alone, within MAX_REPLAYS.
+    When none does, this source fails (a VerifyError): never a guess."""
+    kind = result.served[0].key_type.split()[0]
+    suite = REPLAY_SUITES.get("EC" if kind.startswith("Ed") else kind.split("-")[0])
+    if suite is None:
+        raise replay_error(result.target, "no TLS 1.2 suite to replay a %s leaf" % kind)
+    tried, reason = set(), None         # tried: the DER lists replayed
+    for path in candidate_paths(result.served, reader.store_certificates(), time.time()):
+        ders = tuple(cert.der for cert in without_root(path))
+        if ders in tried:
+            continue
+        if len(tried) == MAX_REPLAYS:
+            break
+        tried.add(ders)
+        verified, reason = replay_verifies(reader.replay_ctx, result.target, ders, suite)
+        if verified:
+            return path
+    result.verify_error = "cannot tell which path OpenSSL verified"
+    raise VerifyError("%s: %s: %s; nothing is written" % (
+        result.target, result.verify_error, "none of the %d path(s) tried verified alone "
+        "(the last: %s)" % (len(tried), reason) if tried else "no path leads from the leaf "
+        "to a root of %s by names and key identifiers" % reader.trust),
+        hint="the server may send certificates that look like its intermediates but are "
+             "not: serve the chain as issued (fullchain.pem); Python 3.10 and newer read "
+             "the verified path from OpenSSL", reason=result.verify_error)
+
+
 class FetchResult(object):
     """What one source gave, or its error. served: the certificates as sent, in
-    their order; issuing: the issuing path from the leaf (clean_path), what files
-    get; verified: the path verification built, root included, kept only for
-    --verified-chain (and on Python < 3.10 where rebuilt to count it); problems:
-    how served differed from issuing, for warnings."""
+    their order; verified: the path OpenSSL verified, root included (for
+    --verified-chain); issuing: what files get, the verified path without its
+    root (keep_verified_path), or where nothing was verified the path built from
+    names (clean_path); problems: how served differed from issuing (Problem)."""
 
     def __init__(self, target):
         self.target, self.error, self.address = target, None, None
@@ -1986,7 +2176,7 @@ class FetchResult(object):
         self.tls_version = self.cipher = self.verify_error = self.note = None
         self.elapsed = 0.0
         self.key = None         # the --key-path the leaf matched (refetch_for_key)
-        self.missing = 0        # intermediates the server left out (check_completeness)
+        self.missing = 0        # intermediates the server left out (served_problems)
 
     @property
     def leaf(self):
@@ -2024,8 +2214,7 @@ def _fetch_into(result, reader, settings, deadline):
         except CertgrabError:
             sock.close()
             raise
-    name = target.name_bytes.decode() if NAME_AS_STR else target.name_bytes
-    tls = reader.ctx.wrap_socket(sock, server_hostname=name,
+    tls = reader.ctx.wrap_socket(sock, server_hostname=server_hostname(target),
                                  do_handshake_on_connect=False)
     try:
         failure = _handshake(tls, reader, target, deadline)
@@ -2042,44 +2231,85 @@ def _fetch_into(result, reader, settings, deadline):
     if len(served_ders) > MAX_CHAIN:
         raise FetchError("%s: the server sent more than %d certificates" % (target, MAX_CHAIN))
     result.served = parse_chain(served_ders, target)
-    result.issuing, result.problems = clean_path(result.served)
+    if failure is not None or settings.insecure:    # nothing verified: the path by names
+        result.issuing, result.problems = clean_path(result.served)
     if failure is not None:
         result.verify_error = failure.reason
         raise explain_verify_failure(failure, result, reader.trust, bool(settings.plan))
     if not settings.insecure:
-        check_completeness(result, reader, verified_ders, settings)
+        keep_verified_path(result, reader, verified_ders)
 
 
-def check_completeness(result, reader, verified_ders, settings):
-    """Keep the verified path. When the server left out intermediates that
-    verification found in the trust store, the issuing path (what files get)
-    is completed with them, result.missing counts them, and a problem names
-    the server as misconfigured: never install less than a browser needs."""
+def keep_verified_path(result, reader, verified_ders):
+    """Files get exactly the path OpenSSL verified, leaf and intermediates (the
+    root stays in the store): on 3.10+ OpenSSL's own (verified_ders), on 3.6-3.9
+    the one replays find (find_verified_path). A served certificate off that
+    path is never written, only named; intermediates the server left out that
+    verification found in the trust store are written: never install less than
+    a browser needs (served_problems says both)."""
     if verified_ders is not None:
         result.verified = verified_path(result, verified_ders)
     else:
-        result.verified = rebuild_verified(result.issuing, reader)
-    path = result.verified
-    if len(path) > 1 and path[-1].self_issued:
-        path = path[:-1]                                    # the root stays in the store
-    sent = len(result.issuing)
-    if len(path) > sent and [c.der for c in path[:sent]] == [c.der for c in result.issuing]:
-        result.missing, result.issuing = len(path) - sent, list(path)
-        result.problems.append(
-            "%s, without the %d intermediate certificate(s) that verification found in %s: "
-            "the server is misconfigured (point it at fullchain.pem); clients that lack them "
-            "fail" % (sent_only(sent, len(path)), result.missing, reader.trust))
+        result.verified = find_verified_path(result, reader)
+    result.issuing = without_root(result.verified)
+    result.problems, result.missing = served_problems(result, reader.trust)
 
 
 def verified_path(result, ders):
-    """The verified path as certificates. Where it starts with the issuing path,
-    as it nearly always does, those are reused as already parsed: only what the
-    trust store added (intermediates, the root) is decoded here."""
-    sent = [cert.der for cert in result.issuing]
-    source = "%s: the verified path" % result.target
-    if ders[:len(sent)] == sent:
-        return result.issuing + parse_chain(ders[len(sent):], source)
-    return parse_chain(ders, source)
+    """The verified path as certificates: those the server sent are reused as
+    already parsed; only what the trust store added (intermediates, the root)
+    is decoded here."""
+    parsed = dict((cert.der, cert) for cert in result.served)
+    added = parse_chain([der for der in ders if der not in parsed],
+                        "%s: the verified path" % result.target)[::-1]
+    return [parsed[der] if der in parsed else added.pop() for der in ders]
+
+
+def _sort_served(served, path, anchor):
+    """The served certificates by their place: (on the path, in the order sent;
+    the root, when sent; [(position, certificate)] off the path; sent again)."""
+    on_path, seen = set(cert.der for cert in path), set()
+    sent, root, off_path, again = [], None, [], []
+    for position, cert in enumerate(served):
+        if cert.der in seen:
+            again.append(cert)
+        elif cert.der in on_path:
+            sent.append(cert)
+        elif anchor is not None and cert.der == anchor.der:
+            root = cert
+        else:
+            off_path.append((position, cert))
+        seen.add(cert.der)
+    return sent, root, off_path, again
+
+
+def served_problems(result, trust):
+    """How the served chain differed from the verified path: ([Problem], the
+    number of intermediates the trust store added)."""
+    path, verified = result.issuing, result.verified
+    anchor = verified[-1] if len(verified) > len(path) else None
+    sent, root, off_path, again = _sort_served(result.served, path, anchor)
+    problems, missing = [], len(path) - len(sent)
+    sent_ders = set(cert.der for cert in sent)
+    if [cert.der for cert in sent] != [cert.der for cert in path if cert.der in sent_ders]:
+        problems.append(Problem(PROBLEM_ORDER, OUT_OF_ORDER))
+    if root is not None:
+        problems.append(Problem(PROBLEM_ROOT, "the root certificate (%s) was included"
+                                % root.name))
+    if off_path:
+        problems.append(Problem(PROBLEM_OFF_PATH, "%d served certificate(s) not on the path "
+                                "OpenSSL verified, never written: %s" % (len(off_path), "; ".join(
+                                    "[%d] %s" % (position, names_and_digests([cert]))
+                                    for position, cert in off_path))))
+    if again:
+        problems.append(Problem(PROBLEM_DUPLICATE, "%d certificate(s) were sent more than "
+                                "once: %s" % (len(again), names_and_digests(again))))
+    if missing:
+        problems.append(Problem(PROBLEM_INCOMPLETE, "%s, without the %d intermediate "
+                                "certificate(s) that verification found in %s: the server is "
+                                "misconfigured (point it at fullchain.pem); clients that lack "
+                                "them fail" % (sent_only(len(sent), len(path)), missing, trust)))
+    return problems, missing
 
 
 def sent_only(sent, complete):
@@ -2869,10 +3099,11 @@ def dry_run(plan, outputs, best, settings, reporter, installed):
 
 def report_fetch(results, best, reader, settings, reporter):
     """Chain problems of the winner; with -v, how each source went."""
+    files_get = " (files get the path %s: leaf, intermediates, no root)" % (
+        "built from names, NOT verified" if settings.insecure else "OpenSSL verified")
     for problem in best.problems:
-        reporter.warn("%s: %s%s" % (best.target, problem, " (files get the complete "
-                                    "issuing path: leaf, intermediates, no root)"
-                                    if settings.plan else ""))
+        reporter.warn("%s: %s%s" % (best.target, problem.text,
+                                    files_get if settings.plan else ""))
     for result in results if reporter.verbose else ():
         if result.error is None:
             reporter.info("%s (%s): %s %s, %d certificate(s) read with %s, %s, %.0f ms" % (
@@ -2994,7 +3225,7 @@ def text_lines(result, settings, now):
                                                  " after STARTTLS " + settings.starttls
                                                  if settings.starttls else ""))
     lines.append("  verification: %s" % verdict(result, settings))
-    lines += ["  warning:      %s" % problem for problem in result.problems]
+    lines += ["  warning:      %s" % problem.text for problem in result.problems]
     for index, cert in enumerate(result.served):
         lines += certificate_lines(index, cert, now)
     return "\n".join(lines) + "\n"
@@ -3035,7 +3266,8 @@ def source_json(result, settings, now):
         ("tls_version", result.tls_version), ("cipher", result.cipher),
         ("verified", None if target.file or settings.insecure or not result.served else
          result.error is None and result.verify_error is None),
-        ("verify_error", result.verify_error), ("problems", result.problems),
+        ("verify_error", result.verify_error),
+        ("problems", [problem.text for problem in result.problems]),
         ("chain", [certificate_json(cert, now) for cert in result.served]),
     ]
 
@@ -3160,20 +3392,24 @@ def leaf_summary(leaf):
 
 
 def chain_status(result):
-    """--check: WARNING for a served chain that lacks intermediates or is out of
-    order (--no-chain-warning turns this off): clients that lack them fail."""
+    """--check: WARNING for a served chain that lacks intermediates, is out of
+    order, or holds certificates off the verified path (CHECK_WARNS; turned off
+    by --no-chain-warning): clients may fail. The first such problem is named."""
     if not result.issuing or result.error is not None:
         return 0, ""
     for problem in result.problems:
-        if problem == OUT_OF_ORDER or result.missing and problem.startswith(
-                "the server sent only"):
-            return 1, "%s: %s" % (result.target, problem)
+        if problem.kind in CHECK_WARNS:
+            return 1, "%s: %s" % (result.target, problem.text)
     return 0, ""
 
 
 def served_path(result):
-    """The issuing path as the server sent it (without intermediates found locally)."""
-    return result.issuing[:len(result.issuing) - result.missing]
+    """The issuing path as far as the server sent it (without intermediates found
+    in the trust store)."""
+    if not result.missing:
+        return result.issuing
+    served = set(cert.der for cert in result.served)
+    return [cert for cert in result.issuing if cert.der in served]
 
 
 def chain_age(result):
@@ -3751,14 +3987,17 @@ def lookup_id(name, flag):
 
 
 def make_reader(settings):
-    """The run's context; with --key-path, one more per key type for dual-cert servers.
+    """The run's context; with --key-path, one more per key type for dual-cert servers;
+    on Python 3.6-3.9 one more, shared, to replay candidate paths (verifying runs).
     None when every source is a local file: they need no trust store."""
     if all(target.file for target in settings.targets):
         return None
     kinds = ("RSA", "EC") if settings.keys else ()
-    readers = dict((kind, new_chain_reader(make_context(settings, kind), settings.trust))
-                   for kind in kinds)
-    reader = new_chain_reader(make_context(settings), settings.trust, readers)
+    replay = None if HAS_VERIFIED_CHAIN or settings.insecure else \
+        make_context(settings, for_replay=True)
+    readers = dict((kind, new_chain_reader(make_context(settings, kind), settings.trust,
+                                           replay_ctx=replay)) for kind in kinds)
+    reader = new_chain_reader(make_context(settings), settings.trust, readers, replay)
     for each in [reader] + list(readers.values()):
         each.starttls = settings.starttls
     return reader
@@ -4006,7 +4245,10 @@ def run_one(settings, reader, reporter, sharers=1):
                                       " ".join(settings.sources)))
     if settings.insecure:
         reporter.warn("--insecure: the chain is NOT verified; anyone on the path could "
-                      "have sent it")
+                      "have sent it%s" % ("; files get the path built from the served "
+                                          "certificates' names alone, no signature checked: "
+                                          "clients may fail to verify it" if settings.plan
+                                          else ""))
     results = fetch_all(settings.targets, reader, settings, reporter, sharers)  # 1. fetch
     try:
         code, outcome = deliver(results, settings, reader, reporter)  # 2. to 4. below

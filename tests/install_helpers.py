@@ -7,15 +7,20 @@
     files_ders(directory)              what --out-dir holds now (certificates, as DER)
     hook_command(log)                  a deploy hook that appends one line per run to log
     message_lines(err)                 stderr lines that are neither hints nor warnings
+    assert_verifies(root, out_dir)     `openssl verify -CAfile ROOT -untrusted chain.pem
+                                       cert.pem` passes on what --out-dir holds
+    assert_fullchain_verifies(root, path)   the same for a fullchain (or combined) file
 """
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 
 from conftest import CERTGRAB
-from make_certs import read_ders
+from make_certs import ders_to_pem, read_ders
 
 NAME = "www.example.test"
 OUT_FILES = ["cert.pem", "chain.pem", "fullchain.pem"]
@@ -98,3 +103,36 @@ def assert_refused(result, code):
     assert lines[0].startswith("certgrab: "), result.err
     assert result.out == ""
     return lines[0]
+
+
+def openssl_verify(root, cert, chain):
+    """`openssl verify -CAfile ROOT -untrusted CHAIN CERT` (CompletedProcess): the leaf in
+    cert verifies with the intermediates in chain and no others. A chain file without
+    certificates (a leaf right under the root) is left out: -untrusted refuses it."""
+    untrusted = ["-untrusted", str(chain)] if read_ders(chain) else []
+    return subprocess.run(["openssl", "verify", "-CAfile", str(root)] + untrusted + [str(cert)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          stdin=subprocess.DEVNULL, universal_newlines=True, timeout=30)
+
+
+def assert_verifies(root, out_dir, cert="cert.pem", chain="chain.pem"):
+    """What was written in out_dir verifies with openssl: the leaf in cert, with only
+    the intermediates in chain, up to root."""
+    proc = openssl_verify(root, os.path.join(str(out_dir), cert),
+                          os.path.join(str(out_dir), chain))
+    assert proc.returncode == 0, "openssl verify failed on what was written:\n" + proc.stdout
+
+
+def assert_fullchain_verifies(root, path):
+    """A written fullchain (or combined) file verifies with openssl: its first certificate
+    with only the certificates after it, up to root."""
+    ders = read_ders(path)
+    assert ders, "no certificate in %s" % path
+    scratch = tempfile.mkdtemp(prefix="verify-")
+    try:
+        for name, part in (("cert.pem", ders[:1]), ("chain.pem", ders[1:])):
+            with open(os.path.join(scratch, name), "w") as f:
+                f.write(ders_to_pem(part))
+        assert_verifies(root, scratch)
+    finally:
+        shutil.rmtree(scratch)

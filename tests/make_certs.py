@@ -41,6 +41,15 @@ Chains dated from today, for expiry checks (made at test time, not by generate()
         leaf expires leaf_days from now (its intermediate intermediate_days from now, else in
         2099), written to outdir/name like the chains above. Subjects are lists of
         (attribute, value) and may hold any text: shell syntax, control characters, UTF-8.
+
+Chains whose path a name search gets wrong (issue 19), also made at test time:
+    make_cross_signed(outdir, root_dir, name)
+        an intermediate served cross-signed (with its second CA) before the direct one
+    make_lookalike(outdir, chain_dir, name, kind, count=1)
+        chain_dir served with look-alikes of its intermediate (same subject and key id,
+        another key) right after the leaf
+    make_direct_leaf(outdir, root_dir, name)
+        a leaf the root issued itself: chain.pem is empty
 """
 
 import base64
@@ -205,11 +214,12 @@ def _request(work, cn, keytype, keyfile=None):
     return csr, keyfile
 
 
-def _sign(work, csr, extensions, dates, issuer=None, san=""):
-    """Issue a certificate for csr with `openssl ca`; self-signed when issuer is None."""
+def _sign(work, csr, extensions, dates, issuer=None, san="", extfile=None):
+    """Issue a certificate for csr with `openssl ca`; self-signed when issuer is None.
+    extensions names a section of EXTENSIONS, or of extfile when given."""
     out = work.tmp(".pem")
     args = ["ca", "-batch", "-notext", "-config", work.config, "-in", csr, "-out", out,
-            "-extfile", work.extfile, "-extensions", extensions,
+            "-extfile", extfile or work.extfile, "-extensions", extensions,
             "-startdate", dates[0], "-enddate", dates[1]]
     if issuer is None:
         args += ["-selfsign", "-keyfile", work.selfsign_key]
@@ -361,6 +371,133 @@ def make_dated_chain(outdir, root_dir, name, leaf_days, intermediate_days=None,
     with open(root[0]) as f:
         root_text = f.read()
     _write_chain_dir(os.path.join(outdir, name), leaf, intermediate, key_text, root_text)
+    subprocess.run(["rm", "-rf", os.path.dirname(work.path)], check=True)
+    return os.path.join(outdir, name)
+
+
+# ------------------------------------------------- look-alike and cross-signed intermediates
+
+LOOKALIKE_EXTENSIONS = """\
+[ root ]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = {root_ski}
+[ intermediate ]
+basicConstraints = critical, CA:TRUE, pathlen:0
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = {ski}
+authorityKeyIdentifier = keyid:always
+"""
+LOOKALIKE_DATES = {"rsa": INTERMEDIATE_DATES, "expired": ("20200101000000Z", "20210101000000Z")}
+
+
+def _certificate_field(pem_path, *args):
+    """What `openssl x509 -noout ARGS` prints about a certificate, after its first line
+    (for -ext) or after "subject=" (for -subject)."""
+    text = _openssl(["x509", "-in", str(pem_path), "-noout"] + list(args)).decode()
+    return text.split("=", 1)[1].strip() if args[0] == "-subject" else \
+        text.splitlines()[1].strip()
+
+
+def _subject_pairs(pem_path):
+    """[(attribute, value)] of a certificate's subject, in encoded order (no commas in
+    the values of these tests' names)."""
+    rfc2253 = _certificate_field(pem_path, "-subject", "-nameopt", "RFC2253")
+    return [tuple(part.split("=", 1)) for part in reversed(rfc2253.split(","))]
+
+
+def make_lookalike(outdir, chain_dir, name, kind, count=1):
+    """outdir/name: chain_dir's chain, served with count look-alikes of the leaf's issuer
+    right after the leaf.
+
+    A look-alike has the subject and subject key identifier of the certificate served
+    after the leaf (the real intermediate) but another key, and is issued by a fake root
+    that has the real root's subject and key identifier (an attacker holds the leaf's
+    key, not a CA's). kind "rsa": an RSA key where the real one is EC, valid dates
+    (OpenSSL skips an issuer whose key type cannot have signed the leaf); kind "expired":
+    an EC key valid in 2020 only (OpenSSL prefers an issuer within its dates). Several
+    look-alikes share one key and differ in serial. Files: served.pem (the leaf, the
+    look-alikes, then the rest of chain_dir's served.pem, or of its fullchain.pem),
+    lookalike.pem (the look-alikes), and cert.pem, chain.pem (the path OpenSSL builds),
+    fullchain.pem, key.pem, root.pem copied from chain_dir."""
+    chain_dir, target = str(chain_dir), os.path.join(os.path.abspath(str(outdir)), name)
+    os.makedirs(target)
+    for each in ("cert.pem", "chain.pem", "fullchain.pem", "key.pem", "root.pem"):
+        with open(os.path.join(chain_dir, each)) as f:
+            _write(os.path.join(target, each), f.read())
+    served_file = os.path.join(chain_dir, "served.pem")
+    served = read_ders(served_file if os.path.exists(served_file)
+                       else os.path.join(chain_dir, "fullchain.pem"))
+    real = os.path.join(target, "real.pem")
+    _write(real, ders_to_pem(served[1:2]))
+    root = os.path.join(target, "root.pem")
+    work = _Workdir(tempfile.mkdtemp(prefix="work-%s-" % name, dir=target) + "/ca")
+    extfile = work.tmp(".cnf")
+    _write(extfile, LOOKALIKE_EXTENSIONS.format(
+        root_ski=_certificate_field(root, "-ext", "subjectKeyIdentifier"),
+        ski=_certificate_field(real, "-ext", "subjectKeyIdentifier")))
+    csr, work.selfsign_key = _request_subject(work, _subject_pairs(root), "ec")
+    fake_root = work.tmp(".pem")
+    _write(fake_root, _sign(work, csr, "root", ROOT_DATES, extfile=extfile))
+    csr, _ = _request_subject(work, _subject_pairs(real), "rsa" if kind == "rsa" else "ec")
+    lookalikes = "".join(_sign(work, csr, "intermediate", LOOKALIKE_DATES[kind],
+                               (fake_root, work.selfsign_key), extfile=extfile)
+                         for _ in range(count))
+    _write(os.path.join(target, "lookalike.pem"), lookalikes)
+    _write(os.path.join(target, "served.pem"),
+           ders_to_pem(served[:1]) + lookalikes + ders_to_pem(served[1:]))
+    subprocess.run(["rm", "-rf", os.path.dirname(work.path), real], check=True)
+    return target
+
+
+def make_cross_signed(outdir, root_dir, name):
+    """outdir/name: an EC chain under root_dir whose intermediate is served twice: first
+    cross-signed by a second CA under the same root (same subject, same key), with that CA,
+    and then as the root issued it. Served: leaf, cross-signed, second CA, intermediate.
+    OpenSSL's search takes the first issuer served that is within its dates, so it
+    verifies leaf, cross-signed, second CA, root, though leaf, intermediate, root is
+    shorter. chain.pem holds the path OpenSSL builds (cross-signed, second CA); served.pem
+    what the server sends; the rest as make_dated_chain."""
+    outdir, root_dir = os.path.abspath(str(outdir)), os.path.abspath(str(root_dir))
+    work = _Workdir(tempfile.mkdtemp(prefix="work-%s-" % name, dir=outdir) + "/ca")
+    root = (os.path.join(root_dir, "cert.pem"), os.path.join(root_dir, "key.pem"))
+    csr, key = _request(work, "certgrab test %s intermediate" % name, "ec")
+    direct = _sign(work, csr, "intermediate", INTERMEDIATE_DATES, root)
+    second_csr, second_key = _request(work, "certgrab test %s second CA" % name, "ec")
+    second = work.tmp(".pem")
+    _write(second, _sign(work, second_csr, "intermediate_with_sub", INTERMEDIATE_DATES, root))
+    cross = _sign(work, csr, "intermediate", INTERMEDIATE_DATES, (second, second_key))
+    issuer = work.tmp(".pem")
+    _write(issuer, direct)
+    leaf_csr, leaf_key = _request(work, "%s leaf" % name, "ec")
+    leaf = _sign(work, leaf_csr, "leaf_ec", ("20240101000000Z", "20491231235959Z"),
+                 (issuer, key), NAMES)
+    with open(leaf_key) as f:
+        key_text = f.read()
+    with open(root[0]) as f:
+        root_text = f.read()
+    with open(second) as f:
+        second_text = f.read()
+    target = os.path.join(outdir, name)
+    _write_chain_dir(target, leaf, cross + second_text, key_text, root_text)
+    _write(os.path.join(target, "served.pem"), leaf + cross + second_text + direct)
+    subprocess.run(["rm", "-rf", os.path.dirname(work.path)], check=True)
+    return target
+
+
+def make_direct_leaf(outdir, root_dir, name):
+    """outdir/name: an EC leaf issued by the root in root_dir itself (no intermediate; an
+    empty chain.pem), files as make_dated_chain."""
+    outdir, root_dir = os.path.abspath(str(outdir)), os.path.abspath(str(root_dir))
+    work = _Workdir(tempfile.mkdtemp(prefix="work-%s-" % name, dir=outdir) + "/ca")
+    root = (os.path.join(root_dir, "cert.pem"), os.path.join(root_dir, "key.pem"))
+    csr, key = _request(work, "%s leaf" % name, "ec")
+    leaf = _sign(work, csr, "leaf_ec", ("20240101000000Z", "20491231235959Z"), root, NAMES)
+    with open(key) as f:
+        key_text = f.read()
+    with open(root[0]) as f:
+        root_text = f.read()
+    _write_chain_dir(os.path.join(outdir, name), leaf, "", key_text, root_text)
     subprocess.run(["rm", "-rf", os.path.dirname(work.path)], check=True)
     return os.path.join(outdir, name)
 

@@ -20,8 +20,8 @@ import pytest
 
 pytest.register_assert_rewrite("acme")  # before the import: acme is also a plugin (below)
 import acme  # noqa: E402
-from install_helpers import (OUT_FILES, assert_refused, files_ders,  # noqa: E402
-                             message_lines, snapshot, temp_files)
+from install_helpers import (OUT_FILES, assert_refused, assert_verifies,  # noqa: E402
+                             files_ders, message_lines, snapshot, temp_files)
 from make_certs import read_ders  # noqa: E402
 
 pytest_plugins = ["acme"]
@@ -93,6 +93,7 @@ def test_followers_install_the_leaders_chain(run, leader, pebble, followers):
         result = run(*follower.sync_args(leader, pebble))
         assert result.rc == 0, result.err
         assert files_ders(follower.out) == want, "cert = leaf, chain = intermediate(s)"
+        assert_verifies(pebble.root_pem, follower.out)
         assert sorted(os.listdir(follower.out)) == WITH_KEY and not temp_files(follower.out)
         assert acme.read_text(follower.file("privkey.pem")) == acme.read_text(follower.key)
         assert follower.hook_runs() == [follower.out], "the hook ran once, with the lineage"
@@ -125,6 +126,7 @@ def test_renewal_with_the_same_key_reaches_every_follower(run, leader, pebble, f
         result = run(*follower.sync_args(leader, pebble))
         assert result.rc == 0, result.err
         assert files_ders(follower.out) == leader.files()
+        assert_verifies(pebble.root_pem, follower.out)
         assert acme.pem_fields(follower.file("cert.pem"))["sha256"] == new["sha256"]
         assert len(follower.hook_runs()) == runs + 1, "the hook ran once more"
         again = run(*follower.sync_args(leader, pebble))
@@ -167,6 +169,7 @@ def test_renewal_with_a_new_key_is_refused_by_followers(run, leader, pebble, fol
         result = run(*follower.sync_args(leader, pebble, "--key-path", listed))
         assert result.rc == 0, result.err
         assert files_ders(follower.out) == leader.files()
+        assert_verifies(pebble.root_pem, follower.out)
         assert acme.read_text(follower.file("privkey.pem")) == new_key, "the matching key"
         assert len(follower.hook_runs()) == runs + 1, "the hook ran once"
     assert_converged(run, leader, pebble, followers, follower_nginx)

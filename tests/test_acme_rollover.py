@@ -24,7 +24,7 @@ import pytest
 
 pytest.register_assert_rewrite("acme")  # before the import: acme is also a plugin (below)
 import acme  # noqa: E402
-from install_helpers import OUT_FILES, snapshot, temp_files  # noqa: E402
+from install_helpers import OUT_FILES, assert_verifies, snapshot, temp_files  # noqa: E402
 from make_certs import read_ders  # noqa: E402
 
 pytest_plugins = ["acme"]
@@ -66,6 +66,7 @@ def assert_installed(follower, leader, key_pem):
     assert sorted(os.listdir(follower.out)) == WITH_KEY and not temp_files(follower.out)
     for name, ders in leader.files().items():
         assert read_ders(follower.file(name)) == ders, name
+    assert_verifies(leader.certbot.pebble.root_pem, follower.out)
     assert acme.read_text(follower.file("privkey.pem")) == key_pem, "the matching key"
     mode = stat.S_IMODE(os.stat(follower.file("privkey.pem")).st_mode)
     assert mode == 0o600, oct(mode)

@@ -28,7 +28,7 @@ import tempfile
 import pytest
 
 from conftest import CERTGRAB, IN_CI, assert_one_error, error_lines
-from install_helpers import NAME, expected, files_ders, snapshot
+from install_helpers import NAME, assert_verifies, expected, files_ders, snapshot
 from servers import SilentServer
 
 USAGE, FETCH = 2, 3  # exit codes
@@ -106,6 +106,8 @@ def test_three_sections_install_two_and_name_the_failed_one(run, certs, served, 
     out = tmp_path / "out"
     assert files_ders(out / "web") == expected(certs, "ec1")
     assert files_ders(out / "mail") == expected(certs, "rsa2")
+    assert_verifies(certs / "ec1" / "root.pem", out / "web")
+    assert_verifies(certs / "rsa2" / "root.pem", out / "mail")
     assert not (out / "dead").exists()
     assert "certgrab: [web] installed the chain from" in result.err
     assert "certgrab: [mail] installed the chain from" in result.err
@@ -217,6 +219,7 @@ def test_section_runs_one_and_quiet_overrides(run, certs, served, tmp_path):
     result = run("--config", config, "--section", "two", "-q")
     assert result.rc == 0 and result.err == ""
     assert files_ders(tmp_path / "two") == expected(certs, "ec1")
+    assert_verifies(certs / "ec1" / "root.pem", tmp_path / "two")
     assert not (tmp_path / "one").exists()
 
 
@@ -410,6 +413,7 @@ def test_config_on_python3_minimal(certs, served, suite):
             stdin=subprocess.DEVNULL, universal_newlines=True, timeout=60)
         assert completed.returncode == 0, completed.stderr
         assert files_ders(os.path.join(scratch, "out")) == expected(certs, "ec1")
+        assert_verifies(certs / "ec1" / "root.pem", os.path.join(scratch, "out"))
         assert completed.stderr.splitlines()[-1] == "certgrab: 1 section done"
     finally:
         shutil.rmtree(scratch)
@@ -424,6 +428,7 @@ def test_an_option_given_several_times_is_a_list_in_the_file(run, certs, served,
                               certs / "ec1" / "key.pem"))
     assert run("--config", config).rc == 0
     assert files_ders(tmp_path / "out") == expected(certs, "ec1")
+    assert_verifies(certs / "ec1" / "root.pem", tmp_path / "out")
     assert (tmp_path / "out" / "privkey.pem").read_bytes() == \
         (certs / "ec1" / "key.pem").read_bytes()
     config.write_text(config.read_text().replace(" %s" % (certs / "ec1" / "key.pem"), ""))

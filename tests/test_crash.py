@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from install_helpers import (OUT_FILES, assert_refused, grab_args, hook_runs, message_lines,
-                             popen, snapshot, temp_files)
+from install_helpers import (OUT_FILES, assert_refused, assert_verifies, grab_args, hook_runs,
+                             message_lines, popen, snapshot, temp_files)
 from make_certs import read_ders
 
 KILLS = 40
@@ -44,6 +44,7 @@ def old_and_new(run, served, certs, tmp_path):
     for server in (old, new):
         out = tmp_path / ("ref-" + str(server.port))
         assert run(*args_for(certs, server, out)).rc == 0
+        assert_verifies(certs / "ec1" / "root.pem", out)
         sets.append(read_set(out))
     return old, new, sets[0], sets[1]
 
@@ -194,6 +195,7 @@ def test_a_run_killed_between_renames_is_completed_with_its_hook(run, certs, tmp
     result = run(*args_for(certs, new_server, out, "--deploy-hook", "echo x >> %s" % log))
     assert result.rc == 0, result.err
     assert read_set(out) == new and sorted(os.listdir(str(out))) == OUT_FILES
+    assert_verifies(certs / "ec1" / "root.pem", out)
     assert hook_runs(log) == ["x"]
     assert all(int((out / n).stat().st_mtime) != PENDING_MTIME for n in OUT_FILES)
 

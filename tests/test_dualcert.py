@@ -15,7 +15,7 @@ import time
 import pytest
 
 import servers
-from install_helpers import NAME, OUT_FILES, expected, files_ders, hook_runs
+from install_helpers import NAME, OUT_FILES, assert_verifies, expected, files_ders, hook_runs
 from make_certs import pem_ders, read_ders
 
 READY = 10.0  # seconds nginx may take to listen
@@ -164,6 +164,7 @@ def test_key_type_picks_the_chain(run, dual, certs, both_roots, tmp_path, chain)
                  "--deploy-hook", 'echo "$RENEWED_DOMAINS" >> %s' % log, "-v")
     assert result.rc == 0, result.err
     assert files_ders(out) == expected(certs, chain), "the %s chain, exactly" % chain
+    assert_verifies(certs / chain / "root.pem", out)
     asked_again = "asked again" in result.err
     assert asked_again == (chain != default_chain(run, dual, certs, both_roots)), \
         "certgrab asks a second time exactly when the default chain is the other one"
@@ -212,6 +213,7 @@ def test_encrypted_rsa_key_picks_the_rsa_chain(run, dual, certs, both_roots, tmp
                      "--key-path", keyfile, *extra)
         assert result.rc == 0, result.err
         assert files_ders(out) == expected(certs, chain)
+        assert_verifies(certs / chain / "root.pem", out)
 
 
 @pytest.mark.parametrize("chain, other", [("rsa1", "ec2"), ("ec1", "rsa2")])
@@ -227,4 +229,5 @@ def test_a_rollover_across_key_types_asks_for_the_listed_keys_type(run, dual, ce
                  "--key-path", certs / chain / "key.pem")
     assert result.rc == 0, result.err
     assert files_ders(out) == expected(certs, chain)
+    assert_verifies(certs / chain / "root.pem", out)
     assert (out / "privkey.pem").read_bytes() == (certs / chain / "key.pem").read_bytes()

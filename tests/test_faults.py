@@ -30,7 +30,8 @@ import sys
 import pytest
 
 from conftest import CERTGRAB, IN_CI
-from install_helpers import OUT_FILES, grab_args, hook_runs, message_lines, temp_files
+from install_helpers import (OUT_FILES, assert_fullchain_verifies, assert_verifies, grab_args,
+                             hook_runs, message_lines, temp_files)
 from make_certs import read_ders
 
 PENDING_MTIME = 1
@@ -87,6 +88,11 @@ class Layout(object):
     def temps(self):
         return temp_files(self.live) + temp_files(os.path.dirname(self.combined))
 
+    def assert_verifies(self):
+        """openssl verifies what live/ and the combined file hold."""
+        assert_verifies(self.certs / "ec1" / "root.pem", self.live)
+        assert_fullchain_verifies(self.certs / "ec1" / "root.pem", self.combined)
+
 
 @pytest.fixture
 def renewal(run, served, certs, tmp_path):
@@ -96,6 +102,7 @@ def renewal(run, served, certs, tmp_path):
     sets = []
     for server in (old_server, new_server):
         assert run(*layout.args(server)).rc == 0
+        layout.assert_verifies()
         sets.append(dict((p, d) for p, (d, _) in layout.read().items()))
     assert sets[0] != sets[1] and all(sets[0].values())
     return layout, old_server, new_server, sets[0], sets[1]
@@ -285,6 +292,7 @@ def test_every_filesystem_call_of_a_renewal_can_fail(run, renewal, tmp_path):
         rerun = run(*argv)
         assert rerun.rc == 0, (case, rerun.err)
         assert disk_verdict(layout, old, new) == "new", case
+        layout.assert_verifies()
         assert len(hook_runs(layout.log)) == (1 if verdict == "new" else hooks + 1), case
         assert layout.temps() == [], case
         seen[verdict, result.returncode] = seen.get((verdict, result.returncode), 0) + 1
@@ -413,6 +421,7 @@ def test_a_cert_pem_linked_to_a_file_that_is_no_certificate_is_refused(run, rene
     assert "installing it because of --force" in result.err
     assert os.path.islink(cert) and read_ders(str(notes)) == read_ders(
         str(layout.certs / "ec1new" / "cert.pem"))
+    assert_verifies(layout.certs / "ec1" / "root.pem", layout.live)
 
 
 def test_a_truncated_fullchain_alone_refuses_an_older_leaf(run, served, certs, tmp_path):
@@ -453,6 +462,7 @@ def test_a_stderr_that_cannot_be_written_changes_nothing(renewal):
             new_server, "-v")], stdout=subprocess.PIPE, stderr=full, timeout=30)
     assert result.returncode == 0
     assert disk_verdict(layout, old, new) == "new"
+    layout.assert_verifies()
     assert hook_runs(layout.log) == ["x"]
 
 
@@ -476,6 +486,7 @@ def test_a_renewed_certificate_is_never_executable_or_set_id(run, renewal, mode)
     os.chmod(cert, mode)
     os.chmod(layout.combined, 0o4750)
     assert run(*layout.args(new_server)).rc == 0
+    layout.assert_verifies()
     assert os.stat(cert).st_mode & 0o7777 == mode & 0o644
     assert os.stat(layout.combined).st_mode & 0o7777 == 0o640
 

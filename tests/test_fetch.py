@@ -13,6 +13,7 @@ import pytest
 import make_certs
 import servers
 from conftest import assert_one_error
+from install_helpers import assert_fullchain_verifies, assert_verifies
 from make_certs import PEM_BLOCK, ders_to_pem, pem_ders, read_ders
 from servers import closed_port
 
@@ -111,6 +112,7 @@ def test_quiet_success_prints_nothing_on_stderr(run, served, certs, tmp_path):
     result = grab(run, certs, server, "ec1", "-q", "--out-dir", tmp_path / "out")
     assert result.rc == 0, result.err
     assert result.out == "" and result.err == ""
+    assert_verifies(certs / "ec1" / "root.pem", tmp_path / "out")
 
 
 # Output files ---------------------------------------------------------------------------
@@ -127,6 +129,7 @@ def test_out_dir_writes_cert_chain_fullchain(run, served, certs, tmp_path, chain
     assert read_ders(out / "cert.pem") == want[:1]
     assert read_ders(out / "chain.pem") == want[1:]
     assert read_ders(out / "fullchain.pem") == want
+    assert_verifies(certs / chain / "root.pem", out)
     for name in ("cert.pem", "chain.pem", "fullchain.pem"):
         text = (out / name).read_text()
         assert_only_pem(text)
@@ -143,6 +146,7 @@ def test_new_files_are_0644_even_under_a_strict_umask(run, served, certs, tmp_pa
     assert result.rc == 0, result.err
     for name in ("cert.pem", "chain.pem", "fullchain.pem"):
         assert stat.S_IMODE((tmp_path / "out" / name).stat().st_mode) == 0o644, name
+    assert_verifies(certs / "ec1" / "root.pem", tmp_path / "out")
 
 
 def test_existing_file_keeps_its_mode(run, served, certs, tmp_path):
@@ -154,6 +158,7 @@ def test_existing_file_keeps_its_mode(run, served, certs, tmp_path):
     result = grab(run, certs, server, "ec1", "--fullchain-path", target)
     assert result.rc == 0, result.err
     assert read_ders(target) == read_ders(certs / "ec1new" / "fullchain.pem")
+    assert_fullchain_verifies(certs / "ec1" / "root.pem", target)
     assert stat.S_IMODE(target.stat().st_mode) == 0o640
 
 
@@ -166,6 +171,7 @@ def test_unchanged_files_are_not_rewritten(run, served, certs, tmp_path):
     assert result.rc == 0, result.err
     after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()}
     assert after == before
+    assert_verifies(certs / "ec2" / "root.pem", out)
 
 
 def test_single_file_paths(run, served, certs, tmp_path):
@@ -178,6 +184,8 @@ def test_single_file_paths(run, served, certs, tmp_path):
     assert read_ders(cert) == want[:1]
     assert read_ders(chain) == want[1:]
     assert read_ders(full) == want
+    assert_verifies(certs / "rsa2" / "root.pem", tmp_path, cert="a/c.pem", chain="b/ch.pem")
+    assert_fullchain_verifies(certs / "rsa2" / "root.pem", full)
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["c.pem", "ch.pem",
                                                                           "f.pem"]
 
@@ -188,6 +196,7 @@ def test_only_the_asked_file_is_written(run, served, certs, tmp_path):
     assert result.rc == 0, result.err
     assert [p.name for p in tmp_path.iterdir()] == ["full.pem"]
     assert result.out == ""
+    assert_fullchain_verifies(certs / "ec1" / "root.pem", tmp_path / "full.pem")
 
 
 # IPv6 and IP addresses --------------------------------------------------------------------
@@ -304,6 +313,7 @@ def test_insecure_writes_files_from_an_unknown_root(run, served, certs, tmp_path
     result = run(server.address, "-n", NAME, "--insecure", "--out-dir", out)
     assert result.rc == 0, result.err
     assert read_ders(out / "fullchain.pem") == read_ders(certs / "unknown" / "fullchain.pem")
+    assert_verifies(certs / "unknown" / "root.pem", out)
     assert re.search(r"insecure|not verified", warnings(result), re.I), result.err
 
 
@@ -316,14 +326,15 @@ def _anomalies(certs):
     return {
         "out-of-order": ([leaf, i1, i2], r"order"),
         "root-appended": ([leaf, i2, i1, root], r"root"),
-        "extra-unrelated": ([leaf, i2, unrelated, i1], r"unrelated|extra|not part"),
-        "extra-at-end": ([leaf, i2, i1, unrelated], r"unrelated|extra|not part"),
+        "extra-unrelated": ([leaf, i2, unrelated, i1], r"not on the path OpenSSL verified"),
+        "extra-at-end": ([leaf, i2, i1, unrelated], r"not on the path OpenSSL verified"),
+        "sent-twice": ([leaf, i2, i2, i1], r"1 certificate\(s\) were sent more than once"),
     }
 
 
 @pytest.mark.parametrize("tls", ["1.2", "1.3"])
 @pytest.mark.parametrize("case", ["out-of-order", "root-appended", "extra-unrelated",
-                                  "extra-at-end"])
+                                  "extra-at-end", "sent-twice"])
 def test_anomalous_chain_stdout_as_served_files_cleaned(run, served, certs, tmp_path, case,
                                                         tls):
     ders, warning = _anomalies(certs)[case]
@@ -343,6 +354,7 @@ def test_anomalous_chain_stdout_as_served_files_cleaned(run, served, certs, tmp_
     assert read_ders(out / "cert.pem") == clean[:1]
     assert read_ders(out / "chain.pem") == clean[1:]
     assert read_ders(out / "fullchain.pem") == clean
+    assert_verifies(certs / "ec2" / "root.pem", out)
     assert re.search(warning, warnings(result), re.I), result.err
 
 
@@ -353,6 +365,7 @@ def test_well_formed_chain_gives_no_warning(run, served, certs, tmp_path):
     result = grab(run, certs, server, "ec2", "--out-dir", tmp_path / "out")
     assert result.rc == 0, result.err
     assert not re.search(r"order|root|unrelated|extra", warnings(result), re.I), result.err
+    assert_verifies(certs / "ec2" / "root.pem", tmp_path / "out")
 
 
 # --verified-chain ----------------------------------------------------------------------------

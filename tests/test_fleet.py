@@ -26,8 +26,9 @@ from cryptography.x509.oid import NameOID
 
 import make_certs
 import servers
-from install_helpers import (NAME, OUT_FILES, assert_refused, files_ders, grab_args,
-                             hook_command, hook_runs, message_lines, snapshot)
+from install_helpers import (NAME, OUT_FILES, assert_fullchain_verifies, assert_refused,
+                             assert_verifies, files_ders, grab_args, hook_command, hook_runs,
+                             message_lines, snapshot)
 
 REFUSED, VERIFY, FETCH, USAGE = 6, 4, 3, 2
 OK, WARNING, CRITICAL = 0, 1, 2
@@ -127,12 +128,13 @@ def test_intermediates_known_here_complete_the_files_and_a_warning_names_the_ser
     intermediates = len(make_certs.read_ders(certs / chain / "chain.pem"))
     assert "certgrab: warning: %s: the server sent only its leaf, without the %d intermediate " \
         "certificate(s) that verification found in --cafile %s: the server is misconfigured " \
-        "(point it at fullchain.pem); clients that lack them fail (files get the complete " \
-        "issuing path: leaf, intermediates, no root)" % (server.address, intermediates,
+        "(point it at fullchain.pem); clients that lack them fail (files get the path " \
+        "OpenSSL verified: leaf, intermediates, no root)" % (server.address, intermediates,
                                                          cafile) in result.err.splitlines()
     want = make_certs.read_ders(certs / chain / "fullchain.pem")
     assert files_ders(out) == {"cert.pem": want[:1], "chain.pem": want[1:],
                                "fullchain.pem": want}, "the complete path, no root"
+    assert_verifies(certs / chain / "root.pem", out)
 
 
 def test_a_server_sending_part_of_its_intermediates_is_counted(run, served, certs, tmp_path):
@@ -305,6 +307,7 @@ def test_the_key_the_leaf_matches_is_installed_as_privkey(run, served, certs, tm
     assert sorted(os.listdir(str(out))) == sorted(OUT_FILES + ["privkey.pem"])
     assert (out / "privkey.pem").read_bytes() == (certs / "ec1" / "key.pem").read_bytes()
     assert stat.S_IMODE(os.stat(str(out / "privkey.pem")).st_mode) == 0o600
+    assert_verifies(certs / "ec1" / "root.pem", out)
 
 
 def test_combined_path_gets_the_matching_key(run, served, certs, tmp_path):
@@ -314,6 +317,7 @@ def test_combined_path_gets_the_matching_key(run, served, certs, tmp_path):
                             "--key-path", certs / "ec1" / "key.pem"))
     assert result.rc == 0, result.err
     assert combined.read_bytes().endswith((certs / "ec1" / "key.pem").read_bytes())
+    assert_fullchain_verifies(certs / "ec1" / "root.pem", combined)
 
 
 def test_privkey_may_be_the_current_key_path_and_follows_the_certificate(run, started, certs,
@@ -334,6 +338,7 @@ def test_privkey_may_be_the_current_key_path_and_follows_the_certificate(run, st
     assert result.rc == 0, result.err
     assert (out / "privkey.pem").read_bytes() == open(os.path.join(fresh, "key.pem"), "rb").read()
     assert files_ders(out)["cert.pem"] == make_certs.read_ders(os.path.join(fresh, "cert.pem"))
+    assert_verifies(certs / "root-ec" / "cert.pem", out)
     before = snapshot(out)
     assert run(*argv).rc == 0 and snapshot(out) == before, "a rerun changes nothing"
 
@@ -455,6 +460,7 @@ def test_a_retried_hook_says_why(run, served, certs, tmp_path, quiet):
     again = run(*grab_args(certs, server, "--out-dir", out, "--deploy-hook",
                            hook_command(log), *flags))
     assert "retrying" not in again.err and len(hook_runs(log)) == 1
+    assert_verifies(certs / "ec1" / "root.pem", out)
 
 
 # 6. --tls-min, --tls-max ----------------------------------------------------------------------

@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from install_helpers import (OUT_FILES, expected, files_ders, grab_args, hook_command,
-                             hook_runs, message_lines, run_subprocess, snapshot)
+from install_helpers import (OUT_FILES, assert_fullchain_verifies, assert_verifies, expected,
+                             files_ders, grab_args, hook_command, hook_runs, message_lines,
+                             run_subprocess, snapshot)
 from make_certs import read_ders
 
 
@@ -30,6 +31,8 @@ def test_hook_environment_is_certbots_plus_certgrabs(run, served, certs, tmp_pat
     result = run(*install_args(certs, server, out, hook, "--combined-path",
                                tmp_path / "haproxy.pem"))
     assert result.rc == 0, result.err
+    assert_verifies(certs / "ec1" / "root.pem", out)
+    assert_fullchain_verifies(certs / "ec1" / "root.pem", tmp_path / "haproxy.pem")
     env = read_env(env_file)
     leaf = read_ders(certs / "ec1" / "cert.pem")[0]
     assert env["RENEWED_LINEAGE"] == str(out.resolve())
@@ -54,6 +57,7 @@ def test_hook_runs_in_lineage_with_relative_paths(run, served, certs, tmp_path, 
     env = read_env(env_file)
     assert env["RENEWED_LINEAGE"] == str((tmp_path / "sub").resolve())
     assert env["CERTGRAB_FILES"] == str((tmp_path / "sub" / "full.pem").resolve())
+    assert_fullchain_verifies(certs / "ec1" / "root.pem", tmp_path / "sub" / "full.pem")
 
 
 def test_hook_output_is_passed_through(served, certs, tmp_path):
@@ -79,6 +83,7 @@ def test_failed_hook_exits_7_and_is_retried_by_the_next_run(run, served, certs, 
     lines = message_lines(failed.err)
     assert len(lines) == 2 and "hook" in lines[-1], failed.err  # "installed ..." + the error
     assert files_ders(out) == expected(certs, "ec1new"), "the files are installed"
+    assert_verifies(certs / "ec1new" / "root.pem", out)
     assert len(hook_runs(log)) == 2
 
     still_failing = run(*install_args(certs, new, out, hook))
@@ -152,6 +157,7 @@ def test_hook_timeout_kills_the_hook_and_its_children(run, served, certs, tmp_pa
     assert not _alive(shell), "the hook's shell is killed"
     assert not _alive(child), "the hook's child (same process group) is killed"
     assert files_ders(out) == expected(certs, "ec1"), "the files are installed"
+    assert_verifies(certs / "ec1" / "root.pem", out)
 
 
 def test_hook_timeout_is_retried(run, served, certs, tmp_path):

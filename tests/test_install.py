@@ -12,9 +12,9 @@ import subprocess
 
 import pytest
 
-from install_helpers import (NAME, OUT_FILES, assert_refused, expected, files_ders, grab_args,
-                             hook_command, hook_runs, message_lines, run_subprocess, snapshot,
-                             temp_files)
+from install_helpers import (NAME, OUT_FILES, assert_fullchain_verifies, assert_refused,
+                             assert_verifies, expected, files_ders, grab_args, hook_command,
+                             hook_runs, message_lines, run_subprocess, snapshot, temp_files)
 from make_certs import pem_ders, read_ders
 from servers import closed_port
 
@@ -36,6 +36,7 @@ def install(run, certs, server, out, log=None, *extra):
 def assert_holds(out, certs, chain):
     assert sorted(os.listdir(str(out))) == OUT_FILES, "only the three files, no temp or lock"
     assert files_ders(out) == expected(certs, chain)
+    assert_verifies(certs / chain / "root.pem", out)
 
 
 # Acceptance 1: first install, rerun, renewal ------------------------------------------------
@@ -165,6 +166,7 @@ def test_an_expired_leaf_is_refused(run, served, certs, installed_ec1, insecure)
         line = assert_refused(result, 4)
         assert "expired" in line, line
     assert snapshot(out) and files_ders(out) == expected(certs, "ec1")
+    assert_verifies(certs / "ec1" / "root.pem", out)
     assert len(hook_runs(log)) == 1
 
 
@@ -234,6 +236,7 @@ def test_fullchain_path_alone_writes_only_that_file(run, served, certs, tmp_path
     assert result.rc == 0, result.err
     assert os.listdir(str(target.parent)) == ["fullchain.pem"]
     assert read_ders(target) == read_ders(certs / "ec1" / "fullchain.pem")
+    assert_fullchain_verifies(certs / "ec1" / "root.pem", target)
     assert hook_runs(log) == [str(target.parent.resolve())], \
         "RENEWED_LINEAGE is the directory of the first output"
 
@@ -248,6 +251,8 @@ def test_combined_path_holds_chain_and_key_0600_under_umask_000(served, certs, t
     assert result.returncode == 0, result.stderr
     text = combined.read_text()
     assert pem_ders(text) == read_ders(certs / "ec1" / "fullchain.pem")
+    assert_fullchain_verifies(certs / "ec1" / "root.pem", combined)
+    assert_fullchain_verifies(certs / "ec1" / "root.pem", full)
     key = (certs / "ec1" / "key.pem").read_text().strip()
     assert key in text, "the private key from --key-path is in the combined file"
     assert stat.S_IMODE(combined.stat().st_mode) == 0o600
@@ -380,6 +385,7 @@ def test_mode_applies_to_new_files_only(run, served, certs, tmp_path):
     assert result.rc == 0, result.err
     modes = dict((n, stat.S_IMODE((out / n).stat().st_mode)) for n in OUT_FILES)
     assert modes == {"cert.pem": 0o604, "chain.pem": 0o640, "fullchain.pem": 0o640}
+    assert_verifies(certs / "ec1new" / "root.pem", out)
 
 
 def test_owner_and_group_apply_to_new_files_and_existing_keep_theirs(run, served, certs,
@@ -399,6 +405,7 @@ def test_owner_and_group_apply_to_new_files_and_existing_keep_theirs(run, served
                             "--group", "nogroup"))
     assert result.rc == 0, result.err
     assert files_ders(out) == expected(certs, "ec1new")
+    assert_verifies(certs / "ec1new" / "root.pem", out)
     owners = dict((n, ((out / n).stat().st_uid, (out / n).stat().st_gid)) for n in OUT_FILES)
     assert owners == {"cert.pem": (0, 0), "chain.pem": (nobody, nogroup),
                       "fullchain.pem": (1, 1)}
@@ -423,6 +430,7 @@ def test_stale_temp_files_are_removed_by_the_next_run(run, served, certs, tmp_pa
     assert result.rc == 0, result.err
     assert sorted(os.listdir(str(out))) == OUT_FILES + ["unrelated.txt"], \
         "stale temp files go, files certgrab does not own stay"
+    assert_verifies(certs / "ec1" / "root.pem", out)
 
 
 def test_force_does_not_override_validity(run, served, certs, installed_ec1):
@@ -444,6 +452,7 @@ def test_an_existing_writable_file_loses_group_and_world_write(run, served, cert
     assert run(*grab_args(certs, served("ec1new"), "--out-dir", out)).rc == 0
     assert stat.S_IMODE((out / "cert.pem").stat().st_mode) == 0o644
     assert stat.S_IMODE((out / "fullchain.pem").stat().st_mode) == 0o640
+    assert_verifies(certs / "ec1new" / "root.pem", out)
 
 
 def test_mode_option_never_publishes_the_combined_key(run, served, certs, tmp_path):
@@ -453,6 +462,7 @@ def test_mode_option_never_publishes_the_combined_key(run, served, certs, tmp_pa
                             "0644", "--key-path", certs / "ec1" / "key.pem"))
     assert result.rc == 0, result.err
     assert stat.S_IMODE(combined.stat().st_mode) & 0o037 == 0, oct(combined.stat().st_mode)
+    assert_fullchain_verifies(certs / "ec1" / "root.pem", combined)
 
 
 def test_symlinked_output_keeps_the_link_and_replaces_its_target(run, served, certs,
@@ -469,6 +479,7 @@ def test_symlinked_output_keeps_the_link_and_replaces_its_target(run, served, ce
     assert result.rc == 0, result.err
     assert os.readlink(str(live / "fullchain.pem")) == "../archive/fullchain1.pem"
     assert read_ders(archive / "fullchain1.pem") == read_ders(certs / "ec1new" / "fullchain.pem")
+    assert_fullchain_verifies(certs / "ec1new" / "root.pem", archive / "fullchain1.pem")
     assert sorted(os.listdir(str(archive))) == ["fullchain1.pem"]
     env = dict(item.split("=", 1) for item in env_file.read_bytes().decode().split("\0")
                if item)

@@ -19,6 +19,7 @@ import sys
 import pytest
 
 from conftest import CERTGRAB
+from install_helpers import assert_verifies
 from make_certs import pem_ders, read_ders
 from servers import OpenSSLServer, TLSServer, ipv6_available
 
@@ -120,6 +121,7 @@ def test_out_dir(python, matrix_servers, certs, tmp_path):
     assert read_ders(out / "cert.pem") == want[:1]
     assert read_ders(out / "chain.pem") == want[1:]
     assert read_ders(out / "fullchain.pem") == want
+    assert_verifies(certs / "ec2" / "root.pem", out)
     assert oct((out / "cert.pem").stat().st_mode & 0o777) == oct(0o644)
 
 

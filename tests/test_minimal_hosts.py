@@ -13,6 +13,7 @@ serves a chain from a TLSServer on 127.0.0.1 outside, and runs
 with an environment that carries nothing of the host's Python set-up.
 """
 
+import hashlib
 import os
 import resource
 import shutil
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+import make_certs
+from install_helpers import assert_verifies
 from servers import DelayedTLSServer, TLSServer, ipv6_available
 
 ROOTS = Path(os.environ.get("CERTGRAB_ROOTS", "/var/cache/certgrab-roots")).resolve()
@@ -195,3 +198,43 @@ def test_parallel_is_lowered_to_ulimit_without_the_resource_module(host, certs):
     assert proc.stderr == "certgrab: warning: --parallel 100 lowered to 48: this process may " \
         "open only 128 files (ulimit -n), 2 per source at once\n"
     assert server.most <= 48
+
+
+# ---------------------------------------------------------------- the path OpenSSL verified
+
+@pytest.fixture(scope="module")
+def lookalikes(certs, tmp_path_factory):
+    """ec1 served with a look-alike of its intermediate (make_certs.make_lookalike): an RSA
+    key under the EC leaf, or an expired EC one."""
+    outdir = tmp_path_factory.mktemp("lookalikes")
+    return dict((kind, Path(make_certs.make_lookalike(outdir, certs / "ec1", kind, kind)))
+                for kind in ("rsa", "expired"))
+
+
+@pytest.mark.parametrize("kind", ["rsa", "expired"])
+def test_a_lookalike_intermediate_is_never_written(host, lookalikes, kind):
+    """Python 3.9 without ctypes (Debian 11, OpenSSL 1.1.1) and 3.11 (Debian 12): files
+    hold the path OpenSSL verified, which openssl verify accepts; the look-alike the server
+    sent first is named in a warning and by --check, never written."""
+    chain = lookalikes[kind]
+    out = host.scratch / ("out-" + kind)
+    shutil.copy(str(chain / "root.pem"), str(host.scratch / "lookalike-root.pem"))
+    cafile = host.inside(host.scratch / "lookalike-root.pem")
+    fake = ders_of(chain / "lookalike.pem")[0]
+    digest = hashlib.sha256(fake).hexdigest()[:16]
+    with TLSServer(str(chain / "served.pem"), str(chain / "key.pem"), host="127.0.0.1",
+                   tls="1.3") as server:
+        proc = host.certgrab("127.0.0.1:%d" % server.port, "-n", NAME, "--cafile", cafile,
+                             "--out-dir", host.inside(out))
+        check = host.certgrab("--check", "127.0.0.1:%d" % server.port, "-n", NAME,
+                              "--cafile", cafile)
+    assert proc.returncode == 0, proc.stderr
+    assert ders_of(out / "chain.pem") == ders_of(chain / "chain.pem")
+    assert ders_of(out / "fullchain.pem") == ders_of(chain / "fullchain.pem")
+    assert_verifies(chain / "root.pem", out)
+    assert "not on the path OpenSSL verified, never written: [1] " in proc.stderr
+    assert digest in proc.stderr
+    assert check.returncode == 1, check.stdout + check.stderr
+    assert check.stdout.splitlines()[1].startswith(
+        "WARNING - 127.0.0.1:%d: 1 served certificate(s) not on the path OpenSSL verified, "
+        "never written: [1] " % server.port) and digest in check.stdout, check.stdout

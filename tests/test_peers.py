@@ -18,7 +18,7 @@ import shutil
 
 import pytest
 
-from install_helpers import NAME, expected, files_ders, snapshot
+from install_helpers import NAME, assert_verifies, expected, files_ders, snapshot
 from servers import InstalledFilesServer, TLSServer
 
 REFUSED = 6  # exit code: refused by a safety check
@@ -60,6 +60,7 @@ def test_followers_converge_on_the_leaders_renewal(run, certs, fleet):
         assert result.rc == 0, result.err
         assert "installed the chain from %s" % leader.address in result.err
         assert files_ders(follower.out_dir) == expected(certs, "ec1new")
+        assert_verifies(certs / "ec1new" / "root.pem", follower.out_dir)
     check = run("--check", "--same", "-n", NAME, "--cafile", certs / "ec1" / "root.pem",
                 *[f.server.address for f in followers])
     assert check.rc == 0, check.out + check.err
@@ -77,6 +78,7 @@ def test_followers_converge_from_a_peer_when_the_leader_goes_down(run, certs, fl
         assert "installed the chain from %s" % first.server.address in result.err
         assert "certgrab: warning: %s: cannot connect" % leader.address in result.err
         assert files_ders(follower.out_dir) == expected(certs, "ec1new")
+        assert_verifies(certs / "ec1new" / "root.pem", follower.out_dir)
     before = [snapshot(f.out_dir) for f in followers]
     for follower in followers:                      # converged: reruns change nothing
         assert follower.grab(run, certs, sources_of(follower, leader, followers)).rc == 0

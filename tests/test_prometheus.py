@@ -22,6 +22,7 @@ import urllib.request
 import pytest
 
 from conftest import CERTGRAB, IN_CI
+from install_helpers import assert_verifies
 from profiles import DAY, make_profile_chain
 from servers import TLSServer
 
@@ -161,6 +162,7 @@ def test_promtool_accepts_an_install_run(run, chain, server, tmp_path):
     result = run(server.address, "--cafile", chain / "root.pem", "--key-path",
                  chain / "key.pem", "--out-dir", tmp_path / "live", "--prometheus", prom)
     assert result.rc == 0, result.err
+    assert_verifies(chain / "root.pem", tmp_path / "live")
     proc = subprocess.run([tool("promtool"), "check", "metrics"], stdin=prom.open("rb"),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.returncode == 0, proc.stdout.decode()
@@ -253,6 +255,7 @@ def test_install_outcomes_and_last_sync(run, chain, server, tmp_path, started):
     assert run(server.address, "--key-path", chain / "key.pem", *common).rc == 0
     state, first_sync = outcome(prom)
     assert state == "installed" and abs(first_sync - time.time()) < 5
+    assert_verifies(chain / "root.pem", live)
     time.sleep(0.01)
     assert run(server.address, "--key-path", chain / "key.pem", *common).rc == 0
     state, synced = outcome(prom)
@@ -267,6 +270,7 @@ def test_install_outcomes_and_last_sync(run, chain, server, tmp_path, started):
                  "--prometheus", prom)
     assert result.rc == 7, result.err
     assert outcome(prom) == ("hook_failed", synced)
+    assert_verifies(other / "root.pem", live)
     result = run("127.0.0.1:%d" % free_port(), *common)
     assert result.rc == 3
     assert outcome(prom) == ("failed", synced)

@@ -41,6 +41,7 @@ import pytest
 import make_certs
 from bench import DelayProxy
 from conftest import CERTGRAB, assert_one_error
+from install_helpers import assert_verifies
 from servers import GarbageServer, HTTPServer, SilentServer, TLSServer, closed_port
 
 NAME = "www.example.test"
@@ -782,6 +783,7 @@ def test_hostile_names_never_reach_a_shell(run_hostile, dated, tmp_path):
     assert hook_env["RENEWED_DOMAINS"] == "www.example.test example.test"
     assert make_certs.read_ders(tmp_path / "live" / "fullchain.pem") == \
         make_certs.read_ders(dated / "hostile" / "fullchain.pem")
+    assert_verifies(dated / "hostile" / "root.pem", tmp_path / "live")
     assert_nothing_ran()
 
 

@@ -13,6 +13,7 @@ import re
 
 import pytest
 
+from install_helpers import assert_verifies
 from profiles import DAY, make_profile_chain, renewal_left
 from servers import TLSServer
 
@@ -211,6 +212,7 @@ def test_ip_leaf_is_installed_with_its_ip_for_the_hook(run, ip_leaf, tmp_path):
                  chain / "key.pem", "--out-dir", live, "--deploy-hook", 'env > "%s"' % env_file)
     assert result.rc == 0, result.err
     assert (live / "fullchain.pem").read_text() == (chain / "fullchain.pem").read_text()
+    assert_verifies(chain / "root.pem", live)
     assert re.search(r"^certgrab: installed the chain from %s \(serial \w+ issued \S+, "
                      r"expires \S+; expires in 5 days 23 hours\): " % server.address,
                      result.err, re.M), result.err

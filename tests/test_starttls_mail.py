@@ -22,7 +22,7 @@ from conftest import (assert_one_error, assert_prints_served_chain, daemon_fixtu
                       failed_fetch_line, grab, served_chain)
 from daemons import HOST, NAME
 from daemons_mail import Dovecot, Nnrpd, Vsftpd
-from install_helpers import expected, files_ders, hook_runs, snapshot
+from install_helpers import assert_verifies, expected, files_ders, hook_runs, snapshot
 from make_certs import pem_ders
 
 TIMEOUT = 5  # seconds; --timeout of the negative tests, which must fail well within it
@@ -147,6 +147,7 @@ def test_safe_install_through_starttls(run, postfix, certs, tmp_path):
     first = grab(run, postfix, "smtp", *argv)
     assert first.rc == 0, explain(postfix, first)
     assert files_ders(out) == expected(certs, "rsa2")
+    assert_verifies(certs / "rsa2" / "root.pem", out)
     assert hook_runs(log) == ["x"]
     before = snapshot(out)
     again = grab(run, postfix, "smtp", *argv)

@@ -30,7 +30,7 @@ from conftest import (FETCH, assert_one_error, assert_prints_served_chain, daemo
                       explain, failed_fetch_line, grab, served_chain)
 from daemons import HOST, NAME
 from daemons_other import NOTLS_NAME, InspIRCd, MariaDB, Postgres, Prosody, Slapd
-from install_helpers import expected, files_ders, snapshot
+from install_helpers import assert_verifies, expected, files_ders, snapshot
 from make_certs import pem_ders, read_ders
 from servers import OpenSSLServer
 
@@ -212,6 +212,7 @@ def test_safe_install_through_starttls(run, postgres, certs, tmp_path):
     first = grab(run, postgres, "postgres", *argv)
     assert first.rc == 0, explain(postgres, first)
     assert files_ders(out) == expected(certs, "ec1")
+    assert_verifies(certs / "ec1" / "root.pem", out)
     before = snapshot(out)
     again = grab(run, postgres, "postgres", *argv)
     assert again.rc == 0, explain(postgres, again)

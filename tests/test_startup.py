@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from conftest import CERTGRAB, ROOT
+from install_helpers import assert_verifies
 
 NAME = "www.example.test"
 
@@ -72,6 +73,7 @@ def test_an_install_imports_subprocess_only_for_its_hook(served, certs, tmp_path
     server = served("ec1")
     report, proc = probe(*fetch_args(server, certs, "--out-dir", tmp_path / "plain"))
     assert report["rc"] == 0, proc.stderr
+    assert_verifies(certs / "ec1" / "root.pem", tmp_path / "plain")
     assert "subprocess" not in report["modules"]
     report, proc = probe(*fetch_args(server, certs, "--out-dir", tmp_path / "hooked",
                                      "--deploy-hook", "true"))
