@@ -475,6 +475,29 @@ OID_SAN_DER, OID_BASIC_CONSTRAINTS_DER = b"\x06\x03\x55\x1d\x11", b"\x06\x03\x55
 PEM_LABELS = ("CERTIFICATE", "X509 CERTIFICATE", "TRUSTED CERTIFICATE")  # as OpenSSL reads them
 OID_SKI_DER, OID_AKI_DER = b"\x06\x03\x55\x1d\x0e", b"\x06\x03\x55\x1d\x23"  # 2.5.29.14, .35
 
+# Bounds of the DER reader. Every number and text it makes of a certificate is bounded, so
+# that no value a server sends costs more than a little time and memory, or meets a limit
+# of Python's own (3.11+ refuses to turn an int of more than 4,300 digits into text).
+# Beyond a bound the certificate is malformed: a ParseError, that source's error. The
+# reader follows X.509's fixed shape and never recurses, so nesting needs no bound.
+MAX_CERTIFICATE = 100 * 1024  # bytes of one certificate: OpenSSL takes at most 100 KiB of
+                        # certificates from a handshake (SSL_CTX_set_max_cert_list)
+MAX_OID_BYTES = 63      # bytes of an object identifier, as pyca/cryptography reads them;
+                        # those X.509 uses have under 30
+MAX_OID_ARC_BITS = 128  # bits of one arc of it: a UUID arc (2.25.N) has 128, and so
+                        # does pyca/cryptography's limit (39 digits at most)
+MAX_SERIAL_BITS = 512   # bits of a serial number: RFC 5280 allows 20 octets (160 bits),
+                        # a few CAs wrote more; 128 hex digits at most
+MAX_VERSION_BITS = 8    # bits of the X.509 version number: v1 to v3 are 0 to 2
+MAX_RSA_BITS = 16384    # bits of an RSA modulus: OpenSSL's OPENSSL_RSA_MAX_MODULUS_BITS
+MAX_DSA_BITS = 10000    # bits of a DSA prime: OpenSSL's OPENSSL_DSA_MAX_MODULUS_BITS
+MAX_EC_FIELD_BITS = 661  # bits of an explicit EC curve's prime and coefficients:
+                        # OpenSSL's OPENSSL_ECC_MAX_FIELD_BITS
+MAX_NAME_ATTRIBUTES = 100  # attributes in one Name (every RDN's): real names have 1 to 10
+MAX_SANS = 1000         # subjectAltNames of one certificate: Let's Encrypt puts at most 100,
+                        # other public CAs a few hundred
+MAX_EXTENSIONS = 100    # extensions of one certificate: real ones have about 10
+
 
 class Certificate(object):
     """One X.509 certificate, read whole by parse_certificate.
@@ -571,9 +594,13 @@ class Certificate(object):
 
 
 def parse_certificate(der):
-    """Read one DER certificate whole; ParseError if any part is malformed."""
+    """Read one DER certificate whole; ParseError if any part is malformed or beyond
+    the reader's bounds (MAX_CERTIFICATE and the others)."""
     cert = Certificate(bytes(der))
     der = cert.der
+    if len(der) > MAX_CERTIFICATE:
+        raise ParseError("malformed certificate: %d bytes, more than %d" % (
+            len(der), MAX_CERTIFICATE))
     top = _tlv(der, 0, len(der))
     if top[2] != len(der):
         raise ParseError("malformed certificate: trailing bytes after the certificate")
@@ -584,7 +611,7 @@ def parse_certificate(der):
     if len(tbs) < 6 or tbs[0][0] != DER_INTEGER or any(t[0] != DER_SEQUENCE for t in tbs[1:6]):
         raise ParseError("malformed certificate: bad TBSCertificate")
     _check_version(der, outer[0])
-    cert.serial = _integer(der, tbs[0])
+    cert.serial = _integer(der, tbs[0], MAX_SERIAL_BITS, "serial number")
     cert.signature_algorithm = _signature_algorithm(der, outer[1])
     _signature_algorithm(der, tbs[1])
     cert.issuer_der, cert.subject_der = _element(der, tbs[2]), _element(der, tbs[4])
@@ -649,6 +676,13 @@ def _element(data, item):
     return data[item[3]:item[2]]
 
 
+def _at_most(items, most, what):
+    """items, a list read from a certificate, unless it holds more than most."""
+    if len(items) > most:
+        raise ParseError("malformed certificate: more than %d %s" % (most, what))
+    return items
+
+
 def parse_chain(ders, source):
     """Every certificate of a chain; a malformed one is named by source and position."""
     certs = []
@@ -667,7 +701,8 @@ def _check_version(der, tbs_item):
     first = _children(der, tbs_item, DER_SEQUENCE, 1)[0]
     if first[0] == DER_VERSION:
         inner = _children(der, first, DER_VERSION, 1)
-        number = _integer(der, inner[0]) if len(inner) == 1 else -1
+        number = _integer(der, inner[0], MAX_VERSION_BITS, "X.509 version") \
+            if len(inner) == 1 else -1
         if number not in (1, 2):
             raise ParseError("malformed certificate: X.509 version %d" % (number + 1))
 
@@ -680,27 +715,32 @@ def _extensions(der, tbs):
     for item in tbs[6:]:
         if item[0] != DER_EXTENSIONS:
             continue
-        for extension in _children(der, _children(der, item, DER_EXTENSIONS, 1)[0],
-                                   DER_SEQUENCE):
+        for extension in _at_most(_children(der, _children(der, item, DER_EXTENSIONS, 1)[0],
+                                            DER_SEQUENCE), MAX_EXTENSIONS, "extensions"):
             fields = _children(der, extension, DER_SEQUENCE, 2)
-            if fields[0][0] != DER_OID:
-                raise ParseError("malformed certificate: bad extension")
-            oid = _element(der, fields[0])
+            name, oid = _oid(der, fields[0]), _element(der, fields[0])
             if oid in seen or len(fields) > 3 or len(fields) == 3 and not _boolean(der, fields[1]):
-                raise ParseError("malformed certificate: bad or repeated extension %s"
-                                 % _oid(der, fields[0]))
+                raise ParseError("malformed certificate: bad or repeated extension %s" % name)
             seen.add(oid)
             yield oid, fields[-1]
 
 
 def _oid(data, item):
+    """An OBJECT IDENTIFIER as dotted text, of at most MAX_OID_BYTES, each arc at most
+    MAX_OID_ARC_BITS."""
     if item[0] != DER_OID or item[1] == item[2]:
         raise ParseError("malformed certificate: bad object identifier")
+    if item[2] - item[1] > MAX_OID_BYTES:
+        raise ParseError("malformed certificate: an object identifier of %d bytes, more "
+                         "than %d" % (item[2] - item[1], MAX_OID_BYTES))
     arcs, value, start = [], 0, True
     for byte in data[item[1]:item[2]]:
         if start and byte == 0x80:
             raise ParseError("malformed certificate: object identifier not minimally encoded")
         value = (value << 7) | (byte & 0x7F)
+        if value.bit_length() > MAX_OID_ARC_BITS:
+            raise ParseError("malformed certificate: an object identifier arc of more than "
+                             "%d bits" % MAX_OID_ARC_BITS)
         start = not byte & 0x80
         if start:
             arcs.append(value)
@@ -711,13 +751,17 @@ def _oid(data, item):
     return ".".join(str(arc) for arc in [first, arcs[0] - 40 * first] + arcs[1:])
 
 
-def _integer(data, item):
-    """A DER INTEGER (signed, minimally encoded) as an int."""
+def _integer(data, item, most, what):
+    """A DER INTEGER (signed, minimally encoded) as an int of at most most bits (its
+    sign aside); what it is, for the error."""
     raw = data[item[1]:item[2]]
     if item[0] != DER_INTEGER or not raw or len(raw) > 1 and (
             raw[0] == 0 and raw[1] < 0x80 or raw[0] == 0xFF and raw[1] >= 0x80):
         raise ParseError("malformed certificate: bad INTEGER")
-    return int.from_bytes(raw, "big", signed=True)
+    value = int.from_bytes(raw, "big", signed=True) if len(raw) <= most // 8 + 1 else None
+    if value is None or abs(value).bit_length() > most:
+        raise ParseError("malformed certificate: %s of more than %d bits" % (what, most))
+    return value
 
 
 def _boolean(data, item):
@@ -761,10 +805,15 @@ def _attribute_value(data, item):
 def _name(data, item):
     """A Name as RFC 4514 text in the order it is encoded: "C=US, O=Org, CN=name"
     (the attributes of a multi-valued RDN joined by "+")."""
-    rdns = []
+    rdns, count = [], 0
     for rdn in _children(data, item, DER_SEQUENCE):
+        members = _children(data, rdn, DER_SET, 1)
+        count += len(members)
+        if count > MAX_NAME_ATTRIBUTES:
+            raise ParseError("malformed certificate: a name of more than %d attributes"
+                             % MAX_NAME_ATTRIBUTES)
         attributes = []
-        for attribute in _children(data, rdn, DER_SET, 1):
+        for attribute in members:
             fields = _children(data, attribute, DER_SEQUENCE, 2)
             if len(fields) != 2:
                 raise ParseError("malformed certificate: bad name attribute")
@@ -822,7 +871,10 @@ def _ec_curve(data, parameters):
     coefficients = _children(data, fields[2], DER_SEQUENCE, 2)
     if _oid(data, field[0]) != OID_PRIME_FIELD:
         return "explicit binary-field curve", 0
-    prime = _integer(data, field[1])
+    prime = _integer(data, field[1], MAX_EC_FIELD_BITS, "EC field prime")
+    if any(c[2] - c[1] > (MAX_EC_FIELD_BITS + 7) // 8 for c in coefficients[:2]):
+        raise ParseError("malformed certificate: EC curve coefficient of more than %d bits"
+                         % MAX_EC_FIELD_BITS)
     a, b = (int.from_bytes(data[c[1]:c[2]], "big") for c in coefficients[:2])
     curve = EC_EXPLICIT_CURVES.get((prime, a, b))
     return OID_CURVES[curve] if curve else ("explicit curve", max(prime.bit_length(), 0))
@@ -837,7 +889,7 @@ def _public_key(cert, data, item):
     if oid in (OID_RSA, OID_RSA_PSS):
         modulus = _children(data, _wrapped(data, key, DER_BIT_STRING), DER_SEQUENCE, 2)[0]
         cert.key_type = "RSA" if oid == OID_RSA else "RSA-PSS"
-        cert.key_bits = _integer(data, modulus).bit_length()
+        cert.key_bits = _integer(data, modulus, MAX_RSA_BITS, "RSA modulus").bit_length()
     elif oid == OID_EC:
         name, cert.key_bits = _ec_curve(data, parameters)
         cert.key_type = "EC " + name
@@ -845,7 +897,8 @@ def _public_key(cert, data, item):
         if parameters is None:   # "inherited from the issuer": RFC 3279 allows, nobody reads it
             raise ParseError("malformed certificate: DSA key without its parameters")
         prime = _children(data, parameters, DER_SEQUENCE, 3)[0]
-        cert.key_type, cert.key_bits = "DSA", _integer(data, prime).bit_length()
+        cert.key_type = "DSA"
+        cert.key_bits = _integer(data, prime, MAX_DSA_BITS, "DSA prime").bit_length()
     elif oid in OID_EDWARDS:
         cert.key_type, cert.key_bits = OID_EDWARDS[oid]
     else:
@@ -901,7 +954,8 @@ def _general_name(data, item):
 
 def _extension(cert, data, oid, value):
     if oid == OID_SAN_DER:
-        names = _children(data, _wrapped(data, value, DER_OCTET_STRING), DER_SEQUENCE, 1)
+        names = _at_most(_children(data, _wrapped(data, value, DER_OCTET_STRING),
+                                   DER_SEQUENCE, 1), MAX_SANS, "subjectAltNames")
         for kind, text in (_general_name(data, name) for name in names):
             cert.alt_names.append((kind, text))
             if kind == "DNS":
@@ -1375,6 +1429,7 @@ MYSQL_CLIENT_SSL = 0x0800
 MYSQL_CLIENT_FLAGS = 0x0800 | 0x0200 | 0x8000 | 0x0001   # SSL, PROTOCOL_41, SECURE, LONG_PW
 POSTGRES_SSL_REQUEST = (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big")
 LDAP_STARTTLS = bytes.fromhex("301d02010177188016") + b"1.3.6.1.4.1.1466.20037"
+LDAP_CODE_BYTES = 4     # bytes of an LDAP resultCode, an ENUMERATED (RFC 4511's are small)
 XMPP_STREAM = ("<?xml version='1.0'?><stream:stream xmlns='jabber:%s' "
                "xmlns:stream='http://etherx.jabber.org/streams' to='%s' version='1.0'>")
 
@@ -1686,6 +1741,8 @@ def starttls_ldap(talk):
     try:
         fields = _children(message, _tlv(message, 0, len(message)), DER_SEQUENCE, 2)
         result = _children(message, fields[1], 0x78, 3)
+        if result[0][2] - result[0][1] > LDAP_CODE_BYTES:
+            raise ParseError("resultCode too long")
         code = int.from_bytes(message[result[0][1]:result[0][2]], "big")
         text = message[result[2][1]:result[2][2]].decode("utf-8", "replace")
     except ParseError:
