@@ -232,6 +232,7 @@ LOCK_SLACK = 30.0       # seconds, beyond that run's own timeouts, before giving
 MAX_LINE = 8192         # bytes; a STARTTLS reply line longer than this is hostile
 MAX_PLAINTEXT = 65536   # bytes a server may send before TLS starts
 MAX_REPLY_LINES = 200   # lines in one STARTTLS reply (capability lists are a few dozen)
+MAX_BUG_TEXT = 200      # characters of an unexpected exception's text in its error line
 HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._*")
 
 FEWER_AT_ONCE = "too many sources at once for this host's limits: raise the open-files " \
@@ -241,6 +242,8 @@ PRIVKEY_FILE = "privkey.pem"  # certbot's name for the key; in --out-dir with --
 CERTIFICATE_SUFFIXES = (".pem", ".crt", ".cer")  # a SOURCE with one of these is a file
 NAGIOS = ("OK", "WARNING", "CRITICAL", "UNKNOWN")  # a monitoring plugin's states, 0 to 3
 NAGIOS_UNKNOWN = 3      # a monitoring plugin's exit code for "could not even check"
+NAGIOS_RANK = (0, 1, 3, 2)  # how bad each state is: CRITICAL outranks UNKNOWN, so that a
+                        # source that could not be checked never hides a failing one
 TEXT_WIDTH = 64         # characters of a --text value column: lines stay within 80
 
 
@@ -268,6 +271,11 @@ class FetchError(CertgrabError):
 
 class ParseError(FetchError):
     """Malformed data, almost always from the network."""
+
+
+class InternalError(FetchError):
+    """A bug in certgrab, met while handling one source (or the run): that source's
+    error like any other, never the end of the run (see internal_error)."""
 
 
 class VerifyError(CertgrabError):
@@ -332,6 +340,13 @@ class Reporter(object):
         if self.verbose:
             self._write("certgrab: %s\n" % message)
 
+    def show_traceback(self, where):
+        """-v: the traceback of the exception being handled, a bug, for its report."""
+        if self.verbose:
+            import traceback
+            self._write("certgrab: %sthe internal error happened here:\n%s" % (
+                "" if where is None else "%s: " % where, traceback.format_exc()))
+
     def progress(self, text):
         """A line that rewrites itself on a terminal."""
         self._write(text)
@@ -385,6 +400,47 @@ class SectionReporter(Reporter):
     def log(self, code, exc=None):
         if not self.quiet:              # with --quiet, the run's line names failed sections
             Reporter.log(self, code, exc)
+
+
+def internal_error(where, exc, reporter):
+    """The InternalError for exc, an exception nothing expected (a bug) while handling
+    where (a source; None: the run): one line that names it and asks for a report, the
+    traceback only under -v. Called where exc is being handled."""
+    reporter.show_traceback(where)
+    text = printable(str(exc)[:MAX_BUG_TEXT])
+    hint = None if reporter.verbose else "-v shows where it happened (a traceback): add " \
+        "it to the report"
+    return InternalError("%sinternal error in certgrab %s (%s: %s); please report it" % (
+        "" if where is None else "%s: " % where, __version__, type(exc).__name__, text), hint)
+
+
+def as_error(exc, where, reporter):
+    """exc if it is certgrab's own error, else the InternalError it is (a bug)."""
+    return exc if isinstance(exc, CertgrabError) else internal_error(where, exc, reporter)
+
+
+def contain_bug(function, result, reporter, *args):
+    """function(result, *args) for the one source of result (a FetchResult). A bug in
+    it, any exception but certgrab's own errors, becomes that source's InternalError
+    and None is returned: the other sources go on."""
+    try:
+        return function(result, *args)
+    except CertgrabError:
+        raise
+    except Exception as exc:            # a bug; -v shows its traceback
+        result.error = internal_error(result.target, exc, reporter)
+        return None
+
+
+def render_source(render, result, reporter, *args):
+    """render(result, *args): one source's part of a report. After a bug in it the
+    source is an internal error, rendered as such, with nothing read from it; a bug
+    in that too is the run's (run_one contains it)."""
+    part = contain_bug(render, result, reporter, *args)
+    if part is None:
+        result.served, result.issuing, result.verified = [], [], []
+        part = render(result, *args)
+    return part
 
 
 def open_syslog():
@@ -2283,11 +2339,11 @@ def fetch_all(targets, reader, settings, reporter, sharers=1):
     Progress on a terminal for long runs, written by this thread. sharers: how
     many runs (--config's sections) share this process's limits at once."""
     if len(targets) == 1:
-        return [fetch_chain(targets[0], reader, settings)]
+        return [_fetch_guarded(targets[0], reader, settings, reporter)]
     done, lock = [0], threading.Lock()
 
     def fetch(target):
-        result = _fetch_guarded(target, reader, settings)
+        result = _fetch_guarded(target, reader, settings, reporter)
         with lock:
             done[0] += 1
         return result
@@ -2309,8 +2365,9 @@ def map_in_threads(function, items, width, reporter, doing, waiting=None):
     """[function(item) for item in items], width threads at a time (fewer when the
     host refuses more threads; with none at all, one by one in this thread); each
     thread takes the next item when done. waiting(threads), if given, runs in this
-    thread meanwhile. An exception escaping function is a bug: raised here, once
-    every thread is done."""
+    thread meanwhile. An exception escaping function is raised here, once every
+    thread is done: the callers' functions contain their bugs (_fetch_guarded,
+    run_section), so it is a whole run's error (an unusable --key-path)."""
     results, pending, lock = [None] * len(items), list(range(len(items))), threading.Lock()
     pending.reverse()                                   # pop() takes the first given
 
@@ -2338,13 +2395,20 @@ def map_in_threads(function, items, width, reporter, doing, waiting=None):
     return results
 
 
-def _fetch_guarded(target, reader, settings):
-    """fetch_chain; running out of memory is this source's error."""
+def _fetch_guarded(target, reader, settings, reporter):
+    """fetch_chain; running out of memory, or a bug, is this source's error. The
+    errors fetch_chain raises itself are the run's (an unusable --key-path)."""
     try:
         return fetch_chain(target, reader, settings)
+    except CertgrabError:
+        raise
     except MemoryError:
         result = FetchResult(target)
         result.error = FetchError("%s: out of memory" % target, hint=FEWER_AT_ONCE)
+        return result
+    except Exception as exc:            # a bug: this source's error, the others go on
+        result = FetchResult(target)
+        result.error = internal_error(target, exc, reporter)
         return result
 
 
@@ -2397,7 +2461,9 @@ def choose_result(results, reporter):
                 reporter.error(result.error)
         raise worst
     for result in results:
-        if result.error is not None:
+        if isinstance(result.error, InternalError):     # shown even with -q: a bug
+            reporter.notice("%s (skipped)" % result.error)
+        elif result.error is not None:
             reporter.warn("%s (skipped)" % result.error)
     return max(good, key=lambda r: r.leaf.not_before)
 
@@ -2439,12 +2505,12 @@ def key_mismatch(target, leaf, keys):
 
 def apply_gate(results, keys, reporter):
     """The gate for every fetched chain; a refusal becomes that source's error
-    (with -v, what was refused: see refusal_details)."""
+    (with -v, what was refused: see refusal_details), and so does a bug."""
     now = time.time()
     for result in results:
         if result.error is None:
             try:
-                check_gate(result, keys, now)
+                contain_bug(check_gate, result, reporter, keys, now)
             except RefusedError as exc:
                 result.error = exc
                 for line in refusal_details(result):
@@ -2985,17 +3051,20 @@ def write_stdout(text):
 def report(results, settings, reporter):
     """--text, --json or --check over every result; returns the exit code. Each
     source's error is in its own part of the report (and, but for --check, on
-    stderr too): one bad source never hides the others."""
+    stderr too): one bad source never hides the others, and a bug while one is
+    rendered is that source's error (render_source)."""
     now = time.time()
     if settings.report == "check":
-        return check_report(results, settings, now)
+        return check_report(results, settings, now, reporter)
+    render = source_json_text if settings.report == "json" else text_lines
+    parts = [render_source(render, result, reporter, settings, now) for result in results]
     for result in results:
         if result.error is not None:
             reporter.error(result.error)
     if settings.report == "json":
-        write_stdout(json_text([source_json(r, settings, now) for r in results]) + "\n")
+        write_stdout("[\n%s\n]\n" % ",\n".join("  " + part for part in parts))
     else:
-        write_stdout("\n".join(text_lines(r, settings, now) for r in results))
+        write_stdout("\n".join(parts))
     failures = [r.error for r in results if r.error is not None]
     return max(error.exit_code for error in failures) if failures else 0
 
@@ -3097,6 +3166,11 @@ def source_json(result, settings, now):
     ]
 
 
+def source_json_text(result, settings, now):
+    """One source as an element of --json's list (json_text's indent for it)."""
+    return json_text(source_json(result, settings, now), "  ")
+
+
 def certificate_json(cert, now):
     return [("subject", cert.subject), ("issuer", cert.issuer), ("serial", cert.serial_hex),
             ("sans", cert.sans), ("key", cert.key_type), ("key_bits", cert.key_bits),
@@ -3138,33 +3212,50 @@ def _json_char(char):
     return "\\u%04x" % code
 
 
-def check_report(results, settings, now):
+def check_report(results, settings, now, reporter):
     """Nagios plugin output: a summary line with perfdata, then one line per source.
-    A source's line is its worst finding: expiry, served chain, --same."""
-    lines = [check_source(result, settings, now) for result in results]
-    if settings.chain_warning:
-        lines = [max(line, chain_status(result), key=lambda s: s[0])
-                 for line, result in zip(lines, results)]
+    A source's line is its worst finding: expiry, served chain, --same; a bug while
+    one source is checked makes that source UNKNOWN (render_source)."""
+    parts = [render_source(check_part, result, reporter, settings, now, label)
+             for result, label in zip(results, perfdata_labels(results))]
+    lines = [line for line, _ in parts]
     if settings.same:
-        lines = [max(line, same, key=lambda s: s[0])
-                 for line, same in zip(lines, same_chain_statuses(results))]
-    worst = max(status for status, _ in lines)
+        lines = [worse(line, same) for line, same in zip(lines, same_chain_statuses(results))]
+    worst = worse(*lines)[0]
     counts = ", ".join("%d %s" % (sum(s == n for s, _ in lines), NAGIOS[n])
                        for n in range(4) if any(s == n for s, _ in lines))
-    labels = [r.target.source.replace("'", "").replace("=", "") for r in results]
-    seen, repeated = set(), set()       # labels given twice get "#n": linear in sources
-    for label in labels:
-        (repeated if label in seen else seen).add(label)
-    perfdata = " ".join(check_perfdata(
-        "%s #%d" % (label, index + 1) if label in repeated else label,
-        result, settings, now)
-        for index, (label, result) in enumerate(zip(labels, results)) if result.issuing)
+    perfdata = " ".join(perfdata for _, perfdata in parts if perfdata)
     first_problem = next(("; first: " + text for status, text in lines if status == worst
                           and worst), "")   # notifications often show the first line only
     write_stdout("CERTGRAB %s - %d source(s): %s%s%s\n" % (
         NAGIOS[worst], len(results), counts, first_problem, " | " + perfdata if perfdata else "")
         + "".join("%s - %s\n" % (NAGIOS[s], text) for s, text in lines))
     return worst
+
+
+def check_part(result, settings, now, label):
+    """One source's (status, text) line, and its perfdata ("" without a chain)."""
+    line = check_source(result, settings, now)
+    if settings.chain_warning:
+        line = worse(line, chain_status(result))
+    return line, check_perfdata(label, result, settings, now) if result.issuing else ""
+
+
+def perfdata_labels(results):
+    """Each source's perfdata label: the SOURCE without ' and =; one given twice gets
+    "#n" (its position). Linear in the number of sources."""
+    labels = [r.target.source.replace("'", "").replace("=", "") for r in results]
+    seen, repeated = set(), set()
+    for label in labels:
+        (repeated if label in seen else seen).add(label)
+    return ["%s #%d" % (label, index + 1) if label in repeated else label
+            for index, label in enumerate(labels)]
+
+
+def worse(*lines):
+    """The (status, text) line of the worst status: CRITICAL, then UNKNOWN (a source
+    that could not be checked), WARNING, OK; the first of them on a tie."""
+    return max(lines, key=lambda line: NAGIOS_RANK[line[0]])
 
 
 def check_perfdata(label, result, settings, now):
@@ -3195,8 +3286,10 @@ def most_urgent(certs, settings, now):
 
 
 def check_source(result, settings, now):
-    """(status, text) for one source."""
+    """(status, text) for one source: UNKNOWN for a bug (it was not checked)."""
     target = result.target
+    if isinstance(result.error, InternalError):
+        return NAGIOS_UNKNOWN, str(result.error)
     if result.verify_error or result.error is not None and not result.served:
         return 2, "%s" % result.error       # unreachable, malformed, or not verified
     leaf = result.issuing[0]
@@ -3295,17 +3388,26 @@ def cert_summary(cert, index):
 # two files into one collector directory never export the same series twice.
 
 INSTALL_OUTCOMES = ("installed", "unchanged", "refused", "hook_failed", "failed")
+SOURCE_METRICS = (      # (name, help) of the metrics with a series per source
+    ("certgrab_source_fetch_success", "1 if the source's chain was read."),
+    ("certgrab_source_verify_success", "1 if the source's chain verified."),
+    ("certgrab_certificate_not_before_timestamp_seconds",
+     "notBefore of each certificate of the issuing path."),
+    ("certgrab_certificate_not_after_timestamp_seconds",
+     "notAfter of each certificate of the issuing path."),
+    ("certgrab_chain_not_after_timestamp_seconds",
+     "The earliest notAfter of the source's issuing path."))
 LAST_SYNC = "certgrab_last_sync_timestamp_seconds"
 
 
-def metrics_text(results, settings, clock, outcome):
+def metrics_text(results, settings, clock, outcome, reporter):
     """The exposition text: (name, help, [(labels, value)]) per metric, in order."""
     run = [("run", printable(os.path.basename(settings.prometheus).rsplit(".prom", 1)[0]))]
     now = time.time()
     metrics = [("certgrab_run_timestamp_seconds", "When this run started.", [(run, clock[0])]),
                ("certgrab_run_duration_seconds", "How long this run took.",
                 [(run, time.monotonic() - clock[1])])]
-    metrics += source_metrics(results, settings, run)
+    metrics += source_metrics(results, settings, run, reporter)
     leaves = set(r.leaf.sha256 for r in results if r.issuing)
     metrics.append(("certgrab_distinct_leaves", "Different leaves served across the sources "
                     "(1: the fleet has converged).", [(run, len(leaves))]))
@@ -3323,34 +3425,31 @@ def metrics_text(results, settings, clock, outcome):
         for labels, value in series)) for name, text, series in metrics if series)
 
 
-def source_metrics(results, settings, run):
-    """Per source: fetch and verification; per certificate of the issuing path
-    (position 0 is the leaf): its dates; the chain's earliest notAfter."""
-    fetched, verified, before, after, chain = [], [], [], [], []
-    for result in results:
-        target = result.target
-        labels = run + [("source", printable(target.source)),
-                        ("servername", target.servername or "")]
-        fetched.append((labels, int(bool(result.served))))
-        if not (target.file or settings.insecure):
-            verified.append((labels, int(bool(result.served) and not result.verify_error
-                                         and not isinstance(result.error, VerifyError))))
-        for position, cert in enumerate(result.issuing):
-            named = labels + [("position", str(position)), ("sha256", cert.sha256),
-                              ("name", cert.name)]
-            before.append((named, cert.not_before))
-            after.append((named, cert.not_after))
-        if result.issuing:
-            chain.append((labels, min(cert.not_after for cert in result.issuing)))
-    return [
-        ("certgrab_source_fetch_success", "1 if the source's chain was read.", fetched),
-        ("certgrab_source_verify_success", "1 if the source's chain verified.", verified),
-        ("certgrab_certificate_not_before_timestamp_seconds",
-         "notBefore of each certificate of the issuing path.", before),
-        ("certgrab_certificate_not_after_timestamp_seconds",
-         "notAfter of each certificate of the issuing path.", after),
-        ("certgrab_chain_not_after_timestamp_seconds",
-         "The earliest notAfter of the source's issuing path.", chain)]
+def source_metrics(results, settings, run, reporter):
+    """SOURCE_METRICS, each with the series of every source (source_series); a bug
+    while one source's are made is that source's error (render_source)."""
+    series = [render_source(source_series, result, reporter, settings, run)
+              for result in results]
+    return [(name, text, [one for each in series for one in each[index]])
+            for index, (name, text) in enumerate(SOURCE_METRICS)]
+
+
+def source_series(result, settings, run):
+    """One source's series of each of SOURCE_METRICS: fetch and verification; per
+    certificate of the issuing path (position 0 is the leaf): its dates; the chain's
+    earliest notAfter."""
+    target = result.target
+    labels = run + [("source", printable(target.source)),
+                    ("servername", target.servername or "")]
+    verified = [] if target.file or settings.insecure else [
+        (labels, int(bool(result.served) and not result.verify_error
+                     and not isinstance(result.error, VerifyError)))]
+    named = [labels + [("position", str(position)), ("sha256", cert.sha256),
+                       ("name", cert.name)] for position, cert in enumerate(result.issuing)]
+    chain = [(labels, min(cert.not_after for cert in result.issuing))] if result.issuing else []
+    return ([(labels, int(bool(result.served)))], verified,
+            [(name, cert.not_before) for name, cert in zip(named, result.issuing)],
+            [(name, cert.not_after) for name, cert in zip(named, result.issuing)], chain)
 
 
 def metric_labels(pairs):
@@ -3405,8 +3504,8 @@ def record_run(settings, results, clock, outcome, code, reporter):
     if not settings.prometheus:
         return code
     try:
-        write_metrics(settings.prometheus, metrics_text(results, settings, clock, outcome),
-                      reporter)
+        write_metrics(settings.prometheus, metrics_text(results, settings, clock, outcome,
+                                                        reporter), reporter)
     except WriteError as exc:
         reporter.error(exc)
         return code or (0 if settings.report == "check" else exc.exit_code)
@@ -4003,7 +4102,8 @@ def run_section(section, sharers):
     settings, reporter = section.settings, section.reporter
     try:
         code, failure = run_one(settings, section.reader, reporter, sharers), None
-    except CertgrabError as exc:
+    except Exception as exc:            # certgrab's own error, or a bug: this section's
+        exc = as_error(exc, None, reporter)
         reporter.error(exc)
         code, failure = exc.exit_code, exc
         if settings.report == "check":
@@ -4052,6 +4152,8 @@ def main(argv=None):
         return code
     except CertgrabError as exc:
         return report_failure(exc, argv, reporter)
+    except Exception as exc:            # a bug: one line, the traceback under -v
+        return report_failure(internal_error(None, exc, reporter), argv, reporter)
 
 
 def run_one(settings, reader, reporter, sharers=1):
@@ -4067,10 +4169,11 @@ def run_one(settings, reader, reporter, sharers=1):
     results = fetch_all(settings.targets, reader, settings, reporter, sharers)  # 1. fetch
     try:
         code, outcome = deliver(results, settings, reader, reporter)  # 2. to 4. below
-    except CertgrabError as exc:
-        record_run(settings, results, clock, install_outcome(exc, settings), exc.exit_code,
-                   reporter)
-        raise
+    except Exception as exc:            # certgrab's own error, or a bug: the run's error
+        error = as_error(exc, None, reporter)
+        record_run(settings, results, clock, install_outcome(error, settings),
+                   error.exit_code, reporter)
+        raise error
     return record_run(settings, results, clock, outcome, code, reporter)  # 5. metrics
 
 
