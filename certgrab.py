@@ -233,6 +233,7 @@ MAX_LINE = 8192         # bytes; a STARTTLS reply line longer than this is hosti
 MAX_PLAINTEXT = 65536   # bytes a server may send before TLS starts
 MAX_REPLY_LINES = 200   # lines in one STARTTLS reply (capability lists are a few dozen)
 MAX_BUG_TEXT = 200      # characters of an unexpected exception's text in its error line
+MAX_QUOTED_REPLY = 300  # characters of a STARTTLS reply quoted in an error line
 HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._*")
 
 FEWER_AT_ONCE = "too many sources at once for this host's limits: raise the open-files " \
@@ -1507,9 +1508,11 @@ class Plaintext(object):
         self.buffer, self.received = b"", 0
 
     def fail(self, message, reply=None):
+        """A FetchError quoting the start of reply (text, or a list of lines), escaped:
+        line breaks show as \\x0a, which the server's own text cannot forge."""
         if reply is not None:
-            reply = reply if isinstance(reply, str) else " | ".join(reply)
-            message += " (reply: %s)" % printable(reply[:300])
+            reply = reply if isinstance(reply, str) else "\n".join(reply)
+            message += " (reply: %s)" % printable(reply[:MAX_QUOTED_REPLY])
         return FetchError("%s: %s: %s" % (self.target, self.protocol, message))
 
     def refuse(self, reply):
@@ -3215,12 +3218,14 @@ def _json_char(char):
 def check_report(results, settings, now, reporter):
     """Nagios plugin output: a summary line with perfdata, then one line per source.
     A source's line is its worst finding: expiry, served chain, --same; a bug while
-    one source is checked makes that source UNKNOWN (render_source)."""
+    one source is checked makes that source UNKNOWN (render_source). Every line's
+    text goes through status_text: no "|" but certgrab's own before the perfdata."""
     parts = [render_source(check_part, result, reporter, settings, now, label)
              for result, label in zip(results, perfdata_labels(results))]
     lines = [line for line, _ in parts]
     if settings.same:
         lines = [worse(line, same) for line, same in zip(lines, same_chain_statuses(results))]
+    lines = [(status, status_text(text)) for status, text in lines]
     worst = worse(*lines)[0]
     counts = ", ".join("%d %s" % (sum(s == n for s, _ in lines), NAGIOS[n])
                        for n in range(4) if any(s == n for s, _ in lines))
@@ -3256,6 +3261,16 @@ def worse(*lines):
     """The (status, text) line of the worst status: CRITICAL, then UNKNOWN (a source
     that could not be checked), WARNING, OK; the first of them on a tie."""
     return max(lines, key=lambda line: NAGIOS_RANK[line[0]])
+
+
+def status_text(text):
+    """Text for a line of --check output. Nagios reads "|" as the start of perfdata, in
+    the status line and in the lines after it (long output), so "|" is escaped as
+    printable() escapes control characters (\\x7c), and so is anything unprintable that
+    reached the text some other way. Backslashes stay: text from certificates and
+    servers went through printable() already, which escaped theirs."""
+    return "".join("\\x7c" if c == "|" else c if c.isprintable() else printable(c)
+                   for c in text)
 
 
 def check_perfdata(label, result, settings, now):
@@ -4216,7 +4231,7 @@ def report_failure(exc, argv, reporter):
 def plugin_unknown(exc):
     """A monitoring plugin's status line for a run that could not even check."""
     try:
-        write_stdout("CERTGRAB UNKNOWN - %s\n" % exc)
+        write_stdout("CERTGRAB UNKNOWN - %s\n" % status_text(str(exc)))
     except WriteError:
         pass                            # stdout is gone: the exit code still says it
 
