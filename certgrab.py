@@ -59,13 +59,20 @@ Security model
       formatting certificate text into a command line.
     - Everything read from the network is bounded in size and time, and every
       certificate is parsed whole by the small DER reader below before it is
-      trusted with anything: a malformed one is that source's error.
+      trusted with anything: a malformed one is that source's error. Every number
+      and text the reader makes is bounded too (MAX_CERTIFICATE and the others).
+    - One source never ends the run: a bug met while it is fetched, read, checked
+      or reported is its error ("internal error ... please report it"), the
+      traceback only with -v. --check output holds no "|" from a certificate or a
+      server: only its own, before its own perfdata.
 
 Exit codes
     0  success: chain verified and written (and the hook run), or up to date
+    1  internal error: a bug in certgrab outside any one source; please report it
     2  usage error: bad option, SOURCE, port; unusable or unreadable --cafile,
        --key-path
-    3  cannot fetch: connection refused/timed out, not TLS, TLS failure
+    3  cannot fetch: connection refused/timed out, not TLS, TLS failure, a
+       malformed certificate, or a bug while handling one source
     4  verification failed: unknown issuer, expired, name mismatch
     5  cannot write: the previous files are unchanged, or (the hint says which)
        some are new and the next run completes the set
@@ -74,7 +81,7 @@ Exit codes
     7  files installed, deploy hook pending: it failed, timed out, or ran but
        could not be recorded (the next run runs it again)
     With --check, --same or --expect-file, a monitoring plugin's codes instead:
-    0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (e.g. a usage error).
+    0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (e.g. a usage error, or a bug).
     With --config, the highest code of its sections (2 for a mistake in the file).
 """
 
@@ -274,9 +281,15 @@ class ParseError(FetchError):
     """Malformed data, almost always from the network."""
 
 
-class InternalError(FetchError):
-    """A bug in certgrab, met while handling one source (or the run): that source's
-    error like any other, never the end of the run (see internal_error)."""
+class InternalError(CertgrabError):
+    """A bug in certgrab (see internal_error), outside any one source: the run's
+    error, exit 1 as an uncaught exception's would be, without its traceback."""
+    exit_code = 1
+
+
+class SourceInternalError(FetchError, InternalError):
+    """A bug met while one source was handled: that source's error like any other
+    (a FetchError, exit 3), never the end of the run."""
 
 
 class VerifyError(CertgrabError):
@@ -404,15 +417,18 @@ class SectionReporter(Reporter):
 
 
 def internal_error(where, exc, reporter):
-    """The InternalError for exc, an exception nothing expected (a bug) while handling
-    where (a source; None: the run): one line that names it and asks for a report, the
-    traceback only under -v. Called where exc is being handled."""
+    """The error for exc, an exception nothing expected (a bug) while handling where:
+    a source (SourceInternalError), or None, the run (InternalError). One line that
+    names it and asks for a report; the traceback only under -v. Called where exc is
+    being handled."""
     reporter.show_traceback(where)
     text = printable(str(exc)[:MAX_BUG_TEXT])
     hint = None if reporter.verbose else "-v shows where it happened (a traceback): add " \
         "it to the report"
-    return InternalError("%sinternal error in certgrab %s (%s: %s); please report it" % (
-        "" if where is None else "%s: " % where, __version__, type(exc).__name__, text), hint)
+    return (InternalError if where is None else SourceInternalError)(
+        "%sinternal error in certgrab %s (%s: %s); please report it" % (
+            "" if where is None else "%s: " % where, __version__, type(exc).__name__, text),
+        hint)
 
 
 def as_error(exc, where, reporter):
@@ -422,8 +438,8 @@ def as_error(exc, where, reporter):
 
 def contain_bug(function, result, reporter, *args):
     """function(result, *args) for the one source of result (a FetchResult). A bug in
-    it, any exception but certgrab's own errors, becomes that source's InternalError
-    and None is returned: the other sources go on."""
+    it, any exception but certgrab's own errors, becomes that source's error (a
+    SourceInternalError) and None is returned: the other sources go on."""
     try:
         return function(result, *args)
     except CertgrabError:
@@ -433,15 +449,12 @@ def contain_bug(function, result, reporter, *args):
         return None
 
 
-def render_source(render, result, reporter, *args):
+def render_source(render, failed, result, reporter, *args):
     """render(result, *args): one source's part of a report. After a bug in it the
-    source is an internal error, rendered as such, with nothing read from it; a bug
-    in that too is the run's (run_one contains it)."""
+    source is an internal error, and failed(result, *args) renders it: the plain form
+    of a source that failed, apart from the code that met the bug."""
     part = contain_bug(render, result, reporter, *args)
-    if part is None:
-        result.served, result.issuing, result.verified = [], [], []
-        part = render(result, *args)
-    return part
+    return failed(result, *args) if part is None else part
 
 
 def open_syslog():
@@ -3059,8 +3072,10 @@ def report(results, settings, reporter):
     now = time.time()
     if settings.report == "check":
         return check_report(results, settings, now, reporter)
-    render = source_json_text if settings.report == "json" else text_lines
-    parts = [render_source(render, result, reporter, settings, now) for result in results]
+    render, failed = (source_json_text, failed_json_text) if settings.report == "json" \
+        else (text_lines, failed_text)
+    parts = [render_source(render, failed, result, reporter, settings, now)
+             for result in results]
     for result in results:
         if result.error is not None:
             reporter.error(result.error)
@@ -3129,6 +3144,11 @@ def text_lines(result, settings, now):
     return "\n".join(lines) + "\n"
 
 
+def failed_text(result, settings, now):
+    """--text for a source whose rendering met a bug (render_source): its error."""
+    return "%s\n  error:        %s\n" % (result.target, result.error)
+
+
 def certificate_lines(index, cert, now):
     rows = []
     subject = printable(cert.subject).split(", ") if cert.subject else ["(empty: see SANs)"]
@@ -3172,6 +3192,16 @@ def source_json(result, settings, now):
 def source_json_text(result, settings, now):
     """One source as an element of --json's list (json_text's indent for it)."""
     return json_text(source_json(result, settings, now), "  ")
+
+
+def failed_json_text(result, settings, now):
+    """--json for a source whose rendering met a bug (render_source): its error, the
+    other keys empty."""
+    target = result.target
+    return json_text([("source", target.source), ("address", result.address),
+                      ("servername", target.servername), ("error", str(result.error)),
+                      ("tls_version", None), ("cipher", None), ("verified", None),
+                      ("verify_error", None), ("problems", []), ("chain", [])], "  ")
 
 
 def certificate_json(cert, now):
@@ -3220,8 +3250,8 @@ def check_report(results, settings, now, reporter):
     A source's line is its worst finding: expiry, served chain, --same; a bug while
     one source is checked makes that source UNKNOWN (render_source). Every line's
     text goes through status_text: no "|" but certgrab's own before the perfdata."""
-    parts = [render_source(check_part, result, reporter, settings, now, label)
-             for result, label in zip(results, perfdata_labels(results))]
+    parts = [render_source(check_part, failed_check_part, result, reporter, settings, now,
+                           label) for result, label in zip(results, perfdata_labels(results))]
     lines = [line for line, _ in parts]
     if settings.same:
         lines = [worse(line, same) for line, same in zip(lines, same_chain_statuses(results))]
@@ -3244,6 +3274,11 @@ def check_part(result, settings, now, label):
     if settings.chain_warning:
         line = worse(line, chain_status(result))
     return line, check_perfdata(label, result, settings, now) if result.issuing else ""
+
+
+def failed_check_part(result, settings, now, label):
+    """check_part of a source whose check met a bug (render_source): UNKNOWN, no perfdata."""
+    return (NAGIOS_UNKNOWN, str(result.error)), ""
 
 
 def perfdata_labels(results):
@@ -3443,7 +3478,7 @@ def metrics_text(results, settings, clock, outcome, reporter):
 def source_metrics(results, settings, run, reporter):
     """SOURCE_METRICS, each with the series of every source (source_series); a bug
     while one source's are made is that source's error (render_source)."""
-    series = [render_source(source_series, result, reporter, settings, run)
+    series = [render_source(source_series, failed_series, result, reporter, settings, run)
               for result in results]
     return [(name, text, [one for each in series for one in each[index]])
             for index, (name, text) in enumerate(SOURCE_METRICS)]
@@ -3453,9 +3488,7 @@ def source_series(result, settings, run):
     """One source's series of each of SOURCE_METRICS: fetch and verification; per
     certificate of the issuing path (position 0 is the leaf): its dates; the chain's
     earliest notAfter."""
-    target = result.target
-    labels = run + [("source", printable(target.source)),
-                    ("servername", target.servername or "")]
+    target, labels = result.target, source_labels(result, run)
     verified = [] if target.file or settings.insecure else [
         (labels, int(bool(result.served) and not result.verify_error
                      and not isinstance(result.error, VerifyError)))]
@@ -3465,6 +3498,16 @@ def source_series(result, settings, run):
     return ([(labels, int(bool(result.served)))], verified,
             [(name, cert.not_before) for name, cert in zip(named, result.issuing)],
             [(name, cert.not_after) for name, cert in zip(named, result.issuing)], chain)
+
+
+def failed_series(result, settings, run):
+    """source_series of a source whose metrics met a bug (render_source): not read."""
+    return [(source_labels(result, run), 0)], [], [], [], []
+
+
+def source_labels(result, run):
+    return run + [("source", printable(result.target.source)),
+                  ("servername", result.target.servername or "")]
 
 
 def metric_labels(pairs):
@@ -3514,17 +3557,22 @@ def write_metrics(path, text, reporter):
 
 def record_run(settings, results, clock, outcome, code, reporter):
     """--prometheus: write the run's metrics; returns the run's exit code. A failed
-    write is an error line; it makes a run that otherwise succeeded exit 5, but
-    leaves --check's status alone (the status line is already out)."""
+    write, or a bug while a source's metrics were made (source_metrics), is an error
+    line; it makes a run that otherwise succeeded exit 5 (or 3), but leaves --check's
+    status alone (the status line is already out)."""
     if not settings.prometheus:
         return code
+    errors = [result.error for result in results]
+    text = metrics_text(results, settings, clock, outcome, reporter)
+    failures = [r.error for r, error in zip(results, errors) if r.error is not error]
     try:
-        write_metrics(settings.prometheus, metrics_text(results, settings, clock, outcome,
-                                                        reporter), reporter)
+        write_metrics(settings.prometheus, text, reporter)
     except WriteError as exc:
-        reporter.error(exc)
-        return code or (0 if settings.report == "check" else exc.exit_code)
-    return code
+        failures.append(exc)
+    for failure in failures:
+        reporter.error(failure)
+    worst = max([failure.exit_code for failure in failures] or [0])
+    return code or (0 if settings.report == "check" else worst)
 
 
 def install_outcome(exc, settings):
