@@ -558,6 +558,16 @@ def test_reply_with_a_bar_never_writes_perfdata(run, certs):
     assert not any("|" in line for line in rest), rest
 
 
+def test_ldap_result_code_of_thousands_of_digits_is_malformed(run, certs):
+    """An ExtendedResponse whose resultCode (an ENUMERATED, small in RFC 4511) is 5,000
+    bytes long: "malformed LDAP response", never Python's int-to-text limit."""
+    op = ber(0x0A, b"\x01" + b"\xff" * 4999) + ber(0x04, b"") + ber(0x04, b"no")
+    response = ber(0x30, ber(0x02, b"\x01") + ber(0x78, op))
+    with FakeServer([read(len(LDAP_REQUEST)), send(response), hold()], certs / CHAIN) as fake:
+        result = grab(run, certs, fake, "ldap")
+    assert_refused(result, fake, "ldap", "malformed LDAP response")
+
+
 def test_quoted_reply_is_kept_short(run, certs):
     """A 150-line EHLO reply without STARTTLS: the error line quotes a part, not all."""
     reply = b"".join(b"250-X-EXTENSION-%03d %s\r\n" % (i, b"y" * 40) for i in range(150))
