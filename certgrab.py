@@ -62,13 +62,20 @@ Security model
       formatting certificate text into a command line.
     - Everything read from the network is bounded in size and time, and every
       certificate is parsed whole by the small DER reader below before it is
-      trusted with anything: a malformed one is that source's error.
+      trusted with anything: a malformed one is that source's error. Every number
+      and text the reader makes is bounded too (MAX_CERTIFICATE and the others).
+    - One source never ends the run: a bug met while it is fetched, read, checked
+      or reported is its error ("internal error ... please report it"), the
+      traceback only with -v. --check output holds no "|" from a certificate or a
+      server: only its own, before its own perfdata.
 
 Exit codes
     0  success: chain verified and written (and the hook run), or up to date
+    1  internal error: a bug in certgrab outside any one source; please report it
     2  usage error: bad option, SOURCE, port; unusable or unreadable --cafile,
        --key-path
-    3  cannot fetch: connection refused/timed out, not TLS, TLS failure
+    3  cannot fetch: connection refused/timed out, not TLS, TLS failure, a
+       malformed certificate, or a bug while handling one source
     4  verification failed: unknown issuer, expired, name mismatch
     5  cannot write: the previous files are unchanged, or (the hint says which)
        some are new and the next run completes the set
@@ -77,7 +84,7 @@ Exit codes
     7  files installed, deploy hook pending: it failed, timed out, or ran but
        could not be recorded (the next run runs it again)
     With --check, --same or --expect-file, a monitoring plugin's codes instead:
-    0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (e.g. a usage error).
+    0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (e.g. a usage error, or a bug).
     With --config, the highest code of its sections (2 for a mistake in the file).
 """
 
@@ -237,6 +244,8 @@ LOCK_SLACK = 30.0       # seconds, beyond that run's own timeouts, before giving
 MAX_LINE = 8192         # bytes; a STARTTLS reply line longer than this is hostile
 MAX_PLAINTEXT = 65536   # bytes a server may send before TLS starts
 MAX_REPLY_LINES = 200   # lines in one STARTTLS reply (capability lists are a few dozen)
+MAX_BUG_TEXT = 200      # characters of an unexpected exception's text in its error line
+MAX_QUOTED_REPLY = 300  # characters of a STARTTLS reply quoted in an error line
 HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._*")
 
 FEWER_AT_ONCE = "too many sources at once for this host's limits: raise the open-files " \
@@ -246,6 +255,8 @@ PRIVKEY_FILE = "privkey.pem"  # certbot's name for the key; in --out-dir with --
 CERTIFICATE_SUFFIXES = (".pem", ".crt", ".cer")  # a SOURCE with one of these is a file
 NAGIOS = ("OK", "WARNING", "CRITICAL", "UNKNOWN")  # a monitoring plugin's states, 0 to 3
 NAGIOS_UNKNOWN = 3      # a monitoring plugin's exit code for "could not even check"
+NAGIOS_RANK = (0, 1, 3, 2)  # how bad each state is: CRITICAL outranks UNKNOWN, so that a
+                        # source that could not be checked never hides a failing one
 TEXT_WIDTH = 64         # characters of a --text value column: lines stay within 80
 
 
@@ -273,6 +284,17 @@ class FetchError(CertgrabError):
 
 class ParseError(FetchError):
     """Malformed data, almost always from the network."""
+
+
+class InternalError(CertgrabError):
+    """A bug in certgrab (see internal_error), outside any one source: the run's
+    error, exit 1 as an uncaught exception's would be, without its traceback."""
+    exit_code = 1
+
+
+class SourceInternalError(FetchError, InternalError):
+    """A bug met while one source was handled: that source's error like any other
+    (a FetchError, exit 3), never the end of the run."""
 
 
 class VerifyError(CertgrabError):
@@ -337,6 +359,13 @@ class Reporter(object):
         if self.verbose:
             self._write("certgrab: %s\n" % message)
 
+    def show_traceback(self, where):
+        """-v: the traceback of the exception being handled, a bug, for its report."""
+        if self.verbose:
+            import traceback
+            self._write("certgrab: %sthe internal error happened here:\n%s" % (
+                "" if where is None else "%s: " % where, traceback.format_exc()))
+
     def progress(self, text):
         """A line that rewrites itself on a terminal."""
         self._write(text)
@@ -390,6 +419,47 @@ class SectionReporter(Reporter):
     def log(self, code, exc=None):
         if not self.quiet:              # with --quiet, the run's line names failed sections
             Reporter.log(self, code, exc)
+
+
+def internal_error(where, exc, reporter):
+    """The error for exc, an exception nothing expected (a bug) while handling where:
+    a source (SourceInternalError), or None, the run (InternalError). One line that
+    names it and asks for a report; the traceback only under -v. Called where exc is
+    being handled."""
+    reporter.show_traceback(where)
+    text = printable(str(exc)[:MAX_BUG_TEXT])
+    hint = None if reporter.verbose else "-v shows where it happened (a traceback): add " \
+        "it to the report"
+    return (InternalError if where is None else SourceInternalError)(
+        "%sinternal error in certgrab %s (%s: %s); please report it" % (
+            "" if where is None else "%s: " % where, __version__, type(exc).__name__, text),
+        hint)
+
+
+def as_error(exc, where, reporter):
+    """exc if it is certgrab's own error, else the InternalError it is (a bug)."""
+    return exc if isinstance(exc, CertgrabError) else internal_error(where, exc, reporter)
+
+
+def contain_bug(function, result, reporter, *args):
+    """function(result, *args) for the one source of result (a FetchResult). A bug in
+    it, any exception but certgrab's own errors, becomes that source's error (a
+    SourceInternalError) and None is returned: the other sources go on."""
+    try:
+        return function(result, *args)
+    except CertgrabError:
+        raise
+    except Exception as exc:            # a bug; -v shows its traceback
+        result.error = internal_error(result.target, exc, reporter)
+        return None
+
+
+def render_source(render, failed, result, reporter, *args):
+    """render(result, *args): one source's part of a report. After a bug in it the
+    source is an internal error, and failed(result, *args) renders it: the plain form
+    of a source that failed, apart from the code that met the bug."""
+    part = contain_bug(render, result, reporter, *args)
+    return failed(result, *args) if part is None else part
 
 
 def open_syslog():
@@ -479,6 +549,29 @@ SIGNATURES_WITHOUT_PARAMETERS = frozenset((
 OID_SAN_DER, OID_BASIC_CONSTRAINTS_DER = b"\x06\x03\x55\x1d\x11", b"\x06\x03\x55\x1d\x13"
 PEM_LABELS = ("CERTIFICATE", "X509 CERTIFICATE", "TRUSTED CERTIFICATE")  # as OpenSSL reads them
 OID_SKI_DER, OID_AKI_DER = b"\x06\x03\x55\x1d\x0e", b"\x06\x03\x55\x1d\x23"  # 2.5.29.14, .35
+
+# Bounds of the DER reader. Every number and text it makes of a certificate is bounded, so
+# that no value a server sends costs more than a little time and memory, or meets a limit
+# of Python's own (3.11+ refuses to turn an int of more than 4,300 digits into text).
+# Beyond a bound the certificate is malformed: a ParseError, that source's error. The
+# reader follows X.509's fixed shape and never recurses, so nesting needs no bound.
+MAX_CERTIFICATE = 100 * 1024  # bytes of one certificate: OpenSSL takes at most 100 KiB of
+                        # certificates from a handshake (SSL_CTX_set_max_cert_list)
+MAX_OID_BYTES = 63      # bytes of an object identifier, as pyca/cryptography reads them;
+                        # those X.509 uses have under 30
+MAX_OID_ARC_BITS = 128  # bits of one arc of it: a UUID arc (2.25.N) has 128, and so
+                        # does pyca/cryptography's limit (39 digits at most)
+MAX_SERIAL_BITS = 512   # bits of a serial number: RFC 5280 allows 20 octets (160 bits),
+                        # a few CAs wrote more; 128 hex digits at most
+MAX_VERSION_BITS = 8    # bits of the X.509 version number: v1 to v3 are 0 to 2
+MAX_RSA_BITS = 16384    # bits of an RSA modulus: OpenSSL's OPENSSL_RSA_MAX_MODULUS_BITS
+MAX_DSA_BITS = 10000    # bits of a DSA prime: OpenSSL's OPENSSL_DSA_MAX_MODULUS_BITS
+MAX_EC_FIELD_BITS = 661  # bits of an explicit EC curve's prime and coefficients:
+                        # OpenSSL's OPENSSL_ECC_MAX_FIELD_BITS
+MAX_NAME_ATTRIBUTES = 100  # attributes in one Name (every RDN's): real names have 1 to 10
+MAX_SANS = 1000         # subjectAltNames of one certificate: Let's Encrypt puts at most 100,
+                        # other public CAs a few hundred
+MAX_EXTENSIONS = 100    # extensions of one certificate: real ones have about 10
 
 
 class Certificate(object):
@@ -576,9 +669,13 @@ class Certificate(object):
 
 
 def parse_certificate(der):
-    """Read one DER certificate whole; ParseError if any part is malformed."""
+    """Read one DER certificate whole; ParseError if any part is malformed or beyond
+    the reader's bounds (MAX_CERTIFICATE and the others)."""
     cert = Certificate(bytes(der))
     der = cert.der
+    if len(der) > MAX_CERTIFICATE:
+        raise ParseError("malformed certificate: %d bytes, more than %d" % (
+            len(der), MAX_CERTIFICATE))
     top = _tlv(der, 0, len(der))
     if top[2] != len(der):
         raise ParseError("malformed certificate: trailing bytes after the certificate")
@@ -589,7 +686,7 @@ def parse_certificate(der):
     if len(tbs) < 6 or tbs[0][0] != DER_INTEGER or any(t[0] != DER_SEQUENCE for t in tbs[1:6]):
         raise ParseError("malformed certificate: bad TBSCertificate")
     _check_version(der, outer[0])
-    cert.serial = _integer(der, tbs[0])
+    cert.serial = _integer(der, tbs[0], MAX_SERIAL_BITS, "serial number")
     cert.signature_algorithm = _signature_algorithm(der, outer[1])
     _signature_algorithm(der, tbs[1])
     cert.issuer_der, cert.subject_der = _element(der, tbs[2]), _element(der, tbs[4])
@@ -654,6 +751,13 @@ def _element(data, item):
     return data[item[3]:item[2]]
 
 
+def _at_most(items, most, what):
+    """items, a list read from a certificate, unless it holds more than most."""
+    if len(items) > most:
+        raise ParseError("malformed certificate: more than %d %s" % (most, what))
+    return items
+
+
 def parse_chain(ders, source):
     """Every certificate of a chain; a malformed one is named by source and position."""
     certs = []
@@ -672,7 +776,8 @@ def _check_version(der, tbs_item):
     first = _children(der, tbs_item, DER_SEQUENCE, 1)[0]
     if first[0] == DER_VERSION:
         inner = _children(der, first, DER_VERSION, 1)
-        number = _integer(der, inner[0]) if len(inner) == 1 else -1
+        number = _integer(der, inner[0], MAX_VERSION_BITS, "X.509 version") \
+            if len(inner) == 1 else -1
         if number not in (1, 2):
             raise ParseError("malformed certificate: X.509 version %d" % (number + 1))
 
@@ -685,27 +790,32 @@ def _extensions(der, tbs):
     for item in tbs[6:]:
         if item[0] != DER_EXTENSIONS:
             continue
-        for extension in _children(der, _children(der, item, DER_EXTENSIONS, 1)[0],
-                                   DER_SEQUENCE):
+        for extension in _at_most(_children(der, _children(der, item, DER_EXTENSIONS, 1)[0],
+                                            DER_SEQUENCE), MAX_EXTENSIONS, "extensions"):
             fields = _children(der, extension, DER_SEQUENCE, 2)
-            if fields[0][0] != DER_OID:
-                raise ParseError("malformed certificate: bad extension")
-            oid = _element(der, fields[0])
+            name, oid = _oid(der, fields[0]), _element(der, fields[0])
             if oid in seen or len(fields) > 3 or len(fields) == 3 and not _boolean(der, fields[1]):
-                raise ParseError("malformed certificate: bad or repeated extension %s"
-                                 % _oid(der, fields[0]))
+                raise ParseError("malformed certificate: bad or repeated extension %s" % name)
             seen.add(oid)
             yield oid, fields[-1]
 
 
 def _oid(data, item):
+    """An OBJECT IDENTIFIER as dotted text, of at most MAX_OID_BYTES, each arc at most
+    MAX_OID_ARC_BITS."""
     if item[0] != DER_OID or item[1] == item[2]:
         raise ParseError("malformed certificate: bad object identifier")
+    if item[2] - item[1] > MAX_OID_BYTES:
+        raise ParseError("malformed certificate: an object identifier of %d bytes, more "
+                         "than %d" % (item[2] - item[1], MAX_OID_BYTES))
     arcs, value, start = [], 0, True
     for byte in data[item[1]:item[2]]:
         if start and byte == 0x80:
             raise ParseError("malformed certificate: object identifier not minimally encoded")
         value = (value << 7) | (byte & 0x7F)
+        if value.bit_length() > MAX_OID_ARC_BITS:
+            raise ParseError("malformed certificate: an object identifier arc of more than "
+                             "%d bits" % MAX_OID_ARC_BITS)
         start = not byte & 0x80
         if start:
             arcs.append(value)
@@ -716,13 +826,17 @@ def _oid(data, item):
     return ".".join(str(arc) for arc in [first, arcs[0] - 40 * first] + arcs[1:])
 
 
-def _integer(data, item):
-    """A DER INTEGER (signed, minimally encoded) as an int."""
+def _integer(data, item, most, what):
+    """A DER INTEGER (signed, minimally encoded) as an int of at most most bits (its
+    sign aside); what it is, for the error."""
     raw = data[item[1]:item[2]]
     if item[0] != DER_INTEGER or not raw or len(raw) > 1 and (
             raw[0] == 0 and raw[1] < 0x80 or raw[0] == 0xFF and raw[1] >= 0x80):
         raise ParseError("malformed certificate: bad INTEGER")
-    return int.from_bytes(raw, "big", signed=True)
+    value = int.from_bytes(raw, "big", signed=True) if len(raw) <= most // 8 + 1 else None
+    if value is None or abs(value).bit_length() > most:
+        raise ParseError("malformed certificate: %s of more than %d bits" % (what, most))
+    return value
 
 
 def _boolean(data, item):
@@ -766,10 +880,15 @@ def _attribute_value(data, item):
 def _name(data, item):
     """A Name as RFC 4514 text in the order it is encoded: "C=US, O=Org, CN=name"
     (the attributes of a multi-valued RDN joined by "+")."""
-    rdns = []
+    rdns, count = [], 0
     for rdn in _children(data, item, DER_SEQUENCE):
+        members = _children(data, rdn, DER_SET, 1)
+        count += len(members)
+        if count > MAX_NAME_ATTRIBUTES:
+            raise ParseError("malformed certificate: a name of more than %d attributes"
+                             % MAX_NAME_ATTRIBUTES)
         attributes = []
-        for attribute in _children(data, rdn, DER_SET, 1):
+        for attribute in members:
             fields = _children(data, attribute, DER_SEQUENCE, 2)
             if len(fields) != 2:
                 raise ParseError("malformed certificate: bad name attribute")
@@ -827,7 +946,10 @@ def _ec_curve(data, parameters):
     coefficients = _children(data, fields[2], DER_SEQUENCE, 2)
     if _oid(data, field[0]) != OID_PRIME_FIELD:
         return "explicit binary-field curve", 0
-    prime = _integer(data, field[1])
+    prime = _integer(data, field[1], MAX_EC_FIELD_BITS, "EC field prime")
+    if any(c[2] - c[1] > (MAX_EC_FIELD_BITS + 7) // 8 for c in coefficients[:2]):
+        raise ParseError("malformed certificate: EC curve coefficient of more than %d bits"
+                         % MAX_EC_FIELD_BITS)
     a, b = (int.from_bytes(data[c[1]:c[2]], "big") for c in coefficients[:2])
     curve = EC_EXPLICIT_CURVES.get((prime, a, b))
     return OID_CURVES[curve] if curve else ("explicit curve", max(prime.bit_length(), 0))
@@ -842,7 +964,7 @@ def _public_key(cert, data, item):
     if oid in (OID_RSA, OID_RSA_PSS):
         modulus = _children(data, _wrapped(data, key, DER_BIT_STRING), DER_SEQUENCE, 2)[0]
         cert.key_type = "RSA" if oid == OID_RSA else "RSA-PSS"
-        cert.key_bits = _integer(data, modulus).bit_length()
+        cert.key_bits = _integer(data, modulus, MAX_RSA_BITS, "RSA modulus").bit_length()
     elif oid == OID_EC:
         name, cert.key_bits = _ec_curve(data, parameters)
         cert.key_type = "EC " + name
@@ -850,7 +972,8 @@ def _public_key(cert, data, item):
         if parameters is None:   # "inherited from the issuer": RFC 3279 allows, nobody reads it
             raise ParseError("malformed certificate: DSA key without its parameters")
         prime = _children(data, parameters, DER_SEQUENCE, 3)[0]
-        cert.key_type, cert.key_bits = "DSA", _integer(data, prime).bit_length()
+        cert.key_type = "DSA"
+        cert.key_bits = _integer(data, prime, MAX_DSA_BITS, "DSA prime").bit_length()
     elif oid in OID_EDWARDS:
         cert.key_type, cert.key_bits = OID_EDWARDS[oid]
     else:
@@ -906,7 +1029,8 @@ def _general_name(data, item):
 
 def _extension(cert, data, oid, value):
     if oid == OID_SAN_DER:
-        names = _children(data, _wrapped(data, value, DER_OCTET_STRING), DER_SEQUENCE, 1)
+        names = _at_most(_children(data, _wrapped(data, value, DER_OCTET_STRING),
+                                   DER_SEQUENCE, 1), MAX_SANS, "subjectAltNames")
         for kind, text in (_general_name(data, name) for name in names):
             cert.alt_names.append((kind, text))
             if kind == "DNS":
@@ -1408,6 +1532,7 @@ MYSQL_CLIENT_SSL = 0x0800
 MYSQL_CLIENT_FLAGS = 0x0800 | 0x0200 | 0x8000 | 0x0001   # SSL, PROTOCOL_41, SECURE, LONG_PW
 POSTGRES_SSL_REQUEST = (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big")
 LDAP_STARTTLS = bytes.fromhex("301d02010177188016") + b"1.3.6.1.4.1.1466.20037"
+LDAP_CODE_BYTES = 4     # bytes of an LDAP resultCode, an ENUMERATED (RFC 4511's are small)
 XMPP_STREAM = ("<?xml version='1.0'?><stream:stream xmlns='jabber:%s' "
                "xmlns:stream='http://etherx.jabber.org/streams' to='%s' version='1.0'>")
 
@@ -1429,9 +1554,11 @@ class Plaintext(object):
         self.buffer, self.received = b"", 0
 
     def fail(self, message, reply=None):
+        """A FetchError quoting the start of reply (text, or a list of lines), escaped:
+        line breaks show as \\x0a, which the server's own text cannot forge."""
         if reply is not None:
-            reply = reply if isinstance(reply, str) else " | ".join(reply)
-            message += " (reply: %s)" % printable(reply[:300])
+            reply = reply if isinstance(reply, str) else "\n".join(reply)
+            message += " (reply: %s)" % printable(reply[:MAX_QUOTED_REPLY])
         return FetchError("%s: %s: %s" % (self.target, self.protocol, message))
 
     def refuse(self, reply):
@@ -1719,6 +1846,8 @@ def starttls_ldap(talk):
     try:
         fields = _children(message, _tlv(message, 0, len(message)), DER_SEQUENCE, 2)
         result = _children(message, fields[1], 0x78, 3)
+        if result[0][2] - result[0][1] > LDAP_CODE_BYTES:
+            raise ParseError("resultCode too long")
         code = int.from_bytes(message[result[0][1]:result[0][2]], "big")
         text = message[result[2][1]:result[2][2]].decode("utf-8", "replace")
     except ParseError:
@@ -2456,11 +2585,11 @@ def fetch_all(targets, reader, settings, reporter, sharers=1):
     Progress on a terminal for long runs, written by this thread. sharers: how
     many runs (--config's sections) share this process's limits at once."""
     if len(targets) == 1:
-        return [fetch_chain(targets[0], reader, settings)]
+        return [_fetch_guarded(targets[0], reader, settings, reporter)]
     done, lock = [0], threading.Lock()
 
     def fetch(target):
-        result = _fetch_guarded(target, reader, settings)
+        result = _fetch_guarded(target, reader, settings, reporter)
         with lock:
             done[0] += 1
         return result
@@ -2482,8 +2611,9 @@ def map_in_threads(function, items, width, reporter, doing, waiting=None):
     """[function(item) for item in items], width threads at a time (fewer when the
     host refuses more threads; with none at all, one by one in this thread); each
     thread takes the next item when done. waiting(threads), if given, runs in this
-    thread meanwhile. An exception escaping function is a bug: raised here, once
-    every thread is done."""
+    thread meanwhile. An exception escaping function is raised here, once every
+    thread is done: the callers' functions contain their bugs (_fetch_guarded,
+    run_section), so it is a whole run's error (an unusable --key-path)."""
     results, pending, lock = [None] * len(items), list(range(len(items))), threading.Lock()
     pending.reverse()                                   # pop() takes the first given
 
@@ -2511,13 +2641,20 @@ def map_in_threads(function, items, width, reporter, doing, waiting=None):
     return results
 
 
-def _fetch_guarded(target, reader, settings):
-    """fetch_chain; running out of memory is this source's error."""
+def _fetch_guarded(target, reader, settings, reporter):
+    """fetch_chain; running out of memory, or a bug, is this source's error. The
+    errors fetch_chain raises itself are the run's (an unusable --key-path)."""
     try:
         return fetch_chain(target, reader, settings)
+    except CertgrabError:
+        raise
     except MemoryError:
         result = FetchResult(target)
         result.error = FetchError("%s: out of memory" % target, hint=FEWER_AT_ONCE)
+        return result
+    except Exception as exc:            # a bug: this source's error, the others go on
+        result = FetchResult(target)
+        result.error = internal_error(target, exc, reporter)
         return result
 
 
@@ -2570,7 +2707,9 @@ def choose_result(results, reporter):
                 reporter.error(result.error)
         raise worst
     for result in results:
-        if result.error is not None:
+        if isinstance(result.error, InternalError):     # shown even with -q: a bug
+            reporter.notice("%s (skipped)" % result.error)
+        elif result.error is not None:
             reporter.warn("%s (skipped)" % result.error)
     return max(good, key=lambda r: r.leaf.not_before)
 
@@ -2612,12 +2751,12 @@ def key_mismatch(target, leaf, keys):
 
 def apply_gate(results, keys, reporter):
     """The gate for every fetched chain; a refusal becomes that source's error
-    (with -v, what was refused: see refusal_details)."""
+    (with -v, what was refused: see refusal_details), and so does a bug."""
     now = time.time()
     for result in results:
         if result.error is None:
             try:
-                check_gate(result, keys, now)
+                contain_bug(check_gate, result, reporter, keys, now)
             except RefusedError as exc:
                 result.error = exc
                 for line in refusal_details(result):
@@ -3159,17 +3298,22 @@ def write_stdout(text):
 def report(results, settings, reporter):
     """--text, --json or --check over every result; returns the exit code. Each
     source's error is in its own part of the report (and, but for --check, on
-    stderr too): one bad source never hides the others."""
+    stderr too): one bad source never hides the others, and a bug while one is
+    rendered is that source's error (render_source)."""
     now = time.time()
     if settings.report == "check":
-        return check_report(results, settings, now)
+        return check_report(results, settings, now, reporter)
+    render, failed = (source_json_text, failed_json_text) if settings.report == "json" \
+        else (text_lines, failed_text)
+    parts = [render_source(render, failed, result, reporter, settings, now)
+             for result in results]
     for result in results:
         if result.error is not None:
             reporter.error(result.error)
     if settings.report == "json":
-        write_stdout(json_text([source_json(r, settings, now) for r in results]) + "\n")
+        write_stdout("[\n%s\n]\n" % ",\n".join("  " + part for part in parts))
     else:
-        write_stdout("\n".join(text_lines(r, settings, now) for r in results))
+        write_stdout("\n".join(parts))
     failures = [r.error for r in results if r.error is not None]
     return max(error.exit_code for error in failures) if failures else 0
 
@@ -3231,6 +3375,11 @@ def text_lines(result, settings, now):
     return "\n".join(lines) + "\n"
 
 
+def failed_text(result, settings, now):
+    """--text for a source whose rendering met a bug (render_source): its error."""
+    return "%s\n  error:        %s\n" % (result.target, result.error)
+
+
 def certificate_lines(index, cert, now):
     rows = []
     subject = printable(cert.subject).split(", ") if cert.subject else ["(empty: see SANs)"]
@@ -3270,6 +3419,21 @@ def source_json(result, settings, now):
         ("problems", [problem.text for problem in result.problems]),
         ("chain", [certificate_json(cert, now) for cert in result.served]),
     ]
+
+
+def source_json_text(result, settings, now):
+    """One source as an element of --json's list (json_text's indent for it)."""
+    return json_text(source_json(result, settings, now), "  ")
+
+
+def failed_json_text(result, settings, now):
+    """--json for a source whose rendering met a bug (render_source): its error, the
+    other keys empty."""
+    target = result.target
+    return json_text([("source", target.source), ("address", result.address),
+                      ("servername", target.servername), ("error", str(result.error)),
+                      ("tls_version", None), ("cipher", None), ("verified", None),
+                      ("verify_error", None), ("problems", []), ("chain", [])], "  ")
 
 
 def certificate_json(cert, now):
@@ -3313,33 +3477,67 @@ def _json_char(char):
     return "\\u%04x" % code
 
 
-def check_report(results, settings, now):
+def check_report(results, settings, now, reporter):
     """Nagios plugin output: a summary line with perfdata, then one line per source.
-    A source's line is its worst finding: expiry, served chain, --same."""
-    lines = [check_source(result, settings, now) for result in results]
-    if settings.chain_warning:
-        lines = [max(line, chain_status(result), key=lambda s: s[0])
-                 for line, result in zip(lines, results)]
+    A source's line is its worst finding: expiry, served chain, --same; a bug while
+    one source is checked makes that source UNKNOWN (render_source). Every line's
+    text goes through status_text: no "|" but certgrab's own before the perfdata."""
+    parts = [render_source(check_part, failed_check_part, result, reporter, settings, now,
+                           label) for result, label in zip(results, perfdata_labels(results))]
+    lines = [line for line, _ in parts]
     if settings.same:
-        lines = [max(line, same, key=lambda s: s[0])
-                 for line, same in zip(lines, same_chain_statuses(results))]
-    worst = max(status for status, _ in lines)
+        lines = [worse(line, same) for line, same in zip(lines, same_chain_statuses(results))]
+    lines = [(status, status_text(text)) for status, text in lines]
+    worst = worse(*lines)[0]
     counts = ", ".join("%d %s" % (sum(s == n for s, _ in lines), NAGIOS[n])
                        for n in range(4) if any(s == n for s, _ in lines))
-    labels = [r.target.source.replace("'", "").replace("=", "") for r in results]
-    seen, repeated = set(), set()       # labels given twice get "#n": linear in sources
-    for label in labels:
-        (repeated if label in seen else seen).add(label)
-    perfdata = " ".join(check_perfdata(
-        "%s #%d" % (label, index + 1) if label in repeated else label,
-        result, settings, now)
-        for index, (label, result) in enumerate(zip(labels, results)) if result.issuing)
+    perfdata = " ".join(perfdata for _, perfdata in parts if perfdata)
     first_problem = next(("; first: " + text for status, text in lines if status == worst
                           and worst), "")   # notifications often show the first line only
     write_stdout("CERTGRAB %s - %d source(s): %s%s%s\n" % (
         NAGIOS[worst], len(results), counts, first_problem, " | " + perfdata if perfdata else "")
         + "".join("%s - %s\n" % (NAGIOS[s], text) for s, text in lines))
     return worst
+
+
+def check_part(result, settings, now, label):
+    """One source's (status, text) line, and its perfdata ("" without a chain)."""
+    line = check_source(result, settings, now)
+    if settings.chain_warning:
+        line = worse(line, chain_status(result))
+    return line, check_perfdata(label, result, settings, now) if result.issuing else ""
+
+
+def failed_check_part(result, settings, now, label):
+    """check_part of a source whose check met a bug (render_source): UNKNOWN, no perfdata."""
+    return (NAGIOS_UNKNOWN, str(result.error)), ""
+
+
+def perfdata_labels(results):
+    """Each source's perfdata label: the SOURCE without ' and =; one given twice gets
+    "#n" (its position). Linear in the number of sources."""
+    labels = [r.target.source.replace("'", "").replace("=", "") for r in results]
+    seen, repeated = set(), set()
+    for label in labels:
+        (repeated if label in seen else seen).add(label)
+    return ["%s #%d" % (label, index + 1) if label in repeated else label
+            for index, label in enumerate(labels)]
+
+
+def worse(*lines):
+    """The (status, text) line of the worst status: CRITICAL, then UNKNOWN (a source
+    that could not be checked), WARNING, OK; the first of them on a tie."""
+    return max(lines, key=lambda line: NAGIOS_RANK[line[0]])
+
+
+def status_text(text):
+    """Text for a line of --check output. Nagios reads "|" as the start of perfdata, in
+    the status line and in the lines after it (long output), so "|" is escaped as
+    printable() escapes control characters (\\x7c), and so is anything unprintable that
+    reached the text some other way. Backslashes stay: text from certificates and
+    servers went through printable() already, which escaped theirs."""
+    return "".join("\\x7c" if c == "|" else c if c.isprintable() else printable(c)
+                   for c in text)
 
 
 def check_perfdata(label, result, settings, now):
@@ -3370,8 +3568,10 @@ def most_urgent(certs, settings, now):
 
 
 def check_source(result, settings, now):
-    """(status, text) for one source."""
+    """(status, text) for one source: UNKNOWN for a bug (it was not checked)."""
     target = result.target
+    if isinstance(result.error, InternalError):
+        return NAGIOS_UNKNOWN, str(result.error)
     if result.verify_error or result.error is not None and not result.served:
         return 2, "%s" % result.error       # unreachable, malformed, or not verified
     leaf = result.issuing[0]
@@ -3474,17 +3674,26 @@ def cert_summary(cert, index):
 # two files into one collector directory never export the same series twice.
 
 INSTALL_OUTCOMES = ("installed", "unchanged", "refused", "hook_failed", "failed")
+SOURCE_METRICS = (      # (name, help) of the metrics with a series per source
+    ("certgrab_source_fetch_success", "1 if the source's chain was read."),
+    ("certgrab_source_verify_success", "1 if the source's chain verified."),
+    ("certgrab_certificate_not_before_timestamp_seconds",
+     "notBefore of each certificate of the issuing path."),
+    ("certgrab_certificate_not_after_timestamp_seconds",
+     "notAfter of each certificate of the issuing path."),
+    ("certgrab_chain_not_after_timestamp_seconds",
+     "The earliest notAfter of the source's issuing path."))
 LAST_SYNC = "certgrab_last_sync_timestamp_seconds"
 
 
-def metrics_text(results, settings, clock, outcome):
+def metrics_text(results, settings, clock, outcome, reporter):
     """The exposition text: (name, help, [(labels, value)]) per metric, in order."""
     run = [("run", printable(os.path.basename(settings.prometheus).rsplit(".prom", 1)[0]))]
     now = time.time()
     metrics = [("certgrab_run_timestamp_seconds", "When this run started.", [(run, clock[0])]),
                ("certgrab_run_duration_seconds", "How long this run took.",
                 [(run, time.monotonic() - clock[1])])]
-    metrics += source_metrics(results, settings, run)
+    metrics += source_metrics(results, settings, run, reporter)
     leaves = set(r.leaf.sha256 for r in results if r.issuing)
     metrics.append(("certgrab_distinct_leaves", "Different leaves served across the sources "
                     "(1: the fleet has converged).", [(run, len(leaves))]))
@@ -3502,34 +3711,39 @@ def metrics_text(results, settings, clock, outcome):
         for labels, value in series)) for name, text, series in metrics if series)
 
 
-def source_metrics(results, settings, run):
-    """Per source: fetch and verification; per certificate of the issuing path
-    (position 0 is the leaf): its dates; the chain's earliest notAfter."""
-    fetched, verified, before, after, chain = [], [], [], [], []
-    for result in results:
-        target = result.target
-        labels = run + [("source", printable(target.source)),
-                        ("servername", target.servername or "")]
-        fetched.append((labels, int(bool(result.served))))
-        if not (target.file or settings.insecure):
-            verified.append((labels, int(bool(result.served) and not result.verify_error
-                                         and not isinstance(result.error, VerifyError))))
-        for position, cert in enumerate(result.issuing):
-            named = labels + [("position", str(position)), ("sha256", cert.sha256),
-                              ("name", cert.name)]
-            before.append((named, cert.not_before))
-            after.append((named, cert.not_after))
-        if result.issuing:
-            chain.append((labels, min(cert.not_after for cert in result.issuing)))
-    return [
-        ("certgrab_source_fetch_success", "1 if the source's chain was read.", fetched),
-        ("certgrab_source_verify_success", "1 if the source's chain verified.", verified),
-        ("certgrab_certificate_not_before_timestamp_seconds",
-         "notBefore of each certificate of the issuing path.", before),
-        ("certgrab_certificate_not_after_timestamp_seconds",
-         "notAfter of each certificate of the issuing path.", after),
-        ("certgrab_chain_not_after_timestamp_seconds",
-         "The earliest notAfter of the source's issuing path.", chain)]
+def source_metrics(results, settings, run, reporter):
+    """SOURCE_METRICS, each with the series of every source (source_series); a bug
+    while one source's are made is that source's error (render_source)."""
+    series = [render_source(source_series, failed_series, result, reporter, settings, run)
+              for result in results]
+    return [(name, text, [one for each in series for one in each[index]])
+            for index, (name, text) in enumerate(SOURCE_METRICS)]
+
+
+def source_series(result, settings, run):
+    """One source's series of each of SOURCE_METRICS: fetch and verification; per
+    certificate of the issuing path (position 0 is the leaf): its dates; the chain's
+    earliest notAfter."""
+    target, labels = result.target, source_labels(result, run)
+    verified = [] if target.file or settings.insecure else [
+        (labels, int(bool(result.served) and not result.verify_error
+                     and not isinstance(result.error, VerifyError)))]
+    named = [labels + [("position", str(position)), ("sha256", cert.sha256),
+                       ("name", cert.name)] for position, cert in enumerate(result.issuing)]
+    chain = [(labels, min(cert.not_after for cert in result.issuing))] if result.issuing else []
+    return ([(labels, int(bool(result.served)))], verified,
+            [(name, cert.not_before) for name, cert in zip(named, result.issuing)],
+            [(name, cert.not_after) for name, cert in zip(named, result.issuing)], chain)
+
+
+def failed_series(result, settings, run):
+    """source_series of a source whose metrics met a bug (render_source): not read."""
+    return [(source_labels(result, run), 0)], [], [], [], []
+
+
+def source_labels(result, run):
+    return run + [("source", printable(result.target.source)),
+                  ("servername", result.target.servername or "")]
 
 
 def metric_labels(pairs):
@@ -3579,17 +3793,22 @@ def write_metrics(path, text, reporter):
 
 def record_run(settings, results, clock, outcome, code, reporter):
     """--prometheus: write the run's metrics; returns the run's exit code. A failed
-    write is an error line; it makes a run that otherwise succeeded exit 5, but
-    leaves --check's status alone (the status line is already out)."""
+    write, or a bug while a source's metrics were made (source_metrics), is an error
+    line; it makes a run that otherwise succeeded exit 5 (or 3), but leaves --check's
+    status alone (the status line is already out)."""
     if not settings.prometheus:
         return code
+    errors = [result.error for result in results]
+    text = metrics_text(results, settings, clock, outcome, reporter)
+    failures = [r.error for r, error in zip(results, errors) if r.error is not error]
     try:
-        write_metrics(settings.prometheus, metrics_text(results, settings, clock, outcome),
-                      reporter)
+        write_metrics(settings.prometheus, text, reporter)
     except WriteError as exc:
-        reporter.error(exc)
-        return code or (0 if settings.report == "check" else exc.exit_code)
-    return code
+        failures.append(exc)
+    for failure in failures:
+        reporter.error(failure)
+    worst = max([failure.exit_code for failure in failures] or [0])
+    return code or (0 if settings.report == "check" else worst)
 
 
 def install_outcome(exc, settings):
@@ -4185,7 +4404,8 @@ def run_section(section, sharers):
     settings, reporter = section.settings, section.reporter
     try:
         code, failure = run_one(settings, section.reader, reporter, sharers), None
-    except CertgrabError as exc:
+    except Exception as exc:            # certgrab's own error, or a bug: this section's
+        exc = as_error(exc, None, reporter)
         reporter.error(exc)
         code, failure = exc.exit_code, exc
         if settings.report == "check":
@@ -4234,6 +4454,8 @@ def main(argv=None):
         return code
     except CertgrabError as exc:
         return report_failure(exc, argv, reporter)
+    except Exception as exc:            # a bug: one line, the traceback under -v
+        return report_failure(internal_error(None, exc, reporter), argv, reporter)
 
 
 def run_one(settings, reader, reporter, sharers=1):
@@ -4252,10 +4474,11 @@ def run_one(settings, reader, reporter, sharers=1):
     results = fetch_all(settings.targets, reader, settings, reporter, sharers)  # 1. fetch
     try:
         code, outcome = deliver(results, settings, reader, reporter)  # 2. to 4. below
-    except CertgrabError as exc:
-        record_run(settings, results, clock, install_outcome(exc, settings), exc.exit_code,
-                   reporter)
-        raise
+    except Exception as exc:            # certgrab's own error, or a bug: the run's error
+        error = as_error(exc, None, reporter)
+        record_run(settings, results, clock, install_outcome(error, settings),
+                   error.exit_code, reporter)
+        raise error
     return record_run(settings, results, clock, outcome, code, reporter)  # 5. metrics
 
 
@@ -4298,7 +4521,7 @@ def report_failure(exc, argv, reporter):
 def plugin_unknown(exc):
     """A monitoring plugin's status line for a run that could not even check."""
     try:
-        write_stdout("CERTGRAB UNKNOWN - %s\n" % exc)
+        write_stdout("CERTGRAB UNKNOWN - %s\n" % status_text(str(exc)))
     except WriteError:
         pass                            # stdout is gone: the exit code still says it
 

@@ -5,19 +5,32 @@ must end in a result or in certgrab's own error (CertgrabError): never IndexErro
 RecursionError, MemoryError or a hang. A failure message names the seed and case number, and
 the mutated bytes in hex, so the case can be replayed.
 
-Cases per test: CERTGRAB_FUZZ_CASES, else 300 locally and 5000 when CI=true.
-The seed: CERTGRAB_FUZZ_SEED (default 20240607).
+Values grown past the reader's bounds (grow.py: lengths, OID arcs of thousands of digits,
+huge serials and RSA moduli, times, nesting, counts of name attributes, SANs, extensions)
+must each be a ParseError naming what was too large; each bound holds from both sides, is
+the one README states, and the grown cases run under Python 3.6, 3.9 and 3.13 and in the
+python3-minimal roots too (grow.py as a program).
+
+Cases per test: CERTGRAB_FUZZ_CASES, else 300 locally and 5000 when CI=true (a fifth for
+the grown cases under other Pythons and in the roots). The seed: CERTGRAB_FUZZ_SEED (default 20240607).
 """
 
 import binascii
 import copy
+import glob
 import ipaddress
 import os
 import random
+import shutil
 import struct
+import subprocess
+import tempfile
 
 import pytest
 
+import grow
+from conftest import ROOT, TESTS
+from grow import all_nodes, der_encode, der_tree
 from make_certs import pem_ders, read_ders
 
 SEED = int(os.environ.get("CERTGRAB_FUZZ_SEED", "20240607"))
@@ -151,51 +164,7 @@ MUTATIONS = [flip_bits, truncate, insert, delete, duplicate, tweak_length, huge_
 
 # Structure-aware mutations: change one element deep inside and re-encode every enclosing
 # length, so the damage reaches the field readers (names, times, OIDs, SANs, keys) instead
-# of stopping at the outermost length check.
-
-def der_tree(der, pos=0, end=None):
-    """Parse valid DER into nodes [tag, children-list or value-bytes]."""
-    end = len(der) if end is None else end
-    nodes = []
-    while pos < end:
-        tag, first = der[pos], der[pos + 1]
-        if first < 0x80:
-            length, header = first, 2
-        else:
-            n = first & 0x7F
-            length, header = int.from_bytes(der[pos + 2:pos + 2 + n], "big"), 2 + n
-        value = der[pos + header:pos + header + length]
-        if tag & 0x20:
-            nodes.append([tag, der_tree(value)])
-        else:
-            nodes.append([tag, value])
-        pos += header + length
-    return nodes
-
-
-def der_length(n):
-    if n < 0x80:
-        return bytes([n])
-    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(raw)]) + raw
-
-
-def der_encode(nodes):
-    out = b""
-    for tag, value in nodes:
-        body = der_encode(value) if isinstance(value, list) else value
-        out += bytes([tag]) + der_length(len(body)) + body
-    return out
-
-
-def all_nodes(nodes, found=None):
-    found = [] if found is None else found
-    for node in nodes:
-        found.append(node)
-        if isinstance(node[1], list):
-            all_nodes(node[1], found)
-    return found
-
+# of stopping at the outermost length check. The trees are grow.py's (der_tree, der_encode).
 
 TAGS = [0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x0C, 0x13, 0x16, 0x17, 0x18, 0x1E, 0x30, 0x31,
         0x80, 0x82, 0x87, 0xA0, 0xA3, 0xFF]
@@ -305,7 +274,6 @@ def test_parse_certificate_dates_in_both_encodings(certgrab, certs):
 
 
 def test_parse_certificate_serial_matches_openssl(certgrab, certs):
-    import subprocess
     path = certs / "rsa2" / "cert.pem"
     text = subprocess.run(["openssl", "x509", "-in", str(path), "-noout", "-serial"],
                           stdout=subprocess.PIPE, check=True).stdout.decode()
@@ -444,3 +412,199 @@ def test_fuzz_pem_to_ders(certgrab, certs, fuzz_cases):
         mutated = bytes(data).decode("latin-1")
         only_certgrab_errors(certgrab, certgrab.pem_to_ders, mutated,
                              replay_note(SEED, case, bytes(data)))
+
+
+# Values grown past the DER reader's bounds (grow.py) -------------------------------------------
+
+def test_grown_values_are_parse_errors(certgrab, corpus, fuzz_cases):
+    """Every kind of growth in turn (lengths, OID arcs, serial, version, RSA, DSA and EC
+    sizes, times, nesting, name attributes, SANs, extensions, the whole certificate), each
+    past its bound by a seeded amount, up to thousands of digits: a ParseError that says
+    what was too large, never another exception, never read as if nothing were wrong."""
+    rng = random.Random(SEED + 19)
+    kinds = set()
+    for case, kind, der, words in grow.grown(rng, corpus, max(fuzz_cases, 2 * len(grow.GROWTHS))):
+        problem = grow.outcome(certgrab, der, words)
+        assert problem is None, "%s: %s\n%s" % (kind, problem, replay_note(SEED + 19, case, der))
+        kinds.add(kind)
+    assert kinds == set(kind for kind, _, _ in grow.GROWTHS)
+
+
+def cert_tree(certs, chain="ec1"):
+    return der_tree(read_ders(certs / chain / "cert.pem")[0])
+
+
+def parse_both_sides(certgrab, certs, build, at_bound, past_bound):
+    """build(tree, value) at the bound and one past it: (the certificate read at the
+    bound, the error past it)."""
+    inside, outside = cert_tree(certs), cert_tree(certs)
+    build(inside, at_bound)
+    build(outside, past_bound)
+    parsed = certgrab.parse_certificate(der_encode(inside))
+    with pytest.raises(certgrab.ParseError) as refused:
+        certgrab.parse_certificate(der_encode(outside))
+    return parsed, str(refused.value)
+
+
+def test_certificate_size_bound_from_both_sides(certgrab, certs):
+    at = grow.padded_to(cert_tree(certs), grow.MAX_CERTIFICATE)
+    past = grow.padded_to(cert_tree(certs), grow.MAX_CERTIFICATE + 1)
+    assert (len(at), len(past)) == (grow.MAX_CERTIFICATE, grow.MAX_CERTIFICATE + 1)
+    assert certgrab.parse_certificate(at).subject.endswith("CN=ec1 leaf")
+    with pytest.raises(certgrab.ParseError, match="102401 bytes, more than 102400"):
+        certgrab.parse_certificate(past)
+
+
+def test_oid_bounds_from_both_sides(certgrab, certs):
+    def arc(tree, value):
+        grow.with_oid_in(tree, grow.oid_node([1, 3, 6, value]))
+
+    def arcs(tree, count):
+        grow.with_oid_in(tree, grow.oid_node([1, 3] + [1] * (count - 1)))
+
+    largest = (1 << grow.MAX_OID_ARC_BITS) - 1          # 39 digits
+    _, error = parse_both_sides(certgrab, certs, arc, largest, largest + 1)
+    assert "an object identifier arc of more than 128 bits" in error
+    _, error = parse_both_sides(certgrab, certs, arcs, grow.MAX_OID_BYTES,
+                                grow.MAX_OID_BYTES + 1)
+    assert "an object identifier of 64 bytes, more than 63" in error
+
+
+def test_integer_bounds_from_both_sides(certgrab, certs):
+    """The content octets of the largest value each bound allows, and of one bit more."""
+    def top(bits):
+        return ((1 << bits) - 1).to_bytes(bits // 8 + 1, "big")
+
+    def over(bits):
+        return (1 << bits).to_bytes(bits // 8 + 1, "big")
+
+    parsed, error = parse_both_sides(certgrab, certs, grow.with_serial,
+                                     top(grow.MAX_SERIAL_BITS), over(grow.MAX_SERIAL_BITS))
+    assert parsed.serial.bit_length() == 512 and "serial number of more than 512 bits" in error
+    for build, bound, words in ((grow.with_rsa_modulus, grow.MAX_RSA_BITS, "RSA modulus"),
+                                (grow.with_dsa_prime, grow.MAX_DSA_BITS, "DSA prime")):
+        parsed, error = parse_both_sides(certgrab, certs, build, top(bound), over(bound))
+        assert parsed.key_bits == bound and "%s of more than %d bits" % (words, bound) in error
+    parsed, error = parse_both_sides(certgrab, certs, grow.with_explicit_curve,
+                                     top(grow.MAX_EC_FIELD_BITS), over(grow.MAX_EC_FIELD_BITS))
+    assert (parsed.key_type, parsed.key_bits) == ("EC explicit curve", 661)
+    assert "EC field prime of more than 661 bits" in error
+
+
+def test_count_bounds_from_both_sides(certgrab, certs):
+    def rdns(tree, count):
+        grow.with_name_attributes(tree, "subject", [1] * count)
+
+    def one_rdn(tree, count):
+        grow.with_name_attributes(tree, "issuer", [count])
+
+    for build, bound, words, read in (
+            (rdns, grow.MAX_NAME_ATTRIBUTES, "a name of more than 100 attributes",
+             lambda cert: cert.subject.count("CN=")),
+            (one_rdn, grow.MAX_NAME_ATTRIBUTES, "a name of more than 100 attributes",
+             lambda cert: cert.issuer.count("CN=")),
+            (grow.with_sans, grow.MAX_SANS, "more than 1000 subjectAltNames",
+             lambda cert: len(cert.dns_names)),
+            (grow.with_extensions, grow.MAX_EXTENSIONS, "more than 100 extensions", None)):
+        parsed, error = parse_both_sides(certgrab, certs, build, bound, bound + 1)
+        assert read is None or read(parsed) == bound
+        assert words in error
+
+
+# How README's "Limitations" states each bound ("%s": the number, with thousands separators)
+README_BOUNDS = {
+    "MAX_CERTIFICATE": "larger than %s KiB", "MAX_OID_BYTES": "identifier of more than %s bytes",
+    "MAX_OID_ARC_BITS": "an arc of more than %s bits",
+    "MAX_SERIAL_BITS": "serial number of more than %s bits",
+    "MAX_VERSION_BITS": "version of more than %s bits",
+    "MAX_RSA_BITS": "RSA modulus of more than %s bits",
+    "MAX_DSA_BITS": "DSA prime of more than %s bits",
+    "MAX_EC_FIELD_BITS": "EC parameters of more than %s bits",
+    "MAX_NAME_ATTRIBUTES": "name of more than %s attributes",
+    "MAX_SANS": "more than %s subjectAltNames", "MAX_EXTENSIONS": "more than %s extensions",
+}
+
+
+def test_bounds_are_the_ones_readme_states(certgrab):
+    """certgrab.py's constants, grow.py's and README's "Limitations" say the same."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    limitations = " ".join(readme.split("\n## Limitations\n", 1)[1].split("\n## ", 1)[0]
+                           .split())
+    assert sorted(README_BOUNDS) == sorted(grow.BOUNDS)
+    for name in grow.BOUNDS:
+        value = getattr(grow, name)
+        assert getattr(certgrab, name) == value, name
+        shown = README_BOUNDS[name] % "{:,}".format(value // 1024 if name == "MAX_CERTIFICATE"
+                                                    else value)
+        assert shown in limitations, "README's Limitations lack %r (%s)" % (shown, name)
+
+
+# The grown cases under the oldest and newest Pythons, and on bare Debian hosts -----------------
+
+GROW_PYTHONS = ("3.6", "3.9", "3.13")
+ELSEWHERE = 5           # these runs take a fifth of fuzz_cases: 1,000 in CI, 70 of each kind
+
+
+def cases_elsewhere(fuzz_cases):
+    return max(fuzz_cases // ELSEWHERE, 2 * len(grow.GROWTHS))
+ROOTS = os.environ.get("CERTGRAB_ROOTS", "/var/cache/certgrab-roots")
+CHROOT = shutil.which("chroot", path=os.defpath + ":/usr/sbin:/sbin") or "chroot"
+
+
+def interpreter(version):
+    found = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/%s.*/bin/python%s"
+                                                % (version, version))))
+    if not found:
+        pytest.skip("Python %s is not installed" % version)
+    return found[-1]
+
+
+def write_corpus(corpus, directory):
+    paths = []
+    for index, der in enumerate(corpus):
+        paths.append(os.path.join(directory, "corpus-%02d.der" % index))
+        with open(paths[-1], "wb") as handle:
+            handle.write(der)
+    return paths
+
+
+def assert_all_parse_errors(completed, cases):
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert completed.stdout == "ok: %d grown certificates, every one a ParseError\n" % cases
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", GROW_PYTHONS)
+def test_grown_values_under_old_and_new_pythons(version, corpus, fuzz_cases, tmp_path):
+    """grow.py as a program: 3.6 has no int-to-text limit, 3.9 and 3.13 have it."""
+    cases = cases_elsewhere(fuzz_cases)
+    completed = subprocess.run(
+        [interpreter(version), os.path.join(TESTS, "grow.py"), ROOT, str(SEED + 19),
+         str(cases)] + write_corpus(corpus, str(tmp_path)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=600)
+    assert_all_parse_errors(completed, cases)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suite", ["bookworm", "bullseye"])
+def test_grown_values_on_python3_minimal(suite, corpus, fuzz_cases):
+    """The same in the Debian 12 and 11 python3-minimal roots of `make roots`."""
+    root = os.path.join(ROOTS, suite)
+    if not os.path.isfile(os.path.join(root, ".certgrab-complete")) or os.geteuid() != 0:
+        pytest.skip("no %s root in %s, or not root: run `make roots`" % (suite, ROOTS))
+    scratch = tempfile.mkdtemp(prefix="certgrab-grow-", dir=os.path.join(root, "tmp"))
+    inside = "/tmp/" + os.path.basename(scratch)
+    try:
+        for name in ("certgrab.py", "tests/grow.py"):
+            shutil.copy(os.path.join(ROOT, name), scratch)
+        ders = [inside + "/" + os.path.basename(path)
+                for path in write_corpus(corpus, scratch)]
+        cases = cases_elsewhere(fuzz_cases)
+        completed = subprocess.run(
+            [CHROOT, root, "python3", inside + "/grow.py", inside, str(SEED + 19),
+             str(cases)] + ders, env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, universal_newlines=True,
+            timeout=600)
+        assert_all_parse_errors(completed, cases)
+    finally:
+        shutil.rmtree(scratch)

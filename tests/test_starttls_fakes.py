@@ -537,6 +537,37 @@ def test_reply_cannot_write_terminal_escapes(run, certs):
     assert not re.search(r"[\x00-\x1f\x7f]", message), repr(message)
 
 
+def test_reply_with_a_bar_never_writes_perfdata(run, certs):
+    """--check over a server that refuses STARTTLS with "|" in its reply, and one that
+    works: the status line's only "|" is certgrab's own, before certgrab's own perfdata;
+    the quoted reply shows the bar as \\x7c and its line breaks as \\x0a, which no reply
+    can forge, and no line after the first has a "|" (Nagios long output)."""
+    reply = b"250-mail.example.test | 'expires_in evil'=999999999s;1:;1:\r\n250 8BITMIME\r\n"
+    with FakeServer(ehlo_without(reply), certs / CHAIN) as bad, \
+            FakeServer(happy("smtp"), certs / CHAIN) as good:
+        result = run("--check", bad.address, good.address, "--starttls", "smtp", "-n", NAME,
+                     "--cafile", certs / CHAIN / "root.pem", "--timeout", 3)
+    assert result.rc == 2, result.out
+    first, *rest = result.out.splitlines()
+    assert first.count("|") == 1, first
+    assert re.fullmatch(r"'expires_in {0}'=\d+s;\d+:;\d+: 'age {0}'=\d+s".format(
+        re.escape(good.address)), first.split(" | ")[1]), first
+    assert "(reply: 250-mail.example.test \\x7c 'expires_in evil'=999999999s;1:;1:\\x0a250 " \
+        "8BITMIME)" in first, first
+    assert rest[0].startswith("CRITICAL - %s: smtp: the server does not offer" % bad.address)
+    assert not any("|" in line for line in rest), rest
+
+
+def test_ldap_result_code_of_thousands_of_digits_is_malformed(run, certs):
+    """An ExtendedResponse whose resultCode (an ENUMERATED, small in RFC 4511) is 5,000
+    bytes long: "malformed LDAP response", never Python's int-to-text limit."""
+    op = ber(0x0A, b"\x01" + b"\xff" * 4999) + ber(0x04, b"") + ber(0x04, b"no")
+    response = ber(0x30, ber(0x02, b"\x01") + ber(0x78, op))
+    with FakeServer([read(len(LDAP_REQUEST)), send(response), hold()], certs / CHAIN) as fake:
+        result = grab(run, certs, fake, "ldap")
+    assert_refused(result, fake, "ldap", "malformed LDAP response")
+
+
 def test_quoted_reply_is_kept_short(run, certs):
     """A 150-line EHLO reply without STARTTLS: the error line quotes a part, not all."""
     reply = b"".join(b"250-X-EXTENSION-%03d %s\r\n" % (i, b"y" * 40) for i in range(150))

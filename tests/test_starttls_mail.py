@@ -94,7 +94,7 @@ REFUSED = [  # (daemon fixture, port name, protocol, words of the reply the erro
     ("postfix", "smtp-plain", "smtp", "250-postfix.example.test"),
     ("dovecot", "lmtp-plain", "lmtp", "250-dovecot.example.test"),
     ("dovecot", "imap-plain", "imap", "* CAPABILITY IMAP4rev1"),
-    ("dovecot", "pop3-plain", "pop3", "+OK | CAPA"),
+    ("dovecot", "pop3-plain", "pop3", "+OK\\x0aCAPA"),   # reply lines: \x0a between
     ("dovecot", "sieve-plain", "sieve", '"IMPLEMENTATION" "Dovecot'),
     ("vsftpd", "ftp-plain", "ftp", "530 Please login with USER and PASS."),
     # INN lists STARTTLS even without a certificate, then refuses the command itself.
