@@ -236,10 +236,15 @@ MAX_NAMES_SHOWN = 3     # SANs that name a certificate with an empty subject in 
 METRICS_TEMP_STALE = 3600  # seconds; an older temp beside --prometheus FILE is a killed run's
 NEW_FILE_MODE = 0o644   # certificates are public; never group- or world-writable
 DIR_MODE = 0o755        # for a missing output directory
+UMASK = 0o022           # set by main: what certgrab creates is never group- or world-writable
 TEMP_MARK = ".certgrab-tmp-"  # in the names of temporary files beside the outputs
+LOCK_FILE = ".certgrab.lock"  # in each output directory, mode 0600: only this user can lock it
+LINK_HOPS = 40          # symbolic links followed while resolving one path, as Linux allows
+PROC_LOCKS_LIMIT = 1 << 20  # bytes of /proc/locks read to name a lock's holder
+CMDLINE_SHOWN = 120     # characters of the lock holder's command line in a message
 HOOK_TIMEOUT = 300.0    # seconds a --deploy-hook may run before it is killed
 HOOK_PENDING_MTIME = 1  # mtime (1970-01-01T00:00:01Z) of files whose hook has not yet run
-LOCK_POLL = 0.05        # seconds between tries for a directory lock another run holds
+LOCK_POLL = 0.05        # seconds between tries for a lock another run holds
 LOCK_SLACK = 30.0       # seconds, beyond that run's own timeouts, before giving up on it
 MAX_LINE = 8192         # bytes; a STARTTLS reply line longer than this is hostile
 MAX_PLAINTEXT = 65536   # bytes a server may send before TLS starts
@@ -2775,12 +2780,188 @@ def refusal_details(result):
                 '"%s"' % cert.name for cert in result.issuing))]
 
 
-def plan_outputs(out_dir, paths, key_paths, privkey=False):
+# Paths other local users can reach. As OpenSSH's StrictModes and logrotate do, certgrab
+# writes only where no other user can change what it writes: every directory from / to
+# the file belongs to root or to the user certgrab runs as, and is not writable by group
+# or others, except a sticky directory such as /tmp for the entries in it that root or
+# that user own (systemd's CHASE_SAFE rule). No other user can then rename, replace or
+# add anything along the path, so what was checked is what gets written: the check and
+# the write are no race. A symbolic link is followed only when root or that user owns it
+# and no other user could have put it there.
+
+KEY_KINDS = ("combined", "privkey")     # the outputs that hold the private key
+
+
+def trusted_users(owner=-1):
+    """The uids whose files and directories certgrab trusts: root and the user it runs
+    as, and for an existing output file also --owner's (owner, -1 when not given)."""
+    return frozenset(uid for uid in (0, os.geteuid(), owner) if uid != -1)
+
+
+def user_name(uid):
+    """uid's login name for messages, or its number where no name is known."""
+    try:
+        import pwd
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
+
+
+def _exposed(directory):
+    """True when users other than its owner may add and remove entries in directory (an
+    lstat result)."""
+    return bool(directory.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+def _safe_entry(parent, entry, trusted):
+    """True when no user outside trusted can replace entry (an lstat result; None: it is
+    missing, and certgrab would make it) in the directory parent."""
+    if parent.st_uid not in trusted:
+        return False
+    if not _exposed(parent):
+        return True
+    return bool(parent.st_mode & stat.S_ISVTX) and (entry is None or entry.st_uid in trusted)
+
+
+def _unsafe_entry(doing, directory, parent, entry, here):
+    """The RefusedError for an entry that _safe_entry found another user could replace."""
+    if parent.st_uid not in trusted_users():
+        return RefusedError("%s: the directory %s belongs to %s, who could change what is in "
+                            "it" % (doing, directory, user_name(parent.st_uid)),
+                            hint="chown root %s, or choose a directory only root can "
+                                 "change" % directory)
+    if not parent.st_mode & stat.S_ISVTX:
+        return RefusedError("%s: the directory %s is writable by group or others (mode %04o)"
+                            % (doing, directory, stat.S_IMODE(parent.st_mode)),
+                            hint="chmod go-w %s" % directory)
+    return RefusedError("%s: %s, in the sticky directory %s, belongs to %s" % (
+        doing, here, directory, user_name(entry.st_uid)),
+        hint="choose a path outside %s, or remove %s" % (directory, here))
+
+
+def _lstat(path, doing):
+    """os.lstat(path), None when missing; WriteError when it cannot be looked at."""
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise WriteError("%s: cannot look at %s: %s" % (doing, path, exc.strerror or exc))
+
+
+def _names(path):
+    """The names in path, without the empty ones and "."."""
+    return [name for name in path.split("/") if name not in ("", ".")]
+
+
+def resolve_path(path, doing, strict=True):
+    """path resolved one name at a time from /, as the kernel would: (real path, lstat of
+    its last entry or None when missing, whether other users may add entries beside it).
+    A missing name ends the walk (certgrab would create the rest). A symbolic link is
+    followed only when root or this user owns it and no other user could have put it
+    there; with strict, every entry on the way must be safe (_safe_entry). Otherwise
+    RefusedError, doing saying what was refused ("cannot write FILE")."""
+    trusted, hops = trusted_users(), 0
+    names = _names(path if path.startswith("/") else os.path.join(os.getcwd(), path))
+    real, parent = "/", _lstat("/", doing)
+    while names:
+        name = names.pop(0)
+        if name == "..":            # real holds no link: its parent is its dirname
+            real = os.path.dirname(real)
+            parent = _lstat(real, doing)
+            continue
+        here = os.path.join(real, name)
+        entry = _lstat(here, doing)
+        safe = _safe_entry(parent, entry, trusted)
+        if strict and not safe:
+            raise _unsafe_entry(doing, real, parent, entry, here)
+        if entry is None:
+            if ".." in names:
+                raise WriteError("%s: %s does not exist" % (doing, here))
+            return os.path.join(here, *names), None, _exposed(parent)
+        if stat.S_ISLNK(entry.st_mode):
+            hops += 1
+            target = _link_target(doing, here, entry, safe, hops)
+            names = _names(target) + names
+            if target.startswith("/"):
+                real, parent = "/", _lstat("/", doing)
+        elif names and not stat.S_ISDIR(entry.st_mode):
+            raise WriteError("%s: %s is not a directory" % (doing, here))
+        elif names:
+            real, parent = here, entry
+        else:
+            return here, entry, _exposed(parent)
+    return real, parent, False
+
+
+def _link_target(doing, link, entry, safe, hops):
+    """Where the symbolic link points, if resolve_path may follow it."""
+    if entry.st_uid not in trusted_users():
+        raise RefusedError("%s: the symbolic link %s belongs to %s" % (
+            doing, link, user_name(entry.st_uid)), hint="remove it, or chown -h root %s "
+                                                         "if root made it" % link)
+    if not safe:
+        raise RefusedError("%s: the symbolic link %s is in a directory other users can "
+                           "change" % (doing, link), hint="name the path it points to")
+    if hops > LINK_HOPS:
+        raise WriteError("%s: more than %d symbolic links" % (doing, LINK_HOPS))
+    try:
+        return os.readlink(link)
+    except OSError as exc:
+        raise WriteError("%s: cannot read the link %s: %s" % (doing, link, exc.strerror or exc))
+
+
+def _file_type(entry):
+    mode = entry.st_mode
+    return "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else \
+        "a device"
+
+
+def resolve_output(path, kind, owner):
+    """(real path, lstat or None) of an output, resolved strictly (resolve_path), and
+    more: its directory is no place others may add files to, not even a sticky one (one
+    could take the file's name, or its lock's, first); an existing file is a regular file
+    owned by root, this user or --owner (owner: its uid or -1), and one that holds the
+    private key is not open to others: such a file is refused, never reused."""
+    doing = "cannot write %s" % path
+    real, entry, exposed = resolve_path(path, doing)
+    if exposed:
+        raise RefusedError("%s: other users may create files in %s; one could take the "
+                           "name of the file, or of its lock, first" % (
+                               doing, os.path.dirname(real)),
+                           hint="write into a directory that only root can write")
+    if entry is None:
+        return real, None
+    it = "it" if real == os.path.abspath(path) else "its target %s" % real
+    if stat.S_ISDIR(entry.st_mode):
+        raise WriteError("%s: %s is a directory" % (doing, it))
+    if not stat.S_ISREG(entry.st_mode):
+        raise RefusedError("%s: %s is %s, not a regular file" % (doing, it, _file_type(entry)),
+                           hint="remove it: certgrab replaces regular files only")
+    if entry.st_uid not in trusted_users(owner):
+        raise RefusedError("%s: %s belongs to %s; an existing file keeps its owner only when "
+                           "that is root, the user certgrab runs as or --owner" % (
+                               doing, it, user_name(entry.st_uid)),
+                           hint="chown root %s, or remove it" % real)
+    if kind in KEY_KINDS and entry.st_mode & 0o007:
+        raise RefusedError("%s: %s holds the private key, and other users may read it (mode "
+                           "%04o)" % (doing, it, stat.S_IMODE(entry.st_mode)),
+                           hint="chmod 600 %s, and count the key as exposed" % real)
+    return real, entry
+
+
+def resolve_outputs(plan, owner):
+    """[(path as named, real path, kind)] of the planned outputs, each checked."""
+    return [(path, resolve_output(path, kind, owner)[0], kind) for path, kind in plan]
+
+
+def plan_outputs(out_dir, paths, key_paths, privkey=False, owner=-1):
     """(path, kind) for every file asked for, checked before any network I/O:
     --out-dir's files (and privkey.pem with --privkey), then paths, a dict of
     kind ("cert", "chain", "fullchain", "combined") to the file named by its
     --KIND-path (or None). Only privkey.pem may be a --key-path file itself:
-    it then gets the key the new leaf matches, in the same set."""
+    it then gets the key the new leaf matches, in the same set. Every output
+    must be safe from other users (resolve_output; owner: --owner's uid or -1)."""
     plan = []
     if out_dir:
         plan += [(os.path.join(out_dir, name), name[:-4]) for name in OUT_DIR_FILES]
@@ -2796,49 +2977,56 @@ def plan_outputs(out_dir, paths, key_paths, privkey=False):
         if any(path == os.path.realpath(key_path) and kind != "privkey"
                for path, (_, kind) in zip(absolute, plan)):
             raise UsageError("an output would overwrite the --key-path file %s" % key_path)
-    for path, _ in plan:
-        check_target(path)
+    resolve_outputs(plan, owner)
     return tuple(plan)
 
 
-def check_target(path):
-    """An output and its nearest existing parent can be what they must (the rest: later)."""
-    if _kind_of(path, path) == "directory":
-        raise WriteError("cannot write %s: it is a directory" % path)
-    parent = os.path.dirname(os.path.abspath(path))
-    while _kind_of(parent, path) is None:
-        parent = os.path.dirname(parent)
-    if _kind_of(parent, path) != "directory":
-        raise WriteError("cannot write %s: %s is not a directory" % (path, parent))
-
-
-def _kind_of(path, output):
-    """"directory", "other" or None (missing); an error to stat it is said as it is."""
+def make_directory(directory):
     try:
-        return "directory" if stat.S_ISDIR(os.stat(path).st_mode) else "other"
-    except (FileNotFoundError, NotADirectoryError):    # look further up
-        return None
+        os.makedirs(directory, DIR_MODE, exist_ok=True)
     except OSError as exc:
-        raise WriteError("cannot write %s: cannot look at %s: %s" % (
-            output, path, exc.strerror or exc))
+        raise WriteError("cannot create directory %s: %s" % (directory, exc.strerror or exc))
+
+
+def prepare_outputs(plan, owner):
+    """The outputs, resolved again once their directories exist: a directory that another
+    user made first in a sticky parent is refused here, before anything is put in it."""
+    for directory in sorted(set(os.path.dirname(real)
+                                for _, real, _ in resolve_outputs(plan, owner))):
+        make_directory(directory)
+    return resolve_outputs(plan, owner)
 
 
 def render_outputs(plan, chain, key):
-    """(path, bytes, holds_key) for each planned file; key is the --key-path the
-    leaf matched, copied only into privkey.pem and the combined file."""
+    """(real path, bytes, holds_key) for each resolved output; key is the --key-path
+    the leaf matched, copied only into privkey.pem and the combined file."""
     outputs = []
-    for path, kind in plan:
+    for _, path, kind in plan:
         certs = {"cert": chain[:1], "chain": chain[1:], "privkey": []}.get(kind, chain)
         data = "".join(der_to_pem(cert.der) for cert in certs).encode("ascii")
-        data += key.pem if kind in ("combined", "privkey") else b""
-        outputs.append((path, data, kind in ("combined", "privkey")))
+        data += key.pem if kind in KEY_KINDS else b""
+        outputs.append((path, data, kind in KEY_KINDS))
     return outputs
 
 
-def read_existing(path):
+def read_regular(path):
+    """Up to MAX_FILE bytes of an existing output, None when there is none. It is opened
+    without following a link or waiting on a FIFO, and checked with fstat: OSError when
+    it is a link, not a regular file, or cannot be read."""
     try:
-        with open(path, "rb") as existing:
-            return existing.read(1 << 20)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return handle.read(MAX_FILE)
+
+
+def read_existing(path):
+    """An output's bytes; None when it is missing or unreadable (it is then rewritten)."""
+    try:
+        return read_regular(path)
     except OSError:
         return None
 
@@ -2851,13 +3039,13 @@ def installed_leaf(plan):
     certificates is damaged, never "nothing installed".
     """
     newest, damaged = None, []
-    for path, kind in plan:
+    for named, path, kind in plan:
         if kind in ("chain", "privkey"):        # no leaf in these
             continue
         try:
             leaf = read_leaf(path)
         except (OSError, ParseError) as exc:
-            damaged.append((path, getattr(exc, "strerror", None) or str(exc)))
+            damaged.append((named, getattr(exc, "strerror", None) or str(exc)))
             continue
         if leaf is not None and (newest is None or leaf.not_before > newest.not_before):
             newest = leaf
@@ -2870,10 +3058,8 @@ def read_leaf(path):
     Raises OSError when the file cannot be read and ParseError when it is not
     whole PEM certificates (garbage, cut short, bad base64, bad DER, empty).
     """
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_FILE)
-    except FileNotFoundError:
+    data = read_regular(path)
+    if data is None:
         return None
     ders = pem_to_ders(data.decode("ascii", "replace"))
     if not ders:
@@ -2909,39 +3095,79 @@ def check_not_older(best, installed, force, reporter):
 
 
 def lock_directories(directories, wait):
-    """Exclusive flock on each output directory itself: no lock files left behind."""
+    """An exclusive flock on the lock file of each output directory (open_lock_file),
+    waiting at most wait seconds in all."""
     import fcntl
     fds, deadline = [], time.monotonic() + wait
     try:
         for directory in directories:
-            make_directory(directory)
-            fds.append(os.open(directory, os.O_RDONLY))
+            fds.append(open_lock_file(directory))
             while True:
                 try:
                     fcntl.flock(fds[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
-                        raise WriteError("another certgrab run holds %s for too long" % directory)
+                        raise WriteError("another certgrab run holds %s for too long%s" % (
+                            os.path.join(directory, LOCK_FILE), lock_holder(fds[-1])))
                     time.sleep(LOCK_POLL)
     except OSError as exc:
         unlock_directories(fds)
         raise WriteError("cannot lock %s: %s" % (directory, exc.strerror or exc))
-    except WriteError:
+    except CertgrabError:
         unlock_directories(fds)
         raise
     return fds
 
 
-def make_directory(directory):
+def open_lock_file(directory):
+    """DIR/.certgrab.lock, made with mode 0600 and never through a link or onto a FIFO.
+    Only this user can open it, so no other user can lock it (any user who can read a
+    directory can flock the directory itself). It stays: removing a lock file others
+    may be waiting on would let two runs in at once."""
+    path = os.path.join(directory, LOCK_FILE)
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+    found = os.fstat(fd)
+    if not stat.S_ISREG(found.st_mode) or found.st_uid != os.geteuid():
+        os.close(fd)
+        raise RefusedError("refusing the lock file %s: it is %s" % (path, "not a regular file"
+                           if not stat.S_ISREG(found.st_mode) else "owned by " +
+                           user_name(found.st_uid)), hint="remove it")
+    if found.st_mode & 0o077:
+        os.fchmod(fd, 0o600)
+    return fd
+
+
+def lock_holder(fd):
+    """"; held by process PID (its command line)" for the lock on fd's file, as
+    /proc/locks and /proc/PID/cmdline say; "" where the system cannot say."""
+    found = os.fstat(fd)
+    wanted = "%02x:%02x:%d" % (os.major(found.st_dev), os.minor(found.st_dev), found.st_ino)
     try:
-        os.makedirs(directory, DIR_MODE, exist_ok=True)
-    except OSError as exc:
-        raise WriteError("cannot create directory %s: %s" % (directory, exc.strerror or exc))
+        with open("/proc/locks", "rb") as locks:
+            lines = locks.read(PROC_LOCKS_LIMIT).decode("ascii", "replace").splitlines()
+    except OSError:
+        return ""
+    for fields in (line.split() for line in lines):    # ID: FLOCK ADVISORY WRITE PID DEV:INODE
+        if len(fields) > 5 and fields[1] != "->" and fields[5] == wanted \
+                and fields[4].isdigit():
+            return "; held by process %s%s" % (fields[4], _command_line(fields[4]))
+    return ""
+
+
+def _command_line(pid):
+    """" (the command line)" of process pid, shortened and terminal-safe; "" if unknown."""
+    try:
+        with open("/proc/%s/cmdline" % pid, "rb") as cmdline:
+            words = cmdline.read(4 * CMDLINE_SHOWN).split(b"\0")
+    except OSError:
+        return ""
+    text = printable(b" ".join(words).strip().decode("utf-8", "replace"))
+    return " (%s)" % (text[:CMDLINE_SHOWN] + "..." * (len(text) > CMDLINE_SHOWN)) if text else ""
 
 
 def unlock_directories(fds):
-    """Closing releases each lock; a directory opened read-only has nothing to lose."""
+    """Closing releases each lock; a lock file opened read-only has nothing to lose."""
     for fd in fds:
         try:
             os.close(fd)
@@ -2972,8 +3198,8 @@ def remove_stale_temps(plan):
 def temp_prefixes(plan):
     """{directory: (".NAME" + TEMP_MARK, ...)} for the outputs in each directory."""
     prefixes = {}
-    for path, _ in plan:
-        directory = os.path.dirname(os.path.abspath(path))
+    for _, path, _ in plan:
+        directory = os.path.dirname(path)
         prefixes[directory] = prefixes.get(directory, ()) + (
             "." + os.path.basename(path) + TEMP_MARK,)
     return prefixes
@@ -3025,7 +3251,7 @@ def changed_outputs(outputs):
 def stage_file(path, data, holds_key, settings, mark_pending):
     """A fsynced temporary copy of data beside path, with the mode and owner it needs."""
     try:
-        old = os.stat(path)
+        old = os.lstat(path)
     except FileNotFoundError:
         old = None
     if old is not None:
@@ -3041,14 +3267,18 @@ def stage_file(path, data, holds_key, settings, mark_pending):
                            HOOK_PENDING_MTIME if pending else None)
 
 
-def write_temp_file(directory, name, data, mode=0o600, owner=None, mtime=None):
-    """A new file "." + name + TEMP_MARK + random in directory, written and fsynced.
+def write_temp_file(directory, name, data, mode=0o600, owner=None, mtime=None, dir_fd=None):
+    """A new file "." + name + TEMP_MARK + random in directory, written and fsynced;
+    with dir_fd, in the directory open there (the name returned is then relative to it).
+    Created exclusively: a link or file planted at its name is never used.
 
     On any failure the file is emptied and removed: it may hold a private key.
     """
-    temp = os.path.join(directory, "." + name + TEMP_MARK
-                        + binascii.hexlify(os.urandom(6)).decode("ascii"))
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    temp = "." + name + TEMP_MARK + binascii.hexlify(os.urandom(6)).decode("ascii")
+    if dir_fd is None:
+        temp = os.path.join(directory, temp)
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                 dir_fd=dir_fd)
     try:
         if owner is not None and owner != (-1, -1):
             os.fchown(fd, owner[0], owner[1])
@@ -3061,12 +3291,12 @@ def write_temp_file(directory, name, data, mode=0o600, owner=None, mtime=None):
         os.fsync(fd)
     except OSError:
         close_emptied(fd)
-        discard_temp(temp)
+        discard_temp(temp, dir_fd)
         raise
     try:
         os.close(fd)
     except OSError:
-        discard_temp(temp)
+        discard_temp(temp, dir_fd)
         raise
     return temp
 
@@ -3080,39 +3310,43 @@ def close_emptied(fd):
             pass
 
 
-def discard_temp(path):
-    """Remove a temporary file of ours; if it cannot go, at least empty it. True if gone."""
+def discard_temp(path, dir_fd=None):
+    """Remove a temporary file of ours; if it cannot go, at least empty it (but not a
+    metrics temp, in dir_fd: it holds nothing secret). True if gone."""
     try:
-        os.unlink(path)
+        os.unlink(path, dir_fd=dir_fd)
         return True
     except FileNotFoundError:
         return True
     except OSError:
         pass
-    try:
-        os.truncate(path, 0)
-    except OSError:
-        pass
+    if dir_fd is None:
+        try:
+            os.truncate(path, 0)
+        except OSError:
+            pass
     return False
 
 
-def remove_quietly(path):
+def remove_quietly(path, dir_fd=None):
     """Remove a scratch file that holds nothing secret (key_matches' public
     certificate, an old metrics file's temp); a failure changes nothing."""
     try:
-        os.unlink(path)
+        os.unlink(path, dir_fd=dir_fd)
     except OSError:
         pass
 
 
-def sync_directory(directory, reporter):
-    """Make the renames durable; say so when the filesystem refuses (-v)."""
+def sync_directory(directory, reporter, dir_fd=None):
+    """Make the renames durable (dir_fd: the directory, open); say so when the
+    filesystem refuses (-v)."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(directory, os.O_RDONLY) if dir_fd is None else dir_fd
         try:
             os.fsync(fd)
         finally:
-            os.close(fd)
+            if dir_fd is None:
+                os.close(fd)
     except OSError as exc:
         reporter.info("cannot fsync directory %s (%s): the new files are in place, but a "
                       "power failure now could bring back old ones" % (
@@ -3122,12 +3356,13 @@ def sync_directory(directory, reporter):
 def pending_files(plan):
     """Outputs whose deploy hook has not yet succeeded (see install_files)."""
     pending = []
-    for path, _ in plan:
+    for _, path, _ in plan:
         try:
-            if int(os.stat(path).st_mtime) == HOOK_PENDING_MTIME:
-                pending.append(path)
+            found = os.lstat(path)
         except OSError:
-            pass
+            continue
+        if stat.S_ISREG(found.st_mode) and int(found.st_mtime) == HOOK_PENDING_MTIME:
+            pending.append(path)
     return pending
 
 
@@ -3174,19 +3409,22 @@ def run_deploy_hook(settings, plan, best):
 
 
 def install_chain(chain, best, settings, reporter):
-    """Under the directory locks: no downgrade, write what changed, run the hook.
-    Returns "installed" (files written or a pending hook ran) or "unchanged";
-    None for a dry run."""
-    named = settings.plan
-    plan = [(os.path.realpath(path), kind) for path, kind in named]  # write through links
-    outputs = render_outputs(plan, chain, best.key)
+    """Under the locks: no downgrade, write what changed, run the hook. Returns
+    "installed" (files written or a pending hook ran) or "unchanged"; None for a
+    dry run. An output that is a link (certbot's live/ into archive/) stays one:
+    its target is replaced, as resolve_output allows; the files are found again
+    now, when their directories exist (prepare_outputs)."""
     if settings.dry_run:
-        return dry_run(plan, outputs, best, settings, reporter, installed_leaf(named))
-    directories = sorted(set(os.path.dirname(os.path.abspath(path)) for path, _ in plan))
+        plan = resolve_outputs(settings.plan, settings.uid)
+        return dry_run(plan, render_outputs(plan, chain, best.key), best, settings, reporter,
+                       installed_leaf(plan))
+    plan = prepare_outputs(settings.plan, settings.uid)
+    outputs = render_outputs(plan, chain, best.key)
+    directories = sorted(set(os.path.dirname(path) for _, path, _ in plan))
     locks = lock_directories(directories, settings.hook_timeout + settings.timeout + LOCK_SLACK)
     try:
         remove_stale_temps(plan)
-        check_not_older(best, installed_leaf(named), settings.force, reporter)  # as named
+        check_not_older(best, installed_leaf(plan), settings.force, reporter)
         mark = bool(settings.deploy_hook)
         changed = install_files(outputs, settings, mark, reporter)
         if changed and not settings.keys:
@@ -3201,7 +3439,7 @@ def install_chain(chain, best, settings, reporter):
             if retried:
                 reporter.notice("retrying the deploy hook, which did not complete after an "
                                 "earlier run installed %s" % " ".join(retried))
-            run_deploy_hook(settings, named, best)
+            run_deploy_hook(settings, settings.plan, best)
             clear_pending(pending)
         elif pending:
             reporter.warn("a deploy hook is still pending for %s (dated %s); a run with "
@@ -3759,7 +3997,8 @@ def metric_value(value):
 
 
 def previous_value(path, name):
-    """name's value in the metrics file a previous run wrote; None if unknown."""
+    """name's value in the metrics file a previous run wrote; None if unknown (read as
+    outputs are: never through a link, never waiting on a FIFO)."""
     data = read_existing(path) or b""
     for line in data.decode("utf-8", "replace").splitlines():
         if line.startswith(name + "{"):
@@ -3770,25 +4009,68 @@ def previous_value(path, name):
     return None
 
 
+def metrics_directory(path):
+    """The real path of --prometheus FILE's directory. Unlike the outputs', it may belong
+    to another user (Debian's prometheus-node-exporter gives /var/lib/prometheus to the
+    prometheus user): it is resolved without the ownership rule, but a link is followed
+    only where no other user could have put it (resolve_path, not strict)."""
+    doing = "cannot write --prometheus %s" % path
+    directory, entry, _ = resolve_path(os.path.dirname(os.path.abspath(path)), doing,
+                                       strict=False)
+    if entry is None or not stat.S_ISDIR(entry.st_mode):
+        raise WriteError("%s: %s is not a directory" % (doing, directory))
+    return directory
+
+
+def open_directory(directory):
+    """A descriptor of directory (a real path), opened one name at a time from / without
+    following any link: whoever owns a directory on the way can swap what lies below it
+    only for something already in a directory they may write, never for a link."""
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    for name in _names(directory):
+        try:
+            inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        finally:
+            os.close(fd)
+        fd = inner
+    return fd
+
+
+def remove_stale_metrics(fd, name):
+    """Temporary files of name that a killed run left in the directory open at fd: only
+    regular files of this user's, older than METRICS_TEMP_STALE."""
+    for stale in os.listdir(fd):
+        if stale.startswith("." + name + TEMP_MARK):
+            found = os.stat(stale, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISREG(found.st_mode) and found.st_uid == os.geteuid() and \
+                    time.time() - found.st_mtime > METRICS_TEMP_STALE:
+                remove_quietly(stale, fd)
+
+
 def write_metrics(path, text, reporter):
     """Replace path atomically: a temp file beside it, fsynced, renamed over it. The
-    temp's name does not end in .prom, so the textfile collector never reads it."""
-    directory, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    temp's name does not end in .prom, so the textfile collector never reads it. All of
+    it happens in the directory opened once (metrics_directory, open_directory): the
+    temp is created exclusively, and the rename replaces a link at path, never follows
+    it, so whoever may write that directory cannot send the write elsewhere."""
+    name = os.path.basename(path)
+    directory = metrics_directory(path)
     try:
-        for stale in os.listdir(directory):
-            if stale.startswith("." + name + TEMP_MARK) and \
-                    time.time() - os.stat(os.path.join(directory, stale)).st_mtime > \
-                    METRICS_TEMP_STALE:
-                remove_quietly(os.path.join(directory, stale))
-        temp = write_temp_file(directory, name, text.encode("utf-8"), NEW_FILE_MODE)
+        fd = open_directory(directory)
         try:
-            os.replace(temp, path)
-        except OSError:
-            remove_quietly(temp)
-            raise
+            remove_stale_metrics(fd, name)
+            temp = write_temp_file(directory, name, text.encode("utf-8"), NEW_FILE_MODE,
+                                   dir_fd=fd)
+            try:
+                os.replace(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
+            except OSError:
+                remove_quietly(temp, fd)
+                raise
+            sync_directory(directory, reporter, fd)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise WriteError("cannot write --prometheus %s: %s" % (path, exc.strerror or exc))
-    sync_directory(directory, reporter)
 
 
 def record_run(settings, results, clock, outcome, code, reporter):
@@ -3803,7 +4085,7 @@ def record_run(settings, results, clock, outcome, code, reporter):
     failures = [r.error for r, error in zip(results, errors) if r.error is not error]
     try:
         write_metrics(settings.prometheus, text, reporter)
-    except WriteError as exc:
+    except (WriteError, RefusedError) as exc:
         failures.append(exc)
     for failure in failures:
         reporter.error(failure)
@@ -4031,7 +4313,7 @@ def validate_settings(args, sources, reporter):
     values["plan"] = plan_outputs(args.out_dir, dict(
         (kind, getattr(args, kind + "_path")) for kind in ("cert", "chain", "fullchain",
                                                           "combined")), args.key_path or (),
-        args.privkey)
+        args.privkey, values["uid"])
     values["prometheus"] = _prometheus_path(args.prometheus, values["plan"], args.key_path or ())
     return Settings(**values)
 
@@ -4049,6 +4331,7 @@ def _prometheus_path(path, plan, key_paths):
     if os.path.isdir(path):
         raise UsageError("--prometheus %s is a directory; name a file in it, such as "
                          "%s" % (path, os.path.join(path, "certgrab.prom")))
+    metrics_directory(path)             # a link no one else could have put there
     return path
 
 
@@ -4310,7 +4593,7 @@ def section_settings(parser, config, name, path, overrides, syslog):
     try:
         settings = validate_settings(args, sources, reporter)
         reader = make_reader(settings)          # --cafile, --capath: read before any run
-    except (UsageError, InputError) as exc:     # InputError: a file that cannot be read
+    except (UsageError, InputError, RefusedError) as exc:  # InputError: cannot read a file
         keys = [key for key in config.options(name) if "--" + key in str(exc)]
         raise type(exc)("%s%s: %s" % (where, ", key " + keys[0] if keys else "", exc),
                         exc.hint)
@@ -4433,6 +4716,7 @@ def summarize_sections(sections, codes, reporter):
 def main(argv=None):
     """Run certgrab; return the exit code (see the module docstring)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    os.umask(UMASK)                     # 0. nothing made group- or world-writable
     reporter = Reporter()
     try:
         parser = build_parser()

@@ -5,6 +5,7 @@
     snapshot(directory)                every file's bytes, inode, mtime, mode and owner
     expected(certs, chain)             what --out-dir holds for a chain (certificates, as DER)
     files_ders(directory)              what --out-dir holds now (certificates, as DER)
+    entries(directory)                 the names in a directory, certgrab's lock file aside
     hook_command(log)                  a deploy hook that appends one line per run to log
     message_lines(err)                 stderr lines that are neither hints nor warnings
     assert_verifies(root, out_dir)     `openssl verify -CAfile ROOT -untrusted chain.pem
@@ -25,6 +26,7 @@ from make_certs import ders_to_pem, read_ders
 NAME = "www.example.test"
 OUT_FILES = ["cert.pem", "chain.pem", "fullchain.pem"]
 TEMP_MARK = ".certgrab-tmp-"
+LOCK = ".certgrab.lock"  # certgrab's lock file in each directory it writes (mode 0600, stays)
 
 
 def grab_args(certs, server, *extra, **kw):
@@ -68,6 +70,18 @@ def expected(certs, chain):
 
 def files_ders(directory, names=OUT_FILES):
     return dict((name, read_ders(os.path.join(str(directory), name))) for name in names)
+
+
+def entries(directory):
+    """The names in directory, sorted, without certgrab's lock file; that one, if there,
+    must be a regular file of mode 0600 owned by the user running the tests (root)."""
+    names = sorted(os.listdir(str(directory)))
+    if LOCK in names:
+        st = os.lstat(os.path.join(str(directory), LOCK))
+        assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 \
+            and st.st_uid == os.geteuid(), "the lock file is this user's, 0600: %r" % (st,)
+        names.remove(LOCK)
+    return names
 
 
 def temp_files(directory):

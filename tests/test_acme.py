@@ -21,7 +21,7 @@ import pytest
 pytest.register_assert_rewrite("acme")  # before the import: acme is also a plugin (below)
 import acme  # noqa: E402
 from install_helpers import (OUT_FILES, assert_refused, assert_verifies,  # noqa: E402
-                             files_ders, message_lines, snapshot, temp_files)
+                             entries, files_ders, message_lines, snapshot, temp_files)
 from make_certs import read_ders  # noqa: E402
 
 pytest_plugins = ["acme"]
@@ -94,7 +94,7 @@ def test_followers_install_the_leaders_chain(run, leader, pebble, followers):
         assert result.rc == 0, result.err
         assert files_ders(follower.out) == want, "cert = leaf, chain = intermediate(s)"
         assert_verifies(pebble.root_pem, follower.out)
-        assert sorted(os.listdir(follower.out)) == WITH_KEY and not temp_files(follower.out)
+        assert entries(follower.out) == WITH_KEY and not temp_files(follower.out)
         assert acme.read_text(follower.file("privkey.pem")) == acme.read_text(follower.key)
         assert follower.hook_runs() == [follower.out], "the hook ran once, with the lineage"
     for follower in followers:

@@ -24,7 +24,8 @@ import pytest
 
 pytest.register_assert_rewrite("acme")  # before the import: acme is also a plugin (below)
 import acme  # noqa: E402
-from install_helpers import OUT_FILES, assert_verifies, snapshot, temp_files  # noqa: E402
+from install_helpers import (OUT_FILES, assert_verifies, entries, snapshot,  # noqa: E402
+                             temp_files)
 from make_certs import read_ders  # noqa: E402
 
 pytest_plugins = ["acme"]
@@ -63,7 +64,7 @@ def sync_args(follower, leader, pebble):
 
 def assert_installed(follower, leader, key_pem):
     """The follower holds the leader's certificates and key_pem as privkey.pem (0600)."""
-    assert sorted(os.listdir(follower.out)) == WITH_KEY and not temp_files(follower.out)
+    assert entries(follower.out) == WITH_KEY and not temp_files(follower.out)
     for name, ders in leader.files().items():
         assert read_ders(follower.file(name)) == ders, name
     assert_verifies(leader.certbot.pebble.root_pem, follower.out)

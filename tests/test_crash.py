@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from install_helpers import (OUT_FILES, assert_refused, assert_verifies, grab_args, hook_runs,
-                             message_lines, popen, snapshot, temp_files)
+from install_helpers import (OUT_FILES, assert_refused, assert_verifies, entries, grab_args,
+                             hook_runs, message_lines, popen, snapshot, temp_files)
 from make_certs import read_ders
 
 KILLS = 40
@@ -163,7 +163,7 @@ def test_sigkill_at_random_moments_never_tears_a_file(run, certs, tmp_path, old_
             assert result.rc == 0, context
             assert read_set(out) == new, "the next run completes the set; " + context
             assert temp_files(out) == [], "the next run removes temp files; " + context
-            assert sorted(os.listdir(str(out))) == OUT_FILES, context
+            assert entries(out) == OUT_FILES, context
             assert all(int((out / n).stat().st_mtime) != PENDING_MTIME for n in OUT_FILES)
             hooked = hook_runs(log).count("next") - before
             assert hooked == (0 if state == "done" else 1), \
@@ -194,7 +194,7 @@ def test_a_run_killed_between_renames_is_completed_with_its_hook(run, certs, tmp
     (out / ".fullchain.pem.certgrab-tmp-00112233aabb").write_bytes(new["fullchain.pem"])
     result = run(*args_for(certs, new_server, out, "--deploy-hook", "echo x >> %s" % log))
     assert result.rc == 0, result.err
-    assert read_set(out) == new and sorted(os.listdir(str(out))) == OUT_FILES
+    assert read_set(out) == new and entries(out) == OUT_FILES
     assert_verifies(certs / "ec1" / "root.pem", out)
     assert hook_runs(log) == ["x"]
     assert all(int((out / n).stat().st_mtime) != PENDING_MTIME for n in OUT_FILES)
@@ -353,7 +353,7 @@ def test_eight_concurrent_runs_run_the_hook_once(run, certs, tmp_path, old_and_n
     installed = [err for (out_, err), _ in results if "installed" in err]
     assert len(installed) == 1, "exactly one run installs: %r" % [e for (o, e), _ in results]
     assert read_set(out) == new and temp_files(out) == []
-    assert sorted(os.listdir(str(out))) == OUT_FILES, "no lock files left behind"
+    assert entries(out) == OUT_FILES, "the files and the lock file only"
 
 
 def test_a_run_waits_for_the_lock_while_another_runs_its_hook(run, certs, tmp_path,

@@ -15,7 +15,8 @@ import time
 import pytest
 
 import servers
-from install_helpers import NAME, OUT_FILES, assert_verifies, expected, files_ders, hook_runs
+from install_helpers import (NAME, OUT_FILES, assert_verifies, entries, expected, files_ders,
+                             hook_runs)
 from make_certs import pem_ders, read_ders
 
 READY = 10.0  # seconds nginx may take to listen
@@ -168,7 +169,7 @@ def test_key_type_picks_the_chain(run, dual, certs, both_roots, tmp_path, chain)
     asked_again = "asked again" in result.err
     assert asked_again == (chain != default_chain(run, dual, certs, both_roots)), \
         "certgrab asks a second time exactly when the default chain is the other one"
-    assert sorted(os.listdir(str(out))) == OUT_FILES
+    assert entries(out) == OUT_FILES
     assert hook_runs(log) == ["www.example.test example.test"]
     again = run(dual.address, "-n", NAME, "--cafile", both_roots, "--out-dir", out,
                 "--key-path", certs / chain / "key.pem",

@@ -13,7 +13,7 @@ import pytest
 import make_certs
 import servers
 from conftest import assert_one_error
-from install_helpers import assert_fullchain_verifies, assert_verifies
+from install_helpers import LOCK, assert_fullchain_verifies, assert_verifies, entries
 from make_certs import PEM_BLOCK, ders_to_pem, pem_ders, read_ders
 from servers import closed_port
 
@@ -125,7 +125,7 @@ def test_out_dir_writes_cert_chain_fullchain(run, served, certs, tmp_path, chain
     assert result.rc == 0, result.err
     assert result.out == "", "with --out-dir nothing goes to stdout"
     want = read_ders(certs / chain / "fullchain.pem")
-    assert sorted(os.listdir(str(out))) == ["cert.pem", "chain.pem", "fullchain.pem"]
+    assert entries(out) == ["cert.pem", "chain.pem", "fullchain.pem"]
     assert read_ders(out / "cert.pem") == want[:1]
     assert read_ders(out / "chain.pem") == want[1:]
     assert read_ders(out / "fullchain.pem") == want
@@ -186,15 +186,15 @@ def test_single_file_paths(run, served, certs, tmp_path):
     assert read_ders(full) == want
     assert_verifies(certs / "rsa2" / "root.pem", tmp_path, cert="a/c.pem", chain="b/ch.pem")
     assert_fullchain_verifies(certs / "rsa2" / "root.pem", full)
-    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["c.pem", "ch.pem",
-                                                                          "f.pem"]
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and p.name != LOCK) == \
+        ["c.pem", "ch.pem", "f.pem"]
 
 
 def test_only_the_asked_file_is_written(run, served, certs, tmp_path):
     server = served("ec1")
     result = grab(run, certs, server, "ec1", "--fullchain-path", tmp_path / "full.pem")
     assert result.rc == 0, result.err
-    assert [p.name for p in tmp_path.iterdir()] == ["full.pem"]
+    assert entries(tmp_path) == ["full.pem"]
     assert result.out == ""
     assert_fullchain_verifies(certs / "ec1" / "root.pem", tmp_path / "full.pem")
 

@@ -27,8 +27,8 @@ from cryptography.x509.oid import NameOID
 import make_certs
 import servers
 from install_helpers import (NAME, OUT_FILES, assert_fullchain_verifies, assert_refused,
-                             assert_verifies, files_ders, grab_args, hook_command, hook_runs,
-                             message_lines, snapshot)
+                             assert_verifies, entries, files_ders, grab_args, hook_command,
+                             hook_runs, message_lines, snapshot)
 
 REFUSED, VERIFY, FETCH, USAGE = 6, 4, 3, 2
 OK, WARNING, CRITICAL = 0, 1, 2
@@ -304,7 +304,7 @@ def test_the_key_the_leaf_matches_is_installed_as_privkey(run, served, certs, tm
                             "--key-path", certs / "ec2" / "key.pem",
                             "--key-path", certs / "ec1" / "key.pem"))
     assert result.rc == 0, result.err
-    assert sorted(os.listdir(str(out))) == sorted(OUT_FILES + ["privkey.pem"])
+    assert entries(out) == sorted(OUT_FILES + ["privkey.pem"])
     assert (out / "privkey.pem").read_bytes() == (certs / "ec1" / "key.pem").read_bytes()
     assert stat.S_IMODE(os.stat(str(out / "privkey.pem")).st_mode) == 0o600
     assert_verifies(certs / "ec1" / "root.pem", out)

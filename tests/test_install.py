@@ -13,8 +13,9 @@ import subprocess
 import pytest
 
 from install_helpers import (NAME, OUT_FILES, assert_fullchain_verifies, assert_refused,
-                             assert_verifies, expected, files_ders, grab_args, hook_command,
-                             hook_runs, message_lines, run_subprocess, snapshot, temp_files)
+                             assert_verifies, entries, expected, files_ders, grab_args,
+                             hook_command, hook_runs, message_lines, run_subprocess, snapshot,
+                             temp_files)
 from make_certs import pem_ders, read_ders
 from servers import closed_port
 
@@ -34,7 +35,7 @@ def install(run, certs, server, out, log=None, *extra):
 
 
 def assert_holds(out, certs, chain):
-    assert sorted(os.listdir(str(out))) == OUT_FILES, "only the three files, no temp or lock"
+    assert entries(out) == OUT_FILES, "only the three files (and the lock), no temp"
     assert files_ders(out) == expected(certs, chain)
     assert_verifies(certs / chain / "root.pem", out)
 
@@ -234,7 +235,7 @@ def test_fullchain_path_alone_writes_only_that_file(run, served, certs, tmp_path
                             "--key-path", certs / "ec1" / "key.pem",
                             "--deploy-hook", hook_command(log)))
     assert result.rc == 0, result.err
-    assert os.listdir(str(target.parent)) == ["fullchain.pem"]
+    assert entries(target.parent) == ["fullchain.pem"]
     assert read_ders(target) == read_ders(certs / "ec1" / "fullchain.pem")
     assert_fullchain_verifies(certs / "ec1" / "root.pem", target)
     assert hook_runs(log) == [str(target.parent.resolve())], \
@@ -257,7 +258,7 @@ def test_combined_path_holds_chain_and_key_0600_under_umask_000(served, certs, t
     assert key in text, "the private key from --key-path is in the combined file"
     assert stat.S_IMODE(combined.stat().st_mode) == 0o600
     assert stat.S_IMODE(full.stat().st_mode) == 0o644, "umask 000 must not make 0666 files"
-    assert sorted(os.listdir(str(combined.parent))) == ["fullchain.pem", "haproxy.pem"]
+    assert entries(combined.parent) == ["fullchain.pem", "haproxy.pem"]
 
 
 def test_combined_path_needs_key_path(run, served, certs, tmp_path):
@@ -268,17 +269,26 @@ def test_combined_path_needs_key_path(run, served, certs, tmp_path):
     assert not (tmp_path / "c.pem").exists()
 
 
-def test_combined_file_never_becomes_world_readable(run, served, certs, tmp_path):
-    """An existing combined file with a lax mode: the key is not published by a renewal."""
+def test_a_combined_file_others_can_read_is_refused_not_reused(run, served, certs, tmp_path):
+    """An existing combined file with a lax mode: the renewal does not put the key into it
+    again (issue 19); the fix is named, and once applied the renewal goes in, still 0600."""
     combined = tmp_path / "haproxy.pem"
     key = ["--key-path", certs / "ec1" / "key.pem"]
     assert run(*grab_args(certs, served("ec1"), "--combined-path", combined, *key)).rc == 0
     combined.chmod(0o644)
-    result = run(*grab_args(certs, served("ec1new"), "--combined-path", combined, *key))
+    before = combined.read_bytes()
+    server = served("ec1new")
+    result = run(*grab_args(certs, server, "--combined-path", combined, *key))
+    line = assert_refused(result, 6)
+    assert "holds the private key, and other users may read it (mode 0644)" in line, line
+    assert "hint: chmod 600 %s" % combined in result.err, result.err
+    assert server.connections == 0, "refused before connecting"
+    assert combined.read_bytes() == before and stat.S_IMODE(combined.stat().st_mode) == 0o644
+    combined.chmod(0o600)
+    result = run(*grab_args(certs, server, "--combined-path", combined, *key))
     assert result.rc == 0, result.err
     assert pem_ders(combined.read_text()) == read_ders(certs / "ec1new" / "fullchain.pem")
-    assert stat.S_IMODE(combined.stat().st_mode) & 0o077 in (0, 0o040), \
-        oct(combined.stat().st_mode)
+    assert stat.S_IMODE(combined.stat().st_mode) == 0o600
 
 
 # Acceptance 7: dry run, encrypted keys, modes, owners, stale temp files ------------------------
@@ -390,6 +400,8 @@ def test_mode_applies_to_new_files_only(run, served, certs, tmp_path):
 
 def test_owner_and_group_apply_to_new_files_and_existing_keep_theirs(run, served, certs,
                                                                       tmp_path):
+    """Existing files keep their owner when that is root or --owner (issue 19: never another
+    user's, see the next test)."""
     if os.geteuid() != 0:
         pytest.skip("chown needs root")
     import grp
@@ -400,7 +412,7 @@ def test_owner_and_group_apply_to_new_files_and_existing_keep_theirs(run, served
     (out / "cert.pem").write_bytes((certs / "ec1" / "cert.pem").read_bytes())
     os.chown(str(out / "cert.pem"), 0, 0)
     (out / "fullchain.pem").write_bytes((certs / "ec1" / "fullchain.pem").read_bytes())
-    os.chown(str(out / "fullchain.pem"), 1, 1)
+    os.chown(str(out / "fullchain.pem"), nobody, 1)
     result = run(*grab_args(certs, served("ec1new"), "--out-dir", out, "--owner", "nobody",
                             "--group", "nogroup"))
     assert result.rc == 0, result.err
@@ -408,7 +420,29 @@ def test_owner_and_group_apply_to_new_files_and_existing_keep_theirs(run, served
     assert_verifies(certs / "ec1new" / "root.pem", out)
     owners = dict((n, ((out / n).stat().st_uid, (out / n).stat().st_gid)) for n in OUT_FILES)
     assert owners == {"cert.pem": (0, 0), "chain.pem": (nobody, nogroup),
-                      "fullchain.pem": (1, 1)}
+                      "fullchain.pem": (nobody, 1)}
+
+
+@pytest.mark.parametrize("name", ["fullchain.pem", "privkey.pem"])
+def test_an_existing_file_of_another_user_is_refused(run, served, certs, tmp_path, name):
+    """A file that belongs to neither root nor --owner (here daemon, uid 1) is not
+    rewritten for that user: refused before connecting, the fix named."""
+    if os.geteuid() != 0:
+        pytest.skip("chown needs root")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_bytes((certs / "ec1" / name.replace("privkey", "key")).read_bytes())
+    os.chown(str(out / name), 1, 1)
+    (out / name).chmod(0o600)
+    server = served("ec1new")
+    result = run(*grab_args(certs, server, "--out-dir", out, "--privkey",
+                            "--key-path", certs / "ec1" / "key.pem"))
+    line = assert_refused(result, 6)
+    assert line == "certgrab: cannot write %s: it belongs to daemon; an existing file keeps " \
+        "its owner only when that is root, the user certgrab runs as or --owner" % (out / name)
+    assert "hint: chown root %s, or remove it" % (out / name) in result.err
+    assert server.connections == 0 and entries(out) == [name]
+    assert (out / name).stat().st_uid == 1
 
 
 def test_unknown_owner_is_a_usage_error(run, served, certs, tmp_path):
@@ -428,7 +462,7 @@ def test_stale_temp_files_are_removed_by_the_next_run(run, served, certs, tmp_pa
     (out / "unrelated.txt").write_text("mine")
     result = run(*grab_args(certs, served("ec1new" if changed else "ec1"), "--out-dir", out))
     assert result.rc == 0, result.err
-    assert sorted(os.listdir(str(out))) == OUT_FILES + ["unrelated.txt"], \
+    assert entries(out) == OUT_FILES + ["unrelated.txt"], \
         "stale temp files go, files certgrab does not own stay"
     assert_verifies(certs / "ec1" / "root.pem", out)
 
@@ -480,7 +514,7 @@ def test_symlinked_output_keeps_the_link_and_replaces_its_target(run, served, ce
     assert os.readlink(str(live / "fullchain.pem")) == "../archive/fullchain1.pem"
     assert read_ders(archive / "fullchain1.pem") == read_ders(certs / "ec1new" / "fullchain.pem")
     assert_fullchain_verifies(certs / "ec1new" / "root.pem", archive / "fullchain1.pem")
-    assert sorted(os.listdir(str(archive))) == ["fullchain1.pem"]
+    assert entries(archive) == ["fullchain1.pem"]
     env = dict(item.split("=", 1) for item in env_file.read_bytes().decode().split("\0")
                if item)
     assert env["RENEWED_LINEAGE"] == str(live.resolve()), \

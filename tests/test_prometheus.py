@@ -330,13 +330,15 @@ def test_sigkill_at_random_moments_never_leaves_half_a_file(chain, tmp_path):
 @pytest.mark.parametrize("syscall", ["fsync", "rename"])
 def test_sigkill_at_fsync_or_rename_keeps_the_old_file(chain, tmp_path, syscall):
     """strace kills certgrab at the metrics file's fsync (its only fsync in --check) or at
-    the rename: the old file stays whole and is still what a scrape reads."""
+    the rename (renameat: it is made in the directory certgrab opened)): the old file stays
+    whole and is still what a scrape reads."""
     prom = tmp_path / "kill.prom"
     argv = kill_argv(chain, prom)
     subprocess.run(argv, stdout=subprocess.DEVNULL, check=True)
     old = prom.read_text()
+    calls = "rename,renameat,renameat2" if syscall == "rename" else syscall
     proc = subprocess.run([tool("strace"), "-f", "-qq", "-o", "/dev/null", "-e",
-                           "trace=%s" % syscall, "-e", "inject=%s:signal=KILL" % syscall]
+                           "trace=%s" % calls, "-e", "inject=%s:signal=KILL" % calls]
                           + argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert proc.returncode in (-9, 137), proc.stderr
     assert prom.read_text() == old
