@@ -2857,7 +2857,8 @@ def _names(path):
 def resolve_path(path, doing, strict=True):
     """path resolved one name at a time from /, as the kernel would: (real path, lstat of
     its last entry or None when missing, whether other users may add entries beside it).
-    A missing name ends the walk (certgrab would create the rest). A symbolic link is
+    A missing name ends the walk (certgrab would make the rest, in a directory of its
+    own where more names follow). A symbolic link is
     followed only when root or this user owns it and no other user could have put it
     there; with strict, every entry on the way must be safe (_safe_entry). Otherwise
     RefusedError, doing saying what was refused ("cannot write FILE")."""
@@ -2875,10 +2876,10 @@ def resolve_path(path, doing, strict=True):
         safe = _safe_entry(parent, entry, trusted)
         if strict and not safe:
             raise _unsafe_entry(doing, real, parent, entry, here)
-        if entry is None:
+        if entry is None:                       # certgrab would make the rest
             if ".." in names:
                 raise WriteError("%s: %s does not exist" % (doing, here))
-            return os.path.join(here, *names), None, _exposed(parent)
+            return os.path.join(here, *names), None, not names and _exposed(parent)
         if stat.S_ISLNK(entry.st_mode):
             hops += 1
             target = _link_target(doing, here, entry, safe, hops)
