@@ -252,6 +252,7 @@ MAX_REPLY_LINES = 200   # lines in one STARTTLS reply (capability lists are a fe
 MAX_BUG_TEXT = 200      # characters of an unexpected exception's text in its error line
 MAX_QUOTED_REPLY = 300  # characters of a STARTTLS reply quoted in an error line
 HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._*")
+LABEL_CHARS = HOST_CHARS - frozenset(".*")   # in one label of a DNS name
 
 FEWER_AT_ONCE = "too many sources at once for this host's limits: raise the open-files " \
     "limit (ulimit -n) or pass a lower --parallel"
@@ -3381,19 +3382,32 @@ def clear_pending(paths):
                         hint="the next run runs the hook again")
 
 
+def hook_name(name):
+    """True for a name RENEWED_DOMAINS may carry: a DNS name of labels of 1 to 63 letters,
+    digits, "-" and "_", none starting or ending with "-", 253 characters at most, and
+    "*." before it for a wildcard. Nothing a hook could take for an option ("-rf") or a
+    pattern ("*")."""
+    labels = name.split(".")
+    if labels[0] == "*" and len(labels) > 1:
+        labels = labels[1:]
+    return len(name) <= 253 and all(label and len(label) <= 63 and set(label) <= LABEL_CHARS
+                                    and "-" not in (label[0], label[-1]) for label in labels)
+
+
 def run_deploy_hook(settings, plan, best):
-    """--deploy-hook through /bin/sh, context only in the environment (certbot's names)."""
+    """--deploy-hook through /bin/sh in /, context only in the environment (certbot's
+    names): no file certgrab's working directory holds can change what the hook runs."""
     import subprocess
     leaf = best.leaf
     lineage = settings.out_dir or os.path.dirname(os.path.abspath(plan[0][0]))
     env = dict(os.environ)
-    names = [n for n in leaf.dns_names if set(n) <= HOST_CHARS] or leaf.ip_addresses
+    names = [name for name in leaf.dns_names if hook_name(name)] or leaf.ip_addresses
     env.update(RENEWED_LINEAGE=os.path.realpath(lineage), CERTGRAB_SOURCE=best.target.source,
                RENEWED_DOMAINS=" ".join(names),     # an IP-address certificate: its IPs
                CERTGRAB_FILES=" ".join(os.path.abspath(path) for path, _ in plan),
                CERTGRAB_SHA256=leaf.sha256)
     try:
-        hook = subprocess.Popen(["/bin/sh", "-c", settings.deploy_hook], env=env,
+        hook = subprocess.Popen(["/bin/sh", "-c", settings.deploy_hook], env=env, cwd="/",
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     except OSError as exc:
         raise HookError("cannot run --deploy-hook: %s" % (exc.strerror or exc))
@@ -4124,6 +4138,7 @@ CHECK_FLAGS = ("--check", "--same", "--expect-file")     # a plugin's run: UNKNO
 # Options of the run itself, never keys of a --config file: every other long option is one.
 COMMAND_LINE_ONLY = ("--help", "--version", "--config", "--section", "--syslog")
 OUTPUT_OPTIONS = ("out_dir", "cert_path", "chain_path", "fullchain_path", "combined_path")
+PATH_VALUES = ("FILE", "DIR")   # the values of these options are paths (relative: --config)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -4535,6 +4550,7 @@ def config_sections(parser, args, sources, reporter):
     if sources:
         raise UsageError("--config %s: SOURCEs come from each section's source key, not from "
                          "the command line (%s)" % (path, sources[0]))
+    check_config_file(path)
     config = read_config(path)
     names = config.sections()
     if args.section is not None and args.section not in names:
@@ -4567,6 +4583,25 @@ def check_own_files(path, sections):
                                      path, section.name, key, file, owners[file]))
 
 
+def check_config_file(path):
+    """Running as root, a --config file runs its hooks as root: like sudo and sshd, refuse
+    one that another user could change: owned by another user or writable by group or
+    others, or in a directory such a user could change (resolve_path, strict)."""
+    if os.geteuid() != 0:
+        return
+    doing = "refusing --config %s" % path
+    real, entry, _ = resolve_path(path, doing)
+    if entry is None:
+        return                                  # read_config says it is missing
+    if entry.st_uid not in trusted_users():
+        raise RefusedError("%s: it belongs to %s, and its hooks would run as root" % (
+            doing, user_name(entry.st_uid)), hint="chown root %s" % real)
+    if entry.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise RefusedError("%s: it is writable by group or others (mode %04o), and its hooks "
+                           "would run as root" % (doing, stat.S_IMODE(entry.st_mode)),
+                           hint="chmod go-w %s" % real)
+
+
 def read_config(path):
     """FILE through configparser (no interpolation: a hook keeps its % and $)."""
     import configparser
@@ -4583,7 +4618,8 @@ def read_config(path):
 def section_settings(parser, config, name, path, overrides, syslog):
     """The Section of one section, validated like a command line."""
     where = "%s, section [%s]" % (path, name)
-    args, sources = section_args(parser, config, name, where)
+    args, sources = section_args(parser, config, name, where,
+                                 os.path.dirname(os.path.abspath(path)))
     writes = any(getattr(args, option) for option in OUTPUT_OPTIONS)
     for dest, value in overrides.items():
         if dest != "dry_run" or writes:     # --dry-run: for the sections that write files
@@ -4601,14 +4637,17 @@ def section_settings(parser, config, name, path, overrides, syslog):
     return Section(name, settings, reader, reporter)
 
 
-def section_args(parser, config, name, where):
+def section_args(parser, config, name, where, base):
     """argparse's namespace and the SOURCEs of one section ([DEFAULT] included).
     Each key becomes its option's words and is parsed alone first, so that an
-    error names the key; the options are the parser's own (file_options)."""
+    error names the key; the options are the parser's own (file_options). A
+    relative path (a SOURCE file, or the value of a FILE or DIR option) is taken
+    from base, the config file's directory, not from the working directory."""
     options, words, sources = file_options(parser), [], []
     for key, value in config.items(name):
         if key == "source":
-            sources = value.split()
+            sources = [os.path.join(base, source) if looks_like_file(source) else source
+                       for source in value.split()]
             continue
         inherited = config.defaults().get(key) == value     # as far as one can tell
         here = "%s%s, key %s" % (where, " (from [DEFAULT])" if inherited else "", key)
@@ -4617,7 +4656,8 @@ def section_args(parser, config, name, where):
                                          key in COMMAND_LINE_ONLY else "no such option; keys "
                                          "are source and the long options without --"))
         try:
-            key_words = option_words(options[key], "--" + key, value)
+            key_words = option_words(options[key], "--" + key,
+                                     config_paths(options[key], value, base))
             parse_command_line(parser, key_words)
         except UsageError as exc:
             raise UsageError("%s: %s" % (here, exc))
@@ -4634,6 +4674,16 @@ def file_options(parser):
         if names and names[0] not in COMMAND_LINE_ONLY:
             options[names[0][2:]] = action
     return options
+
+
+def config_paths(action, value, base):
+    """The value of a FILE or DIR key with its relative paths taken from base (for an
+    option given several times, each path of the list); other values as they are."""
+    if action.metavar not in PATH_VALUES or not value:
+        return value
+    if isinstance(action, argparse._AppendAction):
+        return " ".join(os.path.join(base, item) for item in value.split())
+    return os.path.join(base, value)
 
 
 def option_words(action, flag, value):
