@@ -169,6 +169,19 @@ def _sysconf_file_limit(wanted):
     return wanted if soft < 0 else soft
 
 
+def disable_core_dumps():
+    """Set this process's RLIMIT_CORE to 0 (its hard limit stays): a crash while a private
+    key is in memory then writes no core file, and neither does the deploy hook, which
+    inherits the limit. The resource module does it where it exists; Debian's
+    python3-minimal lacks it, and there nothing is done (README, Limitations)."""
+    try:
+        import resource
+    except ImportError:
+        return
+    hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
+    resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
+
+
 def limit_to_tls12(ctx):
     if hasattr(ctx, "maximum_version"):                       # 3.7+
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
@@ -1188,7 +1201,9 @@ class PrivateKey(object):
 
 
 def read_private_key(path, password_path):
-    """Read --key-path (and --key-password-file); never prompts for a password."""
+    """Read --key-path (and --key-password-file); never prompts for a password. Core
+    dumps are off from here on: the key is in memory."""
+    disable_core_dumps()
     pem = read_small_file(path, "--key-path")
     password = None
     if password_path:
