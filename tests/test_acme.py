@@ -11,10 +11,15 @@ The module is a scenario, in order, on one leader (see acme.py for the machinery
      CRITICAL; once the new key is listed as a second --key-path, each follower installs the
      certificate with that key as privkey.pem, its hook runs once, and --check --same and
      --expect-file (whole chains) say OK again
+  4. a copy of the leader's certbot lineage as a follower's --out-dir: certgrab replaces the
+     archive/ files that certbot's live/ links point to, the links stay, and `certbot
+     certificates` reads the new certificate through them
 Each test first brings the followers up to date, so that it also runs on its own.
 """
 
 import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -173,3 +178,35 @@ def test_renewal_with_a_new_key_is_refused_by_followers(run, leader, pebble, fol
         assert acme.read_text(follower.file("privkey.pem")) == new_key, "the matching key"
         assert len(follower.hook_runs()) == runs + 1, "the hook ran once"
     assert_converged(run, leader, pebble, followers, follower_nginx)
+
+
+def test_a_certbot_lineage_as_the_output_keeps_its_links(run, leader, pebble, tmp_path):
+    """A machine that renewed with certbot and now follows: --out-dir is certbot's live/
+    directory, whose files are links into archive/ (issue 19: links root owns, in
+    directories only root can change, are followed). The archive files the links point to
+    get the new certificate, the links stay, and certbot itself reads the lineage."""
+    config = str(tmp_path / "config")
+    shutil.copytree(leader.certbot.dir("config"), config, symlinks=True)
+    renewal = os.path.join(config, "renewal", acme.NAME + ".conf")
+    acme.write_file(renewal, acme.read_text(renewal).replace(leader.certbot.dir("config"),
+                                                              config))
+    live, archive = (os.path.join(config, part, acme.NAME) for part in ("live", "archive"))
+    links = dict((name, os.readlink(os.path.join(live, name)))
+                 for name in OUT_FILES + ["privkey.pem"])
+    archived = sorted(os.listdir(archive))
+    leader.renew("--reuse-key")
+    new = acme.pem_fields(leader.certbot.live("cert.pem"))
+
+    result = run(leader.address, "-n", acme.NAME, "--cafile", pebble.root_pem, "--out-dir", live,
+                 "--key-path", os.path.join(live, "privkey.pem"), "--privkey")
+    assert result.rc == 0, result.err
+    assert files_ders(live) == leader.files()
+    assert dict((name, os.readlink(os.path.join(live, name))) for name in links) == links
+    assert entries(archive) == archived, "the linked files replaced, nothing added"
+    certbot = subprocess.run([acme.CERTBOT, "certificates", "--config-dir", config,
+                              "--work-dir", str(tmp_path / "work"), "--logs-dir",
+                              str(tmp_path / "logs")], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
+    assert certbot.returncode == 0, certbot.stdout
+    assert "Serial Number: %x" % new["serial"] in certbot.stdout, certbot.stdout
+    assert "INVALID" not in certbot.stdout, certbot.stdout
