@@ -53,13 +53,21 @@ Security model
     - Nothing is written unless every step before it succeeded; a file is either
       the old version or the new one, never half of each. New certificate files
       get mode 0644 (--mode), the files with the key (--combined-path, and
-      privkey.pem with --privkey) 0600; an existing file keeps its mode and owner;
-      nothing is ever group- or world-writable, executable or set-id.
+      privkey.pem with --privkey) 0600; an existing file keeps its mode and owner
+      (root's or --owner's); nothing is ever group- or world-writable, executable
+      or set-id.
+    - Local users other than root (and the user certgrab runs as) are trusted with
+      nothing: an output is written only where none of them can change any
+      directory or link on its path, never through a link they could have placed,
+      and an existing output must be a regular file of root's or --owner's (one
+      with the key readable by no one else); see resolve_path. The lock is a
+      0600 file only root can open. Running as root, a --config file another
+      user could change is refused. Core dumps are off once a key is read.
     - The private key is read only to compare its public half. Never print or
       copy the private key except into the files that ask for it: --combined-path
       and privkey.pem (--privkey), which get the --key-path the leaf matched.
     - The deploy hook gets its context in environment variables, never by
-      formatting certificate text into a command line.
+      formatting certificate text into a command line, and runs in /.
     - Everything read from the network is bounded in size and time, and every
       certificate is parsed whole by the small DER reader below before it is
       trusted with anything: a malformed one is that source's error. Every number
@@ -79,8 +87,9 @@ Exit codes
     4  verification failed: unknown issuer, expired, name mismatch
     5  cannot write: the previous files are unchanged, or (the hint says which)
        some are new and the next run completes the set
-    6  refused by a safety check: key mismatch, name, dates, not newer, or an
-       output that is not a readable certificate file; files untouched
+    6  refused by a safety check: key mismatch, name, dates, not newer, an
+       output that is not a readable certificate file, or a path or --config
+       file another local user could change; files untouched
     7  files installed, deploy hook pending: it failed, timed out, or ran but
        could not be recorded (the next run runs it again)
     With --check, --same or --expect-file, a monitoring plugin's codes instead:
