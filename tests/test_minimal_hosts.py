@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 import make_certs
-from install_helpers import assert_verifies
+from install_helpers import assert_verifies, entries
 from servers import DelayedTLSServer, TLSServer, ipv6_available
 
 ROOTS = Path(os.environ.get("CERTGRAB_ROOTS", "/var/cache/certgrab-roots")).resolve()
@@ -159,7 +159,7 @@ def test_out_dir_writes_cert_chain_fullchain(host, certs):
     for name in ("cert.pem", "chain.pem", "fullchain.pem"):
         assert ders_of(out / name) == ders_of(certs / "ec2" / name), name
         assert (out / name).stat().st_mode & 0o777 == 0o644, name
-    assert sorted(p.name for p in out.iterdir()) == ["cert.pem", "chain.pem", "fullchain.pem"]
+    assert entries(out) == ["cert.pem", "chain.pem", "fullchain.pem"]
 
 
 def test_without_cafile_says_the_store_is_empty(host, certs):
