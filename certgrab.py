@@ -4079,11 +4079,15 @@ def remove_stale_metrics(fd, name):
     """Temporary files of name that a killed run left in the directory open at fd: only
     regular files of this user's, older than METRICS_TEMP_STALE."""
     for stale in os.listdir(fd):
-        if stale.startswith("." + name + TEMP_MARK):
+        if not stale.startswith("." + name + TEMP_MARK):
+            continue
+        try:
             found = os.stat(stale, dir_fd=fd, follow_symlinks=False)
-            if stat.S_ISREG(found.st_mode) and found.st_uid == os.geteuid() and \
-                    time.time() - found.st_mtime > METRICS_TEMP_STALE:
-                remove_quietly(stale, fd)
+        except FileNotFoundError:           # another run renamed or removed it meanwhile
+            continue
+        if stat.S_ISREG(found.st_mode) and found.st_uid == os.geteuid() and \
+                time.time() - found.st_mtime > METRICS_TEMP_STALE:
+            remove_quietly(stale, fd)
 
 
 def write_metrics(path, text, reporter):
