@@ -3185,7 +3185,7 @@ def _command_line(pid):
     """" (the command line)" of process pid, shortened and terminal-safe; "" if unknown."""
     try:
         with open("/proc/%s/cmdline" % pid, "rb") as cmdline:
-            words = cmdline.read(4 * CMDLINE_SHOWN).split(b"\0")
+            words = cmdline.read(4 * CMDLINE_SHOWN).split(b"\0")   # UTF-8: 4 bytes a char
     except OSError:
         return ""
     text = printable(b" ".join(words).strip().decode("utf-8", "replace"))
