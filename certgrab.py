@@ -2472,8 +2472,8 @@ def split_url(url, scheme):
     authority, path = rest[:cut], rest[cut:]
     host, port = authority, ""
     if authority.startswith("["):
-        host, _, port = authority[1:].partition("]")
-        if not is_ip(host) or port and not port.startswith(":"):
+        host, bracket, port = authority[1:].partition("]")
+        if not bracket or not is_ip(host) or port and not port.startswith(":"):
             raise bad("a bad IPv6 address")
         port = port[1:]
     elif ":" in authority:
