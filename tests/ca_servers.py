@@ -285,6 +285,7 @@ class AriServer(object):
 
     def __init__(self, certfile, keyfile):
         self.answers, self.paths = {}, []
+        self.directory_body = None      # bytes: the directory to serve instead of the default
         served = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -293,8 +294,9 @@ class AriServer(object):
             def do_GET(self):
                 served.paths.append(self.path)
                 if self.path == "/directory":
-                    body = ('{"newNonce": "%s/nonce", "renewalInfo": "%s/renewal-info"}' % (
-                        served.base, served.base)).encode()
+                    body = served.directory_body or (
+                        '{"newNonce": "%s/nonce", "renewalInfo": "%s/renewal-info"}' % (
+                            served.base, served.base)).encode()
                     status, headers = 200, {}
                 else:
                     cert_id = self.path.rsplit("/", 1)[-1]
@@ -387,7 +389,7 @@ class Acme2Certifier(object):
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", A2C_SERVER, HOST, str(self.port),
-                 os.path.join(self.api, "cert.pem"), os.path.join(self.api, "key.pem")],
+                 os.path.join(self.api, "fullchain.pem"), os.path.join(self.api, "key.pem")],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 cwd=self.dir)
         deadline = time.monotonic() + READY
@@ -402,9 +404,11 @@ class Acme2Certifier(object):
         self.stop()
         raise RuntimeError("acme2certifier did not start:\n%s" % self.log_text())
 
-    def log_text(self):
+    def log_text(self, tail=4000):
+        """The server's output (its last tail characters; None: all of it)."""
         with open(self.log, "rb") as f:
-            return f.read().decode(errors="replace")[-4000:]
+            text = f.read().decode(errors="replace")
+        return text[-tail:] if tail else text
 
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:
