@@ -19,7 +19,7 @@ Runs on CPython 3.6 to 3.13 with the standard library only, including Debian's
 python3-minimal (no json, shutil, ctypes; no CA store: pass --cafile there).
 The file reads in the order a run flows: Compatibility, Constants, Errors and
 messages, Certificates, Keys, Sources and connecting, STARTTLS, TLS, Several
-sources, Install, Reports, Metrics for Prometheus, Command line, Config file,
+sources, Revocation and renewal information, Install, Reports, Metrics for Prometheus, Command line, Config file,
 and main() with the one run it steps through (run_one) last.
 
 Pipeline
@@ -31,7 +31,9 @@ Pipeline
         +--> every certificate parsed whole: structure, names, dates, keys, SANs
         +--> intermediates the server left out but verification found: completed
         +--> gate: verified, key matches a --key-path, leaf covers the name, in date
-        +--> newest passing leaf (notBefore) of all sources
+        +--> what the CA knows: the leaf's CRL (checked by OpenSSL), and with
+        |    --acme-directory its renewal window (ARI); once per URL per run
+        +--> newest passing leaf (notBefore) of all sources, not revoked
         +--> stdout: the chain exactly as served (PEM, leaf first), or
         +--> files, under a lock on their directory: not older than installed,
              only what changed (privkey.pem too, with --privkey), temp file + fsync
@@ -57,6 +59,9 @@ Security model
       and privkey.pem (--privkey), which get the --key-path the leaf matched.
     - The deploy hook gets its context in environment variables, never by
       formatting certificate text into a command line.
+    - A leaf its CA revoked (its CRL, verified by OpenSSL, says so) is never
+      written; when the CRL cannot be had, --crl on goes ahead with a warning
+      and --crl require refuses.
     - Everything read from the network is bounded in size and time, and every
       certificate is parsed whole by the small DER reader below before it is
       trusted with anything: a malformed one is that source's error.
@@ -69,8 +74,9 @@ Exit codes
     4  verification failed: unknown issuer, expired, name mismatch
     5  cannot write: the previous files are unchanged, or (the hint says which)
        some are new and the next run completes the set
-    6  refused by a safety check: key mismatch, name, dates, not newer, or an
-       output that is not a readable certificate file; files untouched
+    6  refused by a safety check: key mismatch, name, dates, not newer, an
+       output that is not a readable certificate file, or a revoked leaf
+       (installed or offered); files untouched
     7  files installed, deploy hook pending: it failed, timed out, or ran but
        could not be recorded (the next run runs it again)
     With --check, --same or --expect-file, a monitoring plugin's codes instead:
