@@ -3182,17 +3182,21 @@ def load_crl(url, lookups, deadline):
     return crl
 
 
+def crl_url(leaf):
+    """The first http:// URL of the leaf's CRL Distribution Points; None if none."""
+    return next((url for url in leaf.crl_urls if url.lower().startswith("http://")), None)
+
+
 def leaf_revocation(result, lookups, deadline):
     """The Revocation of the result's leaf: OpenSSL verifies its issuing path with the
     trust store and the CRL of the leaf's first http:// CRL Distribution Point. Only
     when OpenSSL says "revoked" is the CRL's entry read, for the time and reason."""
-    leaf = result.leaf
-    urls = [url for url in leaf.crl_urls if url.lower().startswith("http://")]
-    if not urls:
+    leaf, url = result.leaf, crl_url(result.leaf)
+    if url is None:
         return Revocation("unknown", "no-http-crl" if leaf.crl_urls else "no-crl",
                           "the leaf names %s" % ("no http:// CRL, only %s" % printable(
                               ", ".join(leaf.crl_urls)[:200]) if leaf.crl_urls else "no CRL"))
-    url, chain = urls[0], [cert.der for cert in result.issuing]
+    chain = [cert.der for cert in result.issuing]
     try:
         crl = lookups.once(("crl", url), lambda: load_crl(url, lookups, deadline), deadline, url)
         message = lookups.once(("verdict", url) + tuple(chain), lambda: openssl_verifies(
@@ -3359,12 +3363,14 @@ def consult_ca(results, settings, reporter, sharers=1):
         if settings.acme_directory:
             result.renewal = leaf_renewal(result, lookups, deadline, time.time())
 
-    width = min(len(asked), settings.parallel or DEFAULT_PARALLEL)
-    if width > 1:
-        map_in_threads(ask, asked, max(1, width // sharers), reporter,
+    remote = [result for result in asked if settings.acme_directory or
+              settings.crl != "off" and crl_url(result.leaf)]
+    for result in asked if len(remote) < 2 else set(asked) - set(remote):
+        ask(result)                     # one source, or nothing to fetch: no thread
+    if len(remote) > 1:
+        width = min(len(remote), settings.parallel or DEFAULT_PARALLEL)
+        map_in_threads(ask, remote, max(1, width // sharers), reporter,
                        "asking the CA about %d source(s)")
-    for result in asked if width <= 1 else ():
-        ask(result)
 
 
 # The gate and the reports: what the CA knows, told.

@@ -405,3 +405,21 @@ def test_the_time_of_a_revocation_is_now(run, started, issue):
     when = revocation(run, serve(started, leaf), leaf)[1]["time"]
     stamp = datetime.datetime.strptime(when, "%Y-%m-%dT%H:%M:%SZ")
     assert abs((datetime.datetime.utcnow() - stamp).total_seconds()) < 600
+
+
+def test_crl_and_cache_dir_are_config_keys(run, started, issue, crl_server, tmp_path):
+    good, revoked = issue(), issue(revoked=True)
+    config = tmp_path / "certgrab.conf"
+    config.write_text(
+        "[DEFAULT]\nservername = %s\ncafile = %s\ncache-dir = %s\n"
+        "[strict]\nsource = %s\nout-dir = %s\ncrl = require\n"
+        "[no-route]\nsource = %s\nout-dir = %s\ncrl = off\n" % (
+            NAME, os.path.join(good, "root.pem"), tmp_path / "cache",
+            serve(started, good).address, tmp_path / "strict",
+            serve(started, revoked).address, tmp_path / "no-route"))
+    before = len(crl_server.paths)
+    for _ in range(2):
+        result = run("--config", config)
+        assert result.rc == 0, result.err
+    assert len(crl_server.paths) == before + 1      # [strict]'s CRL, kept in cache-dir
+    assert (tmp_path / "no-route" / "fullchain.pem").exists()   # revoked, but crl = off
