@@ -89,7 +89,8 @@ def crl_entry(path, leaf):
     entry = crl.get_revoked_certificate_by_serial_number(serial)
     when = entry.revocation_date_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
     reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
-    return "%x" % serial, when, {"key_compromise": "keyCompromise"}.get(reason.value,
+    text = "%x" % serial
+    return "0" * (len(text) % 2) + text, when, {"key_compromise": "keyCompromise"}.get(reason.value,
                                                                         reason.value)
 
 
