@@ -19,8 +19,9 @@ Runs on CPython 3.6 to 3.13 with the standard library only, including Debian's
 python3-minimal (no json, shutil, ctypes; no CA store: pass --cafile there).
 The file reads in the order a run flows: Compatibility, Constants, Errors and
 messages, Certificates, Keys, Sources and connecting, STARTTLS, TLS, Several
-sources, Install, Reports, Metrics for Prometheus, Command line, Config file,
-and main() with the one run it steps through (run_one) last.
+sources, Revocation and renewal information, Install, Reports, Metrics for
+Prometheus, Command line, Config file, and main() with the one run it steps
+through (run_one) last.
 
 Pipeline
     SOURCE ... --parse--> host, port, name --TCP--> socket --STARTTLS?--> dialogue
@@ -31,7 +32,9 @@ Pipeline
         +--> every certificate parsed whole: structure, names, dates, keys, SANs
         +--> the path OpenSSL verified (3.6-3.9: replayed to find it): what files get
         +--> gate: verified, key matches a --key-path, leaf covers the name, in date
-        +--> newest passing leaf (notBefore) of all sources
+        +--> what the CA knows: the leaf's CRL (checked by OpenSSL), and with
+        |    --acme-directory its renewal window (ARI); once per URL per run
+        +--> newest passing leaf (notBefore) of all sources, not revoked
         +--> stdout: the chain exactly as served (PEM, leaf first), or
         +--> files, under a lock on their directory: not older than installed,
              only what changed (privkey.pem too, with --privkey), temp file + fsync
@@ -68,6 +71,9 @@ Security model
       and privkey.pem (--privkey), which get the --key-path the leaf matched.
     - The deploy hook gets its context in environment variables, never by
       formatting certificate text into a command line, and runs in /.
+    - A leaf its CA revoked (its CRL, verified by OpenSSL, says so) is never
+      written; when the CRL cannot be had, --crl on goes ahead with a warning
+      and --crl require refuses.
     - Everything read from the network is bounded in size and time, and every
       certificate is parsed whole by the small DER reader below before it is
       trusted with anything: a malformed one is that source's error. Every number
@@ -88,8 +94,9 @@ Exit codes
     5  cannot write: the previous files are unchanged, or (the hint says which)
        some are new and the next run completes the set
     6  refused by a safety check: key mismatch, name, dates, not newer, an
-       output that is not a readable certificate file, or a path or --config
-       file another local user could change; files untouched
+       output that is not a readable certificate file, a revoked leaf
+       (installed or offered), or a path or --config file another local user
+       could change; files untouched
     7  files installed, deploy hook pending: it failed, timed out, or ran but
        could not be recorded (the next run runs it again)
     With --check, --same or --expect-file, a monitoring plugin's codes instead:
@@ -577,6 +584,7 @@ SIGNATURES_WITHOUT_PARAMETERS = frozenset((
 OID_SAN_DER, OID_BASIC_CONSTRAINTS_DER = b"\x06\x03\x55\x1d\x11", b"\x06\x03\x55\x1d\x13"
 PEM_LABELS = ("CERTIFICATE", "X509 CERTIFICATE", "TRUSTED CERTIFICATE")  # as OpenSSL reads them
 OID_SKI_DER, OID_AKI_DER = b"\x06\x03\x55\x1d\x0e", b"\x06\x03\x55\x1d\x23"  # 2.5.29.14, .35
+OID_CRL_DP_DER = b"\x06\x03\x55\x1d\x1f"     # 2.5.29.31 cRLDistributionPoints (issue 21)
 
 # Bounds of the DER reader. Every number and text it makes of a certificate is bounded, so
 # that no value a server sends costs more than a little time and memory, or meets a limit
@@ -611,7 +619,8 @@ class Certificate(object):
     (a signed int), signature_algorithm, not_before and not_after (epoch
     seconds, UTC), spki (DER), key_type, key_bits, alt_names (every
     subjectAltName as (type, text)), dns_names and ip_addresses (those of type
-    DNS and IP), and is_ca; name (for messages: the subject, or the SANs when
+    DNS and IP), is_ca, and crl_urls (the URIs its CRL Distribution Points
+    name, in order); name (for messages: the subject, or the SANs when
     it is empty) and lifetime (seconds) are derived. The fields agree with
     pyca/cryptography's reading; docs/monitoring.md ("--json") says where their
     formats differ.
@@ -626,6 +635,7 @@ class Certificate(object):
         self.spki, self.key_type, self.key_bits = b"", "unknown", 0
         self.alt_names, self.dns_names, self.ip_addresses = [], [], []
         self.is_ca = False
+        self.crl_urls = []              # issue 21: where its CA publishes revocations
 
     @property
     def self_issued(self):
@@ -1078,6 +1088,25 @@ def _extension(cert, data, oid, value):
         for field in _children(data, _wrapped(data, value, DER_OCTET_STRING), DER_SEQUENCE):
             if field[0] == 0x80:                  # [0] keyIdentifier
                 cert.aki = data[field[1]:field[2]]
+    elif oid == OID_CRL_DP_DER:                   # issue 21
+        cert.crl_urls = _crl_urls(data, value)
+
+
+def _crl_urls(data, value):
+    """The URIs in the fullName of each DistributionPoint (RFC 5280 4.2.1.13), in
+    order. The other forms (a name relative to the CRL issuer, reasons, cRLIssuer)
+    carry no URL; the certificate's own size bounds how many there can be."""
+    urls = []
+    for point in _children(data, _wrapped(data, value, DER_OCTET_STRING), DER_SEQUENCE, 1):
+        for field in _children(data, point, DER_SEQUENCE):
+            if field[0] != 0xA0:                  # [0] distributionPoint
+                continue
+            name = _children(data, field, 0xA0, 1)[0]
+            if name[0] == 0xA0:                   # [0] fullName: GeneralNames
+                urls += [text for kind, text in (_general_name(data, general) for general
+                                                 in _children(data, name, 0xA0, 1))
+                         if kind == "URI"]
+    return urls
 
 
 def der_to_pem(der):
@@ -2336,6 +2365,7 @@ class FetchResult(object):
         self.elapsed = 0.0
         self.key = None         # the --key-path the leaf matched (refetch_for_key)
         self.missing = 0        # intermediates the server left out (served_problems)
+        self.revocation = self.renewal = None   # issue 21: what the CA knows (consult_ca)
 
     @property
     def leaf(self):
@@ -2742,6 +2772,1212 @@ def choose_result(results, reporter):
         elif result.error is not None:
             reporter.warn("%s (skipped)" % result.error)
     return max(good, key=lambda r: r.leaf.not_before)
+
+
+# ---------------------------------------------------------------------------
+# Revocation and renewal information: what the CA knows about each leaf (issue 21).
+# The CRL the leaf names, checked by OpenSSL (--crl), and the renewal window its
+# ACME server suggests (ARI, RFC 9773; --acme-directory). Both are asked right
+# after the sources' fetch, each source within --timeout seconds of its own, over
+# a small bounded HTTP/1.1 client (minimal hosts have no http.client or urllib);
+# what one source fetched serves every source of the run, and with --cache-dir
+# the next runs too.
+#
+#   leaf --CRL Distribution Points--> http:// GET --> CRL --+
+#   trust store + CRL --> OpenSSL verifies leaf+intermediates (openssl_verifies)
+#       --> good | revoked (time and reason read from the CRL) | unknown (cause)
+#   --acme-directory --GET--> renewalInfo URL --GET <url>/<certID>--> window
+# ---------------------------------------------------------------------------
+
+MAX_CRL = 32 << 20      # bytes of one CRL: Let's Encrypt's shards are well under 1 MiB, the
+                        # largest public CRLs a few MiB
+MAX_JSON = 64 << 10     # bytes of an ACME directory or ARI answer: real ones are under 2 KiB
+MAX_JSON_DEPTH = 16     # nesting of a JSON answer: ARI's and a directory's are 2 deep
+MAX_JSON_NUMBER = 40    # characters of one JSON number: a date or a count needs about 20
+MAX_URL = 2048          # characters of a URL from a certificate, an answer or a redirect
+MAX_HTTP_LINE = 8192    # bytes of an HTTP status, header or chunk-size line
+MAX_HTTP_HEADERS = 100  # header (or trailer) lines of one response; servers send about 10
+MAX_HTTP_HEAD = MAX_HTTP_HEADERS * MAX_HTTP_LINE   # bytes before the body, at most
+MAX_INTERIM = 4         # 1xx responses (103 Early Hints) skipped before the real one
+MAX_REDIRECTS = 3       # redirects followed by one GET, each bounded alike; CAs publish
+                        # CRLs and ARI without any, a CDN in front may add one
+HTTP_READ = 65536       # bytes asked of the socket at once
+HTTP_REDIRECTS = (301, 302, 303, 307, 308)
+CRL_KEEP = DAY          # seconds a --cache-dir CRL is used at most, even when its nextUpdate
+                        # is later: Let's Encrypt reissues its CRLs within a day
+DIRECTORY_KEEP = DAY    # seconds a --cache-dir ACME directory is used
+ARI_RETRY_BOUNDS = (MINUTE, DAY)   # Retry-After is honoured within these (RFC 9773 4.3)
+ARI_RETRY_DEFAULT = 6 * HOUR       # seconds an answer without Retry-After is kept
+CRL_MODES = ("on", "require", "off")   # --crl: soft-fail (default), hard-fail, no CRL at all
+CACHE_DIR_MODE = 0o700  # a --cache-dir certgrab creates: root's alone
+OID_CRL_REASON_DER = b"\x06\x03\x55\x1d\x15"   # 2.5.29.21 reasonCode, a CRL entry extension
+CRL_REASONS = {0: "unspecified", 1: "keyCompromise", 2: "cACompromise",
+               3: "affiliationChanged", 4: "superseded", 5: "cessationOfOperation",
+               6: "certificateHold", 8: "removeFromCRL", 9: "privilegeWithdrawn",
+               10: "aACompromise"}        # RFC 5280 5.3.1; no reasonCode: unspecified
+# OpenSSL's verify messages (X509_verify_cert_error_string, the same in 1.1.1 and 3.x)
+# after a verification with a CRL: (status, cause). Any other message is ("unknown",
+# "rejected"): OpenSSL refused the chain for a reason of its own, which the detail says.
+CRL_VERDICTS = {
+    "certificate revoked": ("revoked", None),
+    "unable to get certificate CRL": ("unknown", "wrong-crl"),
+    "unable to get CRL issuer certificate": ("unknown", "wrong-crl"),
+    "CRL signature failure": ("unknown", "bad-signature"),
+    "unable to decrypt CRL's signature": ("unknown", "bad-signature"),
+    "CRL has expired": ("unknown", "stale"),
+    "CRL is not yet valid": ("unknown", "not-yet-valid"),
+    "format error in CRL's lastUpdate field": ("unknown", "malformed"),
+    "format error in CRL's nextUpdate field": ("unknown", "malformed"),
+}
+# Causes of an unknown revocation status where the leaf names nothing to check: not
+# a failure, so --crl on does not warn about them (--crl require still refuses).
+NOTHING_TO_CHECK = ("no-crl", "no-http-crl")
+
+
+class CaError(FetchError):
+    """A failure to learn what the CA knows, with its cause (a code of CRL_CAUSES or of
+    RenewalWindow) and, for an HTTP answer other than 200, its status."""
+
+    def __init__(self, message, cause, hint=None, status=None):
+        FetchError.__init__(self, message, hint)
+        self.cause, self.status = cause, status
+
+
+class HttpResponse(object):
+    """The final answer to a GET: its URL (after redirects), status, headers (names in
+    lower case, repeated ones joined by ", ") and body."""
+
+    def __init__(self, url, status, reason, headers, body):
+        self.url, self.status, self.reason = url, status, reason
+        self.headers, self.body = headers, body
+
+
+def _ascii_digits(text, most):
+    return 0 < len(text) <= most and all("0" <= char <= "9" for char in text)
+
+
+def split_url(url, scheme):
+    """(host, port, path) of a URL of the given scheme ("http" or "https"); a CaError
+    for anything else: another scheme, userinfo, a bad host or port, spaces, controls."""
+    def bad(why):
+        return CaError("%s: not a usable %s:// URL: %s" % (printable(url[:200]), scheme, why),
+                       "bad-url")
+    if len(url) > MAX_URL or any(not 0x21 <= ord(char) <= 0x7E for char in url):
+        raise bad("too long, or spaces or non-ASCII characters in it")
+    if not url.lower().startswith(scheme + "://"):
+        raise bad("another scheme")
+    rest = url[len(scheme) + 3:].split("#", 1)[0]
+    cut = min([index for index in (rest.find("/"), rest.find("?")) if index >= 0] or
+              [len(rest)])
+    authority, path = rest[:cut], rest[cut:]
+    host, port = authority, ""
+    if authority.startswith("["):
+        host, bracket, port = authority[1:].partition("]")
+        if not bracket or not is_ip(host) or port and not port.startswith(":"):
+            raise bad("a bad IPv6 address")
+        port = port[1:]
+    elif ":" in authority:
+        host, port = authority.rsplit(":", 1)
+    if "@" in authority or not host:
+        raise bad("no host, or a user name in it")
+    if not is_ip(host):
+        try:
+            check_dns_name(host, "host")
+        except UsageError:
+            raise bad("a bad host name")
+    if port and not (_ascii_digits(port, 5) and 1 <= int(port) <= 65535):
+        raise bad("a bad port")
+    if not path.startswith("/"):
+        path = "/" + path
+    return host, int(port) if port else (443 if scheme == "https" else 80), path
+
+
+class HttpReader(object):
+    """The reading side of one HTTP exchange, bounded in bytes (limit and the head's
+    bound) and in time (the deadline)."""
+
+    def __init__(self, conn, url, deadline, limit):
+        self.conn, self.url, self.deadline = conn, url, deadline
+        self.limit = limit + MAX_HTTP_HEAD
+        self.buffer, self.received, self.ended = bytearray(), 0, False
+
+    def fail(self, message, cause="unreachable"):
+        return CaError("%s: %s" % (self.url, message), cause)
+
+    def _fill(self):
+        """Read once more; False at the end of the stream."""
+        if self.ended:
+            return False
+        try:
+            self.conn.settimeout(remaining(self.deadline, self.url, "reading the answer"))
+            chunk = self.conn.recv(HTTP_READ)
+        except socket.timeout:
+            raise timed_out(self.url, "reading the answer")
+        except OSError as exc:
+            raise self.fail("connection failed: %s" % (
+                ssl_reason(exc) if isinstance(exc, ssl.SSLError) else exc.strerror or exc))
+        self.received += len(chunk)
+        if self.received > self.limit:
+            raise self.fail("the answer is larger than %d bytes" % (self.limit - MAX_HTTP_HEAD),
+                            "too-large")
+        self.buffer += chunk
+        self.ended = not chunk
+        return bool(chunk)
+
+    def line(self):
+        """One line, without its CR LF, as Latin-1 text."""
+        while b"\n" not in self.buffer[:MAX_HTTP_LINE + 1]:
+            if len(self.buffer) > MAX_HTTP_LINE:
+                raise self.fail("a line longer than %d bytes" % MAX_HTTP_LINE)
+            if not self._fill():
+                raise self.fail("the server closed the connection in the middle of the answer")
+        end = self.buffer.index(b"\n")
+        line = bytes(self.buffer[:end]).rstrip(b"\r")
+        del self.buffer[:end + 1]
+        return line.decode("latin-1")
+
+    def take(self, count):
+        """Exactly count bytes."""
+        while len(self.buffer) < count:
+            if not self._fill():
+                raise self.fail("the server closed the connection after %d of %d bytes" % (
+                    len(self.buffer), count))
+        data = bytes(self.buffer[:count])
+        del self.buffer[:count]
+        return data
+
+    def rest(self, limit):
+        """Everything up to the end of the stream (an answer without a length)."""
+        while self._fill():
+            if len(self.buffer) > limit:
+                raise self.fail("the answer is larger than %d bytes" % limit, "too-large")
+        data = bytes(self.buffer)
+        del self.buffer[:]
+        return data
+
+
+def _response_head(reader):
+    """(status, reason, headers) of the final response, skipping interim (1xx) ones."""
+    for _ in range(MAX_INTERIM + 1):
+        line = reader.line()
+        parts = line.split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or \
+                not _ascii_digits(parts[1], 3) or len(parts[1]) != 3:
+            raise reader.fail("not an HTTP answer (%s)" % printable(line[:80]))
+        status, headers = int(parts[1]), {}
+        for _ in range(MAX_HTTP_HEADERS + 1):
+            line = reader.line()
+            if not line:
+                break
+            name, colon, value = line.partition(":")
+            if not colon or not name or name != name.strip() or line[0] in " \t":
+                raise reader.fail("a malformed header line (%s)" % printable(line[:80]))
+            name = name.lower()
+            headers[name] = headers[name] + ", " + value.strip() if name in headers \
+                else value.strip()
+        else:
+            raise reader.fail("more than %d header lines" % MAX_HTTP_HEADERS)
+        if not 100 <= status < 200 or status == 101:
+            return status, parts[2] if len(parts) > 2 else "", headers
+    raise reader.fail("more than %d interim (1xx) answers" % MAX_INTERIM)
+
+
+def _chunked_body(reader, limit):
+    """A body sent in chunks (RFC 9112 7.1), then its trailer lines, skipped."""
+    parts, size = [], 0
+    while True:
+        text = reader.line().split(";", 1)[0].strip()
+        if not 0 < len(text) <= 8 or any(char not in "0123456789abcdefABCDEF" for char in text):
+            raise reader.fail("a malformed chunk size (%s)" % printable(text[:20]))
+        chunk = int(text, 16)
+        if chunk == 0:
+            break
+        size += chunk
+        if size > limit:
+            raise reader.fail("the answer is larger than %d bytes" % limit, "too-large")
+        parts.append(reader.take(chunk))
+        if reader.take(2) != b"\r\n":
+            raise reader.fail("a chunk does not end where its size says")
+    for _ in range(MAX_HTTP_HEADERS + 1):
+        if not reader.line():
+            return b"".join(parts)
+    raise reader.fail("more than %d trailer lines" % MAX_HTTP_HEADERS)
+
+
+def _response_body(reader, status, headers, limit):
+    """The body, framed by Transfer-Encoding: chunked, Content-Length or the end of
+    the stream; at most limit bytes, never compressed."""
+    if status in (204, 304):
+        return b""
+    if headers.get("content-encoding", "identity").lower() != "identity":
+        raise reader.fail("a compressed answer (%s), though certgrab asked for none"
+                          % printable(headers["content-encoding"][:40]))
+    if "transfer-encoding" in headers:
+        if headers["transfer-encoding"].lower() != "chunked" or "content-length" in headers:
+            raise reader.fail("an answer framed in a way certgrab does not read "
+                              "(Transfer-Encoding: %s)" % printable(
+                                  headers["transfer-encoding"][:40]))
+        return _chunked_body(reader, limit)
+    if "content-length" not in headers:
+        return reader.rest(limit)
+    lengths = set(value.strip() for value in headers["content-length"].split(","))
+    length = lengths.pop()
+    if lengths or not _ascii_digits(length, 15):
+        raise reader.fail("a malformed Content-Length (%s)" % printable(
+            headers["content-length"][:40]))
+    if int(length) > limit:
+        raise reader.fail("the answer is %s bytes, more than the %d allowed" % (length, limit),
+                          "too-large")
+    return reader.take(int(length))
+
+
+def _http_exchange(url, scheme, limit, deadline, family, context):
+    """One GET of url: the HttpResponse, whatever its status."""
+    host, port, path = split_url(url, scheme)
+    target = Target(url, host, port, None if is_ip(host) else host)
+    conn = open_connection(target, family, deadline)
+    try:
+        if context is not None:
+            conn = _https_handshake(conn, target, context, deadline)
+        authority = "[%s]" % host if ":" in host else host
+        if port != (443 if scheme == "https" else 80):
+            authority += ":%d" % port
+        request = ("GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: certgrab/%s\r\nAccept: */*\r\n"
+                   "Accept-Encoding: identity\r\nConnection: close\r\n\r\n"
+                   % (path, authority, __version__))
+        try:
+            conn.settimeout(remaining(deadline, url, "sending the request"))
+            conn.sendall(request.encode("ascii"))
+        except socket.timeout:
+            raise timed_out(url, "sending the request")
+        except OSError as exc:
+            raise CaError("%s: cannot send the request: %s" % (url, exc.strerror or exc),
+                          "unreachable")
+        reader = HttpReader(conn, url, deadline, limit)
+        status, reason, headers = _response_head(reader)
+        body = b"" if status in HTTP_REDIRECTS else _response_body(reader, status, headers,
+                                                                   limit)
+        return HttpResponse(url, status, printable(reason.strip()[:80]), headers, body)
+    finally:
+        conn.close()
+
+
+def _https_handshake(sock, target, context, deadline):
+    """The TLS side of an https:// GET, verified with the run's trust (trust_context)."""
+    name = target.name_bytes.decode() if NAME_AS_STR else target.name_bytes
+    tls = context.wrap_socket(sock, server_hostname=name, do_handshake_on_connect=False)
+    try:
+        tls.settimeout(remaining(deadline, target, "before the TLS handshake"))
+        tls.do_handshake()
+    except socket.timeout:
+        tls.close()
+        raise timed_out(target, "during the TLS handshake")
+    except (ssl.CertificateError, OSError) as exc:
+        tls.close()
+        verify = isinstance(exc, ssl.CertificateError) or \
+            getattr(exc, "reason", None) == VERIFY_FAILED_REASON
+        reason = getattr(exc, "verify_message", None) or (
+            ssl_reason(exc) if isinstance(exc, ssl.SSLError) else exc.strerror or str(exc))
+        raise CaError("%s: %s: %s" % (target, "the server's certificate does not verify"
+                                      if verify else "TLS handshake failed", reason),
+                      "untrusted" if verify else "unreachable")
+    return tls
+
+
+def http_get(url, limit, deadline, family, context=None):
+    """GET url: http:// without a context, https:// (verified with it) with one; the
+    HttpResponse of the first answer that is not a redirect. Up to MAX_REDIRECTS
+    redirects are followed, to the same scheme, each bounded alike; every byte comes
+    within the one deadline, and a body of more than limit bytes is refused."""
+    scheme = "http" if context is None else "https"
+    for _ in range(MAX_REDIRECTS + 1):
+        response = _http_exchange(url, scheme, limit, deadline, family, context)
+        location = response.headers.get("location")
+        if response.status not in HTTP_REDIRECTS or location is None:
+            return response
+        if location.startswith("/") and not location.startswith("//"):
+            host, port, _ = split_url(url, scheme)
+            location = "%s://%s:%d%s" % (scheme, "[%s]" % host if ":" in host else host, port,
+                                         location)
+        split_url(location, scheme)         # a redirect elsewhere is refused here
+        url = location
+    raise CaError("%s: more than %d redirects" % (url, MAX_REDIRECTS), "unreachable")
+
+
+def expect_ok(response):
+    """The response, if its status is 200; else a CaError that says which it was."""
+    if response.status != 200:
+        raise CaError("%s: HTTP status %d %s" % (response.url, response.status,
+                                                 response.reason), "http-status",
+                      status=response.status)
+    return response
+
+
+class JsonReader(object):
+    """RFC 8259 JSON to Python values (dict, list, str, int, float, True, False, None),
+    as json.loads reads it, but strict and bounded: no NaN or Infinity, at most
+    MAX_JSON_DEPTH levels and MAX_JSON_NUMBER characters per number. Written here
+    because minimal hosts have no json module; tests/test_ca.py holds it to json's."""
+
+    ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r",
+               "t": "\t"}
+    LITERALS = (("true", True), ("false", False), ("null", None))
+
+    def __init__(self, text):
+        self.text, self.pos, self.depth = text, 0, 0
+
+    def fail(self, what):
+        return ParseError("malformed JSON at character %d: %s" % (self.pos, what))
+
+    def document(self):
+        value = self.value()
+        self.skip_space()
+        if self.pos != len(self.text):
+            raise self.fail("extra data after the value")
+        return value
+
+    def skip_space(self):
+        while self.pos < len(self.text) and self.text[self.pos] in " \t\n\r":
+            self.pos += 1
+
+    def value(self):
+        self.skip_space()
+        char = self.text[self.pos:self.pos + 1]
+        if char == "{" or char == "[":
+            self.depth += 1
+            if self.depth > MAX_JSON_DEPTH:
+                raise self.fail("nested more than %d deep" % MAX_JSON_DEPTH)
+            value = self.object() if char == "{" else self.array()
+            self.depth -= 1
+            return value
+        if char == '"':
+            return self.string()
+        for word, value in self.LITERALS:
+            if self.text.startswith(word, self.pos):
+                self.pos += len(word)
+                return value
+        return self.number()
+
+    def expect(self, char):
+        self.skip_space()
+        if self.text[self.pos:self.pos + 1] != char:
+            raise self.fail("expected %r" % char)
+        self.pos += 1
+
+    def object(self):
+        self.pos += 1
+        members = {}
+        self.skip_space()
+        if self.text[self.pos:self.pos + 1] == "}":
+            self.pos += 1
+            return members
+        while True:
+            self.skip_space()
+            if self.text[self.pos:self.pos + 1] != '"':
+                raise self.fail("expected a member name")
+            name = self.string()
+            self.expect(":")
+            members[name] = self.value()
+            self.skip_space()
+            self.pos += 1
+            if self.text[self.pos - 1:self.pos] == "}":
+                return members
+            if self.text[self.pos - 1:self.pos] != ",":
+                raise self.fail("expected ',' or '}'")
+
+    def array(self):
+        self.pos += 1
+        items = []
+        self.skip_space()
+        if self.text[self.pos:self.pos + 1] == "]":
+            self.pos += 1
+            return items
+        while True:
+            items.append(self.value())
+            self.skip_space()
+            self.pos += 1
+            if self.text[self.pos - 1:self.pos] == "]":
+                return items
+            if self.text[self.pos - 1:self.pos] != ",":
+                raise self.fail("expected ',' or ']'")
+
+    def digits(self, pos):
+        """Where the run of ASCII digits from pos ends."""
+        while pos < len(self.text) and "0" <= self.text[pos] <= "9":
+            pos += 1
+        return pos
+
+    def number(self):
+        """-?(0|[1-9][0-9]*)(.[0-9]+)?([eE][-+]?[0-9]+)?: an int, or a float with a
+        fraction or an exponent."""
+        text, start = self.text, self.pos
+        pos = start + 1 if text.startswith("-", start) else start
+        end = pos + 1 if text.startswith("0", pos) else self.digits(pos)
+        if end == pos:
+            raise self.fail("expected a value")
+        fraction = text.startswith(".", end) and self.digits(end + 1) > end + 1
+        if fraction:
+            end = self.digits(end + 1)
+        power = end + 1 + (text[end + 1:end + 2] in ("+", "-"))
+        exponent = text[end:end + 1] in ("e", "E") and self.digits(power) > power
+        if exponent:
+            end = self.digits(power)
+        if end - start > MAX_JSON_NUMBER:
+            raise self.fail("a number longer than %d characters" % MAX_JSON_NUMBER)
+        self.pos = end
+        return float(text[start:end]) if fraction or exponent else int(text[start:end])
+
+    def string(self):
+        text, pos, parts = self.text, self.pos + 1, []
+        while True:
+            end = pos
+            while end < len(text) and text[end] not in '"\\' and text[end] >= " ":
+                end += 1
+            parts.append(text[pos:end])
+            char, self.pos = text[end:end + 1], end + 1
+            if char == '"':
+                return "".join(parts)
+            if char != "\\":
+                raise self.fail("a control character or the end in a string")
+            parts.append(self.escape())
+            pos = self.pos
+
+    def escape(self):
+        char = self.text[self.pos:self.pos + 1]
+        self.pos += 1
+        if char in self.ESCAPES:
+            return self.ESCAPES[char]
+        if char != "u":
+            raise self.fail("a bad escape")
+        code = self.hex4()
+        if 0xD800 <= code <= 0xDBFF and self.text.startswith("\\u", self.pos):
+            low = self.hex4(self.pos + 2)
+            if 0xDC00 <= low <= 0xDFFF:             # a surrogate pair: one character
+                self.pos += 6
+                return chr(0x10000 + (code - 0xD800 << 10) + low - 0xDC00)
+        return chr(code)            # a lone surrogate stays one, as json.loads keeps it
+
+    def hex4(self, pos=None):
+        """The 4 hex digits at pos (default: here, and then past them)."""
+        here = self.pos if pos is None else pos
+        digits = self.text[here:here + 4]
+        if len(digits) != 4 or any(char not in "0123456789abcdefABCDEF" for char in digits):
+            raise self.fail("a bad \\u escape")
+        if pos is None:
+            self.pos += 4
+        return int(digits, 16)
+
+
+def parse_json(data):
+    """JSON bytes (UTF-8, at most MAX_JSON) to Python values; ParseError if malformed."""
+    if len(data) > MAX_JSON:
+        raise ParseError("JSON larger than %d bytes" % MAX_JSON)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ParseError("JSON that is not UTF-8")
+    return JsonReader(text).document()
+
+
+def openssl_verifies(ctx, ders, server_name):
+    """None when OpenSSL verifies the chain ders (DER, leaf first) with ctx, as it
+    would a server's in a handshake; else OpenSSL's verify message ("certificate
+    revoked", "CRL has expired", ...), or the TLS error that stopped the check.
+
+    The ssl module verifies chains only during a handshake, so one is replayed in
+    memory, no byte leaving the process: the ClientHello of a client SSLObject is
+    answered with a TLS 1.2 ServerHello and Certificate made here. OpenSSL verifies
+    the chain as soon as it has read the Certificate; when it then waits for the
+    next message (SSLWantReadError), the chain verified. The suite is picked for the
+    leaf's key type, since after verifying OpenSSL checks that they agree."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    hello, pos = outgoing.read(), 5 + 4 + 2 + 32   # record, handshake header, version, random
+    if len(hello) <= pos or hello[0] != TLS_HANDSHAKE or len(hello) <= pos + hello[pos]:
+        return "cannot replay a handshake: an unexpected ClientHello"
+    session = hello[pos + 1:pos + 1 + hello[pos]]
+    kind = parse_certificate(ders[0]).key_type
+    suite = REPLAY_SUITES["RSA" if kind.startswith("RSA") else "EC"]
+    server_hello = b"\x03\x03" + os.urandom(32) + bytes([len(session)]) + session + suite \
+        + b"\x00" + len(RENEGOTIATION_INFO).to_bytes(2, "big") + RENEGOTIATION_INFO
+    certificates = b"".join(len(der).to_bytes(3, "big") + der for der in ders)
+    flight = b""
+    for kind_byte, body in ((2, server_hello), (TLS_CERTIFICATE, len(certificates).to_bytes(
+            3, "big") + certificates)):
+        flight += bytes([kind_byte]) + len(body).to_bytes(3, "big") + body
+    for start in range(0, len(flight), MAX_RECORD):
+        piece = flight[start:start + MAX_RECORD]
+        incoming.write(bytes([TLS_HANDSHAKE]) + b"\x03\x03" + len(piece).to_bytes(2, "big")
+                       + piece)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        return None
+    except ssl.CertificateError as exc:             # 3.7+: SSLCertVerificationError
+        return getattr(exc, "verify_message", None) or str(exc)
+    except ssl.SSLError as exc:
+        if exc.reason != VERIFY_FAILED_REASON:
+            return ssl_reason(exc)
+        try:                                        # Python 3.6: the message is OpenSSL's
+            return OpenSSLPeek(ctx).verify_message(tls)
+        except FetchError:                          # no ctypes
+            return ssl_reason(exc)
+    return "cannot replay a handshake: it completed"
+
+
+class Revocation(object):
+    """What the CRL says about a leaf. status: "good", "revoked" or "unknown"; cause:
+    why unknown (a code, see README "Revocation and renewal windows"); detail: that
+    failure for people; url: the CRL's; time (epoch seconds, or None when the entry
+    could not be read) and reason (RFC 5280's name) of a revocation; this_update and
+    next_update of the CRL that said good or revoked."""
+
+    def __init__(self, status, cause=None, detail=None, url=None, crl=None, entry=None):
+        self.status, self.cause, self.detail, self.url = status, cause, detail, url
+        self.this_update = crl.this_update if crl else None
+        self.next_update = crl.next_update if crl else None
+        self.time, self.reason = entry or (None, None)
+
+
+class RenewalWindow(object):
+    """What the ACME server's renewalInfo (ARI) suggests for a leaf: start and end
+    (epoch seconds) and explanation_url; or, when it could not be asked or said
+    nothing usable, start None, cause (a code) and detail (for people). cause
+    "expired": not asked, as RFC 9773 says of an expired certificate."""
+
+    def __init__(self, start=None, end=None, explanation_url=None, cause=None, detail=None):
+        self.start, self.end, self.explanation_url = start, end, explanation_url
+        self.cause, self.detail = cause, detail
+
+
+class Crl(object):
+    """One CRL: its url and DER, thisUpdate and nextUpdate (epoch seconds; nextUpdate
+    None when absent), and context, the trust store with it (crl_context)."""
+
+    def __init__(self, url, der, this_update, next_update):
+        self.url, self.der = url, der
+        self.this_update, self.next_update = this_update, next_update
+        self.context = None
+
+
+def _crl_tbs(der):
+    """The fields of a CRL's TBSCertList after its version: signature, issuer,
+    thisUpdate, then nextUpdate, revokedCertificates and extensions where present."""
+    top = _tlv(der, 0, len(der))
+    if top[2] != len(der):
+        raise ParseError("trailing bytes after the CRL")
+    tbs = _children(der, _children(der, top, DER_SEQUENCE, 3)[0], DER_SEQUENCE, 3)
+    if tbs[0][0] == DER_INTEGER:
+        tbs = tbs[1:]
+    if len(tbs) < 3 or tbs[0][0] != DER_SEQUENCE or tbs[1][0] != DER_SEQUENCE:
+        raise ParseError("a bad TBSCertList")
+    return tbs
+
+
+def parse_crl(data, url):
+    """A Crl from DER or PEM (X509 CRL) bytes, its header read whole; the entries are
+    read only when OpenSSL says the leaf is on the CRL (crl_entry). CaError if it is
+    not a CRL."""
+    try:
+        if data.lstrip()[:11] == b"-----BEGIN ":
+            text = data.decode("ascii", "replace")
+            start, stop = text.find("-----BEGIN X509 CRL-----"), text.find("-----END X509 CRL")
+            if start < 0 or stop < start:
+                raise ParseError("PEM without an X509 CRL in it")
+            data = _pem_body(text[start + 24:stop])
+        tbs = _crl_tbs(data)
+        this_update = _time(data, tbs[2])
+        next_update = _time(data, tbs[3]) if len(tbs) > 3 and tbs[3][0] in (0x17, 0x18) \
+            else None
+    except ParseError as exc:
+        raise CaError("%s: not a CRL: %s" % (url, str(exc).replace("malformed certificate: ",
+                                                                     "")), "malformed")
+    return Crl(url, bytes(data), this_update, next_update)
+
+
+def serial_octets(serial):
+    """The content octets of a serial number's DER INTEGER: minimal two's complement,
+    a leading zero byte kept where the top bit is set."""
+    return serial.to_bytes((serial if serial >= 0 else ~serial).bit_length() // 8 + 1, "big",
+                           signed=True)
+
+
+def crl_entry(der, serial):
+    """(revocation time, reason) of serial's entry on the CRL; None if it has none.
+    Only the entries' serials are looked at, each bounded by the CRL's own DER."""
+    tbs, wanted = _crl_tbs(der), serial_octets(serial)
+    rest = [item for item in tbs[3:] if item[0] == DER_SEQUENCE]
+    if not rest:
+        return None
+    pos, end = rest[0][1], rest[0][2]
+    while pos < end:
+        entry = _tlv(der, pos, end)
+        number = _tlv(der, entry[1], entry[2])
+        pos = entry[2]
+        if number[0] == DER_INTEGER and der[number[1]:number[2]] == wanted:
+            fields = _children(der, entry, DER_SEQUENCE, 2)
+            return _time(der, fields[1]), _crl_reason(der, fields[2:])
+    return None
+
+
+def _crl_reason(der, extensions):
+    """The name of a CRL entry's reasonCode; "unspecified" without one (RFC 5280 5.3.1)."""
+    for extension in _children(der, extensions[0], DER_SEQUENCE) if extensions else ():
+        fields = _children(der, extension, DER_SEQUENCE, 2)
+        if _element(der, fields[0]) == OID_CRL_REASON_DER:
+            code = _wrapped(der, fields[-1], DER_OCTET_STRING)
+            if code[0] != 0x0A or code[2] - code[1] != 1:       # ENUMERATED, one byte
+                raise ParseError("a bad reasonCode")
+            return CRL_REASONS.get(der[code[1]], "reason %d" % der[code[1]])
+    return CRL_REASONS[0]
+
+
+def trust_context(settings):
+    """A verifying client context with the run's trust (--cafile/--capath, else the
+    system store) and nothing else: the CA's https:// and CRL checks use it."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        if settings.cafile or settings.capath:
+            ctx.load_verify_locations(cafile=settings.cafile, capath=settings.capath)
+        else:
+            load_system_store(ctx)
+    except (ssl.SSLError, OSError, VerifyError) as exc:
+        raise CaError("cannot load the trust store: %s" % (
+            exc if isinstance(exc, VerifyError) else ssl_reason(exc)), "no-trust")
+    return ctx
+
+
+def crl_context(crl, settings):
+    """The trust store with this CRL, requiring a CRL for the leaf
+    (VERIFY_CRL_CHECK_LEAF). OpenSSL loads CRLs only from PEM files: a temporary one,
+    removed once read."""
+    ctx = trust_context(settings)
+    ctx.check_hostname = False
+    text = binascii.b2a_base64(crl.der, newline=False)
+    pem = b"-----BEGIN X509 CRL-----\n%s\n-----END X509 CRL-----\n" % b"\n".join(
+        text[start:start + 64] for start in range(0, len(text), 64))
+    try:
+        temp = write_temp_file(os.environ.get("TMPDIR") or "/tmp", "crl.pem", pem)
+    except OSError as exc:
+        raise CaError("cannot write a temporary file for the CRL: %s" % (exc.strerror or exc),
+                      "local")
+    try:
+        ctx.load_verify_locations(cafile=temp)
+    except ssl.SSLError as exc:
+        raise CaError("%s: OpenSSL cannot read the CRL: %s" % (crl.url, ssl_reason(exc)),
+                      "malformed")
+    finally:
+        remove_quietly(temp)
+    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    return ctx
+
+
+def cache_path(cache_dir, kind, url):
+    """The --cache-dir file of a URL: "crl-", "ari-" or "directory-" and a hash."""
+    return os.path.join(cache_dir, "%s-%s" % (kind, hashlib.sha256(url.encode()).hexdigest()))
+
+
+def read_cache(path, limit, keep):
+    """The bytes of a --cache-dir file written less than keep seconds ago; None if
+    there is none, or it is not a regular file of ours of at most limit bytes.
+    Opened without following a link and without waiting on a FIFO."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or \
+                info.st_size > limit or not 0 <= time.time() - info.st_mtime < keep:
+            return None
+        data = b""
+        while len(data) <= limit:
+            chunk = os.read(fd, HTTP_READ)
+            if not chunk:
+                return data
+            data += chunk
+        return None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def write_cache(path, data, reporter):
+    """Keep data in --cache-dir: a temporary file (0600, created exclusively), renamed.
+    A failure is a warning: the next run fetches again."""
+    try:
+        temp = write_temp_file(os.path.dirname(path), os.path.basename(path), data)
+        try:
+            os.replace(temp, path)
+        except OSError:
+            remove_quietly(temp)
+            raise
+    except OSError as exc:
+        reporter.warn("cannot keep %s in --cache-dir: %s; the next run fetches it again" % (
+            path, exc.strerror or exc))
+
+
+class CaLookups(object):
+    """What the CA said, asked once per run and shared by its threads: CRLs and ACME
+    answers by URL, OpenSSL's verdicts by chain. A failure is kept too, so that a
+    CRL host that is down costs the run one timeout, not one per source."""
+
+    def __init__(self, settings, reporter):
+        self.settings, self.reporter = settings, reporter
+        self._lock, self._entries = threading.Lock(), {}
+
+    def once(self, key, compute, deadline, url):
+        """compute()'s value (or CertgrabError) for key, computed by the first thread
+        to ask; the others wait for it until their own deadline."""
+        with self._lock:
+            entry = self._entries.setdefault(key, [threading.Lock(), False, None, None])
+        if not entry[0].acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise timed_out(url, "waiting for another source's look-up")
+        try:
+            if not entry[1]:
+                try:
+                    entry[2] = compute()
+                except CertgrabError as exc:
+                    entry[3] = exc
+                entry[1] = True
+        finally:
+            entry[0].release()
+        if entry[3] is not None:
+            raise entry[3]
+        return entry[2]
+
+    def https(self, deadline):
+        """The run's context for the CA's https:// (trust_context)."""
+        return self.once(("https",), lambda: trust_context(self.settings), deadline,
+                         self.settings.acme_directory)
+
+
+def load_crl(url, lookups, deadline):
+    """The Crl at url, with its context: from --cache-dir while fresh (nextUpdate not
+    reached, kept less than CRL_KEEP), else fetched, and kept when fresh."""
+    settings, now = lookups.settings, time.time()
+    path = settings.cache_dir and cache_path(settings.cache_dir, "crl", url)
+    data = read_cache(path, MAX_CRL, CRL_KEEP) if path else None
+    crl = parse_crl(data, url) if data is not None else None
+    if crl is None or crl.next_update is not None and crl.next_update <= now:
+        started = time.monotonic()
+        response = expect_ok(http_get(url, MAX_CRL, deadline, settings.family))
+        crl = parse_crl(response.body, url)
+        lookups.reporter.info("fetched the CRL %s: %d bytes in %.0f ms" % (
+            url, len(response.body), (time.monotonic() - started) * 1000))
+        if path and crl.next_update is not None and crl.next_update > now:
+            write_cache(path, crl.der, lookups.reporter)
+    crl.context = crl_context(crl, settings)
+    return crl
+
+
+def crl_url(leaf):
+    """The first http:// URL of the leaf's CRL Distribution Points; None if none."""
+    return next((url for url in leaf.crl_urls if url.lower().startswith("http://")), None)
+
+
+def leaf_revocation(result, lookups, deadline):
+    """The Revocation of the result's leaf: OpenSSL verifies its issuing path with the
+    trust store and the CRL of the leaf's first http:// CRL Distribution Point. Only
+    when OpenSSL says "revoked" is the CRL's entry read, for the time and reason."""
+    leaf, url = result.leaf, crl_url(result.leaf)
+    if url is None:
+        return Revocation("unknown", "no-http-crl" if leaf.crl_urls else "no-crl",
+                          "the leaf names %s" % ("no http:// CRL, only %s" % printable(
+                              ", ".join(leaf.crl_urls)[:200]) if leaf.crl_urls else "no CRL"))
+    chain = [cert.der for cert in result.issuing]
+    try:
+        crl = lookups.once(("crl", url), lambda: load_crl(url, lookups, deadline), deadline, url)
+        message = lookups.once(("verdict", url) + tuple(chain), lambda: openssl_verifies(
+            crl.context, chain, None), deadline, url)
+    except CertgrabError as exc:
+        return Revocation("unknown", getattr(exc, "cause", "unreachable"), str(exc), url)
+    if message is None:
+        return Revocation("good", url=url, crl=crl)
+    status, cause = CRL_VERDICTS.get(message, ("unknown", "rejected"))
+    if status == "unknown":
+        return Revocation(status, cause, "%s: OpenSSL: %s" % (url, message), url)
+    try:
+        entry = crl_entry(crl.der, leaf.serial)
+    except ParseError:
+        entry = None                    # OpenSSL read it: the time is then unknown
+    return Revocation("revoked", url=url, crl=crl, entry=entry)
+
+
+def ari_cert_id(aki, serial):
+    """RFC 9773's certificate ID: base64url(the authority key identifier) "."
+    base64url(the serial's DER content octets, a leading zero kept), unpadded."""
+    return ".".join(binascii.b2a_base64(part, newline=False).decode("ascii").rstrip("=")
+                    .replace("+", "-").replace("/", "_") for part in (aki, serial_octets(serial)))
+
+
+def parse_rfc3339(text):
+    """Epoch seconds of an RFC 3339 date-time ("2025-01-02T04:00:00Z"; fractions of a
+    second are dropped, offsets applied); ParseError for anything else."""
+    import re
+    match = re.match(r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})"
+                     r"(?:\.[0-9]{1,9})?(?:([Zz])|([-+])([0-9]{2}):([0-9]{2}))\Z", text)
+    if match is None:
+        raise ParseError("not an RFC 3339 date-time: %r" % text[:40])
+    year, month, day, hour, minute, second = (int(match.group(i)) for i in range(1, 7))
+    if year < 1 or not 1 <= month <= 12 or not 1 <= day <= _days_in_month(year, month) \
+            or hour > 23 or minute > 59 or second > 60:
+        raise ParseError("an impossible date-time: %r" % text[:40])
+    offset = 0 if match.group(7) else (int(match.group(9)) * HOUR + int(match.group(10))
+                                       * MINUTE) * (1 if match.group(8) == "+" else -1)
+    return _days_from_civil(year, month, day) * DAY + hour * HOUR + minute * MINUTE \
+        + min(second, 59) - offset
+
+
+def retry_after(value, now):
+    """Seconds to keep an ARI answer: its Retry-After (seconds, or an HTTP date) within
+    ARI_RETRY_BOUNDS; ARI_RETRY_DEFAULT without one that certgrab can read."""
+    import re
+    value = (value or "").strip()
+    months = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
+    date = re.match(r"[A-Z][a-z]{2}, ([0-9]{2}) ([A-Z][a-z]{2}) ([0-9]{4}) ([0-9]{2}):"
+                    r"([0-9]{2}):([0-9]{2}) GMT\Z", value)
+    if _ascii_digits(value, 10):
+        seconds = int(value)
+    elif date and date.group(2) in months:
+        stamp = "%s-%02d-%sT%s:%s:%sZ" % (date.group(3), months.index(date.group(2)) + 1,
+                                          date.group(1), date.group(4), date.group(5),
+                                          date.group(6))
+        try:
+            seconds = parse_rfc3339(stamp) - now
+        except ParseError:
+            seconds = ARI_RETRY_DEFAULT
+    else:
+        seconds = ARI_RETRY_DEFAULT
+    return int(min(max(seconds, ARI_RETRY_BOUNDS[0]), ARI_RETRY_BOUNDS[1]))
+
+
+def _json_answer(response):
+    try:
+        return parse_json(response.body)
+    except ParseError as exc:
+        raise CaError("%s: %s" % (response.url, exc), "bad-answer")
+
+
+def renewal_info_url(lookups, deadline):
+    """The renewalInfo URL of --acme-directory's directory (kept DIRECTORY_KEEP in
+    --cache-dir); CaError when the CA offers no ARI."""
+    settings, directory = lookups.settings, lookups.settings.acme_directory
+    path = settings.cache_dir and cache_path(settings.cache_dir, "directory", directory)
+    data = read_cache(path, MAX_JSON, DIRECTORY_KEEP) if path else None
+    if data is None:
+        data = expect_ok(http_get(directory, MAX_JSON, deadline, settings.family,
+                                  lookups.https(deadline))).body
+    document = _json_answer(HttpResponse(directory, 200, "", {}, data))
+    url = document.get("renewalInfo") if isinstance(document, dict) else None
+    if not isinstance(url, str):
+        raise CaError("%s: the ACME directory has no renewalInfo: this CA offers no ARI"
+                      % directory, "no-ari", hint="check --acme-directory: it is the URL of "
+                      "the directory of the CA that issued the leaf")
+    split_url(url, "https")
+    if path:
+        write_cache(path, data, lookups.reporter)
+    return url.rstrip("/")
+
+
+def renewal_answer(url, lookups, deadline):
+    """(start, end, explanation URL) of the ARI answer at url: from --cache-dir until
+    its Retry-After has passed, else asked and kept that long."""
+    settings, now = lookups.settings, time.time()
+    path = settings.cache_dir and cache_path(settings.cache_dir, "ari", url)
+    kept = read_cache(path, MAX_JSON + 32, ARI_RETRY_BOUNDS[1]) if path else None
+    head, _, body = (kept or b"").partition(b"\n")
+    if not (head.isdigit() and int(head) > now):
+        response = expect_ok(http_get(url, MAX_JSON, deadline, settings.family,
+                                      lookups.https(deadline)))
+        body = response.body
+        if path:
+            keep = retry_after(response.headers.get("retry-after"), now)
+            write_cache(path, b"%d\n" % (now + keep) + body, lookups.reporter)
+    document = _json_answer(HttpResponse(url, 200, "", {}, body))
+    window = document.get("suggestedWindow") if isinstance(document, dict) else None
+    try:
+        start, end = (parse_rfc3339(window[key]) if isinstance(window, dict) and isinstance(
+            window.get(key), str) else None for key in ("start", "end"))
+    except ParseError as exc:
+        raise CaError("%s: %s" % (url, exc), "bad-answer")
+    if start is None or end is None:
+        raise CaError("%s: no suggestedWindow with a start and an end" % url, "bad-answer")
+    explanation = document.get("explanationURL")
+    return start, end, explanation[:MAX_URL] if isinstance(explanation, str) else None
+
+
+def leaf_renewal(result, lookups, deadline, now):
+    """The RenewalWindow the ACME server suggests for the result's leaf (ARI). An
+    expired leaf is not asked about, and a window whose end is not after its start
+    counts as no answer (RFC 9773)."""
+    leaf = result.leaf
+    if now >= leaf.not_after:
+        return RenewalWindow(cause="expired", detail="not asked: the leaf has expired")
+    if leaf.aki is None:
+        return RenewalWindow(cause="no-aki", detail="the leaf has no authority key "
+                             "identifier, by which ARI names a certificate")
+    try:
+        base = lookups.once(("directory",), lambda: renewal_info_url(lookups, deadline),
+                            deadline, lookups.settings.acme_directory)
+        url = "%s/%s" % (base, ari_cert_id(leaf.aki, leaf.serial))
+        start, end, explanation = lookups.once(("ari", url), lambda: renewal_answer(
+            url, lookups, deadline), deadline, url)
+    except CertgrabError as exc:
+        cause = getattr(exc, "cause", "unreachable")
+        if getattr(exc, "status", None) == 404:
+            cause = "unknown-certificate"
+        return RenewalWindow(cause=cause, detail=str(exc))
+    if end <= start:
+        return RenewalWindow(cause="bad-window", detail="%s: a window whose end (%s) is not "
+                             "after its start (%s), ignored" % (url, format_time(end),
+                                                                format_time(start)))
+    return RenewalWindow(start, end, explanation)
+
+
+def consult_ca(results, settings, reporter, sharers=1):
+    """Ask the CA about the leaf of each source that gave one: its CRL (unless --crl
+    off) and, with --acme-directory, its renewal window; sets result.revocation and
+    result.renewal. Each source gets --timeout seconds from here; a URL is fetched
+    once per run, whichever source asks first."""
+    if settings.crl == "off" and not settings.acme_directory:
+        return
+    lookups = CaLookups(settings, reporter)
+    asked = [result for result in results if result.error is None and result.issuing]
+
+    def ask(result):
+        deadline = time.monotonic() + settings.timeout
+        if settings.crl != "off":
+            result.revocation = leaf_revocation(result, lookups, deadline)
+        if settings.acme_directory:
+            result.renewal = leaf_renewal(result, lookups, deadline, time.time())
+
+    remote = [result for result in asked if settings.acme_directory or
+              settings.crl != "off" and crl_url(result.leaf)]
+    for result in asked if len(remote) < 2 else set(asked) - set(remote):
+        ask(result)                     # one source, or nothing to fetch: no thread
+    if len(remote) > 1:
+        width = min(len(remote), settings.parallel or DEFAULT_PARALLEL)
+        map_in_threads(ask, remote, max(1, width // sharers), reporter,
+                       "asking the CA about %d source(s)")
+
+
+# The gate and the reports: what the CA knows, told.
+
+RENEW_HINT = "the renewing machine must renew now (certbot renew --force-renewal, or your " \
+             "ACME client's equivalent), and the servers serve the new certificate; the " \
+             "next run here installs it"
+
+
+def revocation_words(revocation):
+    """ "at 2026-12-07T02:44:35Z, reason keyCompromise (CRL http://...)"."""
+    return "at %s, reason %s (CRL %s)" % (
+        format_time(revocation.time) if revocation.time is not None else "a time its CRL "
+        "does not say", revocation.reason or "unknown", printable(revocation.url))
+
+
+def unknown_hint(revocation):
+    """What to do about a revocation status that is unknown, by its cause."""
+    cause = revocation.cause
+    if cause in NOTHING_TO_CHECK:
+        return "the leaf's CA publishes no CRL for it; --crl on accepts such a leaf"
+    if cause in ("unreachable", "http-status", "too-large", "bad-url"):
+        return "check this host's route to the CRL (%s): a proxy or firewall? --crl on " \
+               "installs anyway, as browsers do" % printable(revocation.url or "")
+    if cause in ("stale", "not-yet-valid"):
+        return "check this machine's clock (date -u); if it is right, the CA's CRL is out " \
+               "of date"
+    return "a CRL that fails OpenSSL's checks says nothing about the leaf; --crl on installs " \
+           "anyway"
+
+
+def apply_ca_gate(results, settings):
+    """Refuse (as that source's error) a leaf its CA revoked, said with its serial, the
+    time and the reason, and said as installed when the outputs hold it; with --crl
+    require, also a leaf whose status is unknown."""
+    installed = None
+    for result in results:
+        revocation = result.revocation
+        if result.error is not None or revocation is None or revocation.status == "good":
+            continue
+        leaf = result.leaf
+        if revocation.status == "revoked":
+            if installed is None:
+                installed = settings.plan and installed_leaf(resolve_outputs(
+                    settings.plan, settings.uid))[0] or False
+            if installed and installed.der == leaf.der:
+                result.error = RefusedError("%s: the installed leaf serial %s was revoked by "
+                                            "its CA %s; files untouched" % (
+                                                result.target, leaf.serial_hex,
+                                                revocation_words(revocation)), hint=RENEW_HINT)
+            else:
+                result.error = RefusedError("%s: refused the leaf serial %s: its CA revoked it "
+                                            "%s" % (result.target, leaf.serial_hex,
+                                                    revocation_words(revocation)),
+                                            hint=RENEW_HINT)
+        elif settings.crl == "require":
+            result.error = RefusedError("%s: refused the leaf serial %s: whether its CA revoked "
+                                        "it is unknown (--crl require): %s" % (
+                                            result.target, leaf.serial_hex, revocation.detail),
+                                        hint=unknown_hint(revocation))
+
+
+def warn_about_ca(best, settings, reporter):
+    """The chosen chain's CRL that could not be had or trusted (--crl on: soft-fail), and
+    a renewal window whose end has passed, as warnings."""
+    revocation, renewal = best.revocation, best.renewal
+    if revocation is not None and revocation.status == "unknown" and \
+            revocation.cause not in NOTHING_TO_CHECK:
+        reporter.warn("%s: cannot tell whether the CA revoked the leaf: %s; %s anyway (--crl "
+                      "on: soft-fail; --crl require refuses)" % (
+                          best.target, revocation.detail,
+                          "installing" if settings.plan else "printing it"))
+    if renewal is not None and renewal.start is not None and renewal.end <= time.time():
+        reporter.warn("%s: the CA asked for the leaf to be replaced by %s (ARI): the renewing "
+                      "machine has not renewed" % (best.target, format_time(renewal.end)))
+
+
+def revocation_text(revocation):
+    if revocation.status == "good":
+        return "good: not on its CRL %s (of %s%s)" % (
+            printable(revocation.url), format_time(revocation.this_update),
+            ", next update %s" % format_time(revocation.next_update)
+            if revocation.next_update is not None else "")
+    if revocation.status == "revoked":
+        return "REVOKED %s" % revocation_words(revocation)
+    return "unknown: %s" % printable(revocation.detail or revocation.cause)
+
+
+def renewal_text(renewal, now):
+    if renewal.start is None:
+        return ("unknown: %s" if renewal.cause != "expired" else "%s") % printable(
+            renewal.detail or renewal.cause)
+    return "the CA suggests renewing between %s and %s%s%s" % (
+        format_time(renewal.start), format_time(renewal.end),
+        " (ENDED %s ago)" % format_span(now - renewal.end) if renewal.end <= now else "",
+        "; see %s" % printable(renewal.explanation_url) if renewal.explanation_url else "")
+
+
+def ca_text_lines(result, now):
+    """--text: a line for the revocation status and one for the renewal window."""
+    lines = []
+    if result.revocation is not None:
+        lines.append("  revocation:   %s" % revocation_text(result.revocation))
+    if result.renewal is not None:
+        lines.append("  renewal:      %s" % renewal_text(result.renewal, now))
+    return lines
+
+
+def _format_times(*values):
+    return [format_time(value) if value is not None else None for value in values]
+
+
+def ca_json(result):
+    """--json: "revocation" and "renewal_window" of a source (null when not asked)."""
+    revocation, renewal = result.revocation, result.renewal
+    times = _format_times
+    return [
+        ("revocation", None if revocation is None else list(zip(
+            ("status", "cause", "detail", "time", "reason", "url", "crl_this_update",
+             "crl_next_update"),
+            [revocation.status, revocation.cause, revocation.detail] + times(revocation.time)
+            + [revocation.reason, revocation.url] + times(revocation.this_update,
+                                                          revocation.next_update)))),
+        ("renewal_window", None if renewal is None else list(zip(
+            ("start", "end", "explanation_url", "cause", "detail"),
+            times(renewal.start, renewal.end) + [renewal.explanation_url, renewal.cause,
+                                                 renewal.detail])))]
+
+
+def ca_check_line(line, result, settings, now):
+    """--check: a source's (status, text) with what the CA knows: CRITICAL for a revoked
+    leaf and for a renewal window whose end has passed while the leaf is still served;
+    WARNING for an unknown revocation under --crl require and for an ARI server that
+    could not be asked; otherwise the window's dates are added to the text."""
+    revocation, renewal, target = result.revocation, result.renewal, result.target
+    findings = [line]
+    if revocation is not None and revocation.status == "revoked":
+        findings.append((2, "%s: the leaf serial %s was REVOKED by its CA %s: the renewing "
+                         "machine must renew" % (target, result.leaf.serial_hex,
+                                                 revocation_words(revocation))))
+    elif revocation is not None and revocation.status == "unknown" and settings.crl == "require":
+        findings.append((1, "%s: revocation unknown (--crl require): %s" % (
+            target, printable(revocation.detail))))
+    if renewal is not None and renewal.start is None and renewal.cause != "expired":
+        findings.append((1, "%s: cannot ask the CA for the renewal window (ARI): %s" % (
+            target, printable(renewal.detail))))
+    elif renewal is not None and renewal.start is not None and renewal.end <= now:
+        findings.append((2, "%s: the CA's renewal window ended %s ago (%s) and the leaf is "
+                         "still served: the renewing machine did not renew" % (
+                             target, format_span(now - renewal.end), format_time(renewal.end))))
+    worst = max(findings, key=lambda finding: finding[0])
+    if worst is line and renewal is not None and renewal.start is not None:
+        return line[0], "%s; renewal window %s to %s" % (line[1], format_time(renewal.start),
+                                                         format_time(renewal.end))
+    return worst
+
+
+def ca_metrics(results, run):
+    """certgrab_leaf_revoked (1 or 0; no series while unknown) and the ARI window."""
+    revoked, starts, ends = [], [], []
+    for result in results:
+        labels = run + [("source", printable(result.target.source)),
+                        ("servername", result.target.servername or "")]
+        if result.revocation is not None and result.revocation.status != "unknown":
+            revoked.append((labels, int(result.revocation.status == "revoked")))
+        if result.renewal is not None and result.renewal.start is not None:
+            starts.append((labels, result.renewal.start))
+            ends.append((labels, result.renewal.end))
+    return [("certgrab_leaf_revoked", "1 if the leaf's CRL lists it, 0 if its CRL (checked "
+             "by OpenSSL) does not; absent when unknown.", revoked),
+            ("certgrab_ari_window_start_timestamp_seconds", "Start of the renewal window "
+             "the CA suggests for the leaf (ARI).", starts),
+            ("certgrab_ari_window_end_timestamp_seconds", "End of the renewal window the "
+             "CA suggests for the leaf (ARI).", ends)]
+
+
+def _ca_settings(args):
+    """--crl, --acme-directory and --cache-dir, checked."""
+    crl = args.crl if args.crl is not None else "on"
+    if crl not in CRL_MODES:
+        raise UsageError("--crl %s: give on (check, install anyway when the CRL cannot be "
+                         "had), require or off" % crl)
+    if args.acme_directory is not None:
+        try:
+            split_url(args.acme_directory, "https")
+        except CaError as exc:
+            raise UsageError("--acme-directory: %s" % exc)
+    return dict(crl=crl, acme_directory=args.acme_directory,
+                cache_dir=args.cache_dir and check_cache_dir(args.cache_dir))
+
+
+def check_cache_dir(path):
+    """--cache-dir: made (0700) when missing; refused unless it is a directory of the
+    user running certgrab that no group or other user can write."""
+    try:
+        os.mkdir(path, CACHE_DIR_MODE)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise UsageError("--cache-dir %s: cannot create it: %s" % (path, exc.strerror or exc))
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise InputError("--cache-dir %s: %s" % (path, exc.strerror or exc))
+    if not stat.S_ISDIR(info.st_mode):
+        raise UsageError("--cache-dir %s: not a directory" % path)
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise UsageError("--cache-dir %s: owned by uid %d with mode %04o; certgrab keeps CRLs "
+                         "there only in a directory of its own user that no one else can "
+                         "write" % (path, info.st_uid, info.st_mode & 0o7777),
+                         hint="chown %d %s && chmod go-w %s, or name another directory" % (
+                             os.geteuid(), path, path))
+    return path
 
 
 # ---------------------------------------------------------------------------
@@ -3646,6 +4882,7 @@ def text_lines(result, settings, now):
                                                  " after STARTTLS " + settings.starttls
                                                  if settings.starttls else ""))
     lines.append("  verification: %s" % verdict(result, settings))
+    lines += ca_text_lines(result, now)                 # issue 21
     lines += ["  warning:      %s" % problem.text for problem in result.problems]
     for index, cert in enumerate(result.served):
         lines += certificate_lines(index, cert, now)
@@ -3694,6 +4931,7 @@ def source_json(result, settings, now):
          result.error is None and result.verify_error is None),
         ("verify_error", result.verify_error),
         ("problems", [problem.text for problem in result.problems]),
+    ] + ca_json(result) + [                             # issue 21
         ("chain", [certificate_json(cert, now) for cert in result.served]),
     ]
 
@@ -3764,6 +5002,8 @@ def check_report(results, settings, now, reporter):
     lines = [line for line, _ in parts]
     if settings.same:
         lines = [worse(line, same) for line, same in zip(lines, same_chain_statuses(results))]
+    lines = [ca_check_line(line, result, settings, now)  # issue 21: CRL and ARI
+             for line, result in zip(lines, results)]
     lines = [(status, status_text(text)) for status, text in lines]
     worst = worse(*lines)[0]
     counts = ", ".join("%d %s" % (sum(s == n for s, _ in lines), NAGIOS[n])
@@ -3971,6 +5211,7 @@ def metrics_text(results, settings, clock, outcome, reporter):
                ("certgrab_run_duration_seconds", "How long this run took.",
                 [(run, time.monotonic() - clock[1])])]
     metrics += source_metrics(results, settings, run, reporter)
+    metrics += ca_metrics(results, run)                 # issue 21
     leaves = set(r.leaf.sha256 for r in results if r.issuing)
     metrics.append(("certgrab_distinct_leaves", "Different leaves served across the sources "
                     "(1: the fleet has converged).", [(run, len(leaves))]))
@@ -4207,6 +5448,14 @@ OPTIONS = (
         (("--capath",), "DIR", "trust only the hashed CA directory DIR"),
         (("--insecure",), SWITCH, "do not verify chain or name (says so on stderr)"),
     )),
+    ("what the CA knows: revocation (CRL) and renewal windows (ARI)", (     # issue 21
+        (("--crl",), "MODE", "on: check the leaf's CRL, go ahead when it cannot be had "
+         "(default); require: refuse then; off: no CRL"),
+        (("--acme-directory",), "URL", "ask this ACME server's renewalInfo (ARI) for the "
+         "leaf's renewal window"),
+        (("--cache-dir",), "DIR", "keep CRLs (until nextUpdate, a day at most) and ARI "
+         "answers (Retry-After) in DIR across runs"),
+    )),
     ("output (default: the chain as served, on stdout)", (
         (("--out-dir",), "DIR", "write cert.pem, chain.pem, fullchain.pem in DIR"),
         (("--cert-path",), "FILE", "write the leaf to FILE"),
@@ -4348,6 +5597,7 @@ def validate_settings(args, sources, reporter):
     values.update(_tls_version_settings(args))
     values.update(_report_settings(args))
     values.update(_install_settings(args, values["report"], reporter))
+    values.update(_ca_settings(args))                   # issue 21: --crl, ARI, --cache-dir
     default_port = parse_port(args.port, "-p/--port") if args.port is not None else \
         STARTTLS[args.starttls][1] if args.starttls else DEFAULT_PORT
     values["targets"] = parse_targets(sources, parse_servername(args.servername),
@@ -4835,6 +6085,7 @@ def run_one(settings, reader, reporter, sharers=1):
                                           "clients may fail to verify it" if settings.plan
                                           else ""))
     results = fetch_all(settings.targets, reader, settings, reporter, sharers)  # 1. fetch
+    consult_ca(results, settings, reporter, sharers)    # 1b. what the CA knows (issue 21)
     try:
         code, outcome = deliver(results, settings, reader, reporter)  # 2. to 4. below
     except Exception as exc:            # certgrab's own error, or a bug: the run's error
@@ -4853,7 +6104,9 @@ def deliver(results, settings, reader, reporter):
         return report(results, settings, reporter), None
     if settings.plan or settings.keys:
         apply_gate(results, settings.keys, reporter)    # 2. key, name, dates
+    apply_ca_gate(results, settings)                    #    not revoked (issue 21)
     best = choose_result(results, reporter)             # 3. the newest good chain
+    warn_about_ca(best, settings, reporter)             #    CRL soft-fail, ARI (issue 21)
     report_fetch(results, best, reader, settings, reporter)
     chain = best.verified if settings.verified_chain else None
     if not settings.plan:                               # 4a. stdout: exactly as served

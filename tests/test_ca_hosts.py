@@ -1,0 +1,122 @@
+"""Issue 21 on every kind of host: certgrab.py run as a program under Python 3.6, 3.9 and 3.13
+(pyenv's, each with its own ssl module: 3.6 reads OpenSSL's verify message through ctypes),
+and inside the Debian 12 and 11 python3-minimal roots (no json, no http.client, no CA store;
+OpenSSL 3.0 and 1.1.1). Each asks a real CRL (good and revoked leaves; a revoked one is not
+installed) and an RFC 9773 server for the window.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from ca_servers import AriServer, CrlCA, FileServer
+from conftest import CERTGRAB
+from servers import TLSServer
+from test_ari import cert_id, window
+from test_matrix import INTERPRETERS
+from test_minimal_hosts import CHROOT, CHROOT_ENV, ROOTS, SYSTEMS, TIMEOUT
+
+NAME = "www.example.test"
+REFUSED = 6
+
+pytestmark = pytest.mark.slow
+
+
+class World(object):
+    """A CA, its CRL server with a good and a revoked leaf served over TLS, an ARI server."""
+
+    def __init__(self, directory):
+        self.ca = CrlCA(directory / "ca")
+        (directory / "crls").mkdir()
+        self.crls = FileServer(directory / "crls").start()
+        url = self.crls.url("int.crl")
+        self.good, self.revoked = self.ca.leaf("good", url), self.ca.leaf("revoked", url)
+        self.ca.revoke("revoked", "cessationOfOperation")
+        self.ca.crl(str(directory / "crls" / "int.crl"))
+        self.servers = [TLSServer(os.path.join(leaf, "fullchain.pem"),
+                                  os.path.join(leaf, "key.pem"), tls="1.2")
+                        for leaf in (self.good, self.revoked)]
+        api = self.ca.leaf("api", None)
+        self.ari = AriServer(os.path.join(api, "fullchain.pem"), os.path.join(api, "key.pem"))
+        self.ari.answers[cert_id(self.good)] = window(explanation="https://x.test/why")
+        for server in self.servers + [self.ari]:
+            server.start()
+
+    def stop(self):
+        for server in self.servers + [self.ari, self.crls]:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    made = World(tmp_path_factory.mktemp("ca-hosts"))
+    yield made
+    made.stop()
+
+
+def check_runs(certgrab, world, root_pem, out_dir):
+    """certgrab(*args) -> (rc, stdout, stderr) on some host: the three runs every host must
+    get right."""
+    good, revoked = world.servers
+    rc, out, err = certgrab(good.address, "-n", NAME, "--cafile", root_pem, "--json",
+                            "--acme-directory", world.ari.directory)
+    assert rc == 0, err
+    source = json.loads(out)[0]
+    assert source["revocation"]["status"] == "good", source["revocation"]
+    assert source["renewal_window"]["explanation_url"] == "https://x.test/why"
+    rc, out, err = certgrab(revoked.address, "-n", NAME, "--cafile", root_pem, "--out-dir",
+                            out_dir)
+    assert rc == REFUSED, err
+    assert "its CA revoked it at" in err and "reason cessationOfOperation" in err
+    assert "Traceback" not in err
+    rc, out, err = certgrab(revoked.address, "-n", NAME, "--cafile", root_pem, "--check")
+    assert rc == 2 and "was REVOKED by its CA" in out, out
+
+
+@pytest.mark.parametrize("minor", [6, 9, 13], ids=lambda minor: "py3.%d" % minor)
+def test_pythons(world, minor, tmp_path):
+    python = INTERPRETERS.get(minor)
+    if python is None:
+        pytest.skip("python3.%d not found" % minor)
+
+    def certgrab(*args):
+        proc = subprocess.run([python, CERTGRAB] + [str(a) for a in args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, timeout=TIMEOUT)
+        return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+
+    check_runs(certgrab, world, world.ca.root_pem, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not os.listdir(str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("suite", [s[0] for s in SYSTEMS], ids=[s[1] for s in SYSTEMS])
+def test_minimal_hosts(world, suite):
+    root = ROOTS / suite
+    if not (root / ".certgrab-complete").is_file():
+        pytest.skip("no %s root in %s: run `make roots`" % (suite, ROOTS))
+    if os.geteuid() != 0:
+        pytest.skip("chroot needs root")
+    scratch = Path(tempfile.mkdtemp(prefix="certgrab-ca-", dir=str(root / "tmp")))
+    try:
+        os.chmod(str(scratch), 0o755)
+        shutil.copy(CERTGRAB, str(scratch / "certgrab.py"))
+        shutil.copy(world.ca.root_pem, str(scratch / "root.pem"))
+        inside = "/" + str(scratch.relative_to(root))
+
+        def certgrab(*args):
+            args = [inside + "/out" if str(a) == "OUT" else a for a in args]
+            proc = subprocess.run([CHROOT, str(root), "python3", inside + "/certgrab.py"]
+                                  + [str(a) for a in args], env=CHROOT_ENV,
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=TIMEOUT)
+            return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+
+        check_runs(certgrab, world, inside + "/root.pem", "OUT")
+        assert not (scratch / "out").exists() or not os.listdir(str(scratch / "out"))
+    finally:
+        shutil.rmtree(str(scratch))
