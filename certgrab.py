@@ -1941,25 +1941,26 @@ def starttls_dialogue(sock, target, protocol, ehlo, deadline):
 # TLS: trust store, handshake, and the chain the server sent.
 # ---------------------------------------------------------------------------
 
-def make_context(settings, key_kind=None, for_replay=False):
+def make_context(settings, key_kind=None, verify_only=False):
     """A client context: verifying (the default) or --insecure.
 
     With key_kind ("RSA" or "EC") it offers only TLS 1.2 cipher suites signed
     by that key type: the way to ask a dual-certificate server for the other
     certificate, since Python cannot restrict TLS 1.3 signature algorithms.
-    for_replay: the same trust store and verification, without the handshake's
-    shape (ALPN, --tls-min, --tls-max), for the TLS 1.2 replays that find the
-    verified path on Python 3.6-3.9 (find_verified_path).
+    verify_only: the run's trust store and verification and nothing else: not
+    the handshake's shape (ALPN, --tls-min, --tls-max), and verifying even under
+    --insecure, which is about the sources. It serves the replays (replay_verdict:
+    the verified path on Python 3.6-3.9, the CRL checks) and the CA's https://.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if settings.alpn and not for_replay:
+    if settings.alpn and not verify_only:
         ctx.set_alpn_protocols(settings.alpn)
-    if (settings.tls_min or settings.tls_max) and not for_replay:
+    if (settings.tls_min or settings.tls_max) and not verify_only:
         limit_tls_versions(ctx, settings.tls_min, settings.tls_max)
     if key_kind:
         ctx.set_ciphers("aECDSA" if key_kind == "EC" else "aRSA")
         limit_to_tls12(ctx)
-    if settings.insecure:
+    if settings.insecure and not verify_only:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
         return ctx
@@ -2185,18 +2186,25 @@ class OpenSSLPeek(object):
         return ders
 
     def verify_message(self, tls):
+        return self.verify_result(tls)[1]
+
+    def verify_result(self, tls):
+        """(OpenSSL's verify code, its message) of tls, an SSLSocket or an SSLObject."""
         code = self.lib.SSL_get_verify_result(self._ssl_pointer(tls))
-        return self.lib.X509_verify_cert_error_string(code).decode("ascii", "replace")
+        return code, self.lib.X509_verify_cert_error_string(code).decode("ascii", "replace")
 
 
-# Python 3.6-3.9 cannot ask OpenSSL which path it verified. certgrab finds it by
-# replaying: a client object of replay_ctx (the run's trust store and verification)
+# The ssl module verifies a chain only in a handshake, so certgrab asks OpenSSL about a
+# chain by replaying one (replay_verdict): a client object of a verify_only context
 # starts a handshake in memory; its ClientHello is answered with a TLS 1.2 ServerHello
-# and a Certificate message holding exactly one candidate path. OpenSSL either verifies
-# that path, and then waits for the next message, or fails it. No key is involved and
-# nothing leaves the process. Candidates come in the order OpenSSL's search prefers
-# them (the store's certificates first, then the served ones within their dates, in the
-# order sent), so the first that verifies is the path OpenSSL builds.
+# and a Certificate message holding exactly that chain. OpenSSL either verifies it, and
+# then waits for the next message, or fails it. No key is involved and nothing leaves
+# the process. Two things ask: Python 3.6-3.9, which cannot ask OpenSSL which path it
+# verified, replay candidate paths (find_verified_path) in the order OpenSSL's search
+# prefers them (the store's certificates first, then the served ones within their
+# dates, in the order sent), so the first that verifies is the path OpenSSL builds;
+# and every Python checks CRLs so (revocation_verdict), with a context that holds the
+# CRL and requires one.
 MAX_REPLAYS = 16        # candidate paths replayed per source: a real chain verifies at the
 #                         first, and each look-alike a server sends costs one more
 MAX_PATHS = 256         # partial paths the candidate search looks at: names that repeat
@@ -2288,49 +2296,77 @@ def server_flight(session_id, suite, ders):
 
 
 def replay_error(target, why):
-    return FetchError("%s: cannot tell which path OpenSSL verified: %s" % (target, why),
-                      hint="Python 3.10 and newer read the verified path from OpenSSL")
+    """A replay that went otherwise than OpenSSL's client goes: a bug, said as such.
+    (The CRL checks say it as an unknown status: revocation_verdict.)"""
+    return FetchError("%s: cannot replay the chain to OpenSSL: %s" % (target, why),
+                      hint="please report it; Python 3.10 and newer read the verified path "
+                           "from OpenSSL without a replay")
 
 
-def _replay_step(tls, target):
+def verify_failure_of(exc, tls, ctx):
+    """(OpenSSL's verify code, its message) of a verification that failed with exc on
+    tls, a connection of ctx. Python 3.7+ put both on the exception (an
+    SSLCertVerificationError); 3.6 says only "certificate verify failed", so they are
+    read from OpenSSL through ctypes (OpenSSLPeek). Without ctypes the code is None."""
+    code = getattr(exc, "verify_code", None)
+    if code is not None:
+        return code, exc.verify_message
+    try:
+        return OpenSSLPeek(ctx).verify_result(tls)
+    except FetchError:
+        return None, ssl_reason(exc)
+
+
+def _replay_step(tls, ctx, target):
     """One step of a replayed handshake: None when it waits for the server, else
-    the reason OpenSSL failed to verify; any other outcome is a FetchError."""
+    (code, message) of the verification OpenSSL failed (verify_failure_of); any other
+    outcome is a FetchError."""
     try:
         tls.do_handshake()
     except ssl.SSLWantReadError:
         return None
-    except ssl.SSLError as exc:
+    except ssl.SSLError as exc:         # 3.7+: SSLCertVerificationError is one
         if exc.reason == VERIFY_FAILED_REASON:
-            return getattr(exc, "verify_message", None) or ssl_reason(exc)
+            return verify_failure_of(exc, tls, ctx)
         raise replay_error(target, "the replayed handshake failed: %s" % ssl_reason(exc))
     raise replay_error(target, "the replayed handshake went on without the server")
 
 
-def replay_verifies(ctx, target, ders, suite):
-    """Whether OpenSSL verifies exactly ders (leaf first) for the target's name:
-    (True, None), or (False, OpenSSL's reason)."""
+def replay_suite(cert):
+    """The TLS 1.2 suite of REPLAY_SUITES for cert's key (after verifying, OpenSSL checks
+    that they agree); None for a key no such suite serves (DSA, say)."""
+    kind = cert.key_type.split()[0]
+    return REPLAY_SUITES.get("EC" if kind.startswith("Ed") else kind.split("-")[0])
+
+
+def replay_verdict(ctx, ders, suite, server_name, target):
+    """OpenSSL's verdict on exactly ders (DER, first the certificate a server would be
+    verified as) with ctx, a verify_only context: None when it verifies, else (verify
+    code, message) as verify_failure_of gives them. server_name (None: no name check)
+    is checked too, except by Python 3.6, which checks names in Python code once a
+    handshake completes, and a replay never completes. suite: replay_suite's for
+    ders[0]. A replay that goes otherwise is target's FetchError (replay_error)."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname(target))
-    if _replay_step(tls, target) is not None:
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    if _replay_step(tls, ctx, target) is not None:
         raise replay_error(target, "the replayed handshake failed before the server spoke")
     session_id, suites = client_hello_offer(outgoing.read(5 + MAX_RECORD), target)
     if suite not in suites:
         raise replay_error(target, "the replayed ClientHello lacks the TLS 1.2 suite for "
-                                   "the leaf's key")
-    incoming.write(server_flight(session_id, suite, ders))
-    reason = _replay_step(tls, target)  # None: verified, waiting for ServerKeyExchange
-    return reason is None, reason
+                                   "the certificate's key")
+    incoming.write(server_flight(session_id, suite, ders))   # split into records
+    return _replay_step(tls, ctx, target)   # None: verified, waiting for ServerKeyExchange
 
 
 def find_verified_path(result, reader):
     """Python 3.6-3.9: the path OpenSSL verified, root included: the first of
     candidate_paths that OpenSSL verifies when replayed alone, within MAX_REPLAYS.
     When none does, this source fails (a VerifyError): never a guess."""
-    kind = result.served[0].key_type.split()[0]
-    suite = REPLAY_SUITES.get("EC" if kind.startswith("Ed") else kind.split("-")[0])
+    suite = replay_suite(result.served[0])
     if suite is None:
-        raise replay_error(result.target, "no TLS 1.2 suite to replay a %s leaf" % kind)
-    tried, reason = set(), None         # tried: the DER lists replayed
+        raise replay_error(result.target, "no TLS 1.2 suite to replay a %s leaf"
+                           % result.served[0].key_type)
+    tried, failure = set(), None        # tried: the DER lists replayed
     for path in candidate_paths(result.served, reader.store_certificates(), time.time()):
         ders = tuple(cert.der for cert in without_root(path))
         if ders in tried:
@@ -2338,9 +2374,11 @@ def find_verified_path(result, reader):
         if len(tried) == MAX_REPLAYS:
             break
         tried.add(ders)
-        verified, reason = replay_verifies(reader.replay_ctx, result.target, ders, suite)
-        if verified:
+        failure = replay_verdict(reader.replay_ctx, ders, suite,
+                                 server_hostname(result.target), result.target)
+        if failure is None:
             return path
+    reason = failure[1] if failure else None
     result.verify_error = "cannot tell which path OpenSSL verified"
     raise VerifyError("%s: %s: %s; nothing is written" % (
         result.target, result.verify_error, "none of the %d path(s) tried verified alone "
@@ -2784,7 +2822,7 @@ def choose_result(results, reporter):
 # the next runs too.
 #
 #   leaf --CRL Distribution Points--> http:// GET --> CRL --+
-#   trust store + CRL --> OpenSSL verifies leaf+intermediates (openssl_verifies)
+#   trust store + CRL --> OpenSSL verifies leaf+intermediates (replay_verdict)
 #       --> good | revoked (time and reason read from the CRL) | unknown (cause)
 #   --acme-directory --GET--> renewalInfo URL --GET <url>/<certID>--> window
 # ---------------------------------------------------------------------------
@@ -2815,19 +2853,19 @@ CRL_REASONS = {0: "unspecified", 1: "keyCompromise", 2: "cACompromise",
                3: "affiliationChanged", 4: "superseded", 5: "cessationOfOperation",
                6: "certificateHold", 8: "removeFromCRL", 9: "privilegeWithdrawn",
                10: "aACompromise"}        # RFC 5280 5.3.1; no reasonCode: unspecified
-# OpenSSL's verify messages (X509_verify_cert_error_string, the same in 1.1.1 and 3.x)
-# after a verification with a CRL: (status, cause). Any other message is ("unknown",
-# "rejected"): OpenSSL refused the chain for a reason of its own, which the detail says.
+# OpenSSL's verify codes (X509_V_ERR_*, x509_vfy.h; the same in 1.1.1 and 3.x) after a
+# verification with a CRL: (status, cause). Any other code is ("unknown", "rejected"):
+# OpenSSL refused the chain for a reason of its own, which the detail gives in its words.
 CRL_VERDICTS = {
-    "certificate revoked": ("revoked", None),
-    "unable to get certificate CRL": ("unknown", "wrong-crl"),
-    "unable to get CRL issuer certificate": ("unknown", "wrong-crl"),
-    "CRL signature failure": ("unknown", "bad-signature"),
-    "unable to decrypt CRL's signature": ("unknown", "bad-signature"),
-    "CRL has expired": ("unknown", "stale"),
-    "CRL is not yet valid": ("unknown", "not-yet-valid"),
-    "format error in CRL's lastUpdate field": ("unknown", "malformed"),
-    "format error in CRL's nextUpdate field": ("unknown", "malformed"),
+    23: ("revoked", None),                  # X509_V_ERR_CERT_REVOKED
+    3: ("unknown", "wrong-crl"),            # X509_V_ERR_UNABLE_TO_GET_CRL
+    33: ("unknown", "wrong-crl"),           # X509_V_ERR_UNABLE_TO_GET_CRL_ISSUER
+    8: ("unknown", "bad-signature"),        # X509_V_ERR_CRL_SIGNATURE_FAILURE
+    5: ("unknown", "bad-signature"),        # X509_V_ERR_UNABLE_TO_DECRYPT_CRL_SIGNATURE
+    12: ("unknown", "stale"),               # X509_V_ERR_CRL_HAS_EXPIRED
+    11: ("unknown", "not-yet-valid"),       # X509_V_ERR_CRL_NOT_YET_VALID
+    15: ("unknown", "malformed"),           # X509_V_ERR_ERROR_IN_CRL_LAST_UPDATE_FIELD
+    16: ("unknown", "malformed"),           # X509_V_ERR_ERROR_IN_CRL_NEXT_UPDATE_FIELD
 }
 # Causes of an unknown revocation status where the leaf names nothing to check: not
 # a failure, so --crl on does not warn about them (--crl require still refuses).
@@ -3063,7 +3101,7 @@ def _http_exchange(url, scheme, limit, deadline, family, context):
 
 
 def _https_handshake(sock, target, context, deadline):
-    """The TLS side of an https:// GET, verified with the run's trust (trust_context)."""
+    """The TLS side of an https:// GET, verified with the run's trust (ca_context)."""
     name = target.name_bytes.decode() if NAME_AS_STR else target.name_bytes
     tls = context.wrap_socket(sock, server_hostname=name, do_handshake_on_connect=False)
     try:
@@ -3279,56 +3317,6 @@ def parse_json(data):
     return JsonReader(text).document()
 
 
-def openssl_verifies(ctx, ders, server_name):
-    """None when OpenSSL verifies the chain ders (DER, leaf first) with ctx, as it
-    would a server's in a handshake; else OpenSSL's verify message ("certificate
-    revoked", "CRL has expired", ...), or the TLS error that stopped the check.
-
-    The ssl module verifies chains only during a handshake, so one is replayed in
-    memory, no byte leaving the process: the ClientHello of a client SSLObject is
-    answered with a TLS 1.2 ServerHello and Certificate made here. OpenSSL verifies
-    the chain as soon as it has read the Certificate; when it then waits for the
-    next message (SSLWantReadError), the chain verified. The suite is picked for the
-    leaf's key type, since after verifying OpenSSL checks that they agree."""
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=server_name)
-    try:
-        tls.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    hello, pos = outgoing.read(), 5 + 4 + 2 + 32   # record, handshake header, version, random
-    if len(hello) <= pos or hello[0] != TLS_HANDSHAKE or len(hello) <= pos + hello[pos]:
-        return "cannot replay a handshake: an unexpected ClientHello"
-    session = hello[pos + 1:pos + 1 + hello[pos]]
-    kind = parse_certificate(ders[0]).key_type
-    suite = REPLAY_SUITES["RSA" if kind.startswith("RSA") else "EC"]
-    server_hello = b"\x03\x03" + os.urandom(32) + bytes([len(session)]) + session + suite \
-        + b"\x00" + len(RENEGOTIATION_INFO).to_bytes(2, "big") + RENEGOTIATION_INFO
-    certificates = b"".join(len(der).to_bytes(3, "big") + der for der in ders)
-    flight = b""
-    for kind_byte, body in ((2, server_hello), (TLS_CERTIFICATE, len(certificates).to_bytes(
-            3, "big") + certificates)):
-        flight += bytes([kind_byte]) + len(body).to_bytes(3, "big") + body
-    for start in range(0, len(flight), MAX_RECORD):
-        piece = flight[start:start + MAX_RECORD]
-        incoming.write(bytes([TLS_HANDSHAKE]) + b"\x03\x03" + len(piece).to_bytes(2, "big")
-                       + piece)
-    try:
-        tls.do_handshake()
-    except ssl.SSLWantReadError:
-        return None
-    except ssl.CertificateError as exc:             # 3.7+: SSLCertVerificationError
-        return getattr(exc, "verify_message", None) or str(exc)
-    except ssl.SSLError as exc:
-        if exc.reason != VERIFY_FAILED_REASON:
-            return ssl_reason(exc)
-        try:                                        # Python 3.6: the message is OpenSSL's
-            return OpenSSLPeek(ctx).verify_message(tls)
-        except FetchError:                          # no ctypes
-            return ssl_reason(exc)
-    return "cannot replay a handshake: it completed"
-
-
 class Revocation(object):
     """What the CRL says about a leaf. status: "good", "revoked" or "unknown"; cause:
     why unknown (a code, see README "Revocation and renewal windows"); detail: that
@@ -3436,26 +3424,20 @@ def _crl_reason(der, extensions):
     return CRL_REASONS[0]
 
 
-def trust_context(settings):
-    """A verifying client context with the run's trust (--cafile/--capath, else the
-    system store) and nothing else: the CA's https:// and CRL checks use it."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+def ca_context(settings):
+    """The run's trust store in a verify_only context (make_context): what the CA's
+    https:// and the CRL checks are verified with, under --insecure too."""
     try:
-        if settings.cafile or settings.capath:
-            ctx.load_verify_locations(cafile=settings.cafile, capath=settings.capath)
-        else:
-            load_system_store(ctx)
-    except (ssl.SSLError, OSError, VerifyError) as exc:
-        raise CaError("cannot load the trust store: %s" % (
-            exc if isinstance(exc, VerifyError) else ssl_reason(exc)), "no-trust")
-    return ctx
+        return make_context(settings, verify_only=True)
+    except CertgrabError as exc:        # no store on this host (an --insecure run)
+        raise CaError("cannot load the trust store: %s" % exc, "no-trust", exc.hint)
 
 
 def crl_context(crl, settings):
-    """The trust store with this CRL, requiring a CRL for the leaf
-    (VERIFY_CRL_CHECK_LEAF). OpenSSL loads CRLs only from PEM files: a temporary one,
-    removed once read."""
-    ctx = trust_context(settings)
+    """The trust store with this CRL, requiring a CRL for the certificate verified
+    first (VERIFY_CRL_CHECK_LEAF); no name is checked. OpenSSL loads CRLs only from
+    PEM files: a temporary one, removed once read."""
+    ctx = ca_context(settings)
     ctx.check_hostname = False
     text = binascii.b2a_base64(crl.der, newline=False)
     pem = b"-----BEGIN X509 CRL-----\n%s\n-----END X509 CRL-----\n" % b"\n".join(
@@ -3474,6 +3456,19 @@ def crl_context(crl, settings):
         remove_quietly(temp)
     ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     return ctx
+
+
+def revocation_verdict(crl, chain, target):
+    """replay_verdict on chain (certificates, the one to check first) with crl's context,
+    no name checked: None, or OpenSSL's (verify code, message). A replay that cannot be
+    made is a CaError, cause "rejected": it says nothing about the certificate."""
+    suite = replay_suite(chain[0])
+    try:
+        if suite is None:
+            raise replay_error(target, "no TLS 1.2 suite to replay a %s key" % chain[0].key_type)
+        return replay_verdict(crl.context, [cert.der for cert in chain], suite, None, target)
+    except FetchError as exc:
+        raise CaError(str(exc), "rejected")
 
 
 def cache_path(cache_dir, kind, url):
@@ -3552,8 +3547,8 @@ class CaLookups(object):
         return entry[2]
 
     def https(self, deadline):
-        """The run's context for the CA's https:// (trust_context)."""
-        return self.once(("https",), lambda: trust_context(self.settings), deadline,
+        """The run's context for the CA's https:// (ca_context)."""
+        return self.once(("https",), lambda: ca_context(self.settings), deadline,
                          self.settings.acme_directory)
 
 
@@ -3590,18 +3585,19 @@ def leaf_revocation(result, lookups, deadline):
         return Revocation("unknown", "no-http-crl" if leaf.crl_urls else "no-crl",
                           "the leaf names %s" % ("no http:// CRL, only %s" % printable(
                               ", ".join(leaf.crl_urls)[:200]) if leaf.crl_urls else "no CRL"))
-    chain = [cert.der for cert in result.issuing]
+    chain = result.issuing
     try:
         crl = lookups.once(("crl", url), lambda: load_crl(url, lookups, deadline), deadline, url)
-        message = lookups.once(("verdict", url) + tuple(chain), lambda: openssl_verifies(
-            crl.context, chain, None), deadline, url)
+        failure = lookups.once(("verdict", url) + tuple(cert.der for cert in chain),
+                               lambda: revocation_verdict(crl, chain, result.target),
+                               deadline, url)
     except CertgrabError as exc:
         return Revocation("unknown", getattr(exc, "cause", "unreachable"), str(exc), url)
-    if message is None:
+    if failure is None:
         return Revocation("good", url=url, crl=crl)
-    status, cause = CRL_VERDICTS.get(message, ("unknown", "rejected"))
+    status, cause = CRL_VERDICTS.get(failure[0], ("unknown", "rejected"))
     if status == "unknown":
-        return Revocation(status, cause, "%s: OpenSSL: %s" % (url, message), url)
+        return Revocation(status, cause, "%s: OpenSSL: %s" % (url, failure[1]), url)
     try:
         entry = crl_entry(crl.der, leaf.serial)
     except ParseError:
@@ -5790,7 +5786,7 @@ def make_reader(settings):
         return None
     kinds = ("RSA", "EC") if settings.keys else ()
     replay = None if HAS_VERIFIED_CHAIN or settings.insecure else \
-        make_context(settings, for_replay=True)
+        make_context(settings, verify_only=True)
     readers = dict((kind, new_chain_reader(make_context(settings, kind), settings.trust,
                                            replay_ctx=replay)) for kind in kinds)
     reader = new_chain_reader(make_context(settings), settings.trust, readers, replay)
