@@ -2840,14 +2840,19 @@ MAX_INTERIM = 4         # 1xx responses (103 Early Hints) skipped before the rea
 MAX_REDIRECTS = 3       # redirects followed by one GET, each bounded alike; CAs publish
                         # CRLs and ARI without any, a CDN in front may add one
 HTTP_READ = 65536       # bytes asked of the socket at once
+CACHE_HEAD = 12         # bytes of a --cache-dir file's first line: its expiry in epoch
+                        # seconds (11 digits last until the year 5138), and the newline
 HTTP_REDIRECTS = (301, 302, 303, 307, 308)
 CRL_KEEP = DAY          # seconds a --cache-dir CRL is used at most, even when its nextUpdate
-                        # is later: Let's Encrypt reissues its CRLs within a day
+                        # is later: a CA must publish a new CRL within 24 hours of a
+                        # revocation, but may date nextUpdate 10 days ahead (CA/B Forum
+                        # Baseline Requirements 4.9.7): kept until nextUpdate, a CRL could
+                        # hide a revocation for 10 days
 DIRECTORY_KEEP = DAY    # seconds a --cache-dir ACME directory is used
 ARI_RETRY_BOUNDS = (MINUTE, DAY)   # Retry-After is honoured within these (RFC 9773 4.3)
 ARI_RETRY_DEFAULT = 6 * HOUR       # seconds an answer without Retry-After is kept
 CRL_MODES = ("on", "require", "off")   # --crl: soft-fail (default), hard-fail, no CRL at all
-CACHE_DIR_MODE = 0o700  # a --cache-dir certgrab creates: root's alone
+CACHE_KEEP_MOST = DAY   # seconds any --cache-dir answer is kept at most (see CRL_KEEP)
 OID_CRL_REASON_DER = b"\x06\x03\x55\x1d\x15"   # 2.5.29.21 reasonCode, a CRL entry extension
 CRL_REASONS = {0: "unspecified", 1: "keyCompromise", 2: "cACompromise",
                3: "affiliationChanged", 4: "superseded", 5: "cessationOfOperation",
@@ -3476,35 +3481,27 @@ def cache_path(cache_dir, kind, url):
     return os.path.join(cache_dir, "%s-%s" % (kind, hashlib.sha256(url.encode()).hexdigest()))
 
 
-def read_cache(path, limit, keep):
-    """The bytes of a --cache-dir file written less than keep seconds ago; None if
-    there is none, or it is not a regular file of ours of at most limit bytes.
-    Opened without following a link and without waiting on a FIFO."""
+def read_cache(path, limit, now):
+    """What a --cache-dir file keeps (write_cache) while it is fresh: None when there is
+    none, it has expired, or it is not a regular file of at most limit bytes (read as
+    outputs are: read_regular). An expiry more than CACHE_KEEP_MOST ahead (a clock set
+    back) counts as expired."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        data = read_regular(path, limit + CACHE_HEAD + 1)
     except OSError:
         return None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or \
-                info.st_size > limit or not 0 <= time.time() - info.st_mtime < keep:
-            return None
-        data = b""
-        while len(data) <= limit:
-            chunk = os.read(fd, HTTP_READ)
-            if not chunk:
-                return data
-            data += chunk
+    head, _, body = (data or b"").partition(b"\n")
+    if not _ascii_digits(head.decode("latin-1"), CACHE_HEAD - 1) or len(body) > limit or \
+            not now < int(head) <= now + CACHE_KEEP_MOST:
         return None
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+    return body
 
 
-def write_cache(path, data, reporter):
-    """Keep data in --cache-dir: a temporary file (0600, created exclusively), renamed.
-    A failure is a warning: the next run fetches again."""
+def write_cache(path, data, until, reporter):
+    """Keep data in --cache-dir until until (epoch seconds): the expiry as a line of
+    digits, then data, in a temporary file (0600, created exclusively), renamed. A
+    failure is a warning: the next run fetches again."""
+    data = b"%d\n" % until + data
     try:
         temp = write_temp_file(os.path.dirname(path), os.path.basename(path), data)
         try:
@@ -3553,20 +3550,20 @@ class CaLookups(object):
 
 
 def load_crl(url, lookups, deadline):
-    """The Crl at url, with its context: from --cache-dir while fresh (nextUpdate not
-    reached, kept less than CRL_KEEP), else fetched, and kept when fresh."""
+    """The Crl at url, with its context: from --cache-dir while fresh (until its
+    nextUpdate, CRL_KEEP at most), else fetched, and kept while fresh."""
     settings, now = lookups.settings, time.time()
     path = settings.cache_dir and cache_path(settings.cache_dir, "crl", url)
-    data = read_cache(path, MAX_CRL, CRL_KEEP) if path else None
+    data = read_cache(path, MAX_CRL, now) if path else None
     crl = parse_crl(data, url) if data is not None else None
-    if crl is None or crl.next_update is not None and crl.next_update <= now:
+    if crl is None:
         started = time.monotonic()
         response = expect_ok(http_get(url, MAX_CRL, deadline, settings.family))
         crl = parse_crl(response.body, url)
         lookups.reporter.info("fetched the CRL %s: %d bytes in %.0f ms" % (
             url, len(response.body), (time.monotonic() - started) * 1000))
         if path and crl.next_update is not None and crl.next_update > now:
-            write_cache(path, crl.der, lookups.reporter)
+            write_cache(path, crl.der, min(crl.next_update, now + CRL_KEEP), lookups.reporter)
     crl.context = crl_context(crl, settings)
     return crl
 
@@ -3663,10 +3660,11 @@ def _json_answer(response):
 def renewal_info_url(lookups, deadline):
     """The renewalInfo URL of --acme-directory's directory (kept DIRECTORY_KEEP in
     --cache-dir); CaError when the CA offers no ARI."""
-    settings, directory = lookups.settings, lookups.settings.acme_directory
+    settings, directory, now = lookups.settings, lookups.settings.acme_directory, time.time()
     path = settings.cache_dir and cache_path(settings.cache_dir, "directory", directory)
-    data = read_cache(path, MAX_JSON, DIRECTORY_KEEP) if path else None
-    if data is None:
+    data = read_cache(path, MAX_JSON, now) if path else None
+    fetched = data is None
+    if fetched:
         data = expect_ok(http_get(directory, MAX_JSON, deadline, settings.family,
                                   lookups.https(deadline))).body
     document = _json_answer(HttpResponse(directory, 200, "", {}, data))
@@ -3676,8 +3674,8 @@ def renewal_info_url(lookups, deadline):
                       % directory, "no-ari", hint="check --acme-directory: it is the URL of "
                       "the directory of the CA that issued the leaf")
     split_url(url, "https")
-    if path:
-        write_cache(path, data, lookups.reporter)
+    if path and fetched:
+        write_cache(path, data, now + DIRECTORY_KEEP, lookups.reporter)
     return url.rstrip("/")
 
 
@@ -3686,15 +3684,14 @@ def renewal_answer(url, lookups, deadline):
     its Retry-After has passed, else asked and kept that long."""
     settings, now = lookups.settings, time.time()
     path = settings.cache_dir and cache_path(settings.cache_dir, "ari", url)
-    kept = read_cache(path, MAX_JSON + 32, ARI_RETRY_BOUNDS[1]) if path else None
-    head, _, body = (kept or b"").partition(b"\n")
-    if not (head.isdigit() and int(head) > now):
+    body = read_cache(path, MAX_JSON, now) if path else None
+    if body is None:
         response = expect_ok(http_get(url, MAX_JSON, deadline, settings.family,
                                       lookups.https(deadline)))
         body = response.body
         if path:
             keep = retry_after(response.headers.get("retry-after"), now)
-            write_cache(path, b"%d\n" % (now + keep) + body, lookups.reporter)
+            write_cache(path, body, now + keep, lookups.reporter)
     document = _json_answer(HttpResponse(url, 200, "", {}, body))
     window = document.get("suggestedWindow") if isinstance(document, dict) else None
     try:
@@ -3949,31 +3946,30 @@ def _ca_settings(args):
         except CaError as exc:
             raise UsageError("--acme-directory: %s" % exc)
     return dict(crl=crl, acme_directory=args.acme_directory,
-                cache_dir=args.cache_dir and check_cache_dir(args.cache_dir))
+                cache_dir=args.cache_dir and cache_directory(args.cache_dir))
 
 
-def check_cache_dir(path):
-    """--cache-dir: made (0700) when missing; refused unless it is a directory of the
-    user running certgrab that no group or other user can write."""
-    try:
-        os.mkdir(path, CACHE_DIR_MODE)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise UsageError("--cache-dir %s: cannot create it: %s" % (path, exc.strerror or exc))
-    try:
-        info = os.stat(path)
-    except OSError as exc:
-        raise InputError("--cache-dir %s: %s" % (path, exc.strerror or exc))
-    if not stat.S_ISDIR(info.st_mode):
-        raise UsageError("--cache-dir %s: not a directory" % path)
-    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
-        raise UsageError("--cache-dir %s: owned by uid %d with mode %04o; certgrab keeps CRLs "
-                         "there only in a directory of its own user that no one else can "
-                         "write" % (path, info.st_uid, info.st_mode & 0o7777),
-                         hint="chown %d %s && chmod go-w %s, or name another directory" % (
-                             os.geteuid(), path, path))
-    return path
+def cache_directory(path):
+    """--cache-dir: its real path, made (DIR_MODE) when missing. What it keeps decides
+    what a run believes without asking (an ARI window is not signed), so it is held to
+    the outputs' rules (resolve_path: every directory on the way safe from other users,
+    links only where they could not have put them; found again once made), and it must
+    itself belong to root or this user and be writable by no one else. RefusedError
+    otherwise, before any connection."""
+    doing = "cannot keep answers in --cache-dir %s" % path
+    resolve_path(path, doing)
+    make_directory(path)
+    real, entry, _ = resolve_path(path, doing)
+    if entry is None or not stat.S_ISDIR(entry.st_mode):
+        raise WriteError("%s: %s is not a directory" % (doing, real))
+    if entry.st_uid not in trusted_users():
+        raise RefusedError("%s: %s belongs to %s, who could change what certgrab reads "
+                           "there" % (doing, real, user_name(entry.st_uid)),
+                           hint="chown root %s, or name a directory of root's" % real)
+    if _exposed(entry):
+        raise RefusedError("%s: %s is writable by group or others (mode %04o)" % (
+            doing, real, stat.S_IMODE(entry.st_mode)), hint="chmod go-w %s" % real)
+    return real
 
 
 # ---------------------------------------------------------------------------
@@ -4267,10 +4263,10 @@ def render_outputs(plan, chain, key):
     return outputs
 
 
-def read_regular(path):
-    """Up to MAX_FILE bytes of an existing output, None when there is none. It is opened
-    without following a link or waiting on a FIFO, and checked with fstat: OSError when
-    it is a link, not a regular file, or cannot be read."""
+def read_regular(path, limit=MAX_FILE):
+    """Up to limit bytes of an existing output (or --cache-dir file), None when there is
+    none. It is opened without following a link or waiting on a FIFO, and checked with
+    fstat: OSError when it is a link, not a regular file, or cannot be read."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -4278,7 +4274,7 @@ def read_regular(path):
     with os.fdopen(fd, "rb") as handle:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
-        return handle.read(MAX_FILE)
+        return handle.read(limit)
 
 
 def read_existing(path):

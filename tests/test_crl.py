@@ -317,6 +317,11 @@ def test_many_sources_one_crl_one_fetch(run, started, issue, crl_server):
     assert len(crl_server.paths) == before + 1
 
 
+def kept_until(path):
+    """The expiry a --cache-dir file carries on its first line (epoch seconds)."""
+    return int(path.read_bytes().split(b"\n", 1)[0])
+
+
 def test_cache_dir_keeps_the_crl_across_runs(run, started, issue, crl_server, tmp_path):
     leaf = issue()
     server, cache = serve(started, leaf), tmp_path / "cache"
@@ -325,9 +330,28 @@ def test_cache_dir_keeps_the_crl_across_runs(run, started, issue, crl_server, tm
         result, status = revocation(run, server, leaf, "--cache-dir", cache)
         assert status["status"] == "good", status
     assert len(crl_server.paths) == before + 1
-    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o755       # made as output directories are
     (kept,) = list(cache.iterdir())
     assert kept.name.startswith("crl-") and stat.S_IMODE(kept.stat().st_mode) == 0o600
+
+
+def test_a_cached_crl_is_kept_a_day_at_most_though_its_next_update_is_later(
+        run, started, issue, ca, crl_server, tmp_path):
+    """The CRL says nextUpdate in 7 days (openssl ca's default_crl_days here; the Baseline
+    Requirements allow 10), but a CA must publish a revocation within 24 hours: the copy
+    is used for a day at most, then fetched again."""
+    leaf = issue()
+    server, cache = serve(started, leaf), tmp_path / "cache"
+    status = revocation(run, server, leaf, "--cache-dir", cache)[1]
+    (kept,) = list(cache.iterdir())
+    next_update = datetime.datetime.strptime(status["crl_next_update"], "%Y-%m-%dT%H:%M:%SZ")
+    assert (next_update - datetime.datetime.utcnow()).days >= 6
+    assert 0 < kept_until(kept) - time.time() <= 24 * 3600
+    before = len(crl_server.paths)
+    body = kept.read_bytes().split(b"\n", 1)[1]
+    kept.write_bytes(b"%d\n" % (time.time() - 1) + body)    # as if a day had passed
+    assert revocation(run, server, leaf, "--cache-dir", cache)[1]["status"] == "good"
+    assert len(crl_server.paths) == before + 1 and kept_until(kept) > time.time()
 
 
 def test_a_cached_crl_is_still_checked_by_openssl(run, started, issue, ca, crl_server,
@@ -338,26 +362,80 @@ def test_a_cached_crl_is_still_checked_by_openssl(run, started, issue, ca, crl_s
     assert revocation(run, server, leaf, "--cache-dir", cache)[1]["status"] == "revoked"
     (kept,) = list(cache.iterdir())
     ca.forged_crl(str(tmp_path / "forged.crl"))
-    shutil.copy(str(tmp_path / "forged.crl"), str(kept))
+    with open(str(tmp_path / "forged.crl"), "rb") as forged:
+        kept.write_bytes(b"%d\n" % kept_until(kept) + forged.read())
     assert revocation(run, server, leaf, "--cache-dir", cache)[1]["status"] == "unknown"
 
 
-@pytest.mark.parametrize("mode", [0o770, 0o707])
+@pytest.mark.parametrize("plant", ["fifo", "link"])
+def test_a_cache_file_that_is_no_regular_file_is_not_read(run, started, issue, crl_server,
+                                                          tmp_path, plant):
+    """Read as outputs are: no link followed, no FIFO waited on; the CRL is fetched again."""
+    leaf = issue()
+    server, cache = serve(started, leaf), tmp_path / "cache"
+    revocation(run, server, leaf, "--cache-dir", cache)
+    (kept,) = list(cache.iterdir())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(kept.read_bytes())
+    kept.unlink()
+    if plant == "fifo":
+        os.mkfifo(str(kept))
+    else:
+        kept.symlink_to(elsewhere)
+    before = len(crl_server.paths)
+    result, status = revocation(run, server, leaf, "--cache-dir", cache)
+    assert status["status"] == "good" and len(crl_server.paths) == before + 1
+    assert result.elapsed < 10
+
+
+@pytest.mark.parametrize("mode", [0o770, 0o707, 0o1777])
 def test_a_cache_dir_others_can_write_is_refused(run, tmp_path, mode):
     cache = tmp_path / "cache"
     cache.mkdir()
     cache.chmod(mode)
     result = run("127.0.0.1:1", "--cache-dir", cache)
-    assert result.rc == 2
-    assert "--cache-dir %s: owned by uid" % cache in result.err and "chmod go-w" in result.err
+    assert result.rc == REFUSED, result.err
+    assert error_lines(result.err)[0] == (
+        "certgrab: cannot keep answers in --cache-dir %s: %s is writable by group or others "
+        "(mode %04o)" % (cache, cache, mode))
+    assert "certgrab: hint: chmod go-w %s" % cache in result.err
 
 
 def test_a_cache_dir_of_another_user_is_refused(run, tmp_path):
     cache = tmp_path / "cache"
-    cache.mkdir(mode=0o700)
+    cache.mkdir(mode=0o755)
     os.chown(str(cache), 65534, 65534)
     result = run("127.0.0.1:1", "--cache-dir", cache)
-    assert result.rc == 2 and "owned by uid 65534" in result.err
+    assert result.rc == REFUSED
+    assert "%s belongs to nobody, who could change what certgrab reads there" % cache \
+        in result.err
+
+
+def test_a_cache_dir_under_a_directory_others_can_write_is_refused_and_not_made(run, tmp_path):
+    """resolve_path's rules, as for an output: a parent others may write is refused before
+    anything is made in it."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    result = run("127.0.0.1:1", "--cache-dir", shared / "cache")
+    assert result.rc == REFUSED
+    assert "the directory %s is writable by group or others (mode 0777)" % shared in result.err
+    assert not (shared / "cache").exists()
+
+
+def test_a_relative_cache_dir_in_a_config_file_is_the_file_s(run, started, issue, crl_server,
+                                                             tmp_path, monkeypatch):
+    leaf = issue()
+    (tmp_path / "etc").mkdir()
+    config = tmp_path / "etc" / "certgrab.conf"
+    config.write_text("[one]\nsource = %s\nservername = %s\ncafile = %s\ncache-dir = cache\n"
+                      "json = yes\n" % (serve(started, leaf).address, NAME,
+                                        os.path.join(leaf, "root.pem")))
+    monkeypatch.chdir(str(tmp_path))
+    result = run("--config", config)
+    assert result.rc == 0, result.err
+    assert [p.name[:4] for p in (tmp_path / "etc" / "cache").iterdir()] == ["crl-"]
+    assert not (tmp_path / "cache").exists()
 
 
 # ---------------------------------------------------------------- 6. other servers, PEM
