@@ -32,8 +32,9 @@ Pipeline
         +--> every certificate parsed whole: structure, names, dates, keys, SANs
         +--> the path OpenSSL verified (3.6-3.9: replayed to find it): what files get
         +--> gate: verified, key matches a --key-path, leaf covers the name, in date
-        +--> what the CA knows: the leaf's CRL (checked by OpenSSL), and with
-        |    --acme-directory its renewal window (ARI); once per URL per run
+        +--> what the CA knows: the CRLs the leaf and intermediates name (checked
+        |    by OpenSSL), and with --acme-directory the leaf's renewal window
+        |    (ARI); once per URL per run
         +--> newest passing leaf (notBefore) of all sources, not revoked
         +--> stdout: the chain exactly as served (PEM, leaf first), or
         +--> files, under a lock on their directory: not older than installed,
@@ -71,9 +72,9 @@ Security model
       and privkey.pem (--privkey), which get the --key-path the leaf matched.
     - The deploy hook gets its context in environment variables, never by
       formatting certificate text into a command line, and runs in /.
-    - A leaf its CA revoked (its CRL, verified by OpenSSL, says so) is never
-      written; when the CRL cannot be had, --crl on goes ahead with a warning
-      and --crl require refuses.
+    - A chain whose leaf or intermediate its CA revoked (the CRL it names,
+      verified by OpenSSL, says so) is never written; when a CRL cannot be had,
+      --crl on goes ahead with a warning and --crl require refuses.
     - Everything read from the network is bounded in size and time, and every
       certificate is parsed whole by the small DER reader below before it is
       trusted with anything: a malformed one is that source's error. Every number
@@ -94,9 +95,9 @@ Exit codes
     5  cannot write: the previous files are unchanged, or (the hint says which)
        some are new and the next run completes the set
     6  refused by a safety check: key mismatch, name, dates, not newer, an
-       output that is not a readable certificate file, a revoked leaf
-       (installed or offered), or a path or --config file another local user
-       could change; files untouched
+       output that is not a readable certificate file, a revoked leaf or
+       intermediate (installed or offered), or a path or --config file another
+       local user could change; files untouched
     7  files installed, deploy hook pending: it failed, timed out, or ran but
        could not be recorded (the next run runs it again)
     With --check, --same or --expect-file, a monitoring plugin's codes instead:
@@ -2872,14 +2873,23 @@ CRL_VERDICTS = {
     15: ("unknown", "malformed"),           # X509_V_ERR_ERROR_IN_CRL_LAST_UPDATE_FIELD
     16: ("unknown", "malformed"),           # X509_V_ERR_ERROR_IN_CRL_NEXT_UPDATE_FIELD
 }
+# Why a revocation status is unknown (Revocation.cause), and why a renewal window is
+# missing (RenewalWindow.cause): decisions read these codes, never the detail's text.
+# docs/revocation.md explains each (tests/test_crl.py holds them together).
+CRL_CAUSES = ("no-crl", "no-http-crl", "unreachable", "http-status", "too-large", "bad-url",
+              "malformed", "wrong-crl", "bad-signature", "stale", "not-yet-valid",
+              "rejected", "no-trust", "local")
+ARI_CAUSES = ("expired", "no-aki", "no-ari", "unknown-certificate", "bad-window",
+              "bad-answer", "unreachable", "untrusted", "http-status", "too-large",
+              "bad-url", "no-trust")
 # Causes of an unknown revocation status where the leaf names nothing to check: not
 # a failure, so --crl on does not warn about them (--crl require still refuses).
 NOTHING_TO_CHECK = ("no-crl", "no-http-crl")
 
 
 class CaError(FetchError):
-    """A failure to learn what the CA knows, with its cause (a code of CRL_CAUSES or of
-    RenewalWindow) and, for an HTTP answer other than 200, its status."""
+    """A failure to learn what the CA knows, with its cause (a code of CRL_CAUSES or
+    ARI_CAUSES) and, for an HTTP answer other than 200, its status."""
 
     def __init__(self, message, cause, hint=None, status=None):
         FetchError.__init__(self, message, hint)
@@ -3323,24 +3333,38 @@ def parse_json(data):
 
 
 class Revocation(object):
-    """What the CRL says about a leaf. status: "good", "revoked" or "unknown"; cause:
-    why unknown (a code, see README "Revocation and renewal windows"); detail: that
-    failure for people; url: the CRL's; time (epoch seconds, or None when the entry
-    could not be read) and reason (RFC 5280's name) of a revocation; this_update and
-    next_update of the CRL that said good or revoked."""
+    """What the CRL says about one certificate of a path. status: "good", "revoked" or
+    "unknown"; cause: why unknown (a code of CRL_CAUSES); detail: that failure for
+    people; url: the CRL's; time (epoch seconds, or None when the entry could not be
+    read) and reason (RFC 5280's name) of a revocation; this_update and next_update of
+    the CRL that said good or revoked. cert and position: the certificate and its place
+    in the path (0: the leaf). A leaf's Revocation also holds intermediates: those of
+    its path's intermediates that name an http:// CRL, in path order."""
 
     def __init__(self, status, cause=None, detail=None, url=None, crl=None, entry=None):
         self.status, self.cause, self.detail, self.url = status, cause, detail, url
         self.this_update = crl.this_update if crl else None
         self.next_update = crl.next_update if crl else None
         self.time, self.reason = entry or (None, None)
+        self.cert, self.position, self.intermediates = None, 0, []
+
+    def chain(self):
+        """This (a leaf's) Revocation, then its intermediates'."""
+        return [self] + self.intermediates
+
+    def subject(self):
+        """How messages name the certificate: "the leaf serial S", or "the intermediate
+        "NAME" (serial S)"."""
+        if self.position == 0:
+            return "the leaf serial %s" % self.cert.serial_hex
+        return 'the intermediate "%s" (serial %s)' % (self.cert.name, self.cert.serial_hex)
 
 
 class RenewalWindow(object):
     """What the ACME server's renewalInfo (ARI) suggests for a leaf: start and end
     (epoch seconds) and explanation_url; or, when it could not be asked or said
-    nothing usable, start None, cause (a code) and detail (for people). cause
-    "expired": not asked, as RFC 9773 says of an expired certificate."""
+    nothing usable, start None, cause (a code of ARI_CAUSES) and detail (for people).
+    cause "expired": not asked, as RFC 9773 says of an expired certificate."""
 
     def __init__(self, start=None, end=None, explanation_url=None, cause=None, detail=None):
         self.start, self.end, self.explanation_url = start, end, explanation_url
@@ -3568,26 +3592,20 @@ def load_crl(url, lookups, deadline):
     return crl
 
 
-def crl_url(leaf):
-    """The first http:// URL of the leaf's CRL Distribution Points; None if none."""
-    return next((url for url in leaf.crl_urls if url.lower().startswith("http://")), None)
+def crl_url(cert):
+    """The first http:// URL of cert's CRL Distribution Points; None if none."""
+    return next((url for url in cert.crl_urls if url.lower().startswith("http://")), None)
 
 
-def leaf_revocation(result, lookups, deadline):
-    """The Revocation of the result's leaf: OpenSSL verifies its issuing path with the
-    trust store and the CRL of the leaf's first http:// CRL Distribution Point. Only
-    when OpenSSL says "revoked" is the CRL's entry read, for the time and reason."""
-    leaf, url = result.leaf, crl_url(result.leaf)
-    if url is None:
-        return Revocation("unknown", "no-http-crl" if leaf.crl_urls else "no-crl",
-                          "the leaf names %s" % ("no http:// CRL, only %s" % printable(
-                              ", ".join(leaf.crl_urls)[:200]) if leaf.crl_urls else "no CRL"))
-    chain = result.issuing
+def crl_revocation(chain, url, target, lookups, deadline):
+    """The Revocation of chain[0] by the CRL at url: OpenSSL verifies chain (the rest of
+    its path, without the root) with the trust store and that CRL, which must be
+    chain[0]'s issuer's. Only when OpenSSL says "revoked" is the CRL's entry read, for
+    the time and reason. A CRL and a verdict are had once per run (lookups)."""
     try:
         crl = lookups.once(("crl", url), lambda: load_crl(url, lookups, deadline), deadline, url)
         failure = lookups.once(("verdict", url) + tuple(cert.der for cert in chain),
-                               lambda: revocation_verdict(crl, chain, result.target),
-                               deadline, url)
+                               lambda: revocation_verdict(crl, chain, target), deadline, url)
     except CertgrabError as exc:
         return Revocation("unknown", getattr(exc, "cause", "unreachable"), str(exc), url)
     if failure is None:
@@ -3596,10 +3614,33 @@ def leaf_revocation(result, lookups, deadline):
     if status == "unknown":
         return Revocation(status, cause, "%s: OpenSSL: %s" % (url, failure[1]), url)
     try:
-        entry = crl_entry(crl.der, leaf.serial)
+        entry = crl_entry(crl.der, chain[0].serial)
     except ParseError:
         entry = None                    # OpenSSL read it: the time is then unknown
     return Revocation("revoked", url=url, crl=crl, entry=entry)
+
+
+def path_revocation(result, lookups, deadline):
+    """The Revocation of the result's leaf, with those of the intermediates of its path
+    that name an http:// CRL: each is checked on its own, as the first certificate of
+    the path from it (crl_revocation), against its own issuer's CRL. An intermediate
+    that names none is not checked (the leaf's own CRL is what a CA must publish)."""
+    path, revocations = result.issuing, []
+    for position, cert in enumerate(path):
+        url = crl_url(cert)
+        if url is not None:
+            revocation = crl_revocation(path[position:], url, result.target, lookups, deadline)
+        elif position == 0:
+            revocation = Revocation("unknown", "no-http-crl" if cert.crl_urls else "no-crl",
+                                    "the leaf names %s" % ("no http:// CRL, only %s" % printable(
+                                        ", ".join(cert.crl_urls)[:200]) if cert.crl_urls
+                                        else "no CRL"))
+        else:
+            continue
+        revocation.cert, revocation.position = cert, position
+        revocations.append(revocation)
+    revocations[0].intermediates = revocations[1:]
+    return revocations[0]
 
 
 def ari_cert_id(aki, serial):
@@ -3744,20 +3785,30 @@ def consult_ca(results, settings, reporter, sharers=1):
     asked = [result for result in results if result.error is None and result.issuing]
 
     def ask(result):
-        deadline = time.monotonic() + settings.timeout
-        if settings.crl != "off":
-            result.revocation = leaf_revocation(result, lookups, deadline)
-        if settings.acme_directory:
-            result.renewal = leaf_renewal(result, lookups, deadline, time.time())
+        contain_bug(ask_ca, result, reporter, lookups, settings)
 
-    remote = [result for result in asked if settings.acme_directory or
-              settings.crl != "off" and crl_url(result.leaf)]
-    for result in asked if len(remote) < 2 else set(asked) - set(remote):
-        ask(result)                     # one source, or nothing to fetch: no thread
+    remote, local = [], []
+    for result in asked:
+        fetches = settings.acme_directory or settings.crl != "off" and any(
+            crl_url(cert) for cert in result.issuing)
+        (remote if fetches else local).append(result)
+    for result in local + remote if len(remote) < 2 else local:
+        ask(result)                     # nothing to fetch, or one source: no thread
     if len(remote) > 1:
         width = min(len(remote), settings.parallel or DEFAULT_PARALLEL)
         map_in_threads(ask, remote, max(1, width // sharers), reporter,
                        "asking the CA about %d source(s)")
+
+
+def ask_ca(result, lookups, settings):
+    """One source's look-ups, within --timeout from now: its path's CRLs (unless --crl
+    off), and with --acme-directory its leaf's renewal window. A bug here is that
+    source's error (consult_ca contains it)."""
+    deadline = time.monotonic() + settings.timeout
+    if settings.crl != "off":
+        result.revocation = path_revocation(result, lookups, deadline)
+    if settings.acme_directory:
+        result.renewal = leaf_renewal(result, lookups, deadline, time.time())
 
 
 # The gate and the reports: what the CA knows, told.
@@ -3785,51 +3836,66 @@ def unknown_hint(revocation):
     if cause in ("stale", "not-yet-valid"):
         return "check this machine's clock (date -u); if it is right, the CA's CRL is out " \
                "of date"
-    return "a CRL that fails OpenSSL's checks says nothing about the leaf; --crl on installs " \
-           "anyway"
+    return "a CRL that fails OpenSSL's checks says nothing about the certificate; --crl on " \
+           "installs anyway"
 
 
-def apply_ca_gate(results, settings):
-    """Refuse (as that source's error) a leaf its CA revoked, said with its serial, the
-    time and the reason, and said as installed when the outputs hold it; with --crl
-    require, also a leaf whose status is unknown."""
-    installed = None
+def first_of(revocation, status):
+    """The first Revocation of the path (leaf first) with this status; None if none."""
+    return next((each for each in revocation.chain() if each.status == status), None)
+
+
+def ca_refusal(result, settings, installed):
+    """The RefusedError for a result whose path holds a certificate its CA revoked, the
+    leaf or an intermediate (said as installed when the outputs hold the leaf: installed
+    is installed_leaf's leaf), or under --crl require one whose status is unknown; None
+    when the gate lets it pass."""
+    target, leaf = result.target, result.leaf
+    revoked = first_of(result.revocation, "revoked")
+    if revoked is not None:
+        here = installed is not None and installed.der == leaf.der
+        if revoked.position:
+            what = ': its intermediate "%s" (serial %s) was revoked by its CA' % (
+                revoked.cert.name, revoked.cert.serial_hex)
+        else:
+            what = " was revoked by its CA" if here else ": its CA revoked it"
+        return RefusedError("%s: %s leaf serial %s%s %s%s" % (
+            target, "the installed" if here else "refused the", leaf.serial_hex, what,
+            revocation_words(revoked), "; files untouched" if here else ""), hint=RENEW_HINT)
+    unknown = first_of(result.revocation, "unknown")
+    if unknown is not None and settings.crl == "require":
+        return RefusedError("%s: refused the leaf serial %s: whether its CA revoked %s is "
+                            "unknown (--crl require): %s" % (
+                                target, leaf.serial_hex, "it" if not unknown.position
+                                else unknown.subject(), unknown.detail),
+                            hint=unknown_hint(unknown))
+    return None
+
+
+def apply_ca_gate(results, settings, reporter):
+    """Refuse (as that source's error) a chain with a certificate its CA revoked, the
+    leaf or an intermediate, said with its serial, the time and the reason; with --crl
+    require, also one whose status is unknown (ca_refusal). A bug is that source's."""
+    revoked = [result for result in results if result.error is None and
+               result.revocation is not None and first_of(result.revocation, "revoked")]
+    installed = installed_leaf(resolve_outputs(settings.plan, settings.uid))[0] \
+        if revoked and settings.plan else None
     for result in results:
-        revocation = result.revocation
-        if result.error is not None or revocation is None or revocation.status == "good":
-            continue
-        leaf = result.leaf
-        if revocation.status == "revoked":
-            if installed is None:
-                installed = settings.plan and installed_leaf(resolve_outputs(
-                    settings.plan, settings.uid))[0] or False
-            if installed and installed.der == leaf.der:
-                result.error = RefusedError("%s: the installed leaf serial %s was revoked by "
-                                            "its CA %s; files untouched" % (
-                                                result.target, leaf.serial_hex,
-                                                revocation_words(revocation)), hint=RENEW_HINT)
-            else:
-                result.error = RefusedError("%s: refused the leaf serial %s: its CA revoked it "
-                                            "%s" % (result.target, leaf.serial_hex,
-                                                    revocation_words(revocation)),
-                                            hint=RENEW_HINT)
-        elif settings.crl == "require":
-            result.error = RefusedError("%s: refused the leaf serial %s: whether its CA revoked "
-                                        "it is unknown (--crl require): %s" % (
-                                            result.target, leaf.serial_hex, revocation.detail),
-                                        hint=unknown_hint(revocation))
+        if result.error is None and result.revocation is not None:
+            refusal = contain_bug(ca_refusal, result, reporter, settings, installed)
+            result.error = refusal or result.error
 
 
 def warn_about_ca(best, settings, reporter):
-    """The chosen chain's CRL that could not be had or trusted (--crl on: soft-fail), and
+    """The chosen chain's CRLs that could not be had or trusted (--crl on: soft-fail), and
     a renewal window whose end has passed, as warnings."""
     revocation, renewal = best.revocation, best.renewal
-    if revocation is not None and revocation.status == "unknown" and \
-            revocation.cause not in NOTHING_TO_CHECK:
-        reporter.warn("%s: cannot tell whether the CA revoked the leaf: %s; %s anyway (--crl "
-                      "on: soft-fail; --crl require refuses)" % (
-                          best.target, revocation.detail,
-                          "installing" if settings.plan else "printing it"))
+    for each in revocation.chain() if revocation is not None else ():
+        if each.status == "unknown" and each.cause not in NOTHING_TO_CHECK:
+            reporter.warn("%s: cannot tell whether the CA revoked %s: %s; %s anyway (--crl "
+                          "on: soft-fail; --crl require refuses)" % (
+                              best.target, each.subject(), each.detail,
+                              "installing" if settings.plan else "printing it"))
     if renewal is not None and renewal.start is not None and renewal.end <= time.time():
         reporter.warn("%s: the CA asked for the leaf to be replaced by %s (ARI): the renewing "
                       "machine has not renewed" % (best.target, format_time(renewal.end)))
@@ -3857,10 +3923,13 @@ def renewal_text(renewal, now):
 
 
 def ca_text_lines(result, now):
-    """--text: a line for the revocation status and one for the renewal window."""
+    """--text: a line for the revocation status (and one for each intermediate checked)
+    and one for the renewal window."""
     lines = []
-    if result.revocation is not None:
-        lines.append("  revocation:   %s" % revocation_text(result.revocation))
+    for each in result.revocation.chain() if result.revocation is not None else ():
+        lines.append("  revocation:   %s%s" % (
+            'intermediate "%s": ' % each.cert.name if each.position else "",
+            revocation_text(each)))
     if result.renewal is not None:
         lines.append("  renewal:      %s" % renewal_text(result.renewal, now))
     return lines
@@ -3870,17 +3939,28 @@ def _format_times(*values):
     return [format_time(value) if value is not None else None for value in values]
 
 
+def revocation_json(revocation):
+    """One Revocation's fields for --json."""
+    times = _format_times
+    return list(zip(
+        ("status", "cause", "detail", "time", "reason", "url", "crl_this_update",
+         "crl_next_update"),
+        [revocation.status, revocation.cause, revocation.detail] + times(revocation.time)
+        + [revocation.reason, revocation.url] + times(revocation.this_update,
+                                                      revocation.next_update)))
+
+
 def ca_json(result):
-    """--json: "revocation" and "renewal_window" of a source (null when not asked)."""
+    """--json: "revocation" (the leaf's, with "intermediates": those checked, each with
+    its position in the path, subject, serial and sha256) and "renewal_window" of a
+    source (null when not asked)."""
     revocation, renewal = result.revocation, result.renewal
     times = _format_times
     return [
-        ("revocation", None if revocation is None else list(zip(
-            ("status", "cause", "detail", "time", "reason", "url", "crl_this_update",
-             "crl_next_update"),
-            [revocation.status, revocation.cause, revocation.detail] + times(revocation.time)
-            + [revocation.reason, revocation.url] + times(revocation.this_update,
-                                                          revocation.next_update)))),
+        ("revocation", None if revocation is None else revocation_json(revocation) + [
+            ("intermediates", [[("position", each.position), ("subject", each.cert.subject),
+                                ("serial", each.cert.serial_hex), ("sha256", each.cert.sha256)]
+                               + revocation_json(each) for each in revocation.intermediates])]),
         ("renewal_window", None if renewal is None else list(zip(
             ("start", "end", "explanation_url", "cause", "detail"),
             times(renewal.start, renewal.end) + [renewal.explanation_url, renewal.cause,
@@ -3894,44 +3974,63 @@ def ca_check_line(line, result, settings, now):
     could not be asked; otherwise the window's dates are added to the text."""
     revocation, renewal, target = result.revocation, result.renewal, result.target
     findings = [line]
-    if revocation is not None and revocation.status == "revoked":
-        findings.append((2, "%s: the leaf serial %s was REVOKED by its CA %s: the renewing "
-                         "machine must renew" % (target, result.leaf.serial_hex,
-                                                 revocation_words(revocation))))
-    elif revocation is not None and revocation.status == "unknown" and settings.crl == "require":
-        findings.append((1, "%s: revocation unknown (--crl require): %s" % (
-            target, printable(revocation.detail))))
+    revoked = revocation and first_of(revocation, "revoked")
+    unknown = revocation and first_of(revocation, "unknown")
+    if revoked:
+        findings.append((2, "%s: %s%s was REVOKED by its CA %s: the renewing machine must "
+                         "renew" % (target, revoked.subject(), " of the leaf serial %s" %
+                                    result.leaf.serial_hex if revoked.position else "",
+                                    revocation_words(revoked))))
+    elif unknown and settings.crl == "require":
+        findings.append((1, "%s: revocation unknown (--crl require) for %s: %s" % (
+            target, unknown.subject(), printable(unknown.detail))))
     if renewal is not None and renewal.start is None and renewal.cause != "expired":
         findings.append((1, "%s: cannot ask the CA for the renewal window (ARI): %s" % (
             target, printable(renewal.detail))))
     elif renewal is not None and renewal.start is not None and renewal.end <= now:
         findings.append((2, "%s: the CA's renewal window ended %s ago (%s) and the leaf is "
-                         "still served: the renewing machine did not renew" % (
-                             target, format_span(now - renewal.end), format_time(renewal.end))))
-    worst = max(findings, key=lambda finding: finding[0])
+                         "still served: the renewing machine did not renew%s" % (
+                             target, format_span(now - renewal.end), format_time(renewal.end),
+                             "; the CA says why at %s" % printable(renewal.explanation_url)
+                             if renewal.explanation_url else "")))
+    worst = worse(*findings)
     if worst is line and renewal is not None and renewal.start is not None:
         return line[0], "%s; renewal window %s to %s" % (line[1], format_time(renewal.start),
                                                          format_time(renewal.end))
     return worst
 
 
-def ca_metrics(results, run):
-    """certgrab_leaf_revoked (1 or 0; no series while unknown) and the ARI window."""
-    revoked, starts, ends = [], [], []
-    for result in results:
-        labels = run + [("source", printable(result.target.source)),
-                        ("servername", result.target.servername or "")]
-        if result.revocation is not None and result.revocation.status != "unknown":
-            revoked.append((labels, int(result.revocation.status == "revoked")))
-        if result.renewal is not None and result.renewal.start is not None:
-            starts.append((labels, result.renewal.start))
-            ends.append((labels, result.renewal.end))
-    return [("certgrab_leaf_revoked", "1 if the leaf's CRL lists it, 0 if its CRL (checked "
-             "by OpenSSL) does not; absent when unknown.", revoked),
-            ("certgrab_ari_window_start_timestamp_seconds", "Start of the renewal window "
-             "the CA suggests for the leaf (ARI).", starts),
-            ("certgrab_ari_window_end_timestamp_seconds", "End of the renewal window the "
-             "CA suggests for the leaf (ARI).", ends)]
+CA_METRICS = (          # (name, help) of the metrics of what the CA knows, per source
+    ("certgrab_leaf_revoked", "1 if the leaf's CRL lists it, 0 if its CRL (checked by "
+     "OpenSSL) does not; absent when unknown."),
+    ("certgrab_ari_window_start_timestamp_seconds", "Start of the renewal window the CA "
+     "suggests for the leaf (ARI)."),
+    ("certgrab_ari_window_end_timestamp_seconds", "End of the renewal window the CA "
+     "suggests for the leaf (ARI)."))
+
+
+def ca_series(result, run):
+    """One source's series of each of CA_METRICS: the leaf's revocation (none while
+    unknown: 0 would say good) and its renewal window."""
+    labels, revocation, renewal = source_labels(result, run), result.revocation, result.renewal
+    known = revocation is not None and revocation.status != "unknown"
+    window = renewal is not None and renewal.start is not None
+    return ([(labels, int(revocation.status == "revoked"))] if known else [],
+            [(labels, renewal.start)] if window else [], [(labels, renewal.end)] if window else [])
+
+
+def no_ca_series(result, run):
+    """ca_series of a source whose series met a bug (render_source): none."""
+    return [], [], []
+
+
+def ca_metrics(results, run, reporter):
+    """CA_METRICS with the series of every source; a bug while one source's are made is
+    that source's error (render_source), as in source_metrics."""
+    series = [render_source(ca_series, no_ca_series, result, reporter, run)
+              for result in results]
+    return [(name, text, [one for each in series for one in each[index]])
+            for index, (name, text) in enumerate(CA_METRICS)]
 
 
 def _ca_settings(args):
@@ -4940,7 +5039,8 @@ def failed_json_text(result, settings, now):
     return json_text([("source", target.source), ("address", result.address),
                       ("servername", target.servername), ("error", str(result.error)),
                       ("tls_version", None), ("cipher", None), ("verified", None),
-                      ("verify_error", None), ("problems", []), ("chain", [])], "  ")
+                      ("verify_error", None), ("problems", []), ("revocation", None),
+                      ("renewal_window", None), ("chain", [])], "  ")
 
 
 def certificate_json(cert, now):
@@ -4994,8 +5094,6 @@ def check_report(results, settings, now, reporter):
     lines = [line for line, _ in parts]
     if settings.same:
         lines = [worse(line, same) for line, same in zip(lines, same_chain_statuses(results))]
-    lines = [ca_check_line(line, result, settings, now)  # issue 21: CRL and ARI
-             for line, result in zip(lines, results)]
     lines = [(status, status_text(text)) for status, text in lines]
     worst = worse(*lines)[0]
     counts = ", ".join("%d %s" % (sum(s == n for s, _ in lines), NAGIOS[n])
@@ -5014,6 +5112,7 @@ def check_part(result, settings, now, label):
     line = check_source(result, settings, now)
     if settings.chain_warning:
         line = worse(line, chain_status(result))
+    line = ca_check_line(line, result, settings, now)   # issue 21: CRL and ARI
     return line, check_perfdata(label, result, settings, now) if result.issuing else ""
 
 
@@ -5203,7 +5302,7 @@ def metrics_text(results, settings, clock, outcome, reporter):
                ("certgrab_run_duration_seconds", "How long this run took.",
                 [(run, time.monotonic() - clock[1])])]
     metrics += source_metrics(results, settings, run, reporter)
-    metrics += ca_metrics(results, run)                 # issue 21
+    metrics += ca_metrics(results, run, reporter)       # issue 21
     leaves = set(r.leaf.sha256 for r in results if r.issuing)
     metrics.append(("certgrab_distinct_leaves", "Different leaves served across the sources "
                     "(1: the fleet has converged).", [(run, len(leaves))]))
@@ -5441,8 +5540,8 @@ OPTIONS = (
         (("--insecure",), SWITCH, "do not verify chain or name (says so on stderr)"),
     )),
     ("what the CA knows: revocation (CRL) and renewal windows (ARI)", (     # issue 21
-        (("--crl",), "MODE", "on: check the leaf's CRL, go ahead when it cannot be had "
-         "(default); require: refuse then; off: no CRL"),
+        (("--crl",), "MODE", "on: check the CRLs the chain names, go ahead when one cannot "
+         "be had (default); require: refuse then; off: no CRL"),
         (("--acme-directory",), "URL", "ask this ACME server's renewalInfo (ARI) for the "
          "leaf's renewal window"),
         (("--cache-dir",), "DIR", "keep CRLs (until nextUpdate, a day at most) and ARI "
@@ -6096,7 +6195,7 @@ def deliver(results, settings, reader, reporter):
         return report(results, settings, reporter), None
     if settings.plan or settings.keys:
         apply_gate(results, settings.keys, reporter)    # 2. key, name, dates
-    apply_ca_gate(results, settings)                    #    not revoked (issue 21)
+    apply_ca_gate(results, settings, reporter)          #    not revoked (issue 21)
     best = choose_result(results, reporter)             # 3. the newest good chain
     warn_about_ca(best, settings, reporter)             #    CRL soft-fail, ARI (issue 21)
     report_fetch(results, best, reader, settings, reporter)

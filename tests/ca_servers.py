@@ -3,6 +3,8 @@
     CrlCA(directory)        a root and an intermediate made with `openssl ca`; leaf(name, url)
                             issues an EC (or RSA) leaf whose CRL Distribution Point is url,
                             revoke(name, reason) revokes it in the intermediate's database,
+                            (with intermediate_crl=URL the intermediate names the root's CRL
+                            there, and revoke_intermediate(reason) revokes it in the root's),
                             crl(path, ...) writes the intermediate's CRL (`openssl ca
                             -gencrl`, DER or PEM, any lastUpdate/nextUpdate), and
                             forged_crl(path) one with the intermediate's name signed by
@@ -77,6 +79,12 @@ basicConstraints = critical, CA:TRUE, pathlen:0
 keyUsage = critical, digitalSignature, keyCertSign, cRLSign
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid:always
+[ intermediate_crl ]
+basicConstraints = critical, CA:TRUE, pathlen:0
+keyUsage = critical, digitalSignature, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid:always
+crlDistributionPoints = ${{ENV::CRL_URL}}
 [ leaf ]
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature, keyEncipherment
@@ -108,13 +116,16 @@ def openssl(*args, **env):
 
 class CrlCA(object):
     """Root "CRL test root" and intermediate "CRL test intermediate", each its own
-    `openssl ca` database under directory."""
+    `openssl ca` database under directory; with intermediate_crl, a URL, the intermediate's
+    CRL Distribution Point names it (as Let's Encrypt's name their root's CRL)."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, intermediate_crl=None):
         self.dir = str(directory)
         self.root = self._ca("root", "CRL test root", None, "root")
-        self.intermediate = self._ca("intermediate", "CRL test intermediate", self.root,
-                                     "intermediate")
+        self.intermediate = self._ca(
+            "intermediate", "CRL test intermediate", self.root,
+            "intermediate_crl" if intermediate_crl else "intermediate",
+            "URI:%s" % intermediate_crl if intermediate_crl else "")
         self.root_pem = os.path.join(self.root, "cert.pem")
 
     def path(self, *parts):
@@ -148,10 +159,10 @@ class CrlCA(object):
                 *signer, CRL_URL=crl_url or "URI:http://unused.example.test/")
         return out_dir
 
-    def _ca(self, name, cn, issuer, extensions):
+    def _ca(self, name, cn, issuer, extensions, crl_url=""):
         ca_dir = self.path(name)
         self._config(ca_dir)
-        return self._issue(ca_dir, cn, issuer, extensions, ca_dir)
+        return self._issue(ca_dir, cn, issuer, extensions, ca_dir, crl_url=crl_url)
 
     def leaf(self, name, url=None, key="ec"):
         """Directory name/ with cert.pem, chain.pem, fullchain.pem, key.pem and root.pem of
@@ -176,6 +187,13 @@ class CrlCA(object):
         openssl("ca", "-config", config, "-revoke", self.path("leaves", name, "cert.pem"),
                 "-crl_reason", reason, "-cert", os.path.join(self.intermediate, "cert.pem"),
                 "-keyfile", os.path.join(self.intermediate, "key.pem"))
+
+    def revoke_intermediate(self, reason="cACompromise"):
+        """The root revokes the intermediate (write its CRL with crl(path, issuer=ca.root))."""
+        config = self._config(self.root)
+        openssl("ca", "-config", config, "-revoke", os.path.join(self.intermediate, "cert.pem"),
+                "-crl_reason", reason, "-cert", os.path.join(self.root, "cert.pem"),
+                "-keyfile", os.path.join(self.root, "key.pem"))
 
     def crl(self, path, last=None, next=None, der=True, issuer=None):
         """The intermediate's CRL (or issuer's: a CA directory) in path; last and next are

@@ -123,11 +123,17 @@ def test_the_window_in_every_report(run, ari, source, leaf, tmp_path):
 
 
 def test_a_passed_window_is_critical(run, ari, source, leaf, tmp_path):
-    ari.answers[cert_id(leaf)] = window(start="2026-01-01T00:00:00Z", end="2026-01-02T00:00:00Z")
+    """CRITICAL, with the CA's explanation URL: untrusted text, escaped ("|" never reaches
+    --check's output but as certgrab's own perfdata separator)."""
+    from test_containment import assert_only_certgrabs_perfdata
+    ari.answers[cert_id(leaf)] = window(start="2026-01-01T00:00:00Z", end="2026-01-02T00:00:00Z",
+                                        explanation="https://x.test/why|'expires_in x'=1s")
     check = ask(run, source, leaf, ari.directory, "--check")
     assert check.rc == 2 and check.out.startswith("CERTGRAB CRITICAL"), check.out
     assert "renewal window ended" in check.out and "the renewing machine did not renew" in \
         check.out
+    assert "; the CA says why at https://x.test/why\\x7c'expires_in x'=1s" in check.out
+    assert_only_certgrabs_perfdata(check.out, [source.address])
     install = ask(run, source, leaf, ari.directory, "--out-dir", tmp_path / "live")
     assert install.rc == 0
     assert "the CA asked for the leaf to be replaced by 2026-01-02T00:00:00Z (ARI)" in install.err

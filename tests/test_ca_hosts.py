@@ -2,7 +2,8 @@
 (pyenv's, each with its own ssl module: 3.6 reads OpenSSL's verify message through ctypes),
 and inside the Debian 12 and 11 python3-minimal roots (no json, no http.client, no CA store;
 OpenSSL 3.0 and 1.1.1). Each asks a real CRL (good and revoked leaves; a revoked one is not
-installed) and an RFC 9773 server for the window.
+installed; an intermediate its root revoked refuses the chain) and an RFC 9773 server for
+the window.
 """
 
 import json
@@ -28,7 +29,9 @@ pytestmark = pytest.mark.slow
 
 
 class World(object):
-    """A CA, its CRL server with a good and a revoked leaf served over TLS, an ARI server."""
+    """A CA, its CRL server with a good and a revoked leaf served over TLS, an ARI server;
+    and a second CA whose intermediate (naming the root's CRL) its root revoked, with a
+    good leaf of that intermediate served too."""
 
     def __init__(self, directory):
         self.ca = CrlCA(directory / "ca")
@@ -38,9 +41,14 @@ class World(object):
         self.good, self.revoked = self.ca.leaf("good", url), self.ca.leaf("revoked", url)
         self.ca.revoke("revoked", "cessationOfOperation")
         self.ca.crl(str(directory / "crls" / "int.crl"))
+        self.other = CrlCA(directory / "other", intermediate_crl=self.crls.url("root2.crl"))
+        self.orphan = self.other.leaf("orphan", self.crls.url("int2.crl"))
+        self.other.revoke_intermediate("cACompromise")
+        self.other.crl(str(directory / "crls" / "root2.crl"), issuer=self.other.root)
+        self.other.crl(str(directory / "crls" / "int2.crl"))
         self.servers = [TLSServer(os.path.join(leaf, "fullchain.pem"),
                                   os.path.join(leaf, "key.pem"), tls="1.2")
-                        for leaf in (self.good, self.revoked)]
+                        for leaf in (self.good, self.revoked, self.orphan)]
         api = self.ca.leaf("api", None)
         self.ari = AriServer(os.path.join(api, "fullchain.pem"), os.path.join(api, "key.pem"))
         self.ari.answers[cert_id(self.good)] = window(explanation="https://x.test/why")
@@ -59,10 +67,10 @@ def world(tmp_path_factory):
     made.stop()
 
 
-def check_runs(certgrab, world, root_pem, out_dir):
-    """certgrab(*args) -> (rc, stdout, stderr) on some host: the three runs every host must
-    get right."""
-    good, revoked = world.servers
+def check_runs(certgrab, world, root_pem, out_dir, other_root_pem):
+    """certgrab(*args) -> (rc, stdout, stderr) on some host: the runs every host must get
+    right."""
+    good, revoked, orphan = world.servers
     rc, out, err = certgrab(good.address, "-n", NAME, "--cafile", root_pem, "--json",
                             "--acme-directory", world.ari.directory)
     assert rc == 0, err
@@ -76,6 +84,13 @@ def check_runs(certgrab, world, root_pem, out_dir):
     assert "Traceback" not in err
     rc, out, err = certgrab(revoked.address, "-n", NAME, "--cafile", root_pem, "--check")
     assert rc == 2 and "was REVOKED by its CA" in out, out
+    rc, out, err = certgrab(orphan.address, "-n", NAME, "--cafile", other_root_pem, "--json")
+    revocation = json.loads(out)[0]["revocation"]
+    assert (revocation["status"], revocation["intermediates"][0]["status"]) == (
+        "good", "revoked"), revocation
+    rc, out, err = certgrab(orphan.address, "-n", NAME, "--cafile", other_root_pem,
+                            "--out-dir", out_dir)
+    assert rc == REFUSED and 'its intermediate "CN=CRL test intermediate"' in err, err
 
 
 @pytest.mark.parametrize("minor", [6, 9, 13], ids=lambda minor: "py3.%d" % minor)
@@ -90,7 +105,7 @@ def test_pythons(world, minor, tmp_path):
                               stdin=subprocess.DEVNULL, timeout=TIMEOUT)
         return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
 
-    check_runs(certgrab, world, world.ca.root_pem, tmp_path / "out")
+    check_runs(certgrab, world, world.ca.root_pem, tmp_path / "out", world.other.root_pem)
     assert not (tmp_path / "out").exists() or not os.listdir(str(tmp_path / "out"))
 
 
@@ -106,6 +121,7 @@ def test_minimal_hosts(world, suite):
         os.chmod(str(scratch), 0o755)
         shutil.copy(CERTGRAB, str(scratch / "certgrab.py"))
         shutil.copy(world.ca.root_pem, str(scratch / "root.pem"))
+        shutil.copy(world.other.root_pem, str(scratch / "root2.pem"))
         inside = "/" + str(scratch.relative_to(root))
 
         def certgrab(*args):
@@ -116,7 +132,7 @@ def test_minimal_hosts(world, suite):
                                   stderr=subprocess.PIPE, timeout=TIMEOUT)
             return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
 
-        check_runs(certgrab, world, inside + "/root.pem", "OUT")
+        check_runs(certgrab, world, inside + "/root.pem", "OUT", inside + "/root2.pem")
         assert not (scratch / "out").exists() or not os.listdir(str(scratch / "out"))
     finally:
         shutil.rmtree(str(scratch))

@@ -7,8 +7,12 @@
        cannot be had: installed anyway (--crl on), refused (--crl require), not asked (off)
     3. a CRL that fails a check is never evidence: another key, stale, not yet valid
     4. hostile or absent CRL servers: unreachable, oversized, slow, garbage
-    5. cost: one fetch per CRL per run; --cache-dir keeps it across runs (and its rules)
+    5. cost: one fetch per CRL per run, also for 1,024 sources; --cache-dir keeps it
+       across runs (a day at most), under the outputs' path rules
     6. nginx serving the CRL; PEM CRLs
+    7. intermediates that name a CRL: checked on their own, against the root's CRL; a
+       revoked one refuses the chain
+    8. CRL text in --check: never a "|" before the perfdata
 """
 
 import datetime
@@ -25,7 +29,7 @@ from cryptography import x509
 
 from ca_servers import CrlCA, FileServer, RawHttpServer
 from conftest import error_lines
-from servers import GarbageServer, TLSServer, closed_port
+from servers import DelayedTLSServer, GarbageServer, TLSServer, closed_port
 
 REFUSED, NAME = 6, "www.example.test"
 
@@ -322,6 +326,22 @@ def kept_until(path):
     return int(path.read_bytes().split(b"\n", 1)[0])
 
 
+def test_1024_sources_naming_one_crl_fetch_it_once(run, issue, crl_server):
+    """A fleet of 1,024 sources in sync (one server, named 1,024 times): one GET of the CRL
+    for the whole run, and every source is good."""
+    leaf = issue()
+    before = len(crl_server.paths)
+    with DelayedTLSServer(os.path.join(leaf, "fullchain.pem"), os.path.join(leaf, "key.pem"),
+                          0) as server:
+        result = run("--check", "--crl", "require", "-n", NAME, "--cafile",
+                     os.path.join(leaf, "root.pem"), *[server.address] * 1024)
+    assert result.rc == 0, result.out[:1000] + result.err
+    lines = result.out.splitlines()
+    assert lines[0].startswith("CERTGRAB OK - 1024 source(s): 1024 OK")
+    assert len(lines) == 1025 and all(line.startswith("OK - ") for line in lines[1:])
+    assert len(crl_server.paths) == before + 1
+
+
 def test_cache_dir_keeps_the_crl_across_runs(run, started, issue, crl_server, tmp_path):
     leaf = issue()
     server, cache = serve(started, leaf), tmp_path / "cache"
@@ -502,3 +522,204 @@ def test_crl_and_cache_dir_are_config_keys(run, started, issue, crl_server, tmp_
         assert result.rc == 0, result.err
     assert len(crl_server.paths) == before + 1      # [strict]'s CRL, kept in cache-dir
     assert (tmp_path / "no-route" / "fullchain.pem").exists()   # revoked, but crl = off
+
+
+# ---------------------------------------------------------------- 7. intermediates
+
+class Hierarchy(object):
+    """root -> intermediate -> leaf made with `openssl ca`; the intermediate names the
+    root's CRL (ROOT.crl) and the leaf the intermediate's (INT.crl), both on crl_server
+    under this test's own names, published now (publish() again after a revocation)."""
+
+    def __init__(self, directory, server, name):
+        self.server, self.root_crl, self.int_crl = server, name + "-root.crl", name + "-int.crl"
+        self.ca = CrlCA(directory, intermediate_crl=server.url(self.root_crl))
+        self.leaf = self.ca.leaf("leaf", server.url(self.int_crl))
+        self.publish()
+
+    def publish(self):
+        self.ca.crl(os.path.join(self.server.directory, self.root_crl), issuer=self.ca.root)
+        self.ca.crl(os.path.join(self.server.directory, self.int_crl))
+
+    def intermediate(self):
+        """(subject as certgrab writes it, serial in hex) of the intermediate, by pyca."""
+        with open(os.path.join(self.ca.intermediate, "cert.pem"), "rb") as f:
+            serial = x509.load_pem_x509_certificate(f.read()).serial_number
+        text = "%x" % serial
+        return "CN=CRL test intermediate", "0" * (len(text) % 2) + text
+
+
+@pytest.fixture
+def hierarchy(tmp_path, crl_server, request):
+    return Hierarchy(tmp_path / "ca", crl_server, request.node.name.replace("[", "-")
+                     .replace("]", ""))
+
+
+def test_an_intermediate_that_names_a_crl_is_checked_too(run, started, hierarchy):
+    leaf = hierarchy.leaf
+    server = serve(started, leaf)
+    result, status = revocation(run, server, leaf)
+    assert result.rc == 0, result.err
+    subject, serial = hierarchy.intermediate()
+    assert status["status"] == "good"
+    (checked,) = status["intermediates"]
+    assert (checked["position"], checked["subject"], checked["serial"], checked["status"],
+            checked["url"]) == (1, subject, serial, "good",
+                                hierarchy.server.url(hierarchy.root_crl))
+    text = grab(run, server, leaf, "--text").out
+    assert '  revocation:   intermediate "%s": good: not on its CRL %s' % (
+        subject, checked["url"]) in text
+    check = grab(run, server, leaf, "--check", "--crl", "require")
+    assert check.rc == 0 and check.out.startswith("CERTGRAB OK"), check.out
+
+
+def test_an_intermediate_its_root_revoked_refuses_the_chain(run, started, hierarchy, tmp_path):
+    """The root revokes the intermediate (`openssl ca -revoke`, then its CRL): the leaf is
+    good on its own CRL, but the chain is revoked: the gate refuses it naming the
+    intermediate, --check is CRITICAL, certgrab_leaf_revoked stays the leaf's (0)."""
+    from test_prometheus import tool
+    leaf, ca = hierarchy.leaf, hierarchy.ca
+    ca.revoke_intermediate("cACompromise")
+    hierarchy.publish()
+    server = serve(started, leaf)
+    subject, serial = hierarchy.intermediate()
+    _, status = revocation(run, server, leaf)
+    (checked,) = status["intermediates"]
+    assert (status["status"], checked["status"], checked["reason"]) == (
+        "good", "revoked", "cACompromise")
+    with open(os.path.join(hierarchy.server.directory, hierarchy.root_crl), "rb") as f:
+        crl = x509.load_der_x509_crl(f.read())
+    (entry,) = list(crl)
+    assert checked["time"] == entry.revocation_date_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+    leaf_serial = crl_entry_serial(leaf)
+    out = tmp_path / "live"
+    install = grab(run, server, leaf, "--out-dir", out, "--key-path",
+                   os.path.join(leaf, "key.pem"))
+    assert install.rc == REFUSED, install.err
+    assert error_lines(install.err)[0] == (
+        'certgrab: %s: refused the leaf serial %s: its intermediate "%s" (serial %s) was '
+        "revoked by its CA at %s, reason cACompromise (CRL %s)" % (
+            server.address, leaf_serial, subject, serial, checked["time"], checked["url"]))
+    assert not out.exists() or not os.listdir(str(out))
+    printed = grab(run, server, leaf)
+    assert printed.rc == REFUSED and printed.out == ""
+    prom = tmp_path / "check.prom"
+    check = grab(run, server, leaf, "--check", "--prometheus", prom)
+    assert check.rc == 2 and check.out.startswith("CERTGRAB CRITICAL"), check.out
+    assert 'the intermediate "%s" (serial %s) of the leaf serial %s was REVOKED by its CA' % (
+        subject, serial, leaf_serial) in check.out
+    metrics = prom.read_text()
+    assert [line.rsplit(" ", 1)[1] for line in metrics.splitlines()
+            if line.startswith("certgrab_leaf_revoked{")] == ["0"]
+    proc = subprocess.run([tool("promtool"), "check", "metrics"], input=metrics.encode(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.returncode == 0, proc.stdout.decode()
+
+
+def crl_entry_serial(leaf):
+    with open(os.path.join(leaf, "cert.pem"), "rb") as f:
+        text = "%x" % x509.load_pem_x509_certificate(f.read()).serial_number
+    return "0" * (len(text) % 2) + text
+
+
+def test_an_installed_chain_whose_intermediate_is_revoked_is_said_so(run, started, hierarchy,
+                                                                       tmp_path):
+    leaf = hierarchy.leaf
+    server, out = serve(started, leaf), tmp_path / "live"
+    assert grab(run, server, leaf, "--out-dir", out).rc == 0
+    before = dict((p.name, (p.read_bytes(), p.stat().st_mtime_ns)) for p in out.iterdir())
+    hierarchy.ca.revoke_intermediate("keyCompromise")
+    hierarchy.publish()
+    second = grab(run, server, leaf, "--out-dir", out)
+    assert second.rc == REFUSED, second.err
+    subject, serial = hierarchy.intermediate()
+    assert 'the installed leaf serial %s: its intermediate "%s" (serial %s) was revoked by ' \
+        "its CA at" % (crl_entry_serial(leaf), subject, serial) in second.err
+    assert "reason keyCompromise" in second.err and "; files untouched" in second.err
+    assert before == dict((p.name, (p.read_bytes(), p.stat().st_mtime_ns))
+                          for p in out.iterdir())
+
+
+def test_an_intermediates_crl_that_cannot_be_had_is_soft_fail(run, started, hierarchy, tmp_path):
+    leaf = hierarchy.leaf
+    os.unlink(os.path.join(hierarchy.server.directory, hierarchy.root_crl))     # 404
+    server = serve(started, leaf)
+    subject, serial = hierarchy.intermediate()
+    installed = grab(run, server, leaf, "--out-dir", tmp_path / "a")
+    assert installed.rc == 0, installed.err
+    assert 'cannot tell whether the CA revoked the intermediate "%s" (serial %s): %s: HTTP ' \
+        "status 404" % (subject, serial, hierarchy.server.url(hierarchy.root_crl)) \
+        in installed.err and "installing anyway (--crl on: soft-fail" in installed.err
+    strict = grab(run, server, leaf, "--out-dir", tmp_path / "b", "--crl", "require")
+    assert strict.rc == REFUSED
+    assert 'whether its CA revoked the intermediate "%s" (serial %s) is unknown (--crl ' \
+        "require)" % (subject, serial) in strict.err
+    check = grab(run, server, leaf, "--check", "--crl", "require")
+    assert check.rc == 1 and "revocation unknown (--crl require) for the intermediate" \
+        in check.out
+
+
+def test_one_fetch_per_crl_for_many_sources_and_their_intermediates(run, started, hierarchy):
+    leaf = hierarchy.leaf
+    servers = [serve(started, leaf) for _ in range(6)]
+    before = list(hierarchy.server.paths)
+    result = run(*[s.address for s in servers] + ["-n", NAME, "--cafile",
+                                                   os.path.join(leaf, "root.pem"), "--json"])
+    assert [s["revocation"]["intermediates"][0]["status"] for s in json.loads(result.out)] \
+        == ["good"] * 6
+    assert sorted(hierarchy.server.paths[len(before):]) == sorted(
+        ["/" + hierarchy.int_crl, "/" + hierarchy.root_crl])
+
+
+# ---------------------------------------------------------------- 8. "|" in --check
+
+def test_crl_text_never_writes_perfdata(run, started, issue):
+    """A CRL host's reason phrase and a URL the leaf names, both with "|", in --check's
+    WARNING (--crl require): escaped, only certgrab's perfdata after the status line's."""
+    from test_containment import assert_only_certgrabs_perfdata
+    hostile = started(RawHttpServer(b"HTTP/1.1 500 down | 'expires_in x'=1s;1:;1:\r\n"
+                                    b"Content-Length: 0\r\n\r\n"))
+    leaf = issue(url="http://127.0.0.1:%d/a|b.crl" % hostile.port)
+    server = serve(started, leaf)
+    check = grab(run, server, leaf, "--check", "--crl", "require")
+    assert check.rc == 1, check.out
+    assert_only_certgrabs_perfdata(check.out, [server.address])
+    assert "/a\\x7cb.crl: HTTP status 500 down \\x7c 'expires_in x'" in check.out
+
+
+
+# ---------------------------------------------------------------- 9. a bug in one source's look-up
+
+@pytest.mark.parametrize("name", ["ask_ca", "ca_refusal", "ca_series"])
+def test_a_bug_in_one_sources_ca_part_is_that_sources_error(certgrab, capsys, started, issue,
+                                                            monkeypatch, tmp_path, name):
+    """Injected (the only mock: a real bug cannot be ordered) into the look-ups, the gate or
+    the metrics of one source: that source's internal error; the other source is installed,
+    the metrics file written."""
+    from test_containment import bug_line, call, inject, metric
+    leaf = issue()
+    buggy, good = serve(started, leaf), serve(started, leaf)
+    inject(monkeypatch, certgrab, name, buggy.address)
+    prom, out = tmp_path / "m.prom", tmp_path / "live"
+    code, _, err = call(certgrab, capsys, buggy.address, good.address, "-n", NAME, "--cafile",
+                        os.path.join(leaf, "root.pem"), "--out-dir", out, "--prometheus", prom)
+    assert bug_line(buggy.address, name) in err
+    assert code == (3 if name == "ca_series" else 0), err    # a metrics bug is said after
+    assert (out / "fullchain.pem").exists() and "Traceback" not in err
+    metrics = prom.read_text()
+    assert metric(metrics, "certgrab_source_fetch_success", good.address) == "1"
+    if name != "ca_series":
+        assert metric(metrics, "certgrab_leaf_revoked", good.address) == "0"
+
+
+# ---------------------------------------------------------------- 10. the docs
+
+def test_docs_explain_every_cause(certgrab):
+    """docs/revocation.md names every code a decision or a report may carry."""
+    from conftest import ROOT
+    with open(os.path.join(ROOT, "docs", "revocation.md"), encoding="utf-8") as f:
+        text = f.read()
+    missing = [cause for cause in certgrab.CRL_CAUSES + certgrab.ARI_CAUSES
+               if "`%s`" % cause not in text]
+    assert missing == []
+    assert "\n# Revocation and renewal windows\n" in "\n" + text
