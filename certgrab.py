@@ -609,6 +609,8 @@ MAX_NAME_ATTRIBUTES = 100  # attributes in one Name (every RDN's): real names ha
 MAX_SANS = 1000         # subjectAltNames of one certificate: Let's Encrypt puts at most 100,
                         # other public CAs a few hundred
 MAX_EXTENSIONS = 100    # extensions of one certificate: real ones have about 10
+MAX_CRL_NAMES = 100     # distribution points, and names in their fullNames, of one CRL
+                        # Distribution Points extension: real ones have 1 or 2
 
 
 class Certificate(object):
@@ -1096,18 +1098,20 @@ def _extension(cert, data, oid, value):
 def _crl_urls(data, value):
     """The URIs in the fullName of each DistributionPoint (RFC 5280 4.2.1.13), in
     order. The other forms (a name relative to the CRL issuer, reasons, cRLIssuer)
-    carry no URL; the certificate's own size bounds how many there can be."""
-    urls = []
-    for point in _children(data, _wrapped(data, value, DER_OCTET_STRING), DER_SEQUENCE, 1):
+    carry no URL. At most MAX_CRL_NAMES points, and names in all of their fullNames."""
+    points = _at_most(_children(data, _wrapped(data, value, DER_OCTET_STRING), DER_SEQUENCE,
+                                1), MAX_CRL_NAMES, "CRL distribution points")
+    names = []
+    for point in points:
         for field in _children(data, point, DER_SEQUENCE):
             if field[0] != 0xA0:                  # [0] distributionPoint
                 continue
             name = _children(data, field, 0xA0, 1)[0]
             if name[0] == 0xA0:                   # [0] fullName: GeneralNames
-                urls += [text for kind, text in (_general_name(data, general) for general
-                                                 in _children(data, name, 0xA0, 1))
-                         if kind == "URI"]
-    return urls
+                names += _children(data, name, 0xA0, 1)
+        _at_most(names, MAX_CRL_NAMES, "names in CRL distribution points")
+    return [text for kind, text in (_general_name(data, name) for name in names)
+            if kind == "URI"]
 
 
 def der_to_pem(der):
@@ -3442,8 +3446,10 @@ def crl_entry(der, serial):
 
 
 def _crl_reason(der, extensions):
-    """The name of a CRL entry's reasonCode; "unspecified" without one (RFC 5280 5.3.1)."""
-    for extension in _children(der, extensions[0], DER_SEQUENCE) if extensions else ():
+    """The name of a CRL entry's reasonCode; "unspecified" without one (RFC 5280 5.3.1).
+    The entry has at most MAX_EXTENSIONS extensions, as a certificate."""
+    for extension in _at_most(_children(der, extensions[0], DER_SEQUENCE), MAX_EXTENSIONS,
+                              "extensions of a CRL entry") if extensions else ():
         fields = _children(der, extension, DER_SEQUENCE, 2)
         if _element(der, fields[0]) == OID_CRL_REASON_DER:
             code = _wrapped(der, fields[-1], DER_OCTET_STRING)

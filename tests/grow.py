@@ -3,7 +3,8 @@
 Each growth takes a real certificate, finds one field by its place in X.509's shape and
 makes it larger than certgrab reads: a length, an OID arc, an integer (serial, version,
 RSA modulus, DSA and EC primes), a validity time, the nesting, a count (attributes of a
-name, subjectAltNames, extensions) or the whole certificate. Every grown certificate must
+name, subjectAltNames, extensions, CRL distribution points and their names) or the whole
+certificate. Every grown certificate must
 be certgrab's own ParseError, naming what was too large: never another exception (Python
 3.11+ raises ValueError when an int of more than 4,300 digits becomes text), never a
 certificate read as if nothing were wrong.
@@ -31,6 +32,7 @@ OID_DSA = "1.2.840.10040.4.1"
 OID_EC = "1.2.840.10045.2.1"
 OID_PRIME_FIELD = "1.2.840.10045.1.1"
 OID_SAN = "2.5.29.17"
+OID_CRL_DP = "2.5.29.31"
 OID_CN = "2.5.4.3"
 PRIVATE_ARC = "1.3.6.1.4.1.55555"     # a private enterprise arc for made-up extensions
 # The DER reader's bounds, as README's "Limitations" states them (test_fuzz.py checks that
@@ -46,9 +48,10 @@ MAX_EC_FIELD_BITS = 661         # bits of an explicit EC curve's prime and coeff
 MAX_NAME_ATTRIBUTES = 100       # attributes of one name
 MAX_SANS = 1000                 # subjectAltNames
 MAX_EXTENSIONS = 100            # extensions
+MAX_CRL_NAMES = 100             # CRL distribution points, and names in them
 BOUNDS = ("MAX_CERTIFICATE", "MAX_OID_BYTES", "MAX_OID_ARC_BITS", "MAX_SERIAL_BITS",
           "MAX_VERSION_BITS", "MAX_RSA_BITS", "MAX_DSA_BITS", "MAX_EC_FIELD_BITS",
-          "MAX_NAME_ATTRIBUTES", "MAX_SANS", "MAX_EXTENSIONS")
+          "MAX_NAME_ATTRIBUTES", "MAX_SANS", "MAX_EXTENSIONS", "MAX_CRL_NAMES")
 LARGEST = 40000         # bytes of the largest grown value: the certificate stays under the
                         # reader's size bound, so the value's own bound is the one met
 
@@ -216,6 +219,17 @@ def with_sans(tree, count):
     exts[1] = [e for e in exts[1] if e[1][0] != oid_node(OID_SAN)] + [extension(OID_SAN, names)]
 
 
+def with_crl_names(tree, count, points=False):
+    """A CRL Distribution Points extension of count URIs: all in one point's fullName, or
+    with points, one point each."""
+    uris = [[0x86, b"http://c%d.example.test/x.crl" % n] for n in range(count)]
+    full = [[SEQUENCE, [[0xA0, [[0xA0, [uri]]]]]] for uri in uris] if points else \
+        [[SEQUENCE, [[0xA0, [[0xA0, uris]]]]]]
+    exts = extensions(tree)
+    exts[1] = [e for e in exts[1] if e[1][0] != oid_node(OID_CRL_DP)] + [
+        extension(OID_CRL_DP, der_encode([[SEQUENCE, full]]))]
+
+
 def with_extensions(tree, count):
     """count extensions: the certificate's own, then made-up ones."""
     exts = extensions(tree)
@@ -334,6 +348,11 @@ def grow_sans(rng, tree):
     return der_encode(tree)
 
 
+def grow_crl_names(rng, tree):
+    with_crl_names(tree, rng.randint(MAX_CRL_NAMES + 1, 3000), rng.random() < 0.5)
+    return der_encode(tree)
+
+
 def grow_extensions(rng, tree):
     with_extensions(tree, rng.randint(MAX_EXTENSIONS + 1, 2000))
     return der_encode(tree)
@@ -358,6 +377,7 @@ GROWTHS = [
     ("name attributes", grow_name, "name of more than"),
     ("subjectAltNames", grow_sans, "subjectAltNames"),
     ("extensions", grow_extensions, "extensions"),
+    ("CRL distribution points", grow_crl_names, "CRL distribution points"),
     ("certificate size", grow_certificate, "bytes, more than"),
 ]
 

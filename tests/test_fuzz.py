@@ -505,7 +505,12 @@ def test_count_bounds_from_both_sides(certgrab, certs):
              lambda cert: cert.issuer.count("CN=")),
             (grow.with_sans, grow.MAX_SANS, "more than 1000 subjectAltNames",
              lambda cert: len(cert.dns_names)),
-            (grow.with_extensions, grow.MAX_EXTENSIONS, "more than 100 extensions", None)):
+            (grow.with_extensions, grow.MAX_EXTENSIONS, "more than 100 extensions", None),
+            (grow.with_crl_names, grow.MAX_CRL_NAMES, "more than 100 names in CRL "
+             "distribution points", lambda cert: len(cert.crl_urls)),
+            (lambda tree, count: grow.with_crl_names(tree, count, points=True),
+             grow.MAX_CRL_NAMES, "more than 100 CRL distribution points",
+             lambda cert: len(cert.crl_urls))):
         parsed, error = parse_both_sides(certgrab, certs, build, bound, bound + 1)
         assert read is None or read(parsed) == bound
         assert words in error
@@ -522,6 +527,7 @@ README_BOUNDS = {
     "MAX_EC_FIELD_BITS": "EC parameters of more than %s bits",
     "MAX_NAME_ATTRIBUTES": "name of more than %s attributes",
     "MAX_SANS": "more than %s subjectAltNames", "MAX_EXTENSIONS": "more than %s extensions",
+    "MAX_CRL_NAMES": "more than %s CRL distribution points or names in them",
 }
 
 
