@@ -2818,17 +2818,17 @@ def choose_result(results, reporter):
 
 
 # ---------------------------------------------------------------------------
-# Revocation and renewal information: what the CA knows about each leaf (issue 21).
-# The CRL the leaf names, checked by OpenSSL (--crl), and the renewal window its
-# ACME server suggests (ARI, RFC 9773; --acme-directory). Both are asked right
-# after the sources' fetch, each source within --timeout seconds of its own, over
-# a small bounded HTTP/1.1 client (minimal hosts have no http.client or urllib);
-# what one source fetched serves every source of the run, and with --cache-dir
-# the next runs too.
+# Revocation and renewal information: what the CA knows about each chain (issue 21).
+# The CRLs the leaf and its intermediates name, checked by OpenSSL (--crl), and the
+# renewal window the leaf's ACME server suggests (ARI, RFC 9773; --acme-directory).
+# Both are asked right after the sources' fetch, each source within --timeout
+# seconds of its own, over a small bounded HTTP/1.1 client (minimal hosts have no
+# http.client or urllib); what one source fetched serves every source of the run,
+# and with --cache-dir the next runs too.
 #
-#   leaf --CRL Distribution Points--> http:// GET --> CRL --+
-#   trust store + CRL --> OpenSSL verifies leaf+intermediates (replay_verdict)
-#       --> good | revoked (time and reason read from the CRL) | unknown (cause)
+#   leaf, each intermediate --CRL Distribution Points--> http:// GET --> CRL --+
+#   trust store + CRL --> OpenSSL verifies the path from that certificate
+#       (replay_verdict) --> good | revoked (time, reason from the CRL) | unknown
 #   --acme-directory --GET--> renewalInfo URL --GET <url>/<certID>--> window
 # ---------------------------------------------------------------------------
 
@@ -2845,8 +2845,6 @@ MAX_INTERIM = 4         # 1xx responses (103 Early Hints) skipped before the rea
 MAX_REDIRECTS = 3       # redirects followed by one GET, each bounded alike; CAs publish
                         # CRLs and ARI without any, a CDN in front may add one
 HTTP_READ = 65536       # bytes asked of the socket at once
-CACHE_HEAD = 12         # bytes of a --cache-dir file's first line: its expiry in epoch
-                        # seconds (11 digits last until the year 5138), and the newline
 HTTP_REDIRECTS = (301, 302, 303, 307, 308)
 CRL_KEEP = DAY          # seconds a --cache-dir CRL is used at most, even when its nextUpdate
                         # is later: a CA must publish a new CRL within 24 hours of a
@@ -2858,6 +2856,8 @@ ARI_RETRY_BOUNDS = (MINUTE, DAY)   # Retry-After is honoured within these (RFC 9
 ARI_RETRY_DEFAULT = 6 * HOUR       # seconds an answer without Retry-After is kept
 CRL_MODES = ("on", "require", "off")   # --crl: soft-fail (default), hard-fail, no CRL at all
 CACHE_KEEP_MOST = DAY   # seconds any --cache-dir answer is kept at most (see CRL_KEEP)
+CACHE_HEAD = 12         # bytes of a --cache-dir file's first line: its expiry in epoch
+                        # seconds (11 digits last until the year 5138), and the newline
 OID_CRL_REASON_DER = b"\x06\x03\x55\x1d\x15"   # 2.5.29.21 reasonCode, a CRL entry extension
 CRL_REASONS = {0: "unspecified", 1: "keyCompromise", 2: "cACompromise",
                3: "affiliationChanged", 4: "superseded", 5: "cessationOfOperation",
@@ -3401,8 +3401,8 @@ def _crl_tbs(der):
 
 def parse_crl(data, url):
     """A Crl from DER or PEM (X509 CRL) bytes, its header read whole; the entries are
-    read only when OpenSSL says the leaf is on the CRL (crl_entry). CaError if it is
-    not a CRL."""
+    read only when OpenSSL says a certificate is on the CRL (crl_entry). CaError if it
+    is not a CRL."""
     try:
         if data.lstrip()[:11] == b"-----BEGIN ":
             text = data.decode("ascii", "replace")
@@ -3585,7 +3585,10 @@ def load_crl(url, lookups, deadline):
     settings, now = lookups.settings, time.time()
     path = settings.cache_dir and cache_path(settings.cache_dir, "crl", url)
     data = read_cache(path, MAX_CRL, now) if path else None
-    crl = parse_crl(data, url) if data is not None else None
+    try:
+        crl = parse_crl(data, url) if data is not None else None
+    except CaError:                     # a damaged copy: fetched again, and replaced
+        crl = None
     if crl is None:
         started = time.monotonic()
         response = expect_ok(http_get(url, MAX_CRL, deadline, settings.family))

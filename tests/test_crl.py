@@ -387,6 +387,17 @@ def test_a_cached_crl_is_still_checked_by_openssl(run, started, issue, ca, crl_s
     assert revocation(run, server, leaf, "--cache-dir", cache)[1]["status"] == "unknown"
 
 
+def test_a_damaged_cached_crl_is_fetched_again(run, started, issue, crl_server, tmp_path):
+    leaf = issue()
+    server, cache = serve(started, leaf), tmp_path / "cache"
+    revocation(run, server, leaf, "--cache-dir", cache)
+    (kept,) = list(cache.iterdir())
+    kept.write_bytes(b"%d\nnot a CRL" % kept_until(kept))
+    before = len(crl_server.paths)
+    assert revocation(run, server, leaf, "--cache-dir", cache)[1]["status"] == "good"
+    assert len(crl_server.paths) == before + 1 and b"not a CRL" not in kept.read_bytes()
+
+
 @pytest.mark.parametrize("plant", ["fifo", "link"])
 def test_a_cache_file_that_is_no_regular_file_is_not_read(run, started, issue, crl_server,
                                                           tmp_path, plant):
