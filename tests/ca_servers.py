@@ -91,7 +91,7 @@ keyUsage = critical, digitalSignature, keyEncipherment
 extendedKeyUsage = serverAuth
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid:always
-subjectAltName = DNS:www.example.test, IP:127.0.0.1
+subjectAltName = ${{ENV::SANS}}
 crlDistributionPoints = ${{ENV::CRL_URL}}
 [ server ]
 basicConstraints = critical, CA:FALSE
@@ -103,9 +103,14 @@ KEYS = {"ec": ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
         "rsa": ["-newkey", "rsa:2048"]}
 
 
+LEAF_SANS = "DNS:www.example.test, IP:127.0.0.1"
+
+
 def openssl(*args, **env):
-    """openssl ARGS; env: variables for the config file (CRL_URL, which it always reads)."""
+    """openssl ARGS; env: variables for the config file (CRL_URL and SANS, which it always
+    reads)."""
     env.setdefault("CRL_URL", "URI:http://unused.example.test/")
+    env.setdefault("SANS", LEAF_SANS)
     proc = subprocess.run(["openssl"] + list(args), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=60,
                           env=dict(os.environ, **env))
@@ -143,7 +148,8 @@ class CrlCA(object):
                 f.write(CA_CONFIG.format(dir=ca_dir))
         return config
 
-    def _issue(self, ca_dir, cn, issuer, extensions, out_dir, key="ec", crl_url=""):
+    def _issue(self, ca_dir, cn, issuer, extensions, out_dir, key="ec", crl_url="",
+               sans=LEAF_SANS):
         """A key and a certificate in out_dir (cert.pem, key.pem), issued by issuer (a CA
         directory, or None: self-signed)."""
         os.makedirs(out_dir, exist_ok=True)
@@ -156,7 +162,7 @@ class CrlCA(object):
             "-cert", os.path.join(issuer, "cert.pem"), "-keyfile", os.path.join(issuer, "key.pem")]
         openssl("ca", "-batch", "-notext", "-config", config, "-in", csr, "-out", cert,
                 "-extfile", config, "-extensions", extensions, "-days", "3650",
-                *signer, CRL_URL=crl_url or "URI:http://unused.example.test/")
+                *signer, CRL_URL=crl_url or "URI:http://unused.example.test/", SANS=sans)
         return out_dir
 
     def _ca(self, name, cn, issuer, extensions, crl_url=""):
@@ -164,14 +170,17 @@ class CrlCA(object):
         self._config(ca_dir)
         return self._issue(ca_dir, cn, issuer, extensions, ca_dir, crl_url=crl_url)
 
-    def leaf(self, name, url=None, key="ec"):
+    def leaf(self, name, url=None, key="ec", more_names=0):
         """Directory name/ with cert.pem, chain.pem, fullchain.pem, key.pem and root.pem of
-        a leaf whose CRL Distribution Point is url (a list: several; None: no extension)."""
+        a leaf whose CRL Distribution Point is url (a list: several; None: no extension),
+        with more_names DNS names beside www.example.test (a large certificate)."""
         out = self.path("leaves", name)
         urls = [url] if isinstance(url, str) else url
         extension = "leaf" if urls else "server"
         self._issue(None, "%s leaf" % name, self.intermediate, extension, out, key,
-                    ",".join("URI:%s" % u for u in urls or ()))
+                    ",".join("URI:%s" % u for u in urls or ()), ", ".join(
+                        [LEAF_SANS] + ["DNS:n%d.%s.example.test" % (n, "a-long-name" * 4)
+                                       for n in range(more_names)]))
         with open(os.path.join(self.intermediate, "cert.pem")) as f:
             chain = f.read()
         with open(os.path.join(out, "cert.pem")) as f:

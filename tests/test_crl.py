@@ -509,6 +509,15 @@ def test_the_crl_is_verified_with_an_rsa_leaf_too(run, started, ca, crl_server):
     assert revocation(run, serve(started, leaf), leaf)[1]["status"] == "revoked"
 
 
+def test_a_chain_larger_than_a_tls_record_is_replayed_whole(run, started, ca, crl_server):
+    """A leaf of 800 names (over 16 KiB: the replayed Certificate message spans records)."""
+    leaf = ca.leaf("large-revoked", crl_server.url("large.crl"), more_names=800)
+    assert os.path.getsize(os.path.join(leaf, "cert.pem")) > 16384 * 4 // 3
+    ca.revoke("large-revoked")
+    ca.crl(os.path.join(crl_server.directory, "large.crl"))
+    assert revocation(run, serve(started, leaf), leaf)[1]["status"] == "revoked"
+
+
 def test_the_time_of_a_revocation_is_now(run, started, issue):
     """The entry is read from the CRL itself: its time is when `openssl ca -revoke` ran."""
     leaf = issue(revoked=True)
