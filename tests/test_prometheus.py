@@ -30,6 +30,8 @@ README = os.path.join(os.path.dirname(CERTGRAB), "README.md")
 NODE_EXPORTER = "/usr/bin/prometheus-node-exporter"
 SERIES = re.compile(r'^([a-z_]+)\{((?:[a-z_0-9]+="(?:[^"\\]|\\.)*",?)*)\} (\S+)$')
 LABEL = re.compile(r'([a-z_0-9]+)="((?:[^"\\]|\\.)*)"')
+INSTALL_OUTCOMES = ("installed", "unchanged", "held_back", "refused", "hook_failed",
+                    "not_confirmed", "restored", "failed")   # README's list
 
 
 def tool(name):
@@ -242,7 +244,8 @@ def outcome(prom):
     series = parse(prom.read_text())
     chosen = [dict(labels)["outcome"] for (name, labels), value in series.items()
               if name == "certgrab_install_outcome" and value == 1]
-    assert len(chosen) == 1 and len(values(series, "certgrab_install_outcome")) == 5
+    assert len(chosen) == 1 and len(values(series, "certgrab_install_outcome")) == len(
+        INSTALL_OUTCOMES)
     last = values(series, "certgrab_last_sync_timestamp_seconds")
     return chosen[0], last[0] if last else None
 
