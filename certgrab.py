@@ -2389,6 +2389,17 @@ def _address_key(target):
     return socket.inet_pton(family, address), zone, target.port, target.servername
 
 
+def _first_time(target, seen, reporter, of_a_name):
+    """True unless a name's address was met before (a SOURCE given as an address is
+    always fetched, and remembered)."""
+    key = _address_key(target)
+    if key in seen and of_a_name:
+        reporter.info("%s: the same address as an earlier source: fetched once" % target)
+        return False
+    seen.add(key)
+    return True
+
+
 def fetch_every_address(targets, reader, settings, reporter, sharers=1):
     """--all-addresses: fetch_all, after each SOURCE that is a host name became a
     source per address (addresses_of). Results in the order given, each name's
@@ -2415,17 +2426,6 @@ def fetch_every_address(targets, reader, settings, reporter, sharers=1):
     for group in groups:
         results += [next(fetched) for _ in group] if isinstance(group, list) else [group]
     return results
-
-
-def _first_time(target, seen, reporter, of_a_name):
-    """True unless a name's address was met before (a SOURCE given as an address is
-    always fetched, and remembered)."""
-    key = _address_key(target)
-    if key in seen and of_a_name:
-        reporter.info("%s: the same address as an earlier source: fetched once" % target)
-        return False
-    seen.add(key)
-    return True
 
 
 def choose_result(results, reporter):
@@ -2922,6 +2922,14 @@ def held_until(leaf, installed, min_age, now):
     return (None, "first") if installed is None else (until, "young")
 
 
+def duration_text(seconds):
+    """A duration as --min-age and --warn take it: "2d", "36h", "90m" or "600s"."""
+    for unit in ("d", "h", "m"):
+        if seconds % DURATION_UNITS[unit] == 0:
+            return "%d%s" % (seconds // DURATION_UNITS[unit], unit)
+    return "%gs" % seconds
+
+
 def hold_back(best, named, min_age, reporter):
     """--min-age: True when the new leaf is held back (said, with the time it goes);
     files and hook are then left alone."""
@@ -2932,12 +2940,12 @@ def hold_back(best, named, min_age, reporter):
     if why == "first":
         reporter.say("%s: the leaf (%s) is younger than --min-age %s, but nothing is installed "
                      "yet: a first install is not held back" % (
-                         best.target, best.leaf.describe(), format_span(min_age)))
+                         best.target, best.leaf.describe(), duration_text(min_age)))
     if until is None:
         return False
     reporter.say("%s serves a new leaf (%s): held back until %s (--min-age %s); the installed "
                  "leaf (%s) stays" % (best.target, best.leaf.describe(), format_time(until),
-                                      format_span(min_age), installed.describe()))
+                                      duration_text(min_age), installed.describe()))
     reporter.outcome("held back sha256:%s from %s until %s" % (best.leaf.sha256, best.target,
                                                                format_time(until)))
     return True
@@ -3700,6 +3708,19 @@ def metrics_text(results, settings, clock, outcome):
         for labels, value in series)) for name, text, series in metrics if series)
 
 
+def previous_confirm(path, run):
+    """LAST_CONFIRM's series in the metrics file a previous run wrote: [] or one."""
+    import re
+    pattern = re.compile(r'%s\{run="(?:[^"\\]|\\.)*",serial="(-?[0-9a-f]+)",'
+                         r'sha256="([0-9a-f]{64})"\} ([0-9]+(?:\.[0-9]+)?)$' % LAST_CONFIRM)
+    for line in (read_existing(path) or b"").decode("utf-8", "replace").splitlines():
+        match = pattern.match(line)
+        if match:
+            return [(run + [("serial", match.group(1)), ("sha256", match.group(2))],
+                     float(match.group(3)))]
+    return []
+
+
 def confirm_metrics(results, settings, run, outcome, now):
     """--confirm: when a run last confirmed that the services serve the installed leaf,
     that leaf's serial and sha256 as labels. A run that confirmed nothing carries the
@@ -3713,19 +3734,6 @@ def confirm_metrics(results, settings, run, outcome, now):
         series = previous_confirm(settings.prometheus, run)
     return [(LAST_CONFIRM, "When --confirm last saw the services serve the installed leaf "
              "(its serial and sha256 in labels).", series)]
-
-
-def previous_confirm(path, run):
-    """LAST_CONFIRM's series in the metrics file a previous run wrote: [] or one."""
-    import re
-    pattern = re.compile(r'%s\{run="(?:[^"\\]|\\.)*",serial="(-?[0-9a-f]+)",'
-                         r'sha256="([0-9a-f]{64})"\} ([0-9]+(?:\.[0-9]+)?)$' % LAST_CONFIRM)
-    for line in (read_existing(path) or b"").decode("utf-8", "replace").splitlines():
-        match = pattern.match(line)
-        if match:
-            return [(run + [("serial", match.group(1)), ("sha256", match.group(2))],
-                     float(match.group(3)))]
-    return []
 
 
 def source_metrics(results, settings, run):
@@ -4164,6 +4172,15 @@ def _threshold(text, days, flag, default_share):
     return number * scale, unit == "%"
 
 
+def _duration(text, flag):
+    """A duration as --warn takes one, 90m, 36h, 2d or 600s, in seconds."""
+    scale = DURATION_UNITS.get(text[-1:].lower())
+    number = _number(text[:-1], None, float) if scale else None
+    if number is None or not 0 <= number < float("inf"):
+        raise UsageError("%s %s: give a duration such as 90m, 36h or 2d" % (flag, text))
+    return number * scale
+
+
 def _rollout_settings(args, default_port):
     """--all-addresses, --min-age, --confirm HOST[:PORT] (each as (HOST[:PORT], host,
     port)) and --confirm-timeout. --confirm needs --deploy-hook: the hook makes the
@@ -4184,15 +4201,6 @@ def _rollout_settings(args, default_port):
     min_age = None if args.min_age is None else _duration(args.min_age, "--min-age")
     return dict(all_addresses=args.all_addresses, min_age=min_age, confirm=confirm,
                 confirm_timeout=timeout)
-
-
-def _duration(text, flag):
-    """A duration as --warn takes one, 90m, 36h, 2d or 600s, in seconds."""
-    scale = DURATION_UNITS.get(text[-1:].lower())
-    number = _number(text[:-1], None, float) if scale else None
-    if number is None or not 0 <= number < float("inf"):
-        raise UsageError("%s %s: give a duration such as 90m, 36h or 2d" % (flag, text))
-    return number * scale
 
 
 def _install_settings(args, report, reporter):
