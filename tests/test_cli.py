@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import CERTGRAB, assert_one_error
+from conftest import CERTGRAB, ROOT, assert_one_error
 
 OPTIONS = ["--servername", "-n", "--port", "-p", "--timeout", "-4", "-6", "--ipv4", "--ipv6",
            "--cafile",
@@ -202,3 +202,14 @@ def test_settings_cannot_be_changed_after_validation(certgrab):
     with pytest.raises(AttributeError):
         del settings.timeout
     assert settings.timeout == 3.0
+
+
+def test_readme_usage_table_names_every_long_option(certgrab):
+    """README's usage table and OPTIONS (what --help and --config know) list the same."""
+    import os
+    with open(os.path.join(ROOT, "README.md")) as f:
+        table = f.read().split("| group | options | details |")[1].split("\n\n")[0]
+    missing = [flag for _, options in certgrab.OPTIONS for flags, _, _ in options
+               for flag in flags if flag.startswith("--") and "`%s" % flag not in table
+               and "/%s" % flag not in table]
+    assert missing == []

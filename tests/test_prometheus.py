@@ -358,6 +358,14 @@ def test_stale_temps_are_removed_after_an_hour(run, chain, tmp_path, certgrab):
 
 # ---------------------------------------------------------------- 5. README's rules
 
+def test_readme_names_every_install_outcome(certgrab):
+    with open(README) as f:
+        row = [line for line in f if line.startswith("| `certgrab_install_outcome` |")]
+    assert len(row) == 1
+    listed = re.findall(r"`([a-z_]+)`", row[0].split(" | ")[2])
+    assert tuple(listed) == certgrab.INSTALL_OUTCOMES == INSTALL_OUTCOMES
+
+
 def test_readme_alert_rules_pass_promtool(tmp_path):
     with open(README) as f:
         text = f.read()

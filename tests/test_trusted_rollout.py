@@ -271,6 +271,20 @@ def test_rollout_usage_errors(run, argv, error, tmp_path):
     assert not out.exists()
 
 
+def test_the_exit_codes_say_what_holding_back_and_confirming_mean(run, certgrab):
+    """The docstring (and so --help) and README's table, for 0 and 7."""
+    help_text = " ".join(run("--help").out.split())
+    readme = open(os.path.join(os.path.dirname(CERTGRAB), "README.md")).read()
+    rows = dict((line.split(" | ")[0][2:], line) for line in readme.split("## Exit codes")[1]
+                .split("\n\n")[1].splitlines()[2:])
+    for text in (help_text, " ".join(certgrab.__doc__.split())):
+        assert "or a new leaf held back by --min-age" in text
+        assert "with --confirm also: the service does not serve the new leaf after the hook" \
+            in text
+    assert "held back by `--min-age`" in rows["0"]
+    assert "With `--confirm` also: after the hook the service served another leaf" in rows["7"]
+
+
 # 3. --confirm -----------------------------------------------------------------------------------
 
 def test_a_failing_hook_is_a_hook_failure_and_nothing_is_confirmed(run, served, certs,
