@@ -2933,9 +2933,9 @@ def duration_text(seconds):
 def hold_back(best, named, min_age, reporter):
     """--min-age: True when the new leaf is held back (said, with the time it goes);
     files and hook are then left alone."""
-    if min_age is None:
+    installed, damaged = installed_leaf(named)
+    if min_age is None or damaged:              # damaged: the gate refuses every leaf
         return False
-    installed = installed_leaf(named)[0]
     until, why = held_until(best.leaf, installed, min_age, time.time())
     if why == "first":
         reporter.say("%s: the leaf (%s) is younger than --min-age %s, but nothing is installed "
@@ -3024,7 +3024,7 @@ def restore_previous(plan, settings, reporter):
     for path, kind in plan:
         kept = previous_path(path)
         data, temp = read_kept(kept), None
-        if data is None:
+        if not data:                            # none kept (or an emptied one: never put back)
             continue
         try:
             temp = stage_file(path, data, kind in ("combined", "privkey"), settings, True)
@@ -3188,13 +3188,13 @@ def roll_back(best, named, plan, pending, before, after, reader, settings, repor
     try:
         run_deploy_hook(settings, named, best, previous)
     except HookError as exc:
-        return ConfirmError("%s; the deploy hook run again failed: %s" % (message, exc),
+        return ConfirmError("%s; the deploy hook, run again, failed: %s" % (message, exc),
                             "restored")
     clear_pending(pending)
     now = await_leaf([result.target for result in after], previous, reader, settings) \
         if restored else after
     return ConfirmError(
-        "%s and ran the deploy hook again; now %s; the leaf %s is not installed again until "
+        "%s; ran the deploy hook again; now %s; the leaf %s is not installed again until "
         "a newer leaf appears" % (message, "; ".join("%s %s" % (result.target, service_state(
             result)) for result in now), best.leaf.describe()), "restored",
         hint="the service's error log says why it failed with the new files (nginx -t); "
@@ -3711,10 +3711,10 @@ def metrics_text(results, settings, clock, outcome):
 def previous_confirm(path, run):
     """LAST_CONFIRM's series in the metrics file a previous run wrote: [] or one."""
     import re
-    pattern = re.compile(r'%s\{run="(?:[^"\\]|\\.)*",serial="(-?[0-9a-f]+)",'
-                         r'sha256="([0-9a-f]{64})"\} ([0-9]+(?:\.[0-9]+)?)$' % LAST_CONFIRM)
+    pattern = (r'%s\{run="(?:[^"\\]|\\.)*",serial="(-?[0-9a-f]+)",sha256="([0-9a-f]{64})"\} '
+               r'([0-9]+(?:\.[0-9]+)?)$' % LAST_CONFIRM)
     for line in (read_existing(path) or b"").decode("utf-8", "replace").splitlines():
-        match = pattern.match(line)
+        match = re.match(pattern, line)
         if match:
             return [(run + [("serial", match.group(1)), ("sha256", match.group(2))],
                      float(match.group(3)))]

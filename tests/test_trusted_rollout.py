@@ -33,7 +33,7 @@ import make_certs
 from conftest import CERTGRAB, IN_CI
 from install_helpers import (NAME, OUT_FILES, expected, files_ders, grab_args, hook_runs,
                              message_lines, snapshot)
-from servers import InstalledFilesServer, TLSServer, ipv6_available
+from servers import InstalledFilesServer, TLSServer, closed_port, ipv6_available
 
 OK, WARNING, CRITICAL = 0, 1, 2
 USAGE, HOOK = 2, 7
@@ -301,6 +301,25 @@ def test_a_failing_hook_is_a_hook_failure_and_nothing_is_confirmed(run, served, 
     assert int(os.stat(str(out / "cert.pem")).st_mtime) == PENDING
 
 
+def test_a_service_that_was_down_before_is_not_rolled_back(run, served, certs, tmp_path):
+    """Nothing to roll back to: exit 7 with the hook pending, the new files stay."""
+    out = tmp_path / "out"
+    installed_ec1(run, served, certs, out)
+    with closed_port() as port:
+        result = run(*grab_args(certs, served("ec1new"), "--out-dir", out, "--deploy-hook",
+                                "true", "--confirm", "127.0.0.1:%d" % port,
+                                "--confirm-timeout", "1"))
+    assert result.rc == HOOK, result.err
+    line = message_lines(result.err)[-1]
+    assert line.startswith("certgrab: the deploy hook ran, but after 1 s (--confirm-timeout) "
+                           "127.0.0.1:%d completes no TLS handshake (127.0.0.1:%d: cannot "
+                           "connect to port %d: Connection refused), as before the install, "
+                           "not the leaf just installed" % (port, port, port)), line
+    assert files_ders(out) == expected(certs, "ec1new")
+    assert int(os.stat(str(out / "cert.pem")).st_mtime) == PENDING
+    assert not (out / ".cert.pem.certgrab-rolled-back").exists()
+
+
 def test_confirmed_with_metrics_carried_over(run, served, certs, tmp_path):
     """A service that serves the installed files (as if reloaded): "confirmed", and the
     metrics say when and which leaf, also after a run that changed nothing."""
@@ -329,6 +348,37 @@ def test_confirmed_with_metrics_carried_over(run, served, certs, tmp_path):
         assert confirm_line(prom) == line, "carried over by a run that confirmed nothing"
     finally:
         service.stop()
+
+
+def test_config_keys_confirm_a_list_and_min_age(run, served, certs, tmp_path, dated):
+    """In a --config section, confirm takes a list (like key-path), min-age a duration."""
+    out = tmp_path / "out"
+    installed_ec1(run, served, certs, out)
+    young, leaf = dated("young", HOUR)          # a new key: ec1's files do not go with it
+    services = [InstalledFilesServer(out / "fullchain.pem",
+                                     tmp_path / "chains" / "young" / "key.pem")
+                for _ in range(2)]
+    for service in services:
+        service.start()
+    try:
+        config = tmp_path / "certgrab.conf"
+        section = ("[www]\nsource = %s\nservername = %s\ncafile = %s\nout-dir = %s\n"
+                   "deploy-hook = true\nconfirm = %s %s\nconfirm-timeout = 5\nmin-age = %%s\n" % (
+                       young.address, NAME, certs / "ec1" / "root.pem", out,
+                       services[0].address, services[1].address))
+        config.write_text(section % "2h")
+        held = run("--config", config)
+        assert held.rc == 0 and "held back until %s (--min-age 2h)" % iso(
+            leaf.not_valid_before_utc + datetime.timedelta(hours=2)) in held.err, held.err
+        config.write_text(section % "30m")
+        done = run("--config", config)
+        assert done.rc == 0, done.err
+        assert "certgrab: [www] confirmed: %s, %s serve the leaf just installed (serial %s)" % (
+            services[0].address, services[1].address, serial_hex(leaf)) in done.err
+        assert all(service.connections >= 2 for service in services), "before and after"
+    finally:
+        for service in services:
+            service.stop()
 
 
 def sha256(cert):
@@ -502,7 +552,7 @@ def test_a_hook_that_breaks_tls_gets_the_previous_files_back(run, served, certs,
     record = site.out / ".cert.pem.certgrab-rolled-back"
     assert line.startswith("certgrab: %s completes no TLS handshake 3 s after the deploy hook "
                            "(before the install it served the leaf %s): restored the previous "
-                           "%s %s and ran the deploy hook again; now %s serves the leaf %s; the "
+                           "%s %s; ran the deploy hook again; now %s serves the leaf %s; the "
                            "leaf %s is not installed again until a newer leaf appears" % (
                                site.address, describe(old), site.out / "cert.pem",
                                site.out / "fullchain.pem", site.address, describe(old),
