@@ -2981,10 +2981,10 @@ def read_kept(path):
     return b"".join(chunks)
 
 
-def write_kept(path, name, data):
+def write_kept(path, name, data, hint):
     """Replace path (beside an output) with data, 0600: a temporary file created
     exclusively ("." + name + TEMP_MARK, removed by the next run if this one dies),
-    fsynced, then renamed."""
+    fsynced, then renamed. hint: what a failure leaves, for its message."""
     temp = None
     try:
         temp = write_temp_file(os.path.dirname(path), name, data, 0o600)
@@ -2992,8 +2992,7 @@ def write_kept(path, name, data):
     except OSError as exc:
         if temp is not None:
             discard_temp(temp)
-        raise WriteError("cannot write %s: %s" % (path, exc.strerror or exc),
-                         hint="the previous files are unchanged")
+        raise WriteError("cannot write %s: %s" % (path, exc.strerror or exc), hint=hint)
 
 
 def previous_path(path):
@@ -3008,7 +3007,8 @@ def keep_previous(outputs):
     for path, _, _ in changed_outputs(outputs):
         current, kept = read_existing(path), previous_path(path)
         if current is not None and read_kept(kept) is None:
-            write_kept(kept, os.path.basename(path), current)
+            write_kept(kept, os.path.basename(path), current,
+                       "the previous files are unchanged")
 
 
 def discard_previous(plan):
@@ -3176,7 +3176,8 @@ def roll_back(best, named, plan, pending, before, after, reader, settings, repor
     (rolled_back_refusal), put the previous files back, run the hook again and see
     what the services serve. Returns the ConfirmError that says all of it."""
     write_kept(rolled_back_path(plan), os.path.basename(plan[0][0]),
-               der_to_pem(best.leaf.der).encode("ascii"))
+               der_to_pem(best.leaf.der).encode("ascii"),
+               "nothing was rolled back yet: the new files stay, their hook pending")
     restored = restore_previous(plan, settings, reporter)
     broken = ["%s completes no TLS handshake %g s after the deploy hook (before the install "
               "it served the leaf %s)" % (now.target, settings.confirm_timeout,
