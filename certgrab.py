@@ -3847,16 +3847,32 @@ def broken_services(before, after, settings):
         for then, now in zip(before, after) if broke(then, now))
 
 
+def nothing_to_restore(best, before, after, settings):
+    """The ConfirmError of a broken service when no output had a previous version (a
+    first install): the new files stay, since no other files could take their place,
+    and their hook stays pending, so that the next run tries the service again."""
+    return ConfirmError(
+        "%s: nothing was installed before, so there are no previous files to put back: the "
+        "new files stay installed with the leaf %s, and their deploy hook stays pending "
+        "(the next run runs it again)" % (broken_services(before, after, settings),
+                                          best.leaf.describe()), "not_confirmed",
+        hint="the service's error log says why it fails with these files (nginx -t); "
+             "once it is fixed, the next run runs the hook and confirms")
+
+
 def roll_back(best, plan, pending, before, after, reader, settings, reporter):
     """A service stopped completing TLS handshakes after the hook: record the leaf
     (rolled_back_refusal), put the previous files back, run the hook again and see
     what the services serve. Returns the ConfirmError that says all of it."""
+    kept = kept_versions(plan)
+    if not kept:
+        return nothing_to_restore(best, before, after, settings)
     record = rolled_back_path(plan)
     write_kept(record, os.path.basename(plan[0][1]), der_to_pem(best.leaf.der).encode("ascii"),
                "nothing was rolled back yet: the new files stay, their hook pending", reporter)
-    restored = restore_previous(kept_versions(plan), settings, reporter)
-    message = "%s: %s" % (broken_services(before, after, settings), "restored the previous %s"
-                          % " ".join(restored) if restored else "no previous files to restore")
+    message = "%s: restored the previous %s" % (
+        broken_services(before, after, settings),
+        " ".join(restore_previous(kept, settings, reporter)))
     refused = "the leaf %s is not installed again until a newer leaf appears" % \
         best.leaf.describe()
     previous = installed_leaf(plan)[0]
@@ -3867,8 +3883,7 @@ def roll_back(best, plan, pending, before, after, reader, settings, reporter):
                             "restored", hint="the previous files are back, their hook pending; "
                             "%s (%s records it)" % (refused, record))
     clear_pending(pending)
-    now = await_leaf([result.target for result in after], previous, reader, settings,
-                     reporter) if restored else after
+    now = await_leaf([result.target for result in after], previous, reader, settings, reporter)
     return ConfirmError(
         "%s; ran the deploy hook again; now %s; %s" % (message, "; ".join(
             "%s %s" % (result.target, service_state(result)) for result in now), refused),

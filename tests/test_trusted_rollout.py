@@ -14,10 +14,11 @@
        again, nginx serving the old chain, exit 7; the next runs refuse that leaf (exit 7)
        until a newer leaf or --force. A failing hook is a hook failure: nothing is confirmed.
        --prometheus records the outcomes and the confirmed leaf (promtool check metrics)
-    4. After the port onto issue 19's main: the kept files are read only as regular files
-       of certgrab's user that no one else may write; a bug met while a --confirm service
-       is tried is never taken for a broken service. Every written set passes
-       `openssl verify` with only its intermediates.
+    4. After the port onto issue 19's main: a first install that breaks the service stays
+       installed with its hook pending (nothing to put back, nothing recorded); the kept
+       files are read only as regular files of certgrab's user that no one else may write;
+       a bug met while a --confirm service is tried is never taken for a broken service.
+       Every written set passes `openssl verify` with only its intermediates.
 """
 
 import datetime
@@ -605,8 +606,74 @@ def test_a_hook_that_breaks_tls_gets_the_previous_files_back(run, served, certs,
 
 # 4. after the port onto issue 19's main ------------------------------------------------------
 
+@pytest.fixture
+def keyed_service(certs, tmp_path, started):
+    """A service like a real one: it serves tmp_path/service.pem (a copy of ec1's fullchain,
+    which a hook may replace) with tmp_path/service.key (ec1's key), read again for every
+    connection; a certificate that does not go with the key leaves it completing no TLS
+    handshake at all, as a reload with the wrong files leaves nginx."""
+    served_file, key = tmp_path / "service.pem", tmp_path / "service.key"
+    shutil.copy(str(certs / "ec1" / "fullchain.pem"), str(served_file))
+    shutil.copy(str(certs / "ec1" / "key.pem"), str(key))
+    return started(InstalledFilesServer(served_file, key)), served_file, key
+
+
+def copying_hook(log, served_file, fails_unless=None):
+    """A hook that logs $CERTGRAB_SHA256, then copies the installed fullchain.pem to the
+    service (a reload); with fails_unless (a path and a sha256): while the path exists, a
+    run for another leaf fails at once, copying nothing."""
+    fail = "" if fails_unless is None else \
+        '[ -e %s ] && [ "$CERTGRAB_SHA256" != %s ] && exit 4; ' % fails_unless
+    return 'echo "$CERTGRAB_SHA256" >> %s; %scp "$RENEWED_LINEAGE/fullchain.pem" %s' % (
+        log, fail, served_file)
+
+
 def pending(out):
     return [name for name in OUT_FILES if int(os.stat(str(out / name)).st_mtime) == PENDING]
+
+
+def test_a_first_install_that_breaks_the_service_stays_with_its_hook_pending(
+        run, certs, tmp_path, dated, keyed_service):
+    """Nothing was installed before, so nothing can be put back: the message says which leaf
+    is installed and why it stays. Nothing is recorded as rolled back, so the next runs run
+    the hook again (never "not installed again"), and confirm once the service is fixed."""
+    service, served_file, key = keyed_service
+    out, log = tmp_path / "out", tmp_path / "hook.log"
+    source, leaf = dated("newkey", 0)
+    args = grab_args(certs, source, "--out-dir", out, "--deploy-hook",
+                     copying_hook(log, served_file), "--confirm", service.address,
+                     "--confirm-timeout", "1")
+    broke = run(*args)
+    assert broke.rc == HOOK, broke.err
+    assert message_lines(broke.err)[-1] == (
+        "certgrab: %s completes no TLS handshake 1 s after the deploy hook (before the install "
+        "it served the leaf %s): nothing was installed before, so there are no previous files "
+        "to put back: the new files stay installed with the leaf %s, and their deploy hook "
+        "stays pending (the next run runs it again)" % (
+            service.address, describe(leaf_of(certs / "ec1" / "cert.pem")), describe(leaf)))
+    assert files_ders(out)["cert.pem"] == [leaf.public_bytes(Encoding.DER)]
+    assert_verifies(certs / "ec1" / "root.pem", out)
+    assert pending(out) == OUT_FILES and entries(out) == sorted(OUT_FILES), "nothing recorded"
+    assert hook_runs(log) == [sha256(leaf)]
+
+    again = run(*args)
+    assert again.rc == HOOK, again.err
+    assert "not installed again" not in again.err
+    assert "certgrab: retrying the deploy hook, which did not complete after an earlier run " \
+        "installed " in again.err
+    line = message_lines(again.err)[-1]
+    assert line.startswith("certgrab: the deploy hook ran, but after 1 s (--confirm-timeout) "
+                           "%s completes no TLS handshake (" % service.address), line
+    assert line.endswith(", as before the install, not the leaf just installed (%s); the hook "
+                         "stays pending: the next run runs it again" % describe(leaf)), line
+    assert hook_runs(log) == [sha256(leaf)] * 2 and pending(out) == OUT_FILES
+
+    shutil.copy(str(tmp_path / "chains" / "newkey" / "key.pem"), str(key))   # fixed
+    fixed = run(*args)
+    assert fixed.rc == 0, fixed.err
+    assert "certgrab: confirmed: %s serves the leaf just installed (serial %s) after " % (
+        service.address, serial_hex(leaf)) in fixed.err
+    assert pending(out) == [] and hook_runs(log) == [sha256(leaf)] * 3
 
 
 @pytest.mark.parametrize("plant", ["link", "group-writable", "other-owner", "fifo"])
