@@ -15,10 +15,11 @@
        until a newer leaf or --force. A failing hook is a hook failure: nothing is confirmed.
        --prometheus records the outcomes and the confirmed leaf (promtool check metrics)
     4. After the port onto issue 19's main: a first install that breaks the service stays
-       installed with its hook pending (nothing to put back, nothing recorded); the kept
-       files are read only as regular files of certgrab's user that no one else may write;
-       a bug met while a --confirm service is tried is never taken for a broken service.
-       Every written set passes `openssl verify` with only its intermediates.
+       installed with its hook pending (nothing to put back, nothing recorded); the hook run
+       again for the restored files fails, and the next run runs it; the kept files are
+       read only as regular files of certgrab's user that no one else may write; a bug met
+       while a --confirm service is tried is never taken for a broken service. Every
+       written set passes `openssl verify` with only its intermediates.
 """
 
 import datetime
@@ -674,6 +675,53 @@ def test_a_first_install_that_breaks_the_service_stays_with_its_hook_pending(
     assert "certgrab: confirmed: %s serves the leaf just installed (serial %s) after " % (
         service.address, serial_hex(leaf)) in fixed.err
     assert pending(out) == [] and hook_runs(log) == [sha256(leaf)] * 3
+
+
+def test_the_hook_run_again_for_the_previous_files_fails(run, served, certs, tmp_path, dated,
+                                                         keyed_service):
+    """The roll back put the previous files back, but the hook run for them fails: exit 7
+    saying so, the previous files stay hook-pending, and the next run runs the hook for
+    them (the service is whole again) before it refuses the leaf again."""
+    service, served_file, _ = keyed_service
+    out, log, fail = tmp_path / "out", tmp_path / "hook.log", tmp_path / "fail"
+    old = installed_ec1(run, served, certs, out)
+    source, leaf = dated("newkey", 0)
+    fail.write_text("")
+    args = grab_args(certs, source, "--out-dir", out, "--deploy-hook",
+                     copying_hook(log, served_file, (fail, sha256(leaf))),
+                     "--confirm", service.address, "--confirm-timeout", "1")
+    record = out / ".cert.pem.certgrab-rolled-back"
+    broke = run(*args)
+    assert broke.rc == HOOK, broke.err
+    restored = " ".join(str(out / name) for name in OUT_FILES)
+    assert message_lines(broke.err)[-1] == (
+        "certgrab: %s completes no TLS handshake 1 s after the deploy hook (before the install "
+        "it served the leaf %s): restored the previous %s; the deploy hook, run again, failed: "
+        "--deploy-hook failed (exit status 4); the next run retries it" % (
+            service.address, describe(old), restored))
+    assert "certgrab: hint: the previous files are back, their hook pending; the leaf %s is " \
+        "not installed again until a newer leaf appears (%s records it)" % (
+            describe(leaf), record) in broke.err
+    assert files_ders(out) == expected(certs, "ec1")
+    assert_verifies(certs / "ec1" / "root.pem", out)
+    assert pending(out) == OUT_FILES
+    assert entries(out) == sorted(OUT_FILES + [record.name])
+    assert hook_runs(log) == [sha256(leaf), sha256(old)]
+    assert make_certs.read_ders(served_file)[0] == leaf.public_bytes(Encoding.DER), \
+        "the failed hook copied nothing: the service is still broken"
+
+    fail.unlink()
+    again = run(*args)
+    assert again.rc == HOOK, again.err
+    assert "certgrab: retrying the deploy hook, which did not complete for %s" % restored \
+        in again.err
+    assert message_lines(again.err)[-1].startswith(
+        "certgrab: %s serves the leaf %s, which left a --confirm service completing no TLS "
+        "handshake after the deploy hook at an earlier run; it was rolled back" % (
+            source.address, describe(leaf)))
+    assert hook_runs(log) == [sha256(leaf), sha256(old), sha256(old)]
+    assert make_certs.read_ders(served_file) == expected(certs, "ec1")["fullchain.pem"]
+    assert pending(out) == [] and files_ders(out) == expected(certs, "ec1")
 
 
 @pytest.mark.parametrize("plant", ["link", "group-writable", "other-owner", "fifo"])
