@@ -2810,8 +2810,8 @@ def fetch_every_address(targets, reader, settings, reporter, sharers=1):
     another name's, with the same port and name) is fetched once."""
     names = [target for target in targets if target.host and not is_ip(target.host)]
     looked_up = {}
-    if names:
-        width = fetch_width(settings.parallel, len(names), reporter, sharers)
+    if names:               # a lowered --parallel is said once, by fetch_all below
+        width = fetch_width(settings.parallel, len(names), Reporter(quiet=True), sharers)
         looked_up = dict(zip(names, map_in_threads(
             lambda target: addresses_of(target, settings.family, settings.timeout, reporter),
             names, width, reporter, "looking up %d name(s)")))

@@ -18,13 +18,15 @@
        installed with its hook pending (nothing to put back, nothing recorded); the hook run
        again for the restored files fails, and the next run runs it; the kept files are
        read only as regular files of certgrab's user that no one else may write; a bug met
-       while a --confirm service is tried is never taken for a broken service. Every
-       written set passes `openssl verify` with only its intermediates.
+       while a --confirm service is tried is never taken for a broken service; a lowered
+       --parallel is said once with --all-addresses. Every written set passes
+       `openssl verify` with only its intermediates.
 """
 
 import datetime
 import hashlib
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -87,16 +89,19 @@ def own_hosts(tmp_path):
     nsswitch = tmp_path / "nsswitch.conf"
     nsswitch.write_text("hosts: files\n")
 
-    def run(hosts_text, *argv):
+    def run(hosts_text, *argv, **kw):
+        """open_files=N: run under `ulimit -n N` (soft and hard)."""
         hosts = tmp_path / "hosts"
         hosts.write_text(hosts_text)
         script = ('mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/nsswitch.conf && '
                   'shift 2 && exec "$@"')
+        limit = kw.get("open_files")
         completed = subprocess.run(
             [UNSHARE, "-m", "sh", "-c", script, "sh", str(hosts), str(nsswitch),
              sys.executable, CERTGRAB] + [str(a) for a in argv], stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, universal_newlines=True,
-            timeout=60)
+            timeout=60, preexec_fn=None if limit is None else lambda: resource.setrlimit(
+                resource.RLIMIT_NOFILE, (limit, limit)))
         if "mount" in completed.stderr and completed.returncode == 32 and not IN_CI:
             pytest.skip("no mount namespace here: %s" % completed.stderr.strip())
         return completed
@@ -185,6 +190,22 @@ def test_ipv6_only_and_the_label_of_an_ipv6_address(own_hosts, one_port, certs):
     assert "  servername:   %s" % NAME in result.stdout
     assert result.stdout.count("servername:") == 1
     assert servers["127.0.0.2"].connections == 0
+
+
+def test_a_lowered_parallel_is_said_once(own_hosts, one_port, certs):
+    """The names are looked up, then their addresses fetched, each within the open-files
+    limit: a --parallel above it is lowered, and said, once."""
+    servers = one_port({"127.0.0.2": "ec1"})
+    port = servers["127.0.0.2"].port
+    names = ["n%d.example.test" % index for index in range(6)]
+    hosts = "".join("127.0.0.2 %s\n" % name for name in names)
+    result = own_hosts(hosts, "--check", "--all-addresses", "--parallel", "6", "--cafile",
+                       certs / "ec1" / "root.pem", *["%s:%d" % (name, port) for name in names],
+                       open_files=40)
+    assert result.stdout.startswith("CERTGRAB CRITICAL - 6 source(s): 6 CRITICAL"), \
+        result.stdout + result.stderr
+    assert result.stderr.count("--parallel 6 lowered to") == 1, result.stderr
+    assert servers["127.0.0.2"].connections == 6, "each name's address, with its own SNI"
 
 
 # 2. --min-age ---------------------------------------------------------------------------------
