@@ -25,6 +25,7 @@ through (run_one) last.
 
 Pipeline
     SOURCE ... --parse--> host, port, name --TCP--> socket --STARTTLS?--> dialogue
+    (--all-addresses: a host name --DNS--> a source per address, the name as SNI)
                                                                              |
         one thread per source, one deadline (--timeout) per source           v
     served chain (DER, as sent) <-- read per Python version <-- TLS handshake, SNI=name
@@ -38,8 +39,9 @@ Pipeline
         +--> newest passing leaf (notBefore) of all sources, not revoked
         +--> stdout: the chain exactly as served (PEM, leaf first), or
         +--> files, under a lock on their directory: not older than installed,
-             only what changed (privkey.pem too, with --privkey), temp file + fsync
-             + rename --> --deploy-hook
+             not younger than --min-age, only what changed (privkey.pem too, with
+             --privkey), temp file + fsync + rename --> --deploy-hook --> --confirm:
+             the service serves the new leaf, or the previous files go back
 
 Security model
     - Verification is on by default: the chain must lead to a trusted root (the
@@ -75,6 +77,12 @@ Security model
     - A chain whose leaf or intermediate its CA revoked (the CRL it names,
       verified by OpenSSL, says so) is never written; when a CRL cannot be had,
       --crl on goes ahead with a warning and --crl require refuses.
+    - --confirm keeps the previous version of each output it replaces beside it
+      (.NAME.certgrab-previous, 0600, until the service is confirmed to serve
+      the new files) and records a rolled-back leaf beside the first output
+      (.NAME.certgrab-rolled-back, 0600), in the output's own checked directory;
+      both are read only as regular files of this user that no one else may
+      write, never through a link.
     - Everything read from the network is bounded in size and time, and every
       certificate is parsed whole by the small DER reader below before it is
       trusted with anything: a malformed one is that source's error. Every number
@@ -85,7 +93,8 @@ Security model
       server: only its own, before its own perfdata.
 
 Exit codes
-    0  success: chain verified and written (and the hook run), or up to date
+    0  success: chain verified and written (and the hook run), or up to date,
+       or a new leaf held back by --min-age (files and hook left alone)
     1  internal error: a bug in certgrab outside any one source; please report it
     2  usage error: bad option, SOURCE, port; unusable or unreadable --cafile,
        --key-path
@@ -99,7 +108,10 @@ Exit codes
        intermediate (installed or offered), or a path or --config file another
        local user could change; files untouched
     7  files installed, deploy hook pending: it failed, timed out, or ran but
-       could not be recorded (the next run runs it again)
+       could not be recorded (the next run runs it again); with --confirm also:
+       the service does not serve the new leaf after the hook (the hook stays
+       pending), or it completed no TLS handshake at all: the previous files
+       are back, and each run refuses that leaf (7) until a newer one or --force
     With --check, --same or --expect-file, a monitoring plugin's codes instead:
     0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (e.g. a usage error, or a bug).
     With --config, the highest code of its sections (2 for a mistake in the file).
@@ -274,6 +286,13 @@ PROC_LOCKS_LIMIT = 1 << 20  # bytes of /proc/locks read to name a lock's holder
 CMDLINE_SHOWN = 120     # characters of the lock holder's command line in a message
 HOOK_TIMEOUT = 300.0    # seconds a --deploy-hook may run before it is killed
 HOOK_PENDING_MTIME = 1  # mtime (1970-01-01T00:00:01Z) of files whose hook has not yet run
+CONFIRM_TIMEOUT = 30.0  # seconds --confirm waits for the service to serve the new leaf: a
+                        # reload takes a second or two; a restart of a big service longer
+CONFIRM_INTERVAL = 1.0  # seconds between two tries of --confirm on one service
+PREVIOUS_MARK = ".certgrab-previous"  # ".NAME" + this, beside an output: its version before
+                        # an install that --confirm has not yet confirmed (0600)
+ROLLED_BACK_MARK = ".certgrab-rolled-back"  # ".NAME" + this, beside the first output: the
+                        # leaf that broke the service and was rolled back (PEM, 0600)
 LOCK_POLL = 0.05        # seconds between tries for a lock another run holds
 LOCK_SLACK = 30.0       # seconds, beyond that run's own timeouts, before giving up on it
 MAX_LINE = 8192         # bytes; a STARTTLS reply line longer than this is hostile
@@ -354,6 +373,16 @@ class HookError(CertgrabError):
     exit_code = 7
 
 
+class ConfirmError(HookError):
+    """--confirm: the service did not take the new leaf. outcome is "not_confirmed"
+    (the hook stays pending) or "restored" (the previous files are back, and that
+    leaf is not installed again): a code for metrics and syslog, never message text."""
+
+    def __init__(self, message, outcome, hint=None):
+        HookError.__init__(self, message, hint)
+        self.outcome = outcome
+
+
 class InputError(CertgrabError):
     """A file named on the command line exists but cannot be read: exit 2 without the
     usage hint, since --help cannot fix an I/O error."""
@@ -427,7 +456,8 @@ class Reporter(object):
         if self.syslog is None:
             return
         if exc is not None:
-            kind = "refused" if isinstance(exc, RefusedError) else \
+            kind = exc.outcome.replace("_", " ") if isinstance(exc, ConfirmError) else \
+                "refused" if isinstance(exc, RefusedError) else \
                 "hook failed" if isinstance(exc, HookError) else "failed"
             outcome = "%s: %s" % (kind, exc)
         else:
@@ -2798,6 +2828,81 @@ def start_workers(worker, width, reporter, doing):
     return threads
 
 
+def address_target(target, sockaddr):
+    """The Target of one address of target's host name: dialled at that address, with
+    the name's SNI and verified name, named in reports as name[address]:port."""
+    address = sockaddr[0]
+    if len(sockaddr) > 3 and sockaddr[3] and "%" not in address:
+        address += "%%%d" % sockaddr[3]             # an IPv6 link-local address's zone
+    label = "%s[%s]:%d" % (target.host, address, target.port)
+    return Target(label, address, target.port, target.servername)
+
+
+def addresses_of(target, family, timeout, reporter):
+    """--all-addresses: a Target per A and AAAA address of target's host name, in the
+    resolver's order (the lookup within timeout, as resolve() does for any source);
+    a FetchResult holding the error when the name resolves to nothing, or when the
+    lookup met a bug (that name's error, as _fetch_guarded makes it for a fetch)."""
+    result, started = FetchResult(target), time.monotonic()
+    try:
+        answers = resolve(target, family, started + timeout)
+        if not answers:
+            raise FetchError("%s: %s resolves to no address" % (target, target.host))
+        return [address_target(target, answer[4]) for answer in answers]
+    except CertgrabError as exc:
+        result.error = exc
+    except Exception as exc:            # a bug: this name's error, the others go on
+        result.error = internal_error(target, exc, reporter)
+    result.elapsed = time.monotonic() - started
+    return result
+
+
+def _address_key(target):
+    """What makes two address sources the same: address (as bytes), port and name."""
+    address, _, zone = target.host.partition("%")
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    return socket.inet_pton(family, address), zone, target.port, target.servername
+
+
+def _first_time(target, seen, reporter, of_a_name):
+    """True unless a name's address was met before (a SOURCE given as an address is
+    always fetched, and remembered)."""
+    key = _address_key(target)
+    if key in seen and of_a_name:
+        reporter.info("%s: the same address as an earlier source: fetched once" % target)
+        return False
+    seen.add(key)
+    return True
+
+
+def fetch_every_address(targets, reader, settings, reporter, sharers=1):
+    """--all-addresses: fetch_all, after each SOURCE that is a host name became a
+    source per address (addresses_of). Results in the order given, each name's
+    addresses in the resolver's order; a name that resolves to nothing is that
+    source's error. An address met before (a SOURCE given as that address, or
+    another name's, with the same port and name) is fetched once."""
+    names = [target for target in targets if target.host and not is_ip(target.host)]
+    looked_up = {}
+    if names:               # a lowered --parallel is said once, by fetch_all below
+        width = fetch_width(settings.parallel, len(names), Reporter(quiet=True), sharers)
+        looked_up = dict(zip(names, map_in_threads(
+            lambda target: addresses_of(target, settings.family, settings.timeout, reporter),
+            names, width, reporter, "looking up %d name(s)")))
+    groups, seen = [], set()
+    for target in targets:
+        found = looked_up.get(target, [target])
+        if isinstance(found, list):
+            found = [each for each in found if each.file or _first_time(each, seen, reporter,
+                                                                        target in looked_up)]
+        groups.append(found)
+    fetched = iter(fetch_all([each for group in groups if isinstance(group, list)
+                              for each in group], reader, settings, reporter, sharers))
+    results = []
+    for group in groups:
+        results += [next(fetched) for _ in group] if isinstance(group, list) else [group]
+    return results
+
+
 def choose_result(results, reporter):
     """The newest good chain (latest leaf notBefore, the first given on a tie);
     with several sources the other failures are warned about. When every
@@ -3517,8 +3622,8 @@ def read_cache(path, limit, now):
     outputs are: read_regular). An expiry more than CACHE_KEEP_MOST ahead (a clock set
     back) counts as expired."""
     try:
-        data = read_regular(path, limit + CACHE_HEAD + 1)
-    except OSError:
+        data = read_regular(path, kept=True, limit=limit + CACHE_HEAD + 1)
+    except (OSError, RefusedError):     # not a file of ours: fetched again, and replaced
         return None
     head, _, body = (data or b"").partition(b"\n")
     if not _ascii_digits(head.decode("latin-1"), CACHE_HEAD - 1) or len(body) > limit or \
@@ -4371,17 +4476,24 @@ def render_outputs(plan, chain, key):
     return outputs
 
 
-def read_regular(path, limit=MAX_FILE):
-    """Up to limit bytes of an existing output (or --cache-dir file), None when there is
-    none. It is opened without following a link or waiting on a FIFO, and checked with
-    fstat: OSError when it is a link, not a regular file, or cannot be read."""
+def read_regular(path, kept=False, limit=MAX_FILE):
+    """Up to limit bytes of an existing output, None when there is none. It is opened
+    without following a link or waiting on a FIFO, and checked with fstat: OSError when
+    it is a link, not a regular file, or cannot be read. kept: a file certgrab keeps for
+    itself beside the outputs (read_kept) or in --cache-dir (read_cache), refused
+    (RefusedError) unless it is this user's and no one else may write it."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
     with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
+        if kept and (found.st_uid != os.geteuid() or found.st_mode & 0o022):
+            raise RefusedError("%s is not a file certgrab wrote: it %s" % (
+                path, "belongs to %s" % user_name(found.st_uid) if found.st_uid != os.geteuid()
+                else "is writable by group or others (mode %04o)" % stat.S_IMODE(found.st_mode)))
         return handle.read(limit)
 
 
@@ -4754,11 +4866,12 @@ def hook_name(name):
                                     and "-" not in (label[0], label[-1]) for label in labels)
 
 
-def run_deploy_hook(settings, plan, best):
+def run_deploy_hook(settings, plan, best, leaf=None):
     """--deploy-hook through /bin/sh in /, context only in the environment (certbot's
-    names): no file certgrab's working directory holds can change what the hook runs."""
+    names): no file certgrab's working directory holds can change what the hook runs.
+    leaf: the leaf the files hold, when it is not best's (after a roll back)."""
     import subprocess
-    leaf = best.leaf
+    leaf = leaf or best.leaf
     lineage = settings.out_dir or os.path.dirname(os.path.abspath(plan[0][0]))
     env = dict(os.environ)
     names = [name for name in leaf.dns_names if hook_name(name)] or leaf.ip_addresses
@@ -4783,23 +4896,410 @@ def run_deploy_hook(settings, plan, best):
             "exit status %d" % status if status > 0 else "signal %d" % -status))
 
 
-def install_chain(chain, best, settings, reporter):
-    """Under the locks: no downgrade, write what changed, run the hook. Returns
-    "installed" (files written or a pending hook ran) or "unchanged"; None for a
-    dry run. An output that is a link (certbot's live/ into archive/) stays one:
-    its target is replaced, as resolve_output allows; the files are found again
-    now, when their directories exist (prepare_outputs)."""
+# Rollouts: --min-age holds a new leaf back for a while; --confirm checks after the hook
+# that the service serves the new leaf, and puts the previous files back (and refuses that
+# leaf from then on) when the hook left the service completing no TLS handshake at all.
+# The files --confirm keeps beside the outputs are written as the outputs are (a temp
+# file, fsync, rename) in directories resolve_output checked, and read as they are
+# (read_regular), only when this user wrote them.
+
+def held_until(leaf, installed, min_age, now):
+    """--min-age: (until, why). until is the time before which leaf waits, or None
+    when it is installed now; why is "young", "installed" (the leaf already
+    installed is never held back), "first" (nothing installed: nothing to keep
+    serving, so a first install is not held back) or "old enough"."""
+    if installed is not None and installed.der == leaf.der:
+        return None, "installed"
+    until = leaf.not_before + min_age
+    if until <= now:
+        return None, "old enough"
+    return (None, "first") if installed is None else (until, "young")
+
+
+def duration_text(seconds):
+    """A duration as --min-age and --warn take it: "2d", "36h", "90m" or "600s"."""
+    for unit in ("d", "h", "m"):
+        if seconds % DURATION_UNITS[unit] == 0:
+            return "%d%s" % (seconds // DURATION_UNITS[unit], unit)
+    return "%gs" % seconds
+
+
+def hold_back(best, plan, min_age, reporter):
+    """--min-age: True when the new leaf is held back (said, with the time it goes);
+    files and hook are then left alone."""
+    if min_age is None:
+        return False
+    installed, damaged = installed_leaf(plan)
+    if damaged:                                 # the gate refuses every leaf
+        return False
+    until, why = held_until(best.leaf, installed, min_age, time.time())
+    if why == "first":
+        reporter.say("%s: the leaf (%s) is younger than --min-age %s, but nothing is installed "
+                     "yet: a first install is not held back" % (
+                         best.target, best.leaf.describe(), duration_text(min_age)))
+    if until is None:
+        return False
+    reporter.say("%s serves a new leaf (%s): held back until %s (--min-age %s); the installed "
+                 "leaf (%s) stays" % (best.target, best.leaf.describe(), format_time(until),
+                                      duration_text(min_age), installed.describe()))
+    reporter.outcome("held back sha256:%s from %s until %s" % (best.leaf.sha256, best.target,
+                                                               format_time(until)))
+    return True
+
+
+def read_kept(path, hint):
+    """A file certgrab keeps beside the outputs (PREVIOUS_MARK, ROLLED_BACK_MARK); None
+    when there is none. Read as outputs are (read_regular), and only when it is a
+    regular file of this user's that no one else may write: anything else is refused.
+    hint: what a failure leaves, for its message."""
+    try:
+        return read_regular(path, kept=True)
+    except RefusedError as exc:
+        raise RefusedError(str(exc), hint="remove it; %s" % hint)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EINVAL):    # O_NOFOLLOW met a link; not regular
+            raise RefusedError("%s is not a file certgrab wrote: it is %s" % (
+                path, "a symbolic link" if exc.errno == errno.ELOOP else "not a regular file"),
+                hint="remove it; %s" % hint)
+        raise WriteError("cannot read %s: %s" % (path, exc.strerror or exc), hint=hint)
+
+
+def write_kept(path, name, data, hint, reporter):
+    """Replace path (beside an output) with data, 0600, as install_files writes: a
+    temporary file created exclusively ("." + name + TEMP_MARK, which the next run
+    removes if this one dies), fsynced, renamed, the directory synced. hint: what a
+    failure leaves, for its message."""
+    temp = None
+    try:
+        temp = write_temp_file(os.path.dirname(path), name, data, 0o600)
+        os.replace(temp, path)
+    except OSError as exc:
+        if temp is not None:
+            discard_temp(temp)
+        raise WriteError("cannot write %s: %s" % (path, exc.strerror or exc), hint=hint)
+    sync_directory(os.path.dirname(path), reporter)
+
+
+def previous_path(path):
+    """Where keep_previous keeps an output's version from before an unconfirmed install."""
+    return os.path.join(os.path.dirname(path), "." + os.path.basename(path) + PREVIOUS_MARK)
+
+
+def keep_previous(outputs, reporter):
+    """--confirm, before the install: keep each existing output that is about to change
+    (previous_path), until the service is confirmed to serve the new files. One kept
+    already (an install not yet confirmed) stays: it is what the service last served."""
+    unchanged = "the previous files are unchanged"
+    for path, _, _ in changed_outputs(outputs):
+        current, kept = read_existing(path), previous_path(path)
+        if current is not None and read_kept(kept, unchanged) is None:
+            write_kept(kept, os.path.basename(path), current, unchanged, reporter)
+
+
+def discard_previous(plan):
+    """The kept versions are no longer needed: the hook ran (and --confirm confirmed)."""
+    for _, path, _ in plan:
+        discard_temp(previous_path(path))       # emptied if it cannot go: it may hold a key
+
+
+def kept_versions(plan):
+    """[(path, kind, bytes)] of the outputs whose previous version is kept (an emptied
+    one, left by a removal that failed, is never put back)."""
+    hint = "the new files stay, their hook pending"
+    kept = [(path, kind, read_kept(previous_path(path), hint)) for _, path, kind in plan]
+    return [(path, kind, data) for path, kind, data in kept if data]
+
+
+def restore_previous(kept, settings, reporter):
+    """Put back each kept version (kept_versions), hook-pending, with the mode and owner
+    of the file it replaces (stage_file), by a rename; the paths restored."""
+    restored = []
+    for path, kind, data in kept:
+        temp = None
+        try:
+            temp = stage_file(path, data, kind in KEY_KINDS, settings, True)
+            os.replace(temp, path)
+        except OSError as exc:
+            if temp is not None:
+                discard_temp(temp)
+            raise WriteError("cannot restore %s from %s: %s%s" % (
+                path, previous_path(path), exc.strerror or exc, "; restored already: %s" %
+                " ".join(restored) if restored else ""),
+                hint="%s still holds the version to restore; the next run runs the deploy "
+                     "hook again" % previous_path(path))
+        discard_temp(previous_path(path))
+        restored.append(path)
+    for directory in set(os.path.dirname(path) for path in restored):
+        sync_directory(directory, reporter)
+    return restored
+
+
+def rolled_back_path(plan):
+    """The record of the leaf that was rolled back: beside the first output."""
+    first = plan[0][1]
+    return os.path.join(os.path.dirname(first), "." + os.path.basename(first) + ROLLED_BACK_MARK)
+
+
+def rolled_back_sha256(plan):
+    """The sha256 of the leaf recorded as rolled back; None when there is none (or the
+    record is no certificate)."""
+    data = read_kept(rolled_back_path(plan), "the files are unchanged")
+    try:
+        ders = pem_to_ders(data.decode("ascii", "replace")) if data else []
+    except ParseError:
+        ders = []
+    return hashlib.sha256(ders[0]).hexdigest() if ders else None
+
+
+def rolled_back_refusal(best, plan, force, reporter):
+    """The ConfirmError refusing best's leaf when it is the one rolled back at an earlier
+    run; None for any other leaf (a newer one goes), or with --force (said)."""
+    if rolled_back_sha256(plan) != best.leaf.sha256:
+        return None
+    if force:
+        reporter.warn("installing the leaf (%s) that was rolled back at an earlier run, "
+                      "because of --force" % best.leaf.describe())
+        return None
+    return ConfirmError(
+        "%s serves the leaf %s, which left a --confirm service completing no TLS handshake "
+        "after the deploy hook at an earlier run; it was rolled back (%s) and is not "
+        "installed again until a newer leaf appears" % (
+            best.target, best.leaf.describe(), rolled_back_path(plan)), "restored",
+        hint="find what broke the service with that leaf (its error log; nginx -t), fix it, "
+             "then run once with --force to install the leaf again")
+
+
+def refuse_rolled_back(best, plan, settings, reporter):
+    """Raise rolled_back_refusal's error, once a hook still pending for the installed
+    (restored) files has run: files and service stay as they are."""
+    refusal = rolled_back_refusal(best, plan, settings.force, reporter)
+    if refusal is None:
+        return
+    pending = pending_files(plan)
+    if pending and settings.deploy_hook:
+        reporter.notice("retrying the deploy hook, which did not complete for %s" %
+                        " ".join(pending))
+        run_deploy_hook(settings, settings.plan, best, installed_leaf(plan)[0])
+        clear_pending(pending)
+    raise refusal
+
+
+def confirm_targets(settings, best):
+    """A Target per --confirm HOST[:PORT], with the SNI and name of best's source."""
+    return [Target(text, host, port, best.target.servername)
+            for text, host, port in settings.confirm]
+
+
+def fetch_service(target, reader, settings, leaf, reporter):
+    """One try of a --confirm service, fetched as any source is (_fetch_guarded: a bug
+    is its error): its FetchResult, whose served list is empty when no TLS handshake
+    completed. A dual-certificate service that sent the other key type's leaf is asked
+    again for leaf's (as refetch_for_key does)."""
+    result = _fetch_guarded(target, reader, settings, reporter)
+    kind = leaf.key_type.split()[0]
+    if result.served and result.served[0].der != leaf.der and \
+            result.served[0].key_type.split()[0] != kind and kind in reader.by_key_kind:
+        retry = _fetch_guarded(target, reader.by_key_kind[kind], settings, reporter)
+        if retry.served:
+            return retry
+    return result
+
+
+def serves(result, leaf):
+    return result is not None and bool(result.served) and result.served[0].der == leaf.der
+
+
+def broke(then, now):
+    """True when a service that completed a TLS handshake before the install completes
+    none after the hook; never on a bug of certgrab's own (an internal error)."""
+    return bool(then.served) and not now.served and not isinstance(now.error, InternalError)
+
+
+def await_leaf(targets, leaf, reader, settings, reporter):
+    """Try each target every CONFIRM_INTERVAL until all serve leaf or --confirm-timeout
+    has passed (each try within --timeout): the last FetchResult of each."""
+    deadline = time.monotonic() + settings.confirm_timeout
+    last = [None] * len(targets)
+    while True:
+        for index, target in enumerate(targets):
+            if not serves(last[index], leaf):
+                last[index] = fetch_service(target, reader, settings, leaf, reporter)
+        left = deadline - time.monotonic()
+        if left <= 0 or all(serves(result, leaf) for result in last):
+            return last
+        time.sleep(min(CONFIRM_INTERVAL, left))
+
+
+def before_install(outputs, plan, best, reader, settings, reporter):
+    """--confirm, when the hook is going to run: each service as it is now (a
+    FetchResult), and the outputs about to change kept (keep_previous). [] otherwise."""
+    if not settings.confirm or not (changed_outputs(outputs) or pending_files(plan)):
+        return []
+    services = [fetch_service(target, reader, settings, best.leaf, reporter)
+                for target in confirm_targets(settings, best)]
+    keep_previous(outputs, reporter)
+    return services
+
+
+def confirmation(before, after, leaf):
+    """ "confirmed" when every service serves leaf; "restored" when one that completed
+    a TLS handshake before the install completes none now (broke); else
+    "not_confirmed"."""
+    if all(serves(result, leaf) for result in after):
+        return "confirmed"
+    if any(broke(then, now) for then, now in zip(before, after)):
+        return "restored"
+    return "not_confirmed"
+
+
+def service_state(result):
+    """What a --confirm service served, for messages."""
+    if isinstance(result.error, InternalError):
+        return "could not be tried (%s)" % result.error
+    if not result.served:
+        return "completes no TLS handshake (%s)" % result.error
+    return "serves the leaf %s" % result.served[0].describe()
+
+
+def not_confirmed_error(before, after, leaf, settings):
+    unconfirmed = [(then, now) for then, now in zip(before, after) if not serves(now, leaf)]
+    return ConfirmError(
+        "the deploy hook ran, but after %g s (--confirm-timeout) %s, not the leaf just "
+        "installed (%s); the hook stays pending: the next run runs it again" % (
+            settings.confirm_timeout, "; ".join(
+                "%s %s%s" % (now.target, service_state(now), "" if now.served or then.served
+                             else ", as before the install") for then, now in unconfirmed),
+            leaf.describe()), "not_confirmed",
+        hint="does the deploy hook reload the service that --confirm dials (e.g. "
+             "systemctl reload nginx)?")
+
+
+def broken_services(before, after, settings):
+    """"; "-joined: each service the hook broke, and what it served before."""
+    return "; ".join(
+        "%s completes no TLS handshake %g s after the deploy hook (before the install it "
+        "served the leaf %s)" % (now.target, settings.confirm_timeout,
+                                 then.served[0].describe())
+        for then, now in zip(before, after) if broke(then, now))
+
+
+def nothing_to_restore(best, before, after, settings):
+    """The ConfirmError of a broken service when no output had a previous version (a
+    first install): the new files stay, since no other files could take their place,
+    and their hook stays pending, so that the next run tries the service again."""
+    return ConfirmError(
+        "%s: nothing was installed before, so there are no previous files to put back: the "
+        "new files stay installed with the leaf %s, and their deploy hook stays pending "
+        "(the next run runs it again)" % (broken_services(before, after, settings),
+                                          best.leaf.describe()), "not_confirmed",
+        hint="the service's error log says why it fails with these files (nginx -t); "
+             "once it is fixed, the next run runs the hook and confirms")
+
+
+def roll_back(best, plan, pending, before, after, reader, settings, reporter):
+    """A service stopped completing TLS handshakes after the hook: record the leaf
+    (rolled_back_refusal), put the previous files back, run the hook again and see
+    what the services serve. Returns the ConfirmError that says all of it."""
+    kept = kept_versions(plan)
+    if not kept:
+        return nothing_to_restore(best, before, after, settings)
+    record = rolled_back_path(plan)
+    write_kept(record, os.path.basename(plan[0][1]), der_to_pem(best.leaf.der).encode("ascii"),
+               "nothing was rolled back yet: the new files stay, their hook pending", reporter)
+    message = "%s: restored the previous %s" % (
+        broken_services(before, after, settings),
+        " ".join(restore_previous(kept, settings, reporter)))
+    refused = "the leaf %s is not installed again until a newer leaf appears" % \
+        best.leaf.describe()
+    previous = installed_leaf(plan)[0]
+    try:
+        run_deploy_hook(settings, settings.plan, best, previous)
+    except HookError as exc:
+        return ConfirmError("%s; the deploy hook, run again, failed: %s" % (message, exc),
+                            "restored", hint="the previous files are back, their hook pending; "
+                            "%s (%s records it)" % (refused, record))
+    clear_pending(pending)
+    now = await_leaf([result.target for result in after], previous, reader, settings, reporter)
+    return ConfirmError(
+        "%s; ran the deploy hook again; now %s; %s" % (message, "; ".join(
+            "%s %s" % (result.target, service_state(result)) for result in now), refused),
+        "restored", hint="the service's error log says why it failed with the new files "
+                         "(nginx -t); %s records the leaf" % record)
+
+
+def confirm_install(best, plan, pending, before, reader, settings, reporter):
+    """--confirm after the hook ran: True once every service serves the new leaf
+    (said); ConfirmError otherwise, after roll_back when the hook broke a service."""
+    started = time.monotonic()
+    after = await_leaf([result.target for result in before], best.leaf, reader, settings,
+                       reporter)
+    outcome = confirmation(before, after, best.leaf)
+    if outcome == "not_confirmed":
+        raise not_confirmed_error(before, after, best.leaf, settings)
+    if outcome == "restored":
+        raise roll_back(best, plan, pending, before, after, reader, settings, reporter)
+    discard_temp(rolled_back_path(plan))        # a newer (or --force) leaf took
+    reporter.say("confirmed: %s serve%s the leaf just installed (serial %s) after %.1f s" % (
+        ", ".join(str(result.target) for result in after), "" if len(after) > 1 else "s",
+        best.leaf.serial_hex, time.monotonic() - started))
+    return True
+
+
+def confirm_time(settings):
+    """Seconds a run may hold the locks beyond its hook for --confirm: the services
+    tried before the install, after it, and after a roll back, plus the hook again."""
+    if not settings.confirm:
+        return 0.0
+    return 2 * settings.confirm_timeout + settings.hook_timeout + \
+        3 * len(settings.confirm) * settings.timeout
+
+
+def run_hook(best, plan, changed, pending, services, reader, settings, reporter):
+    """The deploy hook for the files it is pending for (changed now, or at an earlier
+    run whose hook did not complete), then --confirm (confirm_install). True when
+    confirmed."""
+    if pending and settings.deploy_hook:
+        retried = [path for path in pending if path not in changed]
+        if retried:
+            reporter.notice("retrying the deploy hook, which did not complete after an "
+                            "earlier run installed %s" % " ".join(retried))
+        run_deploy_hook(settings, settings.plan, best)
+        confirmed = bool(settings.confirm) and confirm_install(
+            best, plan, pending, services, reader, settings, reporter)
+        clear_pending(pending)
+        discard_previous(plan)
+        return confirmed
+    if pending:
+        reporter.warn("a deploy hook is still pending for %s (dated %s); a run with "
+                      "--deploy-hook retries it" % (" ".join(pending),
+                                                    format_time(HOOK_PENDING_MTIME)))
+    return False
+
+
+def install_chain(chain, best, settings, reporter, reader):
+    """Under the locks: no downgrade, write what changed, run the hook (and with
+    --confirm, check that the service took the new leaf: run_hook). Returns
+    "installed" (files written or a pending hook ran), "confirmed" (that, and
+    --confirm's services serve the leaf), "unchanged", or "held_back" (--min-age);
+    None for a dry run. An output that is a link (certbot's live/ into archive/)
+    stays one: its target is replaced, as resolve_output allows; the files are
+    found again now, when their directories exist (prepare_outputs)."""
+    plan = resolve_outputs(settings.plan, settings.uid)
+    if hold_back(best, plan, settings.min_age, reporter):
+        return None if settings.dry_run else "held_back"
     if settings.dry_run:
-        plan = resolve_outputs(settings.plan, settings.uid)
         return dry_run(plan, render_outputs(plan, chain, best.key), best, settings, reporter,
                        installed_leaf(plan))
     plan = prepare_outputs(settings.plan, settings.uid)
     outputs = render_outputs(plan, chain, best.key)
     directories = sorted(set(os.path.dirname(path) for _, path, _ in plan))
-    locks = lock_directories(directories, settings.hook_timeout + settings.timeout + LOCK_SLACK)
+    locks = lock_directories(directories, settings.hook_timeout + settings.timeout + LOCK_SLACK
+                             + confirm_time(settings))
     try:
         remove_stale_temps(plan)
         check_not_older(best, installed_leaf(plan), settings.force, reporter)
+        refuse_rolled_back(best, plan, settings, reporter)
+        services = before_install(outputs, plan, best, reader, settings, reporter)
         mark = bool(settings.deploy_hook)
         changed = install_files(outputs, settings, mark, reporter)
         if changed and not settings.keys:
@@ -4809,20 +5309,12 @@ def install_chain(chain, best, settings, reporter):
                 best.target, best.leaf.describe(), when_expires(best.leaf, time.time()),
                 " ".join(changed)))
         pending = sorted(set(pending_files(plan)) | set(changed if mark else ()))
-        if pending and settings.deploy_hook:
-            retried = [path for path in pending if path not in changed]
-            if retried:
-                reporter.notice("retrying the deploy hook, which did not complete after an "
-                                "earlier run installed %s" % " ".join(retried))
-            run_deploy_hook(settings, settings.plan, best)
-            clear_pending(pending)
-        elif pending:
-            reporter.warn("a deploy hook is still pending for %s (dated %s); a run with "
-                          "--deploy-hook retries it" % (" ".join(pending),
-                                                        format_time(HOOK_PENDING_MTIME)))
+        confirmed = run_hook(best, plan, changed, pending, services, reader, settings,
+                             reporter)
         if not changed and not pending:
             reporter.info("files are up to date; nothing written, no hook run")
-        return "installed" if changed or pending and settings.deploy_hook else "unchanged"
+        return "confirmed" if confirmed else "installed" if changed or pending and \
+            settings.deploy_hook else "unchanged"
     finally:
         unlock_directories(locks)
 
@@ -4830,6 +5322,9 @@ def install_chain(chain, best, settings, reporter):
 def dry_run(plan, outputs, best, settings, reporter, installed):
     """--dry-run: the same checks and the same comparison with the disk; no writes."""
     check_not_older(best, installed, settings.force, reporter)
+    refusal = rolled_back_refusal(best, plan, settings.force, reporter)
+    if refusal is not None:
+        raise refusal
     changed = [path for path, _, _ in changed_outputs(outputs)]
     for path in changed:
         directory = os.path.dirname(path)
@@ -4840,9 +5335,11 @@ def dry_run(plan, outputs, best, settings, reporter, installed):
     hook = settings.deploy_hook and (changed or pending_files(plan))
     reporter.outcome("dry run: %s" % ("would install sha256:%s from %s" % (
         best.leaf.sha256, best.target) if changed else "unchanged"))
-    reporter.say("dry run: %s%s" % ("would write " + " ".join(changed) if changed else
-                                    "files are up to date", "; would run the deploy hook"
-                                    if hook else ""))
+    reporter.say("dry run: %s%s%s" % ("would write " + " ".join(changed) if changed else
+                                      "files are up to date", "; would run the deploy hook"
+                                      if hook else "", " and confirm on " + ", ".join(
+                                          text for text, _, _ in settings.confirm)
+                                      if hook and settings.confirm else ""))
 
 
 # ---------------------------------------------------------------------------
@@ -5290,7 +5787,8 @@ def cert_summary(cert, index):
 # Every series has run="FILE's name without .prom", so that two certgrab runs writing
 # two files into one collector directory never export the same series twice.
 
-INSTALL_OUTCOMES = ("installed", "unchanged", "refused", "hook_failed", "failed")
+INSTALL_OUTCOMES = ("installed", "unchanged", "held_back", "refused", "hook_failed",
+                    "not_confirmed", "restored", "failed")
 SOURCE_METRICS = (      # (name, help) of the metrics with a series per source
     ("certgrab_source_fetch_success", "1 if the source's chain was read."),
     ("certgrab_source_verify_success", "1 if the source's chain verified."),
@@ -5301,6 +5799,7 @@ SOURCE_METRICS = (      # (name, help) of the metrics with a series per source
     ("certgrab_chain_not_after_timestamp_seconds",
      "The earliest notAfter of the source's issuing path."))
 LAST_SYNC = "certgrab_last_sync_timestamp_seconds"
+LAST_CONFIRM = "certgrab_last_confirm_timestamp_seconds"
 
 
 def metrics_text(results, settings, clock, outcome, reporter):
@@ -5316,17 +5815,47 @@ def metrics_text(results, settings, clock, outcome, reporter):
     metrics.append(("certgrab_distinct_leaves", "Different leaves served across the sources "
                     "(1: the fleet has converged).", [(run, len(leaves))]))
     if outcome is not None:
+        installed = "installed" if outcome == "confirmed" else outcome
         metrics.append(("certgrab_install_outcome", "This run's install: 1 for its outcome.",
-                        [(run + [("outcome", name)], int(name == outcome))
+                        [(run + [("outcome", name)], int(name == installed))
                          for name in INSTALL_OUTCOMES]))
-        last = now if outcome in ("installed", "unchanged") else \
+        last = now if installed in ("installed", "unchanged", "held_back") else \
             previous_value(settings.prometheus, LAST_SYNC)
         if last is not None:
             metrics.append((LAST_SYNC, "When a run last installed or confirmed the files.",
                             [(run, last)]))
+        metrics += confirm_metrics(results, settings, run, outcome, now)
     return "".join("# HELP %s %s\n# TYPE %s gauge\n%s" % (name, text, name, "".join(
         "%s%s %s\n" % (name, metric_labels(labels), metric_value(value))
         for labels, value in series)) for name, text, series in metrics if series)
+
+
+def previous_confirm(path, run):
+    """LAST_CONFIRM's series in the metrics file a previous run wrote: [] or one."""
+    import re
+    pattern = (r'%s\{run="(?:[^"\\]|\\.)*",serial="(-?[0-9a-f]+)",sha256="([0-9a-f]{64})"\} '
+               r'([0-9]+(?:\.[0-9]+)?)$' % LAST_CONFIRM)
+    for line in (read_existing(path) or b"").decode("utf-8", "replace").splitlines():
+        match = re.match(pattern, line)
+        if match:
+            return [(run + [("serial", match.group(1)), ("sha256", match.group(2))],
+                     float(match.group(3)))]
+    return []
+
+
+def confirm_metrics(results, settings, run, outcome, now):
+    """--confirm: when a run last confirmed that the services serve the installed leaf,
+    that leaf's serial and sha256 as labels. A run that confirmed nothing carries the
+    series over from the FILE the previous run wrote (previous_confirm)."""
+    if not settings.confirm:
+        return []
+    if outcome == "confirmed":
+        leaf = max((r for r in results if r.error is None), key=lambda r: r.leaf.not_before).leaf
+        series = [(run + [("serial", leaf.serial_hex), ("sha256", leaf.sha256)], now)]
+    else:
+        series = previous_confirm(settings.prometheus, run)
+    return [(LAST_CONFIRM, "When --confirm last saw the services serve the installed leaf "
+             "(its serial and sha256 in labels).", series)]
 
 
 def source_metrics(results, settings, run, reporter):
@@ -5481,7 +6010,8 @@ def install_outcome(exc, settings):
     """The outcome of an install that raised exc; None when the run installs nothing."""
     if not settings.plan or settings.dry_run:
         return None
-    return "refused" if isinstance(exc, RefusedError) else \
+    return exc.outcome if isinstance(exc, ConfirmError) else \
+        "refused" if isinstance(exc, RefusedError) else \
         "hook_failed" if isinstance(exc, HookError) else "failed"
 
 
@@ -5533,6 +6063,8 @@ OPTIONS = (
          "deadline per source: DNS, connect, handshake (default %g)" % DEFAULT_TIMEOUT),
         (("-4", "--ipv4"), SWITCH, "IPv4 only"),
         (("-6", "--ipv6"), SWITCH, "IPv6 only"),
+        (("--all-addresses",), SWITCH,
+         "fetch every address of a SOURCE host name, each as a source of its own"),
         (("--parallel",), "N", "fetch N sources at a time (default %d), fewer if ulimit -n "
          "is low" % DEFAULT_PARALLEL),
         (("--tls-min",), "VERSION", "offer no TLS version below VERSION (1.0 to 1.3)"),
@@ -5569,8 +6101,11 @@ OPTIONS = (
          "a private key the leaf must match; twice: current and next key"),
         (("--privkey",), SWITCH, "with --out-dir, install the matching key as privkey.pem (0600)"),
         (("--key-password-file",), "FILE", "password of an encrypted key"),
-        (("--force",), SWITCH, "install even a leaf not newer than the installed one"),
+        (("--force",), SWITCH,
+         "install even a leaf not newer than the installed one, or one rolled back"),
         (("--dry-run",), SWITCH, "check and say what would change; write nothing"),
+        (("--min-age",), "DURATION",
+         "install a new leaf only once issued DURATION ago (90m, 36h, 2d)"),
     )),
     ("files", (
         (("--owner",), "USER", "owner of new files (existing ones keep theirs)"),
@@ -5580,6 +6115,10 @@ OPTIONS = (
     ("hook", (
         (("--deploy-hook",), "CMD", "run CMD with /bin/sh after files changed"),
         (("--hook-timeout",), "SECONDS", "kill the hook after SECONDS (default %g)" % HOOK_TIMEOUT),
+        (("--confirm",), "HOST...",
+         "after the hook, HOST[:PORT] must serve the new leaf (else exit 7); repeatable"),
+        (("--confirm-timeout",), "SECONDS",
+         "how long --confirm tries (default %g)" % CONFIRM_TIMEOUT),
     )),
     ("reports", (
         (("--text",), SWITCH, "describe each chain for people instead of PEM"),
@@ -5700,6 +6239,7 @@ def validate_settings(args, sources, reporter):
     values.update(_ca_settings(args))                   # issue 21: --crl, ARI, --cache-dir
     default_port = parse_port(args.port, "-p/--port") if args.port is not None else \
         STARTTLS[args.starttls][1] if args.starttls else DEFAULT_PORT
+    values.update(_rollout_settings(args, default_port))
     values["targets"] = parse_targets(sources, parse_servername(args.servername),
                                       default_port, files_allowed=bool(values["report"]))
     values["trust"] = " and ".join("%s %s" % (flag, path) for flag, path in (
@@ -5821,6 +6361,37 @@ def _threshold(text, days, flag, default_share):
         raise UsageError("%s %s: give a duration such as 36h, 2d or 90m, or a share of the "
                          "certificate's lifetime such as 25%%" % (flag, text))
     return number * scale, unit == "%"
+
+
+def _duration(text, flag):
+    """A duration as --warn takes one, 90m, 36h, 2d or 600s, in seconds."""
+    scale = DURATION_UNITS.get(text[-1:].lower())
+    number = _number(text[:-1], None, float) if scale else None
+    if number is None or not 0 <= number < float("inf"):
+        raise UsageError("%s %s: give a duration such as 90m, 36h or 2d" % (flag, text))
+    return number * scale
+
+
+def _rollout_settings(args, default_port):
+    """--all-addresses, --min-age, --confirm HOST[:PORT] (each as (HOST[:PORT], host,
+    port)) and --confirm-timeout. --confirm needs --deploy-hook: the hook makes the
+    service take the new files, and is what stays pending when it did not."""
+    writes = any(getattr(args, name) for name in OUTPUT_OPTIONS)
+    for flag in ("--min-age", "--confirm"):
+        if _given(args, flag) and not writes:
+            raise UsageError("%s needs an output file (--out-dir or a --*-path)" % flag)
+    if args.confirm and not args.deploy_hook:
+        raise UsageError("--confirm needs --deploy-hook (the command that reloads the service "
+                         "--confirm dials)")
+    if args.confirm_timeout is not None and not args.confirm:
+        raise UsageError("--confirm-timeout needs --confirm")
+    timeout = _number(args.confirm_timeout, CONFIRM_TIMEOUT, float)
+    if timeout is None or not 0 < timeout < DAY:
+        raise UsageError("--confirm-timeout must be a number of seconds above 0")
+    confirm = tuple((text,) + parse_source(text, default_port) for text in args.confirm or ())
+    min_age = None if args.min_age is None else _duration(args.min_age, "--min-age")
+    return dict(all_addresses=args.all_addresses, min_age=min_age, confirm=confirm,
+                confirm_timeout=timeout)
 
 
 def _install_settings(args, report, reporter):
@@ -6184,7 +6755,8 @@ def run_one(settings, reader, reporter, sharers=1):
                                           "certificates' names alone, no signature checked: "
                                           "clients may fail to verify it" if settings.plan
                                           else ""))
-    results = fetch_all(settings.targets, reader, settings, reporter, sharers)  # 1. fetch
+    fetch = fetch_every_address if settings.all_addresses else fetch_all
+    results = fetch(settings.targets, reader, settings, reporter, sharers)  # 1. fetch
     consult_ca(results, settings, reporter, sharers)    # 1b. what the CA knows (issue 21)
     try:
         code, outcome = deliver(results, settings, reader, reporter)  # 2. to 4. below
@@ -6213,10 +6785,12 @@ def deliver(results, settings, reader, reporter):
         write_stdout("".join(der_to_pem(cert.der) for cert in chain or best.served))
         reporter.outcome("printed sha256:%s from %s" % (best.leaf.sha256, best.target))
         return 0, None
-    outcome = install_chain(chain or best.issuing, best, settings, reporter)  # 4b. files
-    if outcome is not None:                             #    (None: a dry run said it)
-        reporter.outcome("installed sha256:%s from %s" % (best.leaf.sha256, best.target)
-                         if outcome == "installed" else outcome)
+    outcome = install_chain(chain or best.issuing, best, settings, reporter, reader)  # 4b.
+    if outcome in ("installed", "confirmed", "unchanged"):  # (dry run, held back: said)
+        confirmed = "; confirmed" if outcome == "confirmed" else ""
+        reporter.outcome("installed sha256:%s from %s%s" % (best.leaf.sha256, best.target,
+                                                           confirmed)
+                         if outcome != "unchanged" else outcome)
     return 0, outcome
 
 

@@ -36,11 +36,12 @@ Helpers for the tests, independent of certgrab's own PEM code:
 
 Chains dated from today, for expiry checks (made at test time, not by generate()):
     make_dated_chain(outdir, root_dir, name, leaf_days, intermediate_days=None,
-                     leaf_subject=None, intermediate_subject=None, san=NAMES)
+                     leaf_subject=None, intermediate_subject=None, san=NAMES, issued_ago=DAY)
         a fresh intermediate and leaf under the root in root_dir (e.g. OUTDIR/root-ec) whose
         leaf expires leaf_days from now (its intermediate intermediate_days from now, else in
-        2099), written to outdir/name like the chains above. Subjects are lists of
-        (attribute, value) and may hold any text: shell syntax, control characters, UTF-8.
+        2099) and was issued issued_ago seconds ago (0: now), written to outdir/name like the
+        chains above. Subjects are lists of (attribute, value) and may hold any text: shell
+        syntax, control characters, UTF-8.
 
 Chains whose path a name search gets wrong (issue 19), also made at test time:
     make_cross_signed(outdir, root_dir, name)
@@ -343,14 +344,16 @@ def _stamp(epoch):
     return time.strftime("%Y%m%d%H%M%SZ", time.gmtime(epoch))
 
 
-def _dates_from_now(days, now):
-    """(startdate, enddate) for openssl ca: from a day ago to `days` days from now."""
-    return _stamp(now - DAY), _stamp(now + days * DAY + DATED_SLACK)
+def _dates_from_now(days, now, issued_ago=DAY):
+    """(startdate, enddate) for openssl ca: from issued_ago seconds ago (a day unless
+    told) to `days` days from now."""
+    return _stamp(now - issued_ago), _stamp(now + days * DAY + DATED_SLACK)
 
 
 def make_dated_chain(outdir, root_dir, name, leaf_days, intermediate_days=None,
-                     leaf_subject=None, intermediate_subject=None, san=NAMES):
-    """Make outdir/name: an EC chain under root_dir whose leaf expires leaf_days from now."""
+                     leaf_subject=None, intermediate_subject=None, san=NAMES, issued_ago=DAY):
+    """Make outdir/name: an EC chain under root_dir whose leaf expires leaf_days from now
+    and was issued issued_ago seconds ago."""
     now = time.time()
     outdir, root_dir = os.path.abspath(str(outdir)), os.path.abspath(str(root_dir))
     work = _Workdir(tempfile.mkdtemp(prefix="work-%s-" % name, dir=outdir) + "/ca")
@@ -364,7 +367,7 @@ def make_dated_chain(outdir, root_dir, name, leaf_days, intermediate_days=None,
     _write(intermediate_path, intermediate)
     csr, leaf_key = _request_subject(work, leaf_subject or [
         ("O", "certgrab tests"), ("CN", "%s leaf" % name)], "ec")
-    leaf = _sign(work, csr, "leaf_ec", _dates_from_now(leaf_days, now),
+    leaf = _sign(work, csr, "leaf_ec", _dates_from_now(leaf_days, now, issued_ago),
                  (intermediate_path, key), san)
     with open(leaf_key) as f:
         key_text = f.read()

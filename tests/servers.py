@@ -7,6 +7,8 @@ socket. Nothing here can outlive a test: waits are bounded and threads are daemo
     TLSServer(certfile, keyfile, tls="1.3")   stdlib ssl server in a thread; serves certfile
                                               exactly as given (load_cert_chain on the whole
                                               file), so out-of-order or junk chains can be served
+                                              (port=N: on that port, e.g. the port another
+                                              address of one host name already listens on)
     DelayedTLSServer(certfile, keyfile, delay)   a TLSServer that waits `delay` seconds (or
                                               (low, high)) after each accept, as a far server
                                               seems to; backlog 4096
@@ -62,9 +64,10 @@ class ThreadedServer(object):
 
     backlog = 16  # connections the kernel queues before accept; a fleet's server needs more
 
-    def __init__(self, host="127.0.0.1"):
+    def __init__(self, host="127.0.0.1", port=0):
         self.host = host
         self.port = None
+        self._bind_port = port  # 0: a free port
         self.connections = 0  # how many clients connected
         self.errors = []  # exceptions raised while handling (a client hanging up is normal)
         self._stop = threading.Event()
@@ -87,7 +90,7 @@ class ThreadedServer(object):
 
     def start(self):
         self._listener = socket.socket(_family(self.host), socket.SOCK_STREAM)
-        self._listener.bind((self.host, 0))
+        self._listener.bind((self.host, self._bind_port))
         self._listener.listen(self.backlog)
         self._listener.settimeout(POLL)
         self.port = self._listener.getsockname()[1]
@@ -176,8 +179,8 @@ class TLSServer(ThreadedServer):
     `handshakes` counts completed handshakes.
     """
 
-    def __init__(self, certfile, keyfile, host="127.0.0.1", tls="1.3"):
-        ThreadedServer.__init__(self, host)
+    def __init__(self, certfile, keyfile, host="127.0.0.1", tls="1.3", port=0):
+        ThreadedServer.__init__(self, host, port)
         self.server_names = []
         self.handshakes = 0
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -6,8 +6,8 @@ so (a check that cannot fail would prove nothing).
 
     1. docs/options.md lists every option of OPTIONS under its group's heading, in --help's
        order, with its metavar, and no option that does not exist
-    2. the defaults the docs state (--port, --timeout, --parallel, --hook-timeout, --mode,
-       --warn, --crit) are the constants' values
+    2. the defaults the docs state (--port, --timeout, --parallel, --hook-timeout,
+       --confirm-timeout, --mode, --warn, --crit) are the constants' values
     3. README's exit-code table and its `case $?` example have the docstring's codes
     4. the threshold table of docs/certificates.md is WARN_SHARE and CRIT_SHARE computed
     5. docs/starttls.md's protocols and default ports are STARTTLS's
@@ -148,6 +148,7 @@ def stated_defaults(certgrab):
             "--timeout": "%g" % certgrab.DEFAULT_TIMEOUT,
             "--parallel": "%d" % certgrab.DEFAULT_PARALLEL,
             "--hook-timeout": "%g" % certgrab.HOOK_TIMEOUT,
+            "--confirm-timeout": "%g" % certgrab.CONFIRM_TIMEOUT,
             "--mode": "%04o" % certgrab.NEW_FILE_MODE,
             "--warn": "%g%%" % (certgrab.WARN_SHARE * 100),
             "--crit": "%g%%" % (certgrab.CRIT_SHARE * 100)}

@@ -31,6 +31,8 @@ MONITORING = os.path.join(os.path.dirname(CERTGRAB), "docs", "monitoring.md")
 NODE_EXPORTER = "/usr/bin/prometheus-node-exporter"
 SERIES = re.compile(r'^([a-z_]+)\{((?:[a-z_0-9]+="(?:[^"\\]|\\.)*",?)*)\} (\S+)$')
 LABEL = re.compile(r'([a-z_0-9]+)="((?:[^"\\]|\\.)*)"')
+INSTALL_OUTCOMES = ("installed", "unchanged", "held_back", "refused", "hook_failed",
+                    "not_confirmed", "restored", "failed")   # docs/monitoring.md's list
 
 
 def tool(name):
@@ -244,7 +246,8 @@ def outcome(prom):
     series = parse(prom.read_text())
     chosen = [dict(labels)["outcome"] for (name, labels), value in series.items()
               if name == "certgrab_install_outcome" and value == 1]
-    assert len(chosen) == 1 and len(values(series, "certgrab_install_outcome")) == 5
+    assert len(chosen) == 1 and len(values(series, "certgrab_install_outcome")) == len(
+        INSTALL_OUTCOMES)
     last = values(series, "certgrab_last_sync_timestamp_seconds")
     return chosen[0], last[0] if last else None
 
@@ -360,6 +363,14 @@ def test_stale_temps_are_removed_after_an_hour(run, chain, tmp_path, certgrab):
 
 
 # ---------------------------------------------------------------- 5. the documented rules
+
+def test_monitoring_guide_names_every_install_outcome(certgrab):
+    with open(MONITORING) as f:
+        row = [line for line in f if line.startswith("| `certgrab_install_outcome` |")]
+    assert len(row) == 1
+    listed = re.findall(r"`([a-z_]+)`", row[0].split(" | ")[2])
+    assert tuple(listed) == certgrab.INSTALL_OUTCOMES == INSTALL_OUTCOMES
+
 
 def test_documented_alert_rules_pass_promtool(tmp_path):
     with open(MONITORING) as f:
