@@ -3618,9 +3618,9 @@ def cache_path(cache_dir, kind, url):
 
 def read_cache(path, limit, now):
     """What a --cache-dir file keeps (write_cache) while it is fresh: None when there is
-    none, it has expired, or it is not a regular file of at most limit bytes (read as
-    outputs are: read_regular). An expiry more than CACHE_KEEP_MOST ahead (a clock set
-    back) counts as expired."""
+    none, it has expired, or it is not a regular file of this user's that no one else
+    may write, of at most limit bytes (read_regular, kept). An expiry more than
+    CACHE_KEEP_MOST ahead (a clock set back) counts as expired."""
     try:
         data = read_regular(path, kept=True, limit=limit + CACHE_HEAD + 1)
     except (OSError, RefusedError):     # not a file of ours: fetched again, and replaced

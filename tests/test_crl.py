@@ -398,10 +398,11 @@ def test_a_damaged_cached_crl_is_fetched_again(run, started, issue, crl_server, 
     assert len(crl_server.paths) == before + 1 and b"not a CRL" not in kept.read_bytes()
 
 
-@pytest.mark.parametrize("plant", ["fifo", "link"])
+@pytest.mark.parametrize("plant", ["fifo", "link", "foreign"])
 def test_a_cache_file_that_is_no_regular_file_is_not_read(run, started, issue, crl_server,
                                                           tmp_path, plant):
-    """Read as outputs are: no link followed, no FIFO waited on; the CRL is fetched again."""
+    """Read as outputs are: no link followed, no FIFO waited on, no file of another user's
+    (kept files: read_regular); the CRL is fetched again."""
     leaf = issue()
     server, cache = serve(started, leaf), tmp_path / "cache"
     revocation(run, server, leaf, "--cache-dir", cache)
@@ -411,8 +412,11 @@ def test_a_cache_file_that_is_no_regular_file_is_not_read(run, started, issue, c
     kept.unlink()
     if plant == "fifo":
         os.mkfifo(str(kept))
-    else:
+    elif plant == "link":
         kept.symlink_to(elsewhere)
+    else:
+        kept.write_bytes(elsewhere.read_bytes())
+        os.chown(str(kept), 65534, 65534)
     before = len(crl_server.paths)
     result, status = revocation(run, server, leaf, "--cache-dir", cache)
     assert status["status"] == "good" and len(crl_server.paths) == before + 1
