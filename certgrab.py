@@ -244,6 +244,16 @@ VERIFY_FAILED_REASON = "CERTIFICATE_VERIFY_FAILED"
 NAME_AS_STR = sys.version_info < (3, 7)
 
 
+def closed_in_handshake(exc):
+    """True when exc says the server closed the connection during the handshake. 3.10+
+    raise SSLEOFError; 3.8 and 3.9 (with OpenSSL 3) SSLZeroReturnError; 3.6 and 3.7,
+    whose table of OpenSSL's reason names predates OpenSSL 3, an SSLError whose reason
+    they name after OpenSSL 1.1's number 294, KRB5_S_TKT_NYV: OpenSSL 3's
+    UNEXPECTED_EOF_WHILE_READING."""
+    return isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) or getattr(
+        exc, "reason", None) in ("UNEXPECTED_EOF_WHILE_READING", "KRB5_S_TKT_NYV")
+
+
 # ---------------------------------------------------------------------------
 # Constants
 # ---------------------------------------------------------------------------
@@ -321,12 +331,14 @@ TEXT_WIDTH = 64         # characters of a --text value column: lines stay within
 # ---------------------------------------------------------------------------
 
 class CertgrabError(Exception):
-    """An expected failure: printed as one line, exits with exit_code."""
+    """An expected failure: printed as one line, exits with exit_code. options: the
+    command-line options it is about, such as ("--timeout",), for --config to name the
+    key (section_settings)."""
     exit_code = 1
 
-    def __init__(self, message, hint=None):
+    def __init__(self, message, hint=None, options=()):
         Exception.__init__(self, message)
-        self.hint = hint
+        self.hint, self.options = hint, options
 
 
 class UsageError(CertgrabError):
@@ -355,9 +367,10 @@ class SourceInternalError(FetchError, InternalError):
 class VerifyError(CertgrabError):
     exit_code = 4
 
-    def __init__(self, message, hint=None, reason=None):
+    def __init__(self, message, hint=None, reason=None, code=None):
         CertgrabError.__init__(self, message, hint)
         self.reason = reason            # OpenSSL's words, for reports
+        self.code = code                # OpenSSL's verify code (X509_V_ERR_*), for hints
 
 
 class WriteError(CertgrabError):
@@ -389,6 +402,16 @@ class InputError(CertgrabError):
     exit_code = 2
 
 
+def failure_outcome(exc):
+    """The outcome of a run that failed with exc, as a code of INSTALL_OUTCOMES: the one
+    table from errors to outcomes, which --syslog and the metrics both render."""
+    if isinstance(exc, ConfirmError):
+        return exc.outcome
+    if isinstance(exc, RefusedError):
+        return "refused"
+    return "hook_failed" if isinstance(exc, HookError) else "failed"
+
+
 class Reporter(object):
     """stderr lines for people: errors always, warnings unless quiet, details
     when verbose. A message that cannot be written (stderr closed, or cron's
@@ -398,6 +421,7 @@ class Reporter(object):
         self.quiet, self.verbose = quiet, verbose
         self.syslog = syslog                # the syslog module with --syslog, else None
         self.subject, self.result = "", ""  # what was checked, and how it went
+        self.installed = False              # files were installed: --syslog's NOTICE
         self.started = time.monotonic()
 
     def error(self, exc):
@@ -446,9 +470,10 @@ class Reporter(object):
         """What this run (or section) checks, for its --syslog line."""
         self.subject = subject
 
-    def outcome(self, text):
-        """How it went when it did not fail: "unchanged", "installed sha256:..."."""
-        self.result = text
+    def outcome(self, text, installed=False):
+        """How it went when it did not fail: "unchanged", "installed sha256:...";
+        installed: files were written (or their pending hook ran)."""
+        self.result, self.installed = text, installed
 
     def log(self, code, exc=None):
         """--syslog: the one line of this run or section: what was checked, the
@@ -456,16 +481,13 @@ class Reporter(object):
         if self.syslog is None:
             return
         if exc is not None:
-            kind = exc.outcome.replace("_", " ") if isinstance(exc, ConfirmError) else \
-                "refused" if isinstance(exc, RefusedError) else \
-                "hook failed" if isinstance(exc, HookError) else "failed"
-            outcome = "%s: %s" % (kind, exc)
+            outcome = "%s: %s" % (failure_outcome(exc).replace("_", " "), exc)
         else:
             outcome = self.result or "done"
         line = "%s%s; exit %d; %.2f s" % (self.subject + ": " if self.subject else "", outcome,
                                          code, time.monotonic() - self.started)
         priority = self.syslog.LOG_ERR if code else \
-            self.syslog.LOG_NOTICE if outcome.startswith("installed") else self.syslog.LOG_INFO
+            self.syslog.LOG_NOTICE if self.installed else self.syslog.LOG_INFO
         self.syslog.syslog(priority, " ".join(line.split()))   # one line, whatever it quotes
 
 
@@ -1287,7 +1309,8 @@ def read_private_key(path, password_path):
     start = next((i for i, line in enumerate(lines) if line.startswith("-----BEGIN ")
                   and line.endswith("PRIVATE KEY-----")), None)
     if start is None:
-        raise UsageError("--key-path %s: no PEM private key in it" % path)
+        raise UsageError("--key-path %s: no PEM private key in it" % path,
+                         options=("--key-path",))
     label, body = lines[start][11:-5], []
     for line in lines[start + 1:]:
         if line.startswith("-----END"):
@@ -1296,14 +1319,16 @@ def read_private_key(path, password_path):
     if "ENCRYPTED" in label or any(line.startswith("Proc-Type:") for line in body):
         if password is None:
             raise UsageError("--key-path %s is encrypted" % path,
-                             hint="pass --key-password-file FILE (certgrab never prompts)")
+                             hint="pass --key-password-file FILE (certgrab never prompts)",
+                             options=("--key-path",))
         key.encrypted = True
         return key
     try:
         der = binascii.a2b_base64("".join(line for line in body if ":" not in line))
         key.kind, key.spki = _key_public_info(label, der)
     except (ParseError, binascii.Error, ValueError):
-        raise UsageError("--key-path %s: malformed private key" % path)
+        raise UsageError("--key-path %s: malformed private key" % path,
+                         options=("--key-path",))
     return key
 
 
@@ -1313,9 +1338,10 @@ def read_small_file(path, what):
         with open(path, "rb") as handle:
             data = handle.read(MAX_FILE + 1)
     except OSError as exc:
-        raise InputError("cannot read %s %s: %s" % (what, path, exc.strerror or exc))
+        raise InputError("cannot read %s %s: %s" % (what, path, exc.strerror or exc),
+                         options=(what,))
     if len(data) > MAX_FILE:
-        raise UsageError("%s %s: larger than %d bytes" % (what, path, MAX_FILE))
+        raise UsageError("%s %s: larger than %d bytes" % (what, path, MAX_FILE), options=(what,))
     return data
 
 
@@ -1424,9 +1450,10 @@ def is_ip(host):
     return False
 
 
-def parse_port(text, what):
+def parse_port(text, what, options=()):
     if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise UsageError("%s: port must be a number from 1 to 65535, not %r" % (what, text))
+        raise UsageError("%s: port must be a number from 1 to 65535, not %r" % (what, text),
+                         options=options)
     return int(text)
 
 
@@ -1470,12 +1497,12 @@ def ascii_host(name):
     return ""
 
 
-def check_dns_name(name, what):
+def check_dns_name(name, what, options=()):
     ascii_name = ascii_host(name)
     if not ascii_name or len(ascii_name) > 253 or not set(ascii_name) <= HOST_CHARS - {"*"} \
             or any(not label or len(label) > 63 or label[0] == "-" or label[-1] == "-"
                    for label in ascii_name.split(".")):
-        raise UsageError("%s: not a host name or IP address" % what)
+        raise UsageError("%s: not a host name or IP address" % what, options=options)
 
 
 def parse_servername(text):
@@ -1484,7 +1511,7 @@ def parse_servername(text):
         return None
     servername = text.rstrip(".")
     if not is_ip(servername):
-        check_dns_name(servername, "bad --servername %r" % text)
+        check_dns_name(servername, "bad --servername %r" % text, ("--servername",))
     return servername
 
 
@@ -1635,7 +1662,7 @@ def parse_ehlo(text):
     """--ehlo: a host name or an address literal ([192.0.2.1], [IPv6:2001:db8::1])."""
     if text is not None and not (text.startswith("[") and text.endswith("]")
                                  and is_ip(text[1:-1].replace("IPv6:", ""))):
-        check_dns_name(text, "bad --ehlo %r" % text)
+        check_dns_name(text, "bad --ehlo %r" % text, ("--ehlo",))
     return text
 
 
@@ -1976,6 +2003,19 @@ def starttls_dialogue(sock, target, protocol, ehlo, deadline):
 # TLS: trust store, handshake, and the chain the server sent.
 # ---------------------------------------------------------------------------
 
+class Trust(object):
+    """What verification trusts: --cafile and --capath, or neither (system: the
+    system's store). Decisions read the fields; str() is how messages name it."""
+
+    def __init__(self, cafile=None, capath=None):
+        self.cafile, self.capath = cafile, capath
+        self.system = not (cafile or capath)
+
+    def __str__(self):
+        return " and ".join("%s %s" % (flag, path) for flag, path in (
+            ("--cafile", self.cafile), ("--capath", self.capath)) if path) or "the system store"
+
+
 def make_context(settings, key_kind=None, verify_only=False):
     """A client context: verifying (the default) or --insecure.
 
@@ -1999,16 +2039,20 @@ def make_context(settings, key_kind=None, verify_only=False):
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
         return ctx
-    if settings.cafile or settings.capath:
-        if settings.capath and not os.path.isdir(settings.capath):
-            raise UsageError("--capath %s: not a directory" % settings.capath)
+    trust = settings.trust
+    if not trust.system:
+        if trust.capath and not os.path.isdir(trust.capath):
+            raise UsageError("--capath %s: not a directory" % trust.capath,
+                             options=("--capath",))
         try:
-            ctx.load_verify_locations(cafile=settings.cafile, capath=settings.capath)
+            ctx.load_verify_locations(cafile=trust.cafile, capath=trust.capath)
         except ssl.SSLError as exc:
-            raise UsageError("cannot load --cafile %s: %s" % (settings.cafile, ssl_reason(exc)))
+            raise UsageError("cannot load --cafile %s: %s" % (trust.cafile, ssl_reason(exc)),
+                             options=("--cafile",))
         except OSError as exc:
-            raise InputError("cannot load --cafile %s: %s" % (settings.cafile,
-                                                               exc.strerror or exc))
+            raise InputError("cannot load --cafile %s: %s" % (trust.cafile,
+                                                               exc.strerror or exc),
+                             options=("--cafile",))
         return ctx
     load_system_store(ctx)
     return ctx
@@ -2042,6 +2086,21 @@ def is_hashed_dir(path):
     return any(len(n) == 10 and n[8] == "." and n[9].isdigit() for n in names)
 
 
+# OpenSSL's verify codes (X509_V_ERR_*, x509_vfy.h; the same in 1.1.1 and 3.x) that the
+# hints of a failed verification tell apart (explain_verify_failure); any other code gets
+# the hint of a chain that leads to no trusted root.
+X509_V_ERR_HOSTNAME_MISMATCH = 62
+VERIFY_NAME = (62, 63, 64)      # HOSTNAME, EMAIL and IP_ADDRESS_MISMATCH: not the leaf's name
+VERIFY_DATES = (9, 10)          # CERT_NOT_YET_VALID, CERT_HAS_EXPIRED
+VERIFY_ISSUER = (2, 18, 19, 20)     # UNABLE_TO_GET_ISSUER_CERT, DEPTH_ZERO_SELF_SIGNED_CERT,
+#                                     SELF_SIGNED_CERT_IN_CHAIN, UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+# OpenSSL's reason codes (SSLError.reason) of a handshake that failed because the server
+# does not speak TLS, and the prefixes of those of an alert the server sent.
+NOT_TLS_REASONS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG",
+                   "BAD_PACKET_LENGTH", "UNKNOWN_PROTOCOL", "HTTP_REQUEST")
+ALERT_REASONS = ("SSLV3_ALERT_", "TLSV1_ALERT_", "TLSV13_ALERT_")
+
+
 def ssl_reason(exc):
     """An SSLError as text people read: no "[SSL: X]" tag, no _ssl.c line."""
     text = str(exc.args[1] if len(exc.args) > 1 else exc)
@@ -2069,9 +2128,6 @@ class ChainReader(object):
         """The path OpenSSL verified, root included, as DER."""
         chain = tls._sslobj.get_verified_chain() or []
         return [cert.public_bytes(ssl._ssl.ENCODING_DER) for cert in chain]
-
-    def verify_message(self, tls):
-        return None
 
 
 TLS_HANDSHAKE = 22      # TLS content type of handshake records
@@ -2111,9 +2167,6 @@ class ChainReaderBefore310(ChainReader):
     def verified_ders(self, tls):
         return None             # find_verified_path finds the path instead
 
-    def verify_message(self, tls):
-        return self._openssl.verify_message(tls) if self._openssl else None
-
     def store_certificates(self):
         """The loaded trust store, parsed; a CA certificate certgrab cannot read
         is left out (no candidate path then goes through it). A --cafile store
@@ -2127,7 +2180,7 @@ class ChainReaderBefore310(ChainReader):
                 certs.append(parse_certificate(der))
             except ParseError:
                 pass
-        if self.trust.startswith("--cafile") and "--capath" not in self.trust:
+        if self.trust.cafile and not self.trust.capath:
             self._store = certs
         return certs
 
@@ -2219,9 +2272,6 @@ class OpenSSLPeek(object):
                 raise FetchError("OpenSSL could not encode a certificate of the chain")
             ders.append(bytes(buffer))
         return ders
-
-    def verify_message(self, tls):
-        return self.verify_result(tls)[1]
 
     def verify_result(self, tls):
         """(OpenSSL's verify code, its message) of tls, an SSLSocket or an SSLObject."""
@@ -2341,11 +2391,16 @@ def replay_error(target, why):
 def verify_failure_of(exc, tls, ctx):
     """(OpenSSL's verify code, its message) of a verification that failed with exc on
     tls, a connection of ctx. Python 3.7+ put both on the exception (an
-    SSLCertVerificationError); 3.6 says only "certificate verify failed", so they are
-    read from OpenSSL through ctypes (OpenSSLPeek). Without ctypes the code is None."""
+    SSLCertVerificationError). 3.6 checks names in Python code and raises a
+    CertificateError without a code for a name the leaf does not cover (that is
+    X509_V_ERR_HOSTNAME_MISMATCH), and for anything else says only "certificate verify
+    failed": code and message are then read from OpenSSL through ctypes (OpenSSLPeek).
+    Without ctypes the code is None."""
     code = getattr(exc, "verify_code", None)
     if code is not None:
         return code, exc.verify_message
+    if isinstance(exc, ssl.CertificateError):
+        return X509_V_ERR_HOSTNAME_MISMATCH, str(exc)
     try:
         return OpenSSLPeek(ctx).verify_result(tls)
     except FetchError:
@@ -2582,31 +2637,44 @@ def sent_only(sent, complete):
 
 
 def explain_verify_failure(failure, result, trust, installing):
-    """A verification failure, told with what the server sent: a leaf alone,
-    the root the chain leads to, the names the leaf covers. While installing,
-    no hint suggests --insecure."""
-    reason, leaf, last = failure.reason, result.issuing[0], result.issuing[-1]
-    lower = reason.lower()
-    if "match" in lower:
+    """A verification failure (a VerifyError with OpenSSL's verify code), told with what
+    the server sent: a leaf alone, the root the chain leads to, the names the leaf
+    covers. While installing, no hint suggests --insecure for a date or a root."""
+    reason, code, leaf = failure.reason, failure.code, result.issuing[0]
+    if code in VERIFY_NAME:
         hint = "the leaf covers %s; pass -n/--servername with one of those names" % (
             leaf.covered_names)
-    elif "issuer" not in lower and "self signed" not in lower and "self-signed" not in lower:
-        hint = verify_hint(reason, result.target, trust, installing)
+    elif code in VERIFY_DATES:
+        hint = "check this machine's clock (date -u); if it is right, the server serves a " \
+               "stale certificate%s" % ("" if installing else ". --insecure fetches it anyway")
+    elif code not in VERIFY_ISSUER:
+        hint = untrusted_hint(trust)
     elif len(result.issuing) == 1 and not leaf.self_issued and not leaf.is_ca:
         return VerifyError("%s: certificate verification failed: %s: the server sent only its "
                            "leaf (issued by \"%s\"); point it at fullchain.pem" % (
                                result.target, reason, printable(leaf.issuer)),
                            hint="certbot's fullchain.pem holds the leaf and its "
-                                "intermediates, cert.pem only the leaf", reason=reason)
+                                "intermediates, cert.pem only the leaf", reason=reason,
+                           code=code)
     else:
-        hint = unknown_root_hint(last, trust, installing)
-    return VerifyError(str(failure), hint=hint, reason=reason)
+        hint = unknown_root_hint(result.issuing[-1], trust, installing)
+    return VerifyError(str(failure), hint=hint, reason=reason, code=code)
+
+
+def untrusted_hint(trust):
+    """The hint for a chain OpenSSL refused for another reason than its names, dates or
+    a missing issuer."""
+    if trust.system:
+        return "the chain does not lead to a root this host trusts: pass --cafile ROOT.pem " \
+               "(or install ca-certificates); --insecure skips verification"
+    return "the chain does not lead to a root in %s: is it the right root? --insecure " \
+           "skips verification" % trust
 
 
 def unknown_root_hint(last, trust, installing):
     """Name the root the chain leads to; --insecure only when not installing."""
     root = printable(last.subject if last.self_issued else last.issuer)
-    if trust == "the system store":
+    if trust.system:
         hint = "the chain leads to the root \"%s\", which this host does not trust: pass " \
                "--cafile ROOT.pem with that root (or install ca-certificates)" % root
     else:
@@ -2629,54 +2697,32 @@ def _handshake(tls, reader, target, deadline):
 
 
 def handshake_failure(exc, tls, reader, target):
-    """Why the handshake failed: a VerifyError returned, anything else raised."""
-    if isinstance(exc, ssl.CertificateError):   # 3.7+: every verify failure; 3.6: name only
-        return verify_failure(getattr(exc, "verify_message", None) or str(exc), target,
-                              reader.trust)
-    if isinstance(exc, ssl.SSLError):
-        if exc.reason == VERIFY_FAILED_REASON:    # Python 3.6
-            return verify_failure(reader.verify_message(tls) or ssl_reason(exc), target,
-                                  reader.trust)
-        reason = ssl_reason(exc)
-    else:
-        reason = exc.strerror or str(exc) or exc.__class__.__name__
+    """Why the handshake failed: a VerifyError returned (with OpenSSL's verify code:
+    explain_verify_failure gives its hint), anything else raised."""
+    if isinstance(exc, ssl.CertificateError) or \
+            getattr(exc, "reason", None) == VERIFY_FAILED_REASON:   # 3.7+: one class
+        code, message = verify_failure_of(exc, tls, reader.ctx)
+        return VerifyError("%s: certificate verification failed: %s" % (target, message),
+                           reason=message, code=code)
+    reason = ssl_reason(exc) if isinstance(exc, ssl.SSLError) else \
+        exc.strerror or str(exc) or exc.__class__.__name__
     raise FetchError("%s: TLS handshake failed: %s" % (target, reason),
-                     hint=tls_hint(reason, reader.starttls))
+                     hint=tls_hint(exc, reader.starttls))
 
 
-def verify_failure(message, target, trust):
-    return VerifyError("%s: certificate verification failed: %s" % (target, message),
-                       hint=verify_hint(message, target, trust), reason=message)
-
-
-def tls_hint(reason, starttls):
-    reason = reason.lower()
+def tls_hint(exc, starttls):
+    """The likely cause of a failed handshake, by exc's class and OpenSSL's reason code."""
+    reason = getattr(exc, "reason", None) or ""
     if starttls == "postgres-direct":
         return "PostgreSQL before 17 has no direct TLS: try --starttls postgres"
-    if "wrong version" in reason or "record layer" in reason or "packet length" in reason \
-            or "unknown protocol" in reason or "http request" in reason:
+    if reason in NOT_TLS_REASONS:
         return "the server did not answer with TLS: is this port plain text (HTTP, or a " \
                "protocol that needs STARTTLS)?"
-    if "alert" in reason:
+    if reason.startswith(ALERT_REASONS):
         return "the server refused the handshake; check -n/--servername (the name it serves)"
-    if "eof" in reason:
+    if closed_in_handshake(exc):
         return "the server closed the connection during the handshake"
     return None
-
-
-def verify_hint(message, target, trust, installing=False):
-    message = message.lower()
-    if "expired" in message or "not yet valid" in message:
-        return "check this machine's clock (date -u); if it is right, the server serves a " \
-               "stale certificate%s" % ("" if installing else ". --insecure fetches it anyway")
-    if "match" in message:
-        return "the certificate does not cover %s: pass -n/--servername with a name it " \
-               "covers" % target.verify_name
-    if trust != "the system store":
-        return "the chain does not lead to a root in %s: is it the right root? " \
-               "--insecure skips verification" % trust
-    return "the chain does not lead to a root this host trusts: pass --cafile ROOT.pem " \
-           "(or install ca-certificates); --insecure skips verification"
 
 
 def refetch_for_key(result, reader, settings):
@@ -2758,7 +2804,7 @@ def map_in_threads(function, items, width, reporter, doing, waiting=None):
                 index = pending.pop()
             try:
                 results[index] = function(items[index])
-            except BaseException as exc:  # a bug: re-raised in the calling thread below
+            except BaseException as exc:  # the run's error, or a bug: re-raised below
                 results[index] = exc
 
     threads = start_workers(worker, width, reporter, doing)
@@ -4152,14 +4198,18 @@ def _ca_settings(args):
     crl = args.crl if args.crl is not None else "on"
     if crl not in CRL_MODES:
         raise UsageError("--crl %s: give on (check, install anyway when the CRL cannot be "
-                         "had), require or off" % crl)
+                         "had), require or off" % crl, options=("--crl",))
     if args.acme_directory is not None:
         try:
             split_url(args.acme_directory, "https")
         except CaError as exc:
-            raise UsageError("--acme-directory: %s" % exc)
-    return dict(crl=crl, acme_directory=args.acme_directory,
-                cache_dir=args.cache_dir and cache_directory(args.cache_dir))
+            raise UsageError("--acme-directory: %s" % exc, options=("--acme-directory",))
+    try:
+        cache_dir = args.cache_dir and cache_directory(args.cache_dir)
+    except CertgrabError as exc:
+        exc.options = ("--cache-dir",)
+        raise
+    return dict(crl=crl, acme_directory=args.acme_directory, cache_dir=cache_dir)
 
 
 def cache_directory(path):
@@ -4443,7 +4493,8 @@ def plan_outputs(out_dir, paths, key_paths, privkey=False, owner=-1):
     for key_path in key_paths:
         if any(path == os.path.realpath(key_path) and kind != "privkey"
                for path, (_, kind) in zip(absolute, plan)):
-            raise UsageError("an output would overwrite the --key-path file %s" % key_path)
+            raise UsageError("an output would overwrite the --key-path file %s" % key_path,
+                             options=("--key-path",))
     resolve_outputs(plan, owner)
     return tuple(plan)
 
@@ -5513,7 +5564,6 @@ def certificate_lines(index, cert, now):
 
 def spki_pin(cert):
     """The HPKP-style pin: base64 of the SHA-256 of the SubjectPublicKeyInfo."""
-    import hashlib
     return binascii.b2a_base64(hashlib.sha256(cert.spki).digest()).decode("ascii").strip()
 
 
@@ -6006,13 +6056,10 @@ def record_run(settings, results, clock, outcome, code, reporter):
     return code or (0 if settings.report == "check" else worst)
 
 
-def install_outcome(exc, settings):
-    """The outcome of an install that raised exc; None when the run installs nothing."""
-    if not settings.plan or settings.dry_run:
-        return None
-    return exc.outcome if isinstance(exc, ConfirmError) else \
-        "refused" if isinstance(exc, RefusedError) else \
-        "hook_failed" if isinstance(exc, HookError) else "failed"
+def install_outcome(exc, plan, dry_run):
+    """The outcome of an install that raised exc (failure_outcome); None when the run
+    installs nothing (no outputs planned, or --dry-run)."""
+    return failure_outcome(exc) if plan and not dry_run else None
 
 
 # ---------------------------------------------------------------------------
@@ -6228,22 +6275,22 @@ def validate_settings(args, sources, reporter):
                           ("--insecure", "--cafile"), ("--insecure", "--capath"),
                           ("--insecure", "--verified-chain")):
         if _given(args, first) and _given(args, second):
-            raise UsageError("%s and %s exclude each other" % (first, second))
+            raise UsageError("%s and %s exclude each other" % (first, second),
+                             options=(first, second))
     values = dict(sources=tuple(sources), quiet=args.quiet, verbose=args.verbose,
                   insecure=args.insecure, cafile=args.cafile, capath=args.capath,
                   verified_chain=args.verified_chain)
-    values.update(_connecting_settings(args, len(sources)))
+    values.update(_connecting_settings(args))
     values.update(_tls_version_settings(args))
     values.update(_report_settings(args))
-    values.update(_install_settings(args, values["report"], reporter))
+    values.update(_install_settings(args, reporter))
     values.update(_ca_settings(args))                   # issue 21: --crl, ARI, --cache-dir
-    default_port = parse_port(args.port, "-p/--port") if args.port is not None else \
-        STARTTLS[args.starttls][1] if args.starttls else DEFAULT_PORT
+    default_port = parse_port(args.port, "-p/--port", ("--port",)) if args.port is not None \
+        else STARTTLS[args.starttls][1] if args.starttls else DEFAULT_PORT
     values.update(_rollout_settings(args, default_port))
     values["targets"] = parse_targets(sources, parse_servername(args.servername),
                                       default_port, files_allowed=bool(values["report"]))
-    values["trust"] = " and ".join("%s %s" % (flag, path) for flag, path in (
-        ("--cafile", args.cafile), ("--capath", args.capath)) if path) or "the system store"
+    values["trust"] = Trust(args.cafile, args.capath)
     values["plan"] = plan_outputs(args.out_dir, dict(
         (kind, getattr(args, kind + "_path")) for kind in ("cert", "chain", "fullchain",
                                                           "combined")), args.key_path or (),
@@ -6256,16 +6303,22 @@ def _prometheus_path(path, plan, key_paths):
     """--prometheus FILE: never one of the outputs or a key; its directory must exist."""
     if path is None:
         return None
+    option = ("--prometheus",)
     if os.path.realpath(path) in [os.path.realpath(p) for p in
                                   [p for p, _ in plan] + list(key_paths)]:
-        raise UsageError("--prometheus %s names a certificate output or the key" % path)
+        raise UsageError("--prometheus %s names a certificate output or the key" % path,
+                         options=option)
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise UsageError("--prometheus %s: the directory %s does not exist" % (
-            path, os.path.dirname(os.path.abspath(path))))
+            path, os.path.dirname(os.path.abspath(path))), options=option)
     if os.path.isdir(path):
         raise UsageError("--prometheus %s is a directory; name a file in it, such as "
-                         "%s" % (path, os.path.join(path, "certgrab.prom")))
-    metrics_directory(path)             # a link no one else could have put there
+                         "%s" % (path, os.path.join(path, "certgrab.prom")), options=option)
+    try:
+        metrics_directory(path)         # a link no one else could have put there
+    except CertgrabError as exc:
+        exc.options = option
+        raise
     return path
 
 
@@ -6273,19 +6326,20 @@ def _given(args, flag):
     return getattr(args, flag.lstrip("-").replace("-", "_")) not in (None, False)
 
 
-def _connecting_settings(args, source_count):
+def _connecting_settings(args):
     """-4/-6, --timeout, --parallel, --starttls, --ehlo, --alpn."""
     timeout = _number(args.timeout, DEFAULT_TIMEOUT, float)
     if timeout is None or not 0 < timeout < 86400:
-        raise UsageError("--timeout must be a number of seconds above 0")
+        raise UsageError("--timeout must be a number of seconds above 0", options=("--timeout",))
     parallel = _number(args.parallel, 0, int)       # 0: fetch_width chooses
     if parallel is None:
-        raise UsageError("--parallel takes a number")
+        raise UsageError("--parallel takes a number", options=("--parallel",))
     if args.parallel is not None and not 1 <= parallel <= PARALLEL_LIMIT:
-        raise UsageError("--parallel must be from 1 to %d" % PARALLEL_LIMIT)
+        raise UsageError("--parallel must be from 1 to %d" % PARALLEL_LIMIT,
+                         options=("--parallel",))
     if args.starttls is not None and args.starttls not in STARTTLS:
         raise UsageError("--starttls %s: unknown protocol; known: %s"
-                         % (args.starttls, ", ".join(sorted(STARTTLS))))
+                         % (args.starttls, ", ".join(sorted(STARTTLS))), options=("--starttls",))
     alpn = [protocol for protocol in (args.alpn or "").split(",") if protocol]
     if args.starttls == "postgres-direct" and not alpn:
         alpn = ["postgresql"]                   # PostgreSQL 17's direct TLS requires it
@@ -6300,9 +6354,10 @@ def _tls_version_settings(args):
     for flag, value in (("--tls-min", args.tls_min), ("--tls-max", args.tls_max)):
         if value is not None and value not in TLS_VERSIONS:
             raise UsageError("%s %s: not a TLS version; known: %s" % (
-                flag, value, ", ".join(TLS_VERSIONS)))
+                flag, value, ", ".join(TLS_VERSIONS)), options=(flag,))
     if args.tls_min and args.tls_max and args.tls_min > args.tls_max:
-        raise UsageError("--tls-min %s is above --tls-max %s" % (args.tls_min, args.tls_max))
+        raise UsageError("--tls-min %s is above --tls-max %s" % (args.tls_min, args.tls_max),
+                         options=("--tls-min", "--tls-max"))
     return dict(tls_min=args.tls_min, tls_max=args.tls_max)
 
 
@@ -6322,12 +6377,14 @@ def _report_settings(args):
     modes = [mode for mode, given in (("text", args.text), ("json", args.json),
                                       ("check", check)) if given]
     if len(modes) > 1:
-        raise UsageError("--%s and --%s exclude each other" % tuple(modes[:2]))
+        raise UsageError("--%s and --%s exclude each other" % tuple(modes[:2]),
+                         options=tuple("--" + mode for mode in modes[:2]))
     report = modes[0] if modes else None
     writes = any(getattr(args, name) for name in OUTPUT_OPTIONS)
     if report and (writes or args.key_path or args.verified_chain):
         raise UsageError("--%s only reports; it cannot go with output files, --key-path or "
-                         "--verified-chain" % report)
+                         "--verified-chain" % report,
+                         options=("--" + report, "--key-path", "--verified-chain"))
     warn = _threshold(args.warn, args.warn_days, "--warn", WARN_SHARE)
     crit = _threshold(args.crit, args.crit_days, "--crit", CRIT_SHARE)
     expected = None                 # --expect-file: its issuing path (root aside)
@@ -6335,7 +6392,8 @@ def _report_settings(args):
         ders = pem_to_ders(read_small_file(args.expect_file, "--expect-file")
                            .decode("ascii", "replace"))
         if not ders:
-            raise UsageError("--expect-file %s: no PEM certificate in it" % args.expect_file)
+            raise UsageError("--expect-file %s: no PEM certificate in it" % args.expect_file,
+                             options=("--expect-file",))
         expected = clean_path(parse_chain(ders[:MAX_CHAIN], args.expect_file))[0]
     return dict(report=report, same=args.same, expect_file=args.expect_file,
                 expected=expected, warn=warn, crit=crit, writes=writes,
@@ -6346,11 +6404,13 @@ def _threshold(text, days, flag, default_share):
     """--warn/--crit (or their --*-days form) as (amount, is_share): "36h", "2d",
     "90m", "600s" -> (seconds, False); "25%" -> (0.25, True); absent: the default."""
     if text is not None and days is not None:
-        raise UsageError("%s and %s-days exclude each other" % (flag, flag))
+        raise UsageError("%s and %s-days exclude each other" % (flag, flag),
+                         options=(flag, flag + "-days"))
     if days is not None:
         number = _number(days, None, float)
         if number is None or not 0 <= number < float("inf"):
-            raise UsageError("%s-days %s: give a number of days, such as 14" % (flag, days))
+            raise UsageError("%s-days %s: give a number of days, such as 14" % (flag, days),
+                             options=(flag + "-days",))
         return number * DAY, False
     if text is None:
         return default_share, True
@@ -6359,7 +6419,7 @@ def _threshold(text, days, flag, default_share):
     number = _number(text[:-1], None, float) if scale else None
     if number is None or not 0 <= number < float("inf") or unit == "%" and number > 100:
         raise UsageError("%s %s: give a duration such as 36h, 2d or 90m, or a share of the "
-                         "certificate's lifetime such as 25%%" % (flag, text))
+                         "certificate's lifetime such as 25%%" % (flag, text), options=(flag,))
     return number * scale, unit == "%"
 
 
@@ -6368,7 +6428,8 @@ def _duration(text, flag):
     scale = DURATION_UNITS.get(text[-1:].lower())
     number = _number(text[:-1], None, float) if scale else None
     if number is None or not 0 <= number < float("inf"):
-        raise UsageError("%s %s: give a duration such as 90m, 36h or 2d" % (flag, text))
+        raise UsageError("%s %s: give a duration such as 90m, 36h or 2d" % (flag, text),
+                         options=(flag,))
     return number * scale
 
 
@@ -6379,37 +6440,41 @@ def _rollout_settings(args, default_port):
     writes = any(getattr(args, name) for name in OUTPUT_OPTIONS)
     for flag in ("--min-age", "--confirm"):
         if _given(args, flag) and not writes:
-            raise UsageError("%s needs an output file (--out-dir or a --*-path)" % flag)
+            raise UsageError("%s needs an output file (--out-dir or a --*-path)" % flag,
+                             options=(flag,))
     if args.confirm and not args.deploy_hook:
         raise UsageError("--confirm needs --deploy-hook (the command that reloads the service "
-                         "--confirm dials)")
+                         "--confirm dials)", options=("--confirm",))
     if args.confirm_timeout is not None and not args.confirm:
-        raise UsageError("--confirm-timeout needs --confirm")
+        raise UsageError("--confirm-timeout needs --confirm", options=("--confirm-timeout",))
     timeout = _number(args.confirm_timeout, CONFIRM_TIMEOUT, float)
     if timeout is None or not 0 < timeout < DAY:
-        raise UsageError("--confirm-timeout must be a number of seconds above 0")
+        raise UsageError("--confirm-timeout must be a number of seconds above 0",
+                         options=("--confirm-timeout",))
     confirm = tuple((text,) + parse_source(text, default_port) for text in args.confirm or ())
     min_age = None if args.min_age is None else _duration(args.min_age, "--min-age")
     return dict(all_addresses=args.all_addresses, min_age=min_age, confirm=confirm,
                 confirm_timeout=timeout)
 
 
-def _install_settings(args, report, reporter):
+def _install_settings(args, reporter):
     """Files, key, hook: the options of runs that write files or check a key."""
     writes = any(getattr(args, name) for name in OUTPUT_OPTIONS)
     for flag in ("--deploy-hook", "--owner", "--group", "--mode", "--force", "--dry-run"):
         if _given(args, flag) and not writes:
-            raise UsageError("%s needs an output file (--out-dir or a --*-path)" % flag)
+            raise UsageError("%s needs an output file (--out-dir or a --*-path)" % flag,
+                             options=(flag,))
     keys = _key_settings(args, writes, reporter)
     hook_timeout = _number(args.hook_timeout, HOOK_TIMEOUT, float)
     mode = _number(args.mode, None, lambda text: int(text, 8))
     if hook_timeout is None or args.mode is not None and mode is None:
-        raise UsageError("--hook-timeout takes seconds and --mode an octal number like 0644")
+        raise UsageError("--hook-timeout takes seconds and --mode an octal number like 0644",
+                         options=("--hook-timeout", "--mode"))
     if not hook_timeout > 0:
-        raise UsageError("--hook-timeout must be above 0")
+        raise UsageError("--hook-timeout must be above 0", options=("--hook-timeout",))
     if mode is not None and mode & ~0o644:
         raise UsageError("--mode allows at most 0644: certificate files are never "
-                         "executable or writable by others")
+                         "executable or writable by others", options=("--mode",))
     return dict(out_dir=args.out_dir, cert_path=args.cert_path, chain_path=args.chain_path,
                 fullchain_path=args.fullchain_path, combined_path=args.combined_path,
                 key_paths=tuple(args.key_path or ()), keys=keys, privkey=args.privkey,
@@ -6423,13 +6488,15 @@ def _key_settings(args, writes, reporter):
     key's companions checked. Returns the keys, a tuple in the order given."""
     for flag in ("--combined-path", "--key-password-file", "--privkey"):
         if _given(args, flag) and not args.key_path:
-            raise UsageError("%s needs --key-path" % flag)
+            raise UsageError("%s needs --key-path" % flag, options=(flag,))
     if args.privkey and not args.out_dir:
-        raise UsageError("--privkey writes privkey.pem in --out-dir; give --out-dir")
+        raise UsageError("--privkey writes privkey.pem in --out-dir; give --out-dir",
+                         options=("--privkey",))
     if len(args.key_path or ()) > 1 and writes and not (args.privkey or args.combined_path):
         raise UsageError("several --key-path need --privkey (or --combined-path) to install",
                          hint="the service must get the key that matches the new "
-                              "certificate, in the same set: README, key rollover")
+                              "certificate, in the same set: README, key rollover",
+                         options=("--key-path",))
     keys = tuple(read_private_key(path, args.key_password_file)
                  for path in args.key_path or ())
     for flag in ("--combined-path", "--privkey"):
@@ -6450,7 +6517,8 @@ def lookup_id(name, flag):
         import grp
         return grp.getgrnam(name).gr_gid
     except (KeyError, ImportError):
-        raise UsageError("%s %s: no such %s on this host" % (flag, name, what))
+        raise UsageError("%s %s: no such %s on this host" % (flag, name, what),
+                         options=(flag,))
 
 
 def make_reader(settings):
@@ -6580,7 +6648,7 @@ def section_settings(parser, config, name, path, overrides, syslog):
         settings = validate_settings(args, sources, reporter)
         reader = make_reader(settings)          # --cafile, --capath: read before any run
     except (UsageError, InputError, RefusedError) as exc:  # InputError: cannot read a file
-        keys = [key for key in config.options(name) if "--" + key in str(exc)]
+        keys = [key for key in config.options(name) if "--" + key in exc.options]
         raise type(exc)("%s%s: %s" % (where, ", key " + keys[0] if keys else "", exc),
                         exc.hint)
     return Section(name, settings, reader, reporter)
@@ -6762,7 +6830,8 @@ def run_one(settings, reader, reporter, sharers=1):
         code, outcome = deliver(results, settings, reader, reporter)  # 2. to 4. below
     except Exception as exc:            # certgrab's own error, or a bug: the run's error
         error = as_error(exc, None, reporter)
-        record_run(settings, results, clock, install_outcome(error, settings),
+        record_run(settings, results, clock, install_outcome(error, settings.plan,
+                                                             settings.dry_run),
                    error.exit_code, reporter)
         raise error
     return record_run(settings, results, clock, outcome, code, reporter)  # 5. metrics
@@ -6790,7 +6859,7 @@ def deliver(results, settings, reader, reporter):
         confirmed = "; confirmed" if outcome == "confirmed" else ""
         reporter.outcome("installed sha256:%s from %s%s" % (best.leaf.sha256, best.target,
                                                            confirmed)
-                         if outcome != "unchanged" else outcome)
+                         if outcome != "unchanged" else outcome, outcome != "unchanged")
     return 0, outcome
 
 
