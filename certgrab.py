@@ -276,7 +276,9 @@ ASSUMED_FILE_LIMIT = 1024  # open files allowed when the system cannot say (a co
 NO_FILE_WAIT = 0.05     # seconds between tries for a socket while no descriptor is free
 PROGRESS_FROM = 8       # sources; from this many on, a terminal sees progress
 PROGRESS_EVERY = 0.1    # seconds between updates of the progress line
-MINUTE, HOUR, DAY = 60, 3600, 86400  # seconds
+MINUTE = 60             # seconds
+HOUR = 60 * MINUTE      # seconds
+DAY = 24 * HOUR         # seconds
 WARN_SHARE = 0.2        # --check default: WARNING under a fifth of a certificate's lifetime
 CRIT_SHARE = 0.1        # left, CRITICAL under a tenth. ACME clients renew at a third left
                         # (half under 10 days: certbot 4): a fifth left is a renewal overdue
@@ -285,8 +287,13 @@ CRIT_SHARE = 0.1        # left, CRITICAL under a tenth. ACME clients renew at a 
 DURATION_UNITS = {"s": 1, "m": MINUTE, "h": HOUR, "d": DAY}  # --warn/--crit 90m, 36h, 2d
 HOURS_BELOW = 7 * DAY   # seconds; spans shorter than a week are told in days and hours
 MAX_NAMES_SHOWN = 3     # SANs that name a certificate with an empty subject in a message
-METRICS_TEMP_STALE = 3600  # seconds; an older temp beside --prometheus FILE is a killed run's
+METRICS_TEMP_STALE = HOUR  # seconds; an older temp beside --prometheus FILE is a killed run's
 NEW_FILE_MODE = 0o644   # certificates are public; never group- or world-writable
+CERT_MODE_MOST = 0o644  # what a certificate file may allow at most: never executable, set-id
+                        # or writable by others (--mode, and an existing file's mode)
+KEY_MODE_MOST = 0o640   # what a file with the private key may allow at most: its group's read
+PRIVATE_MODE = 0o600    # a file only its owner reads: a new file with the key, the lock,
+                        # the files certgrab keeps, every temporary file
 DIR_MODE = 0o755        # for a missing output directory
 UMASK = 0o022           # set by main: what certgrab creates is never group- or world-writable
 TEMP_MARK = ".certgrab-tmp-"  # in the names of temporary files beside the outputs
@@ -294,6 +301,7 @@ LOCK_FILE = ".certgrab.lock"  # in each output directory, mode 0600: only this u
 LINK_HOPS = 40          # symbolic links followed while resolving one path, as Linux allows
 PROC_LOCKS_LIMIT = 1 << 20  # bytes of /proc/locks read to name a lock's holder
 CMDLINE_SHOWN = 120     # characters of the lock holder's command line in a message
+CMDLINE_READ = 4 * CMDLINE_SHOWN  # bytes of it read: UTF-8 takes at most 4 a character
 HOOK_TIMEOUT = 300.0    # seconds a --deploy-hook may run before it is killed
 HOOK_PENDING_MTIME = 1  # mtime (1970-01-01T00:00:01Z) of files whose hook has not yet run
 CONFIRM_TIMEOUT = 30.0  # seconds --confirm waits for the service to serve the new leaf: a
@@ -307,9 +315,13 @@ LOCK_POLL = 0.05        # seconds between tries for a lock another run holds
 LOCK_SLACK = 30.0       # seconds, beyond that run's own timeouts, before giving up on it
 MAX_LINE = 8192         # bytes; a STARTTLS reply line longer than this is hostile
 MAX_PLAINTEXT = 65536   # bytes a server may send before TLS starts
+PLAINTEXT_READ = 4096   # bytes asked of the socket at once before TLS starts
 MAX_REPLY_LINES = 200   # lines in one STARTTLS reply (capability lists are a few dozen)
 MAX_BUG_TEXT = 200      # characters of an unexpected exception's text in its error line
 MAX_QUOTED_REPLY = 300  # characters of a STARTTLS reply quoted in an error line
+MAX_PORT = 65535        # the highest TCP port
+MAX_DNS_NAME = 253      # characters of a DNS name (RFC 1035)
+MAX_DNS_LABEL = 63      # characters of one label of it
 HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._*")
 LABEL_CHARS = HOST_CHARS - frozenset(".*")   # in one label of a DNS name
 
@@ -1024,7 +1036,7 @@ def _time(data, item):
             or hour > 23 or minute > 59 or second > 59:
         raise ParseError("malformed certificate: impossible validity time %s"
                          % text.decode("ascii"))
-    return (_days_from_civil(year, month, day) * 86400 + hour * 3600 + minute * 60 + second)
+    return _days_from_civil(year, month, day) * DAY + hour * HOUR + minute * MINUTE + second
 
 
 def _ec_curve(data, parameters):
@@ -1299,10 +1311,10 @@ def read_private_key(path, password_path):
     """Read --key-path (and --key-password-file); never prompts for a password. Core
     dumps are off from here on: the key is in memory."""
     disable_core_dumps()
-    pem = read_small_file(path, "--key-path")
+    pem = read_input(path, "--key-path")
     password = None
     if password_path:
-        password = read_small_file(password_path, "--key-password-file").splitlines()[:1]
+        password = read_input(password_path, "--key-password-file").splitlines()[:1]
         password = password[0] if password else b""
     key = PrivateKey(path, pem, password)
     lines = pem.decode("ascii", "replace").splitlines()
@@ -1332,16 +1344,16 @@ def read_private_key(path, password_path):
     return key
 
 
-def read_small_file(path, what):
-    """A local file of at most MAX_FILE bytes, for option what."""
+def read_input(path, option):
+    """The file named by option (--key-path, --config...), of at most MAX_FILE bytes."""
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_FILE + 1)
+        data = read_file(path, MAX_FILE)
     except OSError as exc:
-        raise InputError("cannot read %s %s: %s" % (what, path, exc.strerror or exc),
-                         options=(what,))
+        raise InputError("cannot read %s %s: %s" % (option, path, exc.strerror or exc),
+                         options=(option,))
     if len(data) > MAX_FILE:
-        raise UsageError("%s %s: larger than %d bytes" % (what, path, MAX_FILE), options=(what,))
+        raise UsageError("%s %s: larger than %d bytes" % (option, path, MAX_FILE),
+                         options=(option,))
     return data
 
 
@@ -1451,7 +1463,7 @@ def is_ip(host):
 
 
 def parse_port(text, what, options=()):
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_PORT:
         raise UsageError("%s: port must be a number from 1 to 65535, not %r" % (what, text),
                          options=options)
     return int(text)
@@ -1499,8 +1511,8 @@ def ascii_host(name):
 
 def check_dns_name(name, what, options=()):
     ascii_name = ascii_host(name)
-    if not ascii_name or len(ascii_name) > 253 or not set(ascii_name) <= HOST_CHARS - {"*"} \
-            or any(not label or len(label) > 63 or label[0] == "-" or label[-1] == "-"
+    if not ascii_name or len(ascii_name) > MAX_DNS_NAME \
+            or not set(ascii_name) <= HOST_CHARS - {"*"} or any(not label or len(label) > MAX_DNS_LABEL or label[0] == "-" or label[-1] == "-"
                    for label in ascii_name.split(".")):
         raise UsageError("%s: not a host name or IP address" % what, options=options)
 
@@ -1624,8 +1636,7 @@ def read_local_chain(result):
     larger one says so in the warnings."""
     path = result.target.file
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_LOCAL_FILE + 1)
+        data = read_file(path, MAX_LOCAL_FILE)
     except OSError as exc:
         raise FetchError("cannot read %s: %s" % (path, exc.strerror or exc))
     if len(data) > MAX_LOCAL_FILE:
@@ -1650,10 +1661,14 @@ def read_local_chain(result):
 # ---------------------------------------------------------------------------
 
 MYSQL_CLIENT_SSL = 0x0800
+MYSQL_MAX_PACKET = 1 << 24  # bytes: the largest packet the client says it accepts
+MYSQL_UTF8 = 0x21       # the client's character set: utf8_general_ci
+MYSQL_FILLER = 23       # zero bytes that end the SSLRequest (HandshakeResponse41's reserve)
 MYSQL_CLIENT_FLAGS = 0x0800 | 0x0200 | 0x8000 | 0x0001   # SSL, PROTOCOL_41, SECURE, LONG_PW
 POSTGRES_SSL_REQUEST = (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big")
 LDAP_STARTTLS = bytes.fromhex("301d02010177188016") + b"1.3.6.1.4.1.1466.20037"
 LDAP_CODE_BYTES = 4     # bytes of an LDAP resultCode, an ENUMERATED (RFC 4511's are small)
+LDAP_EXTENDED_RESPONSE = 0x78   # [APPLICATION 24], the answer to the StartTLS request
 XMPP_STREAM = ("<?xml version='1.0'?><stream:stream xmlns='jabber:%s' "
                "xmlns:stream='http://etherx.jabber.org/streams' to='%s' version='1.0'>")
 
@@ -1682,10 +1697,11 @@ class Plaintext(object):
             message += " (reply: %s)" % printable(reply[:MAX_QUOTED_REPLY])
         return FetchError("%s: %s: %s" % (self.target, self.protocol, message))
 
-    def refuse(self, reply):
+    def not_offered(self, reply):
         return self.fail("the server does not offer STARTTLS", reply)
 
-    def refused(self, reply):
+    def declined(self, reply):
+        """The server offered STARTTLS but answered the command with an error."""
         return self.fail("the server refused to start TLS", reply)
 
     def send(self, data):
@@ -1701,7 +1717,7 @@ class Plaintext(object):
         try:
             self.sock.settimeout(remaining(self.deadline, self.target,
                                            "waiting for the %s server" % self.protocol))
-            chunk = self.sock.recv(4096)
+            chunk = self.sock.recv(PLAINTEXT_READ)
         except socket.timeout:
             raise timed_out(self.target, "waiting for the %s server" % self.protocol)
         except OSError as exc:
@@ -1722,6 +1738,17 @@ class Plaintext(object):
             self._fill()
         line, self.buffer = self.buffer.split(b"\n", 1)
         return line.rstrip(b"\r").decode("utf-8", "replace")
+
+    def reply(self, last):
+        """The lines of one reply, up to the first for which last(line) is true, at most
+        MAX_REPLY_LINES: every line-based dialogue reads its replies here, as smtplib's
+        getreply serves every command."""
+        lines = []
+        while len(lines) < MAX_REPLY_LINES:
+            lines.append(self.line())
+            if last(lines[-1]):
+                return lines
+        raise self.fail("a reply of more than %d lines" % MAX_REPLY_LINES)
 
     def exactly(self, count):
         while len(self.buffer) < count:
@@ -1759,28 +1786,22 @@ def as_text(data):
     return data.decode("latin-1")
 
 
+def _last_coded_line(line):
+    """True for the last line of an SMTP, LMTP or FTP reply: "250 text", not "250-text"."""
+    return len(line) >= 3 and line[:3].isdigit() and line[3:4] in ("", " ")
+
+
 def coded_reply(talk, expected, what):
     """A reply of SMTP, LMTP or FTP: all its lines; the code must be one of expected."""
-    lines = []
-    while len(lines) < MAX_REPLY_LINES:
-        lines.append(talk.line())
-        last = lines[-1]
-        if len(last) >= 3 and last[:3].isdigit() and last[3:4] in ("", " "):
-            if int(last[:3]) not in expected:
-                raise what(lines)
-            return lines
-    raise talk.fail("a reply of more than %d lines" % MAX_REPLY_LINES)
+    lines = talk.reply(_last_coded_line)
+    if int(lines[-1][:3]) not in expected:
+        raise what(lines)
+    return lines
 
 
 def dot_list(talk):
-    """The lines of a POP3 or NNTP multi-line reply up to its "." line."""
-    lines = []
-    while len(lines) < MAX_REPLY_LINES:
-        line = talk.line()
-        if line == ".":
-            return lines
-        lines.append(line)
-    raise talk.fail("a list of more than %d lines" % MAX_REPLY_LINES)
+    """The lines of a POP3 or NNTP multi-line reply before its "." line."""
+    return talk.reply(lambda line: line == ".")[:-1]
 
 
 def ehlo_name(talk):
@@ -1803,9 +1824,9 @@ def starttls_smtp(talk, hello=b"EHLO"):
     talk.send(hello + b" " + ascii_host(ehlo_name(talk)).encode("ascii") + b"\r\n")
     lines = coded_reply(talk, (250,), lambda r: talk.fail("%s refused" % hello.decode(), r))
     if not any(line[4:].strip().upper() == "STARTTLS" for line in lines):
-        raise talk.refuse(lines)
+        raise talk.not_offered(lines)
     talk.send(b"STARTTLS\r\n")
-    coded_reply(talk, (220,), talk.refused)
+    coded_reply(talk, (220,), talk.declined)
 
 
 def starttls_lmtp(talk):
@@ -1816,7 +1837,7 @@ def starttls_ftp(talk):
     while coded_reply(talk, (120, 220), _greeting_failed(talk))[-1][:3] == "120":
         pass                            # "ready in a minute" comes before the 220 (RFC 959)
     talk.send(b"AUTH TLS\r\n")
-    coded_reply(talk, (234,), talk.refused)
+    coded_reply(talk, (234,), talk.declined)
 
 
 def starttls_pop3(talk):
@@ -1828,21 +1849,17 @@ def starttls_pop3(talk):
     capabilities = dot_list(talk) if answer.startswith("+OK") else []
     if answer.startswith("+OK") and "STLS" not in [c.split()[0].upper() for c in capabilities
                                                    if c.split()]:
-        raise talk.refuse([answer] + capabilities)
+        raise talk.not_offered([answer] + capabilities)
     talk.send(b"STLS\r\n")
     answer = talk.line()
     if not answer.startswith("+OK"):
-        raise talk.refused(answer)
+        raise talk.declined(answer)
 
 
 def _imap_command(talk, tag, command):
+    """Send an IMAP command: the lines of its reply, up to the one that bears its tag."""
     talk.send(tag + b" " + command + b"\r\n")
-    lines = []
-    while len(lines) < MAX_REPLY_LINES:
-        lines.append(talk.line())
-        if lines[-1].startswith(tag.decode() + " "):
-            return lines
-    raise talk.fail("a reply of more than %d lines" % MAX_REPLY_LINES)
+    return talk.reply(lambda line: line.startswith(tag.decode() + " "))
 
 
 def starttls_imap(talk):
@@ -1851,25 +1868,21 @@ def starttls_imap(talk):
         raise talk.fail("unexpected greeting", greeting)
     lines = _imap_command(talk, b"c1", b"CAPABILITY")
     if "STARTTLS" not in " ".join(lines[:-1]).upper().split():
-        raise talk.refuse(lines)
+        raise talk.not_offered(lines)
     lines = _imap_command(talk, b"c2", b"STARTTLS")
     if not lines[-1].upper().startswith("C2 OK"):
-        raise talk.refused(lines)
+        raise talk.declined(lines)
 
 
 def starttls_sieve(talk):
-    lines = []
-    while not lines or not lines[-1].upper().startswith(("OK", "NO", "BYE")):
-        if len(lines) >= MAX_REPLY_LINES:
-            raise talk.fail("a greeting of more than %d lines" % MAX_REPLY_LINES)
-        lines.append(talk.line())
+    lines = talk.reply(lambda line: line.upper().startswith(("OK", "NO", "BYE")))
     if not lines[-1].upper().startswith("OK") or '"STARTTLS"' not in [
             line.strip().upper() for line in lines]:
-        raise talk.refuse(lines)
+        raise talk.not_offered(lines)
     talk.send(b"STARTTLS\r\n")
     answer = talk.line()
     if not answer.upper().startswith("OK"):
-        raise talk.refused(answer)
+        raise talk.declined(answer)
 
 
 def starttls_nntp(talk):
@@ -1880,11 +1893,11 @@ def starttls_nntp(talk):
     answer = talk.line()
     capabilities = dot_list(talk) if answer[:3] == "101" else []
     if "STARTTLS" not in [c.strip().upper() for c in capabilities]:
-        raise talk.refuse([answer] + capabilities)
+        raise talk.not_offered([answer] + capabilities)
     talk.send(b"STARTTLS\r\n")
     answer = talk.line()
     if answer[:3] != "382":
-        raise talk.refused(answer)
+        raise talk.declined(answer)
 
 
 def starttls_xmpp(talk, kind="client"):
@@ -1894,11 +1907,11 @@ def starttls_xmpp(talk, kind="client"):
                           b"</stream:stream>")
     if b"urn:ietf:params:xml:ns:xmpp-tls" not in features or b"<starttls" not in features:
         start = max(features.find(b"<stream:features"), features.find(b"<stream:error"), 0)
-        raise talk.refuse(features[start:].decode("utf-8", "replace"))    # the useful part
+        raise talk.not_offered(features[start:].decode("utf-8", "replace"))  # the useful part
     talk.send(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
     answer = talk.until(b"<proceed", b"<failure", b"</stream:stream>")
     if not answer.endswith(b"<proceed"):
-        raise talk.refused(answer.decode("utf-8", "replace"))
+        raise talk.declined(answer.decode("utf-8", "replace"))
     talk.until(b">")
 
 
@@ -1906,30 +1919,42 @@ def starttls_xmpp_server(talk):
     starttls_xmpp(talk, kind="server")
 
 
+def _irc_words(line):
+    """An IRC line's command (upper case) and its parameters, without the prefix."""
+    words = line.split()[1:] if line.startswith(":") else line.split()
+    return (words[0].upper() if words else ""), words[1:]
+
+
+def _irc_answer(command):
+    """True for a command that answers STARTTLS: 670 (go on), 691 (no), an ERROR, or any
+    error numeric (4xx, 5xx)."""
+    return command in ("670", "691", "ERROR") or command.isdigit() and \
+        command.startswith(("4", "5"))
+
+
 def starttls_irc(talk):
-    talk.send(b"STARTTLS\r\n")
-    for _ in range(MAX_REPLY_LINES):
-        line = talk.line()
-        words = line.split()[1:] if line.startswith(":") else line.split()
-        command = words[0].upper() if words else ""
-        if command == "670":
-            return
+    def answered(line):     # the server waits for a PONG to a PING on the way
+        command, parameters = _irc_words(line)
         if command == "PING":
-            talk.send(b"PONG " + " ".join(words[1:]).encode("utf-8") + b"\r\n")
-        elif command == "691":
-            raise talk.refused(line)
-        elif command == "ERROR" or command.isdigit() and command.startswith(("4", "5")):
-            raise talk.refuse(line)
-    raise talk.fail("no answer to STARTTLS in %d lines" % MAX_REPLY_LINES)
+            talk.send(b"PONG " + " ".join(parameters).encode("utf-8") + b"\r\n")
+        return _irc_answer(command)
+
+    talk.send(b"STARTTLS\r\n")
+    line = talk.reply(answered)[-1]
+    command = _irc_words(line)[0]
+    if command == "691":
+        raise talk.declined(line)
+    if command != "670":
+        raise talk.not_offered(line)
 
 
 def starttls_postgres(talk):
     talk.send(POSTGRES_SSL_REQUEST)
     answer = talk.exactly(1)
     if answer == b"N":
-        raise talk.refuse("N: TLS is off")
+        raise talk.not_offered("N: TLS is off")
     if answer == b"E":                  # an ErrorResponse: a server too old for SSLRequest
-        answer += talk.buffer[:200]
+        answer += talk.buffer[:MAX_QUOTED_REPLY]
     if answer != b"S":
         raise talk.fail("not a PostgreSQL answer to SSLRequest", as_text(answer))
 
@@ -1945,9 +1970,9 @@ def starttls_mysql(talk):
         raise talk.fail("not a MySQL handshake", as_text(payload[:40]))
     capabilities = int.from_bytes(payload[end + 14:end + 16], "little")
     if not capabilities & MYSQL_CLIENT_SSL:
-        raise talk.refuse("server %s without CLIENT_SSL" % payload[1:end].decode("latin-1"))
-    request = MYSQL_CLIENT_FLAGS.to_bytes(4, "little") + (1 << 24).to_bytes(4, "little") \
-        + b"\x21" + bytes(23)
+        raise talk.not_offered("server %s without CLIENT_SSL" % payload[1:end].decode("latin-1"))
+    request = MYSQL_CLIENT_FLAGS.to_bytes(4, "little") + MYSQL_MAX_PACKET.to_bytes(4, "little") \
+        + bytes([MYSQL_UTF8]) + bytes(MYSQL_FILLER)
     talk.send(len(request).to_bytes(3, "little") + bytes([(header[3] + 1) % 256]) + request)
 
 
@@ -1966,7 +1991,7 @@ def starttls_ldap(talk):
     message = head + talk.exactly(size)
     try:
         fields = _children(message, _tlv(message, 0, len(message)), DER_SEQUENCE, 2)
-        result = _children(message, fields[1], 0x78, 3)
+        result = _children(message, fields[1], LDAP_EXTENDED_RESPONSE, 3)
         if result[0][2] - result[0][1] > LDAP_CODE_BYTES:
             raise ParseError("resultCode too long")
         code = int.from_bytes(message[result[0][1]:result[0][2]], "big")
@@ -1974,7 +1999,7 @@ def starttls_ldap(talk):
     except ParseError:
         raise talk.fail("malformed LDAP response", as_text(message[:60]))
     if code != 0:
-        raise talk.refused("resultCode %d %s" % (code, text))
+        raise talk.declined("resultCode %d %s" % (code, text))
 
 
 def starttls_postgres_direct(talk):
@@ -2997,6 +3022,8 @@ MAX_REDIRECTS = 3       # redirects followed by one GET, each bounded alike; CAs
                         # CRLs and ARI without any, a CDN in front may add one
 HTTP_READ = 65536       # bytes asked of the socket at once
 HTTP_REDIRECTS = (301, 302, 303, 307, 308)
+HTTP_PORTS = {"http": 80, "https": 443}     # for a URL without a port
+PEM_LINE = 64           # characters of base64 per line of PEM (RFC 7468)
 CRL_KEEP = DAY          # seconds a --cache-dir CRL is used at most, even when its nextUpdate
                         # is later: a CA must publish a new CRL within 24 hours of a
                         # revocation, but may date nextUpdate 10 days ahead (CA/B Forum
@@ -3093,11 +3120,11 @@ def split_url(url, scheme):
             check_dns_name(host, "host")
         except UsageError:
             raise bad("a bad host name")
-    if port and not (_ascii_digits(port, 5) and 1 <= int(port) <= 65535):
+    if port and not (_ascii_digits(port, len(str(MAX_PORT))) and 1 <= int(port) <= MAX_PORT):
         raise bad("a bad port")
     if not path.startswith("/"):
         path = "/" + path
-    return host, int(port) if port else (443 if scheme == "https" else 80), path
+    return host, int(port) if port else HTTP_PORTS[scheme], path
 
 
 class HttpReader(object):
@@ -3248,7 +3275,7 @@ def _http_exchange(url, scheme, limit, deadline, family, context):
         if context is not None:
             conn = _https_handshake(conn, target, context, deadline)
         authority = "[%s]" % host if ":" in host else host
-        if port != (443 if scheme == "https" else 80):
+        if port != HTTP_PORTS[scheme]:
             authority += ":%d" % port
         request = ("GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: certgrab/%s\r\nAccept: */*\r\n"
                    "Accept-Encoding: identity\r\nConnection: close\r\n\r\n"
@@ -3627,7 +3654,7 @@ def crl_context(crl, settings):
     ctx.check_hostname = False
     text = binascii.b2a_base64(crl.der, newline=False)
     pem = b"-----BEGIN X509 CRL-----\n%s\n-----END X509 CRL-----\n" % b"\n".join(
-        text[start:start + 64] for start in range(0, len(text), 64))
+        text[start:start + PEM_LINE] for start in range(0, len(text), PEM_LINE))
     try:
         temp = write_temp_file(os.environ.get("TMPDIR") or "/tmp", "crl.pem", pem)
     except OSError as exc:
@@ -3665,10 +3692,10 @@ def cache_path(cache_dir, kind, url):
 def read_cache(path, limit, now):
     """What a --cache-dir file keeps (write_cache) while it is fresh: None when there is
     none, it has expired, or it is not a regular file of this user's that no one else
-    may write, of at most limit bytes (read_regular, kept). An expiry more than
+    may write, of at most limit bytes (read_file, kept). An expiry more than
     CACHE_KEEP_MOST ahead (a clock set back) counts as expired."""
     try:
-        data = read_regular(path, kept=True, limit=limit + CACHE_HEAD + 1)
+        data = read_file(path, limit + CACHE_HEAD, kept=True)
     except (OSError, RefusedError):     # not a file of ours: fetched again, and replaced
         return None
     head, _, body = (data or b"").partition(b"\n")
@@ -4460,7 +4487,7 @@ def resolve_output(path, kind, owner):
                            "that is root, the user certgrab runs as or --owner" % (
                                doing, it, user_name(entry.st_uid)),
                            hint="chown root %s, or remove it" % real)
-    if kind in KEY_KINDS and entry.st_mode & 0o007:
+    if kind in KEY_KINDS and entry.st_mode & stat.S_IRWXO:
         raise RefusedError("%s: %s holds the private key, and other users may read it (mode "
                            "%04o)" % (doing, it, stat.S_IMODE(entry.st_mode)),
                            hint="chmod 600 %s, and count the key as exposed" % real)
@@ -4527,12 +4554,21 @@ def render_outputs(plan, chain, key):
     return outputs
 
 
-def read_regular(path, kept=False, limit=MAX_FILE):
-    """Up to limit bytes of an existing output, None when there is none. It is opened
-    without following a link or waiting on a FIFO, and checked with fstat: OSError when
-    it is a link, not a regular file, or cannot be read. kept: a file certgrab keeps for
-    itself beside the outputs (read_kept) or in --cache-dir (read_cache), refused
-    (RefusedError) unless it is this user's and no one else may write it."""
+def read_file(path, limit, output=False, kept=False):
+    """The one bounded reader of local files: at most limit + 1 bytes of path, so that
+    the caller can tell a file larger than limit. OSError when it cannot be read.
+
+    Two rules, since the files are of two kinds. An input, named by the user who runs
+    certgrab (a key, --config, a SOURCE, /proc), is opened as named: through links
+    (certbot's live/ holds links), and a pipe (--key-password-file <(...)) is read
+    too. An output (output), or a file certgrab keeps beside the outputs or in
+    --cache-dir (kept), lies where certgrab writes: it is opened without following a
+    link or waiting on a FIFO and checked with fstat (OSError when it is a link or not
+    a regular file; None when it is missing), and a kept one is refused (RefusedError)
+    unless it is this user's and no one else may write it."""
+    if not (output or kept):
+        with open(path, "rb") as handle:
+            return handle.read(limit + 1)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -4541,17 +4577,19 @@ def read_regular(path, kept=False, limit=MAX_FILE):
         found = os.fstat(fd)
         if not stat.S_ISREG(found.st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
-        if kept and (found.st_uid != os.geteuid() or found.st_mode & 0o022):
+        writable = found.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if kept and (found.st_uid != os.geteuid() or writable):
             raise RefusedError("%s is not a file certgrab wrote: it %s" % (
                 path, "belongs to %s" % user_name(found.st_uid) if found.st_uid != os.geteuid()
                 else "is writable by group or others (mode %04o)" % stat.S_IMODE(found.st_mode)))
-        return handle.read(limit)
+        return handle.read(limit + 1)
 
 
 def read_existing(path):
-    """An output's bytes; None when it is missing or unreadable (it is then rewritten)."""
+    """An output's bytes (read_file); None when it is missing or unreadable (it is then
+    rewritten)."""
     try:
-        return read_regular(path)
+        return read_file(path, MAX_FILE, output=True)
     except OSError:
         return None
 
@@ -4583,7 +4621,7 @@ def read_leaf(path):
     Raises OSError when the file cannot be read and ParseError when it is not
     whole PEM certificates (garbage, cut short, bad base64, bad DER, empty).
     """
-    data = read_regular(path)
+    data = read_file(path, MAX_FILE, output=True)
     if data is None:
         return None
     ders = pem_to_ders(data.decode("ascii", "replace"))
@@ -4651,15 +4689,15 @@ def open_lock_file(directory):
     directory can flock the directory itself). It stays: removing a lock file others
     may be waiting on would let two runs in at once."""
     path = os.path.join(directory, LOCK_FILE)
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, PRIVATE_MODE)
     found = os.fstat(fd)
     if not stat.S_ISREG(found.st_mode) or found.st_uid != os.geteuid():
         os.close(fd)
         raise RefusedError("refusing the lock file %s: it is %s" % (path, "not a regular file"
                            if not stat.S_ISREG(found.st_mode) else "owned by " +
                            user_name(found.st_uid)), hint="remove it")
-    if found.st_mode & 0o077:
-        os.fchmod(fd, 0o600)
+    if found.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        os.fchmod(fd, PRIVATE_MODE)
     return fd
 
 
@@ -4669,8 +4707,7 @@ def lock_holder(fd):
     found = os.fstat(fd)
     wanted = "%02x:%02x:%d" % (os.major(found.st_dev), os.minor(found.st_dev), found.st_ino)
     try:
-        with open("/proc/locks", "rb") as locks:
-            lines = locks.read(PROC_LOCKS_LIMIT).decode("ascii", "replace").splitlines()
+        lines = read_file("/proc/locks", PROC_LOCKS_LIMIT).decode("ascii", "replace").splitlines()
     except OSError:
         return ""
     for fields in (line.split() for line in lines):    # ID: FLOCK ADVISORY WRITE PID DEV:INODE
@@ -4683,8 +4720,7 @@ def lock_holder(fd):
 def _command_line(pid):
     """" (the command line)" of process pid, shortened and terminal-safe; "" if unknown."""
     try:
-        with open("/proc/%s/cmdline" % pid, "rb") as cmdline:
-            words = cmdline.read(4 * CMDLINE_SHOWN).split(b"\0")   # UTF-8: 4 bytes a char
+        words = read_file("/proc/%s/cmdline" % pid, CMDLINE_READ).split(b"\0")
     except OSError:
         return ""
     text = printable(b" ".join(words).strip().decode("utf-8", "replace"))
@@ -4780,11 +4816,11 @@ def stage_file(path, data, holds_key, settings, mark_pending):
     except FileNotFoundError:
         old = None
     if old is not None:
-        mode = old.st_mode & 0o7777
+        mode = stat.S_IMODE(old.st_mode)
     else:
-        mode = 0o600 if holds_key else NEW_FILE_MODE if settings.mode is None else settings.mode
-    # A certificate is never executable, set-id or writable by others; the key never public.
-    mode &= 0o640 if holds_key else 0o644
+        mode = PRIVATE_MODE if holds_key else NEW_FILE_MODE if settings.mode is None \
+            else settings.mode
+    mode &= KEY_MODE_MOST if holds_key else CERT_MODE_MOST
     owner = (old.st_uid, old.st_gid) if old else (settings.uid, settings.gid)
     pending = mark_pending or old is not None and int(old.st_mtime) == HOOK_PENDING_MTIME
     return write_temp_file(os.path.dirname(os.path.abspath(path)), os.path.basename(path),
@@ -4792,7 +4828,8 @@ def stage_file(path, data, holds_key, settings, mark_pending):
                            HOOK_PENDING_MTIME if pending else None)
 
 
-def write_temp_file(directory, name, data, mode=0o600, owner=None, mtime=None, dir_fd=None):
+def write_temp_file(directory, name, data, mode=PRIVATE_MODE, owner=None, mtime=None,
+                    dir_fd=None):
     """A new file "." + name + TEMP_MARK + random in directory, written and fsynced;
     with dir_fd, in the directory open there (the name returned is then relative to it).
     Created exclusively: a link or file planted at its name is never used.
@@ -4802,7 +4839,7 @@ def write_temp_file(directory, name, data, mode=0o600, owner=None, mtime=None, d
     temp = "." + name + TEMP_MARK + binascii.hexlify(os.urandom(6)).decode("ascii")
     if dir_fd is None:
         temp = os.path.join(directory, temp)
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PRIVATE_MODE,
                  dir_fd=dir_fd)
     try:
         if owner is not None and owner != (-1, -1):
@@ -4913,7 +4950,8 @@ def hook_name(name):
     labels = name.split(".")
     if labels[0] == "*" and len(labels) > 1:
         labels = labels[1:]
-    return len(name) <= 253 and all(label and len(label) <= 63 and set(label) <= LABEL_CHARS
+    return len(name) <= MAX_DNS_NAME and all(label and len(label) <= MAX_DNS_LABEL
+                                             and set(label) <= LABEL_CHARS
                                     and "-" not in (label[0], label[-1]) for label in labels)
 
 
@@ -4921,6 +4959,7 @@ def run_deploy_hook(settings, plan, best, leaf=None):
     """--deploy-hook through /bin/sh in /, context only in the environment (certbot's
     names): no file certgrab's working directory holds can change what the hook runs.
     leaf: the leaf the files hold, when it is not best's (after a roll back)."""
+    import signal
     import subprocess
     leaf = leaf or best.leaf
     lineage = settings.out_dir or os.path.dirname(os.path.abspath(plan[0][0]))
@@ -4938,7 +4977,7 @@ def run_deploy_hook(settings, plan, best, leaf=None):
     try:
         status = hook.wait(timeout=settings.hook_timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(hook.pid, 9)
+        os.killpg(hook.pid, signal.SIGKILL)
         hook.wait()
         raise HookError("--deploy-hook was killed after --hook-timeout %g s; the next run "
                         "retries it" % settings.hook_timeout)
@@ -4952,7 +4991,7 @@ def run_deploy_hook(settings, plan, best, leaf=None):
 # leaf from then on) when the hook left the service completing no TLS handshake at all.
 # The files --confirm keeps beside the outputs are written as the outputs are (a temp
 # file, fsync, rename) in directories resolve_output checked, and read as they are
-# (read_regular), only when this user wrote them.
+# (read_file), only when this user wrote them.
 
 def held_until(leaf, installed, min_age, now):
     """--min-age: (until, why). until is the time before which leaf waits, or None
@@ -5000,11 +5039,11 @@ def hold_back(best, plan, min_age, reporter):
 
 def read_kept(path, hint):
     """A file certgrab keeps beside the outputs (PREVIOUS_MARK, ROLLED_BACK_MARK); None
-    when there is none. Read as outputs are (read_regular), and only when it is a
+    when there is none. Read as outputs are (read_file), and only when it is a
     regular file of this user's that no one else may write: anything else is refused.
     hint: what a failure leaves, for its message."""
     try:
-        return read_regular(path, kept=True)
+        return read_file(path, MAX_FILE, kept=True)
     except RefusedError as exc:
         raise RefusedError(str(exc), hint="remove it; %s" % hint)
     except OSError as exc:
@@ -5022,7 +5061,7 @@ def write_kept(path, name, data, hint, reporter):
     failure leaves, for its message."""
     temp = None
     try:
-        temp = write_temp_file(os.path.dirname(path), name, data, 0o600)
+        temp = write_temp_file(os.path.dirname(path), name, data, PRIVATE_MODE)
         os.replace(temp, path)
     except OSError as exc:
         if temp is not None:
@@ -6329,7 +6368,7 @@ def _given(args, flag):
 def _connecting_settings(args):
     """-4/-6, --timeout, --parallel, --starttls, --ehlo, --alpn."""
     timeout = _number(args.timeout, DEFAULT_TIMEOUT, float)
-    if timeout is None or not 0 < timeout < 86400:
+    if timeout is None or not 0 < timeout < DAY:
         raise UsageError("--timeout must be a number of seconds above 0", options=("--timeout",))
     parallel = _number(args.parallel, 0, int)       # 0: fetch_width chooses
     if parallel is None:
@@ -6389,7 +6428,7 @@ def _report_settings(args):
     crit = _threshold(args.crit, args.crit_days, "--crit", CRIT_SHARE)
     expected = None                 # --expect-file: its issuing path (root aside)
     if args.expect_file is not None:
-        ders = pem_to_ders(read_small_file(args.expect_file, "--expect-file")
+        ders = pem_to_ders(read_input(args.expect_file, "--expect-file")
                            .decode("ascii", "replace"))
         if not ders:
             raise UsageError("--expect-file %s: no PEM certificate in it" % args.expect_file,
@@ -6472,7 +6511,7 @@ def _install_settings(args, reporter):
                          options=("--hook-timeout", "--mode"))
     if not hook_timeout > 0:
         raise UsageError("--hook-timeout must be above 0", options=("--hook-timeout",))
-    if mode is not None and mode & ~0o644:
+    if mode is not None and mode & ~CERT_MODE_MOST:
         raise UsageError("--mode allows at most 0644: certificate files are never "
                          "executable or writable by others", options=("--mode",))
     return dict(out_dir=args.out_dir, cert_path=args.cert_path, chain_path=args.chain_path,
@@ -6624,7 +6663,7 @@ def read_config(path):
     import configparser
     config = configparser.ConfigParser(interpolation=None)
     try:
-        config.read_string(read_small_file(path, "--config").decode("utf-8"), path)
+        config.read_string(read_input(path, "--config").decode("utf-8"), path)
     except UnicodeDecodeError:
         raise UsageError("--config %s: not UTF-8 text" % path)
     except configparser.Error as exc:
