@@ -2139,7 +2139,6 @@ class ChainReader(object):
 
     def __init__(self, ctx, trust, by_key_kind=None):
         self.ctx, self.trust, self.method = ctx, trust, chain_method()
-        self.starttls = None        # set by make_reader: the protocol, for hints
         self.by_key_kind = by_key_kind or {}    # key kind -> ChainReader asking for it
 
     def served_ders(self, tls):
@@ -2559,7 +2558,7 @@ def _fetch_into(result, reader, settings, deadline):
     tls = reader.ctx.wrap_socket(sock, server_hostname=server_hostname(target),
                                  do_handshake_on_connect=False)
     try:
-        failure = _handshake(tls, reader, target, deadline)
+        failure = _handshake(tls, reader, target, deadline, settings.starttls)
         served_ders = reader.served_ders(tls)
         verified_ders = reader.verified_ders(tls) if failure is None and not settings.insecure \
             else None
@@ -2708,20 +2707,21 @@ def unknown_root_hint(last, trust, installing):
     return hint if installing else hint + "; --insecure skips verification"
 
 
-def _handshake(tls, reader, target, deadline):
+def _handshake(tls, reader, target, deadline, starttls):
     """Complete the handshake. A failed verification is returned, not raised,
-    so that the chain can still be read from the connection."""
+    so that the chain can still be read from the connection. starttls: the
+    --starttls protocol, for the hint of a handshake that failed."""
     try:
         tls.settimeout(remaining(deadline, target, "before the TLS handshake"))
         tls.do_handshake()
     except socket.timeout:
         raise timed_out(target, "during the TLS handshake")
     except (ssl.CertificateError, OSError) as exc:      # an SSLError is an OSError
-        return handshake_failure(exc, tls, reader, target)
+        return handshake_failure(exc, tls, reader, target, starttls)
     return None
 
 
-def handshake_failure(exc, tls, reader, target):
+def handshake_failure(exc, tls, reader, target, starttls):
     """Why the handshake failed: a VerifyError returned (with OpenSSL's verify code:
     explain_verify_failure gives its hint), anything else raised."""
     if isinstance(exc, ssl.CertificateError) or \
@@ -2732,7 +2732,7 @@ def handshake_failure(exc, tls, reader, target):
     reason = ssl_reason(exc) if isinstance(exc, ssl.SSLError) else \
         exc.strerror or str(exc) or exc.__class__.__name__
     raise FetchError("%s: TLS handshake failed: %s" % (target, reason),
-                     hint=tls_hint(exc, reader.starttls))
+                     hint=tls_hint(exc, starttls))
 
 
 def tls_hint(exc, starttls):
@@ -4032,7 +4032,7 @@ def first_of(revocation, status):
     return next((each for each in revocation.chain() if each.status == status), None)
 
 
-def ca_refusal(result, settings, installed):
+def ca_refusal(result, crl, installed):
     """The RefusedError for a result whose path holds a certificate its CA revoked, the
     leaf or an intermediate (said as installed when the outputs hold the leaf: installed
     is installed_leaf's leaf), or under --crl require one whose status is unknown; None
@@ -4050,7 +4050,7 @@ def ca_refusal(result, settings, installed):
             target, "the installed" if here else "refused the", leaf.serial_hex, what,
             revocation_words(revoked), "; files untouched" if here else ""), hint=RENEW_HINT)
     unknown = first_of(result.revocation, "unknown")
-    if unknown is not None and settings.crl == "require":
+    if unknown is not None and crl == "require":
         return RefusedError("%s: refused the leaf serial %s: whether its CA revoked %s is "
                             "unknown (--crl require): %s" % (
                                 target, leaf.serial_hex, "it" if not unknown.position
@@ -4069,11 +4069,11 @@ def apply_ca_gate(results, settings, reporter):
         if revoked and settings.plan else None
     for result in results:
         if result.error is None and result.revocation is not None:
-            refusal = contain_bug(ca_refusal, result, reporter, settings, installed)
+            refusal = contain_bug(ca_refusal, result, reporter, settings.crl, installed)
             result.error = refusal or result.error
 
 
-def warn_about_ca(best, settings, reporter):
+def warn_about_ca(best, installing, reporter):
     """The chosen chain's CRLs that could not be had or trusted (--crl on: soft-fail), and
     a renewal window whose end has passed, as warnings."""
     revocation, renewal = best.revocation, best.renewal
@@ -4082,7 +4082,7 @@ def warn_about_ca(best, settings, reporter):
             reporter.warn("%s: cannot tell whether the CA revoked %s: %s; %s anyway (--crl "
                           "on: soft-fail; --crl require refuses)" % (
                               best.target, each.subject(), each.detail,
-                              "installing" if settings.plan else "printing it"))
+                              "installing" if installing else "printing it"))
     if renewal is not None and renewal.start is not None and renewal.end <= time.time():
         reporter.warn("%s: the CA asked for the leaf to be replaced by %s (ARI): the renewing "
                       "machine has not renewed" % (best.target, format_time(renewal.end)))
@@ -4154,7 +4154,7 @@ def ca_json(result):
                                                  renewal.detail])))]
 
 
-def ca_check_line(line, result, settings, now):
+def ca_check_line(line, result, crl, now):
     """--check: a source's (status, text) with what the CA knows: CRITICAL for a revoked
     leaf and for a renewal window whose end has passed while the leaf is still served;
     WARNING for an unknown revocation under --crl require and for an ARI server that
@@ -4168,7 +4168,7 @@ def ca_check_line(line, result, settings, now):
                          "renew" % (target, revoked.subject(), " of the leaf serial %s" %
                                     result.leaf.serial_hex if revoked.position else "",
                                     revocation_words(revoked))))
-    elif unknown and settings.crl == "require":
+    elif unknown and crl == "require":
         findings.append((1, "%s: revocation unknown (--crl require) for %s: %s" % (
             target, unknown.subject(), printable(unknown.detail))))
     if renewal is not None and renewal.start is None and renewal.cause != "expired":
@@ -5174,10 +5174,9 @@ def refuse_rolled_back(best, plan, settings, reporter):
     raise refusal
 
 
-def confirm_targets(settings, best):
+def confirm_targets(confirm, best):
     """A Target per --confirm HOST[:PORT], with the SNI and name of best's source."""
-    return [Target(text, host, port, best.target.servername)
-            for text, host, port in settings.confirm]
+    return [Target(text, host, port, best.target.servername) for text, host, port in confirm]
 
 
 def fetch_service(target, reader, settings, leaf, reporter):
@@ -5226,7 +5225,7 @@ def before_install(outputs, plan, best, reader, settings, reporter):
     if not settings.confirm or not (changed_outputs(outputs) or pending_files(plan)):
         return []
     services = [fetch_service(target, reader, settings, best.leaf, reporter)
-                for target in confirm_targets(settings, best)]
+                for target in confirm_targets(settings.confirm, best)]
     keep_previous(outputs, reporter)
     return services
 
@@ -5251,12 +5250,12 @@ def service_state(result):
     return "serves the leaf %s" % result.served[0].describe()
 
 
-def not_confirmed_error(before, after, leaf, settings):
+def not_confirmed_error(before, after, leaf, confirm_timeout):
     unconfirmed = [(then, now) for then, now in zip(before, after) if not serves(now, leaf)]
     return ConfirmError(
         "the deploy hook ran, but after %g s (--confirm-timeout) %s, not the leaf just "
         "installed (%s); the hook stays pending: the next run runs it again" % (
-            settings.confirm_timeout, "; ".join(
+            confirm_timeout, "; ".join(
                 "%s %s%s" % (now.target, service_state(now), "" if now.served or then.served
                              else ", as before the install") for then, now in unconfirmed),
             leaf.describe()), "not_confirmed",
@@ -5264,23 +5263,23 @@ def not_confirmed_error(before, after, leaf, settings):
              "systemctl reload nginx)?")
 
 
-def broken_services(before, after, settings):
+def broken_services(before, after, confirm_timeout):
     """"; "-joined: each service the hook broke, and what it served before."""
     return "; ".join(
         "%s completes no TLS handshake %g s after the deploy hook (before the install it "
-        "served the leaf %s)" % (now.target, settings.confirm_timeout,
+        "served the leaf %s)" % (now.target, confirm_timeout,
                                  then.served[0].describe())
         for then, now in zip(before, after) if broke(then, now))
 
 
-def nothing_to_restore(best, before, after, settings):
+def nothing_to_restore(best, before, after, confirm_timeout):
     """The ConfirmError of a broken service when no output had a previous version (a
     first install): the new files stay, since no other files could take their place,
     and their hook stays pending, so that the next run tries the service again."""
     return ConfirmError(
         "%s: nothing was installed before, so there are no previous files to put back: the "
         "new files stay installed with the leaf %s, and their deploy hook stays pending "
-        "(the next run runs it again)" % (broken_services(before, after, settings),
+        "(the next run runs it again)" % (broken_services(before, after, confirm_timeout),
                                           best.leaf.describe()), "not_confirmed",
         hint="the service's error log says why it fails with these files (nginx -t); "
              "once it is fixed, the next run runs the hook and confirms")
@@ -5292,12 +5291,12 @@ def roll_back(best, plan, pending, before, after, reader, settings, reporter):
     what the services serve. Returns the ConfirmError that says all of it."""
     kept = kept_versions(plan)
     if not kept:
-        return nothing_to_restore(best, before, after, settings)
+        return nothing_to_restore(best, before, after, settings.confirm_timeout)
     record = rolled_back_path(plan)
     write_kept(record, os.path.basename(plan[0][1]), der_to_pem(best.leaf.der).encode("ascii"),
                "nothing was rolled back yet: the new files stay, their hook pending", reporter)
     message = "%s: restored the previous %s" % (
-        broken_services(before, after, settings),
+        broken_services(before, after, settings.confirm_timeout),
         " ".join(restore_previous(kept, settings, reporter)))
     refused = "the leaf %s is not installed again until a newer leaf appears" % \
         best.leaf.describe()
@@ -5325,7 +5324,7 @@ def confirm_install(best, plan, pending, before, reader, settings, reporter):
                        reporter)
     outcome = confirmation(before, after, best.leaf)
     if outcome == "not_confirmed":
-        raise not_confirmed_error(before, after, best.leaf, settings)
+        raise not_confirmed_error(before, after, best.leaf, settings.confirm_timeout)
     if outcome == "restored":
         raise roll_back(best, plan, pending, before, after, reader, settings, reporter)
     discard_temp(rolled_back_path(plan))        # a newer (or --force) leaf took
@@ -5518,10 +5517,10 @@ def report(results, settings, reporter):
     return max(error.exit_code for error in failures) if failures else 0
 
 
-def verdict(result, settings):
+def verdict(result, insecure):
     if result.target.file:
         return "not verified (a local file)"
-    if settings.insecure:
+    if insecure:
         return "NOT verified (--insecure)"
     return "FAILED: " + result.verify_error if result.verify_error else "OK"
 
@@ -5568,7 +5567,7 @@ def text_lines(result, settings, now):
         lines.append("  protocol:     %s %s%s" % (result.tls_version, result.cipher,
                                                  " after STARTTLS " + settings.starttls
                                                  if settings.starttls else ""))
-    lines.append("  verification: %s" % verdict(result, settings))
+    lines.append("  verification: %s" % verdict(result, settings.insecure))
     lines += ca_text_lines(result, now)                 # issue 21
     lines += ["  warning:      %s" % problem.text for problem in result.problems]
     for index, cert in enumerate(result.served):
@@ -5606,14 +5605,14 @@ def spki_pin(cert):
     return binascii.b2a_base64(hashlib.sha256(cert.spki).digest()).decode("ascii").strip()
 
 
-def source_json(result, settings, now):
+def source_json(result, insecure, now):
     target = result.target
     return [
         ("source", target.source), ("address", result.address),
         ("servername", target.servername), ("error", None if result.error is None
                                               else str(result.error)),
         ("tls_version", result.tls_version), ("cipher", result.cipher),
-        ("verified", None if target.file or settings.insecure or not result.served else
+        ("verified", None if target.file or insecure or not result.served else
          result.error is None and result.verify_error is None),
         ("verify_error", result.verify_error),
         ("problems", [problem.text for problem in result.problems]),
@@ -5624,7 +5623,7 @@ def source_json(result, settings, now):
 
 def source_json_text(result, settings, now):
     """One source as an element of --json's list (json_text's indent for it)."""
-    return json_text(source_json(result, settings, now), "  ")
+    return json_text(source_json(result, settings.insecure, now), "  ")
 
 
 def failed_json_text(result, settings, now):
@@ -5707,8 +5706,9 @@ def check_part(result, settings, now, label):
     line = check_source(result, settings, now)
     if settings.chain_warning:
         line = worse(line, chain_status(result))
-    line = ca_check_line(line, result, settings, now)   # issue 21: CRL and ARI
-    return line, check_perfdata(label, result, settings, now) if result.issuing else ""
+    line = ca_check_line(line, result, settings.crl, now)   # issue 21: CRL and ARI
+    thresholds = settings.warn, settings.crit
+    return line, check_perfdata(label, result, thresholds, now) if result.issuing else ""
 
 
 def failed_check_part(result, settings, now, label):
@@ -5743,13 +5743,13 @@ def status_text(text):
                    for c in text)
 
 
-def check_perfdata(label, result, settings, now):
+def check_perfdata(label, result, thresholds, now):
     """'expires_in LABEL'=SECONDSs;WARN:;CRIT: for the certificate the status line
     names (Nagios ranges: "W:" alerts below W), and 'age LABEL' of the leaf."""
-    cert = most_urgent(result.issuing, settings, now)
+    cert = most_urgent(result.issuing, thresholds, now)
     return "'expires_in %s'=%ds;%d:;%d: 'age %s'=%ds" % (
-        label, cert.not_after - now, threshold_seconds(settings.warn, cert),
-        threshold_seconds(settings.crit, cert), label, now - result.issuing[0].not_before)
+        label, cert.not_after - now, threshold_seconds(thresholds[0], cert),
+        threshold_seconds(thresholds[1], cert), label, now - result.issuing[0].not_before)
 
 
 def threshold_seconds(threshold, cert):
@@ -5758,16 +5758,18 @@ def threshold_seconds(threshold, cert):
     return amount * cert.lifetime if is_share else amount
 
 
-def expiry_status(cert, settings, now):
-    """0 OK, 1 WARNING, 2 CRITICAL: seconds left against cert's own thresholds."""
+def expiry_status(cert, thresholds, now):
+    """0 OK, 1 WARNING, 2 CRITICAL: seconds left against cert's own thresholds, --warn's
+    and --crit's."""
+    warn, crit = thresholds
     left = cert.not_after - now
-    return 2 if left < threshold_seconds(settings.crit, cert) else \
-        1 if left < threshold_seconds(settings.warn, cert) else 0
+    return 2 if left < threshold_seconds(crit, cert) else \
+        1 if left < threshold_seconds(warn, cert) else 0
 
 
-def most_urgent(certs, settings, now):
+def most_urgent(certs, thresholds, now):
     """The certificate of the worst status; of those, the one that expires first."""
-    return max(certs, key=lambda cert: (expiry_status(cert, settings, now), -cert.not_after))
+    return max(certs, key=lambda cert: (expiry_status(cert, thresholds, now), -cert.not_after))
 
 
 def check_source(result, settings, now):
@@ -5778,16 +5780,18 @@ def check_source(result, settings, now):
     if result.verify_error or result.error is not None and not result.served:
         return 2, "%s" % result.error       # unreachable, malformed, or not verified
     leaf = result.issuing[0]
-    difference = settings.expected is not None and expect_difference(result, settings)
+    difference = settings.expected is not None and expect_difference(
+        result, settings.expected, settings.expect_file)
     if difference:
         return 2, difference
-    soonest = most_urgent(result.issuing, settings, now)
+    thresholds = settings.warn, settings.crit
+    soonest = most_urgent(result.issuing, thresholds, now)
     what = "the leaf" if soonest is leaf else "intermediate %s" % soonest.name
     text = "%s: %s %s (%s), chain of %d %s, the leaf %s" % (
         target, what, when_expires(soonest, now), format_time(soonest.not_after),
         len(result.issuing), "verified" if not (target.file or settings.insecure)
         else "not verified", when_issued(leaf, now))
-    return expiry_status(soonest, settings, now), text
+    return expiry_status(soonest, thresholds, now), text
 
 
 def leaf_summary(leaf):
@@ -5841,16 +5845,15 @@ def same_chain_statuses(results):
     return statuses
 
 
-def expect_difference(result, settings):
-    """--expect-file: how the served chain differs from the file's ("" if it does
-    not). A file with one certificate (cert.pem) is compared with the leaf only."""
+def expect_difference(result, expected, expect_file):
+    """--expect-file: how the served chain differs from expected, the file's ("" if it
+    does not). A file with one certificate (cert.pem) is compared with the leaf only."""
     served = served_path(result)
-    expected = settings.expected
     difference = first_difference(served[:1] if len(expected) == 1 else served, expected)
     if not difference:
         return ""
     return "%s: serves %s; %s has %s (a service not reloaded?)" % (
-        result.target, difference[0], settings.expect_file, difference[1])
+        result.target, difference[0], expect_file, difference[1])
 
 
 def first_difference(chain, other):
@@ -5898,7 +5901,7 @@ def metrics_text(results, settings, clock, outcome, reporter):
     metrics = [("certgrab_run_timestamp_seconds", "When this run started.", [(run, clock[0])]),
                ("certgrab_run_duration_seconds", "How long this run took.",
                 [(run, time.monotonic() - clock[1])])]
-    metrics += source_metrics(results, settings, run, reporter)
+    metrics += source_metrics(results, settings.insecure, run, reporter)
     metrics += ca_metrics(results, run, reporter)       # issue 21
     leaves = set(r.leaf.sha256 for r in results if r.issuing)
     metrics.append(("certgrab_distinct_leaves", "Different leaves served across the sources "
@@ -5913,7 +5916,8 @@ def metrics_text(results, settings, clock, outcome, reporter):
         if last is not None:
             metrics.append((LAST_SYNC, "When a run last installed or confirmed the files.",
                             [(run, last)]))
-        metrics += confirm_metrics(results, settings, run, outcome, now)
+        metrics += confirm_metrics(results, settings.prometheus, run, outcome, now) \
+            if settings.confirm else []
     return "".join("# HELP %s %s\n# TYPE %s gauge\n%s" % (name, text, name, "".join(
         "%s%s %s\n" % (name, metric_labels(labels), metric_value(value))
         for labels, value in series)) for name, text, series in metrics if series)
@@ -5932,36 +5936,35 @@ def previous_confirm(path, run):
     return []
 
 
-def confirm_metrics(results, settings, run, outcome, now):
+def confirm_metrics(results, path, run, outcome, now):
     """--confirm: when a run last confirmed that the services serve the installed leaf,
     that leaf's serial and sha256 as labels. A run that confirmed nothing carries the
-    series over from the FILE the previous run wrote (previous_confirm)."""
-    if not settings.confirm:
-        return []
+    series over from the metrics file at path, as the previous run wrote it
+    (previous_confirm)."""
     if outcome == "confirmed":
         leaf = max((r for r in results if r.error is None), key=lambda r: r.leaf.not_before).leaf
         series = [(run + [("serial", leaf.serial_hex), ("sha256", leaf.sha256)], now)]
     else:
-        series = previous_confirm(settings.prometheus, run)
+        series = previous_confirm(path, run)
     return [(LAST_CONFIRM, "When --confirm last saw the services serve the installed leaf "
              "(its serial and sha256 in labels).", series)]
 
 
-def source_metrics(results, settings, run, reporter):
+def source_metrics(results, insecure, run, reporter):
     """SOURCE_METRICS, each with the series of every source (source_series); a bug
     while one source's are made is that source's error (render_source)."""
-    series = [render_source(source_series, failed_series, result, reporter, settings, run)
+    series = [render_source(source_series, failed_series, result, reporter, insecure, run)
               for result in results]
     return [(name, text, [one for each in series for one in each[index]])
             for index, (name, text) in enumerate(SOURCE_METRICS)]
 
 
-def source_series(result, settings, run):
+def source_series(result, insecure, run):
     """One source's series of each of SOURCE_METRICS: fetch and verification; per
     certificate of the issuing path (position 0 is the leaf): its dates; the chain's
     earliest notAfter."""
     target, labels = result.target, source_labels(result, run)
-    verified = [] if target.file or settings.insecure else [
+    verified = [] if target.file or insecure else [
         (labels, int(bool(result.served) and not result.verify_error
                      and not isinstance(result.error, VerifyError)))]
     named = [labels + [("position", str(position)), ("sha256", cert.sha256),
@@ -5972,7 +5975,7 @@ def source_series(result, settings, run):
             [(name, cert.not_after) for name, cert in zip(named, result.issuing)], chain)
 
 
-def failed_series(result, settings, run):
+def failed_series(result, insecure, run):
     """source_series of a source whose metrics met a bug (render_source): not read."""
     return [(source_labels(result, run), 0)], [], [], [], []
 
@@ -6290,12 +6293,63 @@ def parse_command_line(parser, argv):
 
 
 class Settings(object):
-    """The command line, validated and converted once by validate_settings:
-    numbers are numbers, the key is read, paths and names are checked.
-    Read-only afterwards, so that no step can change what a later one sees."""
+    """The command line (or a --config section), validated and converted once by
+    validate_settings: numbers are numbers, the key is read, paths and names are
+    checked. Every field is declared here, each given once and read by some step;
+    nothing assigns to one afterwards, so that no step can change what a later one
+    sees. Steps that need one or two of them are given those values instead."""
+
+    __slots__ = (
+        # where to connect, and how (fetch_chain)
+        "sources",          # (Target, ...): every SOURCE, parsed (parse_targets)
+        "all_addresses",    # --all-addresses: a source per address of a host name
+        "family",           # socket.AF_INET (-4), AF_INET6 (-6) or AF_UNSPEC
+        "timeout",          # --timeout: seconds for each source, from DNS to the chain
+        "parallel",         # --parallel: sources fetched at once; 0: fetch_width chooses
+        "starttls",         # --starttls PROTOCOL (a key of STARTTLS), or None
+        "ehlo",             # --ehlo NAME, or None: this host's (ehlo_name)
+        "alpn",             # --alpn: [protocol, ...], or None
+        "tls_min",          # --tls-min: one of TLS_VERSIONS, or None
+        "tls_max",          # --tls-max: one of TLS_VERSIONS, or None
+        # what is trusted (make_context), and what the CA is asked (consult_ca)
+        "trust",            # Trust: --cafile and --capath, or the system store
+        "insecure",         # --insecure: nothing verified
+        "crl",              # --crl: one of CRL_MODES
+        "acme_directory",   # --acme-directory URL, or None: no ARI
+        "cache_dir",        # --cache-dir: its real path (cache_directory), or None
+        # reports instead of files (report)
+        "report",           # "text", "json" or "check"; None: print or install the chain
+        "warn",             # --warn: (amount, is_share) (_threshold)
+        "crit",             # --crit: (amount, is_share)
+        "same",             # --same
+        "expect_file",      # --expect-file FILE, or None
+        "expected",         # its issuing path ([Certificate]), or None
+        "chain_warning",    # not --no-chain-warning
+        "prometheus",       # --prometheus FILE, or None
+        # the gate and the files (install_chain)
+        "keys",             # (PrivateKey, ...): --key-path, read, in the order given
+        "plan",             # ((path, kind), ...): the outputs (plan_outputs)
+        "out_dir",          # --out-dir DIR, or None (the hook's RENEWED_LINEAGE)
+        "verified_chain",   # --verified-chain: the path with its root
+        "force",            # --force
+        "dry_run",          # --dry-run
+        "min_age",          # --min-age: seconds, or None
+        "mode",             # --mode of new certificate files, or None: NEW_FILE_MODE
+        "uid",              # --owner's uid, or -1
+        "gid",              # --group's gid, or -1
+        "deploy_hook",      # --deploy-hook CMD, or None
+        "hook_timeout",     # --hook-timeout: seconds
+        "confirm",          # --confirm: ((HOST[:PORT], host, port), ...)
+        "confirm_timeout",  # --confirm-timeout: seconds
+    )
 
     def __init__(self, **values):
-        self.__dict__.update(values)
+        unknown = set(values) - set(self.__slots__)
+        missing = set(self.__slots__) - set(values)
+        if unknown or missing:
+            raise TypeError("Settings: unknown %s, missing %s" % (sorted(unknown), sorted(missing)))
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
 
     def __setattr__(self, name, value):
         raise AttributeError("Settings are read-only: cannot set %s" % name)
@@ -6316,9 +6370,8 @@ def validate_settings(args, sources, reporter):
         if _given(args, first) and _given(args, second):
             raise UsageError("%s and %s exclude each other" % (first, second),
                              options=(first, second))
-    values = dict(sources=tuple(sources), quiet=args.quiet, verbose=args.verbose,
-                  insecure=args.insecure, cafile=args.cafile, capath=args.capath,
-                  verified_chain=args.verified_chain)
+    values = dict(insecure=args.insecure, verified_chain=args.verified_chain,
+                  trust=Trust(args.cafile, args.capath))
     values.update(_connecting_settings(args))
     values.update(_tls_version_settings(args))
     values.update(_report_settings(args))
@@ -6327,9 +6380,8 @@ def validate_settings(args, sources, reporter):
     default_port = parse_port(args.port, "-p/--port", ("--port",)) if args.port is not None \
         else STARTTLS[args.starttls][1] if args.starttls else DEFAULT_PORT
     values.update(_rollout_settings(args, default_port))
-    values["targets"] = parse_targets(sources, parse_servername(args.servername),
+    values["sources"] = parse_targets(sources, parse_servername(args.servername),
                                       default_port, files_allowed=bool(values["report"]))
-    values["trust"] = Trust(args.cafile, args.capath)
     values["plan"] = plan_outputs(args.out_dir, dict(
         (kind, getattr(args, kind + "_path")) for kind in ("cert", "chain", "fullchain",
                                                           "combined")), args.key_path or (),
@@ -6435,8 +6487,7 @@ def _report_settings(args):
                              options=("--expect-file",))
         expected = clean_path(parse_chain(ders[:MAX_CHAIN], args.expect_file))[0]
     return dict(report=report, same=args.same, expect_file=args.expect_file,
-                expected=expected, warn=warn, crit=crit, writes=writes,
-                chain_warning=not args.no_chain_warning)
+                expected=expected, warn=warn, crit=crit, chain_warning=not args.no_chain_warning)
 
 
 def _threshold(text, days, flag, default_share):
@@ -6514,10 +6565,7 @@ def _install_settings(args, reporter):
     if mode is not None and mode & ~CERT_MODE_MOST:
         raise UsageError("--mode allows at most 0644: certificate files are never "
                          "executable or writable by others", options=("--mode",))
-    return dict(out_dir=args.out_dir, cert_path=args.cert_path, chain_path=args.chain_path,
-                fullchain_path=args.fullchain_path, combined_path=args.combined_path,
-                key_paths=tuple(args.key_path or ()), keys=keys, privkey=args.privkey,
-                force=args.force, dry_run=args.dry_run,
+    return dict(out_dir=args.out_dir, keys=keys, force=args.force, dry_run=args.dry_run,
                 deploy_hook=args.deploy_hook, hook_timeout=hook_timeout, mode=mode,
                 uid=lookup_id(args.owner, "--owner"), gid=lookup_id(args.group, "--group"))
 
@@ -6564,17 +6612,14 @@ def make_reader(settings):
     """The run's context; with --key-path, one more per key type for dual-cert servers;
     on Python 3.6-3.9 one more, shared, to replay candidate paths (verifying runs).
     None when every source is a local file: they need no trust store."""
-    if all(target.file for target in settings.targets):
+    if all(target.file for target in settings.sources):
         return None
     kinds = ("RSA", "EC") if settings.keys else ()
     replay = None if HAS_VERIFIED_CHAIN or settings.insecure else \
         make_context(settings, verify_only=True)
     readers = dict((kind, new_chain_reader(make_context(settings, kind), settings.trust,
                                            replay_ctx=replay)) for kind in kinds)
-    reader = new_chain_reader(make_context(settings), settings.trust, readers, replay)
-    for each in [reader] + list(readers.values()):
-        each.starttls = settings.starttls
-    return reader
+    return new_chain_reader(make_context(settings), settings.trust, readers, replay)
 
 
 # ---------------------------------------------------------------------------
@@ -6778,7 +6823,7 @@ def source_groups(sections):
     groups = []                                 # [(sources, [index, ...])]
     for index, section in enumerate(sections):
         keys = set((target.host, target.port, target.file) for target in
-                   section.settings.targets)
+                   section.settings.sources)
         merged = (keys, [index])
         for group in [group for group in groups if group[0] & keys]:
             groups.remove(group)
@@ -6854,8 +6899,8 @@ def run_one(settings, reader, reporter, sharers=1):
     Returns the exit code; an expected failure raises CertgrabError, after the
     metrics have recorded it. sharers: see fetch_all."""
     clock = (time.time(), time.monotonic())
-    reporter.checking("%s from %s" % (settings.targets[0].verify_name,
-                                      " ".join(settings.sources)))
+    reporter.checking("%s from %s" % (settings.sources[0].verify_name,
+                                      " ".join(source.source for source in settings.sources)))
     if settings.insecure:
         reporter.warn("--insecure: the chain is NOT verified; anyone on the path could "
                       "have sent it%s" % ("; files get the path built from the served "
@@ -6863,7 +6908,7 @@ def run_one(settings, reader, reporter, sharers=1):
                                           "clients may fail to verify it" if settings.plan
                                           else ""))
     fetch = fetch_every_address if settings.all_addresses else fetch_all
-    results = fetch(settings.targets, reader, settings, reporter, sharers)  # 1. fetch
+    results = fetch(settings.sources, reader, settings, reporter, sharers)  # 1. fetch
     consult_ca(results, settings, reporter, sharers)    # 1b. what the CA knows (issue 21)
     try:
         code, outcome = deliver(results, settings, reader, reporter)  # 2. to 4. below
@@ -6886,7 +6931,7 @@ def deliver(results, settings, reader, reporter):
         apply_gate(results, settings.keys, reporter)    # 2. key, name, dates
     apply_ca_gate(results, settings, reporter)          #    not revoked (issue 21)
     best = choose_result(results, reporter)             # 3. the newest good chain
-    warn_about_ca(best, settings, reporter)             #    CRL soft-fail, ARI (issue 21)
+    warn_about_ca(best, bool(settings.plan), reporter)             #    CRL soft-fail, ARI (issue 21)
     report_fetch(results, best, reader, settings, reporter)
     chain = best.verified if settings.verified_chain else None
     if not settings.plan:                               # 4a. stdout: exactly as served

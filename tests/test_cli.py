@@ -155,22 +155,24 @@ def parsed(certgrab, *argv):
 
 
 def test_grouped_short_options_and_attached_values(certgrab):
-    settings = parsed(certgrab, "-4q", "-nwww.example.test", "127.0.0.1")
-    assert settings.family == __import__("socket").AF_INET and settings.quiet
-    assert settings.targets[0].servername == "www.example.test"
+    argv = ["-4q", "-nwww.example.test", "127.0.0.1"]
+    settings = parsed(certgrab, *argv)
+    assert settings.family == __import__("socket").AF_INET
+    assert certgrab.parse_command_line(certgrab.build_parser(), argv)[0].quiet
+    assert settings.sources[0].servername == "www.example.test"
 
 
 def test_long_option_with_equals_and_the_last_value_wins(certgrab):
     settings = parsed(certgrab, "--timeout=3", "127.0.0.1", "--timeout", "4.5",
                       "--servername=a.example.test", "-n", "b.example.test")
     assert settings.timeout == 4.5
-    assert settings.targets[0].servername == "b.example.test"
+    assert settings.sources[0].servername == "b.example.test"
 
 
 def test_sources_anywhere_and_every_word_after_double_dash(certgrab):
     settings = parsed(certgrab, "10.0.0.1", "-n", "x.example.test", "10.0.0.2", "--",
                       "10.0.0.3")
-    assert [t.source for t in settings.targets] == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+    assert [t.source for t in settings.sources] == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
 
 
 def test_grouped_switches_that_exclude_each_other_are_a_usage_error(run):

@@ -247,8 +247,13 @@ def test_sections_sharing_a_source_wait_for_each_other(run, started, tmp_path):
 
 
 def test_sections_sharing_a_source_run_one_after_the_other(certgrab):
-    targets = lambda *sources: certgrab.parse_targets(sources, NAME, 443, False)  # noqa: E731
-    sections = [certgrab.Section(name, certgrab.Settings(targets=targets(*sources)), None, None)
+    parser = certgrab.build_parser()
+
+    def settings(*sources):
+        args, sources = certgrab.parse_command_line(parser, list(sources) + ["-n", NAME])
+        return certgrab.validate_settings(args, sources, certgrab.Reporter())
+
+    sections = [certgrab.Section(name, settings(*sources), None, None)
                 for name, sources in
                 [("a", ["10.0.0.1"]), ("b", ["10.0.0.2"]), ("c", ["10.0.0.3", "10.0.0.1"]),
                  ("d", ["10.0.0.4:8443"])]]
