@@ -31,7 +31,7 @@ Pipeline
     served chain (DER, as sent) <-- read per Python version <-- TLS handshake, SNI=name
         |                            (new_chain_reader)
         +--> every certificate parsed whole: structure, names, dates, keys, SANs
-        +--> the path OpenSSL verified (3.6-3.9: replayed to find it): what files get
+        +--> the chain OpenSSL verified (3.6-3.9: replayed to find it): what files get
         +--> gate: verified, key matches a --key-path, leaf covers the name, in date
         +--> what the CA knows: the CRLs the leaf and intermediates name (checked
         |    by OpenSSL), and with --acme-directory the leaf's renewal window
@@ -51,10 +51,10 @@ Security model
       when given twice for a key rollover), cover the name (even with --insecure),
       be within its dates and not be older than the newest leaf in any output; an
       output that is not a readable certificate file refuses every chain (--force
-      overrides only these last two checks). Files get exactly the path OpenSSL
+      overrides only these last two checks). Files get exactly the chain OpenSSL
       verified, leaf and intermediates without the root: never a served certificate
-      off that path (a warning names it), never less than a browser needs, even when
-      the server left intermediates out. --insecure writes the path built from names
+      off that chain (a warning names it), never less than a browser needs, even when
+      the server left intermediates out. --insecure writes the chain built from names
       alone, unverified, and says so.
     - Nothing is written unless every step before it succeeded; a file is either
       the old version or the new one, never half of each. New certificate files
@@ -131,6 +131,22 @@ import sys
 import threading
 import time
 
+# Words, each with one meaning in this file:
+#   source  where a chain comes from: a SOURCE, a server to dial with the name to send
+#           (class Source) or a local certificate file; --confirm's services and the
+#           CA's web servers are dialled as sources too
+#   chain   certificates, leaf first: served (as the server sent them), verified (what
+#           OpenSSL built, root included), issuing (what files get: the verified chain
+#           without its root, or one built from names). Messages keep X.509's word for
+#           the verified one, "the path OpenSSL verified"
+#   leaf    the first certificate of a chain, the server's own
+#   path    where a file is; a link's target is where a symbolic link points
+#   output  a file certgrab writes; its content: cert, chain, fullchain, combined, privkey
+#   key     a --key-path private key (PrivateKey); its algorithm: RSA or EC
+#   code    what a decision reads: a Problem's code, a CRL or ARI cause, OpenSSL's verify
+#           code, an outcome; the text for people is made from it, last
+#   refuse  a safety check turns a chain, a path or a file down (RefusedError, exit 6)
+
 
 # ---------------------------------------------------------------------------
 # Compatibility: every probe of the running Python lives here.
@@ -153,19 +169,19 @@ def chain_method():
     return "ctypes"
 
 
-# 3.10+ can also give the path OpenSSL verified; 3.6-3.9 find it by replaying
-# candidate paths to OpenSSL in memory (find_verified_path).
+# 3.10+ can also give the chain OpenSSL verified; 3.6-3.9 find it by replaying
+# candidate chains to OpenSSL in memory (find_verified_chain).
 HAS_VERIFIED_CHAIN = hasattr(ssl._ssl._SSLSocket, "get_verified_chain")
 
 
-def new_chain_reader(ctx, trust, by_key_kind=None, replay_ctx=None):
+def new_chain_reader(ctx, trust, by_algorithm=None, replay_ctx=None):
     """The chain reader for this Python: ChainReader on 3.10+, where the ssl
     module gives both chains; ChainReaderBefore310 (msg_callback or ctypes,
-    see chain_method; replay_ctx for the verified path) on 3.6 to 3.9. Both
+    see chain_method; replay_ctx for the verified chain) on 3.6 to 3.9. Both
     are in the TLS section."""
     if HAS_VERIFIED_CHAIN:
-        return ChainReader(ctx, trust, by_key_kind)
-    return ChainReaderBefore310(ctx, trust, by_key_kind, replay_ctx)
+        return ChainReader(ctx, trust, by_algorithm)
+    return ChainReaderBefore310(ctx, trust, by_algorithm, replay_ctx)
 
 
 def open_file_limit(wanted):
@@ -550,7 +566,7 @@ def contain_bug(function, result, reporter, *args):
     except CertgrabError:
         raise
     except Exception as exc:            # a bug; -v shows its traceback
-        result.error = internal_error(result.target, exc, reporter)
+        result.error = internal_error(result.source, exc, reporter)
         return None
 
 
@@ -724,8 +740,8 @@ class Certificate(object):
     def sans(self):
         """Every subjectAltName in encoded order: DNS names and IP addresses bare,
         the other types as OpenSSL writes them ("email:a@example.com", "URI:...")."""
-        return [text if kind in ("DNS", "IP") else "%s:%s" % (kind, text)
-                for kind, text in self.alt_names]
+        return [text if name_type in ("DNS", "IP") else "%s:%s" % (name_type, text)
+                for name_type, text in self.alt_names]
 
     @property
     def sha256(self):
@@ -863,14 +879,14 @@ def _at_most(items, most, what):
     return items
 
 
-def parse_chain(ders, source):
-    """Every certificate of a chain; a malformed one is named by source and position."""
+def parse_chain(ders, where):
+    """Every certificate of a chain; a malformed one is named by where and position."""
     certs = []
     for index, der in enumerate(ders):
         try:
             certs.append(parse_certificate(der))
         except ParseError as exc:
-            raise ParseError("%s: certificate %d of %d: %s" % (source, index + 1, len(ders),
+            raise ParseError("%s: certificate %d of %d: %s" % (where, index + 1, len(ders),
                                                                 exc))
     return certs
 
@@ -1107,28 +1123,28 @@ def _ia5_text(raw):
 def _general_name(data, item):
     """One GeneralName (RFC 5280 4.2.1.6) as (type, text): the types and the forms of the
     values as OpenSSL prints them (DNS, IP, email, URI, DirName, RID, othername, ...)."""
-    kind, raw = SAN_TYPES.get(item[0]), data[item[1]:item[2]]
-    if kind in ("DNS", "email", "URI"):
-        return kind, _ia5_text(raw)
-    if kind == "IP":
+    name_type, raw = SAN_TYPES.get(item[0]), data[item[1]:item[2]]
+    if name_type in ("DNS", "email", "URI"):
+        return name_type, _ia5_text(raw)
+    if name_type == "IP":
         if len(raw) not in (4, 16):
             raise ParseError("malformed certificate: IP address of %d bytes" % len(raw))
-        return kind, socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
-    if kind == "RID":
-        return kind, _oid(data, (DER_OID,) + tuple(item[1:]))
-    if kind == "DirName":
+        return name_type, socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
+    if name_type == "RID":
+        return name_type, _oid(data, (DER_OID,) + tuple(item[1:]))
+    if name_type == "DirName":
         inner = _children(data, item, item[0], 1)
         if len(inner) != 1:
             raise ParseError("malformed certificate: bad directoryName")
-        return kind, _name(data, inner[0])
-    if kind == "othername":
+        return name_type, _name(data, inner[0])
+    if name_type == "othername":
         fields = _children(data, item, item[0], 2)
         value = _children(data, fields[1], 0xA0, 1)
         if len(fields) != 2 or len(value) != 1:
             raise ParseError("malformed certificate: bad otherName")
-        return kind, "%s:%s" % (_oid(data, fields[0]), _hex_element(data, value[0]))
-    if kind:
-        return kind, "#" + binascii.hexlify(raw).decode("ascii")
+        return name_type, "%s:%s" % (_oid(data, fields[0]), _hex_element(data, value[0]))
+    if name_type:
+        return name_type, "#" + binascii.hexlify(raw).decode("ascii")
     raise ParseError("malformed certificate: subjectAltName entry with tag 0x%02x" % item[0])
 
 
@@ -1136,11 +1152,11 @@ def _extension(cert, data, oid, value):
     if oid == OID_SAN_DER:
         names = _at_most(_children(data, _wrapped(data, value, DER_OCTET_STRING),
                                    DER_SEQUENCE, 1), MAX_SANS, "subjectAltNames")
-        for kind, text in (_general_name(data, name) for name in names):
-            cert.alt_names.append((kind, text))
-            if kind == "DNS":
+        for name_type, text in (_general_name(data, name) for name in names):
+            cert.alt_names.append((name_type, text))
+            if name_type == "DNS":
                 cert.dns_names.append(text)
-            elif kind == "IP":
+            elif name_type == "IP":
                 cert.ip_addresses.append(text)
     elif oid == OID_BASIC_CONSTRAINTS_DER:
         fields = _children(data, _wrapped(data, value, DER_OCTET_STRING), DER_SEQUENCE)
@@ -1174,8 +1190,8 @@ def _crl_urls(data, value):
             if name[0] == 0xA0:                   # [0] fullName: GeneralNames
                 names += _children(data, name, 0xA0, 1)
         _at_most(names, MAX_CRL_NAMES, "names in CRL distribution points")
-    return [text for kind, text in (_general_name(data, name) for name in names)
-            if kind == "URI"]
+    return [text for name_type, text in (_general_name(data, name) for name in names)
+            if name_type == "URI"]
 
 
 def der_to_pem(der):
@@ -1229,24 +1245,24 @@ def printable(text):
                    else "\\u%04x" % ord(c) for c in text)
 
 
-# Kinds of chain problem: how the served chain differed from the path files get. Decisions
-# (--check's WARNING: CHECK_WARNS) read the kind; the text is for people and may change.
-PROBLEM_ORDER = "order"            # the path's certificates were sent out of order
+# Codes of chain problems: how the served chain differed from the chain files get. Decisions
+# (--check's WARNING: CHECK_WARNS) read the code; the text is for people and may change.
+PROBLEM_ORDER = "order"            # the chain's certificates were sent out of order
 PROBLEM_ROOT = "root"              # the root was sent too, byte for byte the trust anchor
-PROBLEM_OFF_PATH = "off_path"      # sent, not on the path OpenSSL verified: never written
+PROBLEM_OFF_CHAIN = "off_chain"    # sent, not on the chain OpenSSL verified: never written
 PROBLEM_DUPLICATE = "duplicate"    # a certificate was sent more than once
 PROBLEM_INCOMPLETE = "incomplete"  # intermediates the server left out, found in the trust store
-PROBLEM_UNRELATED = "unrelated"    # nothing verified: sent, not on the path built from names
+PROBLEM_UNRELATED = "unrelated"    # nothing verified: sent, not on the chain built from names
 PROBLEM_TRUNCATED = "truncated"    # a local file held more than MAX_LOCAL_CERTS
-CHECK_WARNS = (PROBLEM_ORDER, PROBLEM_OFF_PATH, PROBLEM_INCOMPLETE)  # clients may fail
+CHECK_WARNS = (PROBLEM_ORDER, PROBLEM_OFF_CHAIN, PROBLEM_INCOMPLETE)  # clients may fail
 OUT_OF_ORDER = "the chain was served out of order"
 
 
 class Problem(object):
-    """One chain problem: kind (a PROBLEM_* constant), text for people."""
+    """One chain problem: code (a PROBLEM_* constant), text for people."""
 
-    def __init__(self, kind, text):
-        self.kind, self.text = kind, text
+    def __init__(self, code, text):
+        self.code, self.text = code, text
 
 
 def names_and_digests(certs):
@@ -1255,33 +1271,33 @@ def names_and_digests(certs):
     return "; ".join("%s (sha256 %s...)" % (cert.name, cert.sha256[:16]) for cert in certs)
 
 
-def clean_path(certs):
-    """The issuing path built from names and key identifiers alone: (path, problems).
+def chain_from_names(certs):
+    """The issuing chain built from names and key identifiers alone: (chain, problems).
 
-    The path runs leaf, then the first served certificate whose subject (and key
+    The chain runs leaf, then the first served certificate whose subject (and key
     id) names the issuer of the one before, and stops before a self-issued root.
     No signature is checked: this is what unverified runs (--insecure, local
-    files, a failed verification's message) go by; verified runs get the path
-    OpenSSL built instead (keep_verified_path). The problems say how the served
+    files, a failed verification's message) go by; verified runs get the chain
+    OpenSSL built instead (keep_verified_chain). The problems say how the served
     list differed from that: order, root, extras.
     """
-    path, rest, problems = [certs[0]], list(certs[1:]), []
-    while not path[-1].self_issued:
-        issuer = next((c for c in rest if c.issued(path[-1])), None)
+    chain, rest, problems = [certs[0]], list(certs[1:]), []
+    while not chain[-1].self_issued:
+        issuer = next((c for c in rest if c.issued(chain[-1])), None)
         if issuer is None:
             break
         rest.remove(issuer)
-        path.append(issuer)
-    if [c.der for c in path] != [c.der for c in certs[:len(path)]]:
+        chain.append(issuer)
+    if [c.der for c in chain] != [c.der for c in certs[:len(chain)]]:
         problems.append(Problem(PROBLEM_ORDER, OUT_OF_ORDER))
-    if len(path) > 1 and path[-1].self_issued:
+    if len(chain) > 1 and chain[-1].self_issued:
         problems.append(Problem(PROBLEM_ROOT, "the root certificate (%s) was included"
-                                % path[-1].name))
-        path.pop()
+                                % chain[-1].name))
+        chain.pop()
     if rest:
         problems.append(Problem(PROBLEM_UNRELATED, "%d unrelated or duplicate certificate(s) "
                                 "were included: %s" % (len(rest), names_and_digests(rest))))
-    return path, problems
+    return chain, problems
 
 
 # ---------------------------------------------------------------------------
@@ -1299,7 +1315,7 @@ class PrivateKey(object):
 
     def __init__(self, path, pem, password):
         self.path, self.pem, self.password = path, pem, password
-        self.kind, self.spki = None, None          # "RSA" or "EC"; SPKI DER
+        self.algorithm, self.spki = None, None     # "RSA" or "EC"; SPKI DER
         self.encrypted = False
 
     @property
@@ -1337,7 +1353,7 @@ def read_private_key(path, password_path):
         return key
     try:
         der = binascii.a2b_base64("".join(line for line in body if ":" not in line))
-        key.kind, key.spki = _key_public_info(label, der)
+        key.algorithm, key.spki = _key_public_info(label, der)
     except (ParseError, binascii.Error, ValueError):
         raise UsageError("--key-path %s: malformed private key" % path,
                          options=("--key-path",))
@@ -1370,7 +1386,8 @@ def _der(tag, content):
 
 
 def _key_public_info(label, der):
-    """(kind, SubjectPublicKeyInfo DER) of an unencrypted key; (None, None) if unknown."""
+    """(algorithm, SubjectPublicKeyInfo DER) of an unencrypted key; (None, None) if
+    unknown."""
     top = _tlv(der, 0, len(der))
     if label == "RSA PRIVATE KEY":
         return "RSA", _rsa_spki(der, top)
@@ -1435,11 +1452,11 @@ def matching_key(keys, leaf):
 # Sources and connecting: SOURCE to address, TCP within the deadline.
 # ---------------------------------------------------------------------------
 
-class Target(object):
+class Source(object):
     """One SOURCE: where to dial, and the name to send (SNI) and verify."""
 
-    def __init__(self, source, host, port, servername, path=None):
-        self.source, self.host, self.port = source, host, port
+    def __init__(self, text, host, port, servername, path=None):
+        self.text, self.host, self.port = text, host, port
         self.servername = servername          # None: an IP with no -n: no SNI
         self.verify_name = servername or (host or "").split("%")[0]
         # ASCII bytes for getaddrinfo and the handshake: given a str, Python
@@ -1449,7 +1466,7 @@ class Target(object):
         self.file = path                      # a local certificate file (reports only)
 
     def __str__(self):
-        return self.source
+        return self.text
 
 
 def is_ip(host):
@@ -1469,7 +1486,7 @@ def parse_port(text, what, options=()):
     return int(text)
 
 
-def parse_source(text, default_port):
+def split_source(text, default_port):
     """host, host:port, IPv4, [IPv6], [IPv6]:port or a bare IPv6 literal."""
     host, port = text, None
     if text.startswith("["):
@@ -1527,52 +1544,52 @@ def parse_servername(text):
     return servername
 
 
-def parse_targets(sources, servername, default_port, files_allowed):
-    """A Target for each SOURCE; local files only where files_allowed (reports)."""
-    targets = []
-    for source in sources:
-        if looks_like_file(source) and os.path.isfile(source):
+def parse_sources(texts, servername, default_port, files_allowed):
+    """A Source for each SOURCE; local files only where files_allowed (reports)."""
+    sources = []
+    for text in texts:
+        if looks_like_file(text) and os.path.isfile(text):
             if not files_allowed:
                 raise UsageError("SOURCE %s is a file: local files go with --text, --json or "
-                                 "--check" % source)
-            targets.append(Target(source, None, None, servername, path=source))
+                                 "--check" % text)
+            sources.append(Source(text, None, None, servername, path=text))
             continue
-        if files_allowed and looks_like_file(source):
-            raise UsageError("SOURCE %s: no such file" % source)
-        host, port = parse_source(source, default_port)
+        if files_allowed and looks_like_file(text):
+            raise UsageError("SOURCE %s: no such file" % text)
+        host, port = split_source(text, default_port)
         name = servername or (None if is_ip(host) else host)
-        targets.append(Target(source, host, port, name))
-    return tuple(targets)
+        sources.append(Source(text, host, port, name))
+    return tuple(sources)
 
 
-def looks_like_file(source):
+def looks_like_file(text):
     """A SOURCE with a / or a certificate suffix names a local PEM file."""
-    return "/" in source or source.endswith(CERTIFICATE_SUFFIXES)
+    return "/" in text or text.endswith(CERTIFICATE_SUFFIXES)
 
 
-def remaining(deadline, target, doing):
+def remaining(deadline, source, doing):
     """Seconds left before the deadline; a FetchError once it has passed."""
     left = deadline - time.monotonic()
     if left <= 0:
-        raise timed_out(target, doing)
+        raise timed_out(source, doing)
     return left
 
 
-def timed_out(target, doing):
-    return FetchError("%s: timed out %s" % (target, doing),
+def timed_out(source, doing):
+    return FetchError("%s: timed out %s" % (source, doing),
                       hint="the server is slow or silent; raise --timeout if it is just slow")
 
 
-def resolve(target, family, deadline):
-    """Addresses for the target; DNS gets the deadline too (it ignores socket timeouts)."""
-    if is_ip(target.host):
-        return socket.getaddrinfo(target.host_bytes, target.port, family, socket.SOCK_STREAM, 0,
+def resolve(source, family, deadline):
+    """Addresses for the source; DNS gets the deadline too (it ignores socket timeouts)."""
+    if is_ip(source.host):
+        return socket.getaddrinfo(source.host_bytes, source.port, family, socket.SOCK_STREAM, 0,
                                   socket.AI_NUMERICHOST)
     answer = []
 
     def lookup():
         try:
-            answer.append(socket.getaddrinfo(target.host_bytes, target.port, family,
+            answer.append(socket.getaddrinfo(source.host_bytes, source.port, family,
                                              socket.SOCK_STREAM))
         except OSError as exc:
             answer.append(exc)
@@ -1582,49 +1599,49 @@ def resolve(target, family, deadline):
         thread.start()
     except RuntimeError:            # "can't start new thread": out of threads or memory
         raise FetchError("%s: cannot resolve %s: no thread free for the lookup" % (
-            target, target.host), hint=FEWER_AT_ONCE)
-    thread.join(remaining(deadline, target, "resolving %s" % target.host))
+            source, source.host), hint=FEWER_AT_ONCE)
+    thread.join(remaining(deadline, source, "resolving %s" % source.host))
     if not answer:
-        raise timed_out(target, "resolving %s" % target.host)
+        raise timed_out(source, "resolving %s" % source.host)
     if isinstance(answer[0], OSError):
-        raise FetchError("%s: cannot resolve %s: %s" % (target, target.host, answer[0].args[-1]))
+        raise FetchError("%s: cannot resolve %s: %s" % (source, source.host, answer[0].args[-1]))
     return answer[0]
 
 
-def open_connection(target, family, deadline):
+def open_connection(source, family, deadline):
     """A TCP socket connected to the first address that answers."""
     try:
-        addresses = resolve(target, family, deadline)
+        addresses = resolve(source, family, deadline)
     except socket.gaierror as exc:
-        raise FetchError("%s: cannot use address %s: %s" % (target, target.host, exc.args[-1]))
+        raise FetchError("%s: cannot use address %s: %s" % (source, source.host, exc.args[-1]))
     failure = None
-    for family, kind, proto, _, address in addresses:
-        sock = new_socket(family, kind, proto, target, deadline)
+    for family, socktype, proto, _, address in addresses:
+        sock = new_socket(family, socktype, proto, source, deadline)
         try:
-            sock.settimeout(remaining(deadline, target, "connecting"))
+            sock.settimeout(remaining(deadline, source, "connecting"))
             sock.connect(address)
             return sock
         except socket.timeout:
             sock.close()
-            raise timed_out(target, "connecting to %s port %d" % (address[0], address[1]))
+            raise timed_out(source, "connecting to %s port %d" % (address[0], address[1]))
         except OSError as exc:
             sock.close()
             failure = exc
     raise FetchError("%s: cannot connect to port %d: %s" % (
-        target, target.port, failure.strerror or failure))
+        source, source.port, failure.strerror or failure))
 
 
-def new_socket(family, kind, proto, target, deadline):
+def new_socket(family, socktype, proto, source, deadline):
     """A socket; while the process (or the system) has no descriptor free, wait
     for another source to close one, until the deadline."""
     while True:
         try:
-            return socket.socket(family, kind, proto)
+            return socket.socket(family, socktype, proto)
         except OSError as exc:
             if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                raise FetchError("%s: cannot open a socket: %s" % (target, exc.strerror or exc))
+                raise FetchError("%s: cannot open a socket: %s" % (source, exc.strerror or exc))
             if deadline - time.monotonic() <= NO_FILE_WAIT:
-                raise FetchError("%s: cannot open a socket: %s" % (target, exc.strerror),
+                raise FetchError("%s: cannot open a socket: %s" % (source, exc.strerror),
                                  hint=FEWER_AT_ONCE)
         time.sleep(NO_FILE_WAIT)
 
@@ -1634,7 +1651,7 @@ def read_local_chain(result):
     (see pem_to_ders) or a single DER certificate. A bundle is read up to
     MAX_LOCAL_CERTS (not MAX_CHAIN, a bound for what a server sends), and a
     larger one says so in the warnings."""
-    path = result.target.file
+    path = result.source.file
     try:
         data = read_file(path, MAX_LOCAL_FILE)
     except OSError as exc:
@@ -1648,7 +1665,7 @@ def read_local_chain(result):
     if not ders:
         raise FetchError("%s: no PEM certificate in it" % path)
     result.served = parse_chain(ders[:MAX_LOCAL_CERTS], path)
-    result.issuing, result.problems = clean_path(result.served)
+    result.issuing, result.problems = chain_from_names(result.served)
     if len(ders) > MAX_LOCAL_CERTS:
         result.problems.append(Problem(PROBLEM_TRUNCATED, "only the first %d of the %d "
                                        "certificates in %s were read" % (
@@ -1684,8 +1701,8 @@ def parse_ehlo(text):
 class Plaintext(object):
     """The plaintext part of a connection: every read bounded in size and time."""
 
-    def __init__(self, sock, target, protocol, deadline, ehlo=None):
-        self.sock, self.target, self.protocol, self.deadline = sock, target, protocol, deadline
+    def __init__(self, sock, source, protocol, deadline, ehlo=None):
+        self.sock, self.source, self.protocol, self.deadline = sock, source, protocol, deadline
         self.ehlo = ehlo                # --ehlo, for smtp and lmtp
         self.buffer, self.received = b"", 0
 
@@ -1695,7 +1712,7 @@ class Plaintext(object):
         if reply is not None:
             reply = reply if isinstance(reply, str) else "\n".join(reply)
             message += " (reply: %s)" % printable(reply[:MAX_QUOTED_REPLY])
-        return FetchError("%s: %s: %s" % (self.target, self.protocol, message))
+        return FetchError("%s: %s: %s" % (self.source, self.protocol, message))
 
     def not_offered(self, reply):
         return self.fail("the server does not offer STARTTLS", reply)
@@ -1706,20 +1723,20 @@ class Plaintext(object):
 
     def send(self, data):
         try:
-            self.sock.settimeout(remaining(self.deadline, self.target, "sending to the server"))
+            self.sock.settimeout(remaining(self.deadline, self.source, "sending to the server"))
             self.sock.sendall(data)
         except socket.timeout:
-            raise timed_out(self.target, "sending to the %s server" % self.protocol)
+            raise timed_out(self.source, "sending to the %s server" % self.protocol)
         except OSError as exc:
             raise self.fail("cannot send: %s" % (exc.strerror or exc))
 
     def _fill(self):
         try:
-            self.sock.settimeout(remaining(self.deadline, self.target,
+            self.sock.settimeout(remaining(self.deadline, self.source,
                                            "waiting for the %s server" % self.protocol))
             chunk = self.sock.recv(PLAINTEXT_READ)
         except socket.timeout:
-            raise timed_out(self.target, "waiting for the %s server" % self.protocol)
+            raise timed_out(self.source, "waiting for the %s server" % self.protocol)
         except OSError as exc:
             raise self.fail("connection failed: %s" % (exc.strerror or exc))
         if not chunk:
@@ -1900,9 +1917,9 @@ def starttls_nntp(talk):
         raise talk.declined(answer)
 
 
-def starttls_xmpp(talk, kind="client"):
-    domain = talk.target.verify_name
-    talk.send((XMPP_STREAM % (kind, domain)).encode("utf-8"))
+def starttls_xmpp(talk, namespace="client"):
+    domain = talk.source.verify_name
+    talk.send((XMPP_STREAM % (namespace, domain)).encode("utf-8"))
     features = talk.until(b"</stream:features>", b"<stream:features/>", b"</stream:error>",
                           b"</stream:stream>")
     if b"urn:ietf:params:xml:ns:xmpp-tls" not in features or b"<starttls" not in features:
@@ -1916,7 +1933,7 @@ def starttls_xmpp(talk, kind="client"):
 
 
 def starttls_xmpp_server(talk):
-    starttls_xmpp(talk, kind="server")
+    starttls_xmpp(talk, namespace="server")
 
 
 def _irc_words(line):
@@ -2017,9 +2034,9 @@ STARTTLS = {
 }
 
 
-def starttls_dialogue(sock, target, protocol, ehlo, deadline):
+def starttls_dialogue(sock, source, protocol, ehlo, deadline):
     """Talk the protocol up to the point where the TLS handshake starts."""
-    talk = Plaintext(sock, target, protocol, deadline, ehlo)
+    talk = Plaintext(sock, source, protocol, deadline, ehlo)
     STARTTLS[protocol][0](talk)
     talk.finish()
 
@@ -2041,24 +2058,24 @@ class Trust(object):
             ("--cafile", self.cafile), ("--capath", self.capath)) if path) or "the system store"
 
 
-def make_context(settings, key_kind=None, verify_only=False):
+def make_context(settings, algorithm=None, verify_only=False):
     """A client context: verifying (the default) or --insecure.
 
-    With key_kind ("RSA" or "EC") it offers only TLS 1.2 cipher suites signed
+    With algorithm ("RSA" or "EC") it offers only TLS 1.2 cipher suites signed
     by that key type: the way to ask a dual-certificate server for the other
     certificate, since Python cannot restrict TLS 1.3 signature algorithms.
     verify_only: the run's trust store and verification and nothing else: not
     the handshake's shape (ALPN, --tls-min, --tls-max), and verifying even under
     --insecure, which is about the sources. It serves the replays (replay_verdict:
-    the verified path on Python 3.6-3.9, the CRL checks) and the CA's https://.
+    the verified chain on Python 3.6-3.9, the CRL checks) and the CA's https://.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if settings.alpn and not verify_only:
         ctx.set_alpn_protocols(settings.alpn)
     if (settings.tls_min or settings.tls_max) and not verify_only:
         limit_tls_versions(ctx, settings.tls_min, settings.tls_max)
-    if key_kind:
-        ctx.set_ciphers("aECDSA" if key_kind == "EC" else "aRSA")
+    if algorithm:
+        ctx.set_ciphers("aECDSA" if algorithm == "EC" else "aRSA")
         limit_to_tls12(ctx)
     if settings.insecure and not verify_only:
         ctx.check_hostname = False
@@ -2137,9 +2154,9 @@ class ChainReader(object):
     """The context for every handshake of a run, and the way to read chains.
     Python 3.6 to 3.9 use ChainReaderBefore310 instead (see new_chain_reader)."""
 
-    def __init__(self, ctx, trust, by_key_kind=None):
+    def __init__(self, ctx, trust, by_algorithm=None):
         self.ctx, self.trust, self.method = ctx, trust, chain_method()
-        self.by_key_kind = by_key_kind or {}    # key kind -> ChainReader asking for it
+        self.by_algorithm = by_algorithm or {}    # key algorithm -> ChainReader asking for it
 
     def served_ders(self, tls):
         """The certificates as the server sent them: list of DER."""
@@ -2149,7 +2166,7 @@ class ChainReader(object):
         return [cert.public_bytes(ssl._ssl.ENCODING_DER) for cert in chain]
 
     def verified_ders(self, tls):
-        """The path OpenSSL verified, root included, as DER."""
+        """The chain OpenSSL verified, root included, as DER."""
         chain = tls._sslobj.get_verified_chain() or []
         return [cert.public_bytes(ssl._ssl.ENCODING_DER) for cert in chain]
 
@@ -2161,12 +2178,12 @@ TLS13_VERSION = 0x0304
 
 class ChainReaderBefore310(ChainReader):
     """No get_verified_chain: the served chain from the Certificate message
-    (3.8, 3.9) or from OpenSSL's own structures (3.6, 3.7); the verified path
-    by replays on replay_ctx (find_verified_path), a context of its own, so
+    (3.8, 3.9) or from OpenSSL's own structures (3.6, 3.7); the verified chain
+    by replays on replay_ctx (find_verified_chain), a context of its own, so
     that no replay reaches _record."""
 
-    def __init__(self, ctx, trust, by_key_kind=None, replay_ctx=None):
-        ChainReader.__init__(self, ctx, trust, by_key_kind)
+    def __init__(self, ctx, trust, by_algorithm=None, replay_ctx=None):
+        ChainReader.__init__(self, ctx, trust, by_algorithm)
         self.replay_ctx = replay_ctx
         self._messages, self._openssl, self._store = {}, None, None  # _messages:
         # connection -> its Certificate message, while it is being read
@@ -2189,11 +2206,11 @@ class ChainReaderBefore310(ChainReader):
         return parse_certificate_message(data[4:], version == TLS13_VERSION)
 
     def verified_ders(self, tls):
-        return None             # find_verified_path finds the path instead
+        return None             # find_verified_chain finds the chain instead
 
     def store_certificates(self):
         """The loaded trust store, parsed; a CA certificate certgrab cannot read
-        is left out (no candidate path then goes through it). A --cafile store
+        is left out (no candidate chain then goes through it). A --cafile store
         is parsed once per run; a hashed directory loads lazily (the handshake
         has loaded what it looked up), so it is read again for each source."""
         if self._store is not None:
@@ -2308,16 +2325,16 @@ class OpenSSLPeek(object):
 # starts a handshake in memory; its ClientHello is answered with a TLS 1.2 ServerHello
 # and a Certificate message holding exactly that chain. OpenSSL either verifies it, and
 # then waits for the next message, or fails it. No key is involved and nothing leaves
-# the process. Two things ask: Python 3.6-3.9, which cannot ask OpenSSL which path it
-# verified, replay candidate paths (find_verified_path) in the order OpenSSL's search
+# the process. Two things ask: Python 3.6-3.9, which cannot ask OpenSSL which chain it
+# verified, replay candidate chains (find_verified_chain) in the order OpenSSL's search
 # prefers them (the store's certificates first, then the served ones within their
-# dates, in the order sent), so the first that verifies is the path OpenSSL builds;
+# dates, in the order sent), so the first that verifies is the chain OpenSSL builds;
 # and every Python checks CRLs so (revocation_verdict), with a context that holds the
 # CRL and requires one.
-MAX_REPLAYS = 16        # candidate paths replayed per source: a real chain verifies at the
+MAX_REPLAYS = 16        # candidate chains replayed per source: a real one verifies at the
 #                         first, and each look-alike a server sends costs one more
-MAX_PATHS = 256         # partial paths the candidate search looks at: names that repeat
-#                         (a hostile chain) make the paths multiply
+MAX_CANDIDATES = 256    # partial chains the candidate search looks at: names that repeat
+#                         (a hostile chain) make them multiply
 TLS_CLIENT_HELLO = 1    # handshake message types
 TLS_SERVER_HELLO = 2
 TLS12 = b"\x03\x03"     # the protocol version TLS 1.2 writes on the wire
@@ -2328,14 +2345,14 @@ RENEGOTIATION_INFO = b"\xff\x01\x00\x01\x00"  # an empty one: OpenSSL 3 insists 
 REPLAY_RANDOM = bytes(32)   # the ServerHello's random: any value but TLS 1.3's downgrade mark
 
 
-def server_hostname(target):
+def server_hostname(source):
     """The name handed to OpenSSL for SNI and the name check."""
-    return target.name_bytes.decode() if NAME_AS_STR else target.name_bytes
+    return source.name_bytes.decode() if NAME_AS_STR else source.name_bytes
 
 
-def without_root(path):
-    """A path as files get it: a self-issued root at its end stays in the store."""
-    return path[:-1] if len(path) > 1 and path[-1].self_issued else list(path)
+def without_root(chain):
+    """A chain as files get it: a self-issued root at its end stays in the store."""
+    return chain[:-1] if len(chain) > 1 and chain[-1].self_issued else list(chain)
 
 
 def issuers_by_name(served, store, now):
@@ -2353,22 +2370,22 @@ def issuers_by_name(served, store, now):
     return found
 
 
-def candidate_paths(served, store, now):
+def candidate_chains(served, store, now):
     """Paths from the leaf (served[0]) to a self-issued root of the store (or the
     leaf alone, if self-issued), by names and key identifiers, through served and
     store certificates, in the order OpenSSL's own search prefers them: depth
     first, at each step the issuers in issuers_by_name's order. The first is the
-    path OpenSSL builds; the others follow where it skipped a look-alike that
-    names alone cannot tell apart. At most MAX_PATHS paths are looked at."""
+    chain OpenSSL builds; the others follow where it skipped a look-alike that
+    names alone cannot tell apart. At most MAX_CANDIDATES chains are looked at."""
     issuers, stack, looked = issuers_by_name(served[1:], store, now), [served[:1]], 0
-    while stack and looked < MAX_PATHS:
-        path, looked = stack.pop(), looked + 1
-        if path[-1].self_issued:
-            yield path
-        elif len(path) <= MAX_CHAIN:
-            stack.extend(path + [issuer] for issuer, trusted in reversed(
-                issuers.get(path[-1].issuer_der, ()))
-                if issuer.issued(path[-1]) and issuer not in path
+    while stack and looked < MAX_CANDIDATES:
+        chain, looked = stack.pop(), looked + 1
+        if chain[-1].self_issued:
+            yield chain
+        elif len(chain) <= MAX_CHAIN:
+            stack.extend(chain + [issuer] for issuer, trusted in reversed(
+                issuers.get(chain[-1].issuer_der, ()))
+                if issuer.issued(chain[-1]) and issuer not in chain
                 and (trusted or not issuer.self_issued))
 
 
@@ -2377,18 +2394,18 @@ def _vector(data, size):
     return len(data).to_bytes(size, "big") + data
 
 
-def client_hello_offer(hello, target):
+def client_hello_offer(hello, source):
     """(session id, [cipher suite]) of the ClientHello that replay_ctx wrote: one
     TLS record of handshake header 4 bytes, version 2, random 32, session id <1>,
     cipher suites <2>. certgrab's own bytes, read within their bounds all the same."""
     record = hello[5:5 + int.from_bytes(hello[3:5], "big")] if len(hello) > 5 else b""
     at = 4 + 2 + 32
     if len(record) <= at or hello[0] != TLS_HANDSHAKE or record[0] != TLS_CLIENT_HELLO:
-        raise replay_error(target, "no ClientHello to answer")
+        raise replay_error(source, "no ClientHello to answer")
     suites_at = at + 1 + record[at]
     end = suites_at + 2 + int.from_bytes(record[suites_at:suites_at + 2], "big")
     if end > len(record):
-        raise replay_error(target, "the ClientHello is cut short")
+        raise replay_error(source, "the ClientHello is cut short")
     return record[at + 1:suites_at], [record[i:i + 2] for i in range(suites_at + 2, end - 1, 2)]
 
 
@@ -2404,10 +2421,10 @@ def server_flight(session_id, suite, ders):
                     for at in range(0, len(body), MAX_RECORD))
 
 
-def replay_error(target, why):
+def replay_error(source, why):
     """A replay that went otherwise than OpenSSL's client goes: a bug, said as such.
     (The CRL checks say it as an unknown status: revocation_verdict.)"""
-    return FetchError("%s: cannot replay the chain to OpenSSL: %s" % (target, why),
+    return FetchError("%s: cannot replay the chain to OpenSSL: %s" % (source, why),
                       hint="please report it; Python 3.10 and newer read the verified path "
                            "from OpenSSL without a replay")
 
@@ -2431,7 +2448,7 @@ def verify_failure_of(exc, tls, ctx):
         return None, ssl_reason(exc)
 
 
-def _replay_step(tls, ctx, target):
+def _replay_step(tls, ctx, source):
     """One step of a replayed handshake: None when it waits for the server, else
     (code, message) of the verification OpenSSL failed (verify_failure_of); any other
     outcome is a FetchError."""
@@ -2442,60 +2459,60 @@ def _replay_step(tls, ctx, target):
     except ssl.SSLError as exc:         # 3.7+: SSLCertVerificationError is one
         if exc.reason == VERIFY_FAILED_REASON:
             return verify_failure_of(exc, tls, ctx)
-        raise replay_error(target, "the replayed handshake failed: %s" % ssl_reason(exc))
-    raise replay_error(target, "the replayed handshake went on without the server")
+        raise replay_error(source, "the replayed handshake failed: %s" % ssl_reason(exc))
+    raise replay_error(source, "the replayed handshake went on without the server")
 
 
 def replay_suite(cert):
     """The TLS 1.2 suite of REPLAY_SUITES for cert's key (after verifying, OpenSSL checks
     that they agree); None for a key no such suite serves (DSA, say)."""
-    kind = cert.key_type.split()[0]
-    return REPLAY_SUITES.get("EC" if kind.startswith("Ed") else kind.split("-")[0])
+    algorithm = cert.key_type.split()[0]
+    return REPLAY_SUITES.get("EC" if algorithm.startswith("Ed") else algorithm.split("-")[0])
 
 
-def replay_verdict(ctx, ders, suite, server_name, target):
+def replay_verdict(ctx, ders, suite, server_name, source):
     """OpenSSL's verdict on exactly ders (DER, first the certificate a server would be
     verified as) with ctx, a verify_only context: None when it verifies, else (verify
     code, message) as verify_failure_of gives them. server_name (None: no name check)
     is checked too, except by Python 3.6, which checks names in Python code once a
     handshake completes, and a replay never completes. suite: replay_suite's for
-    ders[0]. A replay that goes otherwise is target's FetchError (replay_error)."""
+    ders[0]. A replay that goes otherwise is source's FetchError (replay_error)."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = ctx.wrap_bio(incoming, outgoing, server_hostname=server_name)
-    if _replay_step(tls, ctx, target) is not None:
-        raise replay_error(target, "the replayed handshake failed before the server spoke")
-    session_id, suites = client_hello_offer(outgoing.read(5 + MAX_RECORD), target)
+    if _replay_step(tls, ctx, source) is not None:
+        raise replay_error(source, "the replayed handshake failed before the server spoke")
+    session_id, suites = client_hello_offer(outgoing.read(5 + MAX_RECORD), source)
     if suite not in suites:
-        raise replay_error(target, "the replayed ClientHello lacks the TLS 1.2 suite for "
+        raise replay_error(source, "the replayed ClientHello lacks the TLS 1.2 suite for "
                                    "the certificate's key")
     incoming.write(server_flight(session_id, suite, ders))   # split into records
-    return _replay_step(tls, ctx, target)   # None: verified, waiting for ServerKeyExchange
+    return _replay_step(tls, ctx, source)   # None: verified, waiting for ServerKeyExchange
 
 
-def find_verified_path(result, reader):
-    """Python 3.6-3.9: the path OpenSSL verified, root included: the first of
-    candidate_paths that OpenSSL verifies when replayed alone, within MAX_REPLAYS.
+def find_verified_chain(result, reader):
+    """Python 3.6-3.9: the chain OpenSSL verified, root included: the first of
+    candidate_chains that OpenSSL verifies when replayed alone, within MAX_REPLAYS.
     When none does, this source fails (a VerifyError): never a guess."""
     suite = replay_suite(result.served[0])
     if suite is None:
-        raise replay_error(result.target, "no TLS 1.2 suite to replay a %s leaf"
+        raise replay_error(result.source, "no TLS 1.2 suite to replay a %s leaf"
                            % result.served[0].key_type)
     tried, failure = set(), None        # tried: the DER lists replayed
-    for path in candidate_paths(result.served, reader.store_certificates(), time.time()):
-        ders = tuple(cert.der for cert in without_root(path))
+    for chain in candidate_chains(result.served, reader.store_certificates(), time.time()):
+        ders = tuple(cert.der for cert in without_root(chain))
         if ders in tried:
             continue
         if len(tried) == MAX_REPLAYS:
             break
         tried.add(ders)
         failure = replay_verdict(reader.replay_ctx, ders, suite,
-                                 server_hostname(result.target), result.target)
+                                 server_hostname(result.source), result.source)
         if failure is None:
-            return path
+            return chain
     reason = failure[1] if failure else None
     result.verify_error = "cannot tell which path OpenSSL verified"
     raise VerifyError("%s: %s: %s; nothing is written" % (
-        result.target, result.verify_error, "none of the %d path(s) tried verified alone "
+        result.source, result.verify_error, "none of the %d path(s) tried verified alone "
         "(the last: %s)" % (len(tried), reason) if tried else "no path leads from the leaf "
         "to a root of %s by names and key identifiers" % reader.trust),
         hint="the server may send certificates that look like its intermediates but are "
@@ -2505,13 +2522,13 @@ def find_verified_path(result, reader):
 
 class FetchResult(object):
     """What one source gave, or its error. served: the certificates as sent, in
-    their order; verified: the path OpenSSL verified, root included (for
-    --verified-chain); issuing: what files get, the verified path without its
-    root (keep_verified_path), or where nothing was verified the path built from
-    names (clean_path); problems: how served differed from issuing (Problem)."""
+    their order; verified: the chain OpenSSL verified, root included (for
+    --verified-chain); issuing: what files get, the verified chain without its
+    root (keep_verified_chain), or where nothing was verified the chain built from
+    names (chain_from_names); problems: how served differed from issuing (Problem)."""
 
-    def __init__(self, target):
-        self.target, self.error, self.address = target, None, None
+    def __init__(self, source):
+        self.source, self.error, self.address = source, None, None
         self.served, self.issuing, self.problems, self.verified = [], [], [], []
         self.tls_version = self.cipher = self.verify_error = self.note = None
         self.elapsed = 0.0
@@ -2524,18 +2541,18 @@ class FetchResult(object):
         return self.issuing[0] if self.issuing else None
 
 
-def fetch_chain(target, reader, settings):
+def fetch_chain(source, reader, settings):
     """Fetch one source; with --key-path, a dual-certificate server may be asked
     again for the certificate of the key's type (refetch_for_key)."""
-    result = _fetch_once(target, reader, settings)
+    result = _fetch_once(source, reader, settings)
     return refetch_for_key(result, reader, settings) if settings.keys else result
 
 
-def _fetch_once(target, reader, settings):
+def _fetch_once(source, reader, settings):
     """Connect, handshake and read the chain; errors are kept in the result."""
-    result, started = FetchResult(target), time.monotonic()
+    result, started = FetchResult(source), time.monotonic()
     try:
-        if target.file:
+        if source.file:
             read_local_chain(result)
         else:
             _fetch_into(result, reader, settings, started + settings.timeout)
@@ -2546,19 +2563,19 @@ def _fetch_once(target, reader, settings):
 
 
 def _fetch_into(result, reader, settings, deadline):
-    target = result.target
-    sock = open_connection(target, settings.family, deadline)
+    source = result.source
+    sock = open_connection(source, settings.family, deadline)
     result.address = sock.getpeername()[0]
     if settings.starttls:
         try:
-            starttls_dialogue(sock, target, settings.starttls, settings.ehlo, deadline)
+            starttls_dialogue(sock, source, settings.starttls, settings.ehlo, deadline)
         except CertgrabError:
             sock.close()
             raise
-    tls = reader.ctx.wrap_socket(sock, server_hostname=server_hostname(target),
+    tls = reader.ctx.wrap_socket(sock, server_hostname=server_hostname(source),
                                  do_handshake_on_connect=False)
     try:
-        failure = _handshake(tls, reader, target, deadline, settings.starttls)
+        failure = _handshake(tls, reader, source, deadline, settings.starttls)
         served_ders = reader.served_ders(tls)
         verified_ders = reader.verified_ders(tls) if failure is None and not settings.insecure \
             else None
@@ -2568,80 +2585,80 @@ def _fetch_into(result, reader, settings, deadline):
         tls.close()
     if not served_ders:
         raise FetchError("%s: could not read the chain the server sent (method: %s)"
-                         % (target, reader.method))
+                         % (source, reader.method))
     if len(served_ders) > MAX_CHAIN:
-        raise FetchError("%s: the server sent more than %d certificates" % (target, MAX_CHAIN))
-    result.served = parse_chain(served_ders, target)
-    if failure is not None or settings.insecure:    # nothing verified: the path by names
-        result.issuing, result.problems = clean_path(result.served)
+        raise FetchError("%s: the server sent more than %d certificates" % (source, MAX_CHAIN))
+    result.served = parse_chain(served_ders, source)
+    if failure is not None or settings.insecure:    # nothing verified: the chain by names
+        result.issuing, result.problems = chain_from_names(result.served)
     if failure is not None:
         result.verify_error = failure.reason
         raise explain_verify_failure(failure, result, reader.trust, bool(settings.plan))
     if not settings.insecure:
-        keep_verified_path(result, reader, verified_ders)
+        keep_verified_chain(result, reader, verified_ders)
 
 
-def keep_verified_path(result, reader, verified_ders):
-    """Files get exactly the path OpenSSL verified, leaf and intermediates (the
+def keep_verified_chain(result, reader, verified_ders):
+    """Files get exactly the chain OpenSSL verified, leaf and intermediates (the
     root stays in the store): on 3.10+ OpenSSL's own (verified_ders), on 3.6-3.9
-    the one replays find (find_verified_path). A served certificate off that
+    the one replays find (find_verified_chain). A served certificate off that
     path is never written, only named; intermediates the server left out that
     verification found in the trust store are written: never install less than
     a browser needs (served_problems says both)."""
     if verified_ders is not None:
-        result.verified = verified_path(result, verified_ders)
+        result.verified = verified_certificates(result, verified_ders)
     else:
-        result.verified = find_verified_path(result, reader)
+        result.verified = find_verified_chain(result, reader)
     result.issuing = without_root(result.verified)
     result.problems, result.missing = served_problems(result, reader.trust)
 
 
-def verified_path(result, ders):
-    """The verified path as certificates: those the server sent are reused as
+def verified_certificates(result, ders):
+    """The verified chain as certificates: those the server sent are reused as
     already parsed; only what the trust store added (intermediates, the root)
     is decoded here."""
     parsed = dict((cert.der, cert) for cert in result.served)
     added = parse_chain([der for der in ders if der not in parsed],
-                        "%s: the verified path" % result.target)[::-1]
+                        "%s: the verified path" % result.source)[::-1]
     return [parsed[der] if der in parsed else added.pop() for der in ders]
 
 
-def _sort_served(served, path, anchor):
-    """The served certificates by their place: (on the path, in the order sent;
-    the root, when sent; [(position, certificate)] off the path; sent again)."""
-    on_path, seen = set(cert.der for cert in path), set()
-    sent, root, off_path, again = [], None, [], []
+def _sort_served(served, chain, anchor):
+    """The served certificates by their place: (on the chain, in the order sent;
+    the root, when sent; [(position, certificate)] off the chain; sent again)."""
+    on_chain, seen = set(cert.der for cert in chain), set()
+    sent, root, off_chain, again = [], None, [], []
     for position, cert in enumerate(served):
         if cert.der in seen:
             again.append(cert)
-        elif cert.der in on_path:
+        elif cert.der in on_chain:
             sent.append(cert)
         elif anchor is not None and cert.der == anchor.der:
             root = cert
         else:
-            off_path.append((position, cert))
+            off_chain.append((position, cert))
         seen.add(cert.der)
-    return sent, root, off_path, again
+    return sent, root, off_chain, again
 
 
 def served_problems(result, trust):
-    """How the served chain differed from the verified path: ([Problem], the
+    """How the served chain differed from the verified chain: ([Problem], the
     number of intermediates the trust store added)."""
-    path, verified = result.issuing, result.verified
-    anchor = verified[-1] if len(verified) > len(path) else None
-    sent, root, off_path, again = _sort_served(result.served, path, anchor)
-    problems, missing = [], len(path) - len(sent)
+    chain, verified = result.issuing, result.verified
+    anchor = verified[-1] if len(verified) > len(chain) else None
+    sent, root, off_chain, again = _sort_served(result.served, chain, anchor)
+    problems, missing = [], len(chain) - len(sent)
     sent_ders = set(cert.der for cert in sent)
-    if [cert.der for cert in sent] != [cert.der for cert in path if cert.der in sent_ders]:
+    if [cert.der for cert in sent] != [cert.der for cert in chain if cert.der in sent_ders]:
         problems.append(Problem(PROBLEM_ORDER, OUT_OF_ORDER))
     if root is not None:
         problems.append(Problem(PROBLEM_ROOT, "the root certificate (%s) was included"
                                 % root.name))
-    if off_path:
-        problems.append(Problem(PROBLEM_OFF_PATH, "%d served certificate(s) not on the path "
-                                "OpenSSL verified, never written: %s" % (len(off_path), "; ".join(
+    if off_chain:
+        problems.append(Problem(PROBLEM_OFF_CHAIN, "%d served certificate(s) not on the path "
+                                "OpenSSL verified, never written: %s" % (len(off_chain), "; ".join(
                                     "[%d] %s" % (position, names_and_digests([cert]))
-                                    for position, cert in off_path))))
+                                    for position, cert in off_chain))))
     if again:
         problems.append(Problem(PROBLEM_DUPLICATE, "%d certificate(s) were sent more than "
                                 "once: %s" % (len(again), names_and_digests(again))))
@@ -2649,7 +2666,7 @@ def served_problems(result, trust):
         problems.append(Problem(PROBLEM_INCOMPLETE, "%s, without the %d intermediate "
                                 "certificate(s) that verification found in %s: the server is "
                                 "misconfigured (point it at fullchain.pem); clients that lack "
-                                "them fail" % (sent_only(len(sent), len(path)), missing, trust)))
+                                "them fail" % (sent_only(len(sent), len(chain)), missing, trust)))
     return problems, missing
 
 
@@ -2676,7 +2693,7 @@ def explain_verify_failure(failure, result, trust, installing):
     elif len(result.issuing) == 1 and not leaf.self_issued and not leaf.is_ca:
         return VerifyError("%s: certificate verification failed: %s: the server sent only its "
                            "leaf (issued by \"%s\"); point it at fullchain.pem" % (
-                               result.target, reason, printable(leaf.issuer)),
+                               result.source, reason, printable(leaf.issuer)),
                            hint="certbot's fullchain.pem holds the leaf and its "
                                 "intermediates, cert.pem only the leaf", reason=reason,
                            code=code)
@@ -2707,31 +2724,31 @@ def unknown_root_hint(last, trust, installing):
     return hint if installing else hint + "; --insecure skips verification"
 
 
-def _handshake(tls, reader, target, deadline, starttls):
+def _handshake(tls, reader, source, deadline, starttls):
     """Complete the handshake. A failed verification is returned, not raised,
     so that the chain can still be read from the connection. starttls: the
     --starttls protocol, for the hint of a handshake that failed."""
     try:
-        tls.settimeout(remaining(deadline, target, "before the TLS handshake"))
+        tls.settimeout(remaining(deadline, source, "before the TLS handshake"))
         tls.do_handshake()
     except socket.timeout:
-        raise timed_out(target, "during the TLS handshake")
+        raise timed_out(source, "during the TLS handshake")
     except (ssl.CertificateError, OSError) as exc:      # an SSLError is an OSError
-        return handshake_failure(exc, tls, reader, target, starttls)
+        return handshake_failure(exc, tls, reader, source, starttls)
     return None
 
 
-def handshake_failure(exc, tls, reader, target, starttls):
+def handshake_failure(exc, tls, reader, source, starttls):
     """Why the handshake failed: a VerifyError returned (with OpenSSL's verify code:
     explain_verify_failure gives its hint), anything else raised."""
     if isinstance(exc, ssl.CertificateError) or \
             getattr(exc, "reason", None) == VERIFY_FAILED_REASON:   # 3.7+: one class
         code, message = verify_failure_of(exc, tls, reader.ctx)
-        return VerifyError("%s: certificate verification failed: %s" % (target, message),
+        return VerifyError("%s: certificate verification failed: %s" % (source, message),
                            reason=message, code=code)
     reason = ssl_reason(exc) if isinstance(exc, ssl.SSLError) else \
         exc.strerror or str(exc) or exc.__class__.__name__
-    raise FetchError("%s: TLS handshake failed: %s" % (target, reason),
+    raise FetchError("%s: TLS handshake failed: %s" % (source, reason),
                      hint=tls_hint(exc, starttls))
 
 
@@ -2756,9 +2773,9 @@ def refetch_for_key(result, reader, settings):
     (a dual-certificate server): ask again, offering only that type's suites."""
     if result.error is None:
         result.key = matching_key(settings.keys, result.leaf)
-    wanted = _wanted_key_kind(result, settings.keys)
-    if wanted and wanted in reader.by_key_kind:
-        retry = _fetch_once(result.target, reader.by_key_kind[wanted], settings)
+    wanted = _other_algorithm(result, settings.keys)
+    if wanted and wanted in reader.by_algorithm:
+        retry = _fetch_once(result.source, reader.by_algorithm[wanted], settings)
         if retry.error is None:
             retry.key = matching_key(settings.keys, retry.leaf)
             retry.note = "asked again for the %s certificate, matching --key-path" % wanted
@@ -2766,16 +2783,16 @@ def refetch_for_key(result, reader, settings):
     return result
 
 
-def _wanted_key_kind(result, keys):
+def _other_algorithm(result, keys):
     """The other key type, when no --key-path matches the served leaf and one of
     them is (or, for a key certgrab cannot read, may be) of that type."""
     if not keys or result.error is not None or result.key is not None:
         return None
     served = result.leaf.key_type.split()[0]
-    kinds = [key.kind for key in keys if key.kind and key.kind != served]
-    if kinds:
-        return kinds[0]
-    if served in ("RSA", "EC") and any(key.kind is None for key in keys):
+    algorithms = [key.algorithm for key in keys if key.algorithm and key.algorithm != served]
+    if algorithms:
+        return algorithms[0]
+    if served in ("RSA", "EC") and any(key.algorithm is None for key in keys):
         return "EC" if served == "RSA" else "RSA"
     return None
 
@@ -2784,16 +2801,16 @@ def _wanted_key_kind(result, keys):
 # Several sources: fetched at once, the newest good chain wins.
 # ---------------------------------------------------------------------------
 
-def fetch_all(targets, reader, settings, reporter, sharers=1):
-    """Fetch every target, fetch_width at a time; results in the order given.
+def fetch_all(sources, reader, settings, reporter, sharers=1):
+    """Fetch every source, fetch_width at a time; results in the order given.
     Progress on a terminal for long runs, written by this thread. sharers: how
     many runs (--config's sections) share this process's limits at once."""
-    if len(targets) == 1:
-        return [_fetch_guarded(targets[0], reader, settings, reporter)]
+    if len(sources) == 1:
+        return [_fetch_guarded(sources[0], reader, settings, reporter)]
     done, lock = [0], threading.Lock()
 
-    def fetch(target):
-        result = _fetch_guarded(target, reader, settings, reporter)
+    def fetch(source):
+        result = _fetch_guarded(source, reader, settings, reporter)
         with lock:
             done[0] += 1
         return result
@@ -2801,13 +2818,13 @@ def fetch_all(targets, reader, settings, reporter, sharers=1):
     def progress(threads):
         for thread in threads:
             while thread.is_alive():
-                reporter.progress("\rcertgrab: %d/%d sources done" % (done[0], len(targets)))
+                reporter.progress("\rcertgrab: %d/%d sources done" % (done[0], len(sources)))
                 thread.join(PROGRESS_EVERY)
-        reporter.progress("\rcertgrab: %d/%d sources done\n" % (done[0], len(targets)))
+        reporter.progress("\rcertgrab: %d/%d sources done\n" % (done[0], len(sources)))
 
-    width = fetch_width(settings.parallel, len(targets), reporter, sharers)
-    show = len(targets) >= PROGRESS_FROM and not reporter.quiet and sys.stderr.isatty()
-    return map_in_threads(fetch, targets, width, reporter, "fetching %d source(s)",
+    width = fetch_width(settings.parallel, len(sources), reporter, sharers)
+    show = len(sources) >= PROGRESS_FROM and not reporter.quiet and sys.stderr.isatty()
+    return map_in_threads(fetch, sources, width, reporter, "fetching %d source(s)",
                           progress if show else None)
 
 
@@ -2845,20 +2862,20 @@ def map_in_threads(function, items, width, reporter, doing, waiting=None):
     return results
 
 
-def _fetch_guarded(target, reader, settings, reporter):
+def _fetch_guarded(source, reader, settings, reporter):
     """fetch_chain; running out of memory, or a bug, is this source's error. The
     errors fetch_chain raises itself are the run's (an unusable --key-path)."""
     try:
-        return fetch_chain(target, reader, settings)
+        return fetch_chain(source, reader, settings)
     except CertgrabError:
         raise
     except MemoryError:
-        result = FetchResult(target)
-        result.error = FetchError("%s: out of memory" % target, hint=FEWER_AT_ONCE)
+        result = FetchResult(source)
+        result.error = FetchError("%s: out of memory" % source, hint=FEWER_AT_ONCE)
         return result
     except Exception as exc:            # a bug: this source's error, the others go on
-        result = FetchResult(target)
-        result.error = internal_error(target, exc, reporter)
+        result = FetchResult(source)
+        result.error = internal_error(source, exc, reporter)
         return result
 
 
@@ -2899,72 +2916,72 @@ def start_workers(worker, width, reporter, doing):
     return threads
 
 
-def address_target(target, sockaddr):
-    """The Target of one address of target's host name: dialled at that address, with
+def address_source(source, sockaddr):
+    """The Source of one address of source's host name: dialled at that address, with
     the name's SNI and verified name, named in reports as name[address]:port."""
     address = sockaddr[0]
     if len(sockaddr) > 3 and sockaddr[3] and "%" not in address:
         address += "%%%d" % sockaddr[3]             # an IPv6 link-local address's zone
-    label = "%s[%s]:%d" % (target.host, address, target.port)
-    return Target(label, address, target.port, target.servername)
+    label = "%s[%s]:%d" % (source.host, address, source.port)
+    return Source(label, address, source.port, source.servername)
 
 
-def addresses_of(target, family, timeout, reporter):
-    """--all-addresses: a Target per A and AAAA address of target's host name, in the
+def addresses_of(source, family, timeout, reporter):
+    """--all-addresses: a Source per A and AAAA address of source's host name, in the
     resolver's order (the lookup within timeout, as resolve() does for any source);
     a FetchResult holding the error when the name resolves to nothing, or when the
     lookup met a bug (that name's error, as _fetch_guarded makes it for a fetch)."""
-    result, started = FetchResult(target), time.monotonic()
+    result, started = FetchResult(source), time.monotonic()
     try:
-        answers = resolve(target, family, started + timeout)
+        answers = resolve(source, family, started + timeout)
         if not answers:
-            raise FetchError("%s: %s resolves to no address" % (target, target.host))
-        return [address_target(target, answer[4]) for answer in answers]
+            raise FetchError("%s: %s resolves to no address" % (source, source.host))
+        return [address_source(source, answer[4]) for answer in answers]
     except CertgrabError as exc:
         result.error = exc
     except Exception as exc:            # a bug: this name's error, the others go on
-        result.error = internal_error(target, exc, reporter)
+        result.error = internal_error(source, exc, reporter)
     result.elapsed = time.monotonic() - started
     return result
 
 
-def _address_key(target):
+def _address_key(source):
     """What makes two address sources the same: address (as bytes), port and name."""
-    address, _, zone = target.host.partition("%")
+    address, _, zone = source.host.partition("%")
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    return socket.inet_pton(family, address), zone, target.port, target.servername
+    return socket.inet_pton(family, address), zone, source.port, source.servername
 
 
-def _first_time(target, seen, reporter, of_a_name):
+def _first_time(source, seen, reporter, of_a_name):
     """True unless a name's address was met before (a SOURCE given as an address is
     always fetched, and remembered)."""
-    key = _address_key(target)
+    key = _address_key(source)
     if key in seen and of_a_name:
-        reporter.info("%s: the same address as an earlier source: fetched once" % target)
+        reporter.info("%s: the same address as an earlier source: fetched once" % source)
         return False
     seen.add(key)
     return True
 
 
-def fetch_every_address(targets, reader, settings, reporter, sharers=1):
+def fetch_every_address(sources, reader, settings, reporter, sharers=1):
     """--all-addresses: fetch_all, after each SOURCE that is a host name became a
     source per address (addresses_of). Results in the order given, each name's
     addresses in the resolver's order; a name that resolves to nothing is that
     source's error. An address met before (a SOURCE given as that address, or
     another name's, with the same port and name) is fetched once."""
-    names = [target for target in targets if target.host and not is_ip(target.host)]
+    names = [source for source in sources if source.host and not is_ip(source.host)]
     looked_up = {}
     if names:               # a lowered --parallel is said once, by fetch_all below
         width = fetch_width(settings.parallel, len(names), Reporter(quiet=True), sharers)
         looked_up = dict(zip(names, map_in_threads(
-            lambda target: addresses_of(target, settings.family, settings.timeout, reporter),
+            lambda source: addresses_of(source, settings.family, settings.timeout, reporter),
             names, width, reporter, "looking up %d name(s)")))
     groups, seen = [], set()
-    for target in targets:
-        found = looked_up.get(target, [target])
+    for source in sources:
+        found = looked_up.get(source, [source])
         if isinstance(found, list):
             found = [each for each in found if each.file or _first_time(each, seen, reporter,
-                                                                        target in looked_up)]
+                                                                        source in looked_up)]
         groups.append(found)
     fetched = iter(fetch_all([each for group in groups if isinstance(group, list)
                               for each in group], reader, settings, reporter, sharers))
@@ -3003,7 +3020,7 @@ def choose_result(results, reporter):
 # and with --cache-dir the next runs too.
 #
 #   leaf, each intermediate --CRL Distribution Points--> http:// GET --> CRL --+
-#   trust store + CRL --> OpenSSL verifies the path from that certificate
+#   trust store + CRL --> OpenSSL verifies the chain from that certificate
 #       (replay_verdict) --> good | revoked (time, reason from the CRL) | unknown
 #   --acme-directory --GET--> renewalInfo URL --GET <url>/<certID>--> window
 # ---------------------------------------------------------------------------
@@ -3269,11 +3286,11 @@ def _response_body(reader, status, headers, limit):
 def _http_exchange(url, scheme, limit, deadline, family, context):
     """One GET of url: the HttpResponse, whatever its status."""
     host, port, path = split_url(url, scheme)
-    target = Target(url, host, port, None if is_ip(host) else host)
-    conn = open_connection(target, family, deadline)
+    source = Source(url, host, port, None if is_ip(host) else host)
+    conn = open_connection(source, family, deadline)
     try:
         if context is not None:
-            conn = _https_handshake(conn, target, context, deadline)
+            conn = _https_handshake(conn, source, context, deadline)
         authority = "[%s]" % host if ":" in host else host
         if port != HTTP_PORTS[scheme]:
             authority += ":%d" % port
@@ -3297,23 +3314,23 @@ def _http_exchange(url, scheme, limit, deadline, family, context):
         conn.close()
 
 
-def _https_handshake(sock, target, context, deadline):
+def _https_handshake(sock, source, context, deadline):
     """The TLS side of an https:// GET, verified with the run's trust (ca_context)."""
-    name = target.name_bytes.decode() if NAME_AS_STR else target.name_bytes
+    name = source.name_bytes.decode() if NAME_AS_STR else source.name_bytes
     tls = context.wrap_socket(sock, server_hostname=name, do_handshake_on_connect=False)
     try:
-        tls.settimeout(remaining(deadline, target, "before the TLS handshake"))
+        tls.settimeout(remaining(deadline, source, "before the TLS handshake"))
         tls.do_handshake()
     except socket.timeout:
         tls.close()
-        raise timed_out(target, "during the TLS handshake")
+        raise timed_out(source, "during the TLS handshake")
     except (ssl.CertificateError, OSError) as exc:
         tls.close()
         verify = isinstance(exc, ssl.CertificateError) or \
             getattr(exc, "reason", None) == VERIFY_FAILED_REASON
         reason = getattr(exc, "verify_message", None) or (
             ssl_reason(exc) if isinstance(exc, ssl.SSLError) else exc.strerror or str(exc))
-        raise CaError("%s: %s: %s" % (target, "the server's certificate does not verify"
+        raise CaError("%s: %s: %s" % (source, "the server's certificate does not verify"
                                       if verify else "TLS handshake failed", reason),
                       "untrusted" if verify else "unreachable")
     return tls
@@ -3520,8 +3537,8 @@ class Revocation(object):
     people; url: the CRL's; time (epoch seconds, or None when the entry could not be
     read) and reason (RFC 5280's name) of a revocation; this_update and next_update of
     the CRL that said good or revoked. cert and position: the certificate and its place
-    in the path (0: the leaf). A leaf's Revocation also holds intermediates: those of
-    its path's intermediates that name an http:// CRL, in path order."""
+    in the chain (0: the leaf). A leaf's Revocation also holds intermediates: those of
+    its chain's intermediates that name an http:// CRL, in chain order."""
 
     def __init__(self, status, cause=None, detail=None, url=None, crl=None, entry=None):
         self.status, self.cause, self.detail, self.url = status, cause, detail, url
@@ -3671,22 +3688,22 @@ def crl_context(crl, settings):
     return ctx
 
 
-def revocation_verdict(crl, chain, target):
+def revocation_verdict(crl, chain, source):
     """replay_verdict on chain (certificates, the one to check first) with crl's context,
     no name checked: None, or OpenSSL's (verify code, message). A replay that cannot be
     made is a CaError, cause "rejected": it says nothing about the certificate."""
     suite = replay_suite(chain[0])
     try:
         if suite is None:
-            raise replay_error(target, "no TLS 1.2 suite to replay a %s key" % chain[0].key_type)
-        return replay_verdict(crl.context, [cert.der for cert in chain], suite, None, target)
+            raise replay_error(source, "no TLS 1.2 suite to replay a %s key" % chain[0].key_type)
+        return replay_verdict(crl.context, [cert.der for cert in chain], suite, None, source)
     except FetchError as exc:
         raise CaError(str(exc), "rejected")
 
 
-def cache_path(cache_dir, kind, url):
+def cache_path(cache_dir, prefix, url):
     """The --cache-dir file of a URL: "crl-", "ari-" or "directory-" and a hash."""
-    return os.path.join(cache_dir, "%s-%s" % (kind, hashlib.sha256(url.encode()).hexdigest()))
+    return os.path.join(cache_dir, "%s-%s" % (prefix, hashlib.sha256(url.encode()).hexdigest()))
 
 
 def read_cache(path, limit, now):
@@ -3784,15 +3801,15 @@ def crl_url(cert):
     return next((url for url in cert.crl_urls if url.lower().startswith("http://")), None)
 
 
-def crl_revocation(chain, url, target, lookups, deadline):
+def crl_revocation(chain, url, source, lookups, deadline):
     """The Revocation of chain[0] by the CRL at url: OpenSSL verifies chain (the rest of
-    its path, without the root) with the trust store and that CRL, which must be
+    its chain, without the root) with the trust store and that CRL, which must be
     chain[0]'s issuer's. Only when OpenSSL says "revoked" is the CRL's entry read, for
     the time and reason. A CRL and a verdict are had once per run (lookups)."""
     try:
         crl = lookups.once(("crl", url), lambda: load_crl(url, lookups, deadline), deadline, url)
         failure = lookups.once(("verdict", url) + tuple(cert.der for cert in chain),
-                               lambda: revocation_verdict(crl, chain, target), deadline, url)
+                               lambda: revocation_verdict(crl, chain, source), deadline, url)
     except CertgrabError as exc:
         return Revocation("unknown", getattr(exc, "cause", "unreachable"), str(exc), url)
     if failure is None:
@@ -3807,16 +3824,16 @@ def crl_revocation(chain, url, target, lookups, deadline):
     return Revocation("revoked", url=url, crl=crl, entry=entry)
 
 
-def path_revocation(result, lookups, deadline):
-    """The Revocation of the result's leaf, with those of the intermediates of its path
+def chain_revocation(result, lookups, deadline):
+    """The Revocation of the result's leaf, with those of the intermediates of its chain
     that name an http:// CRL: each is checked on its own, as the first certificate of
-    the path from it (crl_revocation), against its own issuer's CRL. An intermediate
+    the chain from it (crl_revocation), against its own issuer's CRL. An intermediate
     that names none is not checked (the leaf's own CRL is what a CA must publish)."""
-    path, revocations = result.issuing, []
-    for position, cert in enumerate(path):
+    chain, revocations = result.issuing, []
+    for position, cert in enumerate(chain):
         url = crl_url(cert)
         if url is not None:
-            revocation = crl_revocation(path[position:], url, result.target, lookups, deadline)
+            revocation = crl_revocation(chain[position:], url, result.source, lookups, deadline)
         elif position == 0:
             revocation = Revocation("unknown", "no-http-crl" if cert.crl_urls else "no-crl",
                                     "the leaf names %s" % ("no http:// CRL, only %s" % printable(
@@ -3988,12 +4005,12 @@ def consult_ca(results, settings, reporter, sharers=1):
 
 
 def ask_ca(result, lookups, settings):
-    """One source's look-ups, within --timeout from now: its path's CRLs (unless --crl
+    """One source's look-ups, within --timeout from now: its chain's CRLs (unless --crl
     off), and with --acme-directory its leaf's renewal window. A bug here is that
     source's error (consult_ca contains it)."""
     deadline = time.monotonic() + settings.timeout
     if settings.crl != "off":
-        result.revocation = path_revocation(result, lookups, deadline)
+        result.revocation = chain_revocation(result, lookups, deadline)
     if settings.acme_directory:
         result.renewal = leaf_renewal(result, lookups, deadline, time.time())
 
@@ -4028,16 +4045,16 @@ def unknown_hint(revocation):
 
 
 def first_of(revocation, status):
-    """The first Revocation of the path (leaf first) with this status; None if none."""
+    """The first Revocation of the chain (leaf first) with this status; None if none."""
     return next((each for each in revocation.chain() if each.status == status), None)
 
 
 def ca_refusal(result, crl, installed):
-    """The RefusedError for a result whose path holds a certificate its CA revoked, the
+    """The RefusedError for a result whose chain holds a certificate its CA revoked, the
     leaf or an intermediate (said as installed when the outputs hold the leaf: installed
     is installed_leaf's leaf), or under --crl require one whose status is unknown; None
     when the gate lets it pass."""
-    target, leaf = result.target, result.leaf
+    source, leaf = result.source, result.leaf
     revoked = first_of(result.revocation, "revoked")
     if revoked is not None:
         here = installed is not None and installed.der == leaf.der
@@ -4047,13 +4064,13 @@ def ca_refusal(result, crl, installed):
         else:
             what = " was revoked by its CA" if here else ": its CA revoked it"
         return RefusedError("%s: %s leaf serial %s%s %s%s" % (
-            target, "the installed" if here else "refused the", leaf.serial_hex, what,
+            source, "the installed" if here else "refused the", leaf.serial_hex, what,
             revocation_words(revoked), "; files untouched" if here else ""), hint=RENEW_HINT)
     unknown = first_of(result.revocation, "unknown")
     if unknown is not None and crl == "require":
         return RefusedError("%s: refused the leaf serial %s: whether its CA revoked %s is "
                             "unknown (--crl require): %s" % (
-                                target, leaf.serial_hex, "it" if not unknown.position
+                                source, leaf.serial_hex, "it" if not unknown.position
                                 else unknown.subject(), unknown.detail),
                             hint=unknown_hint(unknown))
     return None
@@ -4081,11 +4098,11 @@ def warn_about_ca(best, installing, reporter):
         if each.status == "unknown" and each.cause not in NOTHING_TO_CHECK:
             reporter.warn("%s: cannot tell whether the CA revoked %s: %s; %s anyway (--crl "
                           "on: soft-fail; --crl require refuses)" % (
-                              best.target, each.subject(), each.detail,
+                              best.source, each.subject(), each.detail,
                               "installing" if installing else "printing it"))
     if renewal is not None and renewal.start is not None and renewal.end <= time.time():
         reporter.warn("%s: the CA asked for the leaf to be replaced by %s (ARI): the renewing "
-                      "machine has not renewed" % (best.target, format_time(renewal.end)))
+                      "machine has not renewed" % (best.source, format_time(renewal.end)))
 
 
 def revocation_text(revocation):
@@ -4139,7 +4156,7 @@ def revocation_json(revocation):
 
 def ca_json(result):
     """--json: "revocation" (the leaf's, with "intermediates": those checked, each with
-    its position in the path, subject, serial and sha256) and "renewal_window" of a
+    its position in the chain, subject, serial and sha256) and "renewal_window" of a
     source (null when not asked)."""
     revocation, renewal = result.revocation, result.renewal
     times = _format_times
@@ -4159,25 +4176,25 @@ def ca_check_line(line, result, crl, now):
     leaf and for a renewal window whose end has passed while the leaf is still served;
     WARNING for an unknown revocation under --crl require and for an ARI server that
     could not be asked; otherwise the window's dates are added to the text."""
-    revocation, renewal, target = result.revocation, result.renewal, result.target
+    revocation, renewal, source = result.revocation, result.renewal, result.source
     findings = [line]
     revoked = revocation and first_of(revocation, "revoked")
     unknown = revocation and first_of(revocation, "unknown")
     if revoked:
         findings.append((2, "%s: %s%s was REVOKED by its CA %s: the renewing machine must "
-                         "renew" % (target, revoked.subject(), " of the leaf serial %s" %
+                         "renew" % (source, revoked.subject(), " of the leaf serial %s" %
                                     result.leaf.serial_hex if revoked.position else "",
                                     revocation_words(revoked))))
     elif unknown and crl == "require":
         findings.append((1, "%s: revocation unknown (--crl require) for %s: %s" % (
-            target, unknown.subject(), printable(unknown.detail))))
+            source, unknown.subject(), printable(unknown.detail))))
     if renewal is not None and renewal.start is None and renewal.cause != "expired":
         findings.append((1, "%s: cannot ask the CA for the renewal window (ARI): %s" % (
-            target, printable(renewal.detail))))
+            source, printable(renewal.detail))))
     elif renewal is not None and renewal.start is not None and renewal.end <= now:
         findings.append((2, "%s: the CA's renewal window ended %s ago (%s) and the leaf is "
                          "still served: the renewing machine did not renew%s" % (
-                             target, format_span(now - renewal.end), format_time(renewal.end),
+                             source, format_span(now - renewal.end), format_time(renewal.end),
                              "; the CA says why at %s" % printable(renewal.explanation_url)
                              if renewal.explanation_url else "")))
     worst = worse(*findings)
@@ -4269,26 +4286,26 @@ def cache_directory(path):
 def check_gate(result, keys, now):
     """The install gate: the key (matched while fetching: refetch_for_key), the
     name and the dates; raises RefusedError."""
-    leaf, target = result.leaf, result.target
+    leaf, source = result.leaf, result.source
     if keys and result.key is None:
-        raise key_mismatch(target, leaf, keys)
-    if not leaf.covers(target.verify_name):
+        raise key_mismatch(source, leaf, keys)
+    if not leaf.covers(source.verify_name):
         raise RefusedError("%s: the leaf does not cover %s; it covers: %s" % (
-            target, target.verify_name, leaf.covered_names))
+            source, source.verify_name, leaf.covered_names))
     if now < leaf.not_before:
         raise RefusedError("%s: the leaf is not valid before %s" % (
-            target, format_time(leaf.not_before)), hint="check this machine's clock (date -u)")
+            source, format_time(leaf.not_before)), hint="check this machine's clock (date -u)")
     if now >= leaf.not_after:
-        raise RefusedError("%s: the leaf expired at %s" % (target, format_time(leaf.not_after)),
+        raise RefusedError("%s: the leaf expired at %s" % (source, format_time(leaf.not_after)),
                            hint="the server has not renewed, or this machine's clock is "
                                 "wrong (date -u)")
 
 
-def key_mismatch(target, leaf, keys):
+def key_mismatch(source, leaf, keys):
     """The refusal of a leaf for none of the keys: which leaf, the likely cause, the fix."""
     return RefusedError(
         "%s: refused the leaf serial %s issued %s: its key (SPKI sha256 %s) is not %s" % (
-            target, leaf.serial_hex, format_time(leaf.not_before), leaf.spki_sha256, " nor ".join(
+            source, leaf.serial_hex, format_time(leaf.not_before), leaf.spki_sha256, " nor ".join(
                 "--key-path %s (%s)" % (key.path, "SPKI sha256 %s" % key.spki_sha256
                                         if key.spki else "encrypted or unusual key")
                 for key in keys)),
@@ -4314,12 +4331,12 @@ def apply_gate(results, keys, reporter):
 def refusal_details(result):
     """-v on a refused chain: its protocol, the leaf, and the chain, a line each."""
     leaf = result.leaf
-    return ["%s: refused: %s" % (result.target, " ".join(
+    return ["%s: refused: %s" % (result.source, " ".join(
                 filter(None, (result.tls_version, result.cipher))) or "a local file"),
             "%s: refused: leaf serial %s, issued %s, expires %s" % (
-                result.target, leaf.serial_hex, format_time(leaf.not_before),
+                result.source, leaf.serial_hex, format_time(leaf.not_before),
                 format_time(leaf.not_after)),
-            "%s: refused: chain, leaf first: %s" % (result.target, "; ".join(
+            "%s: refused: chain, leaf first: %s" % (result.source, "; ".join(
                 '"%s"' % cert.name for cert in result.issuing))]
 
 
@@ -4332,7 +4349,7 @@ def refusal_details(result):
 # the write are no race. A symbolic link is followed only when root or that user owns it
 # and no other user could have put it there.
 
-KEY_KINDS = ("combined", "privkey")     # the outputs that hold the private key
+KEY_CONTENTS = ("combined", "privkey")     # the outputs that hold the private key
 
 
 def trusted_users(owner=-1):
@@ -4425,9 +4442,9 @@ def resolve_path(path, doing, strict=True):
             return os.path.join(here, *names), None, not names and _exposed(parent)
         if stat.S_ISLNK(entry.st_mode):
             hops += 1
-            target = _link_target(doing, here, entry, safe, hops)
-            names = _names(target) + names
-            if target.startswith("/"):
+            link_target = _link_target(doing, here, entry, safe, hops)
+            names = _names(link_target) + names
+            if link_target.startswith("/"):
                 real, parent = "/", _lstat("/", doing)
         elif names and not stat.S_ISDIR(entry.st_mode):
             raise WriteError("%s: %s is not a directory" % (doing, here))
@@ -4461,7 +4478,7 @@ def _file_type(entry):
         "a device"
 
 
-def resolve_output(path, kind, owner):
+def resolve_output(path, content, owner):
     """(real path, lstat or None) of an output, resolved strictly (resolve_path), and
     more: its directory is no place others may add files to, not even a sticky one (one
     could take the file's name, or its lock's, first); an existing file is a regular file
@@ -4487,7 +4504,7 @@ def resolve_output(path, kind, owner):
                            "that is root, the user certgrab runs as or --owner" % (
                                doing, it, user_name(entry.st_uid)),
                            hint="chown root %s, or remove it" % real)
-    if kind in KEY_KINDS and entry.st_mode & stat.S_IRWXO:
+    if content in KEY_CONTENTS and entry.st_mode & stat.S_IRWXO:
         raise RefusedError("%s: %s holds the private key, and other users may read it (mode "
                            "%04o)" % (doing, it, stat.S_IMODE(entry.st_mode)),
                            hint="chmod 600 %s, and count the key as exposed" % real)
@@ -4495,14 +4512,14 @@ def resolve_output(path, kind, owner):
 
 
 def resolve_outputs(plan, owner):
-    """[(path as named, real path, kind)] of the planned outputs, each checked."""
-    return [(path, resolve_output(path, kind, owner)[0], kind) for path, kind in plan]
+    """[(path as named, real path, content)] of the planned outputs, each checked."""
+    return [(path, resolve_output(path, content, owner)[0], content) for path, content in plan]
 
 
 def plan_outputs(out_dir, paths, key_paths, privkey=False, owner=-1):
-    """(path, kind) for every file asked for, checked before any network I/O:
+    """(path, content) for every file asked for, checked before any network I/O:
     --out-dir's files (and privkey.pem with --privkey), then paths, a dict of
-    kind ("cert", "chain", "fullchain", "combined") to the file named by its
+    content ("cert", "chain", "fullchain", "combined") to the file named by its
     --KIND-path (or None). Only privkey.pem may be a --key-path file itself:
     it then gets the key the new leaf matches, in the same set. Every output
     must be safe from other users (resolve_output; owner: --owner's uid or -1)."""
@@ -4511,15 +4528,15 @@ def plan_outputs(out_dir, paths, key_paths, privkey=False, owner=-1):
         plan += [(os.path.join(out_dir, name), name[:-4]) for name in OUT_DIR_FILES]
     if out_dir and privkey:
         plan.append((os.path.join(out_dir, PRIVKEY_FILE), "privkey"))
-    for kind in ("cert", "chain", "fullchain", "combined"):
-        if paths[kind]:
-            plan.append((paths[kind], kind))
+    for content in ("cert", "chain", "fullchain", "combined"):
+        if paths[content]:
+            plan.append((paths[content], content))
     absolute = [os.path.realpath(path) for path, _ in plan]
     if len(set(absolute)) != len(absolute):
         raise UsageError("two outputs name the same file")
     for key_path in key_paths:
-        if any(path == os.path.realpath(key_path) and kind != "privkey"
-               for path, (_, kind) in zip(absolute, plan)):
+        if any(path == os.path.realpath(key_path) and content != "privkey"
+               for path, (_, content) in zip(absolute, plan)):
             raise UsageError("an output would overwrite the --key-path file %s" % key_path,
                              options=("--key-path",))
     resolve_outputs(plan, owner)
@@ -4546,11 +4563,11 @@ def render_outputs(plan, chain, key):
     """(real path, bytes, holds_key) for each resolved output; key is the --key-path
     the leaf matched, copied only into privkey.pem and the combined file."""
     outputs = []
-    for _, path, kind in plan:
-        certs = {"cert": chain[:1], "chain": chain[1:], "privkey": []}.get(kind, chain)
+    for _, path, content in plan:
+        certs = {"cert": chain[:1], "chain": chain[1:], "privkey": []}.get(content, chain)
         data = "".join(der_to_pem(cert.der) for cert in certs).encode("ascii")
-        data += key.pem if kind in KEY_KINDS else b""
-        outputs.append((path, data, kind in KEY_KINDS))
+        data += key.pem if content in KEY_CONTENTS else b""
+        outputs.append((path, data, content in KEY_CONTENTS))
     return outputs
 
 
@@ -4602,8 +4619,8 @@ def installed_leaf(plan):
     certificates is damaged, never "nothing installed".
     """
     newest, damaged = None, []
-    for named, path, kind in plan:
-        if kind in ("chain", "privkey"):        # no leaf in these
+    for named, path, content in plan:
+        if content in ("chain", "privkey"):        # no leaf in these
             continue
         try:
             leaf = read_leaf(path)
@@ -4641,7 +4658,7 @@ def check_not_older(best, installed, force, reporter):
     if newest is not None and newest.der != leaf.der and \
             not leaf.not_before > newest.not_before:
         problems.append("%s offers a leaf (%s) that is not newer than the installed one (%s)"
-                        % (best.target, leaf.describe(), newest.describe()))
+                        % (best.source, leaf.describe(), newest.describe()))
     if damaged:
         problems.append("cannot tell which leaf is installed: " + "; ".join(
             "%s is not a readable certificate file (%s)" % (path, printable(why))
@@ -4769,7 +4786,7 @@ def temp_prefixes(plan):
 def install_files(outputs, settings, mark_pending, reporter):
     """Write each output that differs from the disk; return the paths written.
 
-    Every new version is staged as a temporary file beside its target and
+    Every new version is staged as a temporary file beside its output and
     fsynced before the first rename, so a failure before the renames leaves
     the old files alone, and one during them leaves a set the next run
     completes. With a deploy hook the new files are dated HOOK_PENDING_MTIME
@@ -4784,7 +4801,7 @@ def install_files(outputs, settings, mark_pending, reporter):
             os.replace(temp, path)
             renamed.append(path)
     except OSError as exc:
-        left = [temp for temp, target in staged if target not in renamed]
+        left = [temp for temp, output in staged if output not in renamed]
         kept = [temp for temp in left if not discard_temp(temp)]
         raise WriteError(*write_failure(path, exc, renamed, kept, mark_pending))
     for directory in set(os.path.dirname(os.path.abspath(p)) for p, _, _ in changed):
@@ -4965,7 +4982,7 @@ def run_deploy_hook(settings, plan, best, leaf=None):
     lineage = settings.out_dir or os.path.dirname(os.path.abspath(plan[0][0]))
     env = dict(os.environ)
     names = [name for name in leaf.dns_names if hook_name(name)] or leaf.ip_addresses
-    env.update(RENEWED_LINEAGE=os.path.realpath(lineage), CERTGRAB_SOURCE=best.target.source,
+    env.update(RENEWED_LINEAGE=os.path.realpath(lineage), CERTGRAB_SOURCE=best.source.text,
                RENEWED_DOMAINS=" ".join(names),     # an IP-address certificate: its IPs
                CERTGRAB_FILES=" ".join(os.path.abspath(path) for path, _ in plan),
                CERTGRAB_SHA256=leaf.sha256)
@@ -5026,13 +5043,13 @@ def hold_back(best, plan, min_age, reporter):
     if why == "first":
         reporter.say("%s: the leaf (%s) is younger than --min-age %s, but nothing is installed "
                      "yet: a first install is not held back" % (
-                         best.target, best.leaf.describe(), duration_text(min_age)))
+                         best.source, best.leaf.describe(), duration_text(min_age)))
     if until is None:
         return False
     reporter.say("%s serves a new leaf (%s): held back until %s (--min-age %s); the installed "
-                 "leaf (%s) stays" % (best.target, best.leaf.describe(), format_time(until),
+                 "leaf (%s) stays" % (best.source, best.leaf.describe(), format_time(until),
                                       duration_text(min_age), installed.describe()))
-    reporter.outcome("held back sha256:%s from %s until %s" % (best.leaf.sha256, best.target,
+    reporter.outcome("held back sha256:%s from %s until %s" % (best.leaf.sha256, best.source,
                                                                format_time(until)))
     return True
 
@@ -5093,21 +5110,21 @@ def discard_previous(plan):
 
 
 def kept_versions(plan):
-    """[(path, kind, bytes)] of the outputs whose previous version is kept (an emptied
+    """[(path, content, bytes)] of the outputs whose previous version is kept (an emptied
     one, left by a removal that failed, is never put back)."""
     hint = "the new files stay, their hook pending"
-    kept = [(path, kind, read_kept(previous_path(path), hint)) for _, path, kind in plan]
-    return [(path, kind, data) for path, kind, data in kept if data]
+    kept = [(path, content, read_kept(previous_path(path), hint)) for _, path, content in plan]
+    return [(path, content, data) for path, content, data in kept if data]
 
 
 def restore_previous(kept, settings, reporter):
     """Put back each kept version (kept_versions), hook-pending, with the mode and owner
     of the file it replaces (stage_file), by a rename; the paths restored."""
     restored = []
-    for path, kind, data in kept:
+    for path, content, data in kept:
         temp = None
         try:
-            temp = stage_file(path, data, kind in KEY_KINDS, settings, True)
+            temp = stage_file(path, data, content in KEY_CONTENTS, settings, True)
             os.replace(temp, path)
         except OSError as exc:
             if temp is not None:
@@ -5154,7 +5171,7 @@ def rolled_back_refusal(best, plan, force, reporter):
         "%s serves the leaf %s, which left a --confirm service completing no TLS handshake "
         "after the deploy hook at an earlier run; it was rolled back (%s) and is not "
         "installed again until a newer leaf appears" % (
-            best.target, best.leaf.describe(), rolled_back_path(plan)), "restored",
+            best.source, best.leaf.describe(), rolled_back_path(plan)), "restored",
         hint="find what broke the service with that leaf (its error log; nginx -t), fix it, "
              "then run once with --force to install the leaf again")
 
@@ -5174,21 +5191,21 @@ def refuse_rolled_back(best, plan, settings, reporter):
     raise refusal
 
 
-def confirm_targets(confirm, best):
-    """A Target per --confirm HOST[:PORT], with the SNI and name of best's source."""
-    return [Target(text, host, port, best.target.servername) for text, host, port in confirm]
+def confirm_sources(confirm, best):
+    """A Source per --confirm HOST[:PORT], with the SNI and name of best's source."""
+    return [Source(text, host, port, best.source.servername) for text, host, port in confirm]
 
 
-def fetch_service(target, reader, settings, leaf, reporter):
+def fetch_service(source, reader, settings, leaf, reporter):
     """One try of a --confirm service, fetched as any source is (_fetch_guarded: a bug
     is its error): its FetchResult, whose served list is empty when no TLS handshake
     completed. A dual-certificate service that sent the other key type's leaf is asked
     again for leaf's (as refetch_for_key does)."""
-    result = _fetch_guarded(target, reader, settings, reporter)
-    kind = leaf.key_type.split()[0]
+    result = _fetch_guarded(source, reader, settings, reporter)
+    algorithm = leaf.key_type.split()[0]
     if result.served and result.served[0].der != leaf.der and \
-            result.served[0].key_type.split()[0] != kind and kind in reader.by_key_kind:
-        retry = _fetch_guarded(target, reader.by_key_kind[kind], settings, reporter)
+            result.served[0].key_type.split()[0] != algorithm and algorithm in reader.by_algorithm:
+        retry = _fetch_guarded(source, reader.by_algorithm[algorithm], settings, reporter)
         if retry.served:
             return retry
     return result
@@ -5204,15 +5221,15 @@ def broke(then, now):
     return bool(then.served) and not now.served and not isinstance(now.error, InternalError)
 
 
-def await_leaf(targets, leaf, reader, settings, reporter):
-    """Try each target every CONFIRM_INTERVAL until all serve leaf or --confirm-timeout
+def await_leaf(sources, leaf, reader, settings, reporter):
+    """Try each source every CONFIRM_INTERVAL until all serve leaf or --confirm-timeout
     has passed (each try within --timeout): the last FetchResult of each."""
     deadline = time.monotonic() + settings.confirm_timeout
-    last = [None] * len(targets)
+    last = [None] * len(sources)
     while True:
-        for index, target in enumerate(targets):
+        for index, source in enumerate(sources):
             if not serves(last[index], leaf):
-                last[index] = fetch_service(target, reader, settings, leaf, reporter)
+                last[index] = fetch_service(source, reader, settings, leaf, reporter)
         left = deadline - time.monotonic()
         if left <= 0 or all(serves(result, leaf) for result in last):
             return last
@@ -5224,8 +5241,8 @@ def before_install(outputs, plan, best, reader, settings, reporter):
     FetchResult), and the outputs about to change kept (keep_previous). [] otherwise."""
     if not settings.confirm or not (changed_outputs(outputs) or pending_files(plan)):
         return []
-    services = [fetch_service(target, reader, settings, best.leaf, reporter)
-                for target in confirm_targets(settings.confirm, best)]
+    services = [fetch_service(source, reader, settings, best.leaf, reporter)
+                for source in confirm_sources(settings.confirm, best)]
     keep_previous(outputs, reporter)
     return services
 
@@ -5256,7 +5273,7 @@ def not_confirmed_error(before, after, leaf, confirm_timeout):
         "the deploy hook ran, but after %g s (--confirm-timeout) %s, not the leaf just "
         "installed (%s); the hook stays pending: the next run runs it again" % (
             confirm_timeout, "; ".join(
-                "%s %s%s" % (now.target, service_state(now), "" if now.served or then.served
+                "%s %s%s" % (now.source, service_state(now), "" if now.served or then.served
                              else ", as before the install") for then, now in unconfirmed),
             leaf.describe()), "not_confirmed",
         hint="does the deploy hook reload the service that --confirm dials (e.g. "
@@ -5267,7 +5284,7 @@ def broken_services(before, after, confirm_timeout):
     """"; "-joined: each service the hook broke, and what it served before."""
     return "; ".join(
         "%s completes no TLS handshake %g s after the deploy hook (before the install it "
-        "served the leaf %s)" % (now.target, confirm_timeout,
+        "served the leaf %s)" % (now.source, confirm_timeout,
                                  then.served[0].describe())
         for then, now in zip(before, after) if broke(then, now))
 
@@ -5308,10 +5325,10 @@ def roll_back(best, plan, pending, before, after, reader, settings, reporter):
                             "restored", hint="the previous files are back, their hook pending; "
                             "%s (%s records it)" % (refused, record))
     clear_pending(pending)
-    now = await_leaf([result.target for result in after], previous, reader, settings, reporter)
+    now = await_leaf([result.source for result in after], previous, reader, settings, reporter)
     return ConfirmError(
         "%s; ran the deploy hook again; now %s; %s" % (message, "; ".join(
-            "%s %s" % (result.target, service_state(result)) for result in now), refused),
+            "%s %s" % (result.source, service_state(result)) for result in now), refused),
         "restored", hint="the service's error log says why it failed with the new files "
                          "(nginx -t); %s records the leaf" % record)
 
@@ -5320,7 +5337,7 @@ def confirm_install(best, plan, pending, before, reader, settings, reporter):
     """--confirm after the hook ran: True once every service serves the new leaf
     (said); ConfirmError otherwise, after roll_back when the hook broke a service."""
     started = time.monotonic()
-    after = await_leaf([result.target for result in before], best.leaf, reader, settings,
+    after = await_leaf([result.source for result in before], best.leaf, reader, settings,
                        reporter)
     outcome = confirmation(before, after, best.leaf)
     if outcome == "not_confirmed":
@@ -5329,7 +5346,7 @@ def confirm_install(best, plan, pending, before, reader, settings, reporter):
         raise roll_back(best, plan, pending, before, after, reader, settings, reporter)
     discard_temp(rolled_back_path(plan))        # a newer (or --force) leaf took
     reporter.say("confirmed: %s serve%s the leaf just installed (serial %s) after %.1f s" % (
-        ", ".join(str(result.target) for result in after), "" if len(after) > 1 else "s",
+        ", ".join(str(result.source) for result in after), "" if len(after) > 1 else "s",
         best.leaf.serial_hex, time.monotonic() - started))
     return True
 
@@ -5395,7 +5412,7 @@ def install_chain(chain, best, settings, reporter, reader):
             reporter.warn("no --key-path: the leaf was not checked against the private key")
         if changed:
             reporter.say("installed the chain from %s (%s; %s): %s" % (
-                best.target, best.leaf.describe(), when_expires(best.leaf, time.time()),
+                best.source, best.leaf.describe(), when_expires(best.leaf, time.time()),
                 " ".join(changed)))
         pending = sorted(set(pending_files(plan)) | set(changed if mark else ()))
         confirmed = run_hook(best, plan, changed, pending, services, reader, settings,
@@ -5423,7 +5440,7 @@ def dry_run(plan, outputs, best, settings, reporter, installed):
             raise WriteError("dry run: cannot write %s: %s is not writable" % (path, directory))
     hook = settings.deploy_hook and (changed or pending_files(plan))
     reporter.outcome("dry run: %s" % ("would install sha256:%s from %s" % (
-        best.leaf.sha256, best.target) if changed else "unchanged"))
+        best.leaf.sha256, best.source) if changed else "unchanged"))
     reporter.say("dry run: %s%s%s" % ("would write " + " ".join(changed) if changed else
                                       "files are up to date", "; would run the deploy hook"
                                       if hook else "", " and confirm on " + ", ".join(
@@ -5440,12 +5457,12 @@ def report_fetch(results, best, reader, settings, reporter):
     files_get = " (files get the path %s: leaf, intermediates, no root)" % (
         "built from names, NOT verified" if settings.insecure else "OpenSSL verified")
     for problem in best.problems:
-        reporter.warn("%s: %s%s" % (best.target, problem.text,
+        reporter.warn("%s: %s%s" % (best.source, problem.text,
                                     files_get if settings.plan else ""))
     for result in results if reporter.verbose else ():
         if result.error is None:
             reporter.info("%s (%s): %s %s, %d certificate(s) read with %s, %s, %.0f ms" % (
-                result.target, result.address, result.tls_version, result.cipher,
+                result.source, result.address, result.tls_version, result.cipher,
                 len(result.served), reader.method,
                 "NOT verified (--insecure)" if settings.insecure else "verified",
                 result.elapsed * 1000))
@@ -5458,7 +5475,7 @@ def report_fetch(results, best, reader, settings, reporter):
     if len(results) > 1:        # with files, the install message names the source
         (reporter.info if settings.plan else reporter.say)(
             "using the chain from %s (newest valid leaf, issued %s)"
-            % (best.target, format_time(best.leaf.not_before)))
+            % (best.source, format_time(best.leaf.not_before)))
 
 
 def wrap_items(items, width):
@@ -5518,7 +5535,7 @@ def report(results, settings, reporter):
 
 
 def verdict(result, insecure):
-    if result.target.file:
+    if result.source.file:
         return "not verified (a local file)"
     if insecure:
         return "NOT verified (--insecure)"
@@ -5557,10 +5574,10 @@ def when_issued(cert, now):
 
 def text_lines(result, settings, now):
     """One source for people: 80 columns, certificate text escaped."""
-    target = result.target
-    lines = ["%s%s" % (target, " (%s)" % result.address if result.address else "")]
-    if not target.file:
-        lines.append("  servername:   %s" % (target.servername or "(none: IP address)"))
+    source = result.source
+    lines = ["%s%s" % (source, " (%s)" % result.address if result.address else "")]
+    if not source.file:
+        lines.append("  servername:   %s" % (source.servername or "(none: IP address)"))
     if result.error is not None and not result.served:
         return "\n".join(lines + ["  error:        %s" % result.error]) + "\n"
     if result.tls_version:
@@ -5577,7 +5594,7 @@ def text_lines(result, settings, now):
 
 def failed_text(result, settings, now):
     """--text for a source whose rendering met a bug (render_source): its error."""
-    return "%s\n  error:        %s\n" % (result.target, result.error)
+    return "%s\n  error:        %s\n" % (result.source, result.error)
 
 
 def certificate_lines(index, cert, now):
@@ -5606,13 +5623,13 @@ def spki_pin(cert):
 
 
 def source_json(result, insecure, now):
-    target = result.target
+    source = result.source
     return [
-        ("source", target.source), ("address", result.address),
-        ("servername", target.servername), ("error", None if result.error is None
+        ("source", source.text), ("address", result.address),
+        ("servername", source.servername), ("error", None if result.error is None
                                               else str(result.error)),
         ("tls_version", result.tls_version), ("cipher", result.cipher),
-        ("verified", None if target.file or insecure or not result.served else
+        ("verified", None if source.file or insecure or not result.served else
          result.error is None and result.verify_error is None),
         ("verify_error", result.verify_error),
         ("problems", [problem.text for problem in result.problems]),
@@ -5629,9 +5646,9 @@ def source_json_text(result, settings, now):
 def failed_json_text(result, settings, now):
     """--json for a source whose rendering met a bug (render_source): its error, the
     other keys empty."""
-    target = result.target
-    return json_text([("source", target.source), ("address", result.address),
-                      ("servername", target.servername), ("error", str(result.error)),
+    source = result.source
+    return json_text([("source", source.text), ("address", result.address),
+                      ("servername", source.servername), ("error", str(result.error)),
                       ("tls_version", None), ("cipher", None), ("verified", None),
                       ("verify_error", None), ("problems", []), ("revocation", None),
                       ("renewal_window", None), ("chain", [])], "  ")
@@ -5719,7 +5736,7 @@ def failed_check_part(result, settings, now, label):
 def perfdata_labels(results):
     """Each source's perfdata label: the SOURCE without ' and =; one given twice gets
     "#n" (its position). Linear in the number of sources."""
-    labels = [r.target.source.replace("'", "").replace("=", "") for r in results]
+    labels = [r.source.text.replace("'", "").replace("=", "") for r in results]
     seen, repeated = set(), set()
     for label in labels:
         (repeated if label in seen else seen).add(label)
@@ -5774,7 +5791,7 @@ def most_urgent(certs, thresholds, now):
 
 def check_source(result, settings, now):
     """(status, text) for one source: UNKNOWN for a bug (it was not checked)."""
-    target = result.target
+    source = result.source
     if isinstance(result.error, InternalError):
         return NAGIOS_UNKNOWN, str(result.error)
     if result.verify_error or result.error is not None and not result.served:
@@ -5788,8 +5805,8 @@ def check_source(result, settings, now):
     soonest = most_urgent(result.issuing, thresholds, now)
     what = "the leaf" if soonest is leaf else "intermediate %s" % soonest.name
     text = "%s: %s %s (%s), chain of %d %s, the leaf %s" % (
-        target, what, when_expires(soonest, now), format_time(soonest.not_after),
-        len(result.issuing), "verified" if not (target.file or settings.insecure)
+        source, what, when_expires(soonest, now), format_time(soonest.not_after),
+        len(result.issuing), "verified" if not (source.file or settings.insecure)
         else "not verified", when_issued(leaf, now))
     return expiry_status(soonest, thresholds, now), text
 
@@ -5800,18 +5817,18 @@ def leaf_summary(leaf):
 
 def chain_status(result):
     """--check: WARNING for a served chain that lacks intermediates, is out of
-    order, or holds certificates off the verified path (CHECK_WARNS; turned off
+    order, or holds certificates off the verified chain (CHECK_WARNS; turned off
     by --no-chain-warning): clients may fail. The first such problem is named."""
     if not result.issuing or result.error is not None:
         return 0, ""
     for problem in result.problems:
-        if problem.kind in CHECK_WARNS:
-            return 1, "%s: %s" % (result.target, problem.text)
+        if problem.code in CHECK_WARNS:
+            return 1, "%s: %s" % (result.source, problem.text)
     return 0, ""
 
 
-def served_path(result):
-    """The issuing path as far as the server sent it (without intermediates found
+def issuing_sent(result):
+    """The issuing chain as far as the server sent it (without intermediates found
     in the trust store)."""
     if not result.missing:
         return result.issuing
@@ -5822,8 +5839,8 @@ def served_path(result):
 def chain_age(result):
     """--same's order: the leaf's notBefore, then its intermediates' (the leaf's issuer
     first)."""
-    path = served_path(result)
-    return path[0].not_before, [cert.not_before for cert in path[1:]]
+    chain = issuing_sent(result)
+    return chain[0].not_before, [cert.not_before for cert in chain[1:]]
 
 
 def same_chain_statuses(results):
@@ -5834,13 +5851,13 @@ def same_chain_statuses(results):
     if not good:
         return [(0, "")] * len(results)
     newest = max(good, key=chain_age)
-    want = served_path(newest)
+    want = issuing_sent(newest)
     statuses = []
     for result in results:
         difference = result.error is None and result.issuing and \
-            first_difference(served_path(result), want)
+            first_difference(issuing_sent(result), want)
         statuses.append((2, "%s: not the newest chain: serves %s; the newest (%s) serves %s" % (
-            result.target, difference[0], newest.target, difference[1]))
+            result.source, difference[0], newest.source, difference[1]))
                         if difference else (0, ""))
     return statuses
 
@@ -5848,12 +5865,12 @@ def same_chain_statuses(results):
 def expect_difference(result, expected, expect_file):
     """--expect-file: how the served chain differs from expected, the file's ("" if it
     does not). A file with one certificate (cert.pem) is compared with the leaf only."""
-    served = served_path(result)
+    served = issuing_sent(result)
     difference = first_difference(served[:1] if len(expected) == 1 else served, expected)
     if not difference:
         return ""
     return "%s: serves %s; %s has %s (a service not reloaded?)" % (
-        result.target, difference[0], expect_file, difference[1])
+        result.source, difference[0], expect_file, difference[1])
 
 
 def first_difference(chain, other):
@@ -5961,10 +5978,10 @@ def source_metrics(results, insecure, run, reporter):
 
 def source_series(result, insecure, run):
     """One source's series of each of SOURCE_METRICS: fetch and verification; per
-    certificate of the issuing path (position 0 is the leaf): its dates; the chain's
+    certificate of the issuing chain (position 0 is the leaf): its dates; the chain's
     earliest notAfter."""
-    target, labels = result.target, source_labels(result, run)
-    verified = [] if target.file or insecure else [
+    source, labels = result.source, source_labels(result, run)
+    verified = [] if source.file or insecure else [
         (labels, int(bool(result.served) and not result.verify_error
                      and not isinstance(result.error, VerifyError)))]
     named = [labels + [("position", str(position)), ("sha256", cert.sha256),
@@ -5981,8 +5998,8 @@ def failed_series(result, insecure, run):
 
 
 def source_labels(result, run):
-    return run + [("source", printable(result.target.source)),
-                  ("servername", result.target.servername or "")]
+    return run + [("source", printable(result.source.text)),
+                  ("servername", result.source.servername or "")]
 
 
 def metric_labels(pairs):
@@ -6301,7 +6318,7 @@ class Settings(object):
 
     __slots__ = (
         # where to connect, and how (fetch_chain)
-        "sources",          # (Target, ...): every SOURCE, parsed (parse_targets)
+        "sources",          # (Source, ...): every SOURCE, parsed (parse_sources)
         "all_addresses",    # --all-addresses: a source per address of a host name
         "family",           # socket.AF_INET (-4), AF_INET6 (-6) or AF_UNSPEC
         "timeout",          # --timeout: seconds for each source, from DNS to the chain
@@ -6323,14 +6340,14 @@ class Settings(object):
         "crit",             # --crit: (amount, is_share)
         "same",             # --same
         "expect_file",      # --expect-file FILE, or None
-        "expected",         # its issuing path ([Certificate]), or None
+        "expected",         # its issuing chain ([Certificate]), or None
         "chain_warning",    # not --no-chain-warning
         "prometheus",       # --prometheus FILE, or None
         # the gate and the files (install_chain)
         "keys",             # (PrivateKey, ...): --key-path, read, in the order given
-        "plan",             # ((path, kind), ...): the outputs (plan_outputs)
+        "plan",             # ((path, content), ...): the outputs (plan_outputs)
         "out_dir",          # --out-dir DIR, or None (the hook's RENEWED_LINEAGE)
-        "verified_chain",   # --verified-chain: the path with its root
+        "verified_chain",   # --verified-chain: print or write the verified chain, root included
         "force",            # --force
         "dry_run",          # --dry-run
         "min_age",          # --min-age: seconds, or None
@@ -6380,10 +6397,10 @@ def validate_settings(args, sources, reporter):
     default_port = parse_port(args.port, "-p/--port", ("--port",)) if args.port is not None \
         else STARTTLS[args.starttls][1] if args.starttls else DEFAULT_PORT
     values.update(_rollout_settings(args, default_port))
-    values["sources"] = parse_targets(sources, parse_servername(args.servername),
+    values["sources"] = parse_sources(sources, parse_servername(args.servername),
                                       default_port, files_allowed=bool(values["report"]))
     values["plan"] = plan_outputs(args.out_dir, dict(
-        (kind, getattr(args, kind + "_path")) for kind in ("cert", "chain", "fullchain",
+        (content, getattr(args, content + "_path")) for content in ("cert", "chain", "fullchain",
                                                           "combined")), args.key_path or (),
         args.privkey, values["uid"])
     values["prometheus"] = _prometheus_path(args.prometheus, values["plan"], args.key_path or ())
@@ -6452,12 +6469,12 @@ def _tls_version_settings(args):
     return dict(tls_min=args.tls_min, tls_max=args.tls_max)
 
 
-def _number(text, default, kind):
-    """text as kind (int or float), default when absent, None when not a number."""
+def _number(text, default, convert):
+    """text as convert (int or float), default when absent, None when not a number."""
     if text is None:
         return default
     try:
-        return kind(text)
+        return convert(text)
     except ValueError:
         return None
 
@@ -6478,14 +6495,14 @@ def _report_settings(args):
                          options=("--" + report, "--key-path", "--verified-chain"))
     warn = _threshold(args.warn, args.warn_days, "--warn", WARN_SHARE)
     crit = _threshold(args.crit, args.crit_days, "--crit", CRIT_SHARE)
-    expected = None                 # --expect-file: its issuing path (root aside)
+    expected = None                 # --expect-file: its issuing chain (root aside)
     if args.expect_file is not None:
         ders = pem_to_ders(read_input(args.expect_file, "--expect-file")
                            .decode("ascii", "replace"))
         if not ders:
             raise UsageError("--expect-file %s: no PEM certificate in it" % args.expect_file,
                              options=("--expect-file",))
-        expected = clean_path(parse_chain(ders[:MAX_CHAIN], args.expect_file))[0]
+        expected = chain_from_names(parse_chain(ders[:MAX_CHAIN], args.expect_file))[0]
     return dict(report=report, same=args.same, expect_file=args.expect_file,
                 expected=expected, warn=warn, crit=crit, chain_warning=not args.no_chain_warning)
 
@@ -6541,7 +6558,7 @@ def _rollout_settings(args, default_port):
     if timeout is None or not 0 < timeout < DAY:
         raise UsageError("--confirm-timeout must be a number of seconds above 0",
                          options=("--confirm-timeout",))
-    confirm = tuple((text,) + parse_source(text, default_port) for text in args.confirm or ())
+    confirm = tuple((text,) + split_source(text, default_port) for text in args.confirm or ())
     min_age = None if args.min_age is None else _duration(args.min_age, "--min-age")
     return dict(all_addresses=args.all_addresses, min_age=min_age, confirm=confirm,
                 confirm_timeout=timeout)
@@ -6612,13 +6629,13 @@ def make_reader(settings):
     """The run's context; with --key-path, one more per key type for dual-cert servers;
     on Python 3.6-3.9 one more, shared, to replay candidate paths (verifying runs).
     None when every source is a local file: they need no trust store."""
-    if all(target.file for target in settings.sources):
+    if all(source.file for source in settings.sources):
         return None
-    kinds = ("RSA", "EC") if settings.keys else ()
+    algorithms = ("RSA", "EC") if settings.keys else ()
     replay = None if HAS_VERIFIED_CHAIN or settings.insecure else \
         make_context(settings, verify_only=True)
-    readers = dict((kind, new_chain_reader(make_context(settings, kind), settings.trust,
-                                           replay_ctx=replay)) for kind in kinds)
+    readers = dict((algorithm, new_chain_reader(make_context(settings, algorithm), settings.trust,
+                                           replay_ctx=replay)) for algorithm in algorithms)
     return new_chain_reader(make_context(settings), settings.trust, readers, replay)
 
 
@@ -6822,7 +6839,7 @@ def source_groups(sections):
     file) are in one group, so that no source sees two of our runs at once."""
     groups = []                                 # [(sources, [index, ...])]
     for index, section in enumerate(sections):
-        keys = set((target.host, target.port, target.file) for target in
+        keys = set((source.host, source.port, source.file) for source in
                    section.settings.sources)
         merged = (keys, [index])
         for group in [group for group in groups if group[0] & keys]:
@@ -6900,7 +6917,7 @@ def run_one(settings, reader, reporter, sharers=1):
     metrics have recorded it. sharers: see fetch_all."""
     clock = (time.time(), time.monotonic())
     reporter.checking("%s from %s" % (settings.sources[0].verify_name,
-                                      " ".join(source.source for source in settings.sources)))
+                                      " ".join(source.text for source in settings.sources)))
     if settings.insecure:
         reporter.warn("--insecure: the chain is NOT verified; anyone on the path could "
                       "have sent it%s" % ("; files get the path built from the served "
@@ -6936,12 +6953,12 @@ def deliver(results, settings, reader, reporter):
     chain = best.verified if settings.verified_chain else None
     if not settings.plan:                               # 4a. stdout: exactly as served
         write_stdout("".join(der_to_pem(cert.der) for cert in chain or best.served))
-        reporter.outcome("printed sha256:%s from %s" % (best.leaf.sha256, best.target))
+        reporter.outcome("printed sha256:%s from %s" % (best.leaf.sha256, best.source))
         return 0, None
     outcome = install_chain(chain or best.issuing, best, settings, reporter, reader)  # 4b.
     if outcome in ("installed", "confirmed", "unchanged"):  # (dry run, held back: said)
         confirmed = "; confirmed" if outcome == "confirmed" else ""
-        reporter.outcome("installed sha256:%s from %s%s" % (best.leaf.sha256, best.target,
+        reporter.outcome("installed sha256:%s from %s%s" % (best.leaf.sha256, best.source,
                                                            confirmed)
                          if outcome != "unchanged" else outcome, outcome != "unchanged")
     return 0, outcome

@@ -172,7 +172,7 @@ def test_long_option_with_equals_and_the_last_value_wins(certgrab):
 def test_sources_anywhere_and_every_word_after_double_dash(certgrab):
     settings = parsed(certgrab, "10.0.0.1", "-n", "x.example.test", "10.0.0.2", "--",
                       "10.0.0.3")
-    assert [t.source for t in settings.sources] == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+    assert [s.text for s in settings.sources] == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
 
 
 def test_grouped_switches_that_exclude_each_other_are_a_usage_error(run):

@@ -164,11 +164,11 @@ def test_syslog_line_is_logged(certs, two, tmp_path, syslog_socket):
 
 def inject(monkeypatch, certgrab, name, victim):
     """Replace certgrab.NAME with a version that raises RuntimeError for the source
-    victim (its first argument is that source's FetchResult, or its DER and Target)."""
+    victim (its first argument is that source's FetchResult, or its DER and Source)."""
     real = getattr(certgrab, name)
 
     def buggy(*args, **kwargs):
-        source = args[0].target if hasattr(args[0], "target") else args[1]
+        source = args[0].source if hasattr(args[0], "source") else args[1]
         if str(source) == victim:
             raise RuntimeError("injected bug in %s" % name)
         return real(*args, **kwargs)

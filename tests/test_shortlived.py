@@ -241,6 +241,6 @@ def test_chain_order_without_key_identifiers(certgrab, tmp_path):
                                 + (chain / "cert.pem").read_text())
     certs = certgrab.parse_chain(list(reversed(ders)), "test")
     assert certs[0].ski is None
-    path, problems = certgrab.clean_path(certs)
+    path, problems = certgrab.chain_from_names(certs)
     assert [c.der for c in path] == [c.der for c in certs]
     assert problems == []

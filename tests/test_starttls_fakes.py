@@ -995,8 +995,8 @@ def play_dialogue(certgrab, proto, data, listener):
     client, server = loopback_pair(data, listener)
     try:
         port = client.getpeername()[1]
-        target = certgrab.Target("127.0.0.1:%d" % port, "127.0.0.1", port, NAME)
-        talk = certgrab.Plaintext(client, target, proto, time.monotonic() + FUZZ_DEADLINE,
+        source = certgrab.Source("127.0.0.1:%d" % port, "127.0.0.1", port, NAME)
+        talk = certgrab.Plaintext(client, source, proto, time.monotonic() + FUZZ_DEADLINE,
                                   ehlo="client.example.test")
         try:
             certgrab.STARTTLS[proto][0](talk)

@@ -787,8 +787,8 @@ def test_a_bug_while_a_service_is_tried_is_no_broken_service(run, served, certs,
     service, real, tries = served("ec1"), certgrab._fetch_into, []
 
     def buggy(result, *args):
-        if result.target.source == service.address:
-            tries.append(result.target)
+        if result.source.text == service.address:
+            tries.append(result.source)
             if len(tries) > 1:                  # the try before the install goes through
                 raise RuntimeError("injected bug")
         return real(result, *args)
