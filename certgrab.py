@@ -18,10 +18,11 @@ Synopsis
 Runs on CPython 3.6 to 3.13 with the standard library only, including Debian's
 python3-minimal (no json, shutil, ctypes; no CA store: pass --cafile there).
 The file reads in the order a run flows: Compatibility, Constants, Errors and
-messages, Certificates, Keys, Sources and connecting, STARTTLS, TLS, Several
-sources, Revocation and renewal information, Install, Reports, Metrics for
-Prometheus, Command line, Config file, and main() with the one run it steps
-through (run_one) last.
+messages, Certificates, Local files, Keys, Sources and connecting, STARTTLS, TLS,
+Several sources, Revocation and renewal information, The gate, Install, Reports,
+Metrics for Prometheus, Command line, Config file, and last The run: main() and
+its steps. Every function is defined above the functions that call it
+(tests/test_reading_order.py).
 
 Pipeline
     SOURCE ... --parse--> host, port, name --TCP--> socket --STARTTLS?--> dialogue
@@ -174,14 +175,12 @@ def chain_method():
 HAS_VERIFIED_CHAIN = hasattr(ssl._ssl._SSLSocket, "get_verified_chain")
 
 
-def new_chain_reader(ctx, trust, by_algorithm=None, replay_ctx=None):
-    """The chain reader for this Python: ChainReader on 3.10+, where the ssl
-    module gives both chains; ChainReaderBefore310 (msg_callback or ctypes,
-    see chain_method; replay_ctx for the verified chain) on 3.6 to 3.9. Both
-    are in the TLS section."""
-    if HAS_VERIFIED_CHAIN:
-        return ChainReader(ctx, trust, by_algorithm)
-    return ChainReaderBefore310(ctx, trust, by_algorithm, replay_ctx)
+def _sysconf_file_limit(wanted):
+    try:
+        soft = os.sysconf("SC_OPEN_MAX")        # the soft RLIMIT_NOFILE; -1: unlimited
+    except (ValueError, OSError, AttributeError):
+        return ASSUMED_FILE_LIMIT
+    return wanted if soft < 0 else soft
 
 
 def open_file_limit(wanted):
@@ -204,14 +203,6 @@ def open_file_limit(wanted):
         except (ValueError, OSError):   # e.g. macOS caps it at OPEN_MAX
             pass
     return wanted if soft == unlimited else soft
-
-
-def _sysconf_file_limit(wanted):
-    try:
-        soft = os.sysconf("SC_OPEN_MAX")        # the soft RLIMIT_NOFILE; -1: unlimited
-    except (ValueError, OSError, AttributeError):
-        return ASSUMED_FILE_LIMIT
-    return wanted if soft < 0 else soft
 
 
 def disable_core_dumps():
@@ -438,6 +429,20 @@ def failure_outcome(exc):
     if isinstance(exc, RefusedError):
         return "refused"
     return "hook_failed" if isinstance(exc, HookError) else "failed"
+
+
+def printable(text):
+    """Text from a certificate, safe for a terminal: control characters (and the
+    backslash, so that an escape cannot be faked) written as escapes."""
+    return "".join(c if c.isprintable() and c != "\\" else "\\x%02x" % ord(c) if ord(c) < 256
+                   else "\\u%04x" % ord(c) for c in text)
+
+
+def ssl_reason(exc):
+    """An SSLError as text people read: no "[SSL: X]" tag, no _ssl.c line."""
+    text = str(exc.args[1] if len(exc.args) > 1 else exc)
+    text = text.split("] ", 1)[-1]
+    return text.split(" (_ssl.c:", 1)[0]
 
 
 class Reporter(object):
@@ -693,6 +698,72 @@ MAX_CRL_NAMES = 100     # distribution points, and names in their fullNames, of 
                         # Distribution Points extension: real ones have 1 or 2
 
 
+def is_ip(host):
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host.split("%")[0])
+            return True
+        except (OSError, ValueError):
+            pass
+    return False
+
+
+def same_ip(first, second):
+    packed = []
+    for text in (first.split("%")[0], second.split("%")[0]):
+        try:
+            packed.append(socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET,
+                                           text))
+        except (OSError, ValueError):
+            return False
+    return packed[0] == packed[1]
+
+
+def ascii_host(name):
+    """The ASCII form of a host name (IDNA for international names); "" if none."""
+    for codec in ("ascii", "idna"):
+        try:
+            return name.encode(codec).decode("ascii")
+        except UnicodeError:
+            pass
+    return ""
+
+
+def format_time(epoch):
+    """RFC 3339 UTC, the year always in four digits (strftime's %Y is not, below 1000)."""
+    return "%04d-%02d-%02dT%02d:%02d:%02dZ" % time.gmtime(epoch)[:6]
+
+
+def _count(number, unit):
+    return "%d %s%s" % (number, unit, "" if number == 1 else "s")
+
+
+def format_span(seconds):
+    """A span for people: "8435 days"; under HOURS_BELOW "2 days 5 hours", "14 hours",
+    "35 minutes" (whole units, rounded down)."""
+    seconds = int(abs(seconds))
+    days, hours = seconds // DAY, seconds % DAY // HOUR
+    if days and (seconds >= HOURS_BELOW or not hours):
+        return _count(days, "day")
+    if days:
+        return "%s %s" % (_count(days, "day"), _count(hours, "hour"))
+    return _count(hours, "hour") if hours else _count(seconds // MINUTE, "minute")
+
+
+def when_expires(cert, now):
+    """ "expires in 2 days 5 hours" or "EXPIRED 3 hours ago"."""
+    left = cert.not_after - now
+    return "EXPIRED %s ago" % format_span(left) if left < 0 else \
+        "expires in %s" % format_span(left)
+
+
+def when_issued(cert, now):
+    """ "issued 3 hours ago" or "not valid for another 2 hours"."""
+    age = now - cert.not_before
+    return "issued %s ago" % format_span(age) if age >= 0 else \
+        "not valid for another %s" % format_span(age)
+
+
 class Certificate(object):
     """One X.509 certificate, read whole by parse_certificate.
 
@@ -789,37 +860,6 @@ class Certificate(object):
         return self.not_after - self.not_before
 
 
-def parse_certificate(der):
-    """Read one DER certificate whole; ParseError if any part is malformed or beyond
-    the reader's bounds (MAX_CERTIFICATE and the others)."""
-    cert = Certificate(bytes(der))
-    der = cert.der
-    if len(der) > MAX_CERTIFICATE:
-        raise ParseError("malformed certificate: %d bytes, more than %d" % (
-            len(der), MAX_CERTIFICATE))
-    top = _tlv(der, 0, len(der))
-    if top[2] != len(der):
-        raise ParseError("malformed certificate: trailing bytes after the certificate")
-    outer = _children(der, top, DER_SEQUENCE, 3)
-    tbs = _children(der, outer[0], DER_SEQUENCE, 6)
-    if tbs[0][0] == DER_VERSION:
-        tbs = tbs[1:]
-    if len(tbs) < 6 or tbs[0][0] != DER_INTEGER or any(t[0] != DER_SEQUENCE for t in tbs[1:6]):
-        raise ParseError("malformed certificate: bad TBSCertificate")
-    _check_version(der, outer[0])
-    cert.serial = _integer(der, tbs[0], MAX_SERIAL_BITS, "serial number")
-    cert.signature_algorithm = _signature_algorithm(der, outer[1])
-    _signature_algorithm(der, tbs[1])
-    cert.issuer_der, cert.subject_der = _element(der, tbs[2]), _element(der, tbs[4])
-    cert.issuer, cert.subject = _name(der, tbs[2]), _name(der, tbs[4])
-    times = _children(der, tbs[3], DER_SEQUENCE, 2)
-    cert.not_before, cert.not_after = _time(der, times[0]), _time(der, times[1])
-    _public_key(cert, der, tbs[5])
-    for oid, value in _extensions(der, tbs):
-        _extension(cert, der, oid, value)
-    return cert
-
-
 def _tlv(data, pos, end):
     """Read one DER element at pos: (tag, value_start, value_end, element_start)."""
     element_start = pos
@@ -856,39 +896,17 @@ def _children(data, item, tag, minimum=0):
     return items
 
 
-def _wrapped(data, item, tag):
-    """The single element held inside an OCTET STRING or BIT STRING."""
-    start = item[1] + (1 if item[0] == DER_BIT_STRING else 0)
-    if item[0] != tag or start > item[2]:
-        raise ParseError("malformed certificate: unexpected DER tag 0x%02x" % item[0])
-    inner = _tlv(data, start, item[2])
-    if inner[2] != item[2]:
-        raise ParseError("malformed certificate: trailing bytes in DER")
-    return inner
-
-
-def _element(data, item):
-    """The whole encoding of an element, header included."""
-    return data[item[3]:item[2]]
-
-
-def _at_most(items, most, what):
-    """items, a list read from a certificate, unless it holds more than most."""
-    if len(items) > most:
-        raise ParseError("malformed certificate: more than %d %s" % (most, what))
-    return items
-
-
-def parse_chain(ders, where):
-    """Every certificate of a chain; a malformed one is named by where and position."""
-    certs = []
-    for index, der in enumerate(ders):
-        try:
-            certs.append(parse_certificate(der))
-        except ParseError as exc:
-            raise ParseError("%s: certificate %d of %d: %s" % (where, index + 1, len(ders),
-                                                                exc))
-    return certs
+def _integer(data, item, most, what):
+    """A DER INTEGER (signed, minimally encoded) as an int of at most most bits (its
+    sign aside); what it is, for the error."""
+    raw = data[item[1]:item[2]]
+    if item[0] != DER_INTEGER or not raw or len(raw) > 1 and (
+            raw[0] == 0 and raw[1] < 0x80 or raw[0] == 0xFF and raw[1] >= 0x80):
+        raise ParseError("malformed certificate: bad INTEGER")
+    value = int.from_bytes(raw, "big", signed=True) if len(raw) <= most // 8 + 1 else None
+    if value is None or abs(value).bit_length() > most:
+        raise ParseError("malformed certificate: %s of more than %d bits" % (what, most))
+    return value
 
 
 def _check_version(der, tbs_item):
@@ -901,24 +919,6 @@ def _check_version(der, tbs_item):
             if len(inner) == 1 else -1
         if number not in (1, 2):
             raise ParseError("malformed certificate: X.509 version %d" % (number + 1))
-
-
-def _extensions(der, tbs):
-    """(OID as DER, value) of each extension, in order; ParseError for one that
-    appears twice (RFC 5280 4.2) or a "critical" FALSE written out (DER omits a
-    default)."""
-    seen = set()
-    for item in tbs[6:]:
-        if item[0] != DER_EXTENSIONS:
-            continue
-        for extension in _at_most(_children(der, _children(der, item, DER_EXTENSIONS, 1)[0],
-                                            DER_SEQUENCE), MAX_EXTENSIONS, "extensions"):
-            fields = _children(der, extension, DER_SEQUENCE, 2)
-            name, oid = _oid(der, fields[0]), _element(der, fields[0])
-            if oid in seen or len(fields) > 3 or len(fields) == 3 and not _boolean(der, fields[1]):
-                raise ParseError("malformed certificate: bad or repeated extension %s" % name)
-            seen.add(oid)
-            yield oid, fields[-1]
 
 
 def _oid(data, item):
@@ -947,17 +947,83 @@ def _oid(data, item):
     return ".".join(str(arc) for arc in [first, arcs[0] - 40 * first] + arcs[1:])
 
 
-def _integer(data, item, most, what):
-    """A DER INTEGER (signed, minimally encoded) as an int of at most most bits (its
-    sign aside); what it is, for the error."""
-    raw = data[item[1]:item[2]]
-    if item[0] != DER_INTEGER or not raw or len(raw) > 1 and (
-            raw[0] == 0 and raw[1] < 0x80 or raw[0] == 0xFF and raw[1] >= 0x80):
-        raise ParseError("malformed certificate: bad INTEGER")
-    value = int.from_bytes(raw, "big", signed=True) if len(raw) <= most // 8 + 1 else None
-    if value is None or abs(value).bit_length() > most:
-        raise ParseError("malformed certificate: %s of more than %d bits" % (what, most))
-    return value
+def _signature_algorithm(data, item):
+    """The name of a signature AlgorithmIdentifier; ParseError if its parameters are
+    present where the algorithm has none."""
+    fields = _children(data, item, DER_SEQUENCE, 1)
+    oid = _oid(data, fields[0])
+    if len(fields) > 1 and oid in SIGNATURES_WITHOUT_PARAMETERS:
+        raise ParseError("malformed certificate: parameters with %s" % OID_SIGNATURES[oid])
+    return OID_SIGNATURES.get(oid, oid)
+
+
+def _element(data, item):
+    """The whole encoding of an element, header included."""
+    return data[item[3]:item[2]]
+
+
+def _ec_curve(data, parameters):
+    """(name, bits) of an EC key's curve: a named curve, or explicit parameters."""
+    if parameters is not None and parameters[0] == DER_OID:
+        curve = _oid(data, parameters)
+        return OID_CURVES.get(curve, (curve, 0))
+    if parameters is None or parameters[0] != DER_SEQUENCE:
+        raise ParseError("malformed certificate: EC key without its curve")
+    fields = _children(data, parameters, DER_SEQUENCE, 5)   # version, field, curve, G, n
+    field = _children(data, fields[1], DER_SEQUENCE, 2)
+    coefficients = _children(data, fields[2], DER_SEQUENCE, 2)
+    if _oid(data, field[0]) != OID_PRIME_FIELD:
+        return "explicit binary-field curve", 0
+    prime = _integer(data, field[1], MAX_EC_FIELD_BITS, "EC field prime")
+    if any(c[2] - c[1] > (MAX_EC_FIELD_BITS + 7) // 8 for c in coefficients[:2]):
+        raise ParseError("malformed certificate: EC curve coefficient of more than %d bits"
+                         % MAX_EC_FIELD_BITS)
+    a, b = (int.from_bytes(data[c[1]:c[2]], "big") for c in coefficients[:2])
+    curve = EC_EXPLICIT_CURVES.get((prime, a, b))
+    return OID_CURVES[curve] if curve else ("explicit curve", max(prime.bit_length(), 0))
+
+
+def _wrapped(data, item, tag):
+    """The single element held inside an OCTET STRING or BIT STRING."""
+    start = item[1] + (1 if item[0] == DER_BIT_STRING else 0)
+    if item[0] != tag or start > item[2]:
+        raise ParseError("malformed certificate: unexpected DER tag 0x%02x" % item[0])
+    inner = _tlv(data, start, item[2])
+    if inner[2] != item[2]:
+        raise ParseError("malformed certificate: trailing bytes in DER")
+    return inner
+
+
+def _public_key(cert, data, item):
+    cert.spki = _element(data, item)
+    algorithm, key = _children(data, item, DER_SEQUENCE, 2)[:2]
+    algorithm = _children(data, algorithm, DER_SEQUENCE, 1)
+    oid = _oid(data, algorithm[0])
+    parameters = algorithm[1] if len(algorithm) > 1 else None
+    if oid in (OID_RSA, OID_RSA_PSS):
+        modulus = _children(data, _wrapped(data, key, DER_BIT_STRING), DER_SEQUENCE, 2)[0]
+        cert.key_type = "RSA" if oid == OID_RSA else "RSA-PSS"
+        cert.key_bits = _integer(data, modulus, MAX_RSA_BITS, "RSA modulus").bit_length()
+    elif oid == OID_EC:
+        name, cert.key_bits = _ec_curve(data, parameters)
+        cert.key_type = "EC " + name
+    elif oid == OID_DSA:
+        if parameters is None:   # "inherited from the issuer": RFC 3279 allows, nobody reads it
+            raise ParseError("malformed certificate: DSA key without its parameters")
+        prime = _children(data, parameters, DER_SEQUENCE, 3)[0]
+        cert.key_type = "DSA"
+        cert.key_bits = _integer(data, prime, MAX_DSA_BITS, "DSA prime").bit_length()
+    elif oid in OID_EDWARDS:
+        cert.key_type, cert.key_bits = OID_EDWARDS[oid]
+    else:
+        cert.key_type = oid
+
+
+def _at_most(items, most, what):
+    """items, a list read from a certificate, unless it holds more than most."""
+    if len(items) > most:
+        raise ParseError("malformed certificate: more than %d %s" % (most, what))
+    return items
 
 
 def _boolean(data, item):
@@ -965,6 +1031,24 @@ def _boolean(data, item):
     if item[0] != DER_BOOLEAN or raw not in (b"\0", DER_TRUE):
         raise ParseError("malformed certificate: bad BOOLEAN")
     return raw == DER_TRUE
+
+
+def _extensions(der, tbs):
+    """(OID as DER, value) of each extension, in order; ParseError for one that
+    appears twice (RFC 5280 4.2) or a "critical" FALSE written out (DER omits a
+    default)."""
+    seen = set()
+    for item in tbs[6:]:
+        if item[0] != DER_EXTENSIONS:
+            continue
+        for extension in _at_most(_children(der, _children(der, item, DER_EXTENSIONS, 1)[0],
+                                            DER_SEQUENCE), MAX_EXTENSIONS, "extensions"):
+            fields = _children(der, extension, DER_SEQUENCE, 2)
+            name, oid = _oid(der, fields[0]), _element(der, fields[0])
+            if oid in seen or len(fields) > 3 or len(fields) == 3 and not _boolean(der, fields[1]):
+                raise ParseError("malformed certificate: bad or repeated extension %s" % name)
+            seen.add(oid)
+            yield oid, fields[-1]
 
 
 def _hex_element(data, item):
@@ -1020,6 +1104,12 @@ def _name(data, item):
     return ", ".join(rdns)
 
 
+def _days_in_month(year, month):
+    if month == 2:
+        return 29 if year % 4 == 0 and (year % 100 != 0 or year % 400 == 0) else 28
+    return 30 if month in (4, 6, 9, 11) else 31
+
+
 def _days_from_civil(year, month, day):
     """Days since 1970-01-01 of a proleptic Gregorian date (no calendar import)."""
     year -= month <= 2
@@ -1028,12 +1118,6 @@ def _days_from_civil(year, month, day):
     day_of_year = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
     day_of_era = year_of_era * 365 + year_of_era // 4 - year_of_era // 100 + day_of_year
     return era * 146097 + day_of_era - 719468
-
-
-def _days_in_month(year, month):
-    if month == 2:
-        return 29 if year % 4 == 0 and (year % 100 != 0 or year % 400 == 0) else 28
-    return 30 if month in (4, 6, 9, 11) else 31
 
 
 def _time(data, item):
@@ -1055,62 +1139,6 @@ def _time(data, item):
     return _days_from_civil(year, month, day) * DAY + hour * HOUR + minute * MINUTE + second
 
 
-def _ec_curve(data, parameters):
-    """(name, bits) of an EC key's curve: a named curve, or explicit parameters."""
-    if parameters is not None and parameters[0] == DER_OID:
-        curve = _oid(data, parameters)
-        return OID_CURVES.get(curve, (curve, 0))
-    if parameters is None or parameters[0] != DER_SEQUENCE:
-        raise ParseError("malformed certificate: EC key without its curve")
-    fields = _children(data, parameters, DER_SEQUENCE, 5)   # version, field, curve, G, n
-    field = _children(data, fields[1], DER_SEQUENCE, 2)
-    coefficients = _children(data, fields[2], DER_SEQUENCE, 2)
-    if _oid(data, field[0]) != OID_PRIME_FIELD:
-        return "explicit binary-field curve", 0
-    prime = _integer(data, field[1], MAX_EC_FIELD_BITS, "EC field prime")
-    if any(c[2] - c[1] > (MAX_EC_FIELD_BITS + 7) // 8 for c in coefficients[:2]):
-        raise ParseError("malformed certificate: EC curve coefficient of more than %d bits"
-                         % MAX_EC_FIELD_BITS)
-    a, b = (int.from_bytes(data[c[1]:c[2]], "big") for c in coefficients[:2])
-    curve = EC_EXPLICIT_CURVES.get((prime, a, b))
-    return OID_CURVES[curve] if curve else ("explicit curve", max(prime.bit_length(), 0))
-
-
-def _public_key(cert, data, item):
-    cert.spki = _element(data, item)
-    algorithm, key = _children(data, item, DER_SEQUENCE, 2)[:2]
-    algorithm = _children(data, algorithm, DER_SEQUENCE, 1)
-    oid = _oid(data, algorithm[0])
-    parameters = algorithm[1] if len(algorithm) > 1 else None
-    if oid in (OID_RSA, OID_RSA_PSS):
-        modulus = _children(data, _wrapped(data, key, DER_BIT_STRING), DER_SEQUENCE, 2)[0]
-        cert.key_type = "RSA" if oid == OID_RSA else "RSA-PSS"
-        cert.key_bits = _integer(data, modulus, MAX_RSA_BITS, "RSA modulus").bit_length()
-    elif oid == OID_EC:
-        name, cert.key_bits = _ec_curve(data, parameters)
-        cert.key_type = "EC " + name
-    elif oid == OID_DSA:
-        if parameters is None:   # "inherited from the issuer": RFC 3279 allows, nobody reads it
-            raise ParseError("malformed certificate: DSA key without its parameters")
-        prime = _children(data, parameters, DER_SEQUENCE, 3)[0]
-        cert.key_type = "DSA"
-        cert.key_bits = _integer(data, prime, MAX_DSA_BITS, "DSA prime").bit_length()
-    elif oid in OID_EDWARDS:
-        cert.key_type, cert.key_bits = OID_EDWARDS[oid]
-    else:
-        cert.key_type = oid
-
-
-def _signature_algorithm(data, item):
-    """The name of a signature AlgorithmIdentifier; ParseError if its parameters are
-    present where the algorithm has none."""
-    fields = _children(data, item, DER_SEQUENCE, 1)
-    oid = _oid(data, fields[0])
-    if len(fields) > 1 and oid in SIGNATURES_WITHOUT_PARAMETERS:
-        raise ParseError("malformed certificate: parameters with %s" % OID_SIGNATURES[oid])
-    return OID_SIGNATURES.get(oid, oid)
-
-
 def _ia5_text(raw):
     """An IA5String of a subjectAltName: UTF-8 read as such (as pyca/cryptography does),
     any other byte beyond ASCII as \\xNN, never replaced."""
@@ -1129,7 +1157,8 @@ def _general_name(data, item):
     if name_type == "IP":
         if len(raw) not in (4, 16):
             raise ParseError("malformed certificate: IP address of %d bytes" % len(raw))
-        return name_type, socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
+        family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
+        return name_type, socket.inet_ntop(family, raw)
     if name_type == "RID":
         return name_type, _oid(data, (DER_OID,) + tuple(item[1:]))
     if name_type == "DirName":
@@ -1146,6 +1175,25 @@ def _general_name(data, item):
     if name_type:
         return name_type, "#" + binascii.hexlify(raw).decode("ascii")
     raise ParseError("malformed certificate: subjectAltName entry with tag 0x%02x" % item[0])
+
+
+def _crl_urls(data, value):
+    """The URIs in the fullName of each DistributionPoint (RFC 5280 4.2.1.13), in
+    order. The other forms (a name relative to the CRL issuer, reasons, cRLIssuer)
+    carry no URL. At most MAX_CRL_NAMES points, and names in all of their fullNames."""
+    points = _at_most(_children(data, _wrapped(data, value, DER_OCTET_STRING), DER_SEQUENCE,
+                                1), MAX_CRL_NAMES, "CRL distribution points")
+    names = []
+    for point in points:
+        for field in _children(data, point, DER_SEQUENCE):
+            if field[0] != 0xA0:                  # [0] distributionPoint
+                continue
+            name = _children(data, field, 0xA0, 1)[0]
+            if name[0] == 0xA0:                   # [0] fullName: GeneralNames
+                names += _children(data, name, 0xA0, 1)
+        _at_most(names, MAX_CRL_NAMES, "names in CRL distribution points")
+    return [text for name_type, text in (_general_name(data, name) for name in names)
+            if name_type == "URI"]
 
 
 def _extension(cert, data, oid, value):
@@ -1175,23 +1223,47 @@ def _extension(cert, data, oid, value):
         cert.crl_urls = _crl_urls(data, value)
 
 
-def _crl_urls(data, value):
-    """The URIs in the fullName of each DistributionPoint (RFC 5280 4.2.1.13), in
-    order. The other forms (a name relative to the CRL issuer, reasons, cRLIssuer)
-    carry no URL. At most MAX_CRL_NAMES points, and names in all of their fullNames."""
-    points = _at_most(_children(data, _wrapped(data, value, DER_OCTET_STRING), DER_SEQUENCE,
-                                1), MAX_CRL_NAMES, "CRL distribution points")
-    names = []
-    for point in points:
-        for field in _children(data, point, DER_SEQUENCE):
-            if field[0] != 0xA0:                  # [0] distributionPoint
-                continue
-            name = _children(data, field, 0xA0, 1)[0]
-            if name[0] == 0xA0:                   # [0] fullName: GeneralNames
-                names += _children(data, name, 0xA0, 1)
-        _at_most(names, MAX_CRL_NAMES, "names in CRL distribution points")
-    return [text for name_type, text in (_general_name(data, name) for name in names)
-            if name_type == "URI"]
+def parse_certificate(der):
+    """Read one DER certificate whole; ParseError if any part is malformed or beyond
+    the reader's bounds (MAX_CERTIFICATE and the others)."""
+    cert = Certificate(bytes(der))
+    der = cert.der
+    if len(der) > MAX_CERTIFICATE:
+        raise ParseError("malformed certificate: %d bytes, more than %d" % (
+            len(der), MAX_CERTIFICATE))
+    top = _tlv(der, 0, len(der))
+    if top[2] != len(der):
+        raise ParseError("malformed certificate: trailing bytes after the certificate")
+    outer = _children(der, top, DER_SEQUENCE, 3)
+    tbs = _children(der, outer[0], DER_SEQUENCE, 6)
+    if tbs[0][0] == DER_VERSION:
+        tbs = tbs[1:]
+    if len(tbs) < 6 or tbs[0][0] != DER_INTEGER or any(t[0] != DER_SEQUENCE for t in tbs[1:6]):
+        raise ParseError("malformed certificate: bad TBSCertificate")
+    _check_version(der, outer[0])
+    cert.serial = _integer(der, tbs[0], MAX_SERIAL_BITS, "serial number")
+    cert.signature_algorithm = _signature_algorithm(der, outer[1])
+    _signature_algorithm(der, tbs[1])
+    cert.issuer_der, cert.subject_der = _element(der, tbs[2]), _element(der, tbs[4])
+    cert.issuer, cert.subject = _name(der, tbs[2]), _name(der, tbs[4])
+    times = _children(der, tbs[3], DER_SEQUENCE, 2)
+    cert.not_before, cert.not_after = _time(der, times[0]), _time(der, times[1])
+    _public_key(cert, der, tbs[5])
+    for oid, value in _extensions(der, tbs):
+        _extension(cert, der, oid, value)
+    return cert
+
+
+def parse_chain(ders, where):
+    """Every certificate of a chain; a malformed one is named by where and position."""
+    certs = []
+    for index, der in enumerate(ders):
+        try:
+            certs.append(parse_certificate(der))
+        except ParseError as exc:
+            raise ParseError("%s: certificate %d of %d: %s" % (where, index + 1, len(ders),
+                                                                exc))
+    return certs
 
 
 def der_to_pem(der):
@@ -1231,18 +1303,6 @@ def pem_to_ders(text):
             der = der[:_tlv(der, 0, len(der))[2]]
         ders.append(der)
         pos = stop + len(label) + 14
-
-
-def format_time(epoch):
-    """RFC 3339 UTC, the year always in four digits (strftime's %Y is not, below 1000)."""
-    return "%04d-%02d-%02dT%02d:%02d:%02dZ" % time.gmtime(epoch)[:6]
-
-
-def printable(text):
-    """Text from a certificate, safe for a terminal: control characters (and the
-    backslash, so that an escape cannot be faked) written as escapes."""
-    return "".join(c if c.isprintable() and c != "\\" else "\\x%02x" % ord(c) if ord(c) < 256
-                   else "\\u%04x" % ord(c) for c in text)
 
 
 # Codes of chain problems: how the served chain differed from the chain files get. Decisions
@@ -1301,9 +1361,408 @@ def chain_from_names(certs):
 
 
 # ---------------------------------------------------------------------------
-# Keys: --key-path, read once; matched against the leaf before anything is written.
+# Local files: paths other local users can reach, the one bounded reader of
+# files, and temporary files written whole. Keys and --config are read here; the
+# outputs are checked here before any connection, and written by Install.
 # ---------------------------------------------------------------------------
 
+# Paths other local users can reach. As OpenSSH's StrictModes and logrotate do, certgrab
+# writes only where no other user can change what it writes: every directory from / to
+# the file belongs to root or to the user certgrab runs as, and is not writable by group
+# or others, except a sticky directory such as /tmp for the entries in it that root or
+# that user own (systemd's CHASE_SAFE rule). No other user can then rename, replace or
+# add anything along the path, so what was checked is what gets written: the check and
+# the write are no race. A symbolic link is followed only when root or that user owns it
+# and no other user could have put it there.
+
+KEY_CONTENTS = ("combined", "privkey")     # the outputs that hold the private key
+
+
+def trusted_users(owner=-1):
+    """The uids whose files and directories certgrab trusts: root and the user it runs
+    as, and for an existing output file also --owner's (owner, -1 when not given)."""
+    return frozenset(uid for uid in (0, os.geteuid(), owner) if uid != -1)
+
+
+def user_name(uid):
+    """uid's login name for messages, or its number where no name is known."""
+    try:
+        import pwd
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
+
+
+def _exposed(directory):
+    """True when users other than its owner may add and remove entries in directory (an
+    lstat result)."""
+    return bool(directory.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+def _safe_entry(parent, entry, trusted):
+    """True when no user outside trusted can replace entry (an lstat result; None: it is
+    missing, and certgrab would make it) in the directory parent."""
+    if parent.st_uid not in trusted:
+        return False
+    if not _exposed(parent):
+        return True
+    return bool(parent.st_mode & stat.S_ISVTX) and (entry is None or entry.st_uid in trusted)
+
+
+def _unsafe_entry(doing, directory, parent, entry, here):
+    """The RefusedError for an entry that _safe_entry found another user could replace."""
+    if parent.st_uid not in trusted_users():
+        return RefusedError("%s: the directory %s belongs to %s, who could change what is in "
+                            "it" % (doing, directory, user_name(parent.st_uid)),
+                            hint="chown root %s, or choose a directory only root can "
+                                 "change" % directory)
+    if not parent.st_mode & stat.S_ISVTX:
+        return RefusedError("%s: the directory %s is writable by group or others (mode %04o)"
+                            % (doing, directory, stat.S_IMODE(parent.st_mode)),
+                            hint="chmod go-w %s" % directory)
+    return RefusedError("%s: %s, in the sticky directory %s, belongs to %s" % (
+        doing, here, directory, user_name(entry.st_uid)),
+        hint="choose a path outside %s, or remove %s" % (directory, here))
+
+
+def _lstat(path, doing):
+    """os.lstat(path), None when missing; WriteError when it cannot be looked at."""
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise WriteError("%s: cannot look at %s: %s" % (doing, path, exc.strerror or exc))
+
+
+def _names(path):
+    """The names in path, without the empty ones and "."."""
+    return [name for name in path.split("/") if name not in ("", ".")]
+
+
+def _link_target(doing, link, entry, safe, hops):
+    """Where the symbolic link points, if resolve_path may follow it."""
+    if entry.st_uid not in trusted_users():
+        raise RefusedError("%s: the symbolic link %s belongs to %s" % (
+            doing, link, user_name(entry.st_uid)), hint="remove it, or chown -h root %s "
+                                                         "if root made it" % link)
+    if not safe:
+        raise RefusedError("%s: the symbolic link %s is in a directory other users can "
+                           "change" % (doing, link), hint="name the path it points to")
+    if hops > LINK_HOPS:
+        raise WriteError("%s: more than %d symbolic links" % (doing, LINK_HOPS))
+    try:
+        return os.readlink(link)
+    except OSError as exc:
+        raise WriteError("%s: cannot read the link %s: %s" % (doing, link, exc.strerror or exc))
+
+
+def resolve_path(path, doing, strict=True):
+    """path resolved one name at a time from /, as the kernel would: (real path, lstat of
+    its last entry or None when missing, whether other users may add entries beside it).
+    A missing name ends the walk (certgrab would make the rest, in a directory of its
+    own where more names follow). A symbolic link is
+    followed only when root or this user owns it and no other user could have put it
+    there; with strict, every entry on the way must be safe (_safe_entry). Otherwise
+    RefusedError, doing saying what was refused ("cannot write FILE")."""
+    trusted, hops = trusted_users(), 0
+    names = _names(path if path.startswith("/") else os.path.join(os.getcwd(), path))
+    real, parent = "/", _lstat("/", doing)
+    while names:
+        name = names.pop(0)
+        if name == "..":            # real holds no link: its parent is its dirname
+            real = os.path.dirname(real)
+            parent = _lstat(real, doing)
+            continue
+        here = os.path.join(real, name)
+        entry = _lstat(here, doing)
+        safe = _safe_entry(parent, entry, trusted)
+        if strict and not safe:
+            raise _unsafe_entry(doing, real, parent, entry, here)
+        if entry is None:                       # certgrab would make the rest
+            if ".." in names:
+                raise WriteError("%s: %s does not exist" % (doing, here))
+            return os.path.join(here, *names), None, not names and _exposed(parent)
+        if stat.S_ISLNK(entry.st_mode):
+            hops += 1
+            link_target = _link_target(doing, here, entry, safe, hops)
+            names = _names(link_target) + names
+            if link_target.startswith("/"):
+                real, parent = "/", _lstat("/", doing)
+        elif names and not stat.S_ISDIR(entry.st_mode):
+            raise WriteError("%s: %s is not a directory" % (doing, here))
+        elif names:
+            real, parent = here, entry
+        else:
+            return here, entry, _exposed(parent)
+    return real, parent, False
+
+
+def _file_type(entry):
+    mode = entry.st_mode
+    return "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else \
+        "a device"
+
+
+def resolve_output(path, content, owner):
+    """(real path, lstat or None) of an output, resolved strictly (resolve_path), and
+    more: its directory is no place others may add files to, not even a sticky one (one
+    could take the file's name, or its lock's, first); an existing file is a regular file
+    owned by root, this user or --owner (owner: its uid or -1), and one that holds the
+    private key is not open to others: such a file is refused, never reused."""
+    doing = "cannot write %s" % path
+    real, entry, exposed = resolve_path(path, doing)
+    if exposed:
+        raise RefusedError("%s: other users may create files in %s; one could take the "
+                           "name of the file, or of its lock, first" % (
+                               doing, os.path.dirname(real)),
+                           hint="write into a directory that only root can write")
+    if entry is None:
+        return real, None
+    it = "it" if real == os.path.abspath(path) else "its target %s" % real
+    if stat.S_ISDIR(entry.st_mode):
+        raise WriteError("%s: %s is a directory" % (doing, it))
+    if not stat.S_ISREG(entry.st_mode):
+        raise RefusedError("%s: %s is %s, not a regular file" % (doing, it, _file_type(entry)),
+                           hint="remove it: certgrab replaces regular files only")
+    if entry.st_uid not in trusted_users(owner):
+        raise RefusedError("%s: %s belongs to %s; an existing file keeps its owner only when "
+                           "that is root, the user certgrab runs as or --owner" % (
+                               doing, it, user_name(entry.st_uid)),
+                           hint="chown root %s, or remove it" % real)
+    if content in KEY_CONTENTS and entry.st_mode & stat.S_IRWXO:
+        raise RefusedError("%s: %s holds the private key, and other users may read it (mode "
+                           "%04o)" % (doing, it, stat.S_IMODE(entry.st_mode)),
+                           hint="chmod 600 %s, and count the key as exposed" % real)
+    return real, entry
+
+
+def resolve_outputs(plan, owner):
+    """[(path as named, real path, content)] of the planned outputs, each checked."""
+    return [(path, resolve_output(path, content, owner)[0], content) for path, content in plan]
+
+
+def plan_outputs(out_dir, paths, key_paths, privkey=False, owner=-1):
+    """(path, content) for every file asked for, checked before any network I/O:
+    --out-dir's files (and privkey.pem with --privkey), then paths, a dict of
+    content ("cert", "chain", "fullchain", "combined") to the file named by its
+    --KIND-path (or None). Only privkey.pem may be a --key-path file itself:
+    it then gets the key the new leaf matches, in the same set. Every output
+    must be safe from other users (resolve_output; owner: --owner's uid or -1)."""
+    plan = []
+    if out_dir:
+        plan += [(os.path.join(out_dir, name), name[:-4]) for name in OUT_DIR_FILES]
+    if out_dir and privkey:
+        plan.append((os.path.join(out_dir, PRIVKEY_FILE), "privkey"))
+    for content in ("cert", "chain", "fullchain", "combined"):
+        if paths[content]:
+            plan.append((paths[content], content))
+    absolute = [os.path.realpath(path) for path, _ in plan]
+    if len(set(absolute)) != len(absolute):
+        raise UsageError("two outputs name the same file")
+    for key_path in key_paths:
+        if any(path == os.path.realpath(key_path) and content != "privkey"
+               for path, (_, content) in zip(absolute, plan)):
+            raise UsageError("an output would overwrite the --key-path file %s" % key_path,
+                             options=("--key-path",))
+    resolve_outputs(plan, owner)
+    return tuple(plan)
+
+
+def make_directory(directory):
+    try:
+        os.makedirs(directory, DIR_MODE, exist_ok=True)
+    except OSError as exc:
+        raise WriteError("cannot create directory %s: %s" % (directory, exc.strerror or exc))
+
+
+def read_file(path, limit, output=False, kept=False):
+    """The one bounded reader of local files: at most limit + 1 bytes of path, so that
+    the caller can tell a file larger than limit. OSError when it cannot be read.
+
+    Two rules, since the files are of two kinds. An input, named by the user who runs
+    certgrab (a key, --config, a SOURCE, /proc), is opened as named: through links
+    (certbot's live/ holds links), and a pipe (--key-password-file <(...)) is read
+    too. An output (output), or a file certgrab keeps beside the outputs or in
+    --cache-dir (kept), lies where certgrab writes: it is opened without following a
+    link or waiting on a FIFO and checked with fstat (OSError when it is a link or not
+    a regular file; None when it is missing), and a kept one is refused (RefusedError)
+    unless it is this user's and no one else may write it."""
+    if not (output or kept):
+        with open(path, "rb") as handle:
+            return handle.read(limit + 1)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        writable = found.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if kept and (found.st_uid != os.geteuid() or writable):
+            raise RefusedError("%s is not a file certgrab wrote: it %s" % (
+                path, "belongs to %s" % user_name(found.st_uid) if found.st_uid != os.geteuid()
+                else "is writable by group or others (mode %04o)" % stat.S_IMODE(found.st_mode)))
+        return handle.read(limit + 1)
+
+
+def read_input(path, option):
+    """The file named by option (--key-path, --config...), of at most MAX_FILE bytes."""
+    try:
+        data = read_file(path, MAX_FILE)
+    except OSError as exc:
+        raise InputError("cannot read %s %s: %s" % (option, path, exc.strerror or exc),
+                         options=(option,))
+    if len(data) > MAX_FILE:
+        raise UsageError("%s %s: larger than %d bytes" % (option, path, MAX_FILE),
+                         options=(option,))
+    return data
+
+
+def read_existing(path):
+    """An output's bytes (read_file); None when it is missing or unreadable (it is then
+    rewritten)."""
+    try:
+        return read_file(path, MAX_FILE, output=True)
+    except OSError:
+        return None
+
+
+def close_emptied(fd):
+    """Close a temporary file of ours after emptying it (it may hold a private key)."""
+    for step in (lambda: os.ftruncate(fd, 0), lambda: os.close(fd)):
+        try:
+            step()
+        except OSError:
+            pass
+
+
+def discard_temp(path, dir_fd=None):
+    """Remove a temporary file of ours; if it cannot go, at least empty it (but not a
+    metrics temp, in dir_fd: it holds nothing secret). True if gone."""
+    try:
+        os.unlink(path, dir_fd=dir_fd)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        pass
+    if dir_fd is None:
+        try:
+            os.truncate(path, 0)
+        except OSError:
+            pass
+    return False
+
+
+def write_temp_file(directory, name, data, mode=PRIVATE_MODE, owner=None, mtime=None,
+                    dir_fd=None):
+    """A new file "." + name + TEMP_MARK + random in directory, written and fsynced;
+    with dir_fd, in the directory open there (the name returned is then relative to it).
+    Created exclusively: a link or file planted at its name is never used.
+
+    On any failure the file is emptied and removed: it may hold a private key.
+    """
+    temp = "." + name + TEMP_MARK + binascii.hexlify(os.urandom(6)).decode("ascii")
+    if dir_fd is None:
+        temp = os.path.join(directory, temp)
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PRIVATE_MODE,
+                 dir_fd=dir_fd)
+    try:
+        if owner is not None and owner != (-1, -1):
+            os.fchown(fd, owner[0], owner[1])
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if mtime is not None:
+            os.utime(fd, (mtime, mtime))
+        os.fsync(fd)
+    except OSError:
+        close_emptied(fd)
+        discard_temp(temp, dir_fd)
+        raise
+    try:
+        os.close(fd)
+    except OSError:
+        discard_temp(temp, dir_fd)
+        raise
+    return temp
+
+
+def remove_quietly(path, dir_fd=None):
+    """Remove a scratch file that holds nothing secret (key_matches' public
+    certificate, an old metrics file's temp); a failure changes nothing."""
+    try:
+        os.unlink(path, dir_fd=dir_fd)
+    except OSError:
+        pass
+
+
+def sync_directory(directory, reporter, dir_fd=None):
+    """Make the renames durable (dir_fd: the directory, open); say so when the
+    filesystem refuses (-v)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY) if dir_fd is None else dir_fd
+        try:
+            os.fsync(fd)
+        finally:
+            if dir_fd is None:
+                os.close(fd)
+    except OSError as exc:
+        reporter.info("cannot fsync directory %s (%s): the new files are in place, but a "
+                      "power failure now could bring back old ones" % (
+                          directory, exc.strerror or exc))
+
+
+def previous_path(path):
+    """Where keep_previous keeps an output's version from before an unconfirmed install."""
+    return os.path.join(os.path.dirname(path), "." + os.path.basename(path) + PREVIOUS_MARK)
+
+
+def rolled_back_path(plan):
+    """The record of the leaf that was rolled back: beside the first output."""
+    first = plan[0][1]
+    return os.path.join(os.path.dirname(first), "." + os.path.basename(first) + ROLLED_BACK_MARK)
+
+
+def read_kept(path, hint):
+    """A file certgrab keeps beside the outputs (PREVIOUS_MARK, ROLLED_BACK_MARK); None
+    when there is none. Read as outputs are (read_file), and only when it is a
+    regular file of this user's that no one else may write: anything else is refused.
+    hint: what a failure leaves, for its message."""
+    try:
+        return read_file(path, MAX_FILE, kept=True)
+    except RefusedError as exc:
+        raise RefusedError(str(exc), hint="remove it; %s" % hint)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EINVAL):    # O_NOFOLLOW met a link; not regular
+            raise RefusedError("%s is not a file certgrab wrote: it is %s" % (
+                path, "a symbolic link" if exc.errno == errno.ELOOP else "not a regular file"),
+                hint="remove it; %s" % hint)
+        raise WriteError("cannot read %s: %s" % (path, exc.strerror or exc), hint=hint)
+
+
+def write_kept(path, name, data, hint, reporter):
+    """Replace path (beside an output) with data, 0600, as install_files writes: a
+    temporary file created exclusively ("." + name + TEMP_MARK, which the next run
+    removes if this one dies), fsynced, renamed, the directory synced. hint: what a
+    failure leaves, for its message."""
+    temp = None
+    try:
+        temp = write_temp_file(os.path.dirname(path), name, data, PRIVATE_MODE)
+        os.replace(temp, path)
+    except OSError as exc:
+        if temp is not None:
+            discard_temp(temp)
+        raise WriteError("cannot write %s: %s" % (path, exc.strerror or exc), hint=hint)
+    sync_directory(os.path.dirname(path), reporter)
+
+
+# ---------------------------------------------------------------------------
+# Keys: --key-path, read once; matched against the leaf before anything is written.
+# ---------------------------------------------------------------------------
 
 class PrivateKey(object):
     """--key-path: the PEM as read, and its public key where certgrab can derive it.
@@ -1321,6 +1780,59 @@ class PrivateKey(object):
     @property
     def spki_sha256(self):
         return hashlib.sha256(self.spki).hexdigest() if self.spki else None
+
+
+def _der(tag, content):
+    size = len(content)
+    if size < 0x80:
+        return bytes([tag, size]) + content
+    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(length)]) + length + content
+
+
+RSA_ALGORITHM = bytes.fromhex("300d06092a864886f70d0101010500")   # rsaEncryption, NULL
+
+
+def _rsa_spki(der, item):
+    fields = _children(der, item, DER_SEQUENCE, 3)              # version, n, e, ...
+    public = _der(DER_SEQUENCE, _element(der, fields[1]) + _element(der, fields[2]))
+    return _der(DER_SEQUENCE, RSA_ALGORITHM + _der(DER_BIT_STRING, b"\0" + public))
+
+
+EC_ALGORITHM_OID = bytes.fromhex("06072a8648ce3d0201")            # id-ecPublicKey
+
+
+def _ec_spki(der, item, curve):
+    point = None
+    for field in _children(der, item, DER_SEQUENCE, 2)[2:]:   # [0] curve, [1] public key
+        inner = _tlv(der, field[1], field[2])
+        if field[0] == 0xA0:
+            curve = curve or _element(der, inner)
+        elif field[0] == 0xA1 and inner[0] == DER_BIT_STRING:
+            point = der[inner[1]:inner[2]]
+    if curve is None or point is None:
+        return None                                           # OpenSSL will decide
+    algorithm = _der(DER_SEQUENCE, EC_ALGORITHM_OID + curve)
+    return _der(DER_SEQUENCE, algorithm + _der(DER_BIT_STRING, point))
+
+
+def _key_public_info(label, der):
+    """(algorithm, SubjectPublicKeyInfo DER) of an unencrypted key; (None, None) if
+    unknown."""
+    top = _tlv(der, 0, len(der))
+    if label == "RSA PRIVATE KEY":
+        return "RSA", _rsa_spki(der, top)
+    if label == "EC PRIVATE KEY":
+        return "EC", _ec_spki(der, top, None)
+    fields = _children(der, top, DER_SEQUENCE, 3)               # PKCS#8
+    algorithm = _children(der, fields[1], DER_SEQUENCE, 1)
+    inner = _wrapped(der, fields[2], DER_OCTET_STRING)
+    oid = _oid(der, algorithm[0])
+    if oid == OID_RSA:
+        return "RSA", _rsa_spki(der, inner)
+    if oid == OID_EC and len(algorithm) > 1:
+        return "EC", _ec_spki(der, inner, _element(der, algorithm[1]))
+    return None, None
 
 
 def read_private_key(path, password_path):
@@ -1358,70 +1870,6 @@ def read_private_key(path, password_path):
         raise UsageError("--key-path %s: malformed private key" % path,
                          options=("--key-path",))
     return key
-
-
-def read_input(path, option):
-    """The file named by option (--key-path, --config...), of at most MAX_FILE bytes."""
-    try:
-        data = read_file(path, MAX_FILE)
-    except OSError as exc:
-        raise InputError("cannot read %s %s: %s" % (option, path, exc.strerror or exc),
-                         options=(option,))
-    if len(data) > MAX_FILE:
-        raise UsageError("%s %s: larger than %d bytes" % (option, path, MAX_FILE),
-                         options=(option,))
-    return data
-
-
-RSA_ALGORITHM = bytes.fromhex("300d06092a864886f70d0101010500")   # rsaEncryption, NULL
-EC_ALGORITHM_OID = bytes.fromhex("06072a8648ce3d0201")            # id-ecPublicKey
-
-
-def _der(tag, content):
-    size = len(content)
-    if size < 0x80:
-        return bytes([tag, size]) + content
-    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(length)]) + length + content
-
-
-def _key_public_info(label, der):
-    """(algorithm, SubjectPublicKeyInfo DER) of an unencrypted key; (None, None) if
-    unknown."""
-    top = _tlv(der, 0, len(der))
-    if label == "RSA PRIVATE KEY":
-        return "RSA", _rsa_spki(der, top)
-    if label == "EC PRIVATE KEY":
-        return "EC", _ec_spki(der, top, None)
-    fields = _children(der, top, DER_SEQUENCE, 3)               # PKCS#8
-    algorithm = _children(der, fields[1], DER_SEQUENCE, 1)
-    inner = _wrapped(der, fields[2], DER_OCTET_STRING)
-    oid = _oid(der, algorithm[0])
-    if oid == OID_RSA:
-        return "RSA", _rsa_spki(der, inner)
-    if oid == OID_EC and len(algorithm) > 1:
-        return "EC", _ec_spki(der, inner, _element(der, algorithm[1]))
-    return None, None
-
-
-def _rsa_spki(der, item):
-    fields = _children(der, item, DER_SEQUENCE, 3)              # version, n, e, ...
-    public = _der(DER_SEQUENCE, _element(der, fields[1]) + _element(der, fields[2]))
-    return _der(DER_SEQUENCE, RSA_ALGORITHM + _der(DER_BIT_STRING, b"\0" + public))
-
-
-def _ec_spki(der, item, curve):
-    point = None
-    for field in _children(der, item, DER_SEQUENCE, 2)[2:]:   # [0] curve, [1] public key
-        inner = _tlv(der, field[1], field[2])
-        if field[0] == 0xA0:
-            curve = curve or _element(der, inner)
-        elif field[0] == 0xA1 and inner[0] == DER_BIT_STRING:
-            point = der[inner[1]:inner[2]]
-    if curve is None or point is None:
-        return None                                           # OpenSSL will decide
-    algorithm = _der(DER_SEQUENCE, EC_ALGORITHM_OID + curve)
-    return _der(DER_SEQUENCE, algorithm + _der(DER_BIT_STRING, point))
 
 
 def key_matches(key, leaf):
@@ -1469,21 +1917,20 @@ class Source(object):
         return self.text
 
 
-def is_ip(host):
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, host.split("%")[0])
-            return True
-        except (OSError, ValueError):
-            pass
-    return False
-
-
 def parse_port(text, what, options=()):
     if not text.isdigit() or not 1 <= int(text) <= MAX_PORT:
         raise UsageError("%s: port must be a number from 1 to 65535, not %r" % (what, text),
                          options=options)
     return int(text)
+
+
+def check_dns_name(name, what, options=()):
+    ascii_name = ascii_host(name)
+    if not ascii_name or len(ascii_name) > MAX_DNS_NAME \
+            or not set(ascii_name) <= HOST_CHARS - {"*"} \
+            or any(not label or len(label) > MAX_DNS_LABEL or label[0] == "-" or label[-1] == "-"
+                   for label in ascii_name.split(".")):
+        raise UsageError("%s: not a host name or IP address" % what, options=options)
 
 
 def split_source(text, default_port):
@@ -1505,35 +1952,6 @@ def split_source(text, default_port):
     return host, (parse_port(port, "SOURCE %r" % text) if port is not None else default_port)
 
 
-def same_ip(first, second):
-    packed = []
-    for text in (first.split("%")[0], second.split("%")[0]):
-        try:
-            packed.append(socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET,
-                                           text))
-        except (OSError, ValueError):
-            return False
-    return packed[0] == packed[1]
-
-
-def ascii_host(name):
-    """The ASCII form of a host name (IDNA for international names); "" if none."""
-    for codec in ("ascii", "idna"):
-        try:
-            return name.encode(codec).decode("ascii")
-        except UnicodeError:
-            pass
-    return ""
-
-
-def check_dns_name(name, what, options=()):
-    ascii_name = ascii_host(name)
-    if not ascii_name or len(ascii_name) > MAX_DNS_NAME \
-            or not set(ascii_name) <= HOST_CHARS - {"*"} or any(not label or len(label) > MAX_DNS_LABEL or label[0] == "-" or label[-1] == "-"
-                   for label in ascii_name.split(".")):
-        raise UsageError("%s: not a host name or IP address" % what, options=options)
-
-
 def parse_servername(text):
     """-n/--servername: a DNS name (trailing dot removed) or an IP address; None if absent."""
     if text is None:
@@ -1542,6 +1960,11 @@ def parse_servername(text):
     if not is_ip(servername):
         check_dns_name(servername, "bad --servername %r" % text, ("--servername",))
     return servername
+
+
+def looks_like_file(text):
+    """A SOURCE with a / or a certificate suffix names a local PEM file."""
+    return "/" in text or text.endswith(CERTIFICATE_SUFFIXES)
 
 
 def parse_sources(texts, servername, default_port, files_allowed):
@@ -1562,9 +1985,9 @@ def parse_sources(texts, servername, default_port, files_allowed):
     return tuple(sources)
 
 
-def looks_like_file(text):
-    """A SOURCE with a / or a certificate suffix names a local PEM file."""
-    return "/" in text or text.endswith(CERTIFICATE_SUFFIXES)
+def timed_out(source, doing):
+    return FetchError("%s: timed out %s" % (source, doing),
+                      hint="the server is slow or silent; raise --timeout if it is just slow")
 
 
 def remaining(deadline, source, doing):
@@ -1573,11 +1996,6 @@ def remaining(deadline, source, doing):
     if left <= 0:
         raise timed_out(source, doing)
     return left
-
-
-def timed_out(source, doing):
-    return FetchError("%s: timed out %s" % (source, doing),
-                      hint="the server is slow or silent; raise --timeout if it is just slow")
 
 
 def resolve(source, family, deadline):
@@ -1608,6 +2026,21 @@ def resolve(source, family, deadline):
     return answer[0]
 
 
+def new_socket(family, socktype, proto, source, deadline):
+    """A socket; while the process (or the system) has no descriptor free, wait
+    for another source to close one, until the deadline."""
+    while True:
+        try:
+            return socket.socket(family, socktype, proto)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                raise FetchError("%s: cannot open a socket: %s" % (source, exc.strerror or exc))
+            if deadline - time.monotonic() <= NO_FILE_WAIT:
+                raise FetchError("%s: cannot open a socket: %s" % (source, exc.strerror),
+                                 hint=FEWER_AT_ONCE)
+        time.sleep(NO_FILE_WAIT)
+
+
 def open_connection(source, family, deadline):
     """A TCP socket connected to the first address that answers."""
     try:
@@ -1629,21 +2062,6 @@ def open_connection(source, family, deadline):
             failure = exc
     raise FetchError("%s: cannot connect to port %d: %s" % (
         source, source.port, failure.strerror or failure))
-
-
-def new_socket(family, socktype, proto, source, deadline):
-    """A socket; while the process (or the system) has no descriptor free, wait
-    for another source to close one, until the deadline."""
-    while True:
-        try:
-            return socket.socket(family, socktype, proto)
-        except OSError as exc:
-            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                raise FetchError("%s: cannot open a socket: %s" % (source, exc.strerror or exc))
-            if deadline - time.monotonic() <= NO_FILE_WAIT:
-                raise FetchError("%s: cannot open a socket: %s" % (source, exc.strerror),
-                                 hint=FEWER_AT_ONCE)
-        time.sleep(NO_FILE_WAIT)
 
 
 def read_local_chain(result):
@@ -2058,6 +2476,34 @@ class Trust(object):
             ("--cafile", self.cafile), ("--capath", self.capath)) if path) or "the system store"
 
 
+def is_hashed_dir(path):
+    """True if path holds OpenSSL's hash links (like 4a6481c9.0)."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    return any(len(n) == 10 and n[8] == "." and n[9].isdigit() for n in names)
+
+
+def load_system_store(ctx):
+    """The system's CA store; the hashed directory first, as it loads lazily."""
+    paths = ssl.get_default_verify_paths()
+    env_file = os.environ.get(paths.openssl_cafile_env)
+    searched = (env_file or paths.openssl_cafile,
+                os.environ.get(paths.openssl_capath_env) or paths.openssl_capath)
+    if paths.capath and is_hashed_dir(paths.capath):
+        ctx.load_verify_locations(capath=paths.capath)
+        if env_file and paths.cafile:
+            ctx.load_verify_locations(cafile=paths.cafile)
+    elif paths.cafile:
+        ctx.load_verify_locations(cafile=paths.cafile)
+    else:
+        raise VerifyError(
+            "no trusted CA certificates on this host (looked for %s and %s)" % searched,
+            hint="pass --cafile ROOT.pem (the root that issued the chain), "
+                 "or install ca-certificates")
+
+
 def make_context(settings, algorithm=None, verify_only=False):
     """A client context: verifying (the default) or --insecure.
 
@@ -2100,34 +2546,6 @@ def make_context(settings, algorithm=None, verify_only=False):
     return ctx
 
 
-def load_system_store(ctx):
-    """The system's CA store; the hashed directory first, as it loads lazily."""
-    paths = ssl.get_default_verify_paths()
-    env_file = os.environ.get(paths.openssl_cafile_env)
-    searched = (env_file or paths.openssl_cafile,
-                os.environ.get(paths.openssl_capath_env) or paths.openssl_capath)
-    if paths.capath and is_hashed_dir(paths.capath):
-        ctx.load_verify_locations(capath=paths.capath)
-        if env_file and paths.cafile:
-            ctx.load_verify_locations(cafile=paths.cafile)
-    elif paths.cafile:
-        ctx.load_verify_locations(cafile=paths.cafile)
-    else:
-        raise VerifyError(
-            "no trusted CA certificates on this host (looked for %s and %s)" % searched,
-            hint="pass --cafile ROOT.pem (the root that issued the chain), "
-                 "or install ca-certificates")
-
-
-def is_hashed_dir(path):
-    """True if path holds OpenSSL's hash links (like 4a6481c9.0)."""
-    try:
-        names = os.listdir(path)
-    except OSError:
-        return False
-    return any(len(n) == 10 and n[8] == "." and n[9].isdigit() for n in names)
-
-
 # OpenSSL's verify codes (X509_V_ERR_*, x509_vfy.h; the same in 1.1.1 and 3.x) that the
 # hints of a failed verification tell apart (explain_verify_failure); any other code gets
 # the hint of a chain that leads to no trusted root.
@@ -2141,13 +2559,6 @@ VERIFY_ISSUER = (2, 18, 19, 20)     # UNABLE_TO_GET_ISSUER_CERT, DEPTH_ZERO_SELF
 NOT_TLS_REASONS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG",
                    "BAD_PACKET_LENGTH", "UNKNOWN_PROTOCOL", "HTTP_REQUEST")
 ALERT_REASONS = ("SSLV3_ALERT_", "TLSV1_ALERT_", "TLSV13_ALERT_")
-
-
-def ssl_reason(exc):
-    """An SSLError as text people read: no "[SSL: X]" tag, no _ssl.c line."""
-    text = str(exc.args[1] if len(exc.args) > 1 else exc)
-    text = text.split("] ", 1)[-1]
-    return text.split(" (_ssl.c:", 1)[0]
 
 
 class ChainReader(object):
@@ -2176,54 +2587,10 @@ TLS_CERTIFICATE = 11    # handshake message type of Certificate
 TLS13_VERSION = 0x0304
 
 
-class ChainReaderBefore310(ChainReader):
-    """No get_verified_chain: the served chain from the Certificate message
-    (3.8, 3.9) or from OpenSSL's own structures (3.6, 3.7); the verified chain
-    by replays on replay_ctx (find_verified_chain), a context of its own, so
-    that no replay reaches _record."""
-
-    def __init__(self, ctx, trust, by_algorithm=None, replay_ctx=None):
-        ChainReader.__init__(self, ctx, trust, by_algorithm)
-        self.replay_ctx = replay_ctx
-        self._messages, self._openssl, self._store = {}, None, None  # _messages:
-        # connection -> its Certificate message, while it is being read
-        if self.method == "msg_callback":
-            ctx._msg_callback = self._record
-        else:
-            self._openssl = OpenSSLPeek(ctx)
-
-    def _record(self, conn, direction, version, content_type, msg_type, data):
-        if direction == "read" and content_type == TLS_HANDSHAKE and msg_type == TLS_CERTIFICATE:
-            self._messages.setdefault(conn, (version, data))
-
-    def served_ders(self, tls):
-        """Taken out of _messages, which holds only connections still being read."""
-        if self._openssl:
-            return self._openssl.peer_chain(tls)
-        version, data = self._messages.pop(tls, (None, None))
-        if data is None:
-            return []
-        return parse_certificate_message(data[4:], version == TLS13_VERSION)
-
-    def verified_ders(self, tls):
-        return None             # find_verified_chain finds the chain instead
-
-    def store_certificates(self):
-        """The loaded trust store, parsed; a CA certificate certgrab cannot read
-        is left out (no candidate chain then goes through it). A --cafile store
-        is parsed once per run; a hashed directory loads lazily (the handshake
-        has loaded what it looked up), so it is read again for each source."""
-        if self._store is not None:
-            return self._store
-        certs = []
-        for der in self.ctx.get_ca_certs(binary_form=True):
-            try:
-                certs.append(parse_certificate(der))
-            except ParseError:
-                pass
-        if self.trust.cafile and not self.trust.capath:
-            self._store = certs
-        return certs
+def _uint(data, pos, size):
+    if pos + size > len(data):
+        raise ParseError("malformed Certificate message: truncated")
+    return int.from_bytes(data[pos:pos + size], "big")
 
 
 def parse_certificate_message(body, tls13):
@@ -2252,12 +2619,6 @@ def parse_certificate_message(body, tls13):
         if pos > len(body) or len(ders) > MAX_CHAIN:
             raise ParseError("malformed Certificate message: overlong")
     return ders
-
-
-def _uint(data, pos, size):
-    if pos + size > len(data):
-        raise ParseError("malformed Certificate message: truncated")
-    return int.from_bytes(data[pos:pos + size], "big")
 
 
 class OpenSSLPeek(object):
@@ -2318,6 +2679,79 @@ class OpenSSLPeek(object):
         """(OpenSSL's verify code, its message) of tls, an SSLSocket or an SSLObject."""
         code = self.lib.SSL_get_verify_result(self._ssl_pointer(tls))
         return code, self.lib.X509_verify_cert_error_string(code).decode("ascii", "replace")
+
+
+class ChainReaderBefore310(ChainReader):
+    """No get_verified_chain: the served chain from the Certificate message
+    (3.8, 3.9) or from OpenSSL's own structures (3.6, 3.7); the verified chain
+    by replays on replay_ctx (find_verified_chain), a context of its own, so
+    that no replay reaches _record."""
+
+    def __init__(self, ctx, trust, by_algorithm=None, replay_ctx=None):
+        ChainReader.__init__(self, ctx, trust, by_algorithm)
+        self.replay_ctx = replay_ctx
+        self._messages, self._openssl, self._store = {}, None, None  # _messages:
+        # connection -> its Certificate message, while it is being read
+        if self.method == "msg_callback":
+            ctx._msg_callback = self._record
+        else:
+            self._openssl = OpenSSLPeek(ctx)
+
+    def _record(self, conn, direction, version, content_type, msg_type, data):
+        if direction == "read" and content_type == TLS_HANDSHAKE and msg_type == TLS_CERTIFICATE:
+            self._messages.setdefault(conn, (version, data))
+
+    def served_ders(self, tls):
+        """Taken out of _messages, which holds only connections still being read."""
+        if self._openssl:
+            return self._openssl.peer_chain(tls)
+        version, data = self._messages.pop(tls, (None, None))
+        if data is None:
+            return []
+        return parse_certificate_message(data[4:], version == TLS13_VERSION)
+
+    def verified_ders(self, tls):
+        return None             # find_verified_chain finds the chain instead
+
+    def store_certificates(self):
+        """The loaded trust store, parsed; a CA certificate certgrab cannot read
+        is left out (no candidate chain then goes through it). A --cafile store
+        is parsed once per run; a hashed directory loads lazily (the handshake
+        has loaded what it looked up), so it is read again for each source."""
+        if self._store is not None:
+            return self._store
+        certs = []
+        for der in self.ctx.get_ca_certs(binary_form=True):
+            try:
+                certs.append(parse_certificate(der))
+            except ParseError:
+                pass
+        if self.trust.cafile and not self.trust.capath:
+            self._store = certs
+        return certs
+
+
+def new_chain_reader(ctx, trust, by_algorithm=None, replay_ctx=None):
+    """The chain reader for this Python: ChainReader on 3.10+, where the ssl
+    module gives both chains; ChainReaderBefore310 (msg_callback or ctypes,
+    see chain_method; replay_ctx for the verified chain) on 3.6 to 3.9."""
+    if HAS_VERIFIED_CHAIN:
+        return ChainReader(ctx, trust, by_algorithm)
+    return ChainReaderBefore310(ctx, trust, by_algorithm, replay_ctx)
+
+
+def make_reader(settings):
+    """The run's context; with --key-path, one more per key type for dual-cert servers;
+    on Python 3.6-3.9 one more, shared, to replay candidate paths (verifying runs).
+    None when every source is a local file: they need no trust store."""
+    if all(source.file for source in settings.sources):
+        return None
+    algorithms = ("RSA", "EC") if settings.keys else ()
+    replay = None if HAS_VERIFIED_CHAIN or settings.insecure else \
+        make_context(settings, verify_only=True)
+    readers = dict((algorithm, new_chain_reader(make_context(settings, algorithm), settings.trust,
+                                           replay_ctx=replay)) for algorithm in algorithms)
+    return new_chain_reader(make_context(settings), settings.trust, readers, replay)
 
 
 # The ssl module verifies a chain only in a handshake, so certgrab asks OpenSSL about a
@@ -2394,6 +2828,14 @@ def _vector(data, size):
     return len(data).to_bytes(size, "big") + data
 
 
+def replay_error(source, why):
+    """A replay that went otherwise than OpenSSL's client goes: a bug, said as such.
+    (The CRL checks say it as an unknown status: revocation_verdict.)"""
+    return FetchError("%s: cannot replay the chain to OpenSSL: %s" % (source, why),
+                      hint="please report it; Python 3.10 and newer read the verified path "
+                           "from OpenSSL without a replay")
+
+
 def client_hello_offer(hello, source):
     """(session id, [cipher suite]) of the ClientHello that replay_ctx wrote: one
     TLS record of handshake header 4 bytes, version 2, random 32, session id <1>,
@@ -2419,14 +2861,6 @@ def server_flight(session_id, suite, ders):
         bytes([TLS_CERTIFICATE]) + _vector(certificates, 3)
     return b"".join(bytes([TLS_HANDSHAKE]) + TLS12 + _vector(body[at:at + MAX_RECORD], 2)
                     for at in range(0, len(body), MAX_RECORD))
-
-
-def replay_error(source, why):
-    """A replay that went otherwise than OpenSSL's client goes: a bug, said as such.
-    (The CRL checks say it as an unknown status: revocation_verdict.)"""
-    return FetchError("%s: cannot replay the chain to OpenSSL: %s" % (source, why),
-                      hint="please report it; Python 3.10 and newer read the verified path "
-                           "from OpenSSL without a replay")
 
 
 def verify_failure_of(exc, tls, ctx):
@@ -2541,25 +2975,173 @@ class FetchResult(object):
         return self.issuing[0] if self.issuing else None
 
 
-def fetch_chain(source, reader, settings):
-    """Fetch one source; with --key-path, a dual-certificate server may be asked
-    again for the certificate of the key's type (refetch_for_key)."""
-    result = _fetch_once(source, reader, settings)
-    return refetch_for_key(result, reader, settings) if settings.keys else result
+def tls_hint(exc, starttls):
+    """The likely cause of a failed handshake, by exc's class and OpenSSL's reason code."""
+    reason = getattr(exc, "reason", None) or ""
+    if starttls == "postgres-direct":
+        return "PostgreSQL before 17 has no direct TLS: try --starttls postgres"
+    if reason in NOT_TLS_REASONS:
+        return "the server did not answer with TLS: is this port plain text (HTTP, or a " \
+               "protocol that needs STARTTLS)?"
+    if reason.startswith(ALERT_REASONS):
+        return "the server refused the handshake; check -n/--servername (the name it serves)"
+    if closed_in_handshake(exc):
+        return "the server closed the connection during the handshake"
+    return None
 
 
-def _fetch_once(source, reader, settings):
-    """Connect, handshake and read the chain; errors are kept in the result."""
-    result, started = FetchResult(source), time.monotonic()
+def handshake_failure(exc, tls, reader, source, starttls):
+    """Why the handshake failed: a VerifyError returned (with OpenSSL's verify code:
+    explain_verify_failure gives its hint), anything else raised."""
+    if isinstance(exc, ssl.CertificateError) or \
+            getattr(exc, "reason", None) == VERIFY_FAILED_REASON:   # 3.7+: one class
+        code, message = verify_failure_of(exc, tls, reader.ctx)
+        return VerifyError("%s: certificate verification failed: %s" % (source, message),
+                           reason=message, code=code)
+    reason = ssl_reason(exc) if isinstance(exc, ssl.SSLError) else \
+        exc.strerror or str(exc) or exc.__class__.__name__
+    raise FetchError("%s: TLS handshake failed: %s" % (source, reason),
+                     hint=tls_hint(exc, starttls))
+
+
+def _handshake(tls, reader, source, deadline, starttls):
+    """Complete the handshake. A failed verification is returned, not raised,
+    so that the chain can still be read from the connection. starttls: the
+    --starttls protocol, for the hint of a handshake that failed."""
     try:
-        if source.file:
-            read_local_chain(result)
+        tls.settimeout(remaining(deadline, source, "before the TLS handshake"))
+        tls.do_handshake()
+    except socket.timeout:
+        raise timed_out(source, "during the TLS handshake")
+    except (ssl.CertificateError, OSError) as exc:      # an SSLError is an OSError
+        return handshake_failure(exc, tls, reader, source, starttls)
+    return None
+
+
+def untrusted_hint(trust):
+    """The hint for a chain OpenSSL refused for another reason than its names, dates or
+    a missing issuer."""
+    if trust.system:
+        return "the chain does not lead to a root this host trusts: pass --cafile ROOT.pem " \
+               "(or install ca-certificates); --insecure skips verification"
+    return "the chain does not lead to a root in %s: is it the right root? --insecure " \
+           "skips verification" % trust
+
+
+def unknown_root_hint(last, trust, installing):
+    """Name the root the chain leads to; --insecure only when not installing."""
+    root = printable(last.subject if last.self_issued else last.issuer)
+    if trust.system:
+        hint = "the chain leads to the root \"%s\", which this host does not trust: pass " \
+               "--cafile ROOT.pem with that root (or install ca-certificates)" % root
+    else:
+        hint = "the chain leads to the root \"%s\", which %s does not hold: if your CA " \
+               "changed its root, add the new one" % (root, trust)
+    return hint if installing else hint + "; --insecure skips verification"
+
+
+def explain_verify_failure(failure, result, trust, installing):
+    """A verification failure (a VerifyError with OpenSSL's verify code), told with what
+    the server sent: a leaf alone, the root the chain leads to, the names the leaf
+    covers. While installing, no hint suggests --insecure for a date or a root."""
+    reason, code, leaf = failure.reason, failure.code, result.issuing[0]
+    if code in VERIFY_NAME:
+        hint = "the leaf covers %s; pass -n/--servername with one of those names" % (
+            leaf.covered_names)
+    elif code in VERIFY_DATES:
+        hint = "check this machine's clock (date -u); if it is right, the server serves a " \
+               "stale certificate%s" % ("" if installing else ". --insecure fetches it anyway")
+    elif code not in VERIFY_ISSUER:
+        hint = untrusted_hint(trust)
+    elif len(result.issuing) == 1 and not leaf.self_issued and not leaf.is_ca:
+        return VerifyError("%s: certificate verification failed: %s: the server sent only its "
+                           "leaf (issued by \"%s\"); point it at fullchain.pem" % (
+                               result.source, reason, printable(leaf.issuer)),
+                           hint="certbot's fullchain.pem holds the leaf and its "
+                                "intermediates, cert.pem only the leaf", reason=reason,
+                           code=code)
+    else:
+        hint = unknown_root_hint(result.issuing[-1], trust, installing)
+    return VerifyError(str(failure), hint=hint, reason=reason, code=code)
+
+
+def _sort_served(served, chain, anchor):
+    """The served certificates by their place: (on the chain, in the order sent;
+    the root, when sent; [(position, certificate)] off the chain; sent again)."""
+    on_chain, seen = set(cert.der for cert in chain), set()
+    sent, root, off_chain, again = [], None, [], []
+    for position, cert in enumerate(served):
+        if cert.der in seen:
+            again.append(cert)
+        elif cert.der in on_chain:
+            sent.append(cert)
+        elif anchor is not None and cert.der == anchor.der:
+            root = cert
         else:
-            _fetch_into(result, reader, settings, started + settings.timeout)
-    except CertgrabError as exc:
-        result.error = exc
-    result.elapsed = time.monotonic() - started
-    return result
+            off_chain.append((position, cert))
+        seen.add(cert.der)
+    return sent, root, off_chain, again
+
+
+def sent_only(sent, complete):
+    """How much of its chain an incomplete server sent (the root aside)."""
+    if sent == 1:
+        return "the server sent only its leaf"
+    return "the server sent only %d of the %d certificates of its chain" % (sent, complete)
+
+
+def served_problems(result, trust):
+    """How the served chain differed from the verified chain: ([Problem], the
+    number of intermediates the trust store added)."""
+    chain, verified = result.issuing, result.verified
+    anchor = verified[-1] if len(verified) > len(chain) else None
+    sent, root, off_chain, again = _sort_served(result.served, chain, anchor)
+    problems, missing = [], len(chain) - len(sent)
+    sent_ders = set(cert.der for cert in sent)
+    if [cert.der for cert in sent] != [cert.der for cert in chain if cert.der in sent_ders]:
+        problems.append(Problem(PROBLEM_ORDER, OUT_OF_ORDER))
+    if root is not None:
+        problems.append(Problem(PROBLEM_ROOT, "the root certificate (%s) was included"
+                                % root.name))
+    if off_chain:
+        problems.append(Problem(PROBLEM_OFF_CHAIN, "%d served certificate(s) not on the path "
+                                "OpenSSL verified, never written: %s" % (len(off_chain), "; ".join(
+                                    "[%d] %s" % (position, names_and_digests([cert]))
+                                    for position, cert in off_chain))))
+    if again:
+        problems.append(Problem(PROBLEM_DUPLICATE, "%d certificate(s) were sent more than "
+                                "once: %s" % (len(again), names_and_digests(again))))
+    if missing:
+        problems.append(Problem(PROBLEM_INCOMPLETE, "%s, without the %d intermediate "
+                                "certificate(s) that verification found in %s: the server is "
+                                "misconfigured (point it at fullchain.pem); clients that lack "
+                                "them fail" % (sent_only(len(sent), len(chain)), missing, trust)))
+    return problems, missing
+
+
+def verified_certificates(result, ders):
+    """The verified chain as certificates: those the server sent are reused as
+    already parsed; only what the trust store added (intermediates, the root)
+    is decoded here."""
+    parsed = dict((cert.der, cert) for cert in result.served)
+    added = parse_chain([der for der in ders if der not in parsed],
+                        "%s: the verified path" % result.source)[::-1]
+    return [parsed[der] if der in parsed else added.pop() for der in ders]
+
+
+def keep_verified_chain(result, reader, verified_ders):
+    """Files get exactly the chain OpenSSL verified, leaf and intermediates (the
+    root stays in the store): on 3.10+ OpenSSL's own (verified_ders), on 3.6-3.9
+    the one replays find (find_verified_chain). A served certificate off that
+    path is never written, only named; intermediates the server left out that
+    verification found in the trust store are written: never install less than
+    a browser needs (served_problems says both)."""
+    if verified_ders is not None:
+        result.verified = verified_certificates(result, verified_ders)
+    else:
+        result.verified = find_verified_chain(result, reader)
+    result.issuing = without_root(result.verified)
+    result.problems, result.missing = served_problems(result, reader.trust)
 
 
 def _fetch_into(result, reader, settings, deadline):
@@ -2598,172 +3180,31 @@ def _fetch_into(result, reader, settings, deadline):
         keep_verified_chain(result, reader, verified_ders)
 
 
-def keep_verified_chain(result, reader, verified_ders):
-    """Files get exactly the chain OpenSSL verified, leaf and intermediates (the
-    root stays in the store): on 3.10+ OpenSSL's own (verified_ders), on 3.6-3.9
-    the one replays find (find_verified_chain). A served certificate off that
-    path is never written, only named; intermediates the server left out that
-    verification found in the trust store are written: never install less than
-    a browser needs (served_problems says both)."""
-    if verified_ders is not None:
-        result.verified = verified_certificates(result, verified_ders)
-    else:
-        result.verified = find_verified_chain(result, reader)
-    result.issuing = without_root(result.verified)
-    result.problems, result.missing = served_problems(result, reader.trust)
-
-
-def verified_certificates(result, ders):
-    """The verified chain as certificates: those the server sent are reused as
-    already parsed; only what the trust store added (intermediates, the root)
-    is decoded here."""
-    parsed = dict((cert.der, cert) for cert in result.served)
-    added = parse_chain([der for der in ders if der not in parsed],
-                        "%s: the verified path" % result.source)[::-1]
-    return [parsed[der] if der in parsed else added.pop() for der in ders]
-
-
-def _sort_served(served, chain, anchor):
-    """The served certificates by their place: (on the chain, in the order sent;
-    the root, when sent; [(position, certificate)] off the chain; sent again)."""
-    on_chain, seen = set(cert.der for cert in chain), set()
-    sent, root, off_chain, again = [], None, [], []
-    for position, cert in enumerate(served):
-        if cert.der in seen:
-            again.append(cert)
-        elif cert.der in on_chain:
-            sent.append(cert)
-        elif anchor is not None and cert.der == anchor.der:
-            root = cert
-        else:
-            off_chain.append((position, cert))
-        seen.add(cert.der)
-    return sent, root, off_chain, again
-
-
-def served_problems(result, trust):
-    """How the served chain differed from the verified chain: ([Problem], the
-    number of intermediates the trust store added)."""
-    chain, verified = result.issuing, result.verified
-    anchor = verified[-1] if len(verified) > len(chain) else None
-    sent, root, off_chain, again = _sort_served(result.served, chain, anchor)
-    problems, missing = [], len(chain) - len(sent)
-    sent_ders = set(cert.der for cert in sent)
-    if [cert.der for cert in sent] != [cert.der for cert in chain if cert.der in sent_ders]:
-        problems.append(Problem(PROBLEM_ORDER, OUT_OF_ORDER))
-    if root is not None:
-        problems.append(Problem(PROBLEM_ROOT, "the root certificate (%s) was included"
-                                % root.name))
-    if off_chain:
-        problems.append(Problem(PROBLEM_OFF_CHAIN, "%d served certificate(s) not on the path "
-                                "OpenSSL verified, never written: %s" % (len(off_chain), "; ".join(
-                                    "[%d] %s" % (position, names_and_digests([cert]))
-                                    for position, cert in off_chain))))
-    if again:
-        problems.append(Problem(PROBLEM_DUPLICATE, "%d certificate(s) were sent more than "
-                                "once: %s" % (len(again), names_and_digests(again))))
-    if missing:
-        problems.append(Problem(PROBLEM_INCOMPLETE, "%s, without the %d intermediate "
-                                "certificate(s) that verification found in %s: the server is "
-                                "misconfigured (point it at fullchain.pem); clients that lack "
-                                "them fail" % (sent_only(len(sent), len(chain)), missing, trust)))
-    return problems, missing
-
-
-def sent_only(sent, complete):
-    """How much of its chain an incomplete server sent (the root aside)."""
-    if sent == 1:
-        return "the server sent only its leaf"
-    return "the server sent only %d of the %d certificates of its chain" % (sent, complete)
-
-
-def explain_verify_failure(failure, result, trust, installing):
-    """A verification failure (a VerifyError with OpenSSL's verify code), told with what
-    the server sent: a leaf alone, the root the chain leads to, the names the leaf
-    covers. While installing, no hint suggests --insecure for a date or a root."""
-    reason, code, leaf = failure.reason, failure.code, result.issuing[0]
-    if code in VERIFY_NAME:
-        hint = "the leaf covers %s; pass -n/--servername with one of those names" % (
-            leaf.covered_names)
-    elif code in VERIFY_DATES:
-        hint = "check this machine's clock (date -u); if it is right, the server serves a " \
-               "stale certificate%s" % ("" if installing else ". --insecure fetches it anyway")
-    elif code not in VERIFY_ISSUER:
-        hint = untrusted_hint(trust)
-    elif len(result.issuing) == 1 and not leaf.self_issued and not leaf.is_ca:
-        return VerifyError("%s: certificate verification failed: %s: the server sent only its "
-                           "leaf (issued by \"%s\"); point it at fullchain.pem" % (
-                               result.source, reason, printable(leaf.issuer)),
-                           hint="certbot's fullchain.pem holds the leaf and its "
-                                "intermediates, cert.pem only the leaf", reason=reason,
-                           code=code)
-    else:
-        hint = unknown_root_hint(result.issuing[-1], trust, installing)
-    return VerifyError(str(failure), hint=hint, reason=reason, code=code)
-
-
-def untrusted_hint(trust):
-    """The hint for a chain OpenSSL refused for another reason than its names, dates or
-    a missing issuer."""
-    if trust.system:
-        return "the chain does not lead to a root this host trusts: pass --cafile ROOT.pem " \
-               "(or install ca-certificates); --insecure skips verification"
-    return "the chain does not lead to a root in %s: is it the right root? --insecure " \
-           "skips verification" % trust
-
-
-def unknown_root_hint(last, trust, installing):
-    """Name the root the chain leads to; --insecure only when not installing."""
-    root = printable(last.subject if last.self_issued else last.issuer)
-    if trust.system:
-        hint = "the chain leads to the root \"%s\", which this host does not trust: pass " \
-               "--cafile ROOT.pem with that root (or install ca-certificates)" % root
-    else:
-        hint = "the chain leads to the root \"%s\", which %s does not hold: if your CA " \
-               "changed its root, add the new one" % (root, trust)
-    return hint if installing else hint + "; --insecure skips verification"
-
-
-def _handshake(tls, reader, source, deadline, starttls):
-    """Complete the handshake. A failed verification is returned, not raised,
-    so that the chain can still be read from the connection. starttls: the
-    --starttls protocol, for the hint of a handshake that failed."""
+def _fetch_once(source, reader, settings):
+    """Connect, handshake and read the chain; errors are kept in the result."""
+    result, started = FetchResult(source), time.monotonic()
     try:
-        tls.settimeout(remaining(deadline, source, "before the TLS handshake"))
-        tls.do_handshake()
-    except socket.timeout:
-        raise timed_out(source, "during the TLS handshake")
-    except (ssl.CertificateError, OSError) as exc:      # an SSLError is an OSError
-        return handshake_failure(exc, tls, reader, source, starttls)
-    return None
+        if source.file:
+            read_local_chain(result)
+        else:
+            _fetch_into(result, reader, settings, started + settings.timeout)
+    except CertgrabError as exc:
+        result.error = exc
+    result.elapsed = time.monotonic() - started
+    return result
 
 
-def handshake_failure(exc, tls, reader, source, starttls):
-    """Why the handshake failed: a VerifyError returned (with OpenSSL's verify code:
-    explain_verify_failure gives its hint), anything else raised."""
-    if isinstance(exc, ssl.CertificateError) or \
-            getattr(exc, "reason", None) == VERIFY_FAILED_REASON:   # 3.7+: one class
-        code, message = verify_failure_of(exc, tls, reader.ctx)
-        return VerifyError("%s: certificate verification failed: %s" % (source, message),
-                           reason=message, code=code)
-    reason = ssl_reason(exc) if isinstance(exc, ssl.SSLError) else \
-        exc.strerror or str(exc) or exc.__class__.__name__
-    raise FetchError("%s: TLS handshake failed: %s" % (source, reason),
-                     hint=tls_hint(exc, starttls))
-
-
-def tls_hint(exc, starttls):
-    """The likely cause of a failed handshake, by exc's class and OpenSSL's reason code."""
-    reason = getattr(exc, "reason", None) or ""
-    if starttls == "postgres-direct":
-        return "PostgreSQL before 17 has no direct TLS: try --starttls postgres"
-    if reason in NOT_TLS_REASONS:
-        return "the server did not answer with TLS: is this port plain text (HTTP, or a " \
-               "protocol that needs STARTTLS)?"
-    if reason.startswith(ALERT_REASONS):
-        return "the server refused the handshake; check -n/--servername (the name it serves)"
-    if closed_in_handshake(exc):
-        return "the server closed the connection during the handshake"
+def _other_algorithm(result, keys):
+    """The other key type, when no --key-path matches the served leaf and one of
+    them is (or, for a key certgrab cannot read, may be) of that type."""
+    if not keys or result.error is not None or result.key is not None:
+        return None
+    served = result.leaf.key_type.split()[0]
+    algorithms = [key.algorithm for key in keys if key.algorithm and key.algorithm != served]
+    if algorithms:
+        return algorithms[0]
+    if served in ("RSA", "EC") and any(key.algorithm is None for key in keys):
+        return "EC" if served == "RSA" else "RSA"
     return None
 
 
@@ -2783,49 +3224,52 @@ def refetch_for_key(result, reader, settings):
     return result
 
 
-def _other_algorithm(result, keys):
-    """The other key type, when no --key-path matches the served leaf and one of
-    them is (or, for a key certgrab cannot read, may be) of that type."""
-    if not keys or result.error is not None or result.key is not None:
-        return None
-    served = result.leaf.key_type.split()[0]
-    algorithms = [key.algorithm for key in keys if key.algorithm and key.algorithm != served]
-    if algorithms:
-        return algorithms[0]
-    if served in ("RSA", "EC") and any(key.algorithm is None for key in keys):
-        return "EC" if served == "RSA" else "RSA"
-    return None
+def fetch_chain(source, reader, settings):
+    """Fetch one source; with --key-path, a dual-certificate server may be asked
+    again for the certificate of the key's type (refetch_for_key)."""
+    result = _fetch_once(source, reader, settings)
+    return refetch_for_key(result, reader, settings) if settings.keys else result
 
 
 # ---------------------------------------------------------------------------
-# Several sources: fetched at once, the newest good chain wins.
+# Several sources: fetched at once, each in its own thread.
 # ---------------------------------------------------------------------------
 
-def fetch_all(sources, reader, settings, reporter, sharers=1):
-    """Fetch every source, fetch_width at a time; results in the order given.
-    Progress on a terminal for long runs, written by this thread. sharers: how
-    many runs (--config's sections) share this process's limits at once."""
-    if len(sources) == 1:
-        return [_fetch_guarded(sources[0], reader, settings, reporter)]
-    done, lock = [0], threading.Lock()
+def fetch_width(parallel, count, reporter, sharers=1):
+    """Sources fetched at once: --parallel (default DEFAULT_PARALLEL), no more
+    than there are sources, and no more than the open-files limit allows once
+    raised toward its hard limit, shared by the sharers runs at once (--config's
+    sections). A --parallel above that is lowered, saying so."""
+    wanted = min(count, parallel or DEFAULT_PARALLEL)
+    limit = open_file_limit(FILES_KEPT + wanted * FILES_PER_FETCH * sharers)
+    allowed = max(1, (limit - FILES_KEPT) // FILES_PER_FETCH // sharers)
+    if wanted <= allowed:
+        return wanted
+    shared = ", shared by %d sections at once" % sharers if sharers > 1 else ""
+    if parallel:
+        reporter.warn("--parallel %d lowered to %d: this process may open only %d files "
+                      "(ulimit -n), %d per source at once%s" % (parallel, allowed, limit,
+                                                                 FILES_PER_FETCH, shared))
+    else:
+        reporter.info("fetching %d sources at a time: this process may open only %d files "
+                      "(ulimit -n)%s" % (allowed, limit, shared))
+    return allowed
 
-    def fetch(source):
-        result = _fetch_guarded(source, reader, settings, reporter)
-        with lock:
-            done[0] += 1
-        return result
 
-    def progress(threads):
-        for thread in threads:
-            while thread.is_alive():
-                reporter.progress("\rcertgrab: %d/%d sources done" % (done[0], len(sources)))
-                thread.join(PROGRESS_EVERY)
-        reporter.progress("\rcertgrab: %d/%d sources done\n" % (done[0], len(sources)))
-
-    width = fetch_width(settings.parallel, len(sources), reporter, sharers)
-    show = len(sources) >= PROGRESS_FROM and not reporter.quiet and sys.stderr.isatty()
-    return map_in_threads(fetch, sources, width, reporter, "fetching %d source(s)",
-                          progress if show else None)
+def start_workers(worker, width, reporter, doing):
+    """Start width threads running worker; fewer (said) when the system refuses more.
+    doing says what each thread does, for that warning: "fetching %d source(s)"."""
+    threads = []
+    for _ in range(width):
+        thread = threading.Thread(target=worker, daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:        # "can't start new thread": out of threads or memory
+            reporter.warn("could start only %d of %d threads (out of threads or memory): "
+                          "%s at a time" % (len(threads), width, doing % max(1, len(threads))))
+            break
+        threads.append(thread)
+    return threads
 
 
 def map_in_threads(function, items, width, reporter, doing, waiting=None):
@@ -2879,41 +3323,31 @@ def _fetch_guarded(source, reader, settings, reporter):
         return result
 
 
-def fetch_width(parallel, count, reporter, sharers=1):
-    """Sources fetched at once: --parallel (default DEFAULT_PARALLEL), no more
-    than there are sources, and no more than the open-files limit allows once
-    raised toward its hard limit, shared by the sharers runs at once (--config's
-    sections). A --parallel above that is lowered, saying so."""
-    wanted = min(count, parallel or DEFAULT_PARALLEL)
-    limit = open_file_limit(FILES_KEPT + wanted * FILES_PER_FETCH * sharers)
-    allowed = max(1, (limit - FILES_KEPT) // FILES_PER_FETCH // sharers)
-    if wanted <= allowed:
-        return wanted
-    shared = ", shared by %d sections at once" % sharers if sharers > 1 else ""
-    if parallel:
-        reporter.warn("--parallel %d lowered to %d: this process may open only %d files "
-                      "(ulimit -n), %d per source at once%s" % (parallel, allowed, limit,
-                                                                 FILES_PER_FETCH, shared))
-    else:
-        reporter.info("fetching %d sources at a time: this process may open only %d files "
-                      "(ulimit -n)%s" % (allowed, limit, shared))
-    return allowed
+def fetch_all(sources, reader, settings, reporter, sharers=1):
+    """Fetch every source, fetch_width at a time; results in the order given.
+    Progress on a terminal for long runs, written by this thread. sharers: how
+    many runs (--config's sections) share this process's limits at once."""
+    if len(sources) == 1:
+        return [_fetch_guarded(sources[0], reader, settings, reporter)]
+    done, lock = [0], threading.Lock()
 
+    def fetch(source):
+        result = _fetch_guarded(source, reader, settings, reporter)
+        with lock:
+            done[0] += 1
+        return result
 
-def start_workers(worker, width, reporter, doing):
-    """Start width threads running worker; fewer (said) when the system refuses more.
-    doing says what each thread does, for that warning: "fetching %d source(s)"."""
-    threads = []
-    for _ in range(width):
-        thread = threading.Thread(target=worker, daemon=True)
-        try:
-            thread.start()
-        except RuntimeError:        # "can't start new thread": out of threads or memory
-            reporter.warn("could start only %d of %d threads (out of threads or memory): "
-                          "%s at a time" % (len(threads), width, doing % max(1, len(threads))))
-            break
-        threads.append(thread)
-    return threads
+    def progress(threads):
+        for thread in threads:
+            while thread.is_alive():
+                reporter.progress("\rcertgrab: %d/%d sources done" % (done[0], len(sources)))
+                thread.join(PROGRESS_EVERY)
+        reporter.progress("\rcertgrab: %d/%d sources done\n" % (done[0], len(sources)))
+
+    width = fetch_width(settings.parallel, len(sources), reporter, sharers)
+    show = len(sources) >= PROGRESS_FROM and not reporter.quiet and sys.stderr.isatty()
+    return map_in_threads(fetch, sources, width, reporter, "fetching %d source(s)",
+                          progress if show else None)
 
 
 def address_source(source, sockaddr):
@@ -2989,25 +3423,6 @@ def fetch_every_address(sources, reader, settings, reporter, sharers=1):
     for group in groups:
         results += [next(fetched) for _ in group] if isinstance(group, list) else [group]
     return results
-
-
-def choose_result(results, reporter):
-    """The newest good chain (latest leaf notBefore, the first given on a tie);
-    with several sources the other failures are warned about. When every
-    source failed, the worst error is raised and the others are printed."""
-    good = [r for r in results if r.error is None]
-    if not good:
-        worst = max((r.error for r in results), key=lambda error: error.exit_code)
-        for result in results:
-            if result.error is not worst:
-                reporter.error(result.error)
-        raise worst
-    for result in results:
-        if isinstance(result.error, InternalError):     # shown even with -q: a bug
-            reporter.notice("%s (skipped)" % result.error)
-        elif result.error is not None:
-            reporter.warn("%s (skipped)" % result.error)
-    return max(good, key=lambda r: r.leaf.not_before)
 
 
 # ---------------------------------------------------------------------------
@@ -3283,6 +3698,28 @@ def _response_body(reader, status, headers, limit):
     return reader.take(int(length))
 
 
+def _https_handshake(sock, source, context, deadline):
+    """The TLS side of an https:// GET, verified with the run's trust (ca_context)."""
+    name = source.name_bytes.decode() if NAME_AS_STR else source.name_bytes
+    tls = context.wrap_socket(sock, server_hostname=name, do_handshake_on_connect=False)
+    try:
+        tls.settimeout(remaining(deadline, source, "before the TLS handshake"))
+        tls.do_handshake()
+    except socket.timeout:
+        tls.close()
+        raise timed_out(source, "during the TLS handshake")
+    except (ssl.CertificateError, OSError) as exc:
+        tls.close()
+        verify = isinstance(exc, ssl.CertificateError) or \
+            getattr(exc, "reason", None) == VERIFY_FAILED_REASON
+        reason = getattr(exc, "verify_message", None) or (
+            ssl_reason(exc) if isinstance(exc, ssl.SSLError) else exc.strerror or str(exc))
+        raise CaError("%s: %s: %s" % (source, "the server's certificate does not verify"
+                                      if verify else "TLS handshake failed", reason),
+                      "untrusted" if verify else "unreachable")
+    return tls
+
+
 def _http_exchange(url, scheme, limit, deadline, family, context):
     """One GET of url: the HttpResponse, whatever its status."""
     host, port, path = split_url(url, scheme)
@@ -3312,28 +3749,6 @@ def _http_exchange(url, scheme, limit, deadline, family, context):
         return HttpResponse(url, status, printable(reason.strip()[:80]), headers, body)
     finally:
         conn.close()
-
-
-def _https_handshake(sock, source, context, deadline):
-    """The TLS side of an https:// GET, verified with the run's trust (ca_context)."""
-    name = source.name_bytes.decode() if NAME_AS_STR else source.name_bytes
-    tls = context.wrap_socket(sock, server_hostname=name, do_handshake_on_connect=False)
-    try:
-        tls.settimeout(remaining(deadline, source, "before the TLS handshake"))
-        tls.do_handshake()
-    except socket.timeout:
-        tls.close()
-        raise timed_out(source, "during the TLS handshake")
-    except (ssl.CertificateError, OSError) as exc:
-        tls.close()
-        verify = isinstance(exc, ssl.CertificateError) or \
-            getattr(exc, "reason", None) == VERIFY_FAILED_REASON
-        reason = getattr(exc, "verify_message", None) or (
-            ssl_reason(exc) if isinstance(exc, ssl.SSLError) else exc.strerror or str(exc))
-        raise CaError("%s: %s: %s" % (source, "the server's certificate does not verify"
-                                      if verify else "TLS handshake failed", reason),
-                      "untrusted" if verify else "unreachable")
-    return tls
 
 
 def http_get(url, limit, deadline, family, context=None):
@@ -3622,6 +4037,20 @@ def serial_octets(serial):
                            signed=True)
 
 
+def _crl_reason(der, extensions):
+    """The name of a CRL entry's reasonCode; "unspecified" without one (RFC 5280 5.3.1).
+    The entry has at most MAX_EXTENSIONS extensions, as a certificate."""
+    for extension in _at_most(_children(der, extensions[0], DER_SEQUENCE), MAX_EXTENSIONS,
+                              "extensions of a CRL entry") if extensions else ():
+        fields = _children(der, extension, DER_SEQUENCE, 2)
+        if _element(der, fields[0]) == OID_CRL_REASON_DER:
+            code = _wrapped(der, fields[-1], DER_OCTET_STRING)
+            if code[0] != 0x0A or code[2] - code[1] != 1:       # ENUMERATED, one byte
+                raise ParseError("a bad reasonCode")
+            return CRL_REASONS.get(der[code[1]], "reason %d" % der[code[1]])
+    return CRL_REASONS[0]
+
+
 def crl_entry(der, serial):
     """(revocation time, reason) of serial's entry on the CRL; None if it has none.
     Only the entries' serials are looked at, each bounded by the CRL's own DER."""
@@ -3638,20 +4067,6 @@ def crl_entry(der, serial):
             fields = _children(der, entry, DER_SEQUENCE, 2)
             return _time(der, fields[1]), _crl_reason(der, fields[2:])
     return None
-
-
-def _crl_reason(der, extensions):
-    """The name of a CRL entry's reasonCode; "unspecified" without one (RFC 5280 5.3.1).
-    The entry has at most MAX_EXTENSIONS extensions, as a certificate."""
-    for extension in _at_most(_children(der, extensions[0], DER_SEQUENCE), MAX_EXTENSIONS,
-                              "extensions of a CRL entry") if extensions else ():
-        fields = _children(der, extension, DER_SEQUENCE, 2)
-        if _element(der, fields[0]) == OID_CRL_REASON_DER:
-            code = _wrapped(der, fields[-1], DER_OCTET_STRING)
-            if code[0] != 0x0A or code[2] - code[1] != 1:       # ENUMERATED, one byte
-                raise ParseError("a bad reasonCode")
-            return CRL_REASONS.get(der[code[1]], "reason %d" % der[code[1]])
-    return CRL_REASONS[0]
 
 
 def ca_context(settings):
@@ -3978,6 +4393,17 @@ def leaf_renewal(result, lookups, deadline, now):
     return RenewalWindow(start, end, explanation)
 
 
+def ask_ca(result, lookups, settings):
+    """One source's look-ups, within --timeout from now: its chain's CRLs (unless --crl
+    off), and with --acme-directory its leaf's renewal window. A bug here is that
+    source's error (consult_ca contains it)."""
+    deadline = time.monotonic() + settings.timeout
+    if settings.crl != "off":
+        result.revocation = chain_revocation(result, lookups, deadline)
+    if settings.acme_directory:
+        result.renewal = leaf_renewal(result, lookups, deadline, time.time())
+
+
 def consult_ca(results, settings, reporter, sharers=1):
     """Ask the CA about the leaf of each source that gave one: its CRL (unless --crl
     off) and, with --acme-directory, its renewal window; sets result.revocation and
@@ -4004,19 +4430,108 @@ def consult_ca(results, settings, reporter, sharers=1):
                        "asking the CA about %d source(s)")
 
 
-def ask_ca(result, lookups, settings):
-    """One source's look-ups, within --timeout from now: its chain's CRLs (unless --crl
-    off), and with --acme-directory its leaf's renewal window. A bug here is that
-    source's error (consult_ca contains it)."""
-    deadline = time.monotonic() + settings.timeout
-    if settings.crl != "off":
-        result.revocation = chain_revocation(result, lookups, deadline)
-    if settings.acme_directory:
-        result.renewal = leaf_renewal(result, lookups, deadline, time.time())
+# ---------------------------------------------------------------------------
+# The gate: what may be installed. Every fetched chain is checked (the key, the
+# name, the dates, nothing revoked) before the newest one is chosen; under the
+# lock, the chosen leaf must not be older than the installed one, nor held back
+# (--min-age), nor the one a --confirm rolled back.
+# ---------------------------------------------------------------------------
+
+def read_leaf(path):
+    """The first certificate of an existing output, None when there is no such file.
+
+    Raises OSError when the file cannot be read and ParseError when it is not
+    whole PEM certificates (garbage, cut short, bad base64, bad DER, empty).
+    """
+    data = read_file(path, MAX_FILE, output=True)
+    if data is None:
+        return None
+    ders = pem_to_ders(data.decode("ascii", "replace"))
+    if not ders:
+        raise ParseError("no PEM certificate in it")
+    return [parse_certificate(der) for der in ders][0]     # every one must be whole
 
 
-# The gate and the reports: what the CA knows, told.
+def installed_leaf(plan):
+    """What the outputs hold: (newest leaf or None, [(path, why) of damaged outputs]).
 
+    Every cert, fullchain and combined output counts, so a damaged file cannot
+    hide a newer leaf in another. An output that exists but cannot be read as
+    certificates is damaged, never "nothing installed".
+    """
+    newest, damaged = None, []
+    for named, path, content in plan:
+        if content in ("chain", "privkey"):        # no leaf in these
+            continue
+        try:
+            leaf = read_leaf(path)
+        except (OSError, ParseError) as exc:
+            damaged.append((named, getattr(exc, "strerror", None) or str(exc)))
+            continue
+        if leaf is not None and (newest is None or leaf.not_before > newest.not_before):
+            newest = leaf
+    return newest, damaged
+
+
+def key_mismatch(source, leaf, keys):
+    """The refusal of a leaf for none of the keys: which leaf, the likely cause, the fix."""
+    return RefusedError(
+        "%s: refused the leaf serial %s issued %s: its key (SPKI sha256 %s) is not %s" % (
+            source, leaf.serial_hex, format_time(leaf.not_before), leaf.spki_sha256, " nor ".join(
+                "--key-path %s (%s)" % (key.path, "SPKI sha256 %s" % key.spki_sha256
+                                        if key.spki else "encrypted or unusual key")
+                for key in keys)),
+        hint="the renewing machine likely made a new key: renew there with --reuse-key "
+             "(certbot, lego), or copy its new key here and add it as another --key-path "
+             "(README: key rollover)")
+
+
+def check_gate(result, keys, now):
+    """The install gate: the key (matched while fetching: refetch_for_key), the
+    name and the dates; raises RefusedError."""
+    leaf, source = result.leaf, result.source
+    if keys and result.key is None:
+        raise key_mismatch(source, leaf, keys)
+    if not leaf.covers(source.verify_name):
+        raise RefusedError("%s: the leaf does not cover %s; it covers: %s" % (
+            source, source.verify_name, leaf.covered_names))
+    if now < leaf.not_before:
+        raise RefusedError("%s: the leaf is not valid before %s" % (
+            source, format_time(leaf.not_before)), hint="check this machine's clock (date -u)")
+    if now >= leaf.not_after:
+        raise RefusedError("%s: the leaf expired at %s" % (source, format_time(leaf.not_after)),
+                           hint="the server has not renewed, or this machine's clock is "
+                                "wrong (date -u)")
+
+
+def refusal_details(result):
+    """-v on a refused chain: its protocol, the leaf, and the chain, a line each."""
+    leaf = result.leaf
+    return ["%s: refused: %s" % (result.source, " ".join(
+                filter(None, (result.tls_version, result.cipher))) or "a local file"),
+            "%s: refused: leaf serial %s, issued %s, expires %s" % (
+                result.source, leaf.serial_hex, format_time(leaf.not_before),
+                format_time(leaf.not_after)),
+            "%s: refused: chain, leaf first: %s" % (result.source, "; ".join(
+                '"%s"' % cert.name for cert in result.issuing))]
+
+
+def apply_gate(results, keys, reporter):
+    """The gate for every fetched chain; a refusal becomes that source's error
+    (with -v, what was refused: see refusal_details), and so does a bug."""
+    now = time.time()
+    for result in results:
+        if result.error is None:
+            try:
+                contain_bug(check_gate, result, reporter, keys, now)
+            except RefusedError as exc:
+                result.error = exc
+                for line in refusal_details(result):
+                    reporter.info(line)
+
+
+# What the CA knows: a chain with a certificate its CA revoked is refused, and with
+# --crl require one whose revocation status is unknown.
 RENEW_HINT = "the renewing machine must renew now (certbot renew --force-renewal, or your " \
              "ACME client's equivalent), and the servers serve the new certificate; the " \
              "next run here installs it"
@@ -4090,561 +4605,23 @@ def apply_ca_gate(results, settings, reporter):
             result.error = refusal or result.error
 
 
-def warn_about_ca(best, installing, reporter):
-    """The chosen chain's CRLs that could not be had or trusted (--crl on: soft-fail), and
-    a renewal window whose end has passed, as warnings."""
-    revocation, renewal = best.revocation, best.renewal
-    for each in revocation.chain() if revocation is not None else ():
-        if each.status == "unknown" and each.cause not in NOTHING_TO_CHECK:
-            reporter.warn("%s: cannot tell whether the CA revoked %s: %s; %s anyway (--crl "
-                          "on: soft-fail; --crl require refuses)" % (
-                              best.source, each.subject(), each.detail,
-                              "installing" if installing else "printing it"))
-    if renewal is not None and renewal.start is not None and renewal.end <= time.time():
-        reporter.warn("%s: the CA asked for the leaf to be replaced by %s (ARI): the renewing "
-                      "machine has not renewed" % (best.source, format_time(renewal.end)))
-
-
-def revocation_text(revocation):
-    if revocation.status == "good":
-        return "good: not on its CRL %s (of %s%s)" % (
-            printable(revocation.url), format_time(revocation.this_update),
-            ", next update %s" % format_time(revocation.next_update)
-            if revocation.next_update is not None else "")
-    if revocation.status == "revoked":
-        return "REVOKED %s" % revocation_words(revocation)
-    return "unknown: %s" % printable(revocation.detail or revocation.cause)
-
-
-def renewal_text(renewal, now):
-    if renewal.start is None:
-        return ("unknown: %s" if renewal.cause != "expired" else "%s") % printable(
-            renewal.detail or renewal.cause)
-    return "the CA suggests renewing between %s and %s%s%s" % (
-        format_time(renewal.start), format_time(renewal.end),
-        " (ENDED %s ago)" % format_span(now - renewal.end) if renewal.end <= now else "",
-        "; see %s" % printable(renewal.explanation_url) if renewal.explanation_url else "")
-
-
-def ca_text_lines(result, now):
-    """--text: a line for the revocation status (and one for each intermediate checked)
-    and one for the renewal window."""
-    lines = []
-    for each in result.revocation.chain() if result.revocation is not None else ():
-        lines.append("  revocation:   %s%s" % (
-            'intermediate "%s": ' % each.cert.name if each.position else "",
-            revocation_text(each)))
-    if result.renewal is not None:
-        lines.append("  renewal:      %s" % renewal_text(result.renewal, now))
-    return lines
-
-
-def _format_times(*values):
-    return [format_time(value) if value is not None else None for value in values]
-
-
-def revocation_json(revocation):
-    """One Revocation's fields for --json."""
-    times = _format_times
-    return list(zip(
-        ("status", "cause", "detail", "time", "reason", "url", "crl_this_update",
-         "crl_next_update"),
-        [revocation.status, revocation.cause, revocation.detail] + times(revocation.time)
-        + [revocation.reason, revocation.url] + times(revocation.this_update,
-                                                      revocation.next_update)))
-
-
-def ca_json(result):
-    """--json: "revocation" (the leaf's, with "intermediates": those checked, each with
-    its position in the chain, subject, serial and sha256) and "renewal_window" of a
-    source (null when not asked)."""
-    revocation, renewal = result.revocation, result.renewal
-    times = _format_times
-    return [
-        ("revocation", None if revocation is None else revocation_json(revocation) + [
-            ("intermediates", [[("position", each.position), ("subject", each.cert.subject),
-                                ("serial", each.cert.serial_hex), ("sha256", each.cert.sha256)]
-                               + revocation_json(each) for each in revocation.intermediates])]),
-        ("renewal_window", None if renewal is None else list(zip(
-            ("start", "end", "explanation_url", "cause", "detail"),
-            times(renewal.start, renewal.end) + [renewal.explanation_url, renewal.cause,
-                                                 renewal.detail])))]
-
-
-def ca_check_line(line, result, crl, now):
-    """--check: a source's (status, text) with what the CA knows: CRITICAL for a revoked
-    leaf and for a renewal window whose end has passed while the leaf is still served;
-    WARNING for an unknown revocation under --crl require and for an ARI server that
-    could not be asked; otherwise the window's dates are added to the text."""
-    revocation, renewal, source = result.revocation, result.renewal, result.source
-    findings = [line]
-    revoked = revocation and first_of(revocation, "revoked")
-    unknown = revocation and first_of(revocation, "unknown")
-    if revoked:
-        findings.append((2, "%s: %s%s was REVOKED by its CA %s: the renewing machine must "
-                         "renew" % (source, revoked.subject(), " of the leaf serial %s" %
-                                    result.leaf.serial_hex if revoked.position else "",
-                                    revocation_words(revoked))))
-    elif unknown and crl == "require":
-        findings.append((1, "%s: revocation unknown (--crl require) for %s: %s" % (
-            source, unknown.subject(), printable(unknown.detail))))
-    if renewal is not None and renewal.start is None and renewal.cause != "expired":
-        findings.append((1, "%s: cannot ask the CA for the renewal window (ARI): %s" % (
-            source, printable(renewal.detail))))
-    elif renewal is not None and renewal.start is not None and renewal.end <= now:
-        findings.append((2, "%s: the CA's renewal window ended %s ago (%s) and the leaf is "
-                         "still served: the renewing machine did not renew%s" % (
-                             source, format_span(now - renewal.end), format_time(renewal.end),
-                             "; the CA says why at %s" % printable(renewal.explanation_url)
-                             if renewal.explanation_url else "")))
-    worst = worse(*findings)
-    if worst is line and renewal is not None and renewal.start is not None:
-        return line[0], "%s; renewal window %s to %s" % (line[1], format_time(renewal.start),
-                                                         format_time(renewal.end))
-    return worst
-
-
-CA_METRICS = (          # (name, help) of the metrics of what the CA knows, per source
-    ("certgrab_leaf_revoked", "1 if the leaf's CRL lists it, 0 if its CRL (checked by "
-     "OpenSSL) does not; absent when unknown."),
-    ("certgrab_ari_window_start_timestamp_seconds", "Start of the renewal window the CA "
-     "suggests for the leaf (ARI)."),
-    ("certgrab_ari_window_end_timestamp_seconds", "End of the renewal window the CA "
-     "suggests for the leaf (ARI)."))
-
-
-def ca_series(result, run):
-    """One source's series of each of CA_METRICS: the leaf's revocation (none while
-    unknown: 0 would say good) and its renewal window."""
-    labels, revocation, renewal = source_labels(result, run), result.revocation, result.renewal
-    known = revocation is not None and revocation.status != "unknown"
-    window = renewal is not None and renewal.start is not None
-    return ([(labels, int(revocation.status == "revoked"))] if known else [],
-            [(labels, renewal.start)] if window else [], [(labels, renewal.end)] if window else [])
-
-
-def no_ca_series(result, run):
-    """ca_series of a source whose series met a bug (render_source): none."""
-    return [], [], []
-
-
-def ca_metrics(results, run, reporter):
-    """CA_METRICS with the series of every source; a bug while one source's are made is
-    that source's error (render_source), as in source_metrics."""
-    series = [render_source(ca_series, no_ca_series, result, reporter, run)
-              for result in results]
-    return [(name, text, [one for each in series for one in each[index]])
-            for index, (name, text) in enumerate(CA_METRICS)]
-
-
-def _ca_settings(args):
-    """--crl, --acme-directory and --cache-dir, checked."""
-    crl = args.crl if args.crl is not None else "on"
-    if crl not in CRL_MODES:
-        raise UsageError("--crl %s: give on (check, install anyway when the CRL cannot be "
-                         "had), require or off" % crl, options=("--crl",))
-    if args.acme_directory is not None:
-        try:
-            split_url(args.acme_directory, "https")
-        except CaError as exc:
-            raise UsageError("--acme-directory: %s" % exc, options=("--acme-directory",))
-    try:
-        cache_dir = args.cache_dir and cache_directory(args.cache_dir)
-    except CertgrabError as exc:
-        exc.options = ("--cache-dir",)
-        raise
-    return dict(crl=crl, acme_directory=args.acme_directory, cache_dir=cache_dir)
-
-
-def cache_directory(path):
-    """--cache-dir: its real path, made (DIR_MODE) when missing. What it keeps decides
-    what a run believes without asking (an ARI window is not signed), so it is held to
-    the outputs' rules (resolve_path: every directory on the way safe from other users,
-    links only where they could not have put them; found again once made), and it must
-    itself belong to root or this user and be writable by no one else. RefusedError
-    otherwise, before any connection."""
-    doing = "cannot keep answers in --cache-dir %s" % path
-    resolve_path(path, doing)
-    make_directory(path)
-    real, entry, _ = resolve_path(path, doing)
-    if entry is None or not stat.S_ISDIR(entry.st_mode):
-        raise WriteError("%s: %s is not a directory" % (doing, real))
-    if entry.st_uid not in trusted_users():
-        raise RefusedError("%s: %s belongs to %s, who could change what certgrab reads "
-                           "there" % (doing, real, user_name(entry.st_uid)),
-                           hint="chown root %s, or name a directory of root's" % real)
-    if _exposed(entry):
-        raise RefusedError("%s: %s is writable by group or others (mode %04o)" % (
-            doing, real, stat.S_IMODE(entry.st_mode)), hint="chmod go-w %s" % real)
-    return real
-
-
-# ---------------------------------------------------------------------------
-# Install: output files, written whole or not at all.
-# ---------------------------------------------------------------------------
-
-def check_gate(result, keys, now):
-    """The install gate: the key (matched while fetching: refetch_for_key), the
-    name and the dates; raises RefusedError."""
-    leaf, source = result.leaf, result.source
-    if keys and result.key is None:
-        raise key_mismatch(source, leaf, keys)
-    if not leaf.covers(source.verify_name):
-        raise RefusedError("%s: the leaf does not cover %s; it covers: %s" % (
-            source, source.verify_name, leaf.covered_names))
-    if now < leaf.not_before:
-        raise RefusedError("%s: the leaf is not valid before %s" % (
-            source, format_time(leaf.not_before)), hint="check this machine's clock (date -u)")
-    if now >= leaf.not_after:
-        raise RefusedError("%s: the leaf expired at %s" % (source, format_time(leaf.not_after)),
-                           hint="the server has not renewed, or this machine's clock is "
-                                "wrong (date -u)")
-
-
-def key_mismatch(source, leaf, keys):
-    """The refusal of a leaf for none of the keys: which leaf, the likely cause, the fix."""
-    return RefusedError(
-        "%s: refused the leaf serial %s issued %s: its key (SPKI sha256 %s) is not %s" % (
-            source, leaf.serial_hex, format_time(leaf.not_before), leaf.spki_sha256, " nor ".join(
-                "--key-path %s (%s)" % (key.path, "SPKI sha256 %s" % key.spki_sha256
-                                        if key.spki else "encrypted or unusual key")
-                for key in keys)),
-        hint="the renewing machine likely made a new key: renew there with --reuse-key "
-             "(certbot, lego), or copy its new key here and add it as another --key-path "
-             "(README: key rollover)")
-
-
-def apply_gate(results, keys, reporter):
-    """The gate for every fetched chain; a refusal becomes that source's error
-    (with -v, what was refused: see refusal_details), and so does a bug."""
-    now = time.time()
+def choose_result(results, reporter):
+    """The newest good chain (latest leaf notBefore, the first given on a tie);
+    with several sources the other failures are warned about. When every
+    source failed, the worst error is raised and the others are printed."""
+    good = [r for r in results if r.error is None]
+    if not good:
+        worst = max((r.error for r in results), key=lambda error: error.exit_code)
+        for result in results:
+            if result.error is not worst:
+                reporter.error(result.error)
+        raise worst
     for result in results:
-        if result.error is None:
-            try:
-                contain_bug(check_gate, result, reporter, keys, now)
-            except RefusedError as exc:
-                result.error = exc
-                for line in refusal_details(result):
-                    reporter.info(line)
-
-
-def refusal_details(result):
-    """-v on a refused chain: its protocol, the leaf, and the chain, a line each."""
-    leaf = result.leaf
-    return ["%s: refused: %s" % (result.source, " ".join(
-                filter(None, (result.tls_version, result.cipher))) or "a local file"),
-            "%s: refused: leaf serial %s, issued %s, expires %s" % (
-                result.source, leaf.serial_hex, format_time(leaf.not_before),
-                format_time(leaf.not_after)),
-            "%s: refused: chain, leaf first: %s" % (result.source, "; ".join(
-                '"%s"' % cert.name for cert in result.issuing))]
-
-
-# Paths other local users can reach. As OpenSSH's StrictModes and logrotate do, certgrab
-# writes only where no other user can change what it writes: every directory from / to
-# the file belongs to root or to the user certgrab runs as, and is not writable by group
-# or others, except a sticky directory such as /tmp for the entries in it that root or
-# that user own (systemd's CHASE_SAFE rule). No other user can then rename, replace or
-# add anything along the path, so what was checked is what gets written: the check and
-# the write are no race. A symbolic link is followed only when root or that user owns it
-# and no other user could have put it there.
-
-KEY_CONTENTS = ("combined", "privkey")     # the outputs that hold the private key
-
-
-def trusted_users(owner=-1):
-    """The uids whose files and directories certgrab trusts: root and the user it runs
-    as, and for an existing output file also --owner's (owner, -1 when not given)."""
-    return frozenset(uid for uid in (0, os.geteuid(), owner) if uid != -1)
-
-
-def user_name(uid):
-    """uid's login name for messages, or its number where no name is known."""
-    try:
-        import pwd
-        return pwd.getpwuid(uid).pw_name
-    except (ImportError, KeyError):
-        return str(uid)
-
-
-def _exposed(directory):
-    """True when users other than its owner may add and remove entries in directory (an
-    lstat result)."""
-    return bool(directory.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
-
-
-def _safe_entry(parent, entry, trusted):
-    """True when no user outside trusted can replace entry (an lstat result; None: it is
-    missing, and certgrab would make it) in the directory parent."""
-    if parent.st_uid not in trusted:
-        return False
-    if not _exposed(parent):
-        return True
-    return bool(parent.st_mode & stat.S_ISVTX) and (entry is None or entry.st_uid in trusted)
-
-
-def _unsafe_entry(doing, directory, parent, entry, here):
-    """The RefusedError for an entry that _safe_entry found another user could replace."""
-    if parent.st_uid not in trusted_users():
-        return RefusedError("%s: the directory %s belongs to %s, who could change what is in "
-                            "it" % (doing, directory, user_name(parent.st_uid)),
-                            hint="chown root %s, or choose a directory only root can "
-                                 "change" % directory)
-    if not parent.st_mode & stat.S_ISVTX:
-        return RefusedError("%s: the directory %s is writable by group or others (mode %04o)"
-                            % (doing, directory, stat.S_IMODE(parent.st_mode)),
-                            hint="chmod go-w %s" % directory)
-    return RefusedError("%s: %s, in the sticky directory %s, belongs to %s" % (
-        doing, here, directory, user_name(entry.st_uid)),
-        hint="choose a path outside %s, or remove %s" % (directory, here))
-
-
-def _lstat(path, doing):
-    """os.lstat(path), None when missing; WriteError when it cannot be looked at."""
-    try:
-        return os.lstat(path)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise WriteError("%s: cannot look at %s: %s" % (doing, path, exc.strerror or exc))
-
-
-def _names(path):
-    """The names in path, without the empty ones and "."."""
-    return [name for name in path.split("/") if name not in ("", ".")]
-
-
-def resolve_path(path, doing, strict=True):
-    """path resolved one name at a time from /, as the kernel would: (real path, lstat of
-    its last entry or None when missing, whether other users may add entries beside it).
-    A missing name ends the walk (certgrab would make the rest, in a directory of its
-    own where more names follow). A symbolic link is
-    followed only when root or this user owns it and no other user could have put it
-    there; with strict, every entry on the way must be safe (_safe_entry). Otherwise
-    RefusedError, doing saying what was refused ("cannot write FILE")."""
-    trusted, hops = trusted_users(), 0
-    names = _names(path if path.startswith("/") else os.path.join(os.getcwd(), path))
-    real, parent = "/", _lstat("/", doing)
-    while names:
-        name = names.pop(0)
-        if name == "..":            # real holds no link: its parent is its dirname
-            real = os.path.dirname(real)
-            parent = _lstat(real, doing)
-            continue
-        here = os.path.join(real, name)
-        entry = _lstat(here, doing)
-        safe = _safe_entry(parent, entry, trusted)
-        if strict and not safe:
-            raise _unsafe_entry(doing, real, parent, entry, here)
-        if entry is None:                       # certgrab would make the rest
-            if ".." in names:
-                raise WriteError("%s: %s does not exist" % (doing, here))
-            return os.path.join(here, *names), None, not names and _exposed(parent)
-        if stat.S_ISLNK(entry.st_mode):
-            hops += 1
-            link_target = _link_target(doing, here, entry, safe, hops)
-            names = _names(link_target) + names
-            if link_target.startswith("/"):
-                real, parent = "/", _lstat("/", doing)
-        elif names and not stat.S_ISDIR(entry.st_mode):
-            raise WriteError("%s: %s is not a directory" % (doing, here))
-        elif names:
-            real, parent = here, entry
-        else:
-            return here, entry, _exposed(parent)
-    return real, parent, False
-
-
-def _link_target(doing, link, entry, safe, hops):
-    """Where the symbolic link points, if resolve_path may follow it."""
-    if entry.st_uid not in trusted_users():
-        raise RefusedError("%s: the symbolic link %s belongs to %s" % (
-            doing, link, user_name(entry.st_uid)), hint="remove it, or chown -h root %s "
-                                                         "if root made it" % link)
-    if not safe:
-        raise RefusedError("%s: the symbolic link %s is in a directory other users can "
-                           "change" % (doing, link), hint="name the path it points to")
-    if hops > LINK_HOPS:
-        raise WriteError("%s: more than %d symbolic links" % (doing, LINK_HOPS))
-    try:
-        return os.readlink(link)
-    except OSError as exc:
-        raise WriteError("%s: cannot read the link %s: %s" % (doing, link, exc.strerror or exc))
-
-
-def _file_type(entry):
-    mode = entry.st_mode
-    return "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else \
-        "a device"
-
-
-def resolve_output(path, content, owner):
-    """(real path, lstat or None) of an output, resolved strictly (resolve_path), and
-    more: its directory is no place others may add files to, not even a sticky one (one
-    could take the file's name, or its lock's, first); an existing file is a regular file
-    owned by root, this user or --owner (owner: its uid or -1), and one that holds the
-    private key is not open to others: such a file is refused, never reused."""
-    doing = "cannot write %s" % path
-    real, entry, exposed = resolve_path(path, doing)
-    if exposed:
-        raise RefusedError("%s: other users may create files in %s; one could take the "
-                           "name of the file, or of its lock, first" % (
-                               doing, os.path.dirname(real)),
-                           hint="write into a directory that only root can write")
-    if entry is None:
-        return real, None
-    it = "it" if real == os.path.abspath(path) else "its target %s" % real
-    if stat.S_ISDIR(entry.st_mode):
-        raise WriteError("%s: %s is a directory" % (doing, it))
-    if not stat.S_ISREG(entry.st_mode):
-        raise RefusedError("%s: %s is %s, not a regular file" % (doing, it, _file_type(entry)),
-                           hint="remove it: certgrab replaces regular files only")
-    if entry.st_uid not in trusted_users(owner):
-        raise RefusedError("%s: %s belongs to %s; an existing file keeps its owner only when "
-                           "that is root, the user certgrab runs as or --owner" % (
-                               doing, it, user_name(entry.st_uid)),
-                           hint="chown root %s, or remove it" % real)
-    if content in KEY_CONTENTS and entry.st_mode & stat.S_IRWXO:
-        raise RefusedError("%s: %s holds the private key, and other users may read it (mode "
-                           "%04o)" % (doing, it, stat.S_IMODE(entry.st_mode)),
-                           hint="chmod 600 %s, and count the key as exposed" % real)
-    return real, entry
-
-
-def resolve_outputs(plan, owner):
-    """[(path as named, real path, content)] of the planned outputs, each checked."""
-    return [(path, resolve_output(path, content, owner)[0], content) for path, content in plan]
-
-
-def plan_outputs(out_dir, paths, key_paths, privkey=False, owner=-1):
-    """(path, content) for every file asked for, checked before any network I/O:
-    --out-dir's files (and privkey.pem with --privkey), then paths, a dict of
-    content ("cert", "chain", "fullchain", "combined") to the file named by its
-    --KIND-path (or None). Only privkey.pem may be a --key-path file itself:
-    it then gets the key the new leaf matches, in the same set. Every output
-    must be safe from other users (resolve_output; owner: --owner's uid or -1)."""
-    plan = []
-    if out_dir:
-        plan += [(os.path.join(out_dir, name), name[:-4]) for name in OUT_DIR_FILES]
-    if out_dir and privkey:
-        plan.append((os.path.join(out_dir, PRIVKEY_FILE), "privkey"))
-    for content in ("cert", "chain", "fullchain", "combined"):
-        if paths[content]:
-            plan.append((paths[content], content))
-    absolute = [os.path.realpath(path) for path, _ in plan]
-    if len(set(absolute)) != len(absolute):
-        raise UsageError("two outputs name the same file")
-    for key_path in key_paths:
-        if any(path == os.path.realpath(key_path) and content != "privkey"
-               for path, (_, content) in zip(absolute, plan)):
-            raise UsageError("an output would overwrite the --key-path file %s" % key_path,
-                             options=("--key-path",))
-    resolve_outputs(plan, owner)
-    return tuple(plan)
-
-
-def make_directory(directory):
-    try:
-        os.makedirs(directory, DIR_MODE, exist_ok=True)
-    except OSError as exc:
-        raise WriteError("cannot create directory %s: %s" % (directory, exc.strerror or exc))
-
-
-def prepare_outputs(plan, owner):
-    """The outputs, resolved again once their directories exist: a directory that another
-    user made first in a sticky parent is refused here, before anything is put in it."""
-    for directory in sorted(set(os.path.dirname(real)
-                                for _, real, _ in resolve_outputs(plan, owner))):
-        make_directory(directory)
-    return resolve_outputs(plan, owner)
-
-
-def render_outputs(plan, chain, key):
-    """(real path, bytes, holds_key) for each resolved output; key is the --key-path
-    the leaf matched, copied only into privkey.pem and the combined file."""
-    outputs = []
-    for _, path, content in plan:
-        certs = {"cert": chain[:1], "chain": chain[1:], "privkey": []}.get(content, chain)
-        data = "".join(der_to_pem(cert.der) for cert in certs).encode("ascii")
-        data += key.pem if content in KEY_CONTENTS else b""
-        outputs.append((path, data, content in KEY_CONTENTS))
-    return outputs
-
-
-def read_file(path, limit, output=False, kept=False):
-    """The one bounded reader of local files: at most limit + 1 bytes of path, so that
-    the caller can tell a file larger than limit. OSError when it cannot be read.
-
-    Two rules, since the files are of two kinds. An input, named by the user who runs
-    certgrab (a key, --config, a SOURCE, /proc), is opened as named: through links
-    (certbot's live/ holds links), and a pipe (--key-password-file <(...)) is read
-    too. An output (output), or a file certgrab keeps beside the outputs or in
-    --cache-dir (kept), lies where certgrab writes: it is opened without following a
-    link or waiting on a FIFO and checked with fstat (OSError when it is a link or not
-    a regular file; None when it is missing), and a kept one is refused (RefusedError)
-    unless it is this user's and no one else may write it."""
-    if not (output or kept):
-        with open(path, "rb") as handle:
-            return handle.read(limit + 1)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return None
-    with os.fdopen(fd, "rb") as handle:
-        found = os.fstat(fd)
-        if not stat.S_ISREG(found.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        writable = found.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        if kept and (found.st_uid != os.geteuid() or writable):
-            raise RefusedError("%s is not a file certgrab wrote: it %s" % (
-                path, "belongs to %s" % user_name(found.st_uid) if found.st_uid != os.geteuid()
-                else "is writable by group or others (mode %04o)" % stat.S_IMODE(found.st_mode)))
-        return handle.read(limit + 1)
-
-
-def read_existing(path):
-    """An output's bytes (read_file); None when it is missing or unreadable (it is then
-    rewritten)."""
-    try:
-        return read_file(path, MAX_FILE, output=True)
-    except OSError:
-        return None
-
-
-def installed_leaf(plan):
-    """What the outputs hold: (newest leaf or None, [(path, why) of damaged outputs]).
-
-    Every cert, fullchain and combined output counts, so a damaged file cannot
-    hide a newer leaf in another. An output that exists but cannot be read as
-    certificates is damaged, never "nothing installed".
-    """
-    newest, damaged = None, []
-    for named, path, content in plan:
-        if content in ("chain", "privkey"):        # no leaf in these
-            continue
-        try:
-            leaf = read_leaf(path)
-        except (OSError, ParseError) as exc:
-            damaged.append((named, getattr(exc, "strerror", None) or str(exc)))
-            continue
-        if leaf is not None and (newest is None or leaf.not_before > newest.not_before):
-            newest = leaf
-    return newest, damaged
-
-
-def read_leaf(path):
-    """The first certificate of an existing output, None when there is no such file.
-
-    Raises OSError when the file cannot be read and ParseError when it is not
-    whole PEM certificates (garbage, cut short, bad base64, bad DER, empty).
-    """
-    data = read_file(path, MAX_FILE, output=True)
-    if data is None:
-        return None
-    ders = pem_to_ders(data.decode("ascii", "replace"))
-    if not ders:
-        raise ParseError("no PEM certificate in it")
-    return [parse_certificate(der) for der in ders][0]     # every one must be whole
+        if isinstance(result.error, InternalError):     # shown even with -q: a bug
+            reporter.notice("%s (skipped)" % result.error)
+        elif result.error is not None:
+            reporter.warn("%s (skipped)" % result.error)
+    return max(good, key=lambda r: r.leaf.not_before)
 
 
 def check_not_older(best, installed, force, reporter):
@@ -4674,6 +4651,159 @@ def check_not_older(best, installed, force, reporter):
     reporter.warn(message + "; installing it because of --force")
 
 
+# --min-age holds a new leaf back for a while: until then the service keeps the
+# installed one.
+def held_until(leaf, installed, min_age, now):
+    """--min-age: (until, why). until is the time before which leaf waits, or None
+    when it is installed now; why is "young", "installed" (the leaf already
+    installed is never held back), "first" (nothing installed: nothing to keep
+    serving, so a first install is not held back) or "old enough"."""
+    if installed is not None and installed.der == leaf.der:
+        return None, "installed"
+    until = leaf.not_before + min_age
+    if until <= now:
+        return None, "old enough"
+    return (None, "first") if installed is None else (until, "young")
+
+
+def duration_text(seconds):
+    """A duration as --min-age and --warn take it: "2d", "36h", "90m" or "600s"."""
+    for unit in ("d", "h", "m"):
+        if seconds % DURATION_UNITS[unit] == 0:
+            return "%d%s" % (seconds // DURATION_UNITS[unit], unit)
+    return "%gs" % seconds
+
+
+def hold_back(best, plan, min_age, reporter):
+    """--min-age: True when the new leaf is held back (said, with the time it goes);
+    files and hook are then left alone."""
+    if min_age is None:
+        return False
+    installed, damaged = installed_leaf(plan)
+    if damaged:                                 # the gate refuses every leaf
+        return False
+    until, why = held_until(best.leaf, installed, min_age, time.time())
+    if why == "first":
+        reporter.say("%s: the leaf (%s) is younger than --min-age %s, but nothing is installed "
+                     "yet: a first install is not held back" % (
+                         best.source, best.leaf.describe(), duration_text(min_age)))
+    if until is None:
+        return False
+    reporter.say("%s serves a new leaf (%s): held back until %s (--min-age %s); the installed "
+                 "leaf (%s) stays" % (best.source, best.leaf.describe(), format_time(until),
+                                      duration_text(min_age), installed.describe()))
+    reporter.outcome("held back sha256:%s from %s until %s" % (best.leaf.sha256, best.source,
+                                                               format_time(until)))
+    return True
+
+
+def rolled_back_sha256(plan):
+    """The sha256 of the leaf recorded as rolled back; None when there is none (or the
+    record is no certificate)."""
+    data = read_kept(rolled_back_path(plan), "the files are unchanged")
+    try:
+        ders = pem_to_ders(data.decode("ascii", "replace")) if data else []
+    except ParseError:
+        ders = []
+    return hashlib.sha256(ders[0]).hexdigest() if ders else None
+
+
+def rolled_back_refusal(best, plan, force, reporter):
+    """The ConfirmError refusing best's leaf when it is the one rolled back at an earlier
+    run; None for any other leaf (a newer one goes), or with --force (said)."""
+    if rolled_back_sha256(plan) != best.leaf.sha256:
+        return None
+    if force:
+        reporter.warn("installing the leaf (%s) that was rolled back at an earlier run, "
+                      "because of --force" % best.leaf.describe())
+        return None
+    return ConfirmError(
+        "%s serves the leaf %s, which left a --confirm service completing no TLS handshake "
+        "after the deploy hook at an earlier run; it was rolled back (%s) and is not "
+        "installed again until a newer leaf appears" % (
+            best.source, best.leaf.describe(), rolled_back_path(plan)), "restored",
+        hint="find what broke the service with that leaf (its error log; nginx -t), fix it, "
+             "then run once with --force to install the leaf again")
+
+
+# ---------------------------------------------------------------------------
+# Install: output files, written whole or not at all.
+# ---------------------------------------------------------------------------
+
+def prepare_outputs(plan, owner):
+    """The outputs, resolved again once their directories exist: a directory that another
+    user made first in a sticky parent is refused here, before anything is put in it."""
+    for directory in sorted(set(os.path.dirname(real)
+                                for _, real, _ in resolve_outputs(plan, owner))):
+        make_directory(directory)
+    return resolve_outputs(plan, owner)
+
+
+def render_outputs(plan, chain, key):
+    """(real path, bytes, holds_key) for each resolved output; key is the --key-path
+    the leaf matched, copied only into privkey.pem and the combined file."""
+    outputs = []
+    for _, path, content in plan:
+        certs = {"cert": chain[:1], "chain": chain[1:], "privkey": []}.get(content, chain)
+        data = "".join(der_to_pem(cert.der) for cert in certs).encode("ascii")
+        data += key.pem if content in KEY_CONTENTS else b""
+        outputs.append((path, data, content in KEY_CONTENTS))
+    return outputs
+
+
+def unlock_directories(fds):
+    """Closing releases each lock; a lock file opened read-only has nothing to lose."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def open_lock_file(directory):
+    """DIR/.certgrab.lock, made with mode 0600 and never through a link or onto a FIFO.
+    Only this user can open it, so no other user can lock it (any user who can read a
+    directory can flock the directory itself). It stays: removing a lock file others
+    may be waiting on would let two runs in at once."""
+    path = os.path.join(directory, LOCK_FILE)
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, PRIVATE_MODE)
+    found = os.fstat(fd)
+    if not stat.S_ISREG(found.st_mode) or found.st_uid != os.geteuid():
+        os.close(fd)
+        raise RefusedError("refusing the lock file %s: it is %s" % (path, "not a regular file"
+                           if not stat.S_ISREG(found.st_mode) else "owned by " +
+                           user_name(found.st_uid)), hint="remove it")
+    if found.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        os.fchmod(fd, PRIVATE_MODE)
+    return fd
+
+
+def _command_line(pid):
+    """" (the command line)" of process pid, shortened and terminal-safe; "" if unknown."""
+    try:
+        words = read_file("/proc/%s/cmdline" % pid, CMDLINE_READ).split(b"\0")
+    except OSError:
+        return ""
+    text = printable(b" ".join(words).strip().decode("utf-8", "replace"))
+    return " (%s)" % (text[:CMDLINE_SHOWN] + "..." * (len(text) > CMDLINE_SHOWN)) if text else ""
+
+
+def lock_holder(fd):
+    """"; held by process PID (its command line)" for the lock on fd's file, as
+    /proc/locks and /proc/PID/cmdline say; "" where the system cannot say."""
+    found = os.fstat(fd)
+    wanted = "%02x:%02x:%d" % (os.major(found.st_dev), os.minor(found.st_dev), found.st_ino)
+    try:
+        lines = read_file("/proc/locks", PROC_LOCKS_LIMIT).decode("ascii", "replace").splitlines()
+    except OSError:
+        return ""
+    for fields in (line.split() for line in lines):    # ID: FLOCK ADVISORY WRITE PID DEV:INODE
+        if len(fields) > 5 and fields[1] != "->" and fields[5] == wanted \
+                and fields[4].isdigit():
+            return "; held by process %s%s" % (fields[4], _command_line(fields[4]))
+    return ""
+
+
 def lock_directories(directories, wait):
     """An exclusive flock on the lock file of each output directory (open_lock_file),
     waiting at most wait seconds in all."""
@@ -4700,57 +4830,14 @@ def lock_directories(directories, wait):
     return fds
 
 
-def open_lock_file(directory):
-    """DIR/.certgrab.lock, made with mode 0600 and never through a link or onto a FIFO.
-    Only this user can open it, so no other user can lock it (any user who can read a
-    directory can flock the directory itself). It stays: removing a lock file others
-    may be waiting on would let two runs in at once."""
-    path = os.path.join(directory, LOCK_FILE)
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, PRIVATE_MODE)
-    found = os.fstat(fd)
-    if not stat.S_ISREG(found.st_mode) or found.st_uid != os.geteuid():
-        os.close(fd)
-        raise RefusedError("refusing the lock file %s: it is %s" % (path, "not a regular file"
-                           if not stat.S_ISREG(found.st_mode) else "owned by " +
-                           user_name(found.st_uid)), hint="remove it")
-    if found.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        os.fchmod(fd, PRIVATE_MODE)
-    return fd
-
-
-def lock_holder(fd):
-    """"; held by process PID (its command line)" for the lock on fd's file, as
-    /proc/locks and /proc/PID/cmdline say; "" where the system cannot say."""
-    found = os.fstat(fd)
-    wanted = "%02x:%02x:%d" % (os.major(found.st_dev), os.minor(found.st_dev), found.st_ino)
-    try:
-        lines = read_file("/proc/locks", PROC_LOCKS_LIMIT).decode("ascii", "replace").splitlines()
-    except OSError:
-        return ""
-    for fields in (line.split() for line in lines):    # ID: FLOCK ADVISORY WRITE PID DEV:INODE
-        if len(fields) > 5 and fields[1] != "->" and fields[5] == wanted \
-                and fields[4].isdigit():
-            return "; held by process %s%s" % (fields[4], _command_line(fields[4]))
-    return ""
-
-
-def _command_line(pid):
-    """" (the command line)" of process pid, shortened and terminal-safe; "" if unknown."""
-    try:
-        words = read_file("/proc/%s/cmdline" % pid, CMDLINE_READ).split(b"\0")
-    except OSError:
-        return ""
-    text = printable(b" ".join(words).strip().decode("utf-8", "replace"))
-    return " (%s)" % (text[:CMDLINE_SHOWN] + "..." * (len(text) > CMDLINE_SHOWN)) if text else ""
-
-
-def unlock_directories(fds):
-    """Closing releases each lock; a lock file opened read-only has nothing to lose."""
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+def temp_prefixes(plan):
+    """{directory: (".NAME" + TEMP_MARK, ...)} for the outputs in each directory."""
+    prefixes = {}
+    for _, path, _ in plan:
+        directory = os.path.dirname(path)
+        prefixes[directory] = prefixes.get(directory, ()) + (
+            "." + os.path.basename(path) + TEMP_MARK,)
+    return prefixes
 
 
 def remove_stale_temps(plan):
@@ -4771,54 +4858,6 @@ def remove_stale_temps(plan):
                 if not discard_temp(stale):
                     raise WriteError("cannot remove the leftover temporary file %s" % stale,
                                      hint="the previous files are unchanged")
-
-
-def temp_prefixes(plan):
-    """{directory: (".NAME" + TEMP_MARK, ...)} for the outputs in each directory."""
-    prefixes = {}
-    for _, path, _ in plan:
-        directory = os.path.dirname(path)
-        prefixes[directory] = prefixes.get(directory, ()) + (
-            "." + os.path.basename(path) + TEMP_MARK,)
-    return prefixes
-
-
-def install_files(outputs, settings, mark_pending, reporter):
-    """Write each output that differs from the disk; return the paths written.
-
-    Every new version is staged as a temporary file beside its output and
-    fsynced before the first rename, so a failure before the renames leaves
-    the old files alone, and one during them leaves a set the next run
-    completes. With a deploy hook the new files are dated HOOK_PENDING_MTIME
-    until it ran.
-    """
-    changed = changed_outputs(outputs)
-    staged, renamed, path = [], [], None
-    try:
-        for path, data, holds_key in changed:
-            staged.append((stage_file(path, data, holds_key, settings, mark_pending), path))
-        for temp, path in staged:
-            os.replace(temp, path)
-            renamed.append(path)
-    except OSError as exc:
-        left = [temp for temp, output in staged if output not in renamed]
-        kept = [temp for temp in left if not discard_temp(temp)]
-        raise WriteError(*write_failure(path, exc, renamed, kept, mark_pending))
-    for directory in set(os.path.dirname(os.path.abspath(p)) for p, _, _ in changed):
-        sync_directory(directory, reporter)
-    return renamed
-
-
-def write_failure(path, exc, renamed, kept, mark_pending):
-    """(message, hint) of a failed install_files, true to what is on disk now."""
-    message = "cannot write %s: %s" % (path, exc.strerror or exc)
-    if kept:
-        message += "; could not remove %s" % " ".join(kept)
-    if not renamed:
-        return message, "the previous files are unchanged"
-    return message + "; already new: %s" % " ".join(renamed), \
-        "the next run completes the set%s" % (" and runs the deploy hook" if mark_pending
-                                              else "")
 
 
 def changed_outputs(outputs):
@@ -4845,91 +4884,42 @@ def stage_file(path, data, holds_key, settings, mark_pending):
                            HOOK_PENDING_MTIME if pending else None)
 
 
-def write_temp_file(directory, name, data, mode=PRIVATE_MODE, owner=None, mtime=None,
-                    dir_fd=None):
-    """A new file "." + name + TEMP_MARK + random in directory, written and fsynced;
-    with dir_fd, in the directory open there (the name returned is then relative to it).
-    Created exclusively: a link or file planted at its name is never used.
+def write_failure(path, exc, renamed, kept, mark_pending):
+    """(message, hint) of a failed install_files, true to what is on disk now."""
+    message = "cannot write %s: %s" % (path, exc.strerror or exc)
+    if kept:
+        message += "; could not remove %s" % " ".join(kept)
+    if not renamed:
+        return message, "the previous files are unchanged"
+    return message + "; already new: %s" % " ".join(renamed), \
+        "the next run completes the set%s" % (" and runs the deploy hook" if mark_pending
+                                              else "")
 
-    On any failure the file is emptied and removed: it may hold a private key.
+
+def install_files(outputs, settings, mark_pending, reporter):
+    """Write each output that differs from the disk; return the paths written.
+
+    Every new version is staged as a temporary file beside its output and
+    fsynced before the first rename, so a failure before the renames leaves
+    the old files alone, and one during them leaves a set the next run
+    completes. With a deploy hook the new files are dated HOOK_PENDING_MTIME
+    until it ran.
     """
-    temp = "." + name + TEMP_MARK + binascii.hexlify(os.urandom(6)).decode("ascii")
-    if dir_fd is None:
-        temp = os.path.join(directory, temp)
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PRIVATE_MODE,
-                 dir_fd=dir_fd)
+    changed = changed_outputs(outputs)
+    staged, renamed, path = [], [], None
     try:
-        if owner is not None and owner != (-1, -1):
-            os.fchown(fd, owner[0], owner[1])
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if mtime is not None:
-            os.utime(fd, (mtime, mtime))
-        os.fsync(fd)
-    except OSError:
-        close_emptied(fd)
-        discard_temp(temp, dir_fd)
-        raise
-    try:
-        os.close(fd)
-    except OSError:
-        discard_temp(temp, dir_fd)
-        raise
-    return temp
-
-
-def close_emptied(fd):
-    """Close a temporary file of ours after emptying it (it may hold a private key)."""
-    for step in (lambda: os.ftruncate(fd, 0), lambda: os.close(fd)):
-        try:
-            step()
-        except OSError:
-            pass
-
-
-def discard_temp(path, dir_fd=None):
-    """Remove a temporary file of ours; if it cannot go, at least empty it (but not a
-    metrics temp, in dir_fd: it holds nothing secret). True if gone."""
-    try:
-        os.unlink(path, dir_fd=dir_fd)
-        return True
-    except FileNotFoundError:
-        return True
-    except OSError:
-        pass
-    if dir_fd is None:
-        try:
-            os.truncate(path, 0)
-        except OSError:
-            pass
-    return False
-
-
-def remove_quietly(path, dir_fd=None):
-    """Remove a scratch file that holds nothing secret (key_matches' public
-    certificate, an old metrics file's temp); a failure changes nothing."""
-    try:
-        os.unlink(path, dir_fd=dir_fd)
-    except OSError:
-        pass
-
-
-def sync_directory(directory, reporter, dir_fd=None):
-    """Make the renames durable (dir_fd: the directory, open); say so when the
-    filesystem refuses (-v)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY) if dir_fd is None else dir_fd
-        try:
-            os.fsync(fd)
-        finally:
-            if dir_fd is None:
-                os.close(fd)
+        for path, data, holds_key in changed:
+            staged.append((stage_file(path, data, holds_key, settings, mark_pending), path))
+        for temp, path in staged:
+            os.replace(temp, path)
+            renamed.append(path)
     except OSError as exc:
-        reporter.info("cannot fsync directory %s (%s): the new files are in place, but a "
-                      "power failure now could bring back old ones" % (
-                          directory, exc.strerror or exc))
+        left = [temp for temp, output in staged if output not in renamed]
+        kept = [temp for temp in left if not discard_temp(temp)]
+        raise WriteError(*write_failure(path, exc, renamed, kept, mark_pending))
+    for directory in set(os.path.dirname(os.path.abspath(p)) for p, _, _ in changed):
+        sync_directory(directory, reporter)
+    return renamed
 
 
 def pending_files(plan):
@@ -5003,94 +4993,12 @@ def run_deploy_hook(settings, plan, best, leaf=None):
             "exit status %d" % status if status > 0 else "signal %d" % -status))
 
 
-# Rollouts: --min-age holds a new leaf back for a while; --confirm checks after the hook
-# that the service serves the new leaf, and puts the previous files back (and refuses that
-# leaf from then on) when the hook left the service completing no TLS handshake at all.
-# The files --confirm keeps beside the outputs are written as the outputs are (a temp
-# file, fsync, rename) in directories resolve_output checked, and read as they are
-# (read_file), only when this user wrote them.
-
-def held_until(leaf, installed, min_age, now):
-    """--min-age: (until, why). until is the time before which leaf waits, or None
-    when it is installed now; why is "young", "installed" (the leaf already
-    installed is never held back), "first" (nothing installed: nothing to keep
-    serving, so a first install is not held back) or "old enough"."""
-    if installed is not None and installed.der == leaf.der:
-        return None, "installed"
-    until = leaf.not_before + min_age
-    if until <= now:
-        return None, "old enough"
-    return (None, "first") if installed is None else (until, "young")
-
-
-def duration_text(seconds):
-    """A duration as --min-age and --warn take it: "2d", "36h", "90m" or "600s"."""
-    for unit in ("d", "h", "m"):
-        if seconds % DURATION_UNITS[unit] == 0:
-            return "%d%s" % (seconds // DURATION_UNITS[unit], unit)
-    return "%gs" % seconds
-
-
-def hold_back(best, plan, min_age, reporter):
-    """--min-age: True when the new leaf is held back (said, with the time it goes);
-    files and hook are then left alone."""
-    if min_age is None:
-        return False
-    installed, damaged = installed_leaf(plan)
-    if damaged:                                 # the gate refuses every leaf
-        return False
-    until, why = held_until(best.leaf, installed, min_age, time.time())
-    if why == "first":
-        reporter.say("%s: the leaf (%s) is younger than --min-age %s, but nothing is installed "
-                     "yet: a first install is not held back" % (
-                         best.source, best.leaf.describe(), duration_text(min_age)))
-    if until is None:
-        return False
-    reporter.say("%s serves a new leaf (%s): held back until %s (--min-age %s); the installed "
-                 "leaf (%s) stays" % (best.source, best.leaf.describe(), format_time(until),
-                                      duration_text(min_age), installed.describe()))
-    reporter.outcome("held back sha256:%s from %s until %s" % (best.leaf.sha256, best.source,
-                                                               format_time(until)))
-    return True
-
-
-def read_kept(path, hint):
-    """A file certgrab keeps beside the outputs (PREVIOUS_MARK, ROLLED_BACK_MARK); None
-    when there is none. Read as outputs are (read_file), and only when it is a
-    regular file of this user's that no one else may write: anything else is refused.
-    hint: what a failure leaves, for its message."""
-    try:
-        return read_file(path, MAX_FILE, kept=True)
-    except RefusedError as exc:
-        raise RefusedError(str(exc), hint="remove it; %s" % hint)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.EINVAL):    # O_NOFOLLOW met a link; not regular
-            raise RefusedError("%s is not a file certgrab wrote: it is %s" % (
-                path, "a symbolic link" if exc.errno == errno.ELOOP else "not a regular file"),
-                hint="remove it; %s" % hint)
-        raise WriteError("cannot read %s: %s" % (path, exc.strerror or exc), hint=hint)
-
-
-def write_kept(path, name, data, hint, reporter):
-    """Replace path (beside an output) with data, 0600, as install_files writes: a
-    temporary file created exclusively ("." + name + TEMP_MARK, which the next run
-    removes if this one dies), fsynced, renamed, the directory synced. hint: what a
-    failure leaves, for its message."""
-    temp = None
-    try:
-        temp = write_temp_file(os.path.dirname(path), name, data, PRIVATE_MODE)
-        os.replace(temp, path)
-    except OSError as exc:
-        if temp is not None:
-            discard_temp(temp)
-        raise WriteError("cannot write %s: %s" % (path, exc.strerror or exc), hint=hint)
-    sync_directory(os.path.dirname(path), reporter)
-
-
-def previous_path(path):
-    """Where keep_previous keeps an output's version from before an unconfirmed install."""
-    return os.path.join(os.path.dirname(path), "." + os.path.basename(path) + PREVIOUS_MARK)
-
+# Rollouts: --confirm checks after the hook that the service serves the new leaf, and
+# puts the previous files back (and refuses that leaf from then on: rolled_back_refusal)
+# when the hook left the service completing no TLS handshake at all. The files
+# --confirm keeps beside the outputs are written as the outputs are (a temp file,
+# fsync, rename) in directories resolve_output checked, and read as they are
+# (read_kept), only when this user wrote them.
 
 def keep_previous(outputs, reporter):
     """--confirm, before the install: keep each existing output that is about to change
@@ -5139,41 +5047,6 @@ def restore_previous(kept, settings, reporter):
     for directory in set(os.path.dirname(path) for path in restored):
         sync_directory(directory, reporter)
     return restored
-
-
-def rolled_back_path(plan):
-    """The record of the leaf that was rolled back: beside the first output."""
-    first = plan[0][1]
-    return os.path.join(os.path.dirname(first), "." + os.path.basename(first) + ROLLED_BACK_MARK)
-
-
-def rolled_back_sha256(plan):
-    """The sha256 of the leaf recorded as rolled back; None when there is none (or the
-    record is no certificate)."""
-    data = read_kept(rolled_back_path(plan), "the files are unchanged")
-    try:
-        ders = pem_to_ders(data.decode("ascii", "replace")) if data else []
-    except ParseError:
-        ders = []
-    return hashlib.sha256(ders[0]).hexdigest() if ders else None
-
-
-def rolled_back_refusal(best, plan, force, reporter):
-    """The ConfirmError refusing best's leaf when it is the one rolled back at an earlier
-    run; None for any other leaf (a newer one goes), or with --force (said)."""
-    if rolled_back_sha256(plan) != best.leaf.sha256:
-        return None
-    if force:
-        reporter.warn("installing the leaf (%s) that was rolled back at an earlier run, "
-                      "because of --force" % best.leaf.describe())
-        return None
-    return ConfirmError(
-        "%s serves the leaf %s, which left a --confirm service completing no TLS handshake "
-        "after the deploy hook at an earlier run; it was rolled back (%s) and is not "
-        "installed again until a newer leaf appears" % (
-            best.source, best.leaf.describe(), rolled_back_path(plan)), "restored",
-        hint="find what broke the service with that leaf (its error log; nginx -t), fix it, "
-             "then run once with --force to install the leaf again")
 
 
 def refuse_rolled_back(best, plan, settings, reporter):
@@ -5382,6 +5255,29 @@ def run_hook(best, plan, changed, pending, services, reader, settings, reporter)
     return False
 
 
+def dry_run(plan, outputs, best, settings, reporter, installed):
+    """--dry-run: the same checks and the same comparison with the disk; no writes."""
+    check_not_older(best, installed, settings.force, reporter)
+    refusal = rolled_back_refusal(best, plan, settings.force, reporter)
+    if refusal is not None:
+        raise refusal
+    changed = [path for path, _, _ in changed_outputs(outputs)]
+    for path in changed:
+        directory = os.path.dirname(path)
+        while not os.path.exists(directory):
+            directory = os.path.dirname(directory)
+        if not os.access(directory, os.W_OK):
+            raise WriteError("dry run: cannot write %s: %s is not writable" % (path, directory))
+    hook = settings.deploy_hook and (changed or pending_files(plan))
+    reporter.outcome("dry run: %s" % ("would install sha256:%s from %s" % (
+        best.leaf.sha256, best.source) if changed else "unchanged"))
+    reporter.say("dry run: %s%s%s" % ("would write " + " ".join(changed) if changed else
+                                      "files are up to date", "; would run the deploy hook"
+                                      if hook else "", " and confirm on " + ", ".join(
+                                          text for text, _, _ in settings.confirm)
+                                      if hook and settings.confirm else ""))
+
+
 def install_chain(chain, best, settings, reporter, reader):
     """Under the locks: no downgrade, write what changed, run the hook (and with
     --confirm, check that the service took the new leaf: run_hook). Returns
@@ -5425,32 +5321,24 @@ def install_chain(chain, best, settings, reporter, reader):
         unlock_directories(locks)
 
 
-def dry_run(plan, outputs, best, settings, reporter, installed):
-    """--dry-run: the same checks and the same comparison with the disk; no writes."""
-    check_not_older(best, installed, settings.force, reporter)
-    refusal = rolled_back_refusal(best, plan, settings.force, reporter)
-    if refusal is not None:
-        raise refusal
-    changed = [path for path, _, _ in changed_outputs(outputs)]
-    for path in changed:
-        directory = os.path.dirname(path)
-        while not os.path.exists(directory):
-            directory = os.path.dirname(directory)
-        if not os.access(directory, os.W_OK):
-            raise WriteError("dry run: cannot write %s: %s is not writable" % (path, directory))
-    hook = settings.deploy_hook and (changed or pending_files(plan))
-    reporter.outcome("dry run: %s" % ("would install sha256:%s from %s" % (
-        best.leaf.sha256, best.source) if changed else "unchanged"))
-    reporter.say("dry run: %s%s%s" % ("would write " + " ".join(changed) if changed else
-                                      "files are up to date", "; would run the deploy hook"
-                                      if hook else "", " and confirm on " + ", ".join(
-                                          text for text, _, _ in settings.confirm)
-                                      if hook and settings.confirm else ""))
-
-
 # ---------------------------------------------------------------------------
 # Reports: stderr lines for people, stdout for the chain.
 # ---------------------------------------------------------------------------
+
+def warn_about_ca(best, installing, reporter):
+    """The chosen chain's CRLs that could not be had or trusted (--crl on: soft-fail), and
+    a renewal window whose end has passed, as warnings."""
+    revocation, renewal = best.revocation, best.renewal
+    for each in revocation.chain() if revocation is not None else ():
+        if each.status == "unknown" and each.cause not in NOTHING_TO_CHECK:
+            reporter.warn("%s: cannot tell whether the CA revoked %s: %s; %s anyway (--crl "
+                          "on: soft-fail; --crl require refuses)" % (
+                              best.source, each.subject(), each.detail,
+                              "installing" if installing else "printing it"))
+    if renewal is not None and renewal.start is not None and renewal.end <= time.time():
+        reporter.warn("%s: the CA asked for the leaf to be replaced by %s (ARI): the renewing "
+                      "machine has not renewed" % (best.source, format_time(renewal.end)))
+
 
 def report_fetch(results, best, reader, settings, reporter):
     """Chain problems of the winner; with -v, how each source went."""
@@ -5511,29 +5399,6 @@ def write_stdout(text):
         raise WriteError("cannot write to standard output: %s" % (exc.strerror or exc))
 
 
-def report(results, settings, reporter):
-    """--text, --json or --check over every result; returns the exit code. Each
-    source's error is in its own part of the report (and, but for --check, on
-    stderr too): one bad source never hides the others, and a bug while one is
-    rendered is that source's error (render_source)."""
-    now = time.time()
-    if settings.report == "check":
-        return check_report(results, settings, now, reporter)
-    render, failed = (source_json_text, failed_json_text) if settings.report == "json" \
-        else (text_lines, failed_text)
-    parts = [render_source(render, failed, result, reporter, settings, now)
-             for result in results]
-    for result in results:
-        if result.error is not None:
-            reporter.error(result.error)
-    if settings.report == "json":
-        write_stdout("[\n%s\n]\n" % ",\n".join("  " + part for part in parts))
-    else:
-        write_stdout("\n".join(parts))
-    failures = [r.error for r in results if r.error is not None]
-    return max(error.exit_code for error in failures) if failures else 0
-
-
 def verdict(result, insecure):
     if result.source.file:
         return "not verified (a local file)"
@@ -5542,34 +5407,63 @@ def verdict(result, insecure):
     return "FAILED: " + result.verify_error if result.verify_error else "OK"
 
 
-def format_span(seconds):
-    """A span for people: "8435 days"; under HOURS_BELOW "2 days 5 hours", "14 hours",
-    "35 minutes" (whole units, rounded down)."""
-    seconds = int(abs(seconds))
-    days, hours = seconds // DAY, seconds % DAY // HOUR
-    if days and (seconds >= HOURS_BELOW or not hours):
-        return _count(days, "day")
-    if days:
-        return "%s %s" % (_count(days, "day"), _count(hours, "hour"))
-    return _count(hours, "hour") if hours else _count(seconds // MINUTE, "minute")
+def revocation_text(revocation):
+    if revocation.status == "good":
+        return "good: not on its CRL %s (of %s%s)" % (
+            printable(revocation.url), format_time(revocation.this_update),
+            ", next update %s" % format_time(revocation.next_update)
+            if revocation.next_update is not None else "")
+    if revocation.status == "revoked":
+        return "REVOKED %s" % revocation_words(revocation)
+    return "unknown: %s" % printable(revocation.detail or revocation.cause)
 
 
-def _count(number, unit):
-    return "%d %s%s" % (number, unit, "" if number == 1 else "s")
+def renewal_text(renewal, now):
+    if renewal.start is None:
+        return ("unknown: %s" if renewal.cause != "expired" else "%s") % printable(
+            renewal.detail or renewal.cause)
+    return "the CA suggests renewing between %s and %s%s%s" % (
+        format_time(renewal.start), format_time(renewal.end),
+        " (ENDED %s ago)" % format_span(now - renewal.end) if renewal.end <= now else "",
+        "; see %s" % printable(renewal.explanation_url) if renewal.explanation_url else "")
 
 
-def when_expires(cert, now):
-    """ "expires in 2 days 5 hours" or "EXPIRED 3 hours ago"."""
-    left = cert.not_after - now
-    return "EXPIRED %s ago" % format_span(left) if left < 0 else \
-        "expires in %s" % format_span(left)
+def ca_text_lines(result, now):
+    """--text: a line for the revocation status (and one for each intermediate checked)
+    and one for the renewal window."""
+    lines = []
+    for each in result.revocation.chain() if result.revocation is not None else ():
+        lines.append("  revocation:   %s%s" % (
+            'intermediate "%s": ' % each.cert.name if each.position else "",
+            revocation_text(each)))
+    if result.renewal is not None:
+        lines.append("  renewal:      %s" % renewal_text(result.renewal, now))
+    return lines
 
 
-def when_issued(cert, now):
-    """ "issued 3 hours ago" or "not valid for another 2 hours"."""
-    age = now - cert.not_before
-    return "issued %s ago" % format_span(age) if age >= 0 else \
-        "not valid for another %s" % format_span(age)
+def spki_pin(cert):
+    """The HPKP-style pin: base64 of the SHA-256 of the SubjectPublicKeyInfo."""
+    return binascii.b2a_base64(hashlib.sha256(cert.spki).digest()).decode("ascii").strip()
+
+
+def certificate_lines(index, cert, now):
+    rows = []
+    subject = printable(cert.subject).split(", ") if cert.subject else ["(empty: see SANs)"]
+    for label, items in (("subject", subject),
+                         ("issuer", printable(cert.issuer).split(", ")),
+                         ("serial", [cert.serial_hex]),
+                         ("SANs", [printable(name) for name in cert.sans] or ["(none)"])):
+        rows += [(label if number == 0 else "", line)
+                 for number, line in enumerate(wrap_items(items, TEXT_WIDTH))]
+    rows += [("key", "%s%s" % (cert.key_type, " (%d bits)" % cert.key_bits
+                               if cert.key_bits else "")),
+             ("sig alg", cert.signature_algorithm),
+             ("from", "%s (%s)" % (format_time(cert.not_before), when_issued(cert, now))),
+             ("until", "%s (%s)" % (format_time(cert.not_after), when_expires(cert, now))),
+             ("sha256", cert.sha256), ("spki pin", spki_pin(cert)),
+             ("CA", "yes" if cert.is_ca else "no")]
+    return ["  [%d] %-8s %s" % (index, rows[0][0], rows[0][1])] + \
+        ["      %-8s %s" % row for row in rows[1:]]
 
 
 def text_lines(result, settings, now):
@@ -5597,29 +5491,47 @@ def failed_text(result, settings, now):
     return "%s\n  error:        %s\n" % (result.source, result.error)
 
 
-def certificate_lines(index, cert, now):
-    rows = []
-    subject = printable(cert.subject).split(", ") if cert.subject else ["(empty: see SANs)"]
-    for label, items in (("subject", subject),
-                         ("issuer", printable(cert.issuer).split(", ")),
-                         ("serial", [cert.serial_hex]),
-                         ("SANs", [printable(name) for name in cert.sans] or ["(none)"])):
-        rows += [(label if number == 0 else "", line)
-                 for number, line in enumerate(wrap_items(items, TEXT_WIDTH))]
-    rows += [("key", "%s%s" % (cert.key_type, " (%d bits)" % cert.key_bits
-                               if cert.key_bits else "")),
-             ("sig alg", cert.signature_algorithm),
-             ("from", "%s (%s)" % (format_time(cert.not_before), when_issued(cert, now))),
-             ("until", "%s (%s)" % (format_time(cert.not_after), when_expires(cert, now))),
-             ("sha256", cert.sha256), ("spki pin", spki_pin(cert)),
-             ("CA", "yes" if cert.is_ca else "no")]
-    return ["  [%d] %-8s %s" % (index, rows[0][0], rows[0][1])] + \
-        ["      %-8s %s" % row for row in rows[1:]]
+def _format_times(*values):
+    return [format_time(value) if value is not None else None for value in values]
 
 
-def spki_pin(cert):
-    """The HPKP-style pin: base64 of the SHA-256 of the SubjectPublicKeyInfo."""
-    return binascii.b2a_base64(hashlib.sha256(cert.spki).digest()).decode("ascii").strip()
+def revocation_json(revocation):
+    """One Revocation's fields for --json."""
+    times = _format_times
+    return list(zip(
+        ("status", "cause", "detail", "time", "reason", "url", "crl_this_update",
+         "crl_next_update"),
+        [revocation.status, revocation.cause, revocation.detail] + times(revocation.time)
+        + [revocation.reason, revocation.url] + times(revocation.this_update,
+                                                      revocation.next_update)))
+
+
+def ca_json(result):
+    """--json: "revocation" (the leaf's, with "intermediates": those checked, each with
+    its position in the chain, subject, serial and sha256) and "renewal_window" of a
+    source (null when not asked)."""
+    revocation, renewal = result.revocation, result.renewal
+    times = _format_times
+    return [
+        ("revocation", None if revocation is None else revocation_json(revocation) + [
+            ("intermediates", [[("position", each.position), ("subject", each.cert.subject),
+                                ("serial", each.cert.serial_hex), ("sha256", each.cert.sha256)]
+                               + revocation_json(each) for each in revocation.intermediates])]),
+        ("renewal_window", None if renewal is None else list(zip(
+            ("start", "end", "explanation_url", "cause", "detail"),
+            times(renewal.start, renewal.end) + [renewal.explanation_url, renewal.cause,
+                                                 renewal.detail])))]
+
+
+def certificate_json(cert, now):
+    return [("subject", cert.subject), ("issuer", cert.issuer), ("serial", cert.serial_hex),
+            ("sans", cert.sans), ("key", cert.key_type), ("key_bits", cert.key_bits),
+            ("signature_algorithm", cert.signature_algorithm),
+            ("not_before", format_time(cert.not_before)),
+            ("not_after", format_time(cert.not_after)), ("sha256", cert.sha256),
+            ("spki_sha256", cert.spki_sha256), ("spki_pin", spki_pin(cert)),
+            ("is_ca", cert.is_ca), ("lifetime_seconds", cert.lifetime),
+            ("seconds_left", int(cert.not_after - now))]
 
 
 def source_json(result, insecure, now):
@@ -5638,31 +5550,16 @@ def source_json(result, insecure, now):
     ]
 
 
-def source_json_text(result, settings, now):
-    """One source as an element of --json's list (json_text's indent for it)."""
-    return json_text(source_json(result, settings.insecure, now), "  ")
-
-
-def failed_json_text(result, settings, now):
-    """--json for a source whose rendering met a bug (render_source): its error, the
-    other keys empty."""
-    source = result.source
-    return json_text([("source", source.text), ("address", result.address),
-                      ("servername", source.servername), ("error", str(result.error)),
-                      ("tls_version", None), ("cipher", None), ("verified", None),
-                      ("verify_error", None), ("problems", []), ("revocation", None),
-                      ("renewal_window", None), ("chain", [])], "  ")
-
-
-def certificate_json(cert, now):
-    return [("subject", cert.subject), ("issuer", cert.issuer), ("serial", cert.serial_hex),
-            ("sans", cert.sans), ("key", cert.key_type), ("key_bits", cert.key_bits),
-            ("signature_algorithm", cert.signature_algorithm),
-            ("not_before", format_time(cert.not_before)),
-            ("not_after", format_time(cert.not_after)), ("sha256", cert.sha256),
-            ("spki_sha256", cert.spki_sha256), ("spki_pin", spki_pin(cert)),
-            ("is_ca", cert.is_ca), ("lifetime_seconds", cert.lifetime),
-            ("seconds_left", int(cert.not_after - now))]
+def _json_char(char):
+    code = ord(char)
+    if char in '"\\':
+        return "\\" + char
+    if 0x20 <= code < 0x7F:
+        return char
+    if code > 0xFFFF:
+        code -= 0x10000
+        return "\\u%04x\\u%04x" % (0xD800 + (code >> 10), 0xDC00 + (code & 0x3FF))
+    return "\\u%04x" % code
 
 
 def json_text(value, indent=""):
@@ -5683,90 +5580,20 @@ def json_text(value, indent=""):
     return "[%s]" % ", ".join(json_text(v, inner) for v in value)
 
 
-def _json_char(char):
-    code = ord(char)
-    if char in '"\\':
-        return "\\" + char
-    if 0x20 <= code < 0x7F:
-        return char
-    if code > 0xFFFF:
-        code -= 0x10000
-        return "\\u%04x\\u%04x" % (0xD800 + (code >> 10), 0xDC00 + (code & 0x3FF))
-    return "\\u%04x" % code
+def source_json_text(result, settings, now):
+    """One source as an element of --json's list (json_text's indent for it)."""
+    return json_text(source_json(result, settings.insecure, now), "  ")
 
 
-def check_report(results, settings, now, reporter):
-    """Nagios plugin output: a summary line with perfdata, then one line per source.
-    A source's line is its worst finding: expiry, served chain, --same; a bug while
-    one source is checked makes that source UNKNOWN (render_source). Every line's
-    text goes through status_text: no "|" but certgrab's own before the perfdata."""
-    parts = [render_source(check_part, failed_check_part, result, reporter, settings, now,
-                           label) for result, label in zip(results, perfdata_labels(results))]
-    lines = [line for line, _ in parts]
-    if settings.same:
-        lines = [worse(line, same) for line, same in zip(lines, same_chain_statuses(results))]
-    lines = [(status, status_text(text)) for status, text in lines]
-    worst = worse(*lines)[0]
-    counts = ", ".join("%d %s" % (sum(s == n for s, _ in lines), NAGIOS[n])
-                       for n in range(4) if any(s == n for s, _ in lines))
-    perfdata = " ".join(perfdata for _, perfdata in parts if perfdata)
-    first_problem = next(("; first: " + text for status, text in lines if status == worst
-                          and worst), "")   # notifications often show the first line only
-    write_stdout("CERTGRAB %s - %d source(s): %s%s%s\n" % (
-        NAGIOS[worst], len(results), counts, first_problem, " | " + perfdata if perfdata else "")
-        + "".join("%s - %s\n" % (NAGIOS[s], text) for s, text in lines))
-    return worst
-
-
-def check_part(result, settings, now, label):
-    """One source's (status, text) line, and its perfdata ("" without a chain)."""
-    line = check_source(result, settings, now)
-    if settings.chain_warning:
-        line = worse(line, chain_status(result))
-    line = ca_check_line(line, result, settings.crl, now)   # issue 21: CRL and ARI
-    thresholds = settings.warn, settings.crit
-    return line, check_perfdata(label, result, thresholds, now) if result.issuing else ""
-
-
-def failed_check_part(result, settings, now, label):
-    """check_part of a source whose check met a bug (render_source): UNKNOWN, no perfdata."""
-    return (NAGIOS_UNKNOWN, str(result.error)), ""
-
-
-def perfdata_labels(results):
-    """Each source's perfdata label: the SOURCE without ' and =; one given twice gets
-    "#n" (its position). Linear in the number of sources."""
-    labels = [r.source.text.replace("'", "").replace("=", "") for r in results]
-    seen, repeated = set(), set()
-    for label in labels:
-        (repeated if label in seen else seen).add(label)
-    return ["%s #%d" % (label, index + 1) if label in repeated else label
-            for index, label in enumerate(labels)]
-
-
-def worse(*lines):
-    """The (status, text) line of the worst status: CRITICAL, then UNKNOWN (a source
-    that could not be checked), WARNING, OK; the first of them on a tie."""
-    return max(lines, key=lambda line: NAGIOS_RANK[line[0]])
-
-
-def status_text(text):
-    """Text for a line of --check output. Nagios reads "|" as the start of perfdata, in
-    the status line and in the lines after it (long output), so "|" is escaped as
-    printable() escapes control characters (\\x7c), and so is anything unprintable that
-    reached the text some other way. Backslashes stay: text from certificates and
-    servers went through printable() already, which escaped theirs."""
-    return "".join("\\x7c" if c == "|" else c if c.isprintable() else printable(c)
-                   for c in text)
-
-
-def check_perfdata(label, result, thresholds, now):
-    """'expires_in LABEL'=SECONDSs;WARN:;CRIT: for the certificate the status line
-    names (Nagios ranges: "W:" alerts below W), and 'age LABEL' of the leaf."""
-    cert = most_urgent(result.issuing, thresholds, now)
-    return "'expires_in %s'=%ds;%d:;%d: 'age %s'=%ds" % (
-        label, cert.not_after - now, threshold_seconds(thresholds[0], cert),
-        threshold_seconds(thresholds[1], cert), label, now - result.issuing[0].not_before)
+def failed_json_text(result, settings, now):
+    """--json for a source whose rendering met a bug (render_source): its error, the
+    other keys empty."""
+    source = result.source
+    return json_text([("source", source.text), ("address", result.address),
+                      ("servername", source.servername), ("error", str(result.error)),
+                      ("tls_version", None), ("cipher", None), ("verified", None),
+                      ("verify_error", None), ("problems", []), ("revocation", None),
+                      ("renewal_window", None), ("chain", [])], "  ")
 
 
 def threshold_seconds(threshold, cert):
@@ -5787,6 +5614,49 @@ def expiry_status(cert, thresholds, now):
 def most_urgent(certs, thresholds, now):
     """The certificate of the worst status; of those, the one that expires first."""
     return max(certs, key=lambda cert: (expiry_status(cert, thresholds, now), -cert.not_after))
+
+
+def issuing_sent(result):
+    """The issuing chain as far as the server sent it (without intermediates found
+    in the trust store)."""
+    if not result.missing:
+        return result.issuing
+    served = set(cert.der for cert in result.served)
+    return [cert for cert in result.issuing if cert.der in served]
+
+
+def leaf_summary(leaf):
+    return "sha256 %s... issued %s" % (leaf.sha256[:16], format_time(leaf.not_before))
+
+
+def cert_summary(cert, index):
+    """The leaf or intermediate N of a chain, by subject, sha256 and notBefore."""
+    if cert is None:
+        return "no intermediate %d" % index
+    what = "the leaf" if index == 0 else 'intermediate %d "%s"' % (index, cert.name)
+    return "%s (%s)" % (what, leaf_summary(cert))
+
+
+def first_difference(chain, other):
+    """(what chain has, what other has) at the first position where they differ,
+    described for people; None when both hold the same certificates in order."""
+    for index in range(max(len(chain), len(other))):
+        mine = chain[index] if index < len(chain) else None
+        theirs = other[index] if index < len(other) else None
+        if mine is None or theirs is None or mine.der != theirs.der:
+            return cert_summary(mine, index), cert_summary(theirs, index)
+    return None
+
+
+def expect_difference(result, expected, expect_file):
+    """--expect-file: how the served chain differs from expected, the file's ("" if it
+    does not). A file with one certificate (cert.pem) is compared with the leaf only."""
+    served = issuing_sent(result)
+    difference = first_difference(served[:1] if len(expected) == 1 else served, expected)
+    if not difference:
+        return ""
+    return "%s: serves %s; %s has %s (a service not reloaded?)" % (
+        result.source, difference[0], expect_file, difference[1])
 
 
 def check_source(result, settings, now):
@@ -5811,8 +5681,43 @@ def check_source(result, settings, now):
     return expiry_status(soonest, thresholds, now), text
 
 
-def leaf_summary(leaf):
-    return "sha256 %s... issued %s" % (leaf.sha256[:16], format_time(leaf.not_before))
+def worse(*lines):
+    """The (status, text) line of the worst status: CRITICAL, then UNKNOWN (a source
+    that could not be checked), WARNING, OK; the first of them on a tie."""
+    return max(lines, key=lambda line: NAGIOS_RANK[line[0]])
+
+
+def ca_check_line(line, result, crl, now):
+    """--check: a source's (status, text) with what the CA knows: CRITICAL for a revoked
+    leaf and for a renewal window whose end has passed while the leaf is still served;
+    WARNING for an unknown revocation under --crl require and for an ARI server that
+    could not be asked; otherwise the window's dates are added to the text."""
+    revocation, renewal, source = result.revocation, result.renewal, result.source
+    findings = [line]
+    revoked = revocation and first_of(revocation, "revoked")
+    unknown = revocation and first_of(revocation, "unknown")
+    if revoked:
+        findings.append((2, "%s: %s%s was REVOKED by its CA %s: the renewing machine must "
+                         "renew" % (source, revoked.subject(), " of the leaf serial %s" %
+                                    result.leaf.serial_hex if revoked.position else "",
+                                    revocation_words(revoked))))
+    elif unknown and crl == "require":
+        findings.append((1, "%s: revocation unknown (--crl require) for %s: %s" % (
+            source, unknown.subject(), printable(unknown.detail))))
+    if renewal is not None and renewal.start is None and renewal.cause != "expired":
+        findings.append((1, "%s: cannot ask the CA for the renewal window (ARI): %s" % (
+            source, printable(renewal.detail))))
+    elif renewal is not None and renewal.start is not None and renewal.end <= now:
+        findings.append((2, "%s: the CA's renewal window ended %s ago (%s) and the leaf is "
+                         "still served: the renewing machine did not renew%s" % (
+                             source, format_span(now - renewal.end), format_time(renewal.end),
+                             "; the CA says why at %s" % printable(renewal.explanation_url)
+                             if renewal.explanation_url else "")))
+    worst = worse(*findings)
+    if worst is line and renewal is not None and renewal.start is not None:
+        return line[0], "%s; renewal window %s to %s" % (line[1], format_time(renewal.start),
+                                                         format_time(renewal.end))
+    return worst
 
 
 def chain_status(result):
@@ -5827,13 +5732,49 @@ def chain_status(result):
     return 0, ""
 
 
-def issuing_sent(result):
-    """The issuing chain as far as the server sent it (without intermediates found
-    in the trust store)."""
-    if not result.missing:
-        return result.issuing
-    served = set(cert.der for cert in result.served)
-    return [cert for cert in result.issuing if cert.der in served]
+def check_perfdata(label, result, thresholds, now):
+    """'expires_in LABEL'=SECONDSs;WARN:;CRIT: for the certificate the status line
+    names (Nagios ranges: "W:" alerts below W), and 'age LABEL' of the leaf."""
+    cert = most_urgent(result.issuing, thresholds, now)
+    return "'expires_in %s'=%ds;%d:;%d: 'age %s'=%ds" % (
+        label, cert.not_after - now, threshold_seconds(thresholds[0], cert),
+        threshold_seconds(thresholds[1], cert), label, now - result.issuing[0].not_before)
+
+
+def check_part(result, settings, now, label):
+    """One source's (status, text) line, and its perfdata ("" without a chain)."""
+    line = check_source(result, settings, now)
+    if settings.chain_warning:
+        line = worse(line, chain_status(result))
+    line = ca_check_line(line, result, settings.crl, now)   # issue 21: CRL and ARI
+    thresholds = settings.warn, settings.crit
+    return line, check_perfdata(label, result, thresholds, now) if result.issuing else ""
+
+
+def failed_check_part(result, settings, now, label):
+    """check_part of a source whose check met a bug (render_source): UNKNOWN, no perfdata."""
+    return (NAGIOS_UNKNOWN, str(result.error)), ""
+
+
+def status_text(text):
+    """Text for a line of --check output. Nagios reads "|" as the start of perfdata, in
+    the status line and in the lines after it (long output), so "|" is escaped as
+    printable() escapes control characters (\\x7c), and so is anything unprintable that
+    reached the text some other way. Backslashes stay: text from certificates and
+    servers went through printable() already, which escaped theirs."""
+    return "".join("\\x7c" if c == "|" else c if c.isprintable() else printable(c)
+                   for c in text)
+
+
+def perfdata_labels(results):
+    """Each source's perfdata label: the SOURCE without ' and =; one given twice gets
+    "#n" (its position). Linear in the number of sources."""
+    labels = [r.source.text.replace("'", "").replace("=", "") for r in results]
+    seen, repeated = set(), set()
+    for label in labels:
+        (repeated if label in seen else seen).add(label)
+    return ["%s #%d" % (label, index + 1) if label in repeated else label
+            for index, label in enumerate(labels)]
 
 
 def chain_age(result):
@@ -5862,39 +5803,58 @@ def same_chain_statuses(results):
     return statuses
 
 
-def expect_difference(result, expected, expect_file):
-    """--expect-file: how the served chain differs from expected, the file's ("" if it
-    does not). A file with one certificate (cert.pem) is compared with the leaf only."""
-    served = issuing_sent(result)
-    difference = first_difference(served[:1] if len(expected) == 1 else served, expected)
-    if not difference:
-        return ""
-    return "%s: serves %s; %s has %s (a service not reloaded?)" % (
-        result.source, difference[0], expect_file, difference[1])
+def check_report(results, settings, now, reporter):
+    """Nagios plugin output: a summary line with perfdata, then one line per source.
+    A source's line is its worst finding: expiry, served chain, --same; a bug while
+    one source is checked makes that source UNKNOWN (render_source). Every line's
+    text goes through status_text: no "|" but certgrab's own before the perfdata."""
+    parts = [render_source(check_part, failed_check_part, result, reporter, settings, now,
+                           label) for result, label in zip(results, perfdata_labels(results))]
+    lines = [line for line, _ in parts]
+    if settings.same:
+        lines = [worse(line, same) for line, same in zip(lines, same_chain_statuses(results))]
+    lines = [(status, status_text(text)) for status, text in lines]
+    worst = worse(*lines)[0]
+    counts = ", ".join("%d %s" % (sum(s == n for s, _ in lines), NAGIOS[n])
+                       for n in range(4) if any(s == n for s, _ in lines))
+    perfdata = " ".join(perfdata for _, perfdata in parts if perfdata)
+    first_problem = next(("; first: " + text for status, text in lines if status == worst
+                          and worst), "")   # notifications often show the first line only
+    write_stdout("CERTGRAB %s - %d source(s): %s%s%s\n" % (
+        NAGIOS[worst], len(results), counts, first_problem, " | " + perfdata if perfdata else "")
+        + "".join("%s - %s\n" % (NAGIOS[s], text) for s, text in lines))
+    return worst
 
 
-def first_difference(chain, other):
-    """(what chain has, what other has) at the first position where they differ,
-    described for people; None when both hold the same certificates in order."""
-    for index in range(max(len(chain), len(other))):
-        mine = chain[index] if index < len(chain) else None
-        theirs = other[index] if index < len(other) else None
-        if mine is None or theirs is None or mine.der != theirs.der:
-            return cert_summary(mine, index), cert_summary(theirs, index)
-    return None
+def report(results, settings, reporter):
+    """--text, --json or --check over every result; returns the exit code. Each
+    source's error is in its own part of the report (and, but for --check, on
+    stderr too): one bad source never hides the others, and a bug while one is
+    rendered is that source's error (render_source)."""
+    now = time.time()
+    if settings.report == "check":
+        return check_report(results, settings, now, reporter)
+    render, failed = (source_json_text, failed_json_text) if settings.report == "json" \
+        else (text_lines, failed_text)
+    parts = [render_source(render, failed, result, reporter, settings, now)
+             for result in results]
+    for result in results:
+        if result.error is not None:
+            reporter.error(result.error)
+    if settings.report == "json":
+        write_stdout("[\n%s\n]\n" % ",\n".join("  " + part for part in parts))
+    else:
+        write_stdout("\n".join(parts))
+    failures = [r.error for r in results if r.error is not None]
+    return max(error.exit_code for error in failures) if failures else 0
 
 
-def cert_summary(cert, index):
-    """The leaf or intermediate N of a chain, by subject, sha256 and notBefore."""
-    if cert is None:
-        return "no intermediate %d" % index
-    what = "the leaf" if index == 0 else 'intermediate %d "%s"' % (index, cert.name)
-    return "%s (%s)" % (what, leaf_summary(cert))
-
-
-# Metrics for Prometheus: node_exporter's textfile collector reads --prometheus FILE.
-# Every series has run="FILE's name without .prom", so that two certgrab runs writing
-# two files into one collector directory never export the same series twice.
+# ---------------------------------------------------------------------------
+# Metrics for Prometheus: node_exporter's textfile collector reads --prometheus
+# FILE. Every series has run="FILE's name without .prom", so that two certgrab
+# runs writing two files into one collector directory never export the same
+# series twice.
+# ---------------------------------------------------------------------------
 
 INSTALL_OUTCOMES = ("installed", "unchanged", "held_back", "refused", "hook_failed",
                     "not_confirmed", "restored", "failed")
@@ -5907,37 +5867,89 @@ SOURCE_METRICS = (      # (name, help) of the metrics with a series per source
      "notAfter of each certificate of the issuing path."),
     ("certgrab_chain_not_after_timestamp_seconds",
      "The earliest notAfter of the source's issuing path."))
+
+CA_METRICS = (          # (name, help) of the metrics of what the CA knows, per source
+    ("certgrab_leaf_revoked", "1 if the leaf's CRL lists it, 0 if its CRL (checked by "
+     "OpenSSL) does not; absent when unknown."),
+    ("certgrab_ari_window_start_timestamp_seconds", "Start of the renewal window the CA "
+     "suggests for the leaf (ARI)."),
+    ("certgrab_ari_window_end_timestamp_seconds", "End of the renewal window the CA "
+     "suggests for the leaf (ARI)."))
+
 LAST_SYNC = "certgrab_last_sync_timestamp_seconds"
 LAST_CONFIRM = "certgrab_last_confirm_timestamp_seconds"
 
 
-def metrics_text(results, settings, clock, outcome, reporter):
-    """The exposition text: (name, help, [(labels, value)]) per metric, in order."""
-    run = [("run", printable(os.path.basename(settings.prometheus).rsplit(".prom", 1)[0]))]
-    now = time.time()
-    metrics = [("certgrab_run_timestamp_seconds", "When this run started.", [(run, clock[0])]),
-               ("certgrab_run_duration_seconds", "How long this run took.",
-                [(run, time.monotonic() - clock[1])])]
-    metrics += source_metrics(results, settings.insecure, run, reporter)
-    metrics += ca_metrics(results, run, reporter)       # issue 21
-    leaves = set(r.leaf.sha256 for r in results if r.issuing)
-    metrics.append(("certgrab_distinct_leaves", "Different leaves served across the sources "
-                    "(1: the fleet has converged).", [(run, len(leaves))]))
-    if outcome is not None:
-        installed = "installed" if outcome == "confirmed" else outcome
-        metrics.append(("certgrab_install_outcome", "This run's install: 1 for its outcome.",
-                        [(run + [("outcome", name)], int(name == installed))
-                         for name in INSTALL_OUTCOMES]))
-        last = now if installed in ("installed", "unchanged", "held_back") else \
-            previous_value(settings.prometheus, LAST_SYNC)
-        if last is not None:
-            metrics.append((LAST_SYNC, "When a run last installed or confirmed the files.",
-                            [(run, last)]))
-        metrics += confirm_metrics(results, settings.prometheus, run, outcome, now) \
-            if settings.confirm else []
-    return "".join("# HELP %s %s\n# TYPE %s gauge\n%s" % (name, text, name, "".join(
-        "%s%s %s\n" % (name, metric_labels(labels), metric_value(value))
-        for labels, value in series)) for name, text, series in metrics if series)
+def source_labels(result, run):
+    return run + [("source", printable(result.source.text)),
+                  ("servername", result.source.servername or "")]
+
+
+def source_series(result, insecure, run):
+    """One source's series of each of SOURCE_METRICS: fetch and verification; per
+    certificate of the issuing chain (position 0 is the leaf): its dates; the chain's
+    earliest notAfter."""
+    source, labels = result.source, source_labels(result, run)
+    verified = [] if source.file or insecure else [
+        (labels, int(bool(result.served) and not result.verify_error
+                     and not isinstance(result.error, VerifyError)))]
+    named = [labels + [("position", str(position)), ("sha256", cert.sha256),
+                       ("name", cert.name)] for position, cert in enumerate(result.issuing)]
+    chain = [(labels, min(cert.not_after for cert in result.issuing))] if result.issuing else []
+    return ([(labels, int(bool(result.served)))], verified,
+            [(name, cert.not_before) for name, cert in zip(named, result.issuing)],
+            [(name, cert.not_after) for name, cert in zip(named, result.issuing)], chain)
+
+
+def failed_series(result, insecure, run):
+    """source_series of a source whose metrics met a bug (render_source): not read."""
+    return [(source_labels(result, run), 0)], [], [], [], []
+
+
+def source_metrics(results, insecure, run, reporter):
+    """SOURCE_METRICS, each with the series of every source (source_series); a bug
+    while one source's are made is that source's error (render_source)."""
+    series = [render_source(source_series, failed_series, result, reporter, insecure, run)
+              for result in results]
+    return [(name, text, [one for each in series for one in each[index]])
+            for index, (name, text) in enumerate(SOURCE_METRICS)]
+
+
+def ca_series(result, run):
+    """One source's series of each of CA_METRICS: the leaf's revocation (none while
+    unknown: 0 would say good) and its renewal window."""
+    labels, revocation, renewal = source_labels(result, run), result.revocation, result.renewal
+    known = revocation is not None and revocation.status != "unknown"
+    window = renewal is not None and renewal.start is not None
+    return ([(labels, int(revocation.status == "revoked"))] if known else [],
+            [(labels, renewal.start)] if window else [], [(labels, renewal.end)] if window else [])
+
+
+def no_ca_series(result, run):
+    """ca_series of a source whose series met a bug (render_source): none."""
+    return [], [], []
+
+
+def ca_metrics(results, run, reporter):
+    """CA_METRICS with the series of every source; a bug while one source's are made is
+    that source's error (render_source), as in source_metrics."""
+    series = [render_source(ca_series, no_ca_series, result, reporter, run)
+              for result in results]
+    return [(name, text, [one for each in series for one in each[index]])
+            for index, (name, text) in enumerate(CA_METRICS)]
+
+
+def previous_value(path, name):
+    """name's value in the metrics file a previous run wrote; None if unknown (read as
+    outputs are: never through a link, never waiting on a FIFO)."""
+    data = read_existing(path) or b""
+    for line in data.decode("utf-8", "replace").splitlines():
+        if line.startswith(name + "{"):
+            try:
+                return float(line.rsplit(" ", 1)[1])
+            except ValueError:
+                return None
+    return None
 
 
 def previous_confirm(path, run):
@@ -5967,41 +5979,6 @@ def confirm_metrics(results, path, run, outcome, now):
              "(its serial and sha256 in labels).", series)]
 
 
-def source_metrics(results, insecure, run, reporter):
-    """SOURCE_METRICS, each with the series of every source (source_series); a bug
-    while one source's are made is that source's error (render_source)."""
-    series = [render_source(source_series, failed_series, result, reporter, insecure, run)
-              for result in results]
-    return [(name, text, [one for each in series for one in each[index]])
-            for index, (name, text) in enumerate(SOURCE_METRICS)]
-
-
-def source_series(result, insecure, run):
-    """One source's series of each of SOURCE_METRICS: fetch and verification; per
-    certificate of the issuing chain (position 0 is the leaf): its dates; the chain's
-    earliest notAfter."""
-    source, labels = result.source, source_labels(result, run)
-    verified = [] if source.file or insecure else [
-        (labels, int(bool(result.served) and not result.verify_error
-                     and not isinstance(result.error, VerifyError)))]
-    named = [labels + [("position", str(position)), ("sha256", cert.sha256),
-                       ("name", cert.name)] for position, cert in enumerate(result.issuing)]
-    chain = [(labels, min(cert.not_after for cert in result.issuing))] if result.issuing else []
-    return ([(labels, int(bool(result.served)))], verified,
-            [(name, cert.not_before) for name, cert in zip(named, result.issuing)],
-            [(name, cert.not_after) for name, cert in zip(named, result.issuing)], chain)
-
-
-def failed_series(result, insecure, run):
-    """source_series of a source whose metrics met a bug (render_source): not read."""
-    return [(source_labels(result, run), 0)], [], [], [], []
-
-
-def source_labels(result, run):
-    return run + [("source", printable(result.source.text)),
-                  ("servername", result.source.servername or "")]
-
-
 def metric_labels(pairs):
     """{a="x",b="y"}, the values (made terminal-safe by printable() where they come from
     a certificate or the command line) escaped as the exposition format says."""
@@ -6014,17 +5991,33 @@ def metric_value(value):
     return "%d" % value if isinstance(value, int) else "%.3f" % value
 
 
-def previous_value(path, name):
-    """name's value in the metrics file a previous run wrote; None if unknown (read as
-    outputs are: never through a link, never waiting on a FIFO)."""
-    data = read_existing(path) or b""
-    for line in data.decode("utf-8", "replace").splitlines():
-        if line.startswith(name + "{"):
-            try:
-                return float(line.rsplit(" ", 1)[1])
-            except ValueError:
-                return None
-    return None
+def metrics_text(results, settings, clock, outcome, reporter):
+    """The exposition text: (name, help, [(labels, value)]) per metric, in order."""
+    run = [("run", printable(os.path.basename(settings.prometheus).rsplit(".prom", 1)[0]))]
+    now = time.time()
+    metrics = [("certgrab_run_timestamp_seconds", "When this run started.", [(run, clock[0])]),
+               ("certgrab_run_duration_seconds", "How long this run took.",
+                [(run, time.monotonic() - clock[1])])]
+    metrics += source_metrics(results, settings.insecure, run, reporter)
+    metrics += ca_metrics(results, run, reporter)       # issue 21
+    leaves = set(r.leaf.sha256 for r in results if r.issuing)
+    metrics.append(("certgrab_distinct_leaves", "Different leaves served across the sources "
+                    "(1: the fleet has converged).", [(run, len(leaves))]))
+    if outcome is not None:
+        installed = "installed" if outcome == "confirmed" else outcome
+        metrics.append(("certgrab_install_outcome", "This run's install: 1 for its outcome.",
+                        [(run + [("outcome", name)], int(name == installed))
+                         for name in INSTALL_OUTCOMES]))
+        last = now if installed in ("installed", "unchanged", "held_back") else \
+            previous_value(settings.prometheus, LAST_SYNC)
+        if last is not None:
+            metrics.append((LAST_SYNC, "When a run last installed or confirmed the files.",
+                            [(run, last)]))
+        metrics += confirm_metrics(results, settings.prometheus, run, outcome, now) \
+            if settings.confirm else []
+    return "".join("# HELP %s %s\n# TYPE %s gauge\n%s" % (name, text, name, "".join(
+        "%s%s %s\n" % (name, metric_labels(labels), metric_value(value))
+        for labels, value in series)) for name, text, series in metrics if series)
 
 
 def metrics_directory(path):
@@ -6122,7 +6115,7 @@ def install_outcome(exc, plan, dry_run):
 
 
 # ---------------------------------------------------------------------------
-# Command line: argparse, validated once into read-only Settings, then main().
+# Command line: argparse, validated once into read-only Settings.
 # ---------------------------------------------------------------------------
 
 USAGE = "certgrab.py SOURCE [SOURCE ...] [-n NAME] [options]"
@@ -6260,6 +6253,16 @@ OPTIONS = (
 )
 
 
+def epilog():
+    """--starttls protocols, examples and the exit codes of the docstring."""
+    protocols = wrap_items(["%s %d" % (name, STARTTLS[name][1]) for name in sorted(STARTTLS)],
+                           76)
+    doc = __doc__ or "\nExit codes\n    (see README.md: python -OO dropped them)\n"
+    exit_codes = doc.split("\nExit codes\n", 1)[1].replace("    ", "  ")
+    return "--starttls protocols (default port):\n%s\n\n%s\n\nexit codes:\n%s" % (
+        "\n".join("  " + line for line in protocols), EXAMPLES, exit_codes.rstrip("\n"))
+
+
 def build_parser():
     """argparse for OPTIONS. Values stay strings here: validate_settings converts
     them, with messages of its own."""
@@ -6276,16 +6279,6 @@ def build_parser():
             else:
                 group.add_argument(*flags, metavar=value, help=text)
     return parser
-
-
-def epilog():
-    """--starttls protocols, examples and the exit codes of the docstring."""
-    protocols = wrap_items(["%s %d" % (name, STARTTLS[name][1]) for name in sorted(STARTTLS)],
-                           76)
-    doc = __doc__ or "\nExit codes\n    (see README.md: python -OO dropped them)\n"
-    exit_codes = doc.split("\nExit codes\n", 1)[1].replace("    ", "  ")
-    return "--starttls protocols (default port):\n%s\n\n%s\n\nexit codes:\n%s" % (
-        "\n".join("  " + line for line in protocols), EXAMPLES, exit_codes.rstrip("\n"))
 
 
 def parse_command_line(parser, argv):
@@ -6364,7 +6357,8 @@ class Settings(object):
         unknown = set(values) - set(self.__slots__)
         missing = set(self.__slots__) - set(values)
         if unknown or missing:
-            raise TypeError("Settings: unknown %s, missing %s" % (sorted(unknown), sorted(missing)))
+            raise TypeError("Settings: unknown %s, missing %s" % (sorted(unknown),
+                                                                  sorted(missing)))
         for name, value in values.items():
             object.__setattr__(self, name, value)
 
@@ -6373,38 +6367,6 @@ class Settings(object):
 
     def __delattr__(self, name):
         raise AttributeError("Settings are read-only: cannot delete %s" % name)
-
-
-def validate_settings(args, sources, reporter):
-    """Settings from argparse's namespace; UsageError on the first rule broken."""
-    if args.section is not None:
-        raise UsageError("--section needs --config")
-    if not sources:
-        raise UsageError("no SOURCE given")
-    for first, second in (("--ipv4", "--ipv6"), ("--quiet", "--verbose"),
-                          ("--insecure", "--cafile"), ("--insecure", "--capath"),
-                          ("--insecure", "--verified-chain")):
-        if _given(args, first) and _given(args, second):
-            raise UsageError("%s and %s exclude each other" % (first, second),
-                             options=(first, second))
-    values = dict(insecure=args.insecure, verified_chain=args.verified_chain,
-                  trust=Trust(args.cafile, args.capath))
-    values.update(_connecting_settings(args))
-    values.update(_tls_version_settings(args))
-    values.update(_report_settings(args))
-    values.update(_install_settings(args, reporter))
-    values.update(_ca_settings(args))                   # issue 21: --crl, ARI, --cache-dir
-    default_port = parse_port(args.port, "-p/--port", ("--port",)) if args.port is not None \
-        else STARTTLS[args.starttls][1] if args.starttls else DEFAULT_PORT
-    values.update(_rollout_settings(args, default_port))
-    values["sources"] = parse_sources(sources, parse_servername(args.servername),
-                                      default_port, files_allowed=bool(values["report"]))
-    values["plan"] = plan_outputs(args.out_dir, dict(
-        (content, getattr(args, content + "_path")) for content in ("cert", "chain", "fullchain",
-                                                          "combined")), args.key_path or (),
-        args.privkey, values["uid"])
-    values["prometheus"] = _prometheus_path(args.prometheus, values["plan"], args.key_path or ())
-    return Settings(**values)
 
 
 def _prometheus_path(path, plan, key_paths):
@@ -6430,8 +6392,14 @@ def _prometheus_path(path, plan, key_paths):
     return path
 
 
-def _given(args, flag):
-    return getattr(args, flag.lstrip("-").replace("-", "_")) not in (None, False)
+def _number(text, default, convert):
+    """text as convert (int or float), default when absent, None when not a number."""
+    if text is None:
+        return default
+    try:
+        return convert(text)
+    except ValueError:
+        return None
 
 
 def _connecting_settings(args):
@@ -6469,14 +6437,27 @@ def _tls_version_settings(args):
     return dict(tls_min=args.tls_min, tls_max=args.tls_max)
 
 
-def _number(text, default, convert):
-    """text as convert (int or float), default when absent, None when not a number."""
+def _threshold(text, days, flag, default_share):
+    """--warn/--crit (or their --*-days form) as (amount, is_share): "36h", "2d",
+    "90m", "600s" -> (seconds, False); "25%" -> (0.25, True); absent: the default."""
+    if text is not None and days is not None:
+        raise UsageError("%s and %s-days exclude each other" % (flag, flag),
+                         options=(flag, flag + "-days"))
+    if days is not None:
+        number = _number(days, None, float)
+        if number is None or not 0 <= number < float("inf"):
+            raise UsageError("%s-days %s: give a number of days, such as 14" % (flag, days),
+                             options=(flag + "-days",))
+        return number * DAY, False
     if text is None:
-        return default
-    try:
-        return convert(text)
-    except ValueError:
-        return None
+        return default_share, True
+    unit = text[-1:].lower()
+    scale = DURATION_UNITS.get(unit) or (0.01 if unit == "%" else None)
+    number = _number(text[:-1], None, float) if scale else None
+    if number is None or not 0 <= number < float("inf") or unit == "%" and number > 100:
+        raise UsageError("%s %s: give a duration such as 36h, 2d or 90m, or a share of the "
+                         "certificate's lifetime such as 25%%" % (flag, text), options=(flag,))
+    return number * scale, unit == "%"
 
 
 def _report_settings(args):
@@ -6507,84 +6488,8 @@ def _report_settings(args):
                 expected=expected, warn=warn, crit=crit, chain_warning=not args.no_chain_warning)
 
 
-def _threshold(text, days, flag, default_share):
-    """--warn/--crit (or their --*-days form) as (amount, is_share): "36h", "2d",
-    "90m", "600s" -> (seconds, False); "25%" -> (0.25, True); absent: the default."""
-    if text is not None and days is not None:
-        raise UsageError("%s and %s-days exclude each other" % (flag, flag),
-                         options=(flag, flag + "-days"))
-    if days is not None:
-        number = _number(days, None, float)
-        if number is None or not 0 <= number < float("inf"):
-            raise UsageError("%s-days %s: give a number of days, such as 14" % (flag, days),
-                             options=(flag + "-days",))
-        return number * DAY, False
-    if text is None:
-        return default_share, True
-    unit = text[-1:].lower()
-    scale = DURATION_UNITS.get(unit) or (0.01 if unit == "%" else None)
-    number = _number(text[:-1], None, float) if scale else None
-    if number is None or not 0 <= number < float("inf") or unit == "%" and number > 100:
-        raise UsageError("%s %s: give a duration such as 36h, 2d or 90m, or a share of the "
-                         "certificate's lifetime such as 25%%" % (flag, text), options=(flag,))
-    return number * scale, unit == "%"
-
-
-def _duration(text, flag):
-    """A duration as --warn takes one, 90m, 36h, 2d or 600s, in seconds."""
-    scale = DURATION_UNITS.get(text[-1:].lower())
-    number = _number(text[:-1], None, float) if scale else None
-    if number is None or not 0 <= number < float("inf"):
-        raise UsageError("%s %s: give a duration such as 90m, 36h or 2d" % (flag, text),
-                         options=(flag,))
-    return number * scale
-
-
-def _rollout_settings(args, default_port):
-    """--all-addresses, --min-age, --confirm HOST[:PORT] (each as (HOST[:PORT], host,
-    port)) and --confirm-timeout. --confirm needs --deploy-hook: the hook makes the
-    service take the new files, and is what stays pending when it did not."""
-    writes = any(getattr(args, name) for name in OUTPUT_OPTIONS)
-    for flag in ("--min-age", "--confirm"):
-        if _given(args, flag) and not writes:
-            raise UsageError("%s needs an output file (--out-dir or a --*-path)" % flag,
-                             options=(flag,))
-    if args.confirm and not args.deploy_hook:
-        raise UsageError("--confirm needs --deploy-hook (the command that reloads the service "
-                         "--confirm dials)", options=("--confirm",))
-    if args.confirm_timeout is not None and not args.confirm:
-        raise UsageError("--confirm-timeout needs --confirm", options=("--confirm-timeout",))
-    timeout = _number(args.confirm_timeout, CONFIRM_TIMEOUT, float)
-    if timeout is None or not 0 < timeout < DAY:
-        raise UsageError("--confirm-timeout must be a number of seconds above 0",
-                         options=("--confirm-timeout",))
-    confirm = tuple((text,) + split_source(text, default_port) for text in args.confirm or ())
-    min_age = None if args.min_age is None else _duration(args.min_age, "--min-age")
-    return dict(all_addresses=args.all_addresses, min_age=min_age, confirm=confirm,
-                confirm_timeout=timeout)
-
-
-def _install_settings(args, reporter):
-    """Files, key, hook: the options of runs that write files or check a key."""
-    writes = any(getattr(args, name) for name in OUTPUT_OPTIONS)
-    for flag in ("--deploy-hook", "--owner", "--group", "--mode", "--force", "--dry-run"):
-        if _given(args, flag) and not writes:
-            raise UsageError("%s needs an output file (--out-dir or a --*-path)" % flag,
-                             options=(flag,))
-    keys = _key_settings(args, writes, reporter)
-    hook_timeout = _number(args.hook_timeout, HOOK_TIMEOUT, float)
-    mode = _number(args.mode, None, lambda text: int(text, 8))
-    if hook_timeout is None or args.mode is not None and mode is None:
-        raise UsageError("--hook-timeout takes seconds and --mode an octal number like 0644",
-                         options=("--hook-timeout", "--mode"))
-    if not hook_timeout > 0:
-        raise UsageError("--hook-timeout must be above 0", options=("--hook-timeout",))
-    if mode is not None and mode & ~CERT_MODE_MOST:
-        raise UsageError("--mode allows at most 0644: certificate files are never "
-                         "executable or writable by others", options=("--mode",))
-    return dict(out_dir=args.out_dir, keys=keys, force=args.force, dry_run=args.dry_run,
-                deploy_hook=args.deploy_hook, hook_timeout=hook_timeout, mode=mode,
-                uid=lookup_id(args.owner, "--owner"), gid=lookup_id(args.group, "--group"))
+def _given(args, flag):
+    return getattr(args, flag.lstrip("-").replace("-", "_")) not in (None, False)
 
 
 def _key_settings(args, writes, reporter):
@@ -6625,80 +6530,146 @@ def lookup_id(name, flag):
                          options=(flag,))
 
 
-def make_reader(settings):
-    """The run's context; with --key-path, one more per key type for dual-cert servers;
-    on Python 3.6-3.9 one more, shared, to replay candidate paths (verifying runs).
-    None when every source is a local file: they need no trust store."""
-    if all(source.file for source in settings.sources):
-        return None
-    algorithms = ("RSA", "EC") if settings.keys else ()
-    replay = None if HAS_VERIFIED_CHAIN or settings.insecure else \
-        make_context(settings, verify_only=True)
-    readers = dict((algorithm, new_chain_reader(make_context(settings, algorithm), settings.trust,
-                                           replay_ctx=replay)) for algorithm in algorithms)
-    return new_chain_reader(make_context(settings), settings.trust, readers, replay)
+def _install_settings(args, reporter):
+    """Files, key, hook: the options of runs that write files or check a key."""
+    writes = any(getattr(args, name) for name in OUTPUT_OPTIONS)
+    for flag in ("--deploy-hook", "--owner", "--group", "--mode", "--force", "--dry-run"):
+        if _given(args, flag) and not writes:
+            raise UsageError("%s needs an output file (--out-dir or a --*-path)" % flag,
+                             options=(flag,))
+    keys = _key_settings(args, writes, reporter)
+    hook_timeout = _number(args.hook_timeout, HOOK_TIMEOUT, float)
+    mode = _number(args.mode, None, lambda text: int(text, 8))
+    if hook_timeout is None or args.mode is not None and mode is None:
+        raise UsageError("--hook-timeout takes seconds and --mode an octal number like 0644",
+                         options=("--hook-timeout", "--mode"))
+    if not hook_timeout > 0:
+        raise UsageError("--hook-timeout must be above 0", options=("--hook-timeout",))
+    if mode is not None and mode & ~CERT_MODE_MOST:
+        raise UsageError("--mode allows at most 0644: certificate files are never "
+                         "executable or writable by others", options=("--mode",))
+    return dict(out_dir=args.out_dir, keys=keys, force=args.force, dry_run=args.dry_run,
+                deploy_hook=args.deploy_hook, hook_timeout=hook_timeout, mode=mode,
+                uid=lookup_id(args.owner, "--owner"), gid=lookup_id(args.group, "--group"))
+
+
+def cache_directory(path):
+    """--cache-dir: its real path, made (DIR_MODE) when missing. What it keeps decides
+    what a run believes without asking (an ARI window is not signed), so it is held to
+    the outputs' rules (resolve_path: every directory on the way safe from other users,
+    links only where they could not have put them; found again once made), and it must
+    itself belong to root or this user and be writable by no one else. RefusedError
+    otherwise, before any connection."""
+    doing = "cannot keep answers in --cache-dir %s" % path
+    resolve_path(path, doing)
+    make_directory(path)
+    real, entry, _ = resolve_path(path, doing)
+    if entry is None or not stat.S_ISDIR(entry.st_mode):
+        raise WriteError("%s: %s is not a directory" % (doing, real))
+    if entry.st_uid not in trusted_users():
+        raise RefusedError("%s: %s belongs to %s, who could change what certgrab reads "
+                           "there" % (doing, real, user_name(entry.st_uid)),
+                           hint="chown root %s, or name a directory of root's" % real)
+    if _exposed(entry):
+        raise RefusedError("%s: %s is writable by group or others (mode %04o)" % (
+            doing, real, stat.S_IMODE(entry.st_mode)), hint="chmod go-w %s" % real)
+    return real
+
+
+def _ca_settings(args):
+    """--crl, --acme-directory and --cache-dir, checked."""
+    crl = args.crl if args.crl is not None else "on"
+    if crl not in CRL_MODES:
+        raise UsageError("--crl %s: give on (check, install anyway when the CRL cannot be "
+                         "had), require or off" % crl, options=("--crl",))
+    if args.acme_directory is not None:
+        try:
+            split_url(args.acme_directory, "https")
+        except CaError as exc:
+            raise UsageError("--acme-directory: %s" % exc, options=("--acme-directory",))
+    try:
+        cache_dir = args.cache_dir and cache_directory(args.cache_dir)
+    except CertgrabError as exc:
+        exc.options = ("--cache-dir",)
+        raise
+    return dict(crl=crl, acme_directory=args.acme_directory, cache_dir=cache_dir)
+
+
+def _duration(text, flag):
+    """A duration as --warn takes one, 90m, 36h, 2d or 600s, in seconds."""
+    scale = DURATION_UNITS.get(text[-1:].lower())
+    number = _number(text[:-1], None, float) if scale else None
+    if number is None or not 0 <= number < float("inf"):
+        raise UsageError("%s %s: give a duration such as 90m, 36h or 2d" % (flag, text),
+                         options=(flag,))
+    return number * scale
+
+
+def _rollout_settings(args, default_port):
+    """--all-addresses, --min-age, --confirm HOST[:PORT] (each as (HOST[:PORT], host,
+    port)) and --confirm-timeout. --confirm needs --deploy-hook: the hook makes the
+    service take the new files, and is what stays pending when it did not."""
+    writes = any(getattr(args, name) for name in OUTPUT_OPTIONS)
+    for flag in ("--min-age", "--confirm"):
+        if _given(args, flag) and not writes:
+            raise UsageError("%s needs an output file (--out-dir or a --*-path)" % flag,
+                             options=(flag,))
+    if args.confirm and not args.deploy_hook:
+        raise UsageError("--confirm needs --deploy-hook (the command that reloads the service "
+                         "--confirm dials)", options=("--confirm",))
+    if args.confirm_timeout is not None and not args.confirm:
+        raise UsageError("--confirm-timeout needs --confirm", options=("--confirm-timeout",))
+    timeout = _number(args.confirm_timeout, CONFIRM_TIMEOUT, float)
+    if timeout is None or not 0 < timeout < DAY:
+        raise UsageError("--confirm-timeout must be a number of seconds above 0",
+                         options=("--confirm-timeout",))
+    confirm = tuple((text,) + split_source(text, default_port) for text in args.confirm or ())
+    min_age = None if args.min_age is None else _duration(args.min_age, "--min-age")
+    return dict(all_addresses=args.all_addresses, min_age=min_age, confirm=confirm,
+                confirm_timeout=timeout)
+
+
+def validate_settings(args, sources, reporter):
+    """Settings from argparse's namespace; UsageError on the first rule broken."""
+    if args.section is not None:
+        raise UsageError("--section needs --config")
+    if not sources:
+        raise UsageError("no SOURCE given")
+    for first, second in (("--ipv4", "--ipv6"), ("--quiet", "--verbose"),
+                          ("--insecure", "--cafile"), ("--insecure", "--capath"),
+                          ("--insecure", "--verified-chain")):
+        if _given(args, first) and _given(args, second):
+            raise UsageError("%s and %s exclude each other" % (first, second),
+                             options=(first, second))
+    values = dict(insecure=args.insecure, verified_chain=args.verified_chain,
+                  trust=Trust(args.cafile, args.capath))
+    values.update(_connecting_settings(args))
+    values.update(_tls_version_settings(args))
+    values.update(_report_settings(args))
+    values.update(_install_settings(args, reporter))
+    values.update(_ca_settings(args))                   # issue 21: --crl, ARI, --cache-dir
+    default_port = parse_port(args.port, "-p/--port", ("--port",)) if args.port is not None \
+        else STARTTLS[args.starttls][1] if args.starttls else DEFAULT_PORT
+    values.update(_rollout_settings(args, default_port))
+    values["sources"] = parse_sources(sources, parse_servername(args.servername),
+                                      default_port, files_allowed=bool(values["report"]))
+    values["plan"] = plan_outputs(args.out_dir, dict(
+        (content, getattr(args, content + "_path")) for content in ("cert", "chain", "fullchain",
+                                                          "combined")), args.key_path or (),
+        args.privkey, values["uid"])
+    values["prometheus"] = _prometheus_path(args.prometheus, values["plan"], args.key_path or ())
+    return Settings(**values)
 
 
 # ---------------------------------------------------------------------------
 # Config file: one section per certificate, keys named like the long options.
 # ---------------------------------------------------------------------------
 
-def run_config(parser, args, sources, reporter):
-    """--config: every section (or the one --section names), all validated before
-    any connection, then run concurrently where their sources differ. One failing
-    section does not stop the others; returns the worst exit code."""
-    reporter.checking("config %s" % args.config)
-    sections = config_sections(parser, args, sources, reporter)  # 1. every section, checked
-    codes = run_sections(sections, reporter)        # 2. fetch, gate, install each
-    return summarize_sections(sections, codes, reporter)  # 3. which failed, the worst code
-
-
 class Section(object):
     """One section of --config, ready to run: its name, Settings, reader and reporter."""
 
     def __init__(self, name, settings, reader, reporter):
         self.name, self.settings, self.reader, self.reporter = name, settings, reader, reporter
-
-
-def config_sections(parser, args, sources, reporter):
-    """[Section] of the sections to run, in file order. Options given on
-    the command line replace that key in every section. UsageError names the file,
-    the section and the key."""
-    path = args.config
-    if sources:
-        raise UsageError("--config %s: SOURCEs come from each section's source key, not from "
-                         "the command line (%s)" % (path, sources[0]))
-    check_config_file(path)
-    config = read_config(path)
-    names = config.sections()
-    if args.section is not None and args.section not in names:
-        raise UsageError("--section %s: %s has no such section; it has: %s" % (
-            args.section, path, ", ".join(names) or "none"))
-    if not names:
-        raise UsageError("--config %s: no sections: write one [NAME] per certificate" % path)
-    overrides = dict((action.dest, getattr(args, action.dest)) for action in parser._actions
-                     if action.option_strings and getattr(args, action.dest) != action.default
-                     and not set(action.option_strings) & set(COMMAND_LINE_ONLY))
-    sections = [section_settings(parser, config, name, path, overrides, reporter.syslog)
-                for name in ([args.section] if args.section is not None else names)]
-    check_own_files(path, sections)
-    return sections
-
-
-def check_own_files(path, sections):
-    """Every section writes files of its own: two writing one file would undo each
-    other at every run, and a --prometheus file holds one run's metrics."""
-    owners = {}
-    for section in sections:
-        settings = section.settings
-        named = [(os.path.realpath(file), "key prometheus: ") for file in
-                 [settings.prometheus] if file] + [(os.path.realpath(file), "")
-                                                   for file, _ in settings.plan]
-        for file, key in named:
-            if owners.setdefault(file, section.name) != section.name:
-                raise UsageError("%s, section [%s], %s%s is also written by section [%s]; "
-                                 "give each section its own files" % (
-                                     path, section.name, key, file, owners[file]))
 
 
 def check_config_file(path):
@@ -6733,26 +6704,57 @@ def read_config(path):
     return config
 
 
-def section_settings(parser, config, name, path, overrides, syslog):
-    """The Section of one section, validated like a command line."""
-    where = "%s, section [%s]" % (path, name)
-    args, sources = section_args(parser, config, name, where,
-                                 os.path.dirname(os.path.abspath(path)))
-    writes = any(getattr(args, option) for option in OUTPUT_OPTIONS)
-    for dest, value in overrides.items():
-        if dest != "dry_run" or writes:     # --dry-run: for the sections that write files
-            setattr(args, dest, value)
-    if not sources:
-        raise UsageError("%s, key source: missing; list the section's SOURCEs there" % where)
-    reporter = SectionReporter(name, quiet=args.quiet, verbose=args.verbose, syslog=syslog)
-    try:
-        settings = validate_settings(args, sources, reporter)
-        reader = make_reader(settings)          # --cafile, --capath: read before any run
-    except (UsageError, InputError, RefusedError) as exc:  # InputError: cannot read a file
-        keys = [key for key in config.options(name) if "--" + key in exc.options]
-        raise type(exc)("%s%s: %s" % (where, ", key " + keys[0] if keys else "", exc),
-                        exc.hint)
-    return Section(name, settings, reader, reporter)
+def check_own_files(path, sections):
+    """Every section writes files of its own: two writing one file would undo each
+    other at every run, and a --prometheus file holds one run's metrics."""
+    owners = {}
+    for section in sections:
+        settings = section.settings
+        named = [(os.path.realpath(file), "key prometheus: ") for file in
+                 [settings.prometheus] if file] + [(os.path.realpath(file), "")
+                                                   for file, _ in settings.plan]
+        for file, key in named:
+            if owners.setdefault(file, section.name) != section.name:
+                raise UsageError("%s, section [%s], %s%s is also written by section [%s]; "
+                                 "give each section its own files" % (
+                                     path, section.name, key, file, owners[file]))
+
+
+def file_options(parser):
+    """{key: argparse action}: every long option but COMMAND_LINE_ONLY, so that an
+    option added to build_parser is a key of the file at once."""
+    options = {}
+    for action in parser._actions:
+        names = [name for name in action.option_strings if name.startswith("--")]
+        if names and names[0] not in COMMAND_LINE_ONLY:
+            options[names[0][2:]] = action
+    return options
+
+
+def option_words(action, flag, value):
+    """A key's value as command-line words: a flag takes yes or no (configparser's
+    words), an option given several times takes a list split at white space."""
+    if action.nargs == 0:
+        import configparser
+        state = configparser.ConfigParser.BOOLEAN_STATES.get(value.strip().lower())
+        if state is None:
+            raise UsageError("takes yes or no, not %r" % value)
+        return [flag] if state else []
+    if isinstance(action, argparse._AppendAction):
+        return ["%s=%s" % (flag, item) for item in value.split()]
+    if action.nargs in (None, "?"):
+        return ["%s=%s" % (flag, value)]
+    return [flag] + value.split()
+
+
+def config_paths(action, value, base):
+    """The value of a FILE or DIR key with its relative paths taken from base (for an
+    option given several times, each path of the list); other values as they are."""
+    if action.metavar not in PATH_VALUES or not value:
+        return value
+    if isinstance(action, argparse._AppendAction):
+        return " ".join(os.path.join(base, item) for item in value.split())
+    return os.path.join(base, value)
 
 
 def section_args(parser, config, name, where, base):
@@ -6783,71 +6785,141 @@ def section_args(parser, config, name, where, base):
     return parse_command_line(parser, words)[0], sources
 
 
-def file_options(parser):
-    """{key: argparse action}: every long option but COMMAND_LINE_ONLY, so that an
-    option added to build_parser is a key of the file at once."""
-    options = {}
-    for action in parser._actions:
-        names = [name for name in action.option_strings if name.startswith("--")]
-        if names and names[0] not in COMMAND_LINE_ONLY:
-            options[names[0][2:]] = action
-    return options
+def section_settings(parser, config, name, path, overrides, syslog):
+    """The Section of one section, validated like a command line."""
+    where = "%s, section [%s]" % (path, name)
+    args, sources = section_args(parser, config, name, where,
+                                 os.path.dirname(os.path.abspath(path)))
+    writes = any(getattr(args, option) for option in OUTPUT_OPTIONS)
+    for dest, value in overrides.items():
+        if dest != "dry_run" or writes:     # --dry-run: for the sections that write files
+            setattr(args, dest, value)
+    if not sources:
+        raise UsageError("%s, key source: missing; list the section's SOURCEs there" % where)
+    reporter = SectionReporter(name, quiet=args.quiet, verbose=args.verbose, syslog=syslog)
+    try:
+        settings = validate_settings(args, sources, reporter)
+        reader = make_reader(settings)          # --cafile, --capath: read before any run
+    except (UsageError, InputError, RefusedError) as exc:  # InputError: cannot read a file
+        keys = [key for key in config.options(name) if "--" + key in exc.options]
+        raise type(exc)("%s%s: %s" % (where, ", key " + keys[0] if keys else "", exc),
+                        exc.hint)
+    return Section(name, settings, reader, reporter)
 
 
-def config_paths(action, value, base):
-    """The value of a FILE or DIR key with its relative paths taken from base (for an
-    option given several times, each path of the list); other values as they are."""
-    if action.metavar not in PATH_VALUES or not value:
-        return value
-    if isinstance(action, argparse._AppendAction):
-        return " ".join(os.path.join(base, item) for item in value.split())
-    return os.path.join(base, value)
+def config_sections(parser, args, sources, reporter):
+    """[Section] of the sections to run, in file order. Options given on
+    the command line replace that key in every section. UsageError names the file,
+    the section and the key."""
+    path = args.config
+    if sources:
+        raise UsageError("--config %s: SOURCEs come from each section's source key, not from "
+                         "the command line (%s)" % (path, sources[0]))
+    check_config_file(path)
+    config = read_config(path)
+    names = config.sections()
+    if args.section is not None and args.section not in names:
+        raise UsageError("--section %s: %s has no such section; it has: %s" % (
+            args.section, path, ", ".join(names) or "none"))
+    if not names:
+        raise UsageError("--config %s: no sections: write one [NAME] per certificate" % path)
+    overrides = dict((action.dest, getattr(args, action.dest)) for action in parser._actions
+                     if action.option_strings and getattr(args, action.dest) != action.default
+                     and not set(action.option_strings) & set(COMMAND_LINE_ONLY))
+    sections = [section_settings(parser, config, name, path, overrides, reporter.syslog)
+                for name in ([args.section] if args.section is not None else names)]
+    check_own_files(path, sections)
+    return sections
 
 
-def option_words(action, flag, value):
-    """A key's value as command-line words: a flag takes yes or no (configparser's
-    words), an option given several times takes a list split at white space."""
-    if action.nargs == 0:
-        import configparser
-        state = configparser.ConfigParser.BOOLEAN_STATES.get(value.strip().lower())
-        if state is None:
-            raise UsageError("takes yes or no, not %r" % value)
-        return [flag] if state else []
-    if isinstance(action, argparse._AppendAction):
-        return ["%s=%s" % (flag, item) for item in value.split()]
-    if action.nargs in (None, "?"):
-        return ["%s=%s" % (flag, value)]
-    return [flag] + value.split()
+# ---------------------------------------------------------------------------
+# The run: main() and its steps, in the order they run, numbered once:
+#   1. the command line (parse_command_line)
+#   2. the settings (validate_settings), or every --config section's (run_config)
+#   3. the trust store and the way to read chains (make_reader)
+#   4. every source fetched (fetch_all, fetch_every_address)
+#   5. what the CA knows (consult_ca)
+#   6. a report (--text, --json, --check), or
+#   7. the gate (apply_gate, apply_ca_gate) and the newest chain (choose_result)
+#   8. the chain printed, or installed (install_chain: hold back, lock, write,
+#      hook, confirm)
+#   9. the metrics (record_run) and the --syslog line (Reporter.log)
+# Nothing but main() turns an error into an exit code, and nothing calls sys.exit.
+# ---------------------------------------------------------------------------
+
+def plugin_unknown(exc):
+    """A monitoring plugin's status line for a run that could not even check."""
+    try:
+        write_stdout("CERTGRAB UNKNOWN - %s\n" % status_text(str(exc)))
+    except WriteError:
+        pass                            # stdout is gone: the exit code still says it
 
 
-def run_sections(sections, reporter):
-    """Exit codes of every section, in file order. Sections that share a source run
-    one after the other; groups of them run at once, SECTIONS_AT_ONCE at most."""
-    codes, groups = [None] * len(sections), source_groups(sections)
-    at_once = min(SECTIONS_AT_ONCE, len(groups))
+def report_failure(exc, argv, reporter):
+    """An expected failure: its line (and hint) on stderr; the exit code. Under
+    --check, --same or --expect-file a plugin's UNKNOWN status line as well."""
+    reporter.error(exc)
+    if isinstance(exc, UsageError):
+        reporter.hint("certgrab.py --help lists the options")
+    code = exc.exit_code
+    if any(arg.split("=")[0] in CHECK_FLAGS for arg in argv):
+        plugin_unknown(exc)
+        code = NAGIOS_UNKNOWN
+    reporter.log(code, exc)
+    return code
 
-    def run_group(group):
-        for index in group:
-            codes[index] = run_section(sections[index], at_once)
 
-    map_in_threads(run_group, groups, at_once, reporter, "running %d group(s) of sections")
-    return codes
+def deliver(results, settings, reader, reporter):
+    """Steps 6 to 8: report on the results, or print or install the newest good chain:
+    (exit code, install outcome for the metrics or None)."""
+    if settings.report:                                 # 6. a report of every source
+        reporter.outcome("reported (--%s)" % settings.report)
+        return report(results, settings, reporter), None
+    if settings.plan or settings.keys:
+        apply_gate(results, settings.keys, reporter)    # 7. the gate: key, name, dates,
+    apply_ca_gate(results, settings, reporter)          #    nothing revoked,
+    best = choose_result(results, reporter)             #    and the newest chain
+    warn_about_ca(best, bool(settings.plan), reporter)  #    (CRL soft-fail, ARI window)
+    report_fetch(results, best, reader, settings, reporter)
+    chain = best.verified if settings.verified_chain else None
+    if not settings.plan:                               # 8. printed exactly as served,
+        write_stdout("".join(der_to_pem(cert.der) for cert in chain or best.served))
+        reporter.outcome("printed sha256:%s from %s" % (best.leaf.sha256, best.source))
+        return 0, None
+    outcome = install_chain(chain or best.issuing, best, settings, reporter, reader)  # or in
+    if outcome in ("installed", "confirmed", "unchanged"):  # (dry run, held back: said)
+        confirmed = "; confirmed" if outcome == "confirmed" else ""
+        reporter.outcome("installed sha256:%s from %s%s" % (best.leaf.sha256, best.source,
+                                                           confirmed)
+                         if outcome != "unchanged" else outcome, outcome != "unchanged")
+    return 0, outcome
 
 
-def source_groups(sections):
-    """Lists of section indexes: sections that share a source (host and port, or
-    file) are in one group, so that no source sees two of our runs at once."""
-    groups = []                                 # [(sources, [index, ...])]
-    for index, section in enumerate(sections):
-        keys = set((source.host, source.port, source.file) for source in
-                   section.settings.sources)
-        merged = (keys, [index])
-        for group in [group for group in groups if group[0] & keys]:
-            groups.remove(group)
-            merged[0].update(group[0])
-            merged[1].extend(group[1])
-        groups.append(merged)
-    return [sorted(indexes) for _, indexes in groups]
+def run_one(settings, reader, reporter, sharers=1):
+    """Steps 4 to 9 for one certificate: fetch every source, ask the CA, deliver, then
+    --prometheus. Returns the exit code; an expected failure raises CertgrabError,
+    after the metrics have recorded it. sharers: see fetch_all."""
+    clock = (time.time(), time.monotonic())
+    reporter.checking("%s from %s" % (settings.sources[0].verify_name,
+                                      " ".join(source.text for source in settings.sources)))
+    if settings.insecure:
+        reporter.warn("--insecure: the chain is NOT verified; anyone on the path could "
+                      "have sent it%s" % ("; files get the path built from the served "
+                                          "certificates' names alone, no signature checked: "
+                                          "clients may fail to verify it" if settings.plan
+                                          else ""))
+    fetch = fetch_every_address if settings.all_addresses else fetch_all
+    results = fetch(settings.sources, reader, settings, reporter, sharers)  # 4. fetch
+    consult_ca(results, settings, reporter, sharers)    # 5. what the CA knows
+    try:
+        code, outcome = deliver(results, settings, reader, reporter)  # 6. to 8.
+    except Exception as exc:            # certgrab's own error, or a bug: the run's error
+        error = as_error(exc, None, reporter)
+        record_run(settings, results, clock, install_outcome(error, settings.plan,
+                                                             settings.dry_run),
+                   error.exit_code, reporter)
+        raise error
+    return record_run(settings, results, clock, outcome, code, reporter)  # 9. metrics
 
 
 def run_section(section, sharers):
@@ -6867,6 +6939,36 @@ def run_section(section, sharers):
     return code
 
 
+def source_groups(sections):
+    """Lists of section indexes: sections that share a source (host and port, or
+    file) are in one group, so that no source sees two of our runs at once."""
+    groups = []                                 # [(sources, [index, ...])]
+    for index, section in enumerate(sections):
+        keys = set((source.host, source.port, source.file) for source in
+                   section.settings.sources)
+        merged = (keys, [index])
+        for group in [group for group in groups if group[0] & keys]:
+            groups.remove(group)
+            merged[0].update(group[0])
+            merged[1].extend(group[1])
+        groups.append(merged)
+    return [sorted(indexes) for _, indexes in groups]
+
+
+def run_sections(sections, reporter):
+    """Exit codes of every section, in file order. Sections that share a source run
+    one after the other; groups of them run at once, SECTIONS_AT_ONCE at most."""
+    codes, groups = [None] * len(sections), source_groups(sections)
+    at_once = min(SECTIONS_AT_ONCE, len(groups))
+
+    def run_group(group):
+        for index in group:
+            codes[index] = run_section(sections[index], at_once)
+
+    map_in_threads(run_group, groups, at_once, reporter, "running %d group(s) of sections")
+    return codes
+
+
 def summarize_sections(sections, codes, reporter):
     """The run's last line: which sections failed (always) or that all went well."""
     failed = ["%s (exit %d)" % (section.name, code) for section, code in zip(sections, codes)
@@ -6882,10 +6984,21 @@ def summarize_sections(sections, codes, reporter):
     return max(codes)
 
 
+def run_config(parser, args, sources, reporter):
+    """--config: every section (or the one --section names), all validated (steps 2
+    and 3) before any connection, then run (4 to 9) concurrently where their sources
+    differ. One failing section does not stop the others; returns the worst exit
+    code."""
+    reporter.checking("config %s" % args.config)
+    sections = config_sections(parser, args, sources, reporter)  # 2. and 3. for each
+    codes = run_sections(sections, reporter)        # 4. to 9. for each section
+    return summarize_sections(sections, codes, reporter)  # 9. which failed, the worst code
+
+
 def main(argv=None):
     """Run certgrab; return the exit code (see the module docstring)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    os.umask(UMASK)                     # 0. nothing made group- or world-writable
+    os.umask(UMASK)                     # first: nothing made group- or world-writable
     reporter = Reporter()
     try:
         parser = build_parser()
@@ -6898,92 +7011,17 @@ def main(argv=None):
             return 0
         reporter = Reporter(quiet=args.quiet, verbose=args.verbose,
                             syslog=open_syslog() if args.syslog else None)
-        if args.config is not None:                     # 2a. every section of the file
+        if args.config is not None:                     # 2. to 9. for each section
             return run_config(parser, args, sources, reporter)
-        settings = validate_settings(args, sources, reporter)  # 2b. options, SOURCEs, files
-        reader = make_reader(settings)                  # 3. trust store, chain access
-        code = run_one(settings, reader, reporter)      # 4. fetch, gate, install, metrics
-        reporter.log(code)
+        settings = validate_settings(args, sources, reporter)  # 2. options, SOURCEs, files
+        reader = make_reader(settings)                  # 3. trust store, chain reader
+        code = run_one(settings, reader, reporter)      # 4. to 9.
+        reporter.log(code)                              # 9. the --syslog line
         return code
     except CertgrabError as exc:
         return report_failure(exc, argv, reporter)
     except Exception as exc:            # a bug: one line, the traceback under -v
         return report_failure(internal_error(None, exc, reporter), argv, reporter)
-
-
-def run_one(settings, reader, reporter, sharers=1):
-    """One certificate: fetch every source, then deliver, then --prometheus.
-    Returns the exit code; an expected failure raises CertgrabError, after the
-    metrics have recorded it. sharers: see fetch_all."""
-    clock = (time.time(), time.monotonic())
-    reporter.checking("%s from %s" % (settings.sources[0].verify_name,
-                                      " ".join(source.text for source in settings.sources)))
-    if settings.insecure:
-        reporter.warn("--insecure: the chain is NOT verified; anyone on the path could "
-                      "have sent it%s" % ("; files get the path built from the served "
-                                          "certificates' names alone, no signature checked: "
-                                          "clients may fail to verify it" if settings.plan
-                                          else ""))
-    fetch = fetch_every_address if settings.all_addresses else fetch_all
-    results = fetch(settings.sources, reader, settings, reporter, sharers)  # 1. fetch
-    consult_ca(results, settings, reporter, sharers)    # 1b. what the CA knows (issue 21)
-    try:
-        code, outcome = deliver(results, settings, reader, reporter)  # 2. to 4. below
-    except Exception as exc:            # certgrab's own error, or a bug: the run's error
-        error = as_error(exc, None, reporter)
-        record_run(settings, results, clock, install_outcome(error, settings.plan,
-                                                             settings.dry_run),
-                   error.exit_code, reporter)
-        raise error
-    return record_run(settings, results, clock, outcome, code, reporter)  # 5. metrics
-
-
-def deliver(results, settings, reader, reporter):
-    """Report on the results, or print or install the newest good chain:
-    (exit code, install outcome for the metrics or None)."""
-    if settings.report:                                 #    or: describe them all
-        reporter.outcome("reported (--%s)" % settings.report)
-        return report(results, settings, reporter), None
-    if settings.plan or settings.keys:
-        apply_gate(results, settings.keys, reporter)    # 2. key, name, dates
-    apply_ca_gate(results, settings, reporter)          #    not revoked (issue 21)
-    best = choose_result(results, reporter)             # 3. the newest good chain
-    warn_about_ca(best, bool(settings.plan), reporter)             #    CRL soft-fail, ARI (issue 21)
-    report_fetch(results, best, reader, settings, reporter)
-    chain = best.verified if settings.verified_chain else None
-    if not settings.plan:                               # 4a. stdout: exactly as served
-        write_stdout("".join(der_to_pem(cert.der) for cert in chain or best.served))
-        reporter.outcome("printed sha256:%s from %s" % (best.leaf.sha256, best.source))
-        return 0, None
-    outcome = install_chain(chain or best.issuing, best, settings, reporter, reader)  # 4b.
-    if outcome in ("installed", "confirmed", "unchanged"):  # (dry run, held back: said)
-        confirmed = "; confirmed" if outcome == "confirmed" else ""
-        reporter.outcome("installed sha256:%s from %s%s" % (best.leaf.sha256, best.source,
-                                                           confirmed)
-                         if outcome != "unchanged" else outcome, outcome != "unchanged")
-    return 0, outcome
-
-
-def report_failure(exc, argv, reporter):
-    """An expected failure: its line (and hint) on stderr; the exit code. Under
-    --check, --same or --expect-file a plugin's UNKNOWN status line as well."""
-    reporter.error(exc)
-    if isinstance(exc, UsageError):
-        reporter.hint("certgrab.py --help lists the options")
-    code = exc.exit_code
-    if any(arg.split("=")[0] in CHECK_FLAGS for arg in argv):
-        plugin_unknown(exc)
-        code = NAGIOS_UNKNOWN
-    reporter.log(code, exc)
-    return code
-
-
-def plugin_unknown(exc):
-    """A monitoring plugin's status line for a run that could not even check."""
-    try:
-        write_stdout("CERTGRAB UNKNOWN - %s\n" % status_text(str(exc)))
-    except WriteError:
-        pass                            # stdout is gone: the exit code still says it
 
 
 if __name__ == "__main__":
