@@ -2977,13 +2977,13 @@ class FetchResult(object):
 
 def tls_hint(exc, starttls):
     """The likely cause of a failed handshake, by exc's class and OpenSSL's reason code."""
-    reason = getattr(exc, "reason", None) or ""
+    reason_code = getattr(exc, "reason", None) or ""     # OpenSSL's, e.g. HTTP_REQUEST
     if starttls == "postgres-direct":
         return "PostgreSQL before 17 has no direct TLS: try --starttls postgres"
-    if reason in NOT_TLS_REASONS:
+    if reason_code in NOT_TLS_REASONS:
         return "the server did not answer with TLS: is this port plain text (HTTP, or a " \
                "protocol that needs STARTTLS)?"
-    if reason.startswith(ALERT_REASONS):
+    if reason_code.startswith(ALERT_REASONS):
         return "the server refused the handshake; check -n/--servername (the name it serves)"
     if closed_in_handshake(exc):
         return "the server closed the connection during the handshake"

@@ -1,10 +1,13 @@
-"""certgrab.py reads in one direction: every function and class it uses is defined above.
+"""certgrab.py is read once and trusted (issue 20): these tests walk its syntax tree.
 
-STYLE.md: "Inside a section, helpers come before their callers, as the sections themselves
-do: a reader never scrolls down to learn what a call does." These tests walk the file's
-syntax tree (nothing of it is run) and name each use of a module-level function or class
-defined further down: across sections (the weaker rule), and anywhere at all (the rule the
-file keeps). A function that calls itself is the one exception.
+- One reading direction. STYLE.md: "Inside a section, helpers come before their callers,
+  as the sections themselves do: a reader never scrolls down to learn what a call does."
+  Each use of a module-level function or class defined further down is named: across
+  sections (the weaker rule), and anywhere at all (the rule the file keeps). A function
+  that calls itself is the one exception.
+- Settings are declared in one place, each field once, and every field is read.
+- No decision reads the text of a message: comparisons and prefix tests go by codes,
+  kinds and classes, never by what str(exc) or a message says.
 """
 
 import ast
@@ -156,3 +159,58 @@ def test_settings_take_every_field_and_no_other(certgrab):
     del values["timeout"]
     with pytest.raises(TypeError):
         certgrab.Settings(**values)
+
+
+# Decisions read data: codes, kinds, classes; never the text made for people -----------------
+
+TEXT_CALLS = ("str", "ssl_reason", "printable")   # what turns an exception or data into text
+TEXT_NAMES = ("message", "lower", "trust", "detail", "verify_error", "hint")
+# A variable called reason holds OpenSSL's words; SSLError.reason is a code (HTTP_REQUEST).
+TEXT_VARIABLES = TEXT_NAMES + ("reason",)
+# An outcome is a code, compared whole: a prefix of one is a prefix of its text.
+PREFIXED = ("outcome",)
+
+
+def _is_text(node, names=()):
+    """True for an expression that holds text for people: a call that makes it, or a name
+    (or attribute) that STYLE.md's rule keeps out of decisions (and one of names)."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        return node.func.id in TEXT_CALLS
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+            node.func.attr == "lower":
+        return _is_text(node.func.value, names)
+    if isinstance(node, ast.Name):
+        return node.id in TEXT_VARIABLES + names
+    return isinstance(node, ast.Attribute) and node.attr in TEXT_NAMES
+
+
+def decisions_on_text(source):
+    """[line] of each comparison (==, !=, in, not in) or startswith/endswith whose subject
+    is text for people: what STYLE.md calls deciding on message text."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare) and any(
+                isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn)) for op in node.ops):
+            if any(_is_text(side) for side in [node.left] + node.comparators):
+                found.append(node.lineno)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                node.func.attr in ("startswith", "endswith") and \
+                _is_text(node.func.value, PREFIXED):
+            found.append(node.lineno)
+    return sorted(found)
+
+
+def test_no_decision_reads_the_text_of_a_message():
+    source = read_source()
+    assert ["%d: %s" % (line, source.splitlines()[line - 1].strip())
+            for line in decisions_on_text(source)] == []
+
+
+def test_deciding_on_text_is_found():
+    """The walk itself, on the kinds of line the rule is about."""
+    source = ('keys = [key for key in options if "--" + key in str(exc)]\n'
+              'notice = outcome.startswith("installed")\n'
+              'system = trust == "the system store"\n'
+              'name = "match" in reason.lower() or "match" in lower\n'
+              'fine = exc.reason in NOT_TLS_REASONS and problem.code in CHECK_WARNS\n')
+    assert decisions_on_text(source) == [1, 2, 3, 4, 4]
