@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import CERTGRAB, assert_one_error
+from helpers import CERTGRAB, assert_one_error
 
 OPTIONS = ["--servername", "-n", "--port", "-p", "--timeout", "-4", "-6", "--ipv4", "--ipv6",
            "--cafile",

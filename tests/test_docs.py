@@ -20,14 +20,12 @@ so (a check that cannot fail would prove nothing).
 
 import os
 import re
-import shutil
 import subprocess
 
-import pytest
-
 import make_man
-from conftest import IN_CI, ROOT
-from profiles import DAY, renewal_left
+from helpers import ROOT, docstring_exit_codes, tool
+from make_certs import DAY
+from profiles import renewal_left
 
 DOCS = os.path.join(ROOT, "docs")
 
@@ -205,12 +203,6 @@ def test_defaults_check_fails_on_a_stale_default(certgrab):
 
 
 # ---------------------------------------------------------------- 3. exit codes
-
-def docstring_exit_codes(certgrab):
-    """{code: the words before its first colon}, from the module docstring's Exit codes."""
-    block = certgrab.__doc__.split("\nExit codes\n", 1)[1]
-    return dict(re.findall(r"^    (\d)  ([^:]+):", block, re.M))
-
 
 def exit_code_problems(certgrab, readme):
     text = section(readme, "Exit codes")
@@ -405,15 +397,6 @@ def test_development_check_fails_on_a_new_file_and_a_new_package():
 # ---------------------------------------------------------------- 8. the man page
 
 MAN_PAGE = os.path.join(ROOT, "docs", "certgrab.1")
-
-
-def tool(name):
-    found = shutil.which(name)
-    if found is None:
-        if IN_CI:
-            pytest.fail("%s is not installed" % name)
-        pytest.skip("%s is not installed" % name)
-    return found
 
 
 def test_man_page_is_what_make_man_makes_now():
