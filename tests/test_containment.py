@@ -181,7 +181,7 @@ def test_a_bug_in_the_gate_skips_that_source_even_quietly(certgrab, capsys, cert
     buggy, good = served("ec1"), served("ec1")
     inject_bug(monkeypatch, certgrab, "check_gate", buggy.address)
     code, out, err = call_main(certgrab, capsys, buggy.address, good.address, "-n", NAME, "-q",
-                          "--cafile", certs / "ec1" / "root.pem", "--out-dir", tmp_path / "out")
+                               "--cafile", certs / "ec1" / "root.pem", "--out-dir", tmp_path / "out")
     assert code == 0, err
     assert files_ders(tmp_path / "out") == expected(certs, "ec1")
     assert err == "certgrab: %s (skipped)\n" % bug_line(buggy.address, "check_gate")
@@ -194,7 +194,7 @@ def test_a_bug_while_reporting_is_that_sources_error(certgrab, capsys, certs, se
     buggy, good = served("ec1"), served("ec1")
     inject_bug(monkeypatch, certgrab, name, buggy.address)
     code, out, err = call_main(certgrab, capsys, mode, buggy.address, good.address, "-n", NAME,
-                          "--cafile", certs / "ec1" / "root.pem")
+                               "--cafile", certs / "ec1" / "root.pem")
     assert code == FETCH
     assert error_lines(err) == ["certgrab: " + bug_line(buggy.address, name)]
     assert out.count("CN=ec1 leaf") == 1                # the good source, whole
@@ -207,8 +207,8 @@ def test_a_bug_in_the_metrics_of_one_source(certgrab, capsys, certs, served, mon
     inject_bug(monkeypatch, certgrab, "source_series", buggy.address)
     prom = tmp_path / "m.prom"
     code, out, err = call_main(certgrab, capsys, buggy.address, good.address, "-n", NAME,
-                          "--cafile", certs / "ec1" / "root.pem", "--out-dir", tmp_path / "out",
-                          "--prometheus", prom)
+                               "--cafile", certs / "ec1" / "root.pem", "--out-dir", tmp_path / "out",
+                               "--prometheus", prom)
     assert code == FETCH                                # the files are in; the bug is said
     assert files_ders(tmp_path / "out") == expected(certs, "ec1")
     assert error_lines(err)[-1] == "certgrab: " + bug_line(buggy.address, "source_series")
@@ -230,8 +230,8 @@ def test_a_bug_outside_the_sources_is_the_runs_error(certgrab, capsys, certs, se
     monkeypatch.setattr(certgrab, "install_chain", broken)
     prom = tmp_path / "run.prom"
     code, out, err = call_main(certgrab, capsys, server.address, "-n", NAME, "--cafile",
-                          certs / "ec1" / "root.pem", "--out-dir", tmp_path / "out",
-                          "--prometheus", prom)
+                               certs / "ec1" / "root.pem", "--out-dir", tmp_path / "out",
+                               "--prometheus", prom)
     assert code == INTERNAL
     assert error_lines(err) == ["certgrab: internal error in certgrab 0.2.0 (RuntimeError: "
                                 "injected bug in install_chain); please report it"]

@@ -709,7 +709,7 @@ def test_a_bug_in_one_sources_ca_part_is_that_sources_error(certgrab, capsys, st
     inject_bug(monkeypatch, certgrab, name, buggy.address)
     prom, out = tmp_path / "m.prom", tmp_path / "live"
     code, _, err = call_main(certgrab, capsys, buggy.address, good.address, "-n", NAME, "--cafile",
-                        os.path.join(leaf, "root.pem"), "--out-dir", out, "--prometheus", prom)
+                             os.path.join(leaf, "root.pem"), "--out-dir", out, "--prometheus", prom)
     assert bug_line(buggy.address, name) in err
     assert code == (3 if name == "ca_series" else 0), err    # a metrics bug is said after
     assert (out / "fullchain.pem").exists() and "Traceback" not in err
