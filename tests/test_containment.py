@@ -181,7 +181,8 @@ def test_a_bug_in_the_gate_skips_that_source_even_quietly(certgrab, capsys, cert
     buggy, good = served("ec1"), served("ec1")
     inject_bug(monkeypatch, certgrab, "check_gate", buggy.address)
     code, out, err = call_main(certgrab, capsys, buggy.address, good.address, "-n", NAME, "-q",
-                               "--cafile", certs / "ec1" / "root.pem", "--out-dir", tmp_path / "out")
+                               "--cafile", certs / "ec1" / "root.pem",
+                               "--out-dir", tmp_path / "out")
     assert code == 0, err
     assert files_ders(tmp_path / "out") == expected(certs, "ec1")
     assert err == "certgrab: %s (skipped)\n" % bug_line(buggy.address, "check_gate")
@@ -207,8 +208,8 @@ def test_a_bug_in_the_metrics_of_one_source(certgrab, capsys, certs, served, mon
     inject_bug(monkeypatch, certgrab, "source_series", buggy.address)
     prom = tmp_path / "m.prom"
     code, out, err = call_main(certgrab, capsys, buggy.address, good.address, "-n", NAME,
-                               "--cafile", certs / "ec1" / "root.pem", "--out-dir", tmp_path / "out",
-                               "--prometheus", prom)
+                               "--cafile", certs / "ec1" / "root.pem",
+                               "--out-dir", tmp_path / "out", "--prometheus", prom)
     assert code == FETCH                                # the files are in; the bug is said
     assert files_ders(tmp_path / "out") == expected(certs, "ec1")
     assert error_lines(err)[-1] == "certgrab: " + bug_line(buggy.address, "source_series")

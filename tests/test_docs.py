@@ -363,8 +363,8 @@ def ci_packages(run_script):
 
 
 def development_problems(text, run_script, test_files):
-    problems = ["docs/development.md does not name tests/%s" % name
-                for name in sorted(test_files) if name not in text]
+    problems = ["docs/development.md does not name tests/%s" % name for name in sorted(test_files)
+                if not re.search(r"(?<![\w.-])%s(?![\w.-])" % re.escape(name), text)]
     ci = re.search(r"^- \*\*CI\*\*:(.*?)(?=^- |\Z)", text, re.M | re.S).group(1)
     named = set(word for word in re.findall(r"`([^`]+)`", ci)
                 if re.match(r"^[a-z0-9][a-z0-9.+-]*$", word))
@@ -392,6 +392,13 @@ def test_development_check_fails_on_a_new_file_and_a_new_package():
         "docs/development.md does not name tests/test_new.py",
         "docs/development.md's CI packages differ from .ci/run's: only in the docs [], "
         "only in .ci/run ['jq']"]
+
+
+def test_development_check_wants_the_name_itself_not_a_longer_one():
+    """helpers.py is not named by a line that names old_helpers.py."""
+    text = read("docs/development.md").replace("tests/helpers.py ", "tests/old_helpers.py ")
+    assert development_problems(text, read(".ci/run"), ["helpers.py", "grow.py"]) == [
+        "docs/development.md does not name tests/helpers.py"]
 
 
 # ---------------------------------------------------------------- 8. the man page

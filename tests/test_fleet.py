@@ -351,7 +351,8 @@ def test_a_key_mismatch_names_the_leaf_the_cause_and_the_fix(run, served, certs,
         "certgrab: %s: refused the leaf serial %s issued %s: its key (SPKI sha256 %s) is not "
         "--key-path %s (SPKI sha256 %s) nor --key-path %s (SPKI sha256 %s)" % (
             server.address, serial_hex(leaf.serial_number), iso(leaf.not_valid_before_utc),
-            spki_sha256(leaf), keys[0], spki_sha256_of_key(keys[0]), keys[1], spki_sha256_of_key(keys[1])),
+            spki_sha256(leaf), keys[0], spki_sha256_of_key(keys[0]), keys[1],
+            spki_sha256_of_key(keys[1])),
         "certgrab: hint: the renewing machine likely made a new key: renew there with "
         "--reuse-key (certbot, lego), or copy its new key here and add it as another "
         "--key-path (README: key rollover)"]

@@ -114,7 +114,8 @@ def test_promtool_accepts_hostile_labels(run, tmp_path, certgrab):
                   source=certgrab.printable(str(source))) == [1]
     name = certgrab.parse_certificate(cert.public_bytes(serialization.Encoding.DER)).name
     assert "\n" not in name and '"' in name and "\\" in name
-    assert metric_values(series, "certgrab_certificate_not_after_timestamp_seconds", name=name), text
+    assert metric_values(series, "certgrab_certificate_not_after_timestamp_seconds",
+                         name=name), text
 
 
 def test_promtool_accepts_an_install_run(run, chain, server, tmp_path):
