@@ -468,11 +468,7 @@ def pebble(acme_root):
     for program in (CERTBOT, NGINX):
         if not os.access(program, os.X_OK):
             pytest.skip("%s is not installed (Debian packages: certbot, nginx)" % program)
-    server = Pebble(acme_root)
-    try:
-        server.start()
-    except daemons.DaemonMissing as e:
-        pytest.skip(str(e))
+    server = daemons.start_or_skip(Pebble(acme_root))
     yield server
     server.stop()
 

@@ -233,7 +233,23 @@ class CrlCA(object):
         return self.crl(path, issuer=forger)
 
 
-class FileServer(object):
+class _HttpThread(object):
+    """An http.server (self.httpd, which the subclass makes) serving in a thread of its own."""
+
+    def start(self):
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={
+            "poll_interval": servers.POLL})
+        self.thread.daemon = True
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(servers.JOIN)
+
+
+class FileServer(_HttpThread):
     """http.server (HTTP/1.1) serving directory's files on loopback, in a thread."""
 
     def __init__(self, directory):
@@ -260,18 +276,6 @@ class FileServer(object):
 
     def url(self, path):
         return "http://%s:%d/%s" % (HOST, self.port, path.lstrip("/"))
-
-    def start(self):
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={
-            "poll_interval": servers.POLL})
-        self.thread.daemon = True
-        self.thread.start()
-        return self
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(servers.JOIN)
 
 
 class RawHttpServer(servers.ThreadedServer):
@@ -331,7 +335,7 @@ def cert_id(leaf_dir):
                     for part in (aki.key_identifier, serial))
 
 
-class AriServer(object):
+class AriServer(_HttpThread):
     """An ACME server's ARI side, written to RFC 9773, over https on loopback."""
 
     def __init__(self, certfile, keyfile):
@@ -373,18 +377,6 @@ class AriServer(object):
         self.base = "https://%s:%d" % (HOST, self.port)
         self.directory = self.base + "/directory"
         self.thread = None
-
-    def start(self):
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={
-            "poll_interval": servers.POLL})
-        self.thread.daemon = True
-        self.thread.start()
-        return self
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(servers.JOIN)
 
 
 A2C_CONFIG = """\

@@ -217,11 +217,7 @@ def daemon_fixture(cls, chain):
 
     @pytest.fixture(scope="session", name=cls.name)
     def daemon(daemon_root, certs):
-        running = cls(daemon_root, certs / chain)
-        try:
-            running.start()
-        except daemons.DaemonMissing as e:
-            pytest.skip(str(e))
+        running = daemons.start_or_skip(cls(daemon_root, certs / chain))
         yield running
         running.stop()
 

@@ -18,7 +18,9 @@ launch(); everything else is here:
                      process outlives the test session
 
 Every file a daemon writes lives under its work directory, <root>/<name>. etc_state(ETC_PATHS)
-snapshots the files the packages own under /etc, to prove the tests left them alone.
+snapshots the files the packages own under /etc, to prove the tests left them alone;
+work_root(prefix, paths, what) is such a root, checked so at its end. start_or_skip(daemon)
+starts a daemon, or skips the test with DaemonMissing's reason.
 """
 
 import contextlib
@@ -30,6 +32,8 @@ import socket
 import subprocess
 import tempfile
 import time
+
+import pytest
 
 READY = 20.0  # seconds; the longest a daemon may take to listen on all its ports
 SETUP = 60.0  # seconds; the longest a setup command (initdb, mariadb-install-db) may take
@@ -51,6 +55,16 @@ class DaemonMissing(Exception):
 
 class DaemonFailed(Exception):
     """The daemon was there but did not come up; the message carries its logs."""
+
+
+def start_or_skip(daemon):
+    """daemon.start() (a Daemon, or anything raising DaemonMissing), or the test is
+    skipped with the reason it cannot run here. Returns daemon."""
+    try:
+        daemon.start()
+    except DaemonMissing as e:
+        pytest.skip(str(e))
+    return daemon
 
 
 @contextlib.contextmanager

@@ -34,11 +34,10 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 import make_certs
-from helpers import (CERTGRAB, CRITICAL, HOOK_PENDING, IN_CI, OUT_FILES, PENDING_MTIME, UNSHARE,
-                     USAGE, assert_promtool_accepts, assert_verifies, describe, entries,
-                     error_lines, expected, files_ders, grab, grab_args, hook_runs,
-                     install_outcome, iso, load_cert, run_with_mounts, serial_hex, sha256,
-                     snapshot)
+from helpers import (CERTGRAB, CRITICAL, HOOK_PENDING, OUT_FILES, PENDING_MTIME, UNSHARE, USAGE,
+                     assert_promtool_accepts, assert_verifies, describe, entries, error_lines,
+                     expected, files_ders, grab, grab_args, hook_runs, install_outcome, iso,
+                     load_cert, run_with_mounts, serial_hex, sha256, snapshot, tool)
 from make_certs import HOUR, NAME
 from servers import InstalledFilesServer, TLSServer, closed_port, ipv6_available
 
@@ -455,10 +454,7 @@ class Site(object):
 @pytest.fixture
 def site(run, served, certs, tmp_path):
     """ec1 installed in tmp_path/out by certgrab, then nginx serving it."""
-    if not shutil.which("nginx", path=os.defpath + ":/usr/sbin"):
-        if IN_CI:
-            pytest.fail("nginx is not installed")
-        pytest.skip("nginx is not installed (Debian package: nginx)")
+    tool("nginx")
     out = tmp_path / "out"
     installed_ec1(run, served, certs, out)
     root = tempfile.mkdtemp(prefix="certgrab-confirm-")   # nginx's workers read here
