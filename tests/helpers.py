@@ -79,7 +79,7 @@ def tool(name):
 OK = 0             # success: verified and written, or up to date
 INTERNAL = 1       # a bug in certgrab outside any one source
 USAGE = 2          # usage error
-FETCH = 3          # cannot fetch (and --check's UNKNOWN)
+FETCH = 3          # cannot fetch
 VERIFY = 4         # verification failed
 WRITE = 5          # cannot write
 REFUSED = 6        # refused by a safety check
