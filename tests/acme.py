@@ -44,21 +44,20 @@ use it.
 import hashlib
 import json
 import os
-import shutil
 import signal
 import socket
 import ssl
 import subprocess
-import tempfile
 import time
 import urllib.request
 
 import pytest
 
 import daemons
-from daemons import HOST, NAME, free_ports, write_file
-from install_helpers import OUT_FILES
-from make_certs import ders_to_pem, pem_ders, read_ders
+from daemons import HOST, write_file
+from helpers import OUT_FILES
+from make_certs import NAME, ders_to_pem, openssl, pem_ders, read_ders
+from servers import free_ports
 
 CERTBOT = "/usr/bin/certbot"
 NGINX = "/usr/sbin/nginx"
@@ -114,16 +113,6 @@ TLS_SERVER = """\
         return 204;
     }}
 """
-
-
-def openssl(*args, **kw):
-    """Run the openssl command; its stdout (bytes), or RuntimeError with its stderr."""
-    proc = subprocess.run(["openssl"] + [str(a) for a in args], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, timeout=60, **kw)
-    if proc.returncode != 0:
-        raise RuntimeError("openssl %s failed:\n%s"
-                           % (" ".join(map(str, args)), proc.stderr.decode(errors="replace")))
-    return proc.stdout
 
 
 def new_key(path):
@@ -468,14 +457,8 @@ def read_text(path):
 def acme_root():
     """A work directory the nginx workers can read; at the end of the session nothing under
     ETC_PATHS has changed (certbot and nginx were kept to their own directories)."""
-    before = daemons.etc_state(ETC_PATHS)
-    root = tempfile.mkdtemp(prefix="certgrab-acme-")
-    os.chmod(root, 0o755)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-    after = daemons.etc_state(ETC_PATHS)
-    changed = sorted(set(before.items()) ^ set(after.items()))
-    assert not changed, "the ACME tests changed files under /etc: %s" % changed
+    with daemons.work_root("certgrab-acme-", ETC_PATHS, "the ACME tests") as root:
+        yield root
 
 
 @pytest.fixture(scope="session")
@@ -485,11 +468,7 @@ def pebble(acme_root):
     for program in (CERTBOT, NGINX):
         if not os.access(program, os.X_OK):
             pytest.skip("%s is not installed (Debian packages: certbot, nginx)" % program)
-    server = Pebble(acme_root)
-    try:
-        server.start()
-    except daemons.DaemonMissing as e:
-        pytest.skip(str(e))
+    server = daemons.start_or_skip(Pebble(acme_root))
     yield server
     server.stop()
 

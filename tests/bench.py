@@ -54,7 +54,6 @@ import queue
 import re
 import resource
 import socket
-import ssl
 import statistics
 import subprocess
 import sys
@@ -68,8 +67,7 @@ sys.path.insert(0, TESTS)
 
 import make_certs  # noqa: E402  (tests/ is put on sys.path just above)
 import servers  # noqa: E402
-
-NAME = "www.example.test"
+from make_certs import NAME, pem_ders  # noqa: E402
 CHAIN = "ec1"                 # one intermediate, like most public chains
 RUNS = 21                     # rounds for (a) and (b); each round runs every command once
 RTT_RUNS = 7                  # rounds for (c), where each proxied run takes 0.2-0.4 s
@@ -168,14 +166,6 @@ def measure(commands, runs):
             command.run()
 
 
-def pem_to_ders(text):
-    """The DER certificates of a PEM text, in order."""
-    text = text.decode() if isinstance(text, bytes) else text
-    begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
-    return [ssl.PEM_cert_to_DER_cert(block[block.index(begin):] + end + "\n")
-            for block in text.split(end) if begin in block]
-
-
 # ---------------------------------------------------------------- the delay proxy
 
 class DelayProxy(object):
@@ -271,13 +261,13 @@ def make_hashed_ca_dir(root_pem, directory):
 
 def check_outputs(certgrab, bare, served_pem):
     """Both programs must print exactly the served chain, or the timing compares nothing."""
-    with open(served_pem) as f:
-        served = pem_to_ders(f.read())
+    served = make_certs.read_ders(served_pem)
     for command in (certgrab, bare):
         _, out = command.run()
-        if pem_to_ders(out) != served:
+        printed = pem_ders(out.decode())
+        if printed != served:
             raise BenchError("%s did not print the served chain (%d certificates, expected %d)"
-                             % (command.label, len(pem_to_ders(out)), len(served)))
+                             % (command.label, len(printed), len(served)))
         command.clear()
 
 

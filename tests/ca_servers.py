@@ -18,6 +18,8 @@
     AriServer(certfile, keyfile)   an https ACME server written to RFC 9773: /directory names
                             /renewal-info, and renewal-info/<certID> answers from `answers`
                             (certID -> (status, body bytes, headers)); `paths` lists requests
+    window(start, end, ...)  such an answer: a suggested window (WINDOW_START to WINDOW_END)
+    cert_id(leaf_dir)       RFC 9773's certID of a leaf, computed by pyca/cryptography
     Acme2Certifier(workdir, ca, config)   the real acme2certifier (PyPI), its WSGI
                             application under wsgiref with TLS on a free loopback port, issuing
                             with the openssl CA handler from ca's intermediate;
@@ -28,7 +30,9 @@ Everything listens on 127.0.0.1, port 0 or a free port, and is stopped by stop()
 fixtures do it); waits are bounded.
 """
 
+import base64
 import http.server
+import json
 import os
 import shutil
 import socket
@@ -38,7 +42,11 @@ import sys
 import threading
 import time
 
+from cryptography import x509
+
+import make_certs
 import servers
+from make_certs import NAME
 
 HOST = "127.0.0.1"
 READY = 30.0  # seconds acme2certifier may take to start (it imports a lot)
@@ -97,13 +105,13 @@ crlDistributionPoints = ${{ENV::CRL_URL}}
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature
 extendedKeyUsage = serverAuth
-subjectAltName = DNS:www.example.test, IP:127.0.0.1
+subjectAltName = DNS:{name}, IP:127.0.0.1
 """
 KEYS = {"ec": ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
         "rsa": ["-newkey", "rsa:2048"]}
 
 
-LEAF_SANS = "DNS:www.example.test, IP:127.0.0.1"
+LEAF_SANS = "DNS:%s, IP:127.0.0.1" % NAME
 
 
 def openssl(*args, **env):
@@ -111,12 +119,7 @@ def openssl(*args, **env):
     reads)."""
     env.setdefault("CRL_URL", "URI:http://unused.example.test/")
     env.setdefault("SANS", LEAF_SANS)
-    proc = subprocess.run(["openssl"] + list(args), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=60,
-                          env=dict(os.environ, **env))
-    if proc.returncode != 0:
-        raise RuntimeError("openssl %s: %s" % (" ".join(args), proc.stderr.decode()))
-    return proc.stdout
+    return make_certs.openssl(*args, env=env)
 
 
 class CrlCA(object):
@@ -145,7 +148,7 @@ class CrlCA(object):
             with open(os.path.join(ca_dir, "crlnumber"), "w") as f:
                 f.write("01\n")
             with open(config, "w") as f:
-                f.write(CA_CONFIG.format(dir=ca_dir))
+                f.write(CA_CONFIG.format(dir=ca_dir, name=NAME))
         return config
 
     def _issue(self, ca_dir, cn, issuer, extensions, out_dir, key="ec", crl_url="",
@@ -230,7 +233,23 @@ class CrlCA(object):
         return self.crl(path, issuer=forger)
 
 
-class FileServer(object):
+class _HttpThread(object):
+    """An http.server (self.httpd, which the subclass makes) serving in a thread of its own."""
+
+    def start(self):
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={
+            "poll_interval": servers.POLL})
+        self.thread.daemon = True
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(servers.JOIN)
+
+
+class FileServer(_HttpThread):
     """http.server (HTTP/1.1) serving directory's files on loopback, in a thread."""
 
     def __init__(self, directory):
@@ -257,18 +276,6 @@ class FileServer(object):
 
     def url(self, path):
         return "http://%s:%d/%s" % (HOST, self.port, path.lstrip("/"))
-
-    def start(self):
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={
-            "poll_interval": servers.POLL})
-        self.thread.daemon = True
-        self.thread.start()
-        return self
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(servers.JOIN)
 
 
 class RawHttpServer(servers.ThreadedServer):
@@ -307,7 +314,28 @@ class RawHttpServer(servers.ThreadedServer):
                 conn.sendall(piece)
 
 
-class AriServer(object):
+WINDOW_START, WINDOW_END = "2026-01-02T04:00:00Z", "2099-01-03T04:00:00Z"
+
+
+def window(start=WINDOW_START, end=WINDOW_END, explanation=None, retry_after=None):
+    """An AriServer answer: (status, body, headers)."""
+    body = {"suggestedWindow": {"start": start, "end": end}}
+    if explanation:
+        body["explanationURL"] = explanation
+    return 200, json.dumps(body).encode(), {"Retry-After": retry_after} if retry_after else {}
+
+
+def cert_id(leaf_dir):
+    """RFC 9773's certID of the leaf in leaf_dir, computed by pyca/cryptography."""
+    with open(os.path.join(leaf_dir, "cert.pem"), "rb") as f:
+        cert = x509.load_pem_x509_certificate(f.read())
+    aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    serial = cert.serial_number.to_bytes(cert.serial_number.bit_length() // 8 + 1, "big")
+    return ".".join(base64.urlsafe_b64encode(part).decode().rstrip("=")
+                    for part in (aki.key_identifier, serial))
+
+
+class AriServer(_HttpThread):
     """An ACME server's ARI side, written to RFC 9773, over https on loopback."""
 
     def __init__(self, certfile, keyfile):
@@ -350,24 +378,6 @@ class AriServer(object):
         self.directory = self.base + "/directory"
         self.thread = None
 
-    def start(self):
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={
-            "poll_interval": servers.POLL})
-        self.thread.daemon = True
-        self.thread.start()
-        return self
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(servers.JOIN)
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
-
 
 A2C_CONFIG = """\
 [DEFAULT]
@@ -407,7 +417,8 @@ class Acme2Certifier(object):
             f.write(A2C_CONFIG.format(ca=ca.intermediate, dir=self.dir, root=ca.root_pem,
                                       renewal=renewal))
         self.api = ca.leaf("a2c-api-%s" % os.path.basename(self.dir))
-        self.port, self.proc, self.log = free_port(), None, os.path.join(self.dir, "server.log")
+        self.port, self.proc = servers.free_ports(1)[0], None
+        self.log = os.path.join(self.dir, "server.log")
         self.directory = "https://%s:%d/directory" % (HOST, self.port)
 
     def start(self):
@@ -446,15 +457,16 @@ class Acme2Certifier(object):
                 self.proc.kill()
                 self.proc.wait(servers.JOIN)
 
-    def issue(self, certbot_dir, name="www.example.test"):
+    def issue(self, certbot_dir, name=NAME):
         """certbot certonly NAME against this server (--standalone on a free port, which
         nothing connects to: challenge validation is off); certbot's live directory."""
         certbot_dir = str(certbot_dir)
         argv = [CERTBOT, "--config-dir", os.path.join(certbot_dir, "config"), "--work-dir",
                 os.path.join(certbot_dir, "work"), "--logs-dir", os.path.join(certbot_dir, "logs"),
                 "--non-interactive", "certonly", "--server", self.directory, "--agree-tos",
-                "-m", "admin@example.test", "--standalone", "--http-01-port", str(free_port()),
-                "--http-01-address", HOST, "-d", name]
+                "-m", "admin@example.test", "--standalone",
+                "--http-01-port", str(servers.free_ports(1)[0]), "--http-01-address", HOST,
+                "-d", name]
         proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL, timeout=CERTBOT_TIMEOUT,
                               universal_newlines=True,

@@ -7,17 +7,25 @@
     served       served(name, tls="1.3", kind="stdlib", host=..., file=None): a running server
                  for chain `name` (kind "stdlib" = TLSServer, "openssl" = OpenSSLServer)
     fuzz_cases   how many cases each fuzz test runs
+    ipv6         skips a test where there is no IPv6 loopback
+    python       the path of each python3.6 ... python3.13 in turn (python_minor: 6 ... 13);
+                 a test is skipped where one is not installed
+    syslog_socket  (directory, socket): a datagram socket that stands in for /dev/log in
+                 helpers.run_with_dev_log
     daemon_root  session: the work directory of the real daemons (daemons.py); at the end of
                  the session, the files the daemon packages own under /etc are unchanged
-                 (daemon_fixture(cls, chain) makes the fixture of one daemon)
+                 (daemon_fixture(cls, chain) makes the fixture of one daemon; postfix is one)
+
+The constants and plain helpers the test modules share (the exit codes, grab, assert_refused,
+error_lines ...) are in helpers.py; this file only holds fixtures and pytest's hooks.
 
 CI policy: with CI=true in the environment a skipped test fails the run, and the summary names
 every skipped test. Locally a skip is only reported (e.g. an interpreter that is not installed).
 """
 
-import collections
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -25,9 +33,7 @@ import time
 import pytest
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS)
-CERTGRAB = os.path.join(ROOT, "certgrab.py")
-for path in (ROOT, TESTS):
+for path in (os.path.dirname(TESTS), TESTS):     # certgrab.py, and the modules of tests/
     if path not in sys.path:
         sys.path.insert(0, path)
 
@@ -35,13 +41,10 @@ import daemons  # noqa: E402  (needs the path above)
 import daemons_mail  # noqa: E402
 import make_certs  # noqa: E402
 import servers  # noqa: E402
+from helpers import CERTGRAB, IN_CI, MINORS, UNSHARE, Result, interpreter  # noqa: E402
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
 FUZZ_CASES_LOCAL = 300  # per fuzz test; a few seconds in all
 FUZZ_CASES_CI = 5000  # per fuzz test in CI: thousands, as the issue asks
-FETCH = 3  # exit code: cannot fetch
-
-Result = collections.namedtuple("Result", "rc out err elapsed")
 
 
 def pytest_configure(config):
@@ -168,20 +171,43 @@ def ipv6():
         pytest.skip("no IPv6 loopback (::1) on this machine")
 
 
+@pytest.fixture(params=list(MINORS), ids=lambda minor: "py3.%d" % minor)
+def python_minor(request):
+    """Each Python 3 certgrab supports, by its minor version: 6 ... 13."""
+    return request.param
+
+
+@pytest.fixture
+def python(python_minor):
+    """The path of python3.<python_minor>; the test is skipped where it is not installed."""
+    return interpreter(python_minor)
+
+
+@pytest.fixture
+def syslog_socket():
+    """(directory, socket): a UNIX datagram socket at DIR/log, and DIR/null bound to
+    /dev/null inside the namespace, so that DIR can stand in for /dev."""
+    if os.geteuid() != 0 or UNSHARE is None:
+        pytest.skip("needs root and unshare(1) for a mount namespace with its own /dev/log")
+    directory = tempfile.mkdtemp(prefix="certgrab-syslog-")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(os.path.join(directory, "log"))
+    os.chmod(os.path.join(directory, "log"), 0o666)
+    open(os.path.join(directory, "null"), "w").close()
+    sock.settimeout(5)
+    yield directory, sock
+    sock.close()
+    shutil.rmtree(directory)
+
+
 # Real daemons, for the STARTTLS test modules (see daemons.py) --------------------------------
 
 @pytest.fixture(scope="session")
 def daemon_root():
     """A work directory the daemons' unprivileged users can reach (pytest's tmp is 0700);
     at the end, /etc must be exactly as it was before any daemon started."""
-    before = daemons.etc_state(daemons.ETC_PATHS)
-    root = tempfile.mkdtemp(prefix="certgrab-daemons-")
-    os.chmod(root, 0o755)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-    after = daemons.etc_state(daemons.ETC_PATHS)
-    changed = sorted(set(before.items()) ^ set(after.items()))
-    assert not changed, "the daemon tests changed files under /etc: %s" % changed
+    with daemons.work_root("certgrab-daemons-", daemons.ETC_PATHS, "the daemon tests") as root:
+        yield root
 
 
 def daemon_fixture(cls, chain):
@@ -191,11 +217,7 @@ def daemon_fixture(cls, chain):
 
     @pytest.fixture(scope="session", name=cls.name)
     def daemon(daemon_root, certs):
-        running = cls(daemon_root, certs / chain)
-        try:
-            running.start()
-        except daemons.DaemonMissing as e:
-            pytest.skip(str(e))
+        running = daemons.start_or_skip(cls(daemon_root, certs / chain))
         yield running
         running.stop()
 
@@ -205,60 +227,3 @@ def daemon_fixture(cls, chain):
 # The real postfix, shared by the modules that use it (test_starttls_mail, test_config): one
 # session fixture, so that it starts once in daemon_root.
 postfix = daemon_fixture(daemons_mail.Postfix, "rsa2")
-
-
-# Helpers for assertions, imported by the test modules ---------------------------------------
-
-def error_lines(err):
-    """The stderr lines that are neither hints nor warnings."""
-    return [line for line in err.splitlines()
-            if not line.startswith(("certgrab: hint:", "certgrab: warning:"))]
-
-
-def assert_one_error(result, allow_usage=False):
-    """stderr holds exactly one `certgrab: ...` error line, plus optional `certgrab: hint:`
-    and `certgrab: warning:` lines (and, for usage errors from argparse, its `usage:` lines);
-    no traceback."""
-    assert "Traceback" not in result.err, result.err
-    lines = [l for l in error_lines(result.err) if l.strip()]
-    if allow_usage:
-        lines = [l for l in lines if l.startswith("certgrab")]
-    assert len(lines) == 1, "want one error line, got:\n" + result.err
-    assert lines[0].startswith("certgrab: "), result.err
-
-
-# Helpers for the tests against real daemons -------------------------------------------------
-
-def grab(run, daemon, port, *extra, name=daemons.NAME):
-    """certgrab 127.0.0.1:<daemon's port> -n NAME --cafile <its root> EXTRA..."""
-    return run("%s:%d" % (daemons.HOST, daemon.ports[port]), "-n", name,
-               "--cafile", os.path.join(daemon.chain, "root.pem"), *extra)
-
-
-def served_chain(daemon):
-    """The chain the daemon was given, as DER: what certgrab must print."""
-    return make_certs.read_ders(os.path.join(daemon.chain, "fullchain.pem"))
-
-
-def explain(daemon, result):
-    """certgrab's stderr and the end of the daemon's logs, for assertion messages."""
-    log = daemon.log_text().splitlines()[-40:]
-    return "certgrab rc=%s stderr:\n%s\n%s log:\n%s" % (result.rc, result.err, daemon.name,
-                                                        "\n".join(log))
-
-
-def assert_prints_served_chain(daemon, result):
-    """certgrab succeeded, printed exactly the chain the daemon serves, and no error."""
-    assert result.rc == 0, explain(daemon, result)
-    assert make_certs.pem_ders(result.out) == served_chain(daemon)
-    assert error_lines(result.err) == [], result.err
-
-
-def failed_fetch_line(daemon, result, within):
-    """The error line of a fetch that failed as it should: exit 3, one error line, nothing on
-    stdout, and less than `within` seconds."""
-    assert result.rc == FETCH, explain(daemon, result)
-    assert_one_error(result)
-    assert result.out == ""
-    assert result.elapsed < within
-    return error_lines(result.err)[0]

@@ -18,16 +18,22 @@ launch(); everything else is here:
                      process outlives the test session
 
 Every file a daemon writes lives under its work directory, <root>/<name>. etc_state(ETC_PATHS)
-snapshots the files the packages own under /etc, to prove the tests left them alone.
+snapshots the files the packages own under /etc, to prove the tests left them alone;
+work_root(prefix, paths, what) is such a root, checked so at its end. start_or_skip(daemon)
+starts a daemon, or skips the test with DaemonMissing's reason.
 """
 
+import contextlib
 import os
 import pwd
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+
+import pytest
 
 READY = 20.0  # seconds; the longest a daemon may take to listen on all its ports
 SETUP = 60.0  # seconds; the longest a setup command (initdb, mariadb-install-db) may take
@@ -36,7 +42,6 @@ PROBE = 0.2  # seconds; one connection attempt while waiting for a port
 POLL = 0.05  # seconds; how often stop() looks whether a process group is gone
 LOG_TAIL = 60  # lines of each log shown when a daemon fails
 HOST = "127.0.0.1"
-NAME = "www.example.test"  # the TLS virtual host / server name the leaf certificates carry
 
 # /etc paths the daemon packages own: the tests must leave them exactly as they found them.
 ETC_PATHS = ["/etc/postfix", "/etc/dovecot", "/etc/news", "/etc/vsftpd.conf",
@@ -52,18 +57,29 @@ class DaemonFailed(Exception):
     """The daemon was there but did not come up; the message carries its logs."""
 
 
-def free_ports(count):
-    """count distinct free TCP ports on HOST (bound together, then released)."""
-    sockets = []
+def start_or_skip(daemon):
+    """daemon.start() (a Daemon, or anything raising DaemonMissing), or the test is
+    skipped with the reason it cannot run here. Returns daemon."""
     try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind((HOST, 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+        daemon.start()
+    except DaemonMissing as e:
+        pytest.skip(str(e))
+    return daemon
+
+
+@contextlib.contextmanager
+def work_root(prefix, etc_paths, what):
+    """A work directory their unprivileged users can reach (pytest's tmp is 0700), removed
+    at the end; then the files under etc_paths must be exactly as they were before (what:
+    who would have changed them, for the message)."""
+    before = etc_state(etc_paths)
+    root = tempfile.mkdtemp(prefix=prefix)
+    os.chmod(root, 0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+    after = etc_state(etc_paths)
+    changed = sorted(set(before.items()) ^ set(after.items()))
+    assert not changed, "%s changed files under /etc: %s" % (what, changed)
 
 
 def etc_state(paths):

@@ -28,7 +28,8 @@ import os
 import shutil
 import subprocess
 
-from daemons import HOST, STOP, Daemon, free_ports, write_file
+from daemons import HOST, STOP, Daemon, write_file
+from servers import free_ports
 
 # Postfix ----------------------------------------------------------------------------------
 

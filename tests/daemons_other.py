@@ -35,7 +35,9 @@ import glob
 import os
 import shutil
 
-from daemons import HOST, NAME, Daemon, free_ports, write_file
+from daemons import HOST, Daemon, write_file
+from make_certs import NAME
+from servers import free_ports
 
 NOTLS_NAME = "notls.example.test"  # Prosody's virtual host without TLS
 

@@ -31,7 +31,8 @@ extendedKeyUsage serverAuth, so that OpenSSL's own verification passes. Roots en
 which forces GeneralizedTime encoding; leaves end in 2049 (UTCTime): the DER reader sees both.
 All dates are fixed, so two runs differ only in keys and serial numbers.
 
-Helpers for the tests, independent of certgrab's own PEM code:
+NAME is the server name (www.example.test) every test passes with -n; DAY and HOUR are
+seconds. Helpers for the tests, independent of certgrab's own PEM code:
     pem_ders(text) -> [DER]     read_ders(path) -> [DER]     ders_to_pem([DER]) -> text
 
 Chains dated from today, for expiry checks (made at test time, not by generate()):
@@ -62,7 +63,10 @@ import tempfile
 import threading
 import time
 
-NAMES = "DNS:www.example.test,DNS:example.test,IP:127.0.0.1,IP:::1"
+HOUR = 3600  # seconds
+DAY = 24 * HOUR  # seconds
+NAME = "www.example.test"  # the server name the normal leaves carry: the tests' -n NAME
+NAMES = "DNS:%s,DNS:example.test,IP:127.0.0.1,IP:::1" % NAME
 
 # (chain, root, number of intermediates, key type, SAN, leaf startdate, leaf enddate)
 CHAINS = [
@@ -169,12 +173,15 @@ def ders_to_pem(ders):
     return "".join(out)
 
 
-def _openssl(args, env=None):
-    """Run one openssl command; raise with its stderr when it fails."""
+def openssl(*args, env=None, input=None):
+    """Run one openssl command (env: variables added to ours; input: bytes for its stdin);
+    its stdout (bytes), or RuntimeError with its stderr when it fails."""
+    args = [str(a) for a in args]
     run_env = dict(os.environ)
     run_env.update(env or {})
+    stdin = {"input": input} if input is not None else {"stdin": subprocess.DEVNULL}
     proc = subprocess.run(["openssl"] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          stdin=subprocess.DEVNULL, env=run_env, timeout=60)
+                          env=run_env, timeout=60, **stdin)
     if proc.returncode != 0:
         raise RuntimeError("openssl %s failed:\n%s" % (" ".join(args),
                                                        proc.stderr.decode(errors="replace")))
@@ -211,7 +218,7 @@ def _request(work, cn, keytype, keyfile=None):
     else:
         keyfile = work.tmp(".key")
         args += KEY_OPTIONS[keytype] + ["-nodes", "-keyout", keyfile]
-    _openssl(args)
+    openssl(*args)
     return csr, keyfile
 
 
@@ -226,7 +233,7 @@ def _sign(work, csr, extensions, dates, issuer=None, san="", extfile=None):
         args += ["-selfsign", "-keyfile", work.selfsign_key]
     else:
         args += ["-cert", issuer[0], "-keyfile", issuer[1]]
-    _openssl(args, env={"SAN": san or "DNS:unused.example.test"})
+    openssl(*args, env={"SAN": san or "DNS:unused.example.test"})
     with open(out) as f:
         return f.read()
 
@@ -322,8 +329,7 @@ def generate(outdir):
 
 # ---------------------------------------------------------------- chains dated from today
 
-DAY = 86400  # seconds
-DATED_SLACK = 3600  # seconds added to each end date, so "expires in N days" still says N
+DATED_SLACK = HOUR  # seconds added to each end date, so "expires in N days" still says N
 
 
 def subject_arg(pairs):
@@ -335,8 +341,8 @@ def subject_arg(pairs):
 def _request_subject(work, pairs, keytype):
     """A CSR with a new key for a subject of any characters (UTF-8); (csr, key) paths."""
     csr, key = work.tmp(".csr"), work.tmp(".key")
-    _openssl(["req", "-new", "-utf8", "-config", work.config, "-subj", subject_arg(pairs),
-              "-out", csr] + KEY_OPTIONS[keytype] + ["-nodes", "-keyout", key])
+    openssl("req", "-new", "-utf8", "-config", work.config, "-subj", subject_arg(pairs),
+            "-out", csr, *KEY_OPTIONS[keytype], "-nodes", "-keyout", key)
     return csr, key
 
 
@@ -397,7 +403,7 @@ LOOKALIKE_DATES = {"rsa": INTERMEDIATE_DATES, "expired": ("20200101000000Z", "20
 def _certificate_field(pem_path, *args):
     """What `openssl x509 -noout ARGS` prints about a certificate, after its first line
     (for -ext) or after "subject=" (for -subject)."""
-    text = _openssl(["x509", "-in", str(pem_path), "-noout"] + list(args)).decode()
+    text = openssl("x509", "-in", pem_path, "-noout", *args).decode()
     return text.split("=", 1)[1].strip() if args[0] == "-subject" else \
         text.splitlines()[1].strip()
 

@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-DAY = 86400  # seconds
+from make_certs import DAY
+
 CA_YEARS = 5 * 365 * DAY  # seconds either side of now that the root and intermediate cover
 CERTBOT_SHORT = 10 * DAY  # seconds; certbot 4 renews at half left under this lifetime, else a third
 

@@ -23,6 +23,7 @@ socket. Nothing here can outlive a test: waits are bounded and threads are daemo
     DripProxy(port)         forwards to a real server, but sends its replies one byte every
                             `interval` seconds (0.3 by default)
     closed_port()           a port where connections are refused (bound, never listening)
+    free_ports(count)       ports no one listens on, for servers that need a port number
 
 Needs Python 3.7+ (ssl.TLSVersion, sni_callback) in the process running pytest; certgrab
 itself is run under older Pythons as a subprocess (test_matrix.py).
@@ -450,6 +451,21 @@ def closed_port(host="127.0.0.1"):
         sock.close()
 
 
+def free_ports(count, host="127.0.0.1"):
+    """count distinct free TCP ports on host (bound together, then released), for servers
+    that pick no port of their own (daemons, nginx, node_exporter)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(_family(host), socket.SOCK_STREAM)
+            s.bind((host, 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def ipv6_available():
     """True when ::1 can be bound (some containers have no IPv6 loopback)."""
     if not socket.has_ipv6:
@@ -471,5 +487,5 @@ def openssl_available():
 
 
 __all__ = ["TLSServer", "OpenSSLServer", "SilentServer", "GarbageServer", "HTTPServer",
-           "CloseServer", "AlertServer", "DripProxy", "closed_port", "ipv6_available",
+           "CloseServer", "AlertServer", "DripProxy", "closed_port", "free_ports", "ipv6_available",
            "openssl_available", "ThreadedServer"]

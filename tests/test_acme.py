@@ -25,19 +25,18 @@ import pytest
 
 pytest.register_assert_rewrite("acme")  # before the import: acme is also a plugin (below)
 import acme  # noqa: E402
-from install_helpers import (OUT_FILES, assert_refused, assert_verifies,  # noqa: E402
-                             entries, files_ders, message_lines, snapshot, temp_files)
-from make_certs import read_ders  # noqa: E402
+from helpers import (CRITICAL, OK, OUT_FILES, REFUSED, assert_refused,  # noqa: E402
+                     assert_verifies, entries, error_lines, files_ders, serial_hex, snapshot,
+                     temp_files)
+from make_certs import NAME, read_ders  # noqa: E402
 
 pytest_plugins = ["acme"]
 
 FOLLOWERS = 3
-REFUSED = 6  # exit code: refused by a safety check (here: the leaf is not for our key)
 WITH_KEY = sorted(OUT_FILES + ["privkey.pem"])  # what --out-dir --privkey holds
 REUSE_KEY_HINT = ("certgrab: hint: the renewing machine likely made a new key: renew there "
                   "with --reuse-key (certbot, lego), or copy its new key here and add it as "
                   "another --key-path (README: key rollover)")
-OK, CRITICAL = 0, 2  # --check exit codes
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +63,9 @@ def sync_all(run, leader, pebble, followers):
         assert result.rc == 0, (follower.dir, result.err)
 
 
-def serial_hex(serial):
-    """A serial as certgrab prints it: hex, an even number of digits."""
-    text = "%x" % serial
-    return "0" * (len(text) % 2) + text
-
-
 def check_same(run, leader, pebble, follower_nginx):
     return run("--check", "--same", leader.address, *follower_nginx.addresses(),
-               "-n", acme.NAME, "--cafile", pebble.root_pem)
+               "-n", NAME, "--cafile", pebble.root_pem)
 
 
 def assert_converged(run, leader, pebble, followers, follower_nginx):
@@ -82,7 +75,7 @@ def assert_converged(run, leader, pebble, followers, follower_nginx):
     converged = check_same(run, leader, pebble, follower_nginx)
     assert converged.rc == OK, converged.out + converged.err
     for follower in followers:
-        result = run(leader.address, "-n", acme.NAME, "--cafile", pebble.root_pem,
+        result = run(leader.address, "-n", NAME, "--cafile", pebble.root_pem,
                      "--check", "--expect-file", follower.file("fullchain.pem"))
         assert result.rc == OK, result.out + result.err
         assert result.out.startswith("CERTGRAB OK"), result.out
@@ -155,13 +148,13 @@ def test_renewal_with_a_new_key_is_refused_by_followers(run, leader, pebble, fol
         line = assert_refused(result, REFUSED)
         assert line.startswith("certgrab: %s: refused the leaf serial %s issued " % (
             leader.address, serial_hex(new["serial"]))), line
-        assert message_lines(result.err) + [REUSE_KEY_HINT] == result.err.splitlines()
+        assert error_lines(result.err) + [REUSE_KEY_HINT] == result.err.splitlines()
         assert snapshot(follower.out) == before, "the files are unchanged"
         assert follower.hook_runs() == runs, "no hook"
     result = check_same(run, leader, pebble, follower_nginx)
     assert result.rc == CRITICAL, result.out
     for follower in followers:
-        result = run(leader.address, "-n", acme.NAME, "--cafile", pebble.root_pem,
+        result = run(leader.address, "-n", NAME, "--cafile", pebble.root_pem,
                      "--check", "--expect-file", follower.file("fullchain.pem"))
         assert result.rc == CRITICAL, result.out + result.err
 
@@ -187,17 +180,17 @@ def test_a_certbot_lineage_as_the_output_keeps_its_links(run, leader, pebble, tm
     get the new certificate, the links stay, and certbot itself reads the lineage."""
     config = str(tmp_path / "config")
     shutil.copytree(leader.certbot.dir("config"), config, symlinks=True)
-    renewal = os.path.join(config, "renewal", acme.NAME + ".conf")
+    renewal = os.path.join(config, "renewal", NAME + ".conf")
     acme.write_file(renewal, acme.read_text(renewal).replace(leader.certbot.dir("config"),
                                                               config))
-    live, archive = (os.path.join(config, part, acme.NAME) for part in ("live", "archive"))
+    live, archive = (os.path.join(config, part, NAME) for part in ("live", "archive"))
     links = dict((name, os.readlink(os.path.join(live, name)))
                  for name in OUT_FILES + ["privkey.pem"])
     archived = sorted(os.listdir(archive))
     leader.renew("--reuse-key")
     new = acme.pem_fields(leader.certbot.live("cert.pem"))
 
-    result = run(leader.address, "-n", acme.NAME, "--cafile", pebble.root_pem, "--out-dir", live,
+    result = run(leader.address, "-n", NAME, "--cafile", pebble.root_pem, "--out-dir", live,
                  "--key-path", os.path.join(live, "privkey.pem"), "--privkey")
     assert result.rc == 0, result.err
     assert files_ders(live) == leader.files()

@@ -24,14 +24,13 @@ import pytest
 
 pytest.register_assert_rewrite("acme")  # before the import: acme is also a plugin (below)
 import acme  # noqa: E402
-from install_helpers import (OUT_FILES, assert_verifies, entries, snapshot,  # noqa: E402
-                             temp_files)
+from helpers import (OUT_FILES, REFUSED, assert_verifies, entries, snapshot,  # noqa: E402
+                     temp_files)
 from make_certs import read_ders  # noqa: E402
 
 pytest_plugins = ["acme"]
 
 FOLLOWERS = 3
-REFUSED = 6  # exit code: refused by a safety check
 WITH_KEY = sorted(OUT_FILES + ["privkey.pem"])
 
 

@@ -10,38 +10,18 @@
        and CRITICAL from one configured so that the window has passed
 """
 
-import base64
 import json
 import os
-import subprocess
 import time
 
 import pytest
 from cryptography import x509
 
-from ca_servers import Acme2Certifier, AriServer, CrlCA
+from ca_servers import (WINDOW_END, WINDOW_START, Acme2Certifier, AriServer, CrlCA, cert_id,
+                        window)
+from helpers import assert_only_certgrabs_perfdata, assert_promtool_accepts, grab
+from make_certs import NAME
 from servers import TLSServer, closed_port
-
-NAME = "www.example.test"
-START, END = "2026-01-02T04:00:00Z", "2099-01-03T04:00:00Z"
-
-
-def window(start=START, end=END, explanation=None, retry_after=None):
-    """An AriServer answer: (status, body, headers)."""
-    body = {"suggestedWindow": {"start": start, "end": end}}
-    if explanation:
-        body["explanationURL"] = explanation
-    return 200, json.dumps(body).encode(), {"Retry-After": retry_after} if retry_after else {}
-
-
-def cert_id(leaf_dir):
-    """RFC 9773's certID of the leaf in leaf_dir, computed by pyca/cryptography."""
-    with open(os.path.join(leaf_dir, "cert.pem"), "rb") as f:
-        cert = x509.load_pem_x509_certificate(f.read())
-    aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
-    serial = cert.serial_number.to_bytes(cert.serial_number.bit_length() // 8 + 1, "big")
-    return ".".join(base64.urlsafe_b64encode(part).decode().rstrip("=")
-                    for part in (aki.key_identifier, serial))
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +46,7 @@ def source(leaf, started):
 
 
 def ask(run, source, leaf, directory, *extra):
-    return run(source.address, "-n", NAME, "--cafile", os.path.join(leaf, "root.pem"),
-               "--acme-directory", directory, *extra)
+    return grab(run, source, leaf, "--acme-directory", directory, *extra)
 
 
 def renewal(run, source, leaf, directory, *extra):
@@ -91,41 +70,37 @@ def test_serial_octets_are_der_content_octets(certgrab, serial, octets):
 
 def test_cert_id_of_a_real_leaf_is_pycas(run, ari, source, leaf):
     ari.answers[cert_id(leaf)] = window()
-    assert renewal(run, source, leaf, ari.directory)["start"] == START
+    assert renewal(run, source, leaf, ari.directory)["start"] == WINDOW_START
     assert ari.paths == ["/directory", "/renewal-info/" + cert_id(leaf)]
 
 
 # ---------------------------------------------------------------- 2. an RFC 9773 server
 
 def test_the_window_in_every_report(run, ari, source, leaf, tmp_path):
-    from test_prometheus import tool
     ari.answers[cert_id(leaf)] = window(explanation="https://acme.example.test/why")
     assert renewal(run, source, leaf, ari.directory) == {
-        "start": START, "end": END, "explanation_url": "https://acme.example.test/why",
-        "cause": None, "detail": None}
+        "start": WINDOW_START, "end": WINDOW_END,
+        "explanation_url": "https://acme.example.test/why", "cause": None, "detail": None}
     text = ask(run, source, leaf, ari.directory, "--text").out
     assert "  renewal:      the CA suggests renewing between %s and %s; see " \
-           "https://acme.example.test/why" % (START, END) in text
+           "https://acme.example.test/why" % (WINDOW_START, WINDOW_END) in text
     prom = tmp_path / "ari.prom"
     check = ask(run, source, leaf, ari.directory, "--check", "--prometheus", prom)
     assert check.rc == 0 and check.out.startswith("CERTGRAB OK"), check.out
-    assert "renewal window %s to %s" % (START, END) in check.out
+    assert "renewal window %s to %s" % (WINDOW_START, WINDOW_END) in check.out
     metrics = prom.read_text()
-    for name, stamp in (("start", START), ("end", END)):
+    for name, stamp in (("start", WINDOW_START), ("end", WINDOW_END)):
         line = [l for l in metrics.splitlines()
                 if l.startswith("certgrab_ari_window_%s_timestamp_seconds{" % name)]
         assert len(line) == 1
         assert time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(line[0].split()[-1]))) \
             == stamp
-    proc = subprocess.run([tool("promtool"), "check", "metrics"], input=metrics.encode(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert proc.returncode == 0, proc.stdout.decode()
+    assert_promtool_accepts(metrics)
 
 
 def test_a_passed_window_is_critical(run, ari, source, leaf, tmp_path):
     """CRITICAL, with the CA's explanation URL: untrusted text, escaped ("|" never reaches
     --check's output but as certgrab's own perfdata separator)."""
-    from test_containment import assert_only_certgrabs_perfdata
     ari.answers[cert_id(leaf)] = window(start="2026-01-01T00:00:00Z", end="2026-01-02T00:00:00Z",
                                         explanation="https://x.test/why|'expires_in x'=1s")
     check = ask(run, source, leaf, ari.directory, "--check")
@@ -140,8 +115,8 @@ def test_a_passed_window_is_critical(run, ari, source, leaf, tmp_path):
 
 
 @pytest.mark.parametrize("answer,cause,words", [
-    (window(start=END, end=START), "bad-window", "is not after its start"),
-    (window(start=START, end=START), "bad-window", "is not after its start"),
+    (window(start=WINDOW_END, end=WINDOW_START), "bad-window", "is not after its start"),
+    (window(start=WINDOW_START, end=WINDOW_START), "bad-window", "is not after its start"),
     ((200, b'{"suggestedWindow": {"start": "yesterday", "end": "2099-01-01T00:00:00Z"}}', {}),
      "bad-answer", "not an RFC 3339 date-time"),
     ((200, b'{"suggestedWindow": ', {}), "bad-answer", "malformed JSON"),
@@ -192,9 +167,9 @@ def test_retry_after_is_kept_in_the_cache_dir(run, ari, source, leaf, tmp_path):
     ari.answers[cert_id(leaf)] = window(retry_after="3600")
     for _ in range(3):
         assert renewal(run, source, leaf, ari.directory, "--cache-dir",
-                       tmp_path / "cache")["start"] == START
+                       tmp_path / "cache")["start"] == WINDOW_START
     assert ari.paths == ["/directory", "/renewal-info/" + cert_id(leaf)]
-    assert renewal(run, source, leaf, ari.directory)["start"] == START   # no cache: asked
+    assert renewal(run, source, leaf, ari.directory)["start"] == WINDOW_START   # no cache: asked
     assert len(ari.paths) == 4
 
 

@@ -8,22 +8,13 @@ the window.
 
 import json
 import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 
-from ca_servers import AriServer, CrlCA, FileServer
-from conftest import CERTGRAB
+from ca_servers import AriServer, CrlCA, FileServer, cert_id, window
+from helpers import REFUSED, SYSTEMS, certgrab_run, interpreter, minimal_host
+from make_certs import NAME
 from servers import TLSServer
-from test_ari import cert_id, window
-from test_matrix import INTERPRETERS
-from test_minimal_hosts import CHROOT, CHROOT_ENV, ROOTS, SYSTEMS, TIMEOUT
-
-NAME = "www.example.test"
-REFUSED = 6
 
 pytestmark = pytest.mark.slow
 
@@ -95,15 +86,10 @@ def check_runs(certgrab, world, root_pem, out_dir, other_root_pem):
 
 @pytest.mark.parametrize("minor", [6, 9, 13], ids=lambda minor: "py3.%d" % minor)
 def test_pythons(world, minor, tmp_path):
-    python = INTERPRETERS.get(minor)
-    if python is None:
-        pytest.skip("python3.%d not found" % minor)
+    python = interpreter(minor)
 
     def certgrab(*args):
-        proc = subprocess.run([python, CERTGRAB] + [str(a) for a in args],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              stdin=subprocess.DEVNULL, timeout=TIMEOUT)
-        return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+        return certgrab_run(python, *args)
 
     check_runs(certgrab, world, world.ca.root_pem, tmp_path / "out", world.other.root_pem)
     assert not (tmp_path / "out").exists() or not os.listdir(str(tmp_path / "out"))
@@ -111,28 +97,14 @@ def test_pythons(world, minor, tmp_path):
 
 @pytest.mark.parametrize("suite", [s[0] for s in SYSTEMS], ids=[s[1] for s in SYSTEMS])
 def test_minimal_hosts(world, suite):
-    root = ROOTS / suite
-    if not (root / ".certgrab-complete").is_file():
-        pytest.skip("no %s root in %s: run `make roots`" % (suite, ROOTS))
-    if os.geteuid() != 0:
-        pytest.skip("chroot needs root")
-    scratch = Path(tempfile.mkdtemp(prefix="certgrab-ca-", dir=str(root / "tmp")))
-    try:
-        os.chmod(str(scratch), 0o755)
-        shutil.copy(CERTGRAB, str(scratch / "certgrab.py"))
-        shutil.copy(world.ca.root_pem, str(scratch / "root.pem"))
-        shutil.copy(world.other.root_pem, str(scratch / "root2.pem"))
-        inside = "/" + str(scratch.relative_to(root))
+    files = [(world.ca.root_pem, "root.pem"), (world.other.root_pem, "root2.pem")]
+    with minimal_host(suite, files, prefix="certgrab-ca-") as host:
+        inside = host.inside(host.scratch)
 
         def certgrab(*args):
             args = [inside + "/out" if str(a) == "OUT" else a for a in args]
-            proc = subprocess.run([CHROOT, str(root), "python3", inside + "/certgrab.py"]
-                                  + [str(a) for a in args], env=CHROOT_ENV,
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, timeout=TIMEOUT)
-            return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+            proc = host.certgrab(*args)
+            return proc.returncode, proc.stdout, proc.stderr
 
         check_runs(certgrab, world, inside + "/root.pem", "OUT", inside + "/root2.pem")
-        assert not (scratch / "out").exists() or not os.listdir(str(scratch / "out"))
-    finally:
-        shutil.rmtree(str(scratch))
+        assert not (host.scratch / "out").exists() or not os.listdir(str(host.scratch / "out"))

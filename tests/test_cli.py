@@ -1,31 +1,55 @@
-"""The command line itself: --version, --help, usage errors (exit 2), main's contract."""
+"""The command line itself: --version, --help, usage errors (exit 2), main's contract, and
+every exit code the docstring documents, each from a real run."""
 
 import re
+import shlex
 import subprocess
 import sys
+import types
 
 import pytest
 
-from conftest import CERTGRAB, assert_one_error
-
-OPTIONS = ["--servername", "-n", "--port", "-p", "--timeout", "-4", "-6", "--ipv4", "--ipv6",
-           "--cafile",
-           "--capath", "--insecure", "--out-dir", "--cert-path", "--chain-path",
-           "--fullchain-path", "--verified-chain", "--quiet", "-q", "--verbose", "-v",
-           "--version"]
-EXIT_CODES = {
-    "0": r"success|ok",
-    "2": r"usage",
-    "3": r"connect|fetch|tls|timed? ?out",
-    "4": r"verif",
-    "5": r"writ",
-}
+from helpers import (CERTGRAB, FETCH, HOOK_PENDING, INTERNAL, OK, REFUSED, USAGE, VERIFY, WRITE,
+                     assert_one_error, docstring_exit_codes, grab)
+from make_certs import NAME
+from servers import closed_port
 
 
 def help_text(run):
     result = run("--help")
     assert result.rc == 0, result.err
     return result.out
+
+
+def option_spellings(certgrab):
+    """Every flag of certgrab's option table, short and long."""
+    return sorted(flag for _, options in certgrab.OPTIONS for flags, _, _ in options
+                  for flag in flags)
+
+
+def help_spellings(text):
+    """The flags --help lists as options: the left column of its option lines
+    ("  -n NAME, --servername NAME"), not the flags its help texts mention."""
+    found = []
+    for line in text.splitlines():
+        column = re.match(r"^  (-\S.*?)(?:  |$)", line)
+        if column:
+            found += [item.split()[0] for item in column.group(1).split(", ")]
+    return sorted(found)
+
+
+def parsed(certgrab, *argv):
+    """The Settings certgrab would run with, for argv (no network: validation only)."""
+    parser = certgrab.build_parser()
+    args, sources = certgrab.parse_command_line(parser, list(argv))
+    return certgrab.validate_settings(args, sources, certgrab.Reporter())
+
+
+def examples(certgrab):
+    """The command lines of the EXAMPLES block of --help (its first line is the title)."""
+    lines = certgrab.EXAMPLES.splitlines()
+    assert lines[0] == "examples:", lines[0]
+    return [line.strip() for line in lines[1:]]
 
 
 def test_version(run, certgrab):
@@ -35,25 +59,136 @@ def test_version(run, certgrab):
     assert re.match(r"\d+\.\d+", certgrab.__version__)
 
 
-def test_help_lists_every_option(run):
+def test_help_lists_every_option(run, certgrab):
+    """Every spelling of every option (55 and more), short and long, has its line in --help,
+    and --help lists no option the table lacks."""
+    spellings = option_spellings(certgrab)
+    assert len(spellings) > 50 and "--servername" in spellings and "-n" in spellings
+    assert help_spellings(help_text(run)) == spellings
+
+
+def test_help_spellings_finds_a_missing_and_an_extra_option():
+    """The check above reads the option column, not the help texts that name options."""
+    text = ("  -n NAME, --servername NAME\n                        SNI, see --port\n"
+            "  --port PORT  port (default 443); also -p\n  -4, --ipv4            IPv4 only\n")
+    assert help_spellings(text) == ["--ipv4", "--port", "--servername", "-4", "-n"]
+
+
+def test_help_has_examples_that_certgrab_parses(run, certgrab):
+    """Each line of the EXAMPLES block is in --help as written, and is a command line that
+    certgrab's own parser accepts (the shell's "> FILE" aside): an option renamed without
+    its example fails here. A --config example is parsed; its file is not read."""
+    text, lines = help_text(run), examples(certgrab)
+    assert len(lines) >= 3, lines
+    assert "\nexamples:\n" in text
+    for line in lines:
+        assert "\n  %s\n" % line in text, line
+        words = shlex.split(line)
+        assert words[0] == "certgrab.py", line
+        argv = words[1:words.index(">")] if ">" in words else words[1:]
+        try:
+            args, sources = certgrab.parse_command_line(certgrab.build_parser(), argv)
+            if args.config is None:
+                parsed(certgrab, *argv)
+        except certgrab.UsageError as e:
+            pytest.fail("the example %r is not a valid command line: %s" % (line, e))
+        if args.config is not None:
+            assert sources == [] and args.config == argv[argv.index("--config") + 1], line
+
+
+# Every exit code the docstring documents, each from a real run -------------------------------
+
+def succeeds(fx):
+    """The chain verified and installed (quietly: nothing on stderr)."""
+    return grab(fx.run, fx.served("ec1"), fx.certs / "ec1", "--out-dir", fx.tmp_path / "out",
+                "-q")
+
+
+def meets_a_bug(fx):
+    """A bug outside any one source: injected into the install step (the only mock: a
+    real bug cannot be ordered)."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected bug")
+    fx.monkeypatch.setattr(fx.certgrab, "install_chain", broken)
+    return grab(fx.run, fx.served("ec1"), fx.certs / "ec1", "--out-dir", fx.tmp_path / "out")
+
+
+def is_misused(fx):
+    return fx.run("127.0.0.1", "--timeout", "soon")
+
+
+def cannot_fetch(fx):
+    """Nothing listens on the port."""
+    with closed_port() as port:
+        return fx.run("127.0.0.1:%d" % port, "-n", NAME, "--cafile",
+                      fx.certs / "ec1" / "root.pem", "--timeout", "2")
+
+
+def cannot_verify(fx):
+    """The ec1 chain against the RSA root: unknown issuer."""
+    return grab(fx.run, fx.served("ec1"), fx.certs / "rsa1")
+
+
+def cannot_write(fx):
+    """--out-dir is a regular file."""
+    blocker = fx.tmp_path / "afile"
+    blocker.write_text("keep me\n")
+    return grab(fx.run, fx.served("ec1"), fx.certs / "ec1", "--out-dir", blocker)
+
+
+def is_refused(fx):
+    """The leaf does not match --key-path (a key mismatch)."""
+    return grab(fx.run, fx.served("ec1"), fx.certs / "ec1", "--out-dir", fx.tmp_path / "out",
+                "--key-path", fx.certs / "rsa1" / "key.pem")
+
+
+def fails_its_hook(fx):
+    """The files are installed, the deploy hook exits 1 (-q: errors only)."""
+    return grab(fx.run, fx.served("ec1"), fx.certs / "ec1", "--out-dir", fx.tmp_path / "out",
+                "--deploy-hook", "exit 1", "-q")
+
+
+EXIT_CODES = {  # code: (what --help says of it, a run that ends with it)
+    OK: (r"success", succeeds),
+    INTERNAL: (r"internal error|bug", meets_a_bug),
+    USAGE: (r"usage", is_misused),
+    FETCH: (r"cannot fetch|connect|timed? ?out", cannot_fetch),
+    VERIFY: (r"verif", cannot_verify),
+    WRITE: (r"cannot write", cannot_write),
+    REFUSED: (r"refused by a safety check", is_refused),
+    HOOK_PENDING: (r"deploy hook pending", fails_its_hook),
+}
+
+
+@pytest.fixture
+def fx(run, served, certs, tmp_path, monkeypatch, certgrab):
+    """The fixtures the runs of EXIT_CODES use."""
+    return types.SimpleNamespace(run=run, served=served, certs=certs, tmp_path=tmp_path,
+                                 monkeypatch=monkeypatch, certgrab=certgrab)
+
+
+def test_the_table_has_every_exit_code_the_docstring_documents(certgrab):
+    assert sorted(EXIT_CODES) == sorted(int(code) for code in docstring_exit_codes(certgrab))
+
+
+@pytest.mark.parametrize("code", sorted(EXIT_CODES))
+def test_help_says_what_each_exit_code_means(run, code):
     text = help_text(run)
-    for option in OPTIONS:
-        assert re.search(r"(^|[\s,\[])%s\b" % re.escape(option), text), option
+    assert "\nexit codes:\n" in text, text
+    line = re.search(r"^  %d  (.*)$" % code, text.split("\nexit codes:\n", 1)[1], re.M)
+    assert line, "exit code %d is not listed in --help" % code
+    assert re.search(EXIT_CODES[code][0], line.group(1), re.I), line.group(0)
 
 
-def test_help_has_the_exit_code_table(run):
-    text = help_text(run)
-    assert re.search(r"exit (codes?|status)", text, re.I), text
-    for code, meaning in EXIT_CODES.items():
-        line = re.search(r"^\s*%s\b.*$" % code, text, re.M)
-        assert line, "exit code %s is not listed in --help" % code
-        assert re.search(meaning, line.group(0), re.I), line.group(0)
-
-
-def test_help_has_examples(run):
-    text = help_text(run)
-    assert re.search(r"example", text, re.I)
-    assert "-n" in text and "--out-dir" in text
+@pytest.mark.parametrize("code", sorted(EXIT_CODES))
+def test_each_exit_code_comes_from_a_real_run(fx, code):
+    """The run of the table ends with its code; a failure says one line (no traceback)."""
+    result = EXIT_CODES[code][1](fx)
+    assert result.rc == code, result.err
+    if code == OK:
+        assert result.err == ""
+    else:
+        assert_one_error(result, allow_usage=code == USAGE)
 
 
 @pytest.mark.parametrize("argv", [
@@ -146,13 +281,6 @@ def test_help_fills_in_the_defaults(run, certgrab):
 
 
 # The forms of the command line users rely on (argparse, issue 10) ----------------------------
-
-def parsed(certgrab, *argv):
-    """The Settings certgrab would run with, for argv (no network: validation only)."""
-    parser = certgrab.build_parser()
-    args, sources = certgrab.parse_command_line(parser, list(argv))
-    return certgrab.validate_settings(args, sources, certgrab.Reporter())
-
 
 def test_grouped_short_options_and_attached_values(certgrab):
     argv = ["-4q", "-nwww.example.test", "127.0.0.1"]

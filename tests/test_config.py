@@ -18,20 +18,14 @@ What a fleet relies on:
 """
 
 import hashlib
-import os
-import shutil
 import socket
-import subprocess
-import sys
-import tempfile
 
 import pytest
 
-from conftest import CERTGRAB, IN_CI, assert_one_error, error_lines
-from install_helpers import NAME, assert_verifies, expected, files_ders, snapshot
-from servers import SilentServer
-
-USAGE, FETCH = 2, 3  # exit codes
+from helpers import (FETCH, USAGE, assert_one_error, assert_verifies, error_lines, expected,
+                     files_ders, minimal_host, received, run_with_dev_log, snapshot)
+from make_certs import NAME
+from servers import SilentServer, free_ports
 
 
 def write_config(path, text):
@@ -68,10 +62,7 @@ def listener():
 # Three sections: direct TLS, STARTTLS against the real postfix, a dead source -------------
 
 def three_sections(tmp_path, certs, server, postfix):
-    dead = socket.socket()                       # a port nobody listens on
-    dead.bind(("127.0.0.1", 0))
-    dead_port = dead.getsockname()[1]
-    dead.close()
+    dead_port = free_ports(1)[0]                 # a port nobody listens on
     return write_config(tmp_path / "certgrab.conf", """\
 [DEFAULT]
 servername = {name}
@@ -262,49 +253,6 @@ def test_sections_sharing_a_source_run_one_after_the_other(certgrab):
 
 # --syslog: lines at a real syslog socket -------------------------------------------------
 
-UNSHARE = shutil.which("unshare", path=os.defpath + ":/usr/sbin:/sbin")
-
-
-@pytest.fixture
-def syslog_socket():
-    """(directory, socket): a UNIX datagram socket at DIR/log, and DIR/null bound to
-    /dev/null inside the namespace, so that DIR can stand in for /dev."""
-    if os.geteuid() != 0 or UNSHARE is None:
-        pytest.skip("needs root and unshare(1) for a mount namespace with its own /dev/log")
-    directory = tempfile.mkdtemp(prefix="certgrab-syslog-")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(os.path.join(directory, "log"))
-    os.chmod(os.path.join(directory, "log"), 0o666)
-    open(os.path.join(directory, "null"), "w").close()
-    sock.settimeout(5)
-    yield directory, sock
-    sock.close()
-    shutil.rmtree(directory)
-
-
-def run_with_dev_log(directory, *argv):
-    """certgrab.py ARGV in a mount namespace where DIR is /dev (its log is our socket)."""
-    script = ('mount --bind /dev/null "$1/null" && mount --bind "$1" /dev && shift && '
-              'exec "$@"')
-    completed = subprocess.run(
-        [UNSHARE, "-m", "sh", "-c", script, "sh", directory, sys.executable, CERTGRAB] +
-        [str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL, universal_newlines=True, timeout=30)
-    if "mount" in completed.stderr and completed.returncode == 32 and not IN_CI:
-        pytest.skip("no mount namespace here: %s" % completed.stderr.strip())
-    return completed
-
-
-def received(sock):
-    lines = []
-    sock.settimeout(0.5)
-    while True:
-        try:
-            lines.append(sock.recv(4096).decode("utf-8"))
-        except socket.timeout:
-            return lines
-
-
 def test_syslog_one_line_per_section_and_per_run(certs, served, postfix, tmp_path,
                                                  syslog_socket):
     directory, sock = syslog_socket
@@ -392,36 +340,21 @@ def test_two_sections_writing_one_file_is_a_mistake(run, certs, served, tmp_path
 
 # On a bare server: Debian's python3-minimal (configparser and syslog, no json) --------------
 
-ROOTS = os.environ.get("CERTGRAB_ROOTS", "/var/cache/certgrab-roots")
-
-
 @pytest.mark.parametrize("suite", ["bookworm", "bullseye"])
 def test_config_on_python3_minimal(certs, served, suite):
-    root = os.path.join(ROOTS, suite)
-    if not os.path.isfile(os.path.join(root, ".certgrab-complete")) or os.geteuid() != 0:
-        pytest.skip("no %s root in %s, or not root: run `make roots`" % (suite, ROOTS))
     server = served("ec1")
-    scratch = tempfile.mkdtemp(prefix="certgrab-config-", dir=os.path.join(root, "tmp"))
-    inside = "/tmp/" + os.path.basename(scratch)
-    try:
-        shutil.copy(CERTGRAB, scratch)
-        for name in ("root.pem", "key.pem"):
-            shutil.copy(str(certs / "ec1" / name), scratch)
-        with open(os.path.join(scratch, "c.conf"), "w") as f:
-            f.write("[DEFAULT]\nservername = %s\ncafile = %s/root.pem\n[web]\nsource = %s\n"
-                    "key-path = %s/key.pem\nout-dir = %s/out\n" % (
-                        NAME, inside, server.address, inside, inside))
-        completed = subprocess.run(
-            [shutil.which("chroot", path=os.defpath + ":/usr/sbin:/sbin"), root, "python3",
-             inside + "/certgrab.py", "--config", inside + "/c.conf", "--syslog"],
-            env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL, universal_newlines=True, timeout=60)
+    files = [(certs / "ec1" / name, name) for name in ("root.pem", "key.pem")]
+    with minimal_host(suite, files, prefix="certgrab-config-") as host:
+        inside = host.inside(host.scratch)
+        (host.scratch / "c.conf").write_text(
+            "[DEFAULT]\nservername = %s\ncafile = %s/root.pem\n[web]\nsource = %s\n"
+            "key-path = %s/key.pem\nout-dir = %s/out\n" % (
+                NAME, inside, server.address, inside, inside))
+        completed = host.certgrab("--config", inside + "/c.conf", "--syslog")
         assert completed.returncode == 0, completed.stderr
-        assert files_ders(os.path.join(scratch, "out")) == expected(certs, "ec1")
-        assert_verifies(certs / "ec1" / "root.pem", os.path.join(scratch, "out"))
+        assert files_ders(host.scratch / "out") == expected(certs, "ec1")
+        assert_verifies(certs / "ec1" / "root.pem", host.scratch / "out")
         assert completed.stderr.splitlines()[-1] == "certgrab: 1 section done"
-    finally:
-        shutil.rmtree(scratch)
 
 
 def test_an_option_given_several_times_is_a_list_in_the_file(run, certs, served, tmp_path):

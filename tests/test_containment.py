@@ -22,24 +22,18 @@ only certgrab's own separator stands before the perfdata, which is certgrab's al
 
 import hashlib
 import os
-import re
-import subprocess
 
 import pytest
 
-from conftest import error_lines
-from install_helpers import NAME, expected, files_ders
-from make_certs import make_dated_chain, pem_ders, read_ders
+from helpers import (CRITICAL, FETCH, INTERNAL, UNKNOWN, assert_only_certgrabs_perfdata,
+                     bug_line, call_main, error_lines, expected, files_ders, inject_bug,
+                     received, run_with_dev_log, source_metric)
+from make_certs import NAME, make_dated_chain, openssl, pem_ders, read_ders
 from servers import TLSServer, closed_port
-import test_config
-from test_config import received, run_with_dev_log
 
 HUGE_ARC = "9" * 5000          # digits: Python 3.11+ prints ints of at most 4,300
 OID_ERROR = "certificate 1 of 1: malformed certificate: an object identifier of"
 EVIL = "x | 'expires_in evil'=999999999s;1:;1:"    # a name that writes perfdata if let
-BUG, FETCH, CRITICAL, UNKNOWN = 1, 3, 2, 3            # exit codes
-
-syslog_socket = test_config.syslog_socket    # the fixture: a /dev/log of the test's own
 
 HOSTILE_CONFIG = """\
 oid_section = new_oids
@@ -56,11 +50,6 @@ hostile = x
 subjectAltName = DNS:{name},IP:127.0.0.1
 basicConstraints = critical, CA:FALSE
 """
-
-
-def openssl(*args):
-    subprocess.run(["openssl"] + [str(a) for a in args], check=True, stdout=subprocess.PIPE,
-                   stderr=subprocess.PIPE, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +80,6 @@ def sources(servers, certs):
         "-n", NAME, "--cafile", certs / "root-ec" / "cert.pem"]
 
 
-def metric(text, name, source):
-    found = re.search(r'^%s\{[^}]*source="%s"[^}]*\} (\S+)$' % (name, re.escape(source)),
-                      text, re.M)
-    return found and found.group(1)
-
-
 # A hostile certificate beside a good source ---------------------------------------------------
 
 def test_install_takes_the_good_source_and_writes_the_metrics(run, certs, two, tmp_path):
@@ -109,8 +92,8 @@ def test_install_takes_the_good_source_and_writes_the_metrics(run, certs, two, t
         hostile.address, OID_ERROR) in result.err
     assert "installed the chain from %s" % good.address in result.err
     metrics = prom.read_text()
-    assert metric(metrics, "certgrab_source_fetch_success", hostile.address) == "0"
-    assert metric(metrics, "certgrab_source_fetch_success", good.address) == "1"
+    assert source_metric(metrics, "certgrab_source_fetch_success", hostile.address) == 0
+    assert source_metric(metrics, "certgrab_source_fetch_success", good.address) == 1
     assert 'certgrab_install_outcome{run="certgrab",outcome="installed"} 1' in metrics
 
 
@@ -162,41 +145,14 @@ def test_syslog_line_is_logged(certs, two, tmp_path, syslog_socket):
 
 # A bug in one source: its error, never the end of the run -------------------------------------
 
-def inject(monkeypatch, certgrab, name, victim):
-    """Replace certgrab.NAME with a version that raises RuntimeError for the source
-    victim (its first argument is that source's FetchResult, or its DER and Source)."""
-    real = getattr(certgrab, name)
-
-    def buggy(*args, **kwargs):
-        source = args[0].source if hasattr(args[0], "source") else args[1]
-        if str(source) == victim:
-            raise RuntimeError("injected bug in %s" % name)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(certgrab, name, buggy)
-
-
-def call(certgrab, capsys, *argv):
-    """certgrab.main in-process: (exit code, stdout, stderr); a traceback may be there."""
-    capsys.readouterr()
-    code = certgrab.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def bug_line(source, name):
-    return "%s: internal error in certgrab 0.2.0 (RuntimeError: injected bug in %s); " \
-        "please report it" % (source, name)
-
-
 def test_a_bug_while_fetching_is_that_sources_internal_error(certgrab, capsys, certs, served,
                                                              monkeypatch, tmp_path):
     buggy, good = served("ec1"), served("ec1")
-    inject(monkeypatch, certgrab, "parse_chain", buggy.address)
+    inject_bug(monkeypatch, certgrab, "parse_chain", buggy.address)
     prom = tmp_path / "check.prom"
     argv = ["--check", buggy.address, good.address, "-n", NAME,
             "--cafile", certs / "ec1" / "root.pem", "--prometheus", prom]
-    code, out, err = call(certgrab, capsys, *argv)
+    code, out, err = call_main(certgrab, capsys, *argv)
     assert code == UNKNOWN
     first, bad_line, good_line = out.splitlines()
     assert first.startswith("CERTGRAB UNKNOWN - 2 source(s): 1 OK, 1 UNKNOWN; first: %s | "
@@ -204,9 +160,9 @@ def test_a_bug_while_fetching_is_that_sources_internal_error(certgrab, capsys, c
     assert bad_line == "UNKNOWN - " + bug_line(buggy.address, "parse_chain")
     assert good_line.startswith("OK - %s: the leaf expires in" % good.address)
     assert "Traceback" not in err
-    assert metric(prom.read_text(), "certgrab_source_fetch_success", good.address) == "1"
+    assert source_metric(prom.read_text(), "certgrab_source_fetch_success", good.address) == 1
 
-    code, out, err = call(certgrab, capsys, *argv + ["-v"])
+    code, out, err = call_main(certgrab, capsys, *argv + ["-v"])
     assert code == UNKNOWN
     assert "certgrab: %s: the internal error happened here:\nTraceback (most recent call " \
         "last):\n" % buggy.address in err
@@ -214,7 +170,7 @@ def test_a_bug_while_fetching_is_that_sources_internal_error(certgrab, capsys, c
 
     with closed_port() as port:
         dead = "127.0.0.1:%d" % port
-        code, out, _ = call(certgrab, capsys, *[dead] + argv)
+        code, out, _ = call_main(certgrab, capsys, *[dead] + argv)
     assert code == CRITICAL                    # a failing source outranks one not checked
     assert out.startswith("CERTGRAB CRITICAL - 3 source(s): 1 OK, 1 CRITICAL, 1 UNKNOWN; "
                           "first: %s: cannot connect" % dead), out
@@ -223,9 +179,10 @@ def test_a_bug_while_fetching_is_that_sources_internal_error(certgrab, capsys, c
 def test_a_bug_in_the_gate_skips_that_source_even_quietly(certgrab, capsys, certs, served,
                                                           monkeypatch, tmp_path):
     buggy, good = served("ec1"), served("ec1")
-    inject(monkeypatch, certgrab, "check_gate", buggy.address)
-    code, out, err = call(certgrab, capsys, buggy.address, good.address, "-n", NAME, "-q",
-                          "--cafile", certs / "ec1" / "root.pem", "--out-dir", tmp_path / "out")
+    inject_bug(monkeypatch, certgrab, "check_gate", buggy.address)
+    code, out, err = call_main(certgrab, capsys, buggy.address, good.address, "-n", NAME, "-q",
+                               "--cafile", certs / "ec1" / "root.pem",
+                               "--out-dir", tmp_path / "out")
     assert code == 0, err
     assert files_ders(tmp_path / "out") == expected(certs, "ec1")
     assert err == "certgrab: %s (skipped)\n" % bug_line(buggy.address, "check_gate")
@@ -236,9 +193,9 @@ def test_a_bug_in_the_gate_skips_that_source_even_quietly(certgrab, capsys, cert
 def test_a_bug_while_reporting_is_that_sources_error(certgrab, capsys, certs, served,
                                                      monkeypatch, name, mode):
     buggy, good = served("ec1"), served("ec1")
-    inject(monkeypatch, certgrab, name, buggy.address)
-    code, out, err = call(certgrab, capsys, mode, buggy.address, good.address, "-n", NAME,
-                          "--cafile", certs / "ec1" / "root.pem")
+    inject_bug(monkeypatch, certgrab, name, buggy.address)
+    code, out, err = call_main(certgrab, capsys, mode, buggy.address, good.address, "-n", NAME,
+                               "--cafile", certs / "ec1" / "root.pem")
     assert code == FETCH
     assert error_lines(err) == ["certgrab: " + bug_line(buggy.address, name)]
     assert out.count("CN=ec1 leaf") == 1                # the good source, whole
@@ -248,17 +205,17 @@ def test_a_bug_while_reporting_is_that_sources_error(certgrab, capsys, certs, se
 def test_a_bug_in_the_metrics_of_one_source(certgrab, capsys, certs, served, monkeypatch,
                                             tmp_path):
     buggy, good = served("ec1"), served("ec1")
-    inject(monkeypatch, certgrab, "source_series", buggy.address)
+    inject_bug(monkeypatch, certgrab, "source_series", buggy.address)
     prom = tmp_path / "m.prom"
-    code, out, err = call(certgrab, capsys, buggy.address, good.address, "-n", NAME,
-                          "--cafile", certs / "ec1" / "root.pem", "--out-dir", tmp_path / "out",
-                          "--prometheus", prom)
+    code, out, err = call_main(certgrab, capsys, buggy.address, good.address, "-n", NAME,
+                               "--cafile", certs / "ec1" / "root.pem",
+                               "--out-dir", tmp_path / "out", "--prometheus", prom)
     assert code == FETCH                                # the files are in; the bug is said
     assert files_ders(tmp_path / "out") == expected(certs, "ec1")
     assert error_lines(err)[-1] == "certgrab: " + bug_line(buggy.address, "source_series")
     metrics = prom.read_text()
-    assert metric(metrics, "certgrab_source_fetch_success", buggy.address) == "0"
-    assert metric(metrics, "certgrab_source_fetch_success", good.address) == "1"
+    assert source_metric(metrics, "certgrab_source_fetch_success", buggy.address) == 0
+    assert source_metric(metrics, "certgrab_source_fetch_success", good.address) == 1
 
 
 def test_a_bug_outside_the_sources_is_the_runs_error(certgrab, capsys, certs, served,
@@ -273,10 +230,10 @@ def test_a_bug_outside_the_sources_is_the_runs_error(certgrab, capsys, certs, se
 
     monkeypatch.setattr(certgrab, "install_chain", broken)
     prom = tmp_path / "run.prom"
-    code, out, err = call(certgrab, capsys, server.address, "-n", NAME, "--cafile",
-                          certs / "ec1" / "root.pem", "--out-dir", tmp_path / "out",
-                          "--prometheus", prom)
-    assert code == BUG
+    code, out, err = call_main(certgrab, capsys, server.address, "-n", NAME, "--cafile",
+                               certs / "ec1" / "root.pem", "--out-dir", tmp_path / "out",
+                               "--prometheus", prom)
+    assert code == INTERNAL
     assert error_lines(err) == ["certgrab: internal error in certgrab 0.2.0 (RuntimeError: "
                                 "injected bug in install_chain); please report it"]
     assert 'certgrab_install_outcome{run="run",outcome="failed"} 1' in prom.read_text()
@@ -285,8 +242,8 @@ def test_a_bug_outside_the_sources_is_the_runs_error(certgrab, capsys, certs, se
     config.write_text("[DEFAULT]\nsource = %s\nservername = %s\ncafile = %s\n[files]\n"
                       "out-dir = %s\n[stdout]\n" % (server.address, NAME,
                                                     certs / "ec1" / "root.pem", tmp_path / "o"))
-    code, out, err = call(certgrab, capsys, "--config", config)
-    assert code == BUG
+    code, out, err = call_main(certgrab, capsys, "--config", config)
+    assert code == INTERNAL
     assert pem_ders(out) == read_ders(certs / "ec1" / "fullchain.pem")
     assert error_lines(err)[-1] == "certgrab: 1 of 2 sections failed: files (exit 1)"
 
@@ -301,19 +258,6 @@ def evil_chain(certs, tmp_path_factory):
                             leaf_days=3650, intermediate_days=5,
                             leaf_subject=[("CN", "leaf | 'age evil'=1s")],
                             intermediate_subject=[("O", "certgrab tests"), ("CN", EVIL)])
-
-
-def assert_only_certgrabs_perfdata(out, sources):
-    """The first line has one "|", and after it only certgrab's perfdata for sources;
-    no other line has any."""
-    first, *rest = out.splitlines()
-    assert first.count("|") == 1, first
-    perfdata = first.split(" | ")[1]
-    own = r"'expires_in %s'=-?\d+s;\d+:;\d+: 'age %s'=\d+s"
-    assert re.fullmatch(" ".join(own % (re.escape(s), re.escape(s)) for s in sources),
-                        perfdata), perfdata
-    assert not any("|" in line for line in rest), rest
-    return first
 
 
 def test_names_with_a_bar_never_write_perfdata(run, certs, evil_chain, started):

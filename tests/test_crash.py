@@ -13,18 +13,17 @@ import time
 
 import pytest
 
-from install_helpers import (OUT_FILES, assert_refused, assert_verifies, entries, grab_args,
-                             hook_runs, message_lines, popen, snapshot, temp_files)
+from helpers import (OUT_FILES, PENDING_MTIME, WRITE, assert_refused, assert_verifies, entries,
+                     error_lines, grab_args, hook_runs, popen, snapshot, temp_files)
 from make_certs import read_ders
 
 KILLS = 40
 SEED = 20240603
-PENDING_MTIME = 1  # certgrab dates files whose hook has not yet run 1970-01-01T00:00:01Z
 
 
 def args_for(certs, server, out, *extra):
-    return grab_args(certs, server, "--out-dir", out, "--key-path", certs / "ec1" / "key.pem",
-                     *extra)
+    return grab_args(server, certs / "ec1", "--out-dir", out,
+                     "--key-path", certs / "ec1" / "key.pem", *extra)
 
 
 def read_set(out):
@@ -252,7 +251,7 @@ def test_full_filesystem_keeps_the_old_set(run, certs, tmpfs, tmp_path, old_and_
     fill(tmpfs, free_pages)
     before = snapshot(out)
     result = run(*args_for(certs, new_server, out, "--deploy-hook", hook))
-    line = assert_refused(result, 5)
+    line = assert_refused(result, WRITE)
     assert "No space left on device" in line, line
     assert snapshot(out) == before, "the old set is intact"
     assert temp_files(out) == [] and hook_runs(log) == ["x"]
@@ -272,7 +271,7 @@ def test_read_only_filesystem_keeps_the_old_set(run, certs, tmpfs, tmp_path, old
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
     try:
         result = run(*args_for(certs, new_server, out, "--deploy-hook", hook))
-        line = assert_refused(result, 5)
+        line = assert_refused(result, WRITE)
         assert "Read-only file system" in line, line
         assert snapshot(out) == before and hook_runs(log) == ["x"]
         unchanged = run(*args_for(certs, old_server, out, "--deploy-hook", hook))
@@ -308,7 +307,7 @@ def test_read_only_bind_mount_keeps_the_old_set(run, certs, tmp_path, old_and_ne
         subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], check=True)
         before = snapshot(real)
         result = run(*args_for(certs, new_server, view))
-        assert_refused(result, 5)
+        assert_refused(result, WRITE)
         assert snapshot(real) == before
     finally:
         subprocess.run(["umount", str(view)], check=False)
@@ -375,4 +374,4 @@ def test_a_run_waits_for_the_lock_while_another_runs_its_hook(run, certs, tmp_pa
     first.communicate(timeout=30)
     assert first.returncode == 0
     assert hook_runs(log) == ["x"]
-    assert "installed" not in " ".join(message_lines(second.err))
+    assert "installed" not in " ".join(error_lines(second.err))

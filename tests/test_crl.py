@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import stat
-import subprocess
 import tempfile
 import time
 
@@ -28,10 +27,11 @@ import pytest
 from cryptography import x509
 
 from ca_servers import CrlCA, FileServer, RawHttpServer
-from conftest import error_lines
+from helpers import (REFUSED, ROOT, assert_only_certgrabs_perfdata, assert_promtool_accepts,
+                     bug_line, call_main, error_lines, grab, inject_bug, iso, load_cert,
+                     serial_hex, source_metric)
+from make_certs import DAY, NAME
 from servers import DelayedTLSServer, GarbageServer, TLSServer, closed_port
-
-REFUSED, NAME = 6, "www.example.test"
 
 
 @pytest.fixture
@@ -80,22 +80,15 @@ def serve(started, leaf):
     return started(TLSServer(os.path.join(leaf, "fullchain.pem"), os.path.join(leaf, "key.pem")))
 
 
-def grab(run, server, leaf, *extra):
-    return run(server.address, "-n", NAME, "--cafile", os.path.join(leaf, "root.pem"), *extra)
-
-
 def crl_entry(path, leaf):
     """(revocation time as certgrab writes it, reason name) from the CRL file, by pyca."""
     with open(path, "rb") as f:
         crl = x509.load_der_x509_crl(f.read())
-    with open(os.path.join(leaf, "cert.pem"), "rb") as f:
-        serial = x509.load_pem_x509_certificate(f.read()).serial_number
+    serial = load_cert(os.path.join(leaf, "cert.pem")).serial_number
     entry = crl.get_revoked_certificate_by_serial_number(serial)
-    when = entry.revocation_date_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
     reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
-    text = "%x" % serial
-    return "0" * (len(text) % 2) + text, when, {"key_compromise": "keyCompromise"}.get(reason.value,
-                                                                        reason.value)
+    return serial_hex(serial), iso(entry.revocation_date_utc), \
+        {"key_compromise": "keyCompromise"}.get(reason.value, reason.value)
 
 
 def revocation(run, server, leaf, *extra):
@@ -153,7 +146,6 @@ def test_check_warns_about_an_unknown_status_only_with_crl_require(run, started,
 
 
 def test_prometheus_leaf_revoked(run, started, issue, tmp_path, dead_port):
-    from test_prometheus import tool
     good, revoked = issue(), issue(revoked=True)
     unknown = issue(url="http://127.0.0.1:%d/x.crl" % dead_port)
     values = {}
@@ -163,9 +155,7 @@ def test_prometheus_leaf_revoked(run, started, issue, tmp_path, dead_port):
         text = prom.read_text()
         lines = [line for line in text.splitlines() if line.startswith("certgrab_leaf_revoked{")]
         values[name] = [line.rsplit(" ", 1)[1] for line in lines]
-        proc = subprocess.run([tool("promtool"), "check", "metrics"], input=text.encode(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        assert proc.returncode == 0, proc.stdout.decode()
+        assert_promtool_accepts(text)
         assert result.rc in (0, 2)
     assert values == {"good": ["0"], "revoked": ["1"], "unknown": []}
 
@@ -366,7 +356,7 @@ def test_a_cached_crl_is_kept_a_day_at_most_though_its_next_update_is_later(
     (kept,) = list(cache.iterdir())
     next_update = datetime.datetime.strptime(status["crl_next_update"], "%Y-%m-%dT%H:%M:%SZ")
     assert (next_update - datetime.datetime.utcnow()).days >= 6
-    assert 0 < kept_until(kept) - time.time() <= 24 * 3600
+    assert 0 < kept_until(kept) - time.time() <= DAY
     before = len(crl_server.paths)
     body = kept.read_bytes().split(b"\n", 1)[1]
     kept.write_bytes(b"%d\n" % (time.time() - 1) + body)    # as if a day had passed
@@ -402,7 +392,7 @@ def test_a_damaged_cached_crl_is_fetched_again(run, started, issue, crl_server, 
 def test_a_cache_file_that_is_no_regular_file_is_not_read(run, started, issue, crl_server,
                                                           tmp_path, plant):
     """Read as outputs are: no link followed, no FIFO waited on, no file of another user's
-    (kept files: read_regular); the CRL is fetched again."""
+    (kept files: read_file); the CRL is fetched again."""
     leaf = issue()
     server, cache = serve(started, leaf), tmp_path / "cache"
     revocation(run, server, leaf, "--cache-dir", cache)
@@ -477,7 +467,7 @@ def test_a_relative_cache_dir_in_a_config_file_is_the_file_s(run, started, issue
 
 def test_nginx_serves_the_crl(run, started, issue, ca):
     import acme
-    from daemons import free_ports
+    from servers import free_ports
     root = tempfile.mkdtemp(prefix="certgrab-nginx-crl-")   # nginx's workers must read it
     os.chmod(root, 0o755)
     # the Nginx of tests/acme.py serves the webroot's /.well-known/acme-challenge/ only
@@ -601,7 +591,6 @@ def test_an_intermediate_its_root_revoked_refuses_the_chain(run, started, hierar
     """The root revokes the intermediate (`openssl ca -revoke`, then its CRL): the leaf is
     good on its own CRL, but the chain is revoked: the gate refuses it naming the
     intermediate, --check is CRITICAL, certgrab_leaf_revoked stays the leaf's (0)."""
-    from test_prometheus import tool
     leaf, ca = hierarchy.leaf, hierarchy.ca
     ca.revoke_intermediate("cACompromise")
     hierarchy.publish()
@@ -614,7 +603,7 @@ def test_an_intermediate_its_root_revoked_refuses_the_chain(run, started, hierar
     with open(os.path.join(hierarchy.server.directory, hierarchy.root_crl), "rb") as f:
         crl = x509.load_der_x509_crl(f.read())
     (entry,) = list(crl)
-    assert checked["time"] == entry.revocation_date_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert checked["time"] == iso(entry.revocation_date_utc)
     leaf_serial = crl_entry_serial(leaf)
     out = tmp_path / "live"
     install = grab(run, server, leaf, "--out-dir", out, "--key-path",
@@ -635,15 +624,11 @@ def test_an_intermediate_its_root_revoked_refuses_the_chain(run, started, hierar
     metrics = prom.read_text()
     assert [line.rsplit(" ", 1)[1] for line in metrics.splitlines()
             if line.startswith("certgrab_leaf_revoked{")] == ["0"]
-    proc = subprocess.run([tool("promtool"), "check", "metrics"], input=metrics.encode(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert proc.returncode == 0, proc.stdout.decode()
+    assert_promtool_accepts(metrics)
 
 
 def crl_entry_serial(leaf):
-    with open(os.path.join(leaf, "cert.pem"), "rb") as f:
-        text = "%x" % x509.load_pem_x509_certificate(f.read()).serial_number
-    return "0" * (len(text) % 2) + text
+    return serial_hex(load_cert(os.path.join(leaf, "cert.pem")).serial_number)
 
 
 def test_an_installed_chain_whose_intermediate_is_revoked_is_said_so(run, started, hierarchy,
@@ -700,7 +685,6 @@ def test_one_fetch_per_crl_for_many_sources_and_their_intermediates(run, started
 def test_crl_text_never_writes_perfdata(run, started, issue):
     """A CRL host's reason phrase and a URL the leaf names, both with "|", in --check's
     WARNING (--crl require): escaped, only certgrab's perfdata after the status line's."""
-    from test_containment import assert_only_certgrabs_perfdata
     hostile = started(RawHttpServer(b"HTTP/1.1 500 down | 'expires_in x'=1s;1:;1:\r\n"
                                     b"Content-Length: 0\r\n\r\n"))
     leaf = issue(url="http://127.0.0.1:%d/a|b.crl" % hostile.port)
@@ -720,27 +704,25 @@ def test_a_bug_in_one_sources_ca_part_is_that_sources_error(certgrab, capsys, st
     """Injected (the only mock: a real bug cannot be ordered) into the look-ups, the gate or
     the metrics of one source: that source's internal error; the other source is installed,
     the metrics file written."""
-    from test_containment import bug_line, call, inject, metric
     leaf = issue()
     buggy, good = serve(started, leaf), serve(started, leaf)
-    inject(monkeypatch, certgrab, name, buggy.address)
+    inject_bug(monkeypatch, certgrab, name, buggy.address)
     prom, out = tmp_path / "m.prom", tmp_path / "live"
-    code, _, err = call(certgrab, capsys, buggy.address, good.address, "-n", NAME, "--cafile",
-                        os.path.join(leaf, "root.pem"), "--out-dir", out, "--prometheus", prom)
+    code, _, err = call_main(certgrab, capsys, buggy.address, good.address, "-n", NAME, "--cafile",
+                             os.path.join(leaf, "root.pem"), "--out-dir", out, "--prometheus", prom)
     assert bug_line(buggy.address, name) in err
     assert code == (3 if name == "ca_series" else 0), err    # a metrics bug is said after
     assert (out / "fullchain.pem").exists() and "Traceback" not in err
     metrics = prom.read_text()
-    assert metric(metrics, "certgrab_source_fetch_success", good.address) == "1"
+    assert source_metric(metrics, "certgrab_source_fetch_success", good.address) == 1
     if name != "ca_series":
-        assert metric(metrics, "certgrab_leaf_revoked", good.address) == "0"
+        assert source_metric(metrics, "certgrab_leaf_revoked", good.address) == 0
 
 
 # ---------------------------------------------------------------- 10. the docs
 
 def test_docs_explain_every_cause(certgrab):
     """docs/revocation.md names every code a decision or a report may carry."""
-    from conftest import ROOT
     with open(os.path.join(ROOT, "docs", "revocation.md"), encoding="utf-8") as f:
         text = f.read()
     missing = [cause for cause in certgrab.CRL_CAUSES + certgrab.ARI_CAUSES

@@ -37,7 +37,7 @@ import warnings
 
 import pytest
 
-from conftest import CERTGRAB
+from helpers import CERTGRAB, call_main, interpreter, iso
 
 cryptography = pytest.importorskip("cryptography")
 cryptography_vectors = pytest.importorskip("cryptography_vectors")
@@ -52,7 +52,7 @@ PEM_CERT_LABELS = (b"-----BEGIN CERTIFICATE-----", b"-----BEGIN X509 CERTIFICATE
 NOT_CERTIFICATES = ("/requests/", "/ocsp/", "/crls/", "/crl_", "/asymmetric/", "/pkcs7/",
                     "/pkcs12/")   # DER files that are CSRs, OCSP messages, CRLs, keys
 BATCH = 200                       # files per certgrab run for the good files
-OLD_AND_NEW = ("3.6", "3.13")
+OLD_AND_NEW = (6, 13)   # python3.6 and python3.13
 SHORT_NAME_OVERRIDES = {x509.NameOID.SERIAL_NUMBER: "serialNumber",
                         x509.NameOID.EMAIL_ADDRESS: "emailAddress"}
 STRING_TAGS = {0x0C, 0x12, 0x13, 0x14, 0x16, 0x1A, 0x1E, 0x1C}   # read as text by certgrab
@@ -198,11 +198,6 @@ def expected_fields(cert, with_extensions=True):
     return fields
 
 
-def iso(when):
-    return "%04d-%02d-%02dT%02d:%02d:%02dZ" % (when.year, when.month, when.day, when.hour,
-                                               when.minute, when.second)
-
-
 def normalised(reported, signature_names):
     """certgrab's JSON for one certificate, in the terms expected_fields uses."""
     fields = dict(reported)
@@ -295,14 +290,6 @@ def compare_source(label, source, certs, signature_names):
     return problems
 
 
-def run_in_process(certgrab, capsys, paths):
-    """certgrab --json over paths: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    rc = certgrab.main(["--json"] + list(paths))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def check_refusals(run, corpus):
     """Files cryptography refuses must be certgrab's error, one file at a time: the
     source's error in the JSON, or (for now: a field that fails to decode empties the
@@ -359,7 +346,7 @@ def signature_names(certgrab):
 
 def test_every_field_agrees_with_cryptography(certgrab, capsys, corpus, signature_names):
     def run(paths):
-        return run_in_process(certgrab, capsys, paths)
+        return call_main(certgrab, capsys, "--json", *paths)
     problems, compared = check_agreement(run, corpus, signature_names)
     refusals, refused = check_refusals(run, corpus)
     print("%d certificates compared, %d files refused by both" % (compared, refused))
@@ -367,18 +354,10 @@ def test_every_field_agrees_with_cryptography(certgrab, capsys, corpus, signatur
     assert not problems + refusals, "\n".join(problems + refusals)
 
 
-def interpreter(version):
-    found = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/%s.*/bin/python%s"
-                                                % (version, version))))
-    if not found:
-        pytest.skip("Python %s is not installed" % version)
-    return found[-1]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("version", OLD_AND_NEW)
-def test_oldest_and_newest_python_agree_too(version, corpus, signature_names):
-    python = interpreter(version)
+@pytest.mark.parametrize("minor", OLD_AND_NEW, ids=lambda minor: "py3.%d" % minor)
+def test_oldest_and_newest_python_agree_too(minor, corpus, signature_names):
+    python = interpreter(minor)
 
     def run(paths):
         done = subprocess.run([python, CERTGRAB, "--json"] + list(paths),

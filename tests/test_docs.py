@@ -20,14 +20,12 @@ so (a check that cannot fail would prove nothing).
 
 import os
 import re
-import shutil
 import subprocess
 
-import pytest
-
 import make_man
-from conftest import IN_CI, ROOT
-from profiles import DAY, renewal_left
+from helpers import ROOT, docstring_exit_codes, tool
+from make_certs import DAY
+from profiles import renewal_left
 
 DOCS = os.path.join(ROOT, "docs")
 
@@ -206,12 +204,6 @@ def test_defaults_check_fails_on_a_stale_default(certgrab):
 
 # ---------------------------------------------------------------- 3. exit codes
 
-def docstring_exit_codes(certgrab):
-    """{code: the words before its first colon}, from the module docstring's Exit codes."""
-    block = certgrab.__doc__.split("\nExit codes\n", 1)[1]
-    return dict(re.findall(r"^    (\d)  ([^:]+):", block, re.M))
-
-
 def exit_code_problems(certgrab, readme):
     text = section(readme, "Exit codes")
     codes = docstring_exit_codes(certgrab)
@@ -371,8 +363,8 @@ def ci_packages(run_script):
 
 
 def development_problems(text, run_script, test_files):
-    problems = ["docs/development.md does not name tests/%s" % name
-                for name in sorted(test_files) if name not in text]
+    problems = ["docs/development.md does not name tests/%s" % name for name in sorted(test_files)
+                if not re.search(r"(?<![\w.-])%s(?![\w.-])" % re.escape(name), text)]
     ci = re.search(r"^- \*\*CI\*\*:(.*?)(?=^- |\Z)", text, re.M | re.S).group(1)
     named = set(word for word in re.findall(r"`([^`]+)`", ci)
                 if re.match(r"^[a-z0-9][a-z0-9.+-]*$", word))
@@ -402,18 +394,16 @@ def test_development_check_fails_on_a_new_file_and_a_new_package():
         "only in .ci/run ['jq']"]
 
 
+def test_development_check_wants_the_name_itself_not_a_longer_one():
+    """helpers.py is not named by a line that names old_helpers.py."""
+    text = read("docs/development.md").replace("tests/helpers.py ", "tests/old_helpers.py ")
+    assert development_problems(text, read(".ci/run"), ["helpers.py", "grow.py"]) == [
+        "docs/development.md does not name tests/helpers.py"]
+
+
 # ---------------------------------------------------------------- 8. the man page
 
 MAN_PAGE = os.path.join(ROOT, "docs", "certgrab.1")
-
-
-def tool(name):
-    found = shutil.which(name)
-    if found is None:
-        if IN_CI:
-            pytest.fail("%s is not installed" % name)
-        pytest.skip("%s is not installed" % name)
-    return found
 
 
 def test_man_page_is_what_make_man_makes_now():

@@ -15,9 +15,8 @@ import time
 import pytest
 
 import servers
-from install_helpers import (NAME, OUT_FILES, assert_verifies, entries, expected, files_ders,
-                             hook_runs)
-from make_certs import pem_ders, read_ders
+from helpers import OUT_FILES, assert_verifies, entries, expected, files_ders, hook_runs
+from make_certs import NAME, pem_ders, read_ders
 
 READY = 10.0  # seconds nginx may take to listen
 
@@ -48,12 +47,6 @@ http {{
 """
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def listening(port):
     try:
         socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
@@ -75,7 +68,7 @@ class Nginx(object):
 
     def start(self):
         for attempt in range(3):  # the free port may be taken between probe and listen
-            self.port = free_port()
+            self.port = servers.free_ports(1)[0]
             config = self.dir / "nginx.conf"
             config.write_text(NGINX_CONFIG.format(dir=self.dir, port=self.port, name=NAME,
                                                   rsa=self.certs / "rsa1",

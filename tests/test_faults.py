@@ -29,12 +29,10 @@ import sys
 
 import pytest
 
-from conftest import CERTGRAB, IN_CI
-from install_helpers import (OUT_FILES, assert_fullchain_verifies, assert_verifies, grab_args,
-                             hook_runs, message_lines, temp_files)
+from helpers import (CERTGRAB, IN_CI, OUT_FILES, PENDING_MTIME, assert_fullchain_verifies,
+                     assert_verifies, error_lines, grab, grab_args, hook_runs, temp_files)
 from make_certs import read_ders
 
-PENDING_MTIME = 1
 ERRORS = ("ENOSPC", "EIO", "EACCES")
 # The system calls a renewal makes on its files; stderr writes are counted with "write".
 CALLS = ("openat", "read", "write", "close", "fsync", "rename", "fchmod", "fchown",
@@ -57,7 +55,7 @@ class Layout(object):
         self.files = [os.path.join(self.live, n) for n in OUT_FILES] + [self.combined]
 
     def args(self, server, *extra):
-        return grab_args(self.certs, server, "--out-dir", self.live, "--key-path",
+        return grab_args(server, self.certs / "ec1", "--out-dir", self.live, "--key-path",
                          self.certs / "ec1" / "key.pem", "--combined-path", self.combined,
                          "--deploy-hook", "echo x >> %s" % self.log, *extra)
 
@@ -250,7 +248,7 @@ def check_faulted_run(result, layout, old, new, stderr_write):
     assert "Traceback" not in result.stderr, result.stderr
     verdict = disk_verdict(layout, old, new)
     assert result.returncode in EXPECTED[verdict], (verdict, result.stderr)
-    lines = [line for line in message_lines(result.stderr)       # errors, not the report
+    lines = [line for line in error_lines(result.stderr)       # errors, not the report
              if not line.startswith("certgrab: installed the chain")]
     if result.returncode == 0:
         assert lines == [], result.stderr
@@ -339,7 +337,7 @@ def test_a_leftover_temporary_that_cannot_be_removed_stops_the_run(renewal, tmp_
                            lambda text: text.startswith("unlink(") and temp in text, "EIO",
                            reset)
     assert result.returncode == 5, result.stderr
-    assert message_lines(result.stderr) == [
+    assert error_lines(result.stderr) == [
         "certgrab: cannot remove the leftover temporary file %s" % stale]
     assert "the previous files are unchanged" in result.stderr
     assert disk_verdict(layout, old, new) == "old"
@@ -377,8 +375,8 @@ DAMAGES = [garbage, cut_in_half, bad_base64, bad_der, empty]
 def installed_newer(run, layout, new_server, old_server):
     """The newer chain (ec1new) installed in live/; returns the argv offering the older."""
     live = layout.live
-    assert run(*grab_args(layout.certs, new_server, "--out-dir", live)).rc == 0
-    return grab_args(layout.certs, old_server, "--out-dir", live)
+    assert grab(run, new_server, layout.certs / "ec1", "--out-dir", live).rc == 0
+    return grab_args(old_server, layout.certs / "ec1", "--out-dir", live)
 
 
 @pytest.mark.parametrize("damage", DAMAGES, ids=lambda d: d.__name__)
@@ -394,7 +392,7 @@ def test_a_damaged_cert_pem_does_not_let_an_older_leaf_in(run, renewal, damage):
     before = layout.read()
     result = run(*older)
     assert result.rc == 6, result.err
-    line = message_lines(result.err)
+    line = error_lines(result.err)
     assert len(line) == 1 and "not newer than the installed one" in line[0], result.err
     assert "%s is not a readable certificate file" % cert in line[0], result.err
     assert layout.read() == before
@@ -411,12 +409,12 @@ def test_a_cert_pem_linked_to_a_file_that_is_no_certificate_is_refused(run, rene
     notes.write_text("not a certificate\n")
     os.unlink(cert)
     os.symlink(str(notes), cert)
-    for argv in (older, grab_args(layout.certs, new_server, "--out-dir", layout.live)):
+    for argv in (older, grab_args(new_server, layout.certs / "ec1", "--out-dir", layout.live)):
         result = run(*argv)
         assert result.rc == 6, result.err
         assert "%s is not a readable certificate file" % cert in result.err
         assert notes.read_text() == "not a certificate\n"
-    result = run(*(grab_args(layout.certs, new_server, "--out-dir", layout.live, "--force")))
+    result = grab(run, new_server, layout.certs / "ec1", "--out-dir", layout.live, "--force")
     assert result.rc == 0, result.err
     assert "installing it because of --force" in result.err
     assert os.path.islink(cert) and read_ders(str(notes)) == read_ders(
@@ -427,9 +425,9 @@ def test_a_cert_pem_linked_to_a_file_that_is_no_certificate_is_refused(run, rene
 def test_a_truncated_fullchain_alone_refuses_an_older_leaf(run, served, certs, tmp_path):
     old_server, new_server = served("ec1"), served("ec1new")
     full = tmp_path / "fullchain.pem"
-    assert run(*grab_args(certs, new_server, "--fullchain-path", full)).rc == 0
+    assert grab(run, new_server, certs / "ec1", "--fullchain-path", full).rc == 0
     full.write_bytes(full.read_bytes()[:300])
-    result = run(*grab_args(certs, old_server, "--fullchain-path", full))
+    result = grab(run, old_server, certs / "ec1", "--fullchain-path", full)
     assert result.rc == 6, result.err
     assert "cannot tell which leaf is installed: %s is not a readable certificate file" \
         % full in result.err
@@ -494,8 +492,8 @@ def test_a_renewed_certificate_is_never_executable_or_set_id(run, renewal, mode)
 def test_a_key_path_that_cannot_be_read_is_not_a_usage_error(run, served, certs, tmp_path):
     """An I/O error is exit 2 like an unusable key, without the "--help" hint."""
     server = served("ec1")
-    result = run(*grab_args(certs, server, "--out-dir", tmp_path / "live",
-                            "--key-path", tmp_path))
+    result = grab(run, server, certs / "ec1", "--out-dir", tmp_path / "live",
+                  "--key-path", tmp_path)
     assert result.rc == 2, result.err
     assert result.err == "certgrab: cannot read --key-path %s: Is a directory\n" % tmp_path
 
@@ -503,7 +501,7 @@ def test_a_key_path_that_cannot_be_read_is_not_a_usage_error(run, served, certs,
 @needs_strace
 def test_a_cafile_that_cannot_be_read_is_not_a_usage_error(served, certs, tmp_path):
     server, log = served("ec1"), tmp_path / "trace.log"
-    argv = grab_args(certs, server, "--out-dir", tmp_path / "live")
+    argv = grab_args(server, certs / "ec1", "--out-dir", tmp_path / "live")
     cafile = str(certs / "ec1" / "root.pem")
     assert traced(argv, log, ("openat",)).returncode == 0
     number, text = next((i + 1, text) for i, (_, text) in enumerate(parse_trace(log))

@@ -12,12 +12,11 @@ import pytest
 
 import make_certs
 import servers
-from conftest import assert_one_error
-from install_helpers import LOCK, assert_fullchain_verifies, assert_verifies, entries
-from make_certs import PEM_BLOCK, ders_to_pem, pem_ders, read_ders
+from helpers import (LOCK, assert_fullchain_verifies, assert_one_error, assert_verifies, entries,
+                     grab, warnings)
+from make_certs import NAME, PEM_BLOCK, ders_to_pem, pem_ders, read_ders
 from servers import closed_port
 
-NAME = "www.example.test"
 CHAINS = ["ec1", "ec2", "rsa1", "rsa2"]
 
 
@@ -27,19 +26,9 @@ def assert_only_pem(text):
     assert PEM_BLOCK.sub("", text).strip() == "", "extra text on stdout: %r" % text
 
 
-def warnings(result):
-    """The `certgrab: warning:` lines of stderr, as one text."""
-    return "\n".join(l for l in result.err.splitlines() if l.startswith("certgrab: warning:"))
-
-
 def assert_nothing_written(result, out_dir):
     assert result.out == "", "stdout should be empty on failure: %r" % result.out
     assert not out_dir.exists() or list(out_dir.iterdir()) == [], list(out_dir.iterdir())
-
-
-def grab(run, certs, server, chain, *extra):
-    """certgrab SERVER -n www.example.test --cafile <chain's root> EXTRA..."""
-    return run(server.address, "-n", NAME, "--cafile", certs / chain / "root.pem", *extra)
 
 
 # The served chain on stdout ----------------------------------------------------------------
@@ -49,7 +38,7 @@ def grab(run, certs, server, chain, *extra):
 @pytest.mark.parametrize("chain", CHAINS)
 def test_stdout_is_exactly_the_served_chain(run, served, certs, chain, tls, kind):
     server = served(chain, tls=tls, kind=kind)
-    result = grab(run, certs, server, chain)
+    result = grab(run, server, certs / chain)
     assert result.rc == 0, result.err
     assert pem_ders(result.out) == read_ders(certs / chain / "fullchain.pem")
     assert_only_pem(result.out)
@@ -58,7 +47,7 @@ def test_stdout_is_exactly_the_served_chain(run, served, certs, chain, tls, kind
 
 def test_servername_is_sent_as_sni(run, served, certs):
     server = served("ec1")
-    assert grab(run, certs, server, "ec1").rc == 0
+    assert grab(run, server, certs / "ec1").rc == 0
     assert server.server_names == [NAME]
 
 
@@ -102,14 +91,14 @@ def test_host_name_source_is_the_default_servername(run, served, certs):
 
 def test_verbose_names_the_tls_version(run, served, certs):
     server = served("ec1", tls="1.2")
-    result = grab(run, certs, server, "ec1", "-v")
+    result = grab(run, server, certs / "ec1", "-v")
     assert result.rc == 0, result.err
     assert re.search(r"TLS ?v?1\.2", result.err), result.err
 
 
 def test_quiet_success_prints_nothing_on_stderr(run, served, certs, tmp_path):
     server = served("ec1")
-    result = grab(run, certs, server, "ec1", "-q", "--out-dir", tmp_path / "out")
+    result = grab(run, server, certs / "ec1", "-q", "--out-dir", tmp_path / "out")
     assert result.rc == 0, result.err
     assert result.out == "" and result.err == ""
     assert_verifies(certs / "ec1" / "root.pem", tmp_path / "out")
@@ -121,7 +110,7 @@ def test_quiet_success_prints_nothing_on_stderr(run, served, certs, tmp_path):
 def test_out_dir_writes_cert_chain_fullchain(run, served, certs, tmp_path, chain, tls):
     server = served(chain, tls=tls)
     out = tmp_path / "not" / "yet" / "there"
-    result = grab(run, certs, server, chain, "--out-dir", out)
+    result = grab(run, server, certs / chain, "--out-dir", out)
     assert result.rc == 0, result.err
     assert result.out == "", "with --out-dir nothing goes to stdout"
     want = read_ders(certs / chain / "fullchain.pem")
@@ -140,7 +129,7 @@ def test_new_files_are_0644_even_under_a_strict_umask(run, served, certs, tmp_pa
     server = served("ec1")
     old = os.umask(0o077)
     try:
-        result = grab(run, certs, server, "ec1", "--out-dir", tmp_path / "out")
+        result = grab(run, server, certs / "ec1", "--out-dir", tmp_path / "out")
     finally:
         os.umask(old)
     assert result.rc == 0, result.err
@@ -155,7 +144,7 @@ def test_existing_file_keeps_its_mode(run, served, certs, tmp_path):
     target = tmp_path / "fullchain.pem"
     target.write_text((certs / "ec1" / "fullchain.pem").read_text())
     target.chmod(0o640)
-    result = grab(run, certs, server, "ec1", "--fullchain-path", target)
+    result = grab(run, server, certs / "ec1", "--fullchain-path", target)
     assert result.rc == 0, result.err
     assert read_ders(target) == read_ders(certs / "ec1new" / "fullchain.pem")
     assert_fullchain_verifies(certs / "ec1" / "root.pem", target)
@@ -165,9 +154,9 @@ def test_existing_file_keeps_its_mode(run, served, certs, tmp_path):
 def test_unchanged_files_are_not_rewritten(run, served, certs, tmp_path):
     server = served("ec2")
     out = tmp_path / "out"
-    assert grab(run, certs, server, "ec2", "--out-dir", out).rc == 0
+    assert grab(run, server, certs / "ec2", "--out-dir", out).rc == 0
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()}
-    result = grab(run, certs, server, "ec2", "--out-dir", out)
+    result = grab(run, server, certs / "ec2", "--out-dir", out)
     assert result.rc == 0, result.err
     after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()}
     assert after == before
@@ -177,7 +166,7 @@ def test_unchanged_files_are_not_rewritten(run, served, certs, tmp_path):
 def test_single_file_paths(run, served, certs, tmp_path):
     server = served("rsa2", tls="1.2")
     cert, chain, full = tmp_path / "a" / "c.pem", tmp_path / "b" / "ch.pem", tmp_path / "f.pem"
-    result = grab(run, certs, server, "rsa2", "--cert-path", cert, "--chain-path", chain,
+    result = grab(run, server, certs / "rsa2", "--cert-path", cert, "--chain-path", chain,
                   "--fullchain-path", full)
     assert result.rc == 0, result.err
     want = read_ders(certs / "rsa2" / "fullchain.pem")
@@ -192,7 +181,7 @@ def test_single_file_paths(run, served, certs, tmp_path):
 
 def test_only_the_asked_file_is_written(run, served, certs, tmp_path):
     server = served("ec1")
-    result = grab(run, certs, server, "ec1", "--fullchain-path", tmp_path / "full.pem")
+    result = grab(run, server, certs / "ec1", "--fullchain-path", tmp_path / "full.pem")
     assert result.rc == 0, result.err
     assert entries(tmp_path) == ["full.pem"]
     assert result.out == ""
@@ -302,7 +291,7 @@ def test_insecure_fetches_anyway_and_says_so(run, served, certs, chain):
     result = run(server.address, "-n", NAME, "--insecure")
     assert result.rc == 0, result.err
     assert pem_ders(result.out) == read_ders(certs / chain / "fullchain.pem")
-    assert re.search(r"insecure|not verified", warnings(result), re.I), result.err
+    assert re.search(r"insecure|not verified", warnings(result.err), re.I), result.err
 
 
 def test_insecure_writes_files_from_an_unknown_root(run, served, certs, tmp_path):
@@ -314,7 +303,7 @@ def test_insecure_writes_files_from_an_unknown_root(run, served, certs, tmp_path
     assert result.rc == 0, result.err
     assert read_ders(out / "fullchain.pem") == read_ders(certs / "unknown" / "fullchain.pem")
     assert_verifies(certs / "unknown" / "root.pem", out)
-    assert re.search(r"insecure|not verified", warnings(result), re.I), result.err
+    assert re.search(r"insecure|not verified", warnings(result.err), re.I), result.err
 
 
 # Anomalous served chains -------------------------------------------------------------------
@@ -342,29 +331,29 @@ def test_anomalous_chain_stdout_as_served_files_cleaned(run, served, certs, tmp_
     served_file.write_text(ders_to_pem(ders))
     server = served("ec2", tls=tls, file=served_file)
 
-    result = grab(run, certs, server, "ec2")
+    result = grab(run, server, certs / "ec2")
     assert result.rc == 0, result.err
     assert pem_ders(result.out) == ders, "stdout must keep exactly what was served"
-    assert re.search(warning, warnings(result), re.I), result.err
+    assert re.search(warning, warnings(result.err), re.I), result.err
 
     out = tmp_path / "out"
-    result = grab(run, certs, server, "ec2", "--out-dir", out)
+    result = grab(run, server, certs / "ec2", "--out-dir", out)
     assert result.rc == 0, result.err
     clean = read_ders(certs / "ec2" / "fullchain.pem")
     assert read_ders(out / "cert.pem") == clean[:1]
     assert read_ders(out / "chain.pem") == clean[1:]
     assert read_ders(out / "fullchain.pem") == clean
     assert_verifies(certs / "ec2" / "root.pem", out)
-    assert re.search(warning, warnings(result), re.I), result.err
+    assert re.search(warning, warnings(result.err), re.I), result.err
 
 
 def test_well_formed_chain_gives_no_warning(run, served, certs, tmp_path):
     server = served("ec2")
-    result = grab(run, certs, server, "ec2")
+    result = grab(run, server, certs / "ec2")
     assert result.rc == 0 and result.err == "", result.err
-    result = grab(run, certs, server, "ec2", "--out-dir", tmp_path / "out")
+    result = grab(run, server, certs / "ec2", "--out-dir", tmp_path / "out")
     assert result.rc == 0, result.err
-    assert not re.search(r"order|root|unrelated|extra", warnings(result), re.I), result.err
+    assert not re.search(r"order|root|unrelated|extra", warnings(result.err), re.I), result.err
     assert_verifies(certs / "ec2" / "root.pem", tmp_path / "out")
 
 
@@ -373,7 +362,7 @@ def test_well_formed_chain_gives_no_warning(run, served, certs, tmp_path):
 @pytest.mark.parametrize("chain,tls", [("ec2", "1.3"), ("rsa1", "1.2"), ("rsa2", "1.3")])
 def test_verified_chain_ends_with_the_root(run, served, certs, chain, tls):
     server = served(chain, tls=tls)
-    result = grab(run, certs, server, chain, "--verified-chain")
+    result = grab(run, server, certs / chain, "--verified-chain")
     assert result.rc == 0, result.err
     want = read_ders(certs / chain / "fullchain.pem") + read_ders(certs / chain / "root.pem")
     assert pem_ders(result.out) == want
@@ -385,7 +374,7 @@ def test_verified_chain_puts_an_out_of_order_chain_right(run, served, certs, tmp
     served_file = tmp_path / "served.pem"
     served_file.write_text(ders_to_pem([leaf, root, i1, i2]))
     server = served("ec2", file=served_file)
-    result = grab(run, certs, server, "ec2", "--verified-chain")
+    result = grab(run, server, certs / "ec2", "--verified-chain")
     assert result.rc == 0, result.err
     assert pem_ders(result.out) == [leaf, i2, i1, root]
 
@@ -443,6 +432,6 @@ def test_all_sources_failing_verification_fails_with_4(run, served, certs, tmp_p
 
 def test_quiet_still_prints_the_error(run, served, certs):
     server = served("expired")
-    result = run(server.address, "-n", NAME, "--cafile", certs / "expired" / "root.pem", "-q")
+    result = grab(run, server, certs / "expired", "-q")
     assert result.rc == 4
     assert_one_error(result)

@@ -23,7 +23,7 @@ import subprocess
 
 import pytest
 
-from conftest import assert_one_error
+from helpers import assert_one_error
 
 x509 = pytest.importorskip("cryptography.x509")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402

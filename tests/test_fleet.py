@@ -26,38 +26,21 @@ from cryptography.x509.oid import NameOID
 
 import make_certs
 import servers
-from install_helpers import (NAME, OUT_FILES, assert_fullchain_verifies, assert_refused,
-                             assert_verifies, entries, files_ders, grab_args, hook_command,
-                             hook_runs, message_lines, snapshot)
+from helpers import (CRITICAL, FETCH, OK, OUT_FILES, REFUSED, USAGE, VERIFY, WARNING,
+                     assert_fullchain_verifies, assert_refused, assert_verifies, describe, entries,
+                     error_lines, files_ders, grab, grab_args, hook_command, hook_runs, iso,
+                     load_cert, serial_hex, sha256, snapshot)
+from make_certs import NAME
 
-REFUSED, VERIFY, FETCH, USAGE = 6, 4, 3, 2
-OK, WARNING, CRITICAL = 0, 1, 2
 DER = serialization.Encoding.DER
 SPKI = serialization.PublicFormat.SubjectPublicKeyInfo
 
 
 # Facts, read with cryptography ---------------------------------------------------------------
 
-def load(path, index=0):
-    return x509.load_der_x509_certificate(make_certs.read_ders(path)[index])
-
-
-def iso(when):
-    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def serial_hex(cert):
-    text = "%x" % cert.serial_number
-    return "0" * (len(text) % 2) + text
-
-
 def subject(name):
     """A name as certgrab prints it: attributes in encoded order (plain values here)."""
     return ", ".join("%s=%s" % (a.rfc4514_attribute_name, a.value) for a in name)
-
-
-def sha256(cert):
-    return hashlib.sha256(cert.public_bytes(DER)).hexdigest()
 
 
 def spki_sha256_of_key(path):
@@ -73,11 +56,6 @@ def spki_sha256(cert):
 def summary(cert):
     """certgrab's "sha256 <16 hex>... issued <notBefore>"."""
     return "sha256 %s... issued %s" % (sha256(cert)[:16], iso(cert.not_valid_before_utc))
-
-
-def describe(cert):
-    return "serial %s issued %s, expires %s" % (serial_hex(cert), iso(cert.not_valid_before_utc),
-                                               iso(cert.not_valid_after_utc))
 
 
 def bundle(tmp_path, *paths):
@@ -105,9 +83,9 @@ def test_a_leaf_only_server_whose_intermediate_is_nowhere_installs_nothing(run, 
                                                                            tmp_path):
     server = served("ec1", file=certs / "ec1" / "cert.pem")
     out = tmp_path / "out"
-    result = run(*grab_args(certs, server, "--out-dir", out))
+    result = grab(run, server, certs / "ec1", "--out-dir", out)
     line = assert_refused(result, VERIFY)
-    issuer = subject(load(certs / "ec1" / "cert.pem").issuer)
+    issuer = subject(load_cert(certs / "ec1" / "cert.pem").issuer)
     assert line == ('certgrab: %s: certificate verification failed: unable to get local issuer '
                     'certificate: the server sent only its leaf (issued by "%s"); point it at '
                     'fullchain.pem' % (server.address, issuer))
@@ -256,7 +234,7 @@ def test_same_names_a_source_lacking_an_intermediate(run, served, certs, tmp_pat
     result = run("--check", "--same", "--no-chain-warning", full.address, leaf_only.address,
                  "-n", NAME, "--cafile", cafile)
     assert result.rc == CRITICAL, result.out
-    inter = load(certs / "ec1" / "chain.pem")
+    inter = load_cert(certs / "ec1" / "chain.pem")
     assert check_lines(result.out)[1] == (
         'CRITICAL - %s: not the newest chain: serves no intermediate 1; the newest (%s) serves '
         'intermediate 1 "%s" (%s)' % (leaf_only.address, full.address, subject(inter.subject),
@@ -284,8 +262,8 @@ def test_expect_file_names_the_leaf_that_differs(run, served, certs):
                  "--cafile", certs / "ec1" / "root.pem")
     assert check_lines(result.out) == [
         "CRITICAL - %s: serves the leaf (%s); %s has the leaf (%s) (a service not reloaded?)"
-        % (server.address, summary(load(certs / "ec1" / "cert.pem")), expect,
-           summary(load(certs / "ec1new" / "cert.pem")))]
+        % (server.address, summary(load_cert(certs / "ec1" / "cert.pem")), expect,
+           summary(load_cert(certs / "ec1new" / "cert.pem")))]
 
 
 def test_expect_file_without_certificates_is_unknown(run, served, certs, tmp_path):
@@ -300,9 +278,9 @@ def test_expect_file_without_certificates_is_unknown(run, served, certs, tmp_pat
 
 def test_the_key_the_leaf_matches_is_installed_as_privkey(run, served, certs, tmp_path):
     out = tmp_path / "out"
-    result = run(*grab_args(certs, served("ec1"), "--out-dir", out, "--privkey",
-                            "--key-path", certs / "ec2" / "key.pem",
-                            "--key-path", certs / "ec1" / "key.pem"))
+    result = grab(run, served("ec1"), certs / "ec1", "--out-dir", out, "--privkey",
+                  "--key-path", certs / "ec2" / "key.pem",
+                  "--key-path", certs / "ec1" / "key.pem")
     assert result.rc == 0, result.err
     assert entries(out) == sorted(OUT_FILES + ["privkey.pem"])
     assert (out / "privkey.pem").read_bytes() == (certs / "ec1" / "key.pem").read_bytes()
@@ -312,9 +290,9 @@ def test_the_key_the_leaf_matches_is_installed_as_privkey(run, served, certs, tm
 
 def test_combined_path_gets_the_matching_key(run, served, certs, tmp_path):
     combined = tmp_path / "haproxy.pem"
-    result = run(*grab_args(certs, served("ec1"), "--combined-path", combined,
-                            "--key-path", certs / "ec2" / "key.pem",
-                            "--key-path", certs / "ec1" / "key.pem"))
+    result = grab(run, served("ec1"), certs / "ec1", "--combined-path", combined,
+                  "--key-path", certs / "ec2" / "key.pem",
+                  "--key-path", certs / "ec1" / "key.pem")
     assert result.rc == 0, result.err
     assert combined.read_bytes().endswith((certs / "ec1" / "key.pem").read_bytes())
     assert_fullchain_verifies(certs / "ec1" / "root.pem", combined)
@@ -325,13 +303,13 @@ def test_privkey_may_be_the_current_key_path_and_follows_the_certificate(run, st
     """certbot's layout: the service reads privkey.pem, which is also the current key; the
     next key is listed too. The renewal for the next key moves both in one set."""
     out = tmp_path / "out"
-    first = run(*grab_args(certs, served("ec1"), "--out-dir", out, "--privkey",
-                           "--key-path", certs / "ec1" / "key.pem"))
+    first = grab(run, served("ec1"), certs / "ec1", "--out-dir", out, "--privkey",
+                 "--key-path", certs / "ec1" / "key.pem")
     assert first.rc == 0, first.err
     fresh = make_certs.make_dated_chain(tmp_path, certs / "root-ec", "fresh", 30)
     server = started(servers.TLSServer(os.path.join(fresh, "fullchain.pem"),
                                        os.path.join(fresh, "key.pem")))
-    argv = grab_args(certs, server, "--out-dir", out, "--privkey",
+    argv = grab_args(server, certs / "ec1", "--out-dir", out, "--privkey",
                      "--key-path", out / "privkey.pem",
                      "--key-path", os.path.join(fresh, "key.pem"))
     result = run(*argv)
@@ -354,7 +332,7 @@ def test_privkey_usage_errors(run, served, certs, tmp_path, extra, message):
     server = served("ec1")
     values = dict(out=tmp_path / "out", k1=certs / "ec1" / "key.pem",
                   k2=certs / "ec2" / "key.pem")
-    result = run(*grab_args(certs, server, *[a.format(**values) for a in extra]))
+    result = grab(run, server, certs / "ec1", *[a.format(**values) for a in extra])
     assert result.rc == USAGE
     assert result.err.splitlines()[0] == message
     assert server.connections == 0
@@ -365,15 +343,16 @@ def test_privkey_usage_errors(run, served, certs, tmp_path, extra, message):
 def test_a_key_mismatch_names_the_leaf_the_cause_and_the_fix(run, served, certs, tmp_path):
     server = served("ec1")
     keys = [certs / "ec2" / "key.pem", certs / "rsa1" / "key.pem"]
-    result = run(*grab_args(certs, server, "--out-dir", tmp_path / "out", "--privkey",
-                            "--key-path", keys[0], "--key-path", keys[1]))
+    result = grab(run, server, certs / "ec1", "--out-dir", tmp_path / "out", "--privkey",
+                  "--key-path", keys[0], "--key-path", keys[1])
     assert_refused(result, REFUSED)
-    leaf = load(certs / "ec1" / "cert.pem")
+    leaf = load_cert(certs / "ec1" / "cert.pem")
     assert result.err.splitlines() == [
         "certgrab: %s: refused the leaf serial %s issued %s: its key (SPKI sha256 %s) is not "
         "--key-path %s (SPKI sha256 %s) nor --key-path %s (SPKI sha256 %s)" % (
-            server.address, serial_hex(leaf), iso(leaf.not_valid_before_utc), spki_sha256(leaf),
-            keys[0], spki_sha256_of_key(keys[0]), keys[1], spki_sha256_of_key(keys[1])),
+            server.address, serial_hex(leaf.serial_number), iso(leaf.not_valid_before_utc),
+            spki_sha256(leaf), keys[0], spki_sha256_of_key(keys[0]), keys[1],
+            spki_sha256_of_key(keys[1])),
         "certgrab: hint: the renewing machine likely made a new key: renew there with "
         "--reuse-key (certbot, lego), or copy its new key here and add it as another "
         "--key-path (README: key rollover)"]
@@ -381,32 +360,32 @@ def test_a_key_mismatch_names_the_leaf_the_cause_and_the_fix(run, served, certs,
 
 def test_verbose_says_what_was_refused(run, served, certs):
     server = served("ec1")
-    result = run(*grab_args(certs, server, "-v", "--key-path", certs / "ec2" / "key.pem"))
+    result = grab(run, server, certs / "ec1", "-v", "--key-path", certs / "ec2" / "key.pem")
     assert result.rc == REFUSED
-    leaf, inter = load(certs / "ec1" / "cert.pem"), load(certs / "ec1" / "chain.pem")
+    leaf, inter = load_cert(certs / "ec1" / "cert.pem"), load_cert(certs / "ec1" / "chain.pem")
     lines = [line for line in result.err.splitlines() if ": refused: " in line]
     assert len(lines) == 3, result.err
     assert lines[0].startswith("certgrab: %s: refused: TLSv1.3 TLS_" % server.address)
     assert lines[1:] == [
         "certgrab: %s: refused: leaf serial %s, issued %s, expires %s" % (
-            server.address, serial_hex(leaf), iso(leaf.not_valid_before_utc),
+            server.address, serial_hex(leaf.serial_number), iso(leaf.not_valid_before_utc),
             iso(leaf.not_valid_after_utc)),
         'certgrab: %s: refused: chain, leaf first: "%s"; "%s"' % (
             server.address, subject(leaf.subject), subject(inter.subject))]
-    assert ": refused: " not in run(*grab_args(certs, server, "--key-path",
-                                               certs / "ec2" / "key.pem")).err
+    assert ": refused: " not in grab(run, server, certs / "ec1", "--key-path",
+                                     certs / "ec2" / "key.pem").err
 
 
 def test_a_stale_source_is_behind_and_gets_no_force_hint(run, served, certs, tmp_path):
     out = tmp_path / "out"
-    assert run(*grab_args(certs, served("ec1new"), "--out-dir", out)).rc == 0
+    assert grab(run, served("ec1new"), certs / "ec1", "--out-dir", out).rc == 0
     server = served("ec1")
-    result = run(*grab_args(certs, server, "--out-dir", out))
+    result = grab(run, server, certs / "ec1", "--out-dir", out)
     assert_refused(result, REFUSED)
     assert result.err.splitlines() == [
         "certgrab: %s offers a leaf (%s) that is not newer than the installed one (%s)" % (
-            server.address, describe(load(certs / "ec1" / "cert.pem")),
-            describe(load(certs / "ec1new" / "cert.pem"))),
+            server.address, describe(load_cert(certs / "ec1" / "cert.pem")),
+            describe(load_cert(certs / "ec1new" / "cert.pem"))),
         "certgrab: hint: the source is behind this machine: it has not yet installed the "
         "newest certificate; fix the source, not this machine"]
 
@@ -417,11 +396,11 @@ def test_an_unknown_root_is_named_and_insecure_is_offered_only_without_files(
     server = served("unknown")
     cafile = certs / "ec1" / "root.pem"
     extra = ["--out-dir", tmp_path / "out"] if installing else []
-    result = run(*grab_args(certs, server, *extra))
+    result = grab(run, server, certs / "ec1", *extra)
     line = assert_refused(result, VERIFY)
     assert line == "certgrab: %s: certificate verification failed: unable to get local issuer " \
         "certificate" % server.address
-    root = subject(load(certs / "unknown" / "root.pem").subject)
+    root = subject(load_cert(certs / "unknown" / "root.pem").subject)
     hint = 'certgrab: hint: the chain leads to the root "%s", which --cafile %s does not ' \
         'hold: if your CA changed its root, add the new one' % (root, cafile)
     assert result.err.splitlines()[1] == hint + ("" if installing else
@@ -430,14 +409,14 @@ def test_an_unknown_root_is_named_and_insecure_is_offered_only_without_files(
 
 def test_a_wrong_name_lists_the_names_the_leaf_covers(run, served, certs):
     server = served("wrongname")
-    result = run(*grab_args(certs, server))
+    result = grab(run, server, certs / "ec1")
     assert_refused(result, VERIFY)
     assert result.err.splitlines()[1] == (
         "certgrab: hint: the leaf covers other.example.test; pass -n/--servername with one of "
         "those names")
     insecure = run(server.address, "-n", NAME, "--insecure", "--out-dir", "/nonexistent/x")
     assert insecure.rc == REFUSED
-    assert message_lines(insecure.err) == [
+    assert error_lines(insecure.err) == [
         "certgrab: %s: the leaf does not cover %s; it covers: other.example.test" % (
             server.address, NAME)]
 
@@ -446,19 +425,19 @@ def test_a_wrong_name_lists_the_names_the_leaf_covers(run, served, certs):
 def test_a_retried_hook_says_why(run, served, certs, tmp_path, quiet):
     out, log = tmp_path / "out", tmp_path / "hook.log"
     server = served("ec1")
-    failed = run(*grab_args(certs, server, "--out-dir", out, "--deploy-hook", "exit 1"))
+    failed = grab(run, server, certs / "ec1", "--out-dir", out, "--deploy-hook", "exit 1")
     assert failed.rc == 7, failed.err
     flags = ["-q"] if quiet else []
-    result = run(*grab_args(certs, server, "--out-dir", out, "--deploy-hook",
-                            hook_command(log), *flags))
+    result = grab(run, server, certs / "ec1", "--out-dir", out, "--deploy-hook",
+                  hook_command(log), *flags)
     assert result.rc == 0, result.err
     real = os.path.realpath(str(out))
     assert result.err.splitlines() == [
         "certgrab: retrying the deploy hook, which did not complete after an earlier run "
         "installed %s" % " ".join(os.path.join(real, name) for name in OUT_FILES)]
     assert len(hook_runs(log)) == 1
-    again = run(*grab_args(certs, server, "--out-dir", out, "--deploy-hook",
-                           hook_command(log), *flags))
+    again = grab(run, server, certs / "ec1", "--out-dir", out, "--deploy-hook",
+                 hook_command(log), *flags)
     assert "retrying" not in again.err and len(hook_runs(log)) == 1
     assert_verifies(certs / "ec1" / "root.pem", out)
 
@@ -467,14 +446,14 @@ def test_a_retried_hook_says_why(run, served, certs, tmp_path, quiet):
 
 def test_tls_max_asks_for_an_older_protocol(run, served, certs):
     server = served("ec1", tls="any")
-    result = run(*grab_args(certs, server, "--tls-max", "1.2", "--json"))
+    result = grab(run, server, certs / "ec1", "--tls-max", "1.2", "--json")
     assert result.rc == 0, result.err
     assert '"tls_version": "TLSv1.2"' in result.out
-    assert '"tls_version": "TLSv1.3"' in run(*grab_args(certs, server, "--json")).out
+    assert '"tls_version": "TLSv1.3"' in grab(run, server, certs / "ec1", "--json").out
 
 
 def test_tls_min_refuses_an_older_server(run, served, certs):
-    result = run(*grab_args(certs, served("ec1", tls="1.2"), "--tls-min", "1.3"))
+    result = grab(run, served("ec1", tls="1.2"), certs / "ec1", "--tls-min", "1.3")
     assert result.rc == FETCH, result.err
     assert "TLS handshake failed" in result.err.splitlines()[0]
 
@@ -484,6 +463,6 @@ def test_tls_min_refuses_an_older_server(run, served, certs):
     (["--tls-min", "1.3", "--tls-max", "1.2"], "certgrab: --tls-min 1.3 is above --tls-max 1.2"),
 ])
 def test_tls_version_usage_errors(run, served, certs, extra, message):
-    result = run(*grab_args(certs, served("ec1"), *extra))
+    result = grab(run, served("ec1"), certs / "ec1", *extra)
     assert result.rc == USAGE
     assert result.err.splitlines()[0] == message

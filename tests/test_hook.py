@@ -7,15 +7,15 @@ import time
 
 import pytest
 
-from install_helpers import (OUT_FILES, assert_fullchain_verifies, assert_verifies, expected,
-                             files_ders, grab_args, hook_command, hook_runs, message_lines,
-                             run_subprocess, snapshot)
+from helpers import (OUT_FILES, assert_fullchain_verifies, assert_verifies, error_lines, expected,
+                     files_ders, grab, grab_args, hook_command, hook_runs, run_subprocess,
+                     snapshot)
 from make_certs import read_ders
 
 
 def install_args(certs, server, out, hook, *extra):
-    return grab_args(certs, server, "--out-dir", out, "--key-path", certs / "ec1" / "key.pem",
-                     "--deploy-hook", hook, *extra)
+    return grab_args(server, certs / "ec1", "--out-dir", out,
+                     "--key-path", certs / "ec1" / "key.pem", "--deploy-hook", hook, *extra)
 
 
 def read_env(path):
@@ -51,8 +51,8 @@ def test_hook_runs_in_lineage_with_relative_paths(run, served, certs, tmp_path, 
     """Relative output paths still give the hook absolute paths."""
     monkeypatch.chdir(tmp_path)
     env_file = tmp_path / "env"
-    result = run(*grab_args(certs, served("ec1"), "--fullchain-path", "sub/full.pem",
-                            "--deploy-hook", "env -0 > %s" % env_file))
+    result = grab(run, served("ec1"), certs / "ec1", "--fullchain-path", "sub/full.pem",
+                  "--deploy-hook", "env -0 > %s" % env_file)
     assert result.rc == 0, result.err
     env = read_env(env_file)
     assert env["RENEWED_LINEAGE"] == str((tmp_path / "sub").resolve())
@@ -80,8 +80,9 @@ def test_failed_hook_exits_7_and_is_retried_by_the_next_run(run, served, certs, 
     fail.write_text("")
     failed = run(*install_args(certs, new, out, hook))
     assert failed.rc == 7, failed.err
-    lines = message_lines(failed.err)
-    assert len(lines) == 2 and "hook" in lines[-1], failed.err  # "installed ..." + the error
+    lines = error_lines(failed.err)
+    assert len(lines) == 2, failed.err                         # "installed ..." + the error
+    assert lines[-1].startswith("certgrab: --deploy-hook failed (exit status 1)"), failed.err
     assert files_ders(out) == expected(certs, "ec1new"), "the files are installed"
     assert_verifies(certs / "ec1new" / "root.pem", out)
     assert len(hook_runs(log)) == 2
@@ -125,7 +126,7 @@ def test_a_run_without_hook_leaves_the_pending_mark(run, served, certs, tmp_path
     fail.write_text("")
     server = served("ec1")
     assert run(*install_args(certs, server, out, hook)).rc == 7
-    plain = run(*grab_args(certs, server, "--out-dir", out))
+    plain = grab(run, server, certs / "ec1", "--out-dir", out)
     assert plain.rc == 0, plain.err
     fail.unlink()
     assert run(*install_args(certs, server, out, hook)).rc == 0
@@ -148,7 +149,8 @@ def test_hook_timeout_kills_the_hook_and_its_children(run, served, certs, tmp_pa
     result = run(*install_args(certs, served("ec1"), out, hook, "--hook-timeout", "0.5"))
     elapsed = time.monotonic() - start
     assert result.rc == 7, result.err
-    assert "timeout" in result.err
+    assert error_lines(result.err)[-1].startswith(   # tmp_path alone holds "timeout"
+        "certgrab: --deploy-hook was killed after --hook-timeout 0.5 s"), result.err
     assert elapsed < 10, "killed after about 0.5 s, not after the hook's 60 s"
     child, shell = (int(open("%s.%s" % (pids, n)).read()) for n in ("child", "sh"))
     deadline = time.monotonic() + 5
@@ -175,9 +177,9 @@ def test_hook_timeout_is_retried(run, served, certs, tmp_path):
 def test_no_hook_when_nothing_changed_and_nothing_pending(run, served, certs, tmp_path):
     out, log = tmp_path / "out", tmp_path / "hook.log"
     server = served("ec1")
-    assert run(*grab_args(certs, server, "--out-dir", out)).rc == 0
-    result = run(*grab_args(certs, server, "--out-dir", out, "--deploy-hook",
-                            hook_command(log)))
+    assert grab(run, server, certs / "ec1", "--out-dir", out).rc == 0
+    result = grab(run, server, certs / "ec1", "--out-dir", out, "--deploy-hook",
+                  hook_command(log))
     assert result.rc == 0, result.err
     assert hook_runs(log) == [], "files installed earlier without a hook are not a change"
 
@@ -185,12 +187,12 @@ def test_no_hook_when_nothing_changed_and_nothing_pending(run, served, certs, tm
 @pytest.mark.parametrize("bad", [["--hook-timeout", "0"], ["--hook-timeout", "x"]])
 def test_bad_hook_timeout_is_a_usage_error(run, served, certs, tmp_path, bad):
     server = served("ec1")
-    result = run(*grab_args(certs, server, "--out-dir", tmp_path / "o",
-                            "--deploy-hook", "true", *bad))
+    result = grab(run, server, certs / "ec1", "--out-dir", tmp_path / "o",
+                  "--deploy-hook", "true", *bad)
     assert result.rc == 2 and server.connections == 0
 
 
 def test_hook_without_output_is_a_usage_error(run, served, certs, tmp_path):
     server = served("ec1")
-    result = run(*grab_args(certs, server, "--deploy-hook", "true"))
+    result = grab(run, server, certs / "ec1", "--deploy-hook", "true")
     assert result.rc == 2 and server.connections == 0

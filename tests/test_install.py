@@ -12,11 +12,10 @@ import subprocess
 
 import pytest
 
-from install_helpers import (NAME, OUT_FILES, assert_fullchain_verifies, assert_refused,
-                             assert_verifies, entries, expected, files_ders, grab_args,
-                             hook_command, hook_runs, message_lines, run_subprocess, snapshot,
-                             temp_files)
-from make_certs import pem_ders, read_ders
+from helpers import (OUT_FILES, assert_fullchain_verifies, assert_refused, assert_verifies, entries,
+                     error_lines, expected, files_ders, grab, grab_args, hook_command, hook_runs,
+                     run_subprocess, snapshot, temp_files)
+from make_certs import NAME, pem_ders, read_ders
 from servers import closed_port
 
 
@@ -27,8 +26,8 @@ def lineage(tmp_path):
 
 
 def install(run, certs, server, out, log=None, *extra):
-    args = grab_args(certs, server, "--out-dir", out, "--key-path", certs / "ec1" / "key.pem",
-                     *extra)
+    args = grab_args(server, certs / "ec1", "--out-dir", out,
+                     "--key-path", certs / "ec1" / "key.pem", *extra)
     if log is not None:
         args += ["--deploy-hook", hook_command(log)]
     return run(*args)
@@ -93,7 +92,7 @@ def test_renewal_updates_mtime_to_now_after_the_hook(run, served, certs, lineage
 def refused_run(run, certs, out, log, server, *extra):
     """Run against an installed ec1 set; the files and the hook log must be untouched."""
     before, runs = snapshot(out), hook_runs(log)
-    args = grab_args(certs, server, "--out-dir", out, "--deploy-hook", hook_command(log),
+    args = grab_args(server, certs / "ec1", "--out-dir", out, "--deploy-hook", hook_command(log),
                      *extra)
     result = run(*args)
     assert snapshot(out) == before, "a refused run must not touch the files"
@@ -186,12 +185,12 @@ def test_wrong_name_is_refused_even_with_insecure(run, served, certs, installed_
 
 def test_key_path_alone_gates_stdout_too(run, served, certs):
     """--key-path without output files: the gate still applies (nothing printed)."""
-    result = run(*grab_args(certs, served("ec1"), "--key-path", certs / "rsa1" / "key.pem"))
+    result = grab(run, served("ec1"), certs / "ec1", "--key-path", certs / "rsa1" / "key.pem")
     assert_refused(result, 6)
 
 
 def test_without_key_path_a_warning_says_the_key_was_not_checked(run, served, certs, tmp_path):
-    result = run(*grab_args(certs, served("ec1"), "--out-dir", tmp_path / "o"))
+    result = grab(run, served("ec1"), certs / "ec1", "--out-dir", tmp_path / "o")
     assert result.rc == 0, result.err
     assert re.search(r"warning:.*key", result.err), result.err
 
@@ -231,9 +230,9 @@ def test_a_refused_source_is_skipped_for_a_good_one(run, served, certs, lineage)
 def test_fullchain_path_alone_writes_only_that_file(run, served, certs, tmp_path):
     target = tmp_path / "only" / "fullchain.pem"
     log = tmp_path / "hook.log"
-    result = run(*grab_args(certs, served("ec1"), "--fullchain-path", target,
-                            "--key-path", certs / "ec1" / "key.pem",
-                            "--deploy-hook", hook_command(log)))
+    result = grab(run, served("ec1"), certs / "ec1", "--fullchain-path", target,
+                  "--key-path", certs / "ec1" / "key.pem",
+                  "--deploy-hook", hook_command(log))
     assert result.rc == 0, result.err
     assert entries(target.parent) == ["fullchain.pem"]
     assert read_ders(target) == read_ders(certs / "ec1" / "fullchain.pem")
@@ -245,7 +244,7 @@ def test_fullchain_path_alone_writes_only_that_file(run, served, certs, tmp_path
 def test_combined_path_holds_chain_and_key_0600_under_umask_000(served, certs, tmp_path):
     combined, full = tmp_path / "c" / "haproxy.pem", tmp_path / "c" / "fullchain.pem"
     server = served("ec1")
-    result = run_subprocess(grab_args(certs, server, "--combined-path", combined,
+    result = run_subprocess(grab_args(server, certs / "ec1", "--combined-path", combined,
                                       "--fullchain-path", full,
                                       "--key-path", certs / "ec1" / "key.pem"),
                             preexec_fn=lambda: os.umask(0))
@@ -263,7 +262,7 @@ def test_combined_path_holds_chain_and_key_0600_under_umask_000(served, certs, t
 
 def test_combined_path_needs_key_path(run, served, certs, tmp_path):
     server = served("ec1")
-    result = run(*grab_args(certs, server, "--combined-path", tmp_path / "c.pem"))
+    result = grab(run, server, certs / "ec1", "--combined-path", tmp_path / "c.pem")
     assert result.rc == 2
     assert server.connections == 0
     assert not (tmp_path / "c.pem").exists()
@@ -274,18 +273,18 @@ def test_a_combined_file_others_can_read_is_refused_not_reused(run, served, cert
     again (issue 19); the fix is named, and once applied the renewal goes in, still 0600."""
     combined = tmp_path / "haproxy.pem"
     key = ["--key-path", certs / "ec1" / "key.pem"]
-    assert run(*grab_args(certs, served("ec1"), "--combined-path", combined, *key)).rc == 0
+    assert grab(run, served("ec1"), certs / "ec1", "--combined-path", combined, *key).rc == 0
     combined.chmod(0o644)
     before = combined.read_bytes()
     server = served("ec1new")
-    result = run(*grab_args(certs, server, "--combined-path", combined, *key))
+    result = grab(run, server, certs / "ec1", "--combined-path", combined, *key)
     line = assert_refused(result, 6)
     assert "holds the private key, and other users may read it (mode 0644)" in line, line
     assert "hint: chmod 600 %s" % combined in result.err, result.err
     assert server.connections == 0, "refused before connecting"
     assert combined.read_bytes() == before and stat.S_IMODE(combined.stat().st_mode) == 0o644
     combined.chmod(0o600)
-    result = run(*grab_args(certs, server, "--combined-path", combined, *key))
+    result = grab(run, server, certs / "ec1", "--combined-path", combined, *key)
     assert result.rc == 0, result.err
     assert pem_ders(combined.read_text()) == read_ders(certs / "ec1new" / "fullchain.pem")
     assert stat.S_IMODE(combined.stat().st_mode) == 0o600
@@ -299,7 +298,7 @@ def test_dry_run_writes_nothing_and_runs_no_hook(run, served, certs, installed_e
     result = install(run, certs, served("ec1new"), out, log, "--dry-run")
     assert result.rc == 0, result.err
     assert snapshot(out) == before and len(hook_runs(log)) == 1
-    says = " ".join(message_lines(result.err))
+    says = " ".join(error_lines(result.err))
     assert "cert.pem" in says and "fullchain.pem" in says, "say what would change: " + says
     assert "chain.pem " not in says.replace("fullchain.pem", ""), "chain.pem would not change"
     assert re.search(r"hook", says), "say that the hook would run: " + says
@@ -317,7 +316,7 @@ def test_dry_run_up_to_date_and_refused(run, served, certs, installed_ec1):
     same = install(run, certs, served("ec1"), out, log, "--dry-run")
     assert same.rc == 0, same.err
     assert "up to date" in same.err
-    assert "hook" not in " ".join(message_lines(same.err))
+    assert "hook" not in " ".join(error_lines(same.err))
     older = install(run, certs, served("ec1"), out, log, "--dry-run", "--force")
     assert older.rc == 0
     # ec1 installed, ec2 offered: the gate refuses in a dry run as it would for real.
@@ -345,21 +344,20 @@ def encrypted_keys(tmp_path_factory, certs):
 def test_encrypted_key_with_password_file(run, served, certs, tmp_path, encrypted_keys, form):
     out = tmp_path / "out"
     key = encrypted_keys / (form + ".pem")
-    result = run(*grab_args(certs, served("ec1new"), "--out-dir", out, "--key-path", key,
-                            "--key-password-file", encrypted_keys / "password"))
+    result = grab(run, served("ec1new"), certs / "ec1", "--out-dir", out, "--key-path", key,
+                  "--key-password-file", encrypted_keys / "password")
     assert result.rc == 0, result.err
     assert_holds(out, certs, "ec1new")
-    refused = run(*grab_args(certs, served("rsa1"), "--out-dir", out, "--key-path", key,
-                             "--key-password-file", encrypted_keys / "password",
-                             "--cafile", certs / "rsa1" / "root.pem"))
+    refused = grab(run, served("rsa1"), certs / "rsa1", "--out-dir", out, "--key-path", key,
+                   "--key-password-file", encrypted_keys / "password")
     assert_refused(refused, 6)
 
 
 def test_encrypted_key_without_password_exits_2_before_any_network(run, served, certs,
                                                                    tmp_path, encrypted_keys):
     server = served("ec1")
-    result = run(*grab_args(certs, server, "--out-dir", tmp_path / "out",
-                            "--key-path", encrypted_keys / "pkcs8.pem"))
+    result = grab(run, server, certs / "ec1", "--out-dir", tmp_path / "out",
+                  "--key-path", encrypted_keys / "pkcs8.pem")
     assert result.rc == 2
     assert "--key-password-file" in result.err
     assert server.connections == 0, "a usage error is found before dialling"
@@ -368,19 +366,21 @@ def test_encrypted_key_without_password_exits_2_before_any_network(run, served, 
 
 def test_wrong_password_is_a_clear_error(run, served, certs, tmp_path, encrypted_keys):
     (tmp_path / "wrong").write_text("nope\n")
-    result = run(*grab_args(certs, served("ec1"), "--out-dir", tmp_path / "out",
-                            "--key-path", encrypted_keys / "pkcs8.pem",
-                            "--key-password-file", tmp_path / "wrong"))
+    result = grab(run, served("ec1"), certs / "ec1", "--out-dir", tmp_path / "out",
+                  "--key-path", encrypted_keys / "pkcs8.pem",
+                  "--key-password-file", tmp_path / "wrong")
     assert result.rc == 2, result.err
     assert not (tmp_path / "out").exists() or os.listdir(str(tmp_path / "out")) == []
-    assert_refused(result, 2)
-    assert "decrypt" in result.err or "password" in result.err, result.err
+    line = assert_refused(result, 2)
+    assert line.startswith("certgrab: cannot use --key-path %s: " % (encrypted_keys / "pkcs8.pem"))
+    assert "certgrab: hint: is --key-password-file the key's password?" in \
+        result.err.splitlines(), result.err
 
 
 @pytest.mark.parametrize("mode", ["0666", "0620", "0602", "777", "banana", "10644"])
 def test_group_or_world_writable_mode_is_a_usage_error(run, served, certs, tmp_path, mode):
     server = served("ec1")
-    result = run(*grab_args(certs, server, "--out-dir", tmp_path / "out", "--mode", mode))
+    result = grab(run, server, certs / "ec1", "--out-dir", tmp_path / "out", "--mode", mode)
     assert result.rc == 2, result.err
     assert server.connections == 0
     assert not (tmp_path / "out").exists()
@@ -391,7 +391,7 @@ def test_mode_applies_to_new_files_only(run, served, certs, tmp_path):
     out.mkdir()
     (out / "cert.pem").write_bytes((certs / "ec1" / "cert.pem").read_bytes())
     (out / "cert.pem").chmod(0o604)
-    result = run(*grab_args(certs, served("ec1new"), "--out-dir", out, "--mode", "0640"))
+    result = grab(run, served("ec1new"), certs / "ec1", "--out-dir", out, "--mode", "0640")
     assert result.rc == 0, result.err
     modes = dict((n, stat.S_IMODE((out / n).stat().st_mode)) for n in OUT_FILES)
     assert modes == {"cert.pem": 0o604, "chain.pem": 0o640, "fullchain.pem": 0o640}
@@ -413,8 +413,8 @@ def test_owner_and_group_apply_to_new_files_and_existing_keep_theirs(run, served
     os.chown(str(out / "cert.pem"), 0, 0)
     (out / "fullchain.pem").write_bytes((certs / "ec1" / "fullchain.pem").read_bytes())
     os.chown(str(out / "fullchain.pem"), nobody, 1)
-    result = run(*grab_args(certs, served("ec1new"), "--out-dir", out, "--owner", "nobody",
-                            "--group", "nogroup"))
+    result = grab(run, served("ec1new"), certs / "ec1", "--out-dir", out, "--owner", "nobody",
+                  "--group", "nogroup")
     assert result.rc == 0, result.err
     assert files_ders(out) == expected(certs, "ec1new")
     assert_verifies(certs / "ec1new" / "root.pem", out)
@@ -435,8 +435,8 @@ def test_an_existing_file_of_another_user_is_refused(run, served, certs, tmp_pat
     os.chown(str(out / name), 1, 1)
     (out / name).chmod(0o600)
     server = served("ec1new")
-    result = run(*grab_args(certs, server, "--out-dir", out, "--privkey",
-                            "--key-path", certs / "ec1" / "key.pem"))
+    result = grab(run, server, certs / "ec1", "--out-dir", out, "--privkey",
+                  "--key-path", certs / "ec1" / "key.pem")
     line = assert_refused(result, 6)
     assert line == "certgrab: cannot write %s: it belongs to daemon; an existing file keeps " \
         "its owner only when that is root, the user certgrab runs as or --owner" % (out / name)
@@ -447,20 +447,20 @@ def test_an_existing_file_of_another_user_is_refused(run, served, certs, tmp_pat
 
 def test_unknown_owner_is_a_usage_error(run, served, certs, tmp_path):
     server = served("ec1")
-    result = run(*grab_args(certs, server, "--out-dir", tmp_path / "o", "--owner",
-                            "no-such-user-certgrab"))
+    result = grab(run, server, certs / "ec1", "--out-dir", tmp_path / "o", "--owner",
+                  "no-such-user-certgrab")
     assert result.rc == 2 and server.connections == 0
 
 
 @pytest.mark.parametrize("changed", [False, True], ids=["up-to-date", "renewal"])
 def test_stale_temp_files_are_removed_by_the_next_run(run, served, certs, tmp_path, changed):
     out = tmp_path / "out"
-    assert run(*grab_args(certs, served("ec1"), "--out-dir", out)).rc == 0
+    assert grab(run, served("ec1"), certs / "ec1", "--out-dir", out).rc == 0
     stale = [".cert.pem.certgrab-tmp-0123456789ab", ".fullchain.pem.certgrab-tmp-ffffffffffff"]
     for name in stale:
         (out / name).write_text("-----BEGIN CERTIFICATE-----\ntorn")
     (out / "unrelated.txt").write_text("mine")
-    result = run(*grab_args(certs, served("ec1new" if changed else "ec1"), "--out-dir", out))
+    result = grab(run, served("ec1new" if changed else "ec1"), certs / "ec1", "--out-dir", out)
     assert result.rc == 0, result.err
     assert entries(out) == OUT_FILES + ["unrelated.txt"], \
         "stale temp files go, files certgrab does not own stay"
@@ -480,10 +480,10 @@ def test_force_does_not_override_validity(run, served, certs, installed_ec1):
 
 def test_an_existing_writable_file_loses_group_and_world_write(run, served, certs, tmp_path):
     out = tmp_path / "out"
-    assert run(*grab_args(certs, served("ec1"), "--out-dir", out)).rc == 0
+    assert grab(run, served("ec1"), certs / "ec1", "--out-dir", out).rc == 0
     (out / "cert.pem").chmod(0o666)
     (out / "fullchain.pem").chmod(0o660)
-    assert run(*grab_args(certs, served("ec1new"), "--out-dir", out)).rc == 0
+    assert grab(run, served("ec1new"), certs / "ec1", "--out-dir", out).rc == 0
     assert stat.S_IMODE((out / "cert.pem").stat().st_mode) == 0o644
     assert stat.S_IMODE((out / "fullchain.pem").stat().st_mode) == 0o640
     assert_verifies(certs / "ec1new" / "root.pem", out)
@@ -492,8 +492,8 @@ def test_an_existing_writable_file_loses_group_and_world_write(run, served, cert
 def test_mode_option_never_publishes_the_combined_key(run, served, certs, tmp_path):
     """--mode 0644 is for certificate files; the combined file holds the private key."""
     combined = tmp_path / "haproxy.pem"
-    result = run(*grab_args(certs, served("ec1"), "--combined-path", combined, "--mode",
-                            "0644", "--key-path", certs / "ec1" / "key.pem"))
+    result = grab(run, served("ec1"), certs / "ec1", "--combined-path", combined, "--mode",
+                  "0644", "--key-path", certs / "ec1" / "key.pem")
     assert result.rc == 0, result.err
     assert stat.S_IMODE(combined.stat().st_mode) & 0o037 == 0, oct(combined.stat().st_mode)
     assert_fullchain_verifies(certs / "ec1" / "root.pem", combined)
@@ -507,9 +507,9 @@ def test_symlinked_output_keeps_the_link_and_replaces_its_target(run, served, ce
     archive.mkdir()
     (archive / "fullchain1.pem").write_bytes((certs / "ec1" / "fullchain.pem").read_bytes())
     (live / "fullchain.pem").symlink_to("../archive/fullchain1.pem")
-    result = run(*grab_args(certs, served("ec1new"), "--fullchain-path", live / "fullchain.pem",
-                            "--key-path", certs / "ec1" / "key.pem",
-                            "--deploy-hook", "env -0 > %s" % env_file))
+    result = grab(run, served("ec1new"), certs / "ec1", "--fullchain-path", live / "fullchain.pem",
+                  "--key-path", certs / "ec1" / "key.pem",
+                  "--deploy-hook", "env -0 > %s" % env_file)
     assert result.rc == 0, result.err
     assert os.readlink(str(live / "fullchain.pem")) == "../archive/fullchain1.pem"
     assert read_ders(archive / "fullchain1.pem") == read_ders(certs / "ec1new" / "fullchain.pem")
@@ -580,7 +580,7 @@ def test_an_output_naming_the_key_file_is_a_usage_error(run, served, certs, tmp_
     key.write_bytes((certs / "ec1" / "key.pem").read_bytes())
     server = served("ec1")
     target = tmp_path if option == "--out-dir" else key
-    result = run(*grab_args(certs, server, option, target, "--key-path", key))
+    result = grab(run, server, certs / "ec1", option, target, "--key-path", key)
     assert result.rc == 2, result.err
     assert key.read_bytes() == (certs / "ec1" / "key.pem").read_bytes(), "the key is intact"
     assert server.connections == 0

@@ -33,13 +33,13 @@ from pathlib import Path
 
 import pytest
 
-from install_helpers import (LOCK, NAME, OUT_FILES, entries, expected, files_ders, grab_args,
-                             message_lines, popen, run_subprocess)
-from make_certs import make_dated_chain, read_ders
+from helpers import (LOCK, OUT_FILES, REFUSED, WRITE, assert_refused, completed, entries,
+                     error_lines, expected, files_ders, grab, grab_args, popen, run_subprocess,
+                     which)
+from make_certs import NAME, make_dated_chain, read_ders
 from servers import DelayedTLSServer, TLSServer
 
-SETPRIV = shutil.which("setpriv", path=os.defpath + ":/usr/sbin:/sbin")
-REFUSED, CANNOT_WRITE, USAGE = 6, 5, 2  # exit codes
+SETPRIV = which("setpriv")
 PRECIOUS = "root's own file: nobody may make certgrab write here\n"
 HANDSHAKE_DELAY = 2.0  # seconds the server holds each connection before its handshake
 
@@ -100,17 +100,13 @@ def nobodys(path):
 
 
 def install_argv(certs, server, out, *extra):
-    return grab_args(certs, server, "--out-dir", out, "--key-path", certs / "ec1" / "key.pem",
-                     "--privkey", *extra)
+    return grab_args(server, certs / "ec1", "--out-dir", out,
+                     "--key-path", certs / "ec1" / "key.pem", "--privkey", *extra)
 
 
-def refused_line(result):
-    """The one error line of a refused subprocess run (exit 6), nothing on stdout."""
-    assert result.returncode == REFUSED, result.stderr
-    assert "Traceback" not in result.stderr and result.stdout == ""
-    lines = message_lines(result.stderr)
-    assert len(lines) == 1, result.stderr
-    return lines[0]
+def refused_line(proc):
+    """The one error line of a refused child process (exit 6), nothing on stdout."""
+    return assert_refused(completed(proc), REFUSED)
 
 
 # Plants in an output directory another user may write -------------------------------------
@@ -166,9 +162,9 @@ def test_in_a_sticky_directory_only_what_root_owns_is_passed(run, served, certs,
     sticky.chmod(0o1777)
     server = served("ec1new")
 
-    directly = run(*grab_args(certs, server, "--fullchain-path", sticky / "fullchain.pem"))
+    directly = grab(run, server, certs / "ec1", "--fullchain-path", sticky / "fullchain.pem")
     assert directly.rc == REFUSED, directly.err
-    assert message_lines(directly.err) == [
+    assert error_lines(directly.err) == [
         "certgrab: cannot write %s: other users may create files in %s; one could take the "
         "name of the file, or of its lock, first" % (sticky / "fullchain.pem", sticky)]
     assert "hint: write into a directory that only root can write" in directly.err
@@ -178,7 +174,7 @@ def test_in_a_sticky_directory_only_what_root_owns_is_passed(run, served, certs,
     plant("ln", "-s", victim_cert, sticky / "theirs" / "cert.pem")
     theirs = run(*install_argv(certs, server, sticky / "theirs"))
     assert theirs.rc == REFUSED, theirs.err
-    assert message_lines(theirs.err) == [
+    assert error_lines(theirs.err) == [
         "certgrab: cannot write %s: %s, in the sticky directory %s, belongs to nobody" % (
             sticky / "theirs" / "cert.pem", sticky / "theirs", sticky)]
     assert server.connections == 0
@@ -293,8 +289,8 @@ def test_a_lock_held_too_long_names_its_holder(run, served, certs, tmp_path, cer
     finally:
         holder.kill()
         holder.wait()
-    assert result.rc == CANNOT_WRITE, result.err
-    assert message_lines(result.err) == [
+    assert result.rc == WRITE, result.err
+    assert error_lines(result.err) == [
         "certgrab: another certgrab run holds %s for too long; held by process %d "
         "(flock %s -c echo held; exec sleep 60)" % (out / LOCK, holder.pid, out / LOCK)]
     assert files_ders(out) == expected(certs, "ec1")
@@ -322,7 +318,7 @@ def test_a_fifo_at_the_metrics_file_is_replaced_never_waited_on(served, certs, t
     a FIFO (it would wait for a writer forever). The rename replaces it."""
     prom = tmp_path / "certgrab.prom"
     os.mkfifo(str(prom))
-    result = run_subprocess(grab_args(certs, served("ec1"), "--out-dir", tmp_path / "live",
+    result = run_subprocess(grab_args(served("ec1"), certs / "ec1", "--out-dir", tmp_path / "live",
                                       "--key-path", certs / "rsa1" / "key.pem",
                                       "--prometheus", prom), timeout=20)
     assert result.returncode == REFUSED, result.stderr      # not our key: refused
@@ -353,20 +349,20 @@ def test_metrics_in_a_directory_of_another_user_are_written_safely(run, served, 
     textfile.mkdir()
     prom = textfile / "certgrab.prom"
     server = served("ec1")
-    result = run(*grab_args(certs, server, "--check", "--prometheus", prom))
+    result = grab(run, server, certs / "ec1", "--check", "--prometheus", prom)
     assert result.rc == 0, result.err
     assert "certgrab_source_fetch_success" in prom.read_text()
 
     textfile.chmod(0o777)                                  # the owner's choice: theirs too
     plant("ln", "-sf", victim, prom)
-    assert run(*grab_args(certs, server, "--check", "--prometheus", prom)).rc == 0
+    assert grab(run, server, certs / "ec1", "--check", "--prometheus", prom).rc == 0
     assert victim.read_text() == PRECIOUS and stat.S_ISREG(os.lstat(str(prom)).st_mode)
 
     plant("mv", textfile, parent / "elsewhere")
     plant("ln", "-s", victim.parent, textfile)
-    result = run(*grab_args(certs, server, "--check", "--prometheus", prom))
+    result = grab(run, server, certs / "ec1", "--check", "--prometheus", prom)
     assert result.rc == 3, result.err                       # --check's UNKNOWN: a usage error
-    assert message_lines(result.err)[0] == "certgrab: cannot write --prometheus %s: the " \
+    assert error_lines(result.err)[0] == "certgrab: cannot write --prometheus %s: the " \
         "symbolic link %s belongs to nobody" % (prom, textfile)
     assert sorted(os.listdir(str(victim.parent))) == ["victim.txt"]
 
@@ -397,7 +393,7 @@ def test_a_config_file_another_user_could_change_is_refused(run, served, certs, 
     config.chmod(0o664 if weakness == "group-writable" else 0o644)
     result = run("--config", config)
     assert result.rc == REFUSED, result.err
-    line = message_lines(result.err)
+    line = error_lines(result.err)
     assert len(line) == 1 and line[0].startswith("certgrab: refusing --config %s: " % config)
     assert {"owned by nobody": "it belongs to nobody, and its hooks would run as root",
             "group-writable": "it is writable by group or others (mode 0664)",
@@ -454,9 +450,8 @@ def test_renewed_domains_carries_only_valid_names(run, started, certs, tmp_path)
                                    "trailing.example.test."]))
     server = started(TLSServer(os.path.join(odd, "fullchain.pem"), os.path.join(odd, "key.pem")))
     env = tmp_path / "env"
-    result = run(server.address, "-n", NAME, "--cafile", os.path.join(odd, "root.pem"),
-                 "--out-dir", tmp_path / "live", "--key-path", os.path.join(odd, "key.pem"),
-                 "--deploy-hook", "env -0 > %s" % env)
+    result = grab(run, server, odd, "--out-dir", tmp_path / "live",
+                  "--key-path", os.path.join(odd, "key.pem"), "--deploy-hook", "env -0 > %s" % env)
     assert result.rc == 0, result.err
     pairs = dict(item.split("=", 1) for item in env.read_bytes().decode().split("\0") if item)
     assert pairs["RENEWED_DOMAINS"] == "www.example.test *.example.test ok_1.example.test"

@@ -2,59 +2,24 @@
 
 Interpreters are looked up as python3.X on PATH, then ~/.pyenv/versions/3.X*/bin/python3.X,
 and each candidate must actually start and report version 3.X (pyenv shims on PATH exist for
-versions that are not active and fail when run). An absent version is skipped locally; under
-CI=true conftest turns any skip into a failed run.
+versions that are not active and fail when run): helpers.find_interpreter, through conftest's
+`python` fixture. An absent version is skipped locally; under CI=true conftest turns any skip
+into a failed run.
 
 Each interpreter fetches from four servers that together cover TLS 1.2 and TLS 1.3-only, EC
 and RSA, one and two intermediates, the stdlib server and openssl s_server, and must print the
 chain exactly as served; it also writes --out-dir once and reads an IPv6 source once.
 """
 
-import glob
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 
-from conftest import CERTGRAB
-from install_helpers import assert_verifies
-from make_certs import pem_ders, read_ders
+from helpers import assert_verifies, certgrab_run
+from make_certs import NAME, pem_ders, read_ders
 from servers import OpenSSLServer, TLSServer, ipv6_available
-
-NAME = "www.example.test"
-MINORS = range(6, 14)
-RUN_TIMEOUT = 60  # seconds for one certgrab run; a hang fails instead of blocking the suite
 
 pytestmark = pytest.mark.slow
 
-
-def _version_of(path):
-    try:
-        probe = "import sys, ssl; print('%d.%d' % sys.version_info[:2])"
-        proc = subprocess.run([path, "-c", probe], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return proc.stdout.decode().strip() if proc.returncode == 0 else None
-
-
-def find_interpreter(minor):
-    """The path of a working python3.<minor> with ssl, or None."""
-    name = "python3.%d" % minor
-    candidates = [shutil.which(name)]
-    pattern = os.path.expanduser("~/.pyenv/versions/3.%d*/bin/%s" % (minor, name))
-    candidates += sorted(glob.glob(pattern), reverse=True)
-    if sys.version_info[:2] == (3, minor):
-        candidates.append(sys.executable)
-    for path in candidates:
-        if path and _version_of(path) == "3.%d" % minor:
-            return path
-    return None
-
-
-INTERPRETERS = {minor: find_interpreter(minor) for minor in MINORS}
 
 # (chain, TLS version, server kind): every axis covered at least twice
 CASES = [
@@ -82,22 +47,6 @@ def matrix_servers(certs):
     finally:
         for server in started.values():
             server.stop()
-
-
-@pytest.fixture(params=list(MINORS), ids=lambda minor: "py3.%d" % minor)
-def python(request):
-    path = INTERPRETERS[request.param]
-    if path is None:
-        pytest.skip("python3.%d not found on PATH or under ~/.pyenv/versions" % request.param)
-    return path
-
-
-def certgrab_run(python, *args):
-    """Run certgrab.py as a program: (returncode, stdout text, stderr text)."""
-    proc = subprocess.run([python, CERTGRAB] + [str(a) for a in args], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                          timeout=RUN_TIMEOUT)
-    return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "%s-tls%s-%s" % c)

@@ -14,85 +14,31 @@ with an environment that carries nothing of the host's Python set-up.
 """
 
 import hashlib
-import os
 import resource
 import shutil
-import ssl
-import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 
 import make_certs
-from install_helpers import assert_verifies, entries
+from helpers import SYSTEMS, assert_verifies, entries, minimal_host
+from make_certs import NAME, pem_ders, read_ders
 from servers import DelayedTLSServer, TLSServer, ipv6_available
 
-ROOTS = Path(os.environ.get("CERTGRAB_ROOTS", "/var/cache/certgrab-roots")).resolve()
-CERTGRAB = Path(__file__).resolve().parent.parent / "certgrab.py"
-NAME = "www.example.test"
-CHROOT = shutil.which("chroot", path=os.defpath + ":/usr/sbin:/sbin") or "chroot"
-CHROOT_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}  # nothing from the host's Python
-TIMEOUT = 60  # seconds per command; a fetch on loopback takes well under one
-
-# (debootstrap suite, what a user calls it, Python version, OpenSSL version prefix)
-SYSTEMS = [
-    ("bookworm", "debian12", "3.11", "OpenSSL 3.0"),
-    ("bullseye", "debian11", "3.9", "OpenSSL 1.1.1"),
-]
 CHAINS = ["ec1", "ec2", "rsa1", "rsa2"]
-
-
-class MinimalHost(object):
-    """A python3-minimal root holding a scratch directory with certgrab.py and the CAs."""
-
-    def __init__(self, root, scratch):
-        self.root = root
-        self.scratch = scratch  # outside path; inside the root it is self.inside(scratch)
-
-    def inside(self, path):
-        """The path a process in the chroot sees for an outside path under the root."""
-        return "/" + str(Path(path).relative_to(self.root))
-
-    def python(self, *args):
-        return subprocess.run([CHROOT, str(self.root), "python3"] + list(args),
-                              env=CHROOT_ENV, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, universal_newlines=True, timeout=TIMEOUT)
-
-    def certgrab(self, *args):
-        return self.python(self.inside(self.scratch / "certgrab.py"), *args)
-
-    def cafile(self, chain):
-        return self.inside(self.scratch / ("%s-root.pem" % chain))
 
 
 @pytest.fixture(scope="module", params=SYSTEMS, ids=[s[1] for s in SYSTEMS])
 def host(request, certs):
-    suite = request.param[0]
-    root = ROOTS / suite
-    if not (root / ".certgrab-complete").is_file():
-        pytest.skip("no %s root in %s: run `make roots` (needs root and debootstrap)"
-                    % (suite, ROOTS))
-    if os.geteuid() != 0:
-        pytest.skip("chroot needs root")
-    scratch = Path(tempfile.mkdtemp(prefix="certgrab-test-", dir=str(root / "tmp")))
-    os.chmod(str(scratch), 0o755)
-    shutil.copy(str(CERTGRAB), str(scratch / "certgrab.py"))
-    for chain in CHAINS:
-        shutil.copy(str(certs / chain / "root.pem"), str(scratch / ("%s-root.pem" % chain)))
-    yield MinimalHost(root, scratch)
-    shutil.rmtree(str(scratch))
+    """A MinimalHost (helpers.py) with certgrab.py and the roots of CHAINS."""
+    files = [(certs / chain / "root.pem", "%s-root.pem" % chain) for chain in CHAINS]
+    with minimal_host(request.param[0], files) as made:
+        yield made
 
 
-def pem_to_ders(text):
-    """The DER certificates of a PEM text, in order."""
-    begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
-    return [ssl.PEM_cert_to_DER_cert(block[block.index(begin):] + end + "\n")
-            for block in text.split(end) if begin in block]
-
-
-def ders_of(path):
-    return pem_to_ders(Path(path).read_text())
+def cafile(host, chain):
+    """The path of chain's root inside host."""
+    return host.inside(host.scratch / ("%s-root.pem" % chain))
 
 
 def serve(certs, chain, tls="1.3"):
@@ -125,10 +71,10 @@ def test_root_is_really_minimal(host):
 def test_prints_exactly_the_served_chain(host, certs, chain, tls):
     with serve(certs, chain, tls) as server:
         proc = host.certgrab("127.0.0.1:%d" % server.port, "-n", NAME,
-                             "--cafile", host.cafile(chain))
+                             "--cafile", cafile(host, chain))
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert pem_to_ders(proc.stdout) == ders_of(certs / chain / "fullchain.pem")
+    assert pem_ders(proc.stdout) == read_ders(certs / chain / "fullchain.pem")
 
 
 def test_ipv6_literal_source(host, certs):
@@ -136,28 +82,28 @@ def test_ipv6_literal_source(host, certs):
         pytest.skip("no IPv6 loopback (::1) on this machine")
     with TLSServer(str(certs / "rsa1" / "fullchain.pem"), str(certs / "rsa1" / "key.pem"),
                    host="::1", tls="1.3") as server:
-        proc = host.certgrab("[::1]:%d" % server.port, "-n", NAME, "--cafile", host.cafile("rsa1"))
+        proc = host.certgrab("[::1]:%d" % server.port, "-n", NAME, "--cafile", cafile(host, "rsa1"))
     assert proc.returncode == 0, proc.stderr
-    assert pem_to_ders(proc.stdout) == ders_of(certs / "rsa1" / "fullchain.pem")
+    assert pem_ders(proc.stdout) == read_ders(certs / "rsa1" / "fullchain.pem")
 
 
 def test_verified_chain_ends_at_the_root(host, certs):
     with serve(certs, "ec2", "1.2") as server:
         proc = host.certgrab("127.0.0.1:%d" % server.port, "-n", NAME,
-                             "--cafile", host.cafile("ec2"), "--verified-chain")
+                             "--cafile", cafile(host, "ec2"), "--verified-chain")
     assert proc.returncode == 0, proc.stderr
-    expected = ders_of(certs / "ec2" / "fullchain.pem") + ders_of(certs / "ec2" / "root.pem")
-    assert pem_to_ders(proc.stdout) == expected
+    expected = read_ders(certs / "ec2" / "fullchain.pem") + read_ders(certs / "ec2" / "root.pem")
+    assert pem_ders(proc.stdout) == expected
 
 
 def test_out_dir_writes_cert_chain_fullchain(host, certs):
     out = host.scratch / "out"
     with serve(certs, "ec2") as server:
         proc = host.certgrab("127.0.0.1:%d" % server.port, "-n", NAME,
-                             "--cafile", host.cafile("ec2"), "--out-dir", host.inside(out))
+                             "--cafile", cafile(host, "ec2"), "--out-dir", host.inside(out))
     assert proc.returncode == 0, proc.stderr
     for name in ("cert.pem", "chain.pem", "fullchain.pem"):
-        assert ders_of(out / name) == ders_of(certs / "ec2" / name), name
+        assert read_ders(out / name) == read_ders(certs / "ec2" / name), name
         assert (out / name).stat().st_mode & 0o777 == 0o644, name
     assert entries(out) == ["cert.pem", "chain.pem", "fullchain.pem"]
 
@@ -186,12 +132,9 @@ def test_parallel_is_lowered_to_ulimit_without_the_resource_module(host, certs):
     chain = certs / "ec1"
     with DelayedTLSServer(str(chain / "fullchain.pem"), str(chain / "key.pem"), 0.1) as server:
         sources = ["127.0.0.1:%d" % server.port] * 200
-        proc = subprocess.run(
-            [CHROOT, str(host.root), "python3", host.inside(host.scratch / "certgrab.py"),
-             "--check", "--parallel", "100", "-n", NAME, "--cafile", host.cafile("ec1")]
-            + sources, env=CHROOT_ENV, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, universal_newlines=True, timeout=TIMEOUT,
-            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128)))
+        proc = host.certgrab(
+            "--check", "--parallel", "100", "-n", NAME, "--cafile", cafile(host, "ec1"),
+            *sources, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128)))
     assert proc.returncode == 0, proc.stdout[:2000] + proc.stderr
     assert proc.stdout.startswith("CERTGRAB OK - 200 source(s): 200 OK")
     assert len(proc.stdout.splitlines()) == 201
@@ -220,7 +163,7 @@ def test_a_lookalike_intermediate_is_never_written(host, lookalikes, kind):
     out = host.scratch / ("out-" + kind)
     shutil.copy(str(chain / "root.pem"), str(host.scratch / "lookalike-root.pem"))
     cafile = host.inside(host.scratch / "lookalike-root.pem")
-    fake = ders_of(chain / "lookalike.pem")[0]
+    fake = read_ders(chain / "lookalike.pem")[0]
     digest = hashlib.sha256(fake).hexdigest()[:16]
     with TLSServer(str(chain / "served.pem"), str(chain / "key.pem"), host="127.0.0.1",
                    tls="1.3") as server:
@@ -229,8 +172,8 @@ def test_a_lookalike_intermediate_is_never_written(host, lookalikes, kind):
         check = host.certgrab("--check", "127.0.0.1:%d" % server.port, "-n", NAME,
                               "--cafile", cafile)
     assert proc.returncode == 0, proc.stderr
-    assert ders_of(out / "chain.pem") == ders_of(chain / "chain.pem")
-    assert ders_of(out / "fullchain.pem") == ders_of(chain / "fullchain.pem")
+    assert read_ders(out / "chain.pem") == read_ders(chain / "chain.pem")
+    assert read_ders(out / "fullchain.pem") == read_ders(chain / "fullchain.pem")
     assert_verifies(chain / "root.pem", out)
     assert "not on the path OpenSSL verified, never written: [1] " in proc.stderr
     assert digest in proc.stderr

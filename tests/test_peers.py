@@ -18,10 +18,9 @@ import shutil
 
 import pytest
 
-from install_helpers import NAME, assert_verifies, expected, files_ders, snapshot
+from helpers import REFUSED, assert_verifies, expected, files_ders, snapshot
+from make_certs import NAME
 from servers import InstalledFilesServer, TLSServer
-
-REFUSED = 6  # exit code: refused by a safety check
 
 
 class Follower(object):
@@ -36,7 +35,8 @@ class Follower(object):
         self.key = certs / "ec1" / "key.pem"
         self.server = started(InstalledFilesServer(self.out_dir / "fullchain.pem", self.key))
 
-    def grab(self, run, certs, sources):
+    def sync(self, run, certs, sources):
+        """This follower's cron job: certgrab over sources, into its --out-dir."""
         return run(*[s.address for s in sources], "-n", NAME, "--cafile",
                    certs / "ec1" / "root.pem", "--key-path", self.key, "--out-dir",
                    self.out_dir, "--timeout", "2")
@@ -56,7 +56,7 @@ def sources_of(follower, leader, followers):
 def test_followers_converge_on_the_leaders_renewal(run, certs, fleet):
     leader, followers = fleet
     for follower in followers:
-        result = follower.grab(run, certs, sources_of(follower, leader, followers))
+        result = follower.sync(run, certs, sources_of(follower, leader, followers))
         assert result.rc == 0, result.err
         assert "installed the chain from %s" % leader.address in result.err
         assert files_ders(follower.out_dir) == expected(certs, "ec1new")
@@ -70,10 +70,10 @@ def test_followers_converge_on_the_leaders_renewal(run, certs, fleet):
 def test_followers_converge_from_a_peer_when_the_leader_goes_down(run, certs, fleet):
     leader, followers = fleet
     first, rest = followers[0], followers[1:]
-    assert first.grab(run, certs, sources_of(first, leader, followers)).rc == 0
+    assert first.sync(run, certs, sources_of(first, leader, followers)).rc == 0
     leader.stop()                                   # down for days, after f1 got the renewal
     for follower in rest:
-        result = follower.grab(run, certs, sources_of(follower, leader, followers))
+        result = follower.sync(run, certs, sources_of(follower, leader, followers))
         assert result.rc == 0, result.err
         assert "installed the chain from %s" % first.server.address in result.err
         assert "certgrab: warning: %s: cannot connect" % leader.address in result.err
@@ -81,7 +81,7 @@ def test_followers_converge_from_a_peer_when_the_leader_goes_down(run, certs, fl
         assert_verifies(certs / "ec1new" / "root.pem", follower.out_dir)
     before = [snapshot(f.out_dir) for f in followers]
     for follower in followers:                      # converged: reruns change nothing
-        assert follower.grab(run, certs, sources_of(follower, leader, followers)).rc == 0
+        assert follower.sync(run, certs, sources_of(follower, leader, followers)).rc == 0
     assert [snapshot(f.out_dir) for f in followers] == before
     check = run("--check", "--same", "-n", NAME, "--cafile", certs / "ec1" / "root.pem",
                 *[f.server.address for f in followers])
@@ -91,9 +91,9 @@ def test_followers_converge_from_a_peer_when_the_leader_goes_down(run, certs, fl
 def test_a_stale_peer_never_rolls_a_follower_back(run, certs, fleet):
     leader, followers = fleet
     fresh, stale = followers[0], followers[1]
-    assert fresh.grab(run, certs, [leader]).rc == 0
+    assert fresh.sync(run, certs, [leader]).rc == 0
     before = snapshot(fresh.out_dir)
-    result = fresh.grab(run, certs, [stale.server])   # the only source left serves ec1
+    result = fresh.sync(run, certs, [stale.server])   # the only source left serves ec1
     assert result.rc == REFUSED, result.err
     assert "not newer than the installed one" in result.err
     assert snapshot(fresh.out_dir) == before

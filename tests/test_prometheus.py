@@ -11,9 +11,7 @@ mode.
 import os
 import random
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,51 +19,16 @@ import urllib.request
 
 import pytest
 
-from conftest import CERTGRAB, IN_CI
-from install_helpers import assert_verifies
-from profiles import DAY, make_profile_chain
-from servers import TLSServer
+from helpers import (CERTGRAB, ROOT, assert_promtool_accepts, assert_verifies, install_outcome,
+                     metric_values, parse_metrics, tool)
+from make_certs import DAY, HOUR
+from profiles import make_profile_chain
+from servers import TLSServer, free_ports
 
-HOUR = 3600  # seconds
-MONITORING = os.path.join(os.path.dirname(CERTGRAB), "docs", "monitoring.md")
+MONITORING = os.path.join(ROOT, "docs", "monitoring.md")
 NODE_EXPORTER = "/usr/bin/prometheus-node-exporter"
-SERIES = re.compile(r'^([a-z_]+)\{((?:[a-z_0-9]+="(?:[^"\\]|\\.)*",?)*)\} (\S+)$')
-LABEL = re.compile(r'([a-z_0-9]+)="((?:[^"\\]|\\.)*)"')
 INSTALL_OUTCOMES = ("installed", "unchanged", "held_back", "refused", "hook_failed",
                     "not_confirmed", "restored", "failed")   # docs/monitoring.md's list
-
-
-def tool(name):
-    """The path of a program the tests need; skipped locally if missing (CI fails then)."""
-    path = shutil.which(name) or (name if os.path.exists(name) else None)
-    if path is None:
-        if IN_CI:
-            pytest.fail("%s is missing; CI installs it" % name)
-        pytest.skip("%s is not installed" % name)
-    return path
-
-
-def unescape(value):
-    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
-
-
-def parse(text):
-    """{(name, ((label, value), ...)): float} of exposition text; every line must parse."""
-    series = {}
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        match = SERIES.match(line)
-        assert match, "not a series line: %r" % line
-        labels = tuple((k, unescape(v)) for k, v in LABEL.findall(match.group(2)))
-        series[(match.group(1), labels)] = float(match.group(3))
-    return series
-
-
-def values(series, metric, **labels):
-    """The values of metric's series whose labels include labels."""
-    return [value for (name, pairs), value in series.items() if name == metric
-            and set(labels.items()) <= set(pairs)]
 
 
 @pytest.fixture
@@ -89,35 +52,32 @@ def leaf_dates(chain):
 
 def test_check_run_metrics(run, chain, server, tmp_path, certgrab):
     prom = tmp_path / "certgrab-www.prom"
-    dead = socket.socket()
-    dead.bind(("127.0.0.1", 0))
-    dead_source = "127.0.0.1:%d" % dead.getsockname()[1]
-    dead.close()
+    dead_source = "127.0.0.1:%d" % free_ports(1)[0]
     before = time.time()
     result = run("--check", server.address, dead_source, "--cafile", chain / "root.pem",
                  "--prometheus", prom)
     assert result.rc == 2, result.out
-    series = parse(prom.read_text())
+    series = parse_metrics(prom.read_text())
     run_label = {"run": "certgrab-www"}
-    assert before - 1 <= values(series, "certgrab_run_timestamp_seconds", **run_label)[0] \
+    assert before - 1 <= metric_values(series, "certgrab_run_timestamp_seconds", **run_label)[0] \
         <= time.time()
-    assert 0 <= values(series, "certgrab_run_duration_seconds")[0] < 10
-    assert values(series, "certgrab_source_fetch_success", source=server.address) == [1]
-    assert values(series, "certgrab_source_verify_success", source=server.address) == [1]
-    assert values(series, "certgrab_source_fetch_success", source=dead_source) == [0]
-    assert values(series, "certgrab_source_verify_success", source=dead_source) == [0]
+    assert 0 <= metric_values(series, "certgrab_run_duration_seconds")[0] < 10
+    assert metric_values(series, "certgrab_source_fetch_success", source=server.address) == [1]
+    assert metric_values(series, "certgrab_source_verify_success", source=server.address) == [1]
+    assert metric_values(series, "certgrab_source_fetch_success", source=dead_source) == [0]
+    assert metric_values(series, "certgrab_source_verify_success", source=dead_source) == [0]
     not_before, not_after = leaf_dates(chain)
     leaf = dict(source=server.address, servername="", position="0",
                 name="(no subject) SAN 127.0.0.1")
-    assert values(series, "certgrab_certificate_not_before_timestamp_seconds", **leaf) == \
+    assert metric_values(series, "certgrab_certificate_not_before_timestamp_seconds", **leaf) == \
         [not_before]
-    assert values(series, "certgrab_certificate_not_after_timestamp_seconds", **leaf) == \
+    assert metric_values(series, "certgrab_certificate_not_after_timestamp_seconds", **leaf) == \
         [not_after]
-    assert values(series, "certgrab_chain_not_after_timestamp_seconds",
+    assert metric_values(series, "certgrab_chain_not_after_timestamp_seconds",
                   source=server.address) == [not_after]
-    assert len(values(series, "certgrab_certificate_not_after_timestamp_seconds")) == 2
-    assert values(series, "certgrab_distinct_leaves") == [1]
-    assert values(series, "certgrab_install_outcome") == [], "no install in a check"
+    assert len(metric_values(series, "certgrab_certificate_not_after_timestamp_seconds")) == 2
+    assert metric_values(series, "certgrab_distinct_leaves") == [1]
+    assert metric_values(series, "certgrab_install_outcome") == [], "no install in a check"
     assert all(dict(labels)["run"] == "certgrab-www" for _, labels in series)
 
 
@@ -126,7 +86,7 @@ def test_every_mode_writes_the_file(run, chain, server, tmp_path, mode):
     prom = tmp_path / "m.prom"
     result = run(server.address, "--cafile", chain / "root.pem", "--prometheus", prom, *mode)
     assert result.rc == 0, result.err
-    assert values(parse(prom.read_text()), "certgrab_source_verify_success") == [1]
+    assert metric_values(parse_metrics(prom.read_text()), "certgrab_source_verify_success") == [1]
 
 
 def test_promtool_accepts_hostile_labels(run, tmp_path, certgrab):
@@ -148,15 +108,14 @@ def test_promtool_accepts_hostile_labels(run, tmp_path, certgrab):
     result = run("--check", source, "--prometheus", prom)
     assert result.rc == 0, result.out + result.err
     text = prom.read_text()
-    proc = subprocess.run([tool("promtool"), "check", "metrics"], input=text.encode(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert proc.returncode == 0, proc.stdout.decode() + text
-    series = parse(text)
-    assert values(series, "certgrab_source_fetch_success",
+    assert_promtool_accepts(text)
+    series = parse_metrics(text)
+    assert metric_values(series, "certgrab_source_fetch_success",
                   source=certgrab.printable(str(source))) == [1]
     name = certgrab.parse_certificate(cert.public_bytes(serialization.Encoding.DER)).name
     assert "\n" not in name and '"' in name and "\\" in name
-    assert values(series, "certgrab_certificate_not_after_timestamp_seconds", name=name), text
+    assert metric_values(series, "certgrab_certificate_not_after_timestamp_seconds",
+                         name=name), text
 
 
 def test_promtool_accepts_an_install_run(run, chain, server, tmp_path):
@@ -165,9 +124,7 @@ def test_promtool_accepts_an_install_run(run, chain, server, tmp_path):
                  chain / "key.pem", "--out-dir", tmp_path / "live", "--prometheus", prom)
     assert result.rc == 0, result.err
     assert_verifies(chain / "root.pem", tmp_path / "live")
-    proc = subprocess.run([tool("promtool"), "check", "metrics"], stdin=prom.open("rb"),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert proc.returncode == 0, proc.stdout.decode()
+    assert_promtool_accepts(prom.read_text())
 
 
 @pytest.mark.parametrize("where, message", [
@@ -181,20 +138,12 @@ def test_bad_prometheus_paths_are_usage_errors(run, chain, tmp_path, where, mess
 
 # ---------------------------------------------------------------- 2. node_exporter
 
-def free_port():
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
-
-
 @pytest.fixture
 def node_exporter(tmp_path):
     """A real prometheus-node-exporter on loopback, textfile collector only: (dir, url)."""
     directory = tmp_path / "textfile"
     directory.mkdir()
-    port = free_port()
+    port = free_ports(1)[0]
     proc = subprocess.Popen([tool(NODE_EXPORTER), "--collector.disable-defaults",
                              "--collector.textfile",
                              "--collector.textfile.directory=%s" % directory,
@@ -243,13 +192,12 @@ def test_node_exporter_scrape_shows_the_series(run, chain, server, node_exporter
 # ---------------------------------------------------------------- 3. install outcomes
 
 def outcome(prom):
-    series = parse(prom.read_text())
-    chosen = [dict(labels)["outcome"] for (name, labels), value in series.items()
-              if name == "certgrab_install_outcome" and value == 1]
-    assert len(chosen) == 1 and len(values(series, "certgrab_install_outcome")) == len(
-        INSTALL_OUTCOMES)
-    last = values(series, "certgrab_last_sync_timestamp_seconds")
-    return chosen[0], last[0] if last else None
+    """(the install outcome, the last sync's time or None); every outcome has its series."""
+    text = prom.read_text()
+    series = parse_metrics(text)
+    assert len(metric_values(series, "certgrab_install_outcome")) == len(INSTALL_OUTCOMES)
+    last = metric_values(series, "certgrab_last_sync_timestamp_seconds")
+    return install_outcome(text), last[0] if last else None
 
 
 def test_install_outcomes_and_last_sync(run, chain, server, tmp_path, started):
@@ -274,14 +222,14 @@ def test_install_outcomes_and_last_sync(run, chain, server, tmp_path, started):
     assert result.rc == 7, result.err
     assert outcome(prom) == ("hook_failed", synced)
     assert_verifies(other / "root.pem", live)
-    result = run("127.0.0.1:%d" % free_port(), *common)
+    result = run("127.0.0.1:%d" % free_ports(1)[0], *common)
     assert result.rc == 3
     assert outcome(prom) == ("failed", synced)
 
 
 def test_lost_file_means_no_last_sync_until_the_next_success(run, tmp_path, chain):
     prom = tmp_path / "lost.prom"
-    result = run("127.0.0.1:%d" % free_port(), "--out-dir", tmp_path / "live",
+    result = run("127.0.0.1:%d" % free_ports(1)[0], "--out-dir", tmp_path / "live",
                  "--prometheus", prom)
     assert result.rc == 3
     assert outcome(prom) == ("failed", None)
@@ -301,7 +249,7 @@ def assert_whole(prom, old):
     text = prom.read_text()
     if text == old:
         return False
-    parse(text)
+    parse_metrics(text)
     assert re.search(r'^certgrab_distinct_leaves\{run="kill"\} 1\n\Z', text, re.M), text[-200:]
     return True
 

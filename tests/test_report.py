@@ -28,23 +28,19 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 import make_certs
 from bench import DelayProxy
-from conftest import CERTGRAB, assert_one_error
-from install_helpers import assert_verifies
+from helpers import CERTGRAB, assert_one_error, assert_verifies, minimal_host
+from make_certs import NAME
 from servers import GarbageServer, HTTPServer, SilentServer, TLSServer, closed_port
 
-NAME = "www.example.test"
 FLEET = 64                   # sources in acceptance 1
 FLEET_SERVERS = 8            # real TLS servers behind them (a listen backlog is only 16)
 ONE_WAY = 0.050              # seconds each way through the delay proxy: RTT 100 ms
@@ -60,7 +56,7 @@ JSON_CERT_FIELDS = {"subject", "issuer", "serial", "sans", "key", "key_bits",
                     "signature_algorithm", "not_before", "not_after", "sha256", "spki_sha256",
                     "spki_pin", "is_ca"}
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
-SANS = ["www.example.test", "example.test", "127.0.0.1", "::1"]
+SANS = [NAME, "example.test", "127.0.0.1", "::1"]   # make_certs.NAMES
 
 HOSTILE_LEAF = [("O", "`touch %s-b`; touch %s-c \x1b]0;pwned\x07" % (MARK, MARK)),
                 ("CN", "$(touch %s-a) \x1b[31mred\x07 \u00c9t\u00e9 \u202e\u009b" % MARK)]
@@ -802,20 +798,10 @@ def test_non_ascii_subject_on_an_ascii_terminal(dated, mode):
 @pytest.fixture(scope="module", params=["bookworm", "bullseye"])
 def minimal(request, certs, dated):
     """A python3-minimal root with certgrab.py, the root-ec CA and two local chains."""
-    from test_minimal_hosts import ROOTS, MinimalHost
-    root = ROOTS / request.param
-    if not (root / ".certgrab-complete").is_file():
-        pytest.skip("no %s root in %s: run `make roots`" % (request.param, ROOTS))
-    if os.geteuid() != 0:
-        pytest.skip("chroot needs root")
-    scratch = Path(tempfile.mkdtemp(prefix="certgrab-report-", dir=str(root / "tmp")))
-    os.chmod(str(scratch), 0o755)
-    shutil.copy(CERTGRAB, str(scratch / "certgrab.py"))
-    shutil.copy(str(certs / "ec1" / "root.pem"), str(scratch / "root.pem"))
-    shutil.copy(str(certs / "ec2" / "fullchain.pem"), str(scratch / "ec2.pem"))
-    shutil.copy(str(dated / "hostile" / "fullchain.pem"), str(scratch / "hostile.pem"))
-    yield MinimalHost(root, scratch)
-    shutil.rmtree(str(scratch))
+    files = [(certs / "ec1" / "root.pem", "root.pem"), (certs / "ec2" / "fullchain.pem", "ec2.pem"),
+             (dated / "hostile" / "fullchain.pem", "hostile.pem")]
+    with minimal_host(request.param, files, prefix="certgrab-report-") as host:
+        yield host
 
 
 def test_minimal_host_json(minimal, served, certs):

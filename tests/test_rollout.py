@@ -19,10 +19,8 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
-from conftest import IN_CI, ROOT
-from install_helpers import NAME, expected, files_ders
+from helpers import ROOT, expected, files_ders, tool
+from make_certs import NAME
 from servers import InstalledFilesServer
 
 CONTRIB = os.path.join(ROOT, "contrib")
@@ -30,16 +28,6 @@ MAN_PAGE = os.path.join(ROOT, "docs", "certgrab.1")
 ANSIBLE = os.path.join(CONTRIB, "ansible")
 BIN = os.path.dirname(sys.executable)  # the test venv: ansible-playbook, ansible-vault
 PLAYBOOK_TIMEOUT = 120  # seconds; a run takes about 15 s on this 2-core machine
-
-
-def tool(name, where=None):
-    found = shutil.which(name, path=where or (os.environ.get("PATH", os.defpath) +
-                                              ":/usr/sbin:/sbin"))
-    if found is None:
-        if IN_CI:
-            pytest.fail("%s is not installed" % name)
-        pytest.skip("%s is not installed" % name)
-    return found
 
 
 def verify_units(*paths, **kw):
@@ -83,7 +71,7 @@ def test_a_bad_unit_fails_the_same_check(tmp_path):
 
 def test_the_role_passes_ansible_lint(tmp_path):
     """ansible-lint's strictest profile, offline, over site.yml and the role."""
-    lint = tool("ansible-lint", BIN)
+    lint = tool(os.path.join(BIN, "ansible-lint"))
     completed = subprocess.run(
         [lint, "--offline", "--nocolor", "--profile", "production", "site.yml",
          "roles/certgrab"], cwd=ANSIBLE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -126,7 +114,7 @@ def playbook(tmp_path, inventory):
                ANSIBLE_RETRY_FILES_ENABLED="0", ANSIBLE_GATHERING="explicit",
                ANSIBLE_PIPELINING="1", PATH=BIN + ":" + os.environ.get("PATH", os.defpath))
     return subprocess.run(
-        [tool("ansible-playbook", BIN), "-i", str(inventory), "--vault-password-file",
+        [tool(os.path.join(BIN, "ansible-playbook")), "-i", str(inventory), "--vault-password-file",
          str(tmp_path / "vault-pass"), os.path.join(ANSIBLE, "site.yml")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, env=env,
         timeout=PLAYBOOK_TIMEOUT, stdin=subprocess.DEVNULL)
@@ -166,7 +154,7 @@ def test_ansible_rollout_to_two_hosts_then_check_same(certs, served, started, tm
                for host in ("web1", "web2")]
     (tmp_path / "vault-pass").write_text("correct horse battery staple\n")
     vault_key = tmp_path / "www.key.vault"
-    subprocess.run([tool("ansible-vault", BIN), "encrypt", "--vault-password-file",
+    subprocess.run([tool(os.path.join(BIN, "ansible-vault")), "encrypt", "--vault-password-file",
                     str(tmp_path / "vault-pass"), "--output", str(vault_key),
                     str(certs / "ec1" / "key.pem")], check=True, timeout=60,
                    stdout=subprocess.DEVNULL, env=dict(os.environ, ANSIBLE_HOME=str(tmp_path)))

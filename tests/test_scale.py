@@ -24,10 +24,10 @@ import tempfile
 
 import pytest
 
-from conftest import CERTGRAB, ROOT
+from helpers import CERTGRAB, ROOT
+from make_certs import NAME
 from servers import DelayedTLSServer
 
-NAME = "www.example.test"
 FLEET = 1024                # sources in acceptance 1 to 3
 DELAY = 0.2                 # seconds the server waits after each accept (acceptance 1)
 HANG = 60                   # seconds; far beyond any run here: only a hang gets there

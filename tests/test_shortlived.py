@@ -13,14 +13,14 @@ import re
 
 import pytest
 
-from install_helpers import assert_verifies
-from profiles import DAY, make_profile_chain, renewal_left
+from helpers import CRITICAL, OK, WARNING, assert_verifies
+from make_certs import DAY, HOUR
+from profiles import make_profile_chain, renewal_left
 from servers import TLSServer
 
-HOUR = 3600  # seconds
 PROFILES = {"6-day (shortlived)": 6 * DAY, "160-hour (shortlived, exact)": 160 * HOUR,
             "45-day (tlsserver)": 45 * DAY, "90-day (classic)": 90 * DAY}
-STATUS = {"OK": 0, "WARNING": 1, "CRITICAL": 2}
+STATUS = {"OK": OK, "WARNING": WARNING, "CRITICAL": CRITICAL}
 
 
 def check(run, directory, *options):

@@ -35,12 +35,11 @@ import types
 
 import pytest
 
-from conftest import CERTGRAB, Result, assert_one_error, error_lines
+from helpers import CERTGRAB, FETCH, Result, assert_one_error, assert_refused, grab_args
 from fakes import (FakeServer, close, drip, forever, hold, line, loopback_pair, mark, mutate,
                    pause, read, seeded, send, tagged, tls, trickle, until)
-from make_certs import pem_ders, read_ders
+from make_certs import NAME, pem_ders, read_ders
 
-NAME = "www.example.test"
 CHAIN = "ec2"  # leaf and two intermediates: "exactly the served chain" means something
 SEED = int(os.environ.get("CERTGRAB_FUZZ_SEED", "20240607"))
 PROTOCOLS = ["smtp", "lmtp", "pop3", "imap", "ftp", "xmpp", "xmpp-server", "irc", "postgres",
@@ -184,13 +183,14 @@ def first_send(script):
 
 # Running certgrab ----------------------------------------------------------------------------
 
-def argv(certs, fake, proto, timeout, *extra):
-    return [fake.address, "--starttls", proto, "-n", NAME, "--cafile",
-            str(certs / CHAIN / "root.pem"), "--timeout", str(timeout)] + list(extra)
+def starttls_args(certs, fake, proto, timeout, *extra):
+    """grab_args for the fake, which serves CHAIN: --starttls PROTO --timeout TIMEOUT."""
+    return grab_args(fake, certs / CHAIN, "--starttls", proto, "--timeout", str(timeout),
+                     *extra)
 
 
-def grab(run, certs, fake, proto, timeout=3, *extra):
-    return run(*argv(certs, fake, proto, timeout, *extra))
+def grab_starttls(run, certs, fake, proto, timeout=3, *extra):
+    return run(*starttls_args(certs, fake, proto, timeout, *extra))
 
 
 def assert_served_chain(result, certs):
@@ -199,17 +199,10 @@ def assert_served_chain(result, certs):
     assert result.err == "", "a clean fetch is silent on stderr"
 
 
-def the_error(result):
-    assert_one_error(result)
-    return [l for l in error_lines(result.err) if l.strip()][0]
-
-
-def assert_refused(result, fake, proto, *quotes):
-    """Exit 3, nothing on stdout, one line `certgrab: HOST:PORT: PROTO: ...` quoting the
-    reply, and certgrab never started TLS."""
-    assert result.rc == 3, result
-    assert result.out == ""
-    message = the_error(result)
+def assert_starttls_refused(result, fake, proto, *quotes):
+    """The dialogue failed: exit 3, nothing on stdout, one line `certgrab: HOST:PORT: PROTO:
+    ...` quoting the reply, and certgrab never started TLS."""
+    message = assert_refused(result, FETCH)
     assert message.startswith("certgrab: %s: %s: " % (fake.address, proto)), message
     for quote in quotes:
         assert quote in message, "%r should quote %r" % (message, quote)
@@ -267,7 +260,7 @@ def assert_client_spoke_the_protocol(proto, session):
 def test_happy_path_prints_exactly_the_served_chain(run, certs, proto):
     alpn = ["postgresql"] if proto == "postgres-direct" else None
     with FakeServer(happy(proto), certs / CHAIN, alpn=alpn) as fake:
-        result = grab(run, certs, fake, proto)
+        result = grab_starttls(run, certs, fake, proto)
     assert_served_chain(result, certs)
     assert fake.handshakes == 1
     assert fake.server_names == [NAME]
@@ -278,7 +271,7 @@ def test_happy_path_prints_exactly_the_served_chain(run, certs, proto):
 @pytest.mark.parametrize("proto", ["smtp", "lmtp"])
 def test_ehlo_option_is_the_name_sent(run, certs, proto):
     with FakeServer(happy(proto), certs / CHAIN) as fake:
-        result = grab(run, certs, fake, proto, 5, "--ehlo", "mx1.example.test")
+        result = grab_starttls(run, certs, fake, proto, 5, "--ehlo", "mx1.example.test")
     assert_served_chain(result, certs)
     assert fake.sessions[0].lines[0][5:] == b"mx1.example.test"
 
@@ -289,7 +282,7 @@ def test_bad_ehlo_name_is_a_usage_error_not_a_command(run, certs, ehlo):
     """--ehlo goes into the SMTP command line: CR LF would smuggle commands, and a name
     that IDNA cannot encode must not end in a traceback."""
     with FakeServer(happy("smtp"), certs / CHAIN) as fake:
-        result = grab(run, certs, fake, "smtp", 5, "--ehlo", ehlo)
+        result = grab_starttls(run, certs, fake, "smtp", 5, "--ehlo", ehlo)
     assert result.rc == 2, result
     assert_one_error(result)
     assert all(not said.startswith(b"MAIL") for s in fake.sessions for said in s.lines)
@@ -398,7 +391,7 @@ VARIANTS = [
                          ids=["%s: %s" % (p, w) for p, w, _ in VARIANTS])
 def test_variants_of_well_behaved_servers(run, certs, proto, what, script):
     with FakeServer(script, certs / CHAIN) as fake:
-        result = grab(run, certs, fake, proto)
+        result = grab_starttls(run, certs, fake, proto)
     assert_served_chain(result, certs)
     assert fake.handshakes == 1
     if proto == "irc" and "PING" in what:
@@ -523,8 +516,8 @@ REFUSALS = [
                          ids=["%s: %s" % (p, w) for p, w, _, _ in REFUSALS])
 def test_refusal_is_one_line_naming_protocol_and_reply(run, certs, proto, what, script, quotes):
     with FakeServer(script, certs / CHAIN) as fake:
-        result = grab(run, certs, fake, proto, 3)
-    assert_refused(result, fake, proto, *quotes)
+        result = grab_starttls(run, certs, fake, proto, 3)
+    assert_starttls_refused(result, fake, proto, *quotes)
     assert result.elapsed < 1.5, "the reply was clear; no need to wait (%.1f s)" % result.elapsed
 
 
@@ -532,8 +525,8 @@ def test_reply_cannot_write_terminal_escapes(run, certs):
     """The quoted reply is the server's text: control characters must arrive escaped."""
     script = [send(b"554 \x1b[2J\x1b]0;owned\x07 no service\x08\x08\r\n"), hold()]
     with FakeServer(script, certs / CHAIN) as fake:
-        result = grab(run, certs, fake, "smtp")
-    message = assert_refused(result, fake, "smtp", "554 ", "no service")
+        result = grab_starttls(run, certs, fake, "smtp")
+    message = assert_starttls_refused(result, fake, "smtp", "554 ", "no service")
     assert not re.search(r"[\x00-\x1f\x7f]", message), repr(message)
 
 
@@ -564,16 +557,16 @@ def test_ldap_result_code_of_thousands_of_digits_is_malformed(run, certs):
     op = ber(0x0A, b"\x01" + b"\xff" * 4999) + ber(0x04, b"") + ber(0x04, b"no")
     response = ber(0x30, ber(0x02, b"\x01") + ber(0x78, op))
     with FakeServer([read(len(LDAP_REQUEST)), send(response), hold()], certs / CHAIN) as fake:
-        result = grab(run, certs, fake, "ldap")
-    assert_refused(result, fake, "ldap", "malformed LDAP response")
+        result = grab_starttls(run, certs, fake, "ldap")
+    assert_starttls_refused(result, fake, "ldap", "malformed LDAP response")
 
 
 def test_quoted_reply_is_kept_short(run, certs):
     """A 150-line EHLO reply without STARTTLS: the error line quotes a part, not all."""
     reply = b"".join(b"250-X-EXTENSION-%03d %s\r\n" % (i, b"y" * 40) for i in range(150))
     with FakeServer(ehlo_without(reply + b"250 HELP\r\n"), certs / CHAIN) as fake:
-        result = grab(run, certs, fake, "smtp")
-    message = assert_refused(result, fake, "smtp", "250-X-EXTENSION-000")
+        result = grab_starttls(run, certs, fake, "smtp")
+    message = assert_starttls_refused(result, fake, "smtp", "250-X-EXTENSION-000")
     assert len(message) < 1000, len(message)
 
 
@@ -595,8 +588,8 @@ def injected(proto):
 @pytest.mark.parametrize("proto", PLAINTEXT)
 def test_plaintext_after_the_agreement_is_refused(run, certs, proto):
     with FakeServer(injected(proto), certs / CHAIN) as fake:
-        result = grab(run, certs, fake, proto, 3)
-    assert_refused(result, fake, proto, "injection")
+        result = grab_starttls(run, certs, fake, proto, 3)
+    assert_starttls_refused(result, fake, proto, "injection")
 
 
 @pytest.mark.parametrize("proto", ["smtp", "mysql", "xmpp", "ldap"])
@@ -606,18 +599,18 @@ def test_injection_in_the_next_packet_never_succeeds(run, certs, proto):
     must never be printed."""
     script = DIALOGUES[proto] + [send(INJECTED), tls()]
     with FakeServer(script, certs / CHAIN) as fake:
-        result = grab(run, certs, fake, proto, 3)
+        result = grab_starttls(run, certs, fake, proto, 3)
     assert result.rc == 3, result
     assert result.out == ""
-    assert re.search(r"injection|TLS handshake failed", the_error(result)), result.err
+    assert re.search(r"injection|TLS handshake failed", assert_one_error(result)), result.err
 
 
 @pytest.mark.parametrize("proto", PLAINTEXT)
 def test_server_hanging_up_after_agreeing_is_one_clean_error(run, certs, proto):
     with FakeServer(DIALOGUES[proto] + [close()], certs / CHAIN) as fake:
-        result = grab(run, certs, fake, proto)
+        result = grab_starttls(run, certs, fake, proto)
     assert result.rc == 3 and result.out == "", result
-    the_error(result)
+    assert_one_error(result)
     assert result.elapsed < 1.5
 
 
@@ -625,8 +618,8 @@ def test_a_single_extra_line_end_is_injection_too(run, certs):
     script = [send(SMTP_GREETING), line(), send(EHLO_REPLY), line(),
               send(b"220 2.0.0 Ready to start TLS\r\n\r\n"), tls()]
     with FakeServer(script, certs / CHAIN) as fake:
-        result = grab(run, certs, fake, "smtp", 3)
-    assert_refused(result, fake, "smtp", "injection")
+        result = grab_starttls(run, certs, fake, "smtp", 3)
+    assert_starttls_refused(result, fake, "smtp", "injection")
 
 
 # Fast hostile servers: limits, not the deadline, end these -----------------------------------
@@ -662,7 +655,7 @@ def assert_failed_cleanly(result, proto, timeout):
     assert result.out == ""
     assert result.elapsed < timeout + 1.0, "took %.1f s with --timeout %s" % (
         result.elapsed, timeout)
-    message = the_error(result)
+    message = assert_one_error(result)
     if proto != "postgres-direct":  # no plaintext: a plain TLS error
         assert re.search(r"\b%s\b" % re.escape(proto), message), message
     return message
@@ -672,7 +665,7 @@ def assert_failed_cleanly(result, proto, timeout):
 def test_endless_greeting_hits_a_limit(run, certs, proto):
     prefix, unit, _ = HOSTILE[proto]
     with FakeServer(prefix + [forever(unit)], certs / CHAIN) as fake:
-        result = grab(run, certs, fake, proto, 5)
+        result = grab_starttls(run, certs, fake, proto, 5)
     message = assert_failed_cleanly(result, proto, 5)
     assert result.elapsed < 2.0, "a limit should end this long before the deadline"
     assert "timed out" not in message
@@ -682,7 +675,7 @@ def test_endless_greeting_hits_a_limit(run, certs, proto):
 def test_megabytes_long_line_hits_a_limit(run, certs, proto):
     prefix, _, start = HOSTILE[proto]
     with FakeServer(prefix + [send(start + b"x" * MEGABYTES), hold()], certs / CHAIN) as fake:
-        result = grab(run, certs, fake, proto, 5)
+        result = grab_starttls(run, certs, fake, proto, 5)
     message = assert_failed_cleanly(result, proto, 5)
     assert result.elapsed < 2.0, "a limit should end this long before the deadline"
     assert "timed out" not in message
@@ -693,7 +686,7 @@ def test_total_plaintext_is_bounded(run, certs, certgrab):
     unit = b"220-" + b"x" * 2000 + b"\r\n"
     assert certgrab.MAX_PLAINTEXT // len(unit) + 1 < certgrab.MAX_REPLY_LINES
     with FakeServer([forever(unit)], certs / CHAIN) as fake:
-        result = grab(run, certs, fake, "smtp")
+        result = grab_starttls(run, certs, fake, "smtp")
     message = assert_failed_cleanly(result, "smtp", 3)
     assert "%d bytes" % certgrab.MAX_PLAINTEXT in message
 
@@ -702,7 +695,7 @@ def test_line_of_exactly_max_line_bytes_is_accepted(run, certs, certgrab):
     banner = b"220-" + b"x" * (certgrab.MAX_LINE - 6) + b"\r\n"
     assert len(banner) == certgrab.MAX_LINE
     with FakeServer(smtp_like(banner + SMTP_GREETING, EHLO_REPLY), certs / CHAIN) as fake:
-        result = grab(run, certs, fake, "smtp")
+        result = grab_starttls(run, certs, fake, "smtp")
     assert_served_chain(result, certs)
 
 
@@ -851,7 +844,8 @@ def timed(certs, request):
         key, proto, _, timeout, _ = case
         with gate:
             try:
-                outcomes[key] = (run_child(argv(certs, fake, proto, timeout), timeout), fake)
+                argv = starttls_args(certs, fake, proto, timeout)
+                outcomes[key] = (run_child(argv, timeout), fake)
             except Exception:  # reported by the test of this case
                 outcomes[key] = (traceback.format_exc(), fake)
 
@@ -918,7 +912,7 @@ def test_deadline_covers_the_tls_handshake(timed):
     result, fake = timed_case(timed, ("slow handshake", "smtp"))
     assert result.rc == 3 and result.out == ""
     assert result.elapsed < SHORT + 1.0
-    assert "timed out" in the_error(result)
+    assert "timed out" in assert_one_error(result)
     assert fake.sessions[0].lines[-1] == b"STARTTLS"
 
 
@@ -1073,7 +1067,7 @@ def test_fuzz_whole_fetch_through_the_fake_exits_0_or_3(run, certs, proto, fuzz_
                 script[i] = send(data)
                 mutations.append("%s@%d" % (kind, i))
             fake.script = script + [tls()]  # the next connection plays this
-            result = grab(run, certs, fake, proto, timeout)
+            result = grab_starttls(run, certs, fake, proto, timeout)
             where = "%s case %d (seed %d), mutations %s" % (proto, case, SEED, mutations)
             assert result.rc in (0, 3), (where, result)
             assert result.elapsed < timeout + 1.0, (where, result)
@@ -1081,4 +1075,4 @@ def test_fuzz_whole_fetch_through_the_fake_exits_0_or_3(run, certs, proto, fuzz_
                 assert_served_chain(result, certs)
             else:
                 assert result.out == "", where
-                the_error(result)
+                assert_one_error(result)

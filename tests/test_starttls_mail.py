@@ -18,15 +18,15 @@ conftest turns those skips into a failure, which is intended: CI installs the pa
 
 import pytest
 
-from conftest import (assert_one_error, assert_prints_served_chain, daemon_fixture, explain,
-                      failed_fetch_line, grab, served_chain)
-from daemons import HOST, NAME
+from conftest import daemon_fixture
+from daemons import HOST
 from daemons_mail import Dovecot, Nnrpd, Vsftpd
-from install_helpers import assert_verifies, expected, files_ders, hook_runs, snapshot
-from make_certs import pem_ders
+from helpers import (VERIFY, assert_one_error, assert_prints_served_chain, assert_verifies,
+                     expected, explain, failed_fetch_line, files_ders, grab_daemon, hook_runs,
+                     served_chain, snapshot)
+from make_certs import NAME, pem_ders
 
 TIMEOUT = 5  # seconds; --timeout of the negative tests, which must fail well within it
-VERIFY = 4  # exit code: verification failed
 
 
 # Daemons: one instance of each per session, with the chain each serves --------------------
@@ -61,19 +61,19 @@ IMPLICIT = [  # (daemon fixture, port name)
                          ids=["%s-%s" % (d, p) for d, p, _ in STARTTLS])
 def test_starttls_prints_exactly_the_served_chain(request, run, daemon, port, protocol):
     daemon = request.getfixturevalue(daemon)
-    assert_prints_served_chain(daemon, grab(run, daemon, port, "--starttls", protocol))
+    assert_prints_served_chain(daemon, grab_daemon(run, daemon, port, "--starttls", protocol))
 
 
 @pytest.mark.parametrize("daemon,port", IMPLICIT, ids=["%s-%s" % d for d in IMPLICIT])
 def test_implicit_tls_port_needs_no_flag(request, run, daemon, port):
     daemon = request.getfixturevalue(daemon)
-    assert_prints_served_chain(daemon, grab(run, daemon, port))
+    assert_prints_served_chain(daemon, grab_daemon(run, daemon, port))
 
 
 def test_smtp_greeting_held_back_by_postscreen(run, postfix):
     """postscreen sends "220-", waits a second for clients that talk too early, then smtpd
     sends "220 ": a client that sends EHLO before the last greeting line is a PREGREET."""
-    result = grab(run, postfix, "smtp-slow", "--starttls", "smtp")
+    result = grab_daemon(run, postfix, "smtp-slow", "--starttls", "smtp")
     assert result.rc == 0, explain(postfix, result)
     assert pem_ders(result.out) == served_chain(postfix)
     log = postfix.log_text()
@@ -83,7 +83,7 @@ def test_smtp_greeting_held_back_by_postscreen(run, postfix):
 
 
 def test_starttls_port_without_the_flag_fails_cleanly(run, postfix):
-    result = grab(run, postfix, "smtp", "--timeout", TIMEOUT)
+    result = grab_daemon(run, postfix, "smtp", "--timeout", TIMEOUT)
     failed_fetch_line(postfix, result, TIMEOUT)
     assert "STARTTLS" in result.err  # the hint names what was missing
 
@@ -107,7 +107,7 @@ REFUSED = [  # (daemon fixture, port name, protocol, words of the reply the erro
 def test_tls_off_fails_with_one_line_quoting_the_server(request, run, daemon, port, protocol,
                                                         reply):
     daemon = request.getfixturevalue(daemon)
-    result = grab(run, daemon, port, "--starttls", protocol, "--timeout", TIMEOUT)
+    result = grab_daemon(run, daemon, port, "--starttls", protocol, "--timeout", TIMEOUT)
     line = failed_fetch_line(daemon, result, TIMEOUT)
     prefix = "certgrab: %s:%d: %s: the server " % (HOST, daemon.ports[port], protocol)
     assert line.startswith(prefix), line
@@ -119,13 +119,13 @@ def test_tls_off_fails_with_one_line_quoting_the_server(request, run, daemon, po
 
 def test_refused_ehlo_is_reported_with_the_name_sent(run, postfix):
     """--ehlo NAME is what the server sees: postfix rejects this one name at EHLO time."""
-    result = grab(run, postfix, "smtp", "--starttls", "smtp", "--ehlo", "refused.example.test",
-                  "--timeout", TIMEOUT)
+    result = grab_daemon(run, postfix, "smtp", "--starttls", "smtp",
+                         "--ehlo", "refused.example.test", "--timeout", TIMEOUT)
     line = failed_fetch_line(postfix, result, TIMEOUT)
     assert line.startswith("certgrab: %s:%d: smtp: EHLO refused (reply: 554 5.7.1 "
                            "<refused.example.test>: Helo command rejected"
                            % (HOST, postfix.ports["smtp"])), line
-    accepted = grab(run, postfix, "smtp", "--starttls", "smtp", "--ehlo", "ok.example.test")
+    accepted = grab_daemon(run, postfix, "smtp", "--starttls", "smtp", "--ehlo", "ok.example.test")
     assert accepted.rc == 0, explain(postfix, accepted)
 
 
@@ -144,13 +144,13 @@ def test_safe_install_through_starttls(run, postfix, certs, tmp_path):
     out, log = tmp_path / "live", tmp_path / "hook.log"
     argv = ["--starttls", "smtp", "--out-dir", out, "--key-path", certs / "rsa2" / "key.pem",
             "--deploy-hook", "echo x >> %s" % log]
-    first = grab(run, postfix, "smtp", *argv)
+    first = grab_daemon(run, postfix, "smtp", *argv)
     assert first.rc == 0, explain(postfix, first)
     assert files_ders(out) == expected(certs, "rsa2")
     assert_verifies(certs / "rsa2" / "root.pem", out)
     assert hook_runs(log) == ["x"]
     before = snapshot(out)
-    again = grab(run, postfix, "smtp", *argv)
+    again = grab_daemon(run, postfix, "smtp", *argv)
     assert again.rc == 0, explain(postfix, again)
     assert snapshot(out) == before  # not even rewritten
     assert hook_runs(log) == ["x"]  # and the hook did not run again

@@ -26,18 +26,18 @@ import time
 
 import pytest
 
-from conftest import (FETCH, assert_one_error, assert_prints_served_chain, daemon_fixture,
-                      explain, failed_fetch_line, grab, served_chain)
-from daemons import HOST, NAME
+from conftest import daemon_fixture
+from daemons import HOST
 from daemons_other import NOTLS_NAME, InspIRCd, MariaDB, Postgres, Prosody, Slapd
-from install_helpers import assert_verifies, expected, files_ders, snapshot
-from make_certs import pem_ders, read_ders
+from helpers import (FETCH, VERIFY, assert_one_error, assert_prints_served_chain, assert_verifies,
+                     expected, explain, failed_fetch_line, files_ders, grab_daemon, served_chain,
+                     snapshot)
+from make_certs import NAME, pem_ders, read_ders
 from servers import OpenSSLServer
 
 TIMEOUT = 5  # seconds; --timeout of the negative tests, which must fail well within it
 SILENT_TIMEOUT = 2  # seconds; --timeout against a server that never answers STARTTLS
 LATE = 1.5  # seconds; how long after --timeout a run that hit it may take to return
-VERIFY = 4  # exit code: verification failed
 
 
 # Daemons: one instance of each per session, with the chain each serves --------------------
@@ -72,14 +72,14 @@ IMPLICIT = [  # (daemon fixture, port name, extra arguments)
                          ids=["%s-%s" % (d, p) for d, p, _ in STARTTLS])
 def test_starttls_prints_exactly_the_served_chain(request, run, daemon, port, protocol):
     daemon = request.getfixturevalue(daemon)
-    assert_prints_served_chain(daemon, grab(run, daemon, port, "--starttls", protocol))
+    assert_prints_served_chain(daemon, grab_daemon(run, daemon, port, "--starttls", protocol))
 
 
 @pytest.mark.parametrize("daemon,port,extra", IMPLICIT,
                          ids=["-".join([d, p] + e).replace("--", "") for d, p, e in IMPLICIT])
 def test_implicit_tls_port_needs_no_flag(request, run, daemon, port, extra):
     daemon = request.getfixturevalue(daemon)
-    assert_prints_served_chain(daemon, grab(run, daemon, port, *extra))
+    assert_prints_served_chain(daemon, grab_daemon(run, daemon, port, *extra))
 
 
 def test_irc_notices_before_the_reply_are_skipped(run, inspircd):
@@ -89,7 +89,7 @@ def test_irc_notices_before_the_reply_are_skipped(run, inspircd):
         with sock.makefile("rb") as replies:
             first = replies.readline()
     assert b" NOTICE * :*** Looking up your hostname" in first, first  # what we test with
-    result = grab(run, inspircd, "irc", "--starttls", "irc")
+    result = grab_daemon(run, inspircd, "irc", "--starttls", "irc")
     assert result.rc == 0, explain(inspircd, result)
     assert pem_ders(result.out) == served_chain(inspircd)
 
@@ -121,19 +121,19 @@ def _wait_for_output(server, text, seconds=5.0):
 
 def test_postgres_direct_against_postgresql_15_fails_cleanly(run, postgres):
     """PostgreSQL 15 reads the ClientHello as a startup packet and hangs up."""
-    result = grab(run, postgres, "postgres", "--starttls", "postgres-direct",
-                  "--timeout", TIMEOUT)
+    result = grab_daemon(run, postgres, "postgres", "--starttls", "postgres-direct",
+                         "--timeout", TIMEOUT)
     failed_fetch_line(postgres, result, TIMEOUT)
 
 
 def test_xmpp_stream_is_addressed_to_the_servername(run, prosody):
     """--servername is the stream's to= domain: Prosody answers from that virtual host
     (notls.example.test, which offers no STARTTLS; www.example.test does)."""
-    notls = grab(run, prosody, "xmpp", "--starttls", "xmpp", "--timeout", TIMEOUT,
-                 name=NOTLS_NAME)
+    notls = grab_daemon(run, prosody, "xmpp", "--starttls", "xmpp", "--timeout", TIMEOUT,
+                        name=NOTLS_NAME)
     assert notls.rc == FETCH, explain(prosody, notls)
     assert OFFERS_NO_STARTTLS in notls.err, notls.err
-    tls = grab(run, prosody, "xmpp", "--starttls", "xmpp", "--timeout", TIMEOUT, name=NAME)
+    tls = grab_daemon(run, prosody, "xmpp", "--starttls", "xmpp", "--timeout", TIMEOUT, name=NAME)
     assert tls.rc == 0, explain(prosody, tls)
 
 
@@ -159,7 +159,7 @@ REFUSED = [  # (daemon fixture, port name, protocol, -n, what certgrab says, the
 def test_tls_off_fails_with_one_line_quoting_the_server(request, run, daemon, port, protocol,
                                                         name, says, reply):
     daemon = request.getfixturevalue(daemon)
-    result = grab(run, daemon, port, "--starttls", protocol, "--timeout", TIMEOUT, name=name)
+    result = grab_daemon(run, daemon, port, "--starttls", protocol, "--timeout", TIMEOUT, name=name)
     line = failed_fetch_line(daemon, result, TIMEOUT)
     prefix = "certgrab: %s:%d: %s: %s (reply: " % (HOST, daemon.ports[port], protocol, says)
     assert line.startswith(prefix), line
@@ -169,7 +169,8 @@ def test_tls_off_fails_with_one_line_quoting_the_server(request, run, daemon, po
 def test_irc_server_that_ignores_starttls_ends_at_the_timeout(run, inspircd):
     """Without its starttls module InspIRCd silently drops unknown commands from clients that
     have not registered: nothing comes back, and certgrab gives up at --timeout."""
-    result = grab(run, inspircd, "irc-bare", "--starttls", "irc", "--timeout", SILENT_TIMEOUT)
+    result = grab_daemon(run, inspircd, "irc-bare", "--starttls", "irc",
+                         "--timeout", SILENT_TIMEOUT)
     line = failed_fetch_line(inspircd, result, SILENT_TIMEOUT + LATE)
     assert line.startswith("certgrab: %s:%d: " % (HOST, inspircd.ports["irc-bare"])), line
     assert "irc" in line and "timed out" in line, line
@@ -190,7 +191,7 @@ WRONG = [  # (daemon fixture, port name, --starttls protocol spoken to it)
                          ids=["%s-to-%s" % (w[2], w[0]) for w in WRONG])
 def test_wrong_protocol_fails_in_one_line(request, run, daemon, port, protocol):
     daemon = request.getfixturevalue(daemon)
-    result = grab(run, daemon, port, "--starttls", protocol, "--timeout", TIMEOUT)
+    result = grab_daemon(run, daemon, port, "--starttls", protocol, "--timeout", TIMEOUT)
     line = failed_fetch_line(daemon, result, TIMEOUT)
     assert re.match(r"certgrab: %s:%d: " % (re.escape(HOST), daemon.ports[port]), line), line
 
@@ -209,11 +210,11 @@ def test_chain_is_verified_after_starttls(run, mariadb, certs):
 def test_safe_install_through_starttls(run, postgres, certs, tmp_path):
     out = tmp_path / "live"
     argv = ["--starttls", "postgres", "--out-dir", out, "--key-path", certs / "ec1" / "key.pem"]
-    first = grab(run, postgres, "postgres", *argv)
+    first = grab_daemon(run, postgres, "postgres", *argv)
     assert first.rc == 0, explain(postgres, first)
     assert files_ders(out) == expected(certs, "ec1")
     assert_verifies(certs / "ec1" / "root.pem", out)
     before = snapshot(out)
-    again = grab(run, postgres, "postgres", *argv)
+    again = grab_daemon(run, postgres, "postgres", *argv)
     assert again.rc == 0, explain(postgres, again)
     assert snapshot(out) == before  # not even rewritten

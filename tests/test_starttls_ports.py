@@ -10,6 +10,8 @@ import threading
 
 import pytest
 
+from make_certs import NAME
+
 HOST = "127.0.0.77"
 DEFAULT_PORTS = {
     "smtp": 25, "lmtp": 24, "pop3": 110, "imap": 143, "ftp": 21, "xmpp": 5222,
@@ -67,7 +69,7 @@ def test_the_table_is_the_one_certgrab_knows(certgrab):
 @pytest.mark.parametrize("protocol", sorted(DEFAULT_PORTS))
 def test_a_source_without_port_dials_the_protocols_default(run, listen, protocol):
     listener = listen(DEFAULT_PORTS[protocol])
-    result = run(HOST, "--starttls", protocol, "-n", "www.example.test", "--insecure",
+    result = run(HOST, "--starttls", protocol, "-n", NAME, "--insecure",
                  "--timeout", "1")
     assert result.rc == 3, result.err
     assert listener.connections == 1, "nothing dialled %s:%d" % (HOST, DEFAULT_PORTS[protocol])

@@ -14,10 +14,8 @@ import sys
 
 import pytest
 
-from conftest import CERTGRAB, ROOT
-from install_helpers import assert_verifies
-
-NAME = "www.example.test"
+from helpers import CERTGRAB, ROOT, assert_verifies, grab_args
+from make_certs import NAME
 
 # Run certgrab.main in a fresh interpreter; print the exit code and the modules imported, as
 # a Python literal: importing json for it would spoil the list.
@@ -47,12 +45,8 @@ def probe(*argv):
     return ast.literal_eval(lines[-1][len("PROBE "):]), proc
 
 
-def fetch_args(server, certs, *extra):
-    return (server.address, "-n", NAME, "--cafile", certs / "ec1" / "root.pem") + extra
-
-
 def test_a_plain_fetch_imports_nothing_it_does_not_use(served, certs):
-    report, proc = probe(*fetch_args(served("ec1"), certs))
+    report, proc = probe(*grab_args(served("ec1"), certs / "ec1"))
     assert report["rc"] == 0, proc.stderr
     assert os.path.samefile(report["file"], CERTGRAB)
     assert "BEGIN CERTIFICATE" in proc.stdout
@@ -71,12 +65,12 @@ def test_a_name_source_resolves_without_the_idna_codec(served, certs):
 
 def test_an_install_imports_subprocess_only_for_its_hook(served, certs, tmp_path):
     server = served("ec1")
-    report, proc = probe(*fetch_args(server, certs, "--out-dir", tmp_path / "plain"))
+    report, proc = probe(*grab_args(server, certs / "ec1", "--out-dir", tmp_path / "plain"))
     assert report["rc"] == 0, proc.stderr
     assert_verifies(certs / "ec1" / "root.pem", tmp_path / "plain")
     assert "subprocess" not in report["modules"]
-    report, proc = probe(*fetch_args(server, certs, "--out-dir", tmp_path / "hooked",
-                                     "--deploy-hook", "true"))
+    report, proc = probe(*grab_args(server, certs / "ec1", "--out-dir", tmp_path / "hooked",
+                                    "--deploy-hook", "true"))
     assert report["rc"] == 0, proc.stderr
     assert "subprocess" in report["modules"]
 

@@ -24,58 +24,22 @@
 """
 
 import datetime
-import hashlib
 import os
 import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 
 import pytest
-from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 import make_certs
-from conftest import CERTGRAB, IN_CI
-from install_helpers import (NAME, OUT_FILES, assert_verifies, entries, expected, files_ders,
-                             grab_args, hook_runs, message_lines, snapshot)
+from helpers import (CERTGRAB, CRITICAL, HOOK_PENDING, OUT_FILES, PENDING_MTIME, UNSHARE, USAGE,
+                     assert_promtool_accepts, assert_verifies, describe, entries, error_lines,
+                     expected, files_ders, grab, grab_args, hook_runs, install_outcome, iso,
+                     load_cert, run_with_mounts, serial_hex, sha256, snapshot, tool)
+from make_certs import HOUR, NAME
 from servers import InstalledFilesServer, TLSServer, closed_port, ipv6_available
-
-OK, WARNING, CRITICAL = 0, 1, 2
-USAGE, HOOK = 2, 7
-HOUR = 3600  # seconds
-PENDING = 1  # certgrab's HOOK_PENDING_MTIME: the date of files whose hook has not run
-UNSHARE = shutil.which("unshare", path=os.defpath + ":/usr/sbin:/sbin")
-
-
-def tool(name):
-    path = shutil.which(name, path=os.environ.get("PATH", os.defpath) + ":/usr/sbin:/sbin")
-    if path is None:
-        if IN_CI:
-            pytest.fail("%s is not installed" % name)
-        pytest.skip("%s is not installed" % name)
-    return path
-
-
-def leaf_of(path):
-    return x509.load_der_x509_certificate(make_certs.read_ders(path)[0])
-
-
-def iso(when):
-    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def serial_hex(cert):
-    text = "%x" % cert.serial_number
-    return "0" * (len(text) % 2) + text
-
-
-def describe(cert):
-    """certgrab's words for a leaf: serial, notBefore, notAfter (read with cryptography)."""
-    return "serial %s issued %s, expires %s" % (serial_hex(cert), iso(cert.not_valid_before_utc),
-                                               iso(cert.not_valid_after_utc))
 
 
 # 1. --all-addresses ----------------------------------------------------------------------------
@@ -93,18 +57,11 @@ def own_hosts(tmp_path):
         """open_files=N: run under `ulimit -n N` (soft and hard)."""
         hosts = tmp_path / "hosts"
         hosts.write_text(hosts_text)
-        script = ('mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/nsswitch.conf && '
-                  'shift 2 && exec "$@"')
         limit = kw.get("open_files")
-        completed = subprocess.run(
-            [UNSHARE, "-m", "sh", "-c", script, "sh", str(hosts), str(nsswitch),
-             sys.executable, CERTGRAB] + [str(a) for a in argv], stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, universal_newlines=True,
-            timeout=60, preexec_fn=None if limit is None else lambda: resource.setrlimit(
+        return run_with_mounts(
+            [(hosts, "/etc/hosts"), (nsswitch, "/etc/nsswitch.conf")], argv,
+            preexec_fn=None if limit is None else lambda: resource.setrlimit(
                 resource.RLIMIT_NOFILE, (limit, limit)))
-        if "mount" in completed.stderr and completed.returncode == 32 and not IN_CI:
-            pytest.skip("no mount namespace here: %s" % completed.stderr.strip())
-        return completed
 
     return run
 
@@ -220,14 +177,14 @@ def dated(certs, tmp_path, started):
                                             issued_ago=issued_ago)
         server = started(TLSServer(os.path.join(chain, "fullchain.pem"),
                                    os.path.join(chain, "key.pem")))
-        return server, leaf_of(os.path.join(chain, "cert.pem"))
+        return server, load_cert(os.path.join(chain, "cert.pem"))
     return make
 
 
 def installed_ec1(run, served, certs, out):
-    result = run(*grab_args(certs, served("ec1"), "--out-dir", out))
+    result = grab(run, served("ec1"), certs / "ec1", "--out-dir", out)
     assert result.rc == 0, result.err
-    return leaf_of(certs / "ec1" / "cert.pem")
+    return load_cert(certs / "ec1" / "cert.pem")
 
 
 @pytest.mark.parametrize("issued_ago, held, goes", [(HOUR, "90m", "30m"), (0, "1h", "0m")])
@@ -237,13 +194,14 @@ def test_a_young_leaf_is_held_back_then_installed(run, served, certs, tmp_path, 
     old = installed_ec1(run, served, certs, out)
     server, leaf = dated("young", issued_ago)
     before = snapshot(out)
-    args = grab_args(certs, server, "--out-dir", out, "--deploy-hook", "echo ran >> %s" % log,
+    args = grab_args(server, certs / "ec1", "--out-dir", out,
+                     "--deploy-hook", "echo ran >> %s" % log,
                      "--prometheus", tmp_path / "rollout.prom")
     result = run(*args + ["--min-age", held])
     assert result.rc == 0, result.err
     wait = {"90m": 90 * 60, "1h": HOUR}[held]
     until = iso(leaf.not_valid_before_utc + datetime.timedelta(seconds=wait))
-    assert message_lines(result.err) == [
+    assert error_lines(result.err) == [
         "certgrab: %s serves a new leaf (%s): held back until %s (--min-age %s); the "
         "installed leaf (%s) stays" % (server.address, describe(leaf), until, held,
                                        describe(old))]
@@ -262,7 +220,7 @@ def test_a_young_leaf_is_held_back_then_installed(run, served, certs, tmp_path, 
 def test_the_installed_leaf_and_a_first_install_are_not_held_back(run, certs, tmp_path, dated):
     out = tmp_path / "out"
     server, leaf = dated("now", 0)
-    args = grab_args(certs, server, "--out-dir", out, "--min-age", "2d")
+    args = grab_args(server, certs / "ec1", "--out-dir", out, "--min-age", "2d")
     first = run(*args)
     assert first.rc == 0, first.err
     assert "certgrab: %s: the leaf (%s) is younger than --min-age 2d, but nothing is " \
@@ -296,7 +254,7 @@ def test_rollout_usage_errors(run, argv, error, tmp_path):
     argv = [word for item in argv for word in (["--out-dir", out] if item == "OUT" else [item])]
     result = run("127.0.0.1", *argv)
     assert result.rc == USAGE, result.err
-    assert message_lines(result.err) == ["certgrab: " + error]
+    assert error_lines(result.err) == ["certgrab: " + error]
     assert not out.exists()
 
 
@@ -321,13 +279,13 @@ def test_a_failing_hook_is_a_hook_failure_and_nothing_is_confirmed(run, served, 
     out = tmp_path / "out"
     installed_ec1(run, served, certs, out)
     service = served("ec1")
-    result = run(*grab_args(certs, served("ec1new"), "--out-dir", out, "--deploy-hook",
-                            "exit 3", "--confirm", service.address))
-    assert result.rc == HOOK, result.err
-    assert message_lines(result.err)[-1] == \
+    result = grab(run, served("ec1new"), certs / "ec1", "--out-dir", out, "--deploy-hook",
+                  "exit 3", "--confirm", service.address)
+    assert result.rc == HOOK_PENDING, result.err
+    assert error_lines(result.err)[-1] == \
         "certgrab: --deploy-hook failed (exit status 3); the next run retries it"
     assert service.connections == 1, "dialled once before the install, never after the hook"
-    assert int(os.stat(str(out / "cert.pem")).st_mtime) == PENDING
+    assert int(os.stat(str(out / "cert.pem")).st_mtime) == PENDING_MTIME
 
 
 def test_a_service_that_was_down_before_is_not_rolled_back(run, served, certs, tmp_path):
@@ -335,17 +293,17 @@ def test_a_service_that_was_down_before_is_not_rolled_back(run, served, certs, t
     out = tmp_path / "out"
     installed_ec1(run, served, certs, out)
     with closed_port() as port:
-        result = run(*grab_args(certs, served("ec1new"), "--out-dir", out, "--deploy-hook",
-                                "true", "--confirm", "127.0.0.1:%d" % port,
-                                "--confirm-timeout", "1"))
-    assert result.rc == HOOK, result.err
-    line = message_lines(result.err)[-1]
+        result = grab(run, served("ec1new"), certs / "ec1", "--out-dir", out, "--deploy-hook",
+                      "true", "--confirm", "127.0.0.1:%d" % port,
+                      "--confirm-timeout", "1")
+    assert result.rc == HOOK_PENDING, result.err
+    line = error_lines(result.err)[-1]
     assert line.startswith("certgrab: the deploy hook ran, but after 1 s (--confirm-timeout) "
                            "127.0.0.1:%d completes no TLS handshake (127.0.0.1:%d: cannot "
                            "connect to port %d: Connection refused), as before the install, "
                            "not the leaf just installed" % (port, port, port)), line
     assert files_ders(out) == expected(certs, "ec1new")
-    assert int(os.stat(str(out / "cert.pem")).st_mtime) == PENDING
+    assert int(os.stat(str(out / "cert.pem")).st_mtime) == PENDING_MTIME
     assert not (out / ".cert.pem.certgrab-rolled-back").exists()
 
 
@@ -357,23 +315,23 @@ def test_confirmed_with_metrics_carried_over(run, served, certs, tmp_path):
     service = InstalledFilesServer(out / "fullchain.pem", certs / "ec1" / "key.pem")
     service.start()
     try:
-        args = grab_args(certs, served("ec1new"), "--out-dir", out, "--deploy-hook", "true",
+        args = grab_args(served("ec1new"), certs / "ec1", "--out-dir", out, "--deploy-hook", "true",
                          "--confirm", service.address, "--prometheus", prom)
         before = time.time()
         result = run(*args)
-        leaf = leaf_of(certs / "ec1new" / "cert.pem")
+        leaf = load_cert(certs / "ec1new" / "cert.pem")
         assert result.rc == 0, result.err
-        assert message_lines(result.err)[-1].startswith(
+        assert error_lines(result.err)[-1].startswith(
             "certgrab: confirmed: %s serves the leaf just installed (serial %s) after " % (
-                service.address, serial_hex(leaf)))
+                service.address, serial_hex(leaf.serial_number)))
         assert not [name for name in entries(out) if name.startswith(".")]
         assert_verifies(certs / "ec1" / "root.pem", out)
         line = confirm_line(prom)
         assert line.startswith('certgrab_last_confirm_timestamp_seconds{run="www",serial="%s",'
-                               'sha256="%s"} ' % (serial_hex(leaf), sha256(leaf)))
+                               'sha256="%s"} ' % (serial_hex(leaf.serial_number), sha256(leaf)))
         assert before <= float(line.rsplit(" ", 1)[1]) <= time.time()
         assert 'certgrab_install_outcome{run="www",outcome="installed"} 1' in prom.read_text()
-        promtool_accepts(prom)
+        assert_promtool_accepts(prom.read_text())
         assert run(*args).rc == 0
         assert confirm_line(prom) == line, "carried over by a run that confirmed nothing"
     finally:
@@ -404,15 +362,11 @@ def test_config_keys_confirm_a_list_and_min_age(run, served, certs, tmp_path, da
         done = run("--config", config)
         assert done.rc == 0, done.err
         assert "certgrab: [www] confirmed: %s, %s serve the leaf just installed (serial %s)" % (
-            services[0].address, services[1].address, serial_hex(leaf)) in done.err
+            services[0].address, services[1].address, serial_hex(leaf.serial_number)) in done.err
         assert all(service.connections >= 2 for service in services), "before and after"
     finally:
         for service in services:
             service.stop()
-
-
-def sha256(cert):
-    return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
 
 
 def confirm_line(prom):
@@ -422,17 +376,8 @@ def confirm_line(prom):
     return lines[0]
 
 
-def promtool_accepts(prom):
-    proc = subprocess.run([tool("promtool"), "check", "metrics"], stdin=prom.open("rb"),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
-    assert proc.returncode == 0, proc.stdout.decode()
-
-
 def outcome(prom):
-    chosen = [line for line in prom.read_text().splitlines()
-              if line.startswith("certgrab_install_outcome{") and line.endswith("} 1")]
-    assert len(chosen) == 1
-    return chosen[0].split('outcome="')[1].split('"')[0]
+    return install_outcome(prom.read_text())
 
 
 # nginx, reloaded by the hook -----------------------------------------------------------------
@@ -509,10 +454,7 @@ class Site(object):
 @pytest.fixture
 def site(run, served, certs, tmp_path):
     """ec1 installed in tmp_path/out by certgrab, then nginx serving it."""
-    if not shutil.which("nginx", path=os.defpath + ":/usr/sbin"):
-        if IN_CI:
-            pytest.fail("nginx is not installed")
-        pytest.skip("nginx is not installed (Debian package: nginx)")
+    tool("nginx")
     out = tmp_path / "out"
     installed_ec1(run, served, certs, out)
     root = tempfile.mkdtemp(prefix="certgrab-confirm-")   # nginx's workers read here
@@ -530,7 +472,8 @@ def site(run, served, certs, tmp_path):
 
 
 def follow(certs, server, site, *extra):
-    return grab_args(certs, server, "--out-dir", site.out, "--deploy-hook", "sh %s" % site.script,
+    return grab_args(server, certs / "ec1", "--out-dir", site.out,
+                     "--deploy-hook", "sh %s" % site.script,
                      "--confirm", site.address, "--confirm-timeout", "3", *extra)
 
 
@@ -538,17 +481,17 @@ def test_a_hook_that_reloads_nothing_stays_pending_until_a_reload_confirms(run, 
                                                                            site):
     """Acceptance 2, first half: exit 7 naming the leaf still served; the next run runs the
     hook again and, after a real reload, says "confirmed"."""
-    old, new = leaf_of(certs / "ec1" / "cert.pem"), leaf_of(certs / "ec1new" / "cert.pem")
+    old, new = load_cert(certs / "ec1" / "cert.pem"), load_cert(certs / "ec1new" / "cert.pem")
     source = served("ec1new")
     site.flag(site.noop, True)
     first = run(*follow(certs, source, site))
-    assert first.rc == HOOK, first.err
-    assert message_lines(first.err)[-1] == (
+    assert first.rc == HOOK_PENDING, first.err
+    assert error_lines(first.err)[-1] == (
         "certgrab: the deploy hook ran, but after 3 s (--confirm-timeout) %s serves the leaf "
         "%s, not the leaf just installed (%s); the hook stays pending: the next run runs it "
         "again" % (site.address, describe(old), describe(new)))
     assert files_ders(site.out) == expected(certs, "ec1new")
-    assert all(int(os.stat(str(site.out / name)).st_mtime) == PENDING
+    assert all(int(os.stat(str(site.out / name)).st_mtime) == PENDING_MTIME
                for name in ("cert.pem", "fullchain.pem"))
     assert site.hook_runs() == [sha256(new)] and site.served(certs / "ec1", within=0)
 
@@ -558,9 +501,9 @@ def test_a_hook_that_reloads_nothing_stays_pending_until_a_reload_confirms(run, 
     assert "certgrab: retrying the deploy hook, which did not complete after an earlier run " \
         "installed " in second.err
     assert "certgrab: confirmed: %s serves the leaf just installed (serial %s) after " % (
-        site.address, serial_hex(new)) in second.err
+        site.address, serial_hex(new.serial_number)) in second.err
     assert site.hook_runs() == [sha256(new)] * 2 and site.served(certs / "ec1new")
-    assert all(int(os.stat(str(site.out / name)).st_mtime) > PENDING for name in OUT_FILES)
+    assert all(int(os.stat(str(site.out / name)).st_mtime) > PENDING_MTIME for name in OUT_FILES)
     assert entries(site.out) == sorted(OUT_FILES), "nothing kept any more"
     assert_verifies(certs / "ec1" / "root.pem", site.out)
 
@@ -573,13 +516,13 @@ def test_a_hook_that_breaks_tls_gets_the_previous_files_back(run, served, certs,
                                                              way_out):
     """Acceptance 2, second half: restored, hook rerun, nginx serves the old chain again,
     exit 7; that leaf is refused by every run (exit 7) until a newer leaf or --force."""
-    old, new = leaf_of(certs / "ec1" / "cert.pem"), leaf_of(certs / "ec1new" / "cert.pem")
+    old, new = load_cert(certs / "ec1" / "cert.pem"), load_cert(certs / "ec1new" / "cert.pem")
     prom = tmp_path / "www.prom"
     source = served("ec1new")
     site.flag(site.breaks, True)
     broke = run(*follow(certs, source, site, "--prometheus", prom))
-    assert broke.rc == HOOK, broke.err
-    line = message_lines(broke.err)[-1]
+    assert broke.rc == HOOK_PENDING, broke.err
+    line = error_lines(broke.err)[-1]
     record = site.out / ".cert.pem.certgrab-rolled-back"
     assert line.startswith("certgrab: %s completes no TLS handshake 3 s after the deploy hook "
                            "(before the install it served the leaf %s): restored the previous "
@@ -592,7 +535,7 @@ def test_a_hook_that_breaks_tls_gets_the_previous_files_back(run, served, certs,
     assert_verifies(certs / "ec1" / "root.pem", site.out)
     assert site.hook_runs() == [sha256(new), sha256(old)]
     assert site.served(certs / "ec1")
-    assert all(int(os.stat(str(site.out / name)).st_mtime) > PENDING for name in OUT_FILES)
+    assert all(int(os.stat(str(site.out / name)).st_mtime) > PENDING_MTIME for name in OUT_FILES)
     assert oct(os.stat(str(record)).st_mode & 0o777) == "0o600"
     assert make_certs.read_ders(record) == make_certs.read_ders(certs / "ec1new" / "cert.pem")
     assert entries(site.out) == sorted(OUT_FILES + [record.name])
@@ -600,8 +543,8 @@ def test_a_hook_that_breaks_tls_gets_the_previous_files_back(run, served, certs,
 
     before = snapshot(site.out)
     refused = run(*follow(certs, source, site, "--prometheus", prom))
-    assert refused.rc == HOOK, refused.err
-    assert message_lines(refused.err) == [
+    assert refused.rc == HOOK_PENDING, refused.err
+    assert error_lines(refused.err) == [
         "certgrab: %s serves the leaf %s, which left a --confirm service completing no TLS "
         "handshake after the deploy hook at an earlier run; it was rolled back (%s) and is not "
         "installed again until a newer leaf appears" % (source.address, describe(new), record)]
@@ -613,7 +556,7 @@ def test_a_hook_that_breaks_tls_gets_the_previous_files_back(run, served, certs,
         done = run(*follow(certs, source, site, "--force", "--prometheus", prom))
         chain = "ec1new"
     else:
-        assert run(*follow(certs, source, site)).rc == HOOK, "still the same leaf"
+        assert run(*follow(certs, source, site)).rc == HOOK_PENDING, "still the same leaf"
         done = run(*follow(certs, served("ec1short"), site, "--prometheus", prom))
         chain = "ec1short"
     assert done.rc == 0, done.err
@@ -622,8 +565,9 @@ def test_a_hook_that_breaks_tls_gets_the_previous_files_back(run, served, certs,
     assert_verifies(certs / "ec1" / "root.pem", site.out)
     assert not record.exists()
     assert outcome(prom) == "installed"
-    assert 'serial="%s"' % serial_hex(leaf_of(certs / chain / "cert.pem")) in confirm_line(prom)
-    promtool_accepts(prom)
+    leaf = load_cert(certs / chain / "cert.pem")
+    assert 'serial="%s"' % serial_hex(leaf.serial_number) in confirm_line(prom)
+    assert_promtool_accepts(prom.read_text())
 
 
 # 4. after the port onto issue 19's main ------------------------------------------------------
@@ -651,7 +595,7 @@ def copying_hook(log, served_file, fails_unless=None):
 
 
 def pending(out):
-    return [name for name in OUT_FILES if int(os.stat(str(out / name)).st_mtime) == PENDING]
+    return [name for name in OUT_FILES if int(os.stat(str(out / name)).st_mtime) == PENDING_MTIME]
 
 
 def test_a_first_install_that_breaks_the_service_stays_with_its_hook_pending(
@@ -662,28 +606,28 @@ def test_a_first_install_that_breaks_the_service_stays_with_its_hook_pending(
     service, served_file, key = keyed_service
     out, log = tmp_path / "out", tmp_path / "hook.log"
     source, leaf = dated("newkey", 0)
-    args = grab_args(certs, source, "--out-dir", out, "--deploy-hook",
+    args = grab_args(source, certs / "ec1", "--out-dir", out, "--deploy-hook",
                      copying_hook(log, served_file), "--confirm", service.address,
                      "--confirm-timeout", "1")
     broke = run(*args)
-    assert broke.rc == HOOK, broke.err
-    assert message_lines(broke.err)[-1] == (
+    assert broke.rc == HOOK_PENDING, broke.err
+    assert error_lines(broke.err)[-1] == (
         "certgrab: %s completes no TLS handshake 1 s after the deploy hook (before the install "
         "it served the leaf %s): nothing was installed before, so there are no previous files "
         "to put back: the new files stay installed with the leaf %s, and their deploy hook "
         "stays pending (the next run runs it again)" % (
-            service.address, describe(leaf_of(certs / "ec1" / "cert.pem")), describe(leaf)))
+            service.address, describe(load_cert(certs / "ec1" / "cert.pem")), describe(leaf)))
     assert files_ders(out)["cert.pem"] == [leaf.public_bytes(Encoding.DER)]
     assert_verifies(certs / "ec1" / "root.pem", out)
     assert pending(out) == OUT_FILES and entries(out) == sorted(OUT_FILES), "nothing recorded"
     assert hook_runs(log) == [sha256(leaf)]
 
     again = run(*args)
-    assert again.rc == HOOK, again.err
+    assert again.rc == HOOK_PENDING, again.err
     assert "not installed again" not in again.err
     assert "certgrab: retrying the deploy hook, which did not complete after an earlier run " \
         "installed " in again.err
-    line = message_lines(again.err)[-1]
+    line = error_lines(again.err)[-1]
     assert line.startswith("certgrab: the deploy hook ran, but after 1 s (--confirm-timeout) "
                            "%s completes no TLS handshake (" % service.address), line
     assert line.endswith(", as before the install, not the leaf just installed (%s); the hook "
@@ -694,7 +638,7 @@ def test_a_first_install_that_breaks_the_service_stays_with_its_hook_pending(
     fixed = run(*args)
     assert fixed.rc == 0, fixed.err
     assert "certgrab: confirmed: %s serves the leaf just installed (serial %s) after " % (
-        service.address, serial_hex(leaf)) in fixed.err
+        service.address, serial_hex(leaf.serial_number)) in fixed.err
     assert pending(out) == [] and hook_runs(log) == [sha256(leaf)] * 3
 
 
@@ -708,14 +652,14 @@ def test_the_hook_run_again_for_the_previous_files_fails(run, served, certs, tmp
     old = installed_ec1(run, served, certs, out)
     source, leaf = dated("newkey", 0)
     fail.write_text("")
-    args = grab_args(certs, source, "--out-dir", out, "--deploy-hook",
+    args = grab_args(source, certs / "ec1", "--out-dir", out, "--deploy-hook",
                      copying_hook(log, served_file, (fail, sha256(leaf))),
                      "--confirm", service.address, "--confirm-timeout", "1")
     record = out / ".cert.pem.certgrab-rolled-back"
     broke = run(*args)
-    assert broke.rc == HOOK, broke.err
+    assert broke.rc == HOOK_PENDING, broke.err
     restored = " ".join(str(out / name) for name in OUT_FILES)
-    assert message_lines(broke.err)[-1] == (
+    assert error_lines(broke.err)[-1] == (
         "certgrab: %s completes no TLS handshake 1 s after the deploy hook (before the install "
         "it served the leaf %s): restored the previous %s; the deploy hook, run again, failed: "
         "--deploy-hook failed (exit status 4); the next run retries it" % (
@@ -733,10 +677,10 @@ def test_the_hook_run_again_for_the_previous_files_fails(run, served, certs, tmp
 
     fail.unlink()
     again = run(*args)
-    assert again.rc == HOOK, again.err
+    assert again.rc == HOOK_PENDING, again.err
     assert "certgrab: retrying the deploy hook, which did not complete for %s" % restored \
         in again.err
-    assert message_lines(again.err)[-1].startswith(
+    assert error_lines(again.err)[-1].startswith(
         "certgrab: %s serves the leaf %s, which left a --confirm service completing no TLS "
         "handshake after the deploy hook at an earlier run; it was rolled back" % (
             source.address, describe(leaf)))
@@ -764,13 +708,13 @@ def test_a_kept_file_certgrab_did_not_write_is_refused(run, served, certs, tmp_p
         os.chmod(str(kept), 0o664 if plant == "group-writable" else 0o600)
         if plant == "other-owner":
             os.chown(str(kept), 65534, 65534)
-    result = run(*grab_args(certs, served("ec1new"), "--out-dir", out, "--deploy-hook",
-                            "echo ran >> %s" % log, "--confirm", served("ec1").address))
+    result = grab(run, served("ec1new"), certs / "ec1", "--out-dir", out, "--deploy-hook",
+                  "echo ran >> %s" % log, "--confirm", served("ec1").address)
     assert result.rc == 6, result.err
     why = {"link": "it is a symbolic link", "fifo": "it is not a regular file",
            "group-writable": "it is writable by group or others (mode 0664)",
            "other-owner": "it belongs to nobody"}[plant]
-    assert message_lines(result.err) == ["certgrab: %s is not a file certgrab wrote: %s" % (
+    assert error_lines(result.err) == ["certgrab: %s is not a file certgrab wrote: %s" % (
         kept, why)]
     assert "certgrab: hint: remove it; the previous files are unchanged" in result.err
     kept.unlink()
@@ -794,10 +738,10 @@ def test_a_bug_while_a_service_is_tried_is_no_broken_service(run, served, certs,
         return real(result, *args)
 
     monkeypatch.setattr(certgrab, "_fetch_into", buggy)
-    result = run(*grab_args(certs, served("ec1new"), "--out-dir", out, "--deploy-hook", "true",
-                            "--confirm", service.address, "--confirm-timeout", "1"))
-    assert result.rc == HOOK, result.err
-    line = message_lines(result.err)[-1]
+    result = grab(run, served("ec1new"), certs / "ec1", "--out-dir", out, "--deploy-hook", "true",
+                  "--confirm", service.address, "--confirm-timeout", "1")
+    assert result.rc == HOOK_PENDING, result.err
+    line = error_lines(result.err)[-1]
     assert line.startswith("certgrab: the deploy hook ran, but after 1 s (--confirm-timeout) "
                            "%s could not be tried (%s: internal error in certgrab " % (
                                service.address, service.address)), line

@@ -16,19 +16,14 @@ must pass `openssl verify -CAfile ROOT -untrusted chain.pem cert.pem`.
 
 import hashlib
 import json
-import subprocess
 
 import pytest
 
 import make_certs
-from conftest import CERTGRAB
-from install_helpers import assert_fullchain_verifies, assert_verifies, files_ders, openssl_verify
-from make_certs import read_ders
+from helpers import (assert_fullchain_verifies, assert_verifies, certgrab_run, files_ders, grab,
+                     openssl_verify, warnings)
+from make_certs import NAME, read_ders
 from servers import TLSServer
-from test_matrix import INTERPRETERS, MINORS
-
-NAME = "www.example.test"
-RUN_TIMEOUT = 60  # seconds for one certgrab run under another interpreter
 MAX_REPLAYS = 16  # certgrab.MAX_REPLAYS: a server sending this many look-alikes first
 #                   cannot have its path found on Python 3.6-3.9
 
@@ -82,10 +77,6 @@ def off_path(chain_dir):
     return sum(der not in on_path for der in read_ders(chain_dir / "served.pem"))
 
 
-def warnings(err):
-    return "\n".join(l for l in err.splitlines() if l.startswith("certgrab: warning:"))
-
-
 def assert_written_is_the_verified_path(out, chain_dir):
     """cert.pem the leaf, chain.pem the path OpenSSL builds, fullchain.pem both, no
     look-alike anywhere, and openssl verifies it."""
@@ -128,7 +119,7 @@ def test_files_get_the_verified_path_and_a_warning_names_the_lookalike(
         run, lookalikes, lookalike_servers, tmp_path, name, tls):
     d, server = lookalikes[name], lookalike_servers[(name, tls)]
     out = tmp_path / "out"
-    result = run(server.address, "-n", NAME, "--cafile", d / "root.pem", "--out-dir", out)
+    result = grab(run, server, d, "--out-dir", out)
     assert result.rc == 0, result.err
     assert_written_is_the_verified_path(out, d)
     text = warnings(result.err)
@@ -181,7 +172,7 @@ def test_a_served_root_is_not_off_the_path(run, certs, started, tmp_path):
     result = run("--check", server.address, "-n", NAME, "--cafile", d / "root.pem")
     assert result.rc == 0, result.out
     out = tmp_path / "out"
-    result = run(server.address, "-n", NAME, "--cafile", d / "root.pem", "--out-dir", out)
+    result = grab(run, server, d, "--out-dir", out)
     assert result.rc == 0, result.err
     assert "the root certificate (O=certgrab tests, CN=certgrab test root-ec) was included" \
         in result.err
@@ -202,8 +193,9 @@ def test_insecure_says_files_get_an_unverified_path_built_from_names(
 
 
 def test_replay_reads_its_own_client_hello_within_bounds(certgrab, certs):
-    """The ClientHello a replay answers is certgrab's own, but cut anywhere it still gives a
-    FetchError (one line), never an IndexError."""
+    """The ClientHello a replay answers is certgrab's own, but cut anywhere before the end of
+    its cipher suites it gives a FetchError (one line), never an IndexError; cut later, the
+    offer read is the same."""
     ctx = certgrab.ssl.SSLContext(certgrab.ssl.PROTOCOL_TLS_CLIENT)
     incoming, outgoing = certgrab.ssl.MemoryBIO(), certgrab.ssl.MemoryBIO()
     tls = ctx.wrap_bio(incoming, outgoing, server_hostname=NAME)
@@ -212,29 +204,18 @@ def test_replay_reads_its_own_client_hello_within_bounds(certgrab, certs):
     hello = outgoing.read()
     session_id, suites = certgrab.client_hello_offer(hello, "test")
     assert len(session_id) == 32 and certgrab.REPLAY_SUITES["EC"] in suites
+    # record header 5, handshake header 4, version 2, random 32, session id, cipher suites
+    suites_end = 5 + 4 + 2 + 32 + 1 + len(session_id) + 2 + 2 * len(suites)
     for size in range(len(hello)):
-        try:
-            certgrab.client_hello_offer(hello[:size], "test")
-        except certgrab.FetchError as exc:
-            assert "cannot replay the chain to OpenSSL" in str(exc)
+        if size < suites_end:
+            with pytest.raises(certgrab.FetchError) as caught:
+                certgrab.client_hello_offer(hello[:size], "test")
+            assert "cannot replay the chain to OpenSSL" in str(caught.value)
+        else:
+            assert certgrab.client_hello_offer(hello[:size], "test") == (session_id, suites)
 
 
 # Every Python, as a program -------------------------------------------------------------------
-
-@pytest.fixture(params=list(MINORS), ids=lambda minor: "py3.%d" % minor)
-def python(request):
-    path = INTERPRETERS[request.param]
-    if path is None:
-        pytest.skip("python3.%d not found on PATH or under ~/.pyenv/versions" % request.param)
-    return request.param, path
-
-
-def certgrab_run(python, *args):
-    proc = subprocess.run([python, CERTGRAB] + [str(a) for a in args], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                          universal_newlines=True, timeout=RUN_TIMEOUT)
-    return proc.returncode, proc.stdout, proc.stderr
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,tls", [("cross-rsa", "1.3"), ("expired", "1.2")])
@@ -243,20 +224,19 @@ def test_every_python_writes_the_verified_path(python, lookalikes, lookalike_ser
     """Install, --check and --verified-chain under each interpreter: the path OpenSSL
     verified (leaf, cross-signed intermediate, its CA: not the shorter direct path, which
     OpenSSL does not build), never the look-alike."""
-    minor, interpreter = python
     d, server = lookalikes[name], lookalike_servers[(name, tls)]
     args = [server.address, "-n", NAME, "--cafile", d / "root.pem"]
     out = tmp_path / "out"
-    rc, stdout, err = certgrab_run(interpreter, "--out-dir", out, *args)
+    rc, stdout, err = certgrab_run(python, "--out-dir", out, *args)
     assert rc == 0, err
     assert_written_is_the_verified_path(out, d)
     assert all(digest in warnings(err) for digest in lookalike_hashes(d)), err
-    rc, stdout, err = certgrab_run(interpreter, "--check", *args)
+    rc, stdout, err = certgrab_run(python, "--check", *args)
     assert rc == 1, stdout + err
     assert stdout.splitlines()[1].startswith("WARNING - %s: %d served certificate(s) not on "
                                              "the path OpenSSL verified"
                                              % (server.address, off_path(d))), stdout
-    rc, stdout, err = certgrab_run(interpreter, "--verified-chain", *args)
+    rc, stdout, err = certgrab_run(python, "--verified-chain", *args)
     assert rc == 0, err
     assert make_certs.pem_ders(stdout) == read_ders(d / "fullchain.pem") + \
         read_ders(d / "root.pem")
@@ -264,17 +244,16 @@ def test_every_python_writes_the_verified_path(python, lookalikes, lookalike_ser
 
 @pytest.mark.slow
 def test_more_lookalikes_than_replays_fail_before_3_10_and_never_write(
-        certgrab, python, lookalikes, lookalike_servers, tmp_path):
+        certgrab, python_minor, python, lookalikes, lookalike_servers, tmp_path):
     """3.6-3.9 replay at most MAX_REPLAYS candidates: a server that sends that many
     look-alikes first is this source's failure (exit 4), with nothing written; 3.10+
     reads the path from OpenSSL and writes it."""
     assert certgrab.MAX_REPLAYS == MAX_REPLAYS
-    minor, interpreter = python
     d, server = lookalikes["many"], lookalike_servers[("many", "1.3")]
     out = tmp_path / "out"
-    rc, stdout, err = certgrab_run(interpreter, server.address, "-n", NAME, "--cafile",
+    rc, stdout, err = certgrab_run(python, server.address, "-n", NAME, "--cafile",
                                    d / "root.pem", "--out-dir", out)
-    if minor >= 10:
+    if python_minor >= 10:
         assert rc == 0, err
         assert_written_is_the_verified_path(out, d)
         return
@@ -295,11 +274,10 @@ def test_every_python_writes_an_empty_chain_for_a_leaf_the_root_issued(python, l
                                                                        started, tmp_path):
     """No intermediate: chain.pem is empty, fullchain.pem the leaf, and openssl verifies
     cert.pem against the root alone (3.6-3.9: a replay of the leaf alone)."""
-    minor, interpreter = python
     d = lookalikes["direct"]
     server = started(TLSServer(d / "fullchain.pem", d / "key.pem", tls="1.2"))
     out = tmp_path / "out"
-    rc, stdout, err = certgrab_run(interpreter, server.address, "-n", NAME, "--cafile",
+    rc, stdout, err = certgrab_run(python, server.address, "-n", NAME, "--cafile",
                                    d / "root.pem", "--out-dir", out, "-q")
     assert rc == 0 and err == "", err
     assert files_ders(out) == {"cert.pem": read_ders(d / "cert.pem"), "chain.pem": [],
