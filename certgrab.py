@@ -3700,8 +3700,8 @@ def _response_body(reader, status, headers, limit):
 
 def _https_handshake(sock, source, context, deadline):
     """The TLS side of an https:// GET, verified with the run's trust (ca_context)."""
-    name = source.name_bytes.decode() if NAME_AS_STR else source.name_bytes
-    tls = context.wrap_socket(sock, server_hostname=name, do_handshake_on_connect=False)
+    tls = context.wrap_socket(sock, server_hostname=server_hostname(source),
+                              do_handshake_on_connect=False)
     try:
         tls.settimeout(remaining(deadline, source, "before the TLS handshake"))
         tls.do_handshake()
