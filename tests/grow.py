@@ -349,7 +349,7 @@ def grow_sans(rng, tree):
 
 
 def grow_crl_names(rng, tree):
-    with_crl_names(tree, rng.randint(MAX_CRL_NAMES + 1, 3000), rng.random() < 0.5)
+    with_crl_names(tree, rng.randint(MAX_CRL_NAMES + 1, 2000), rng.random() < 0.5)
     return der_encode(tree)
 
 
