@@ -118,7 +118,7 @@ Exit codes
     With --config, the highest code of its sections (2 for a mistake in the file).
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 import argparse
 import binascii

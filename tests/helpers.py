@@ -529,10 +529,16 @@ def inject_bug(monkeypatch, certgrab, name, victim):
     monkeypatch.setattr(certgrab, name, buggy)
 
 
+def certgrab_version():
+    """certgrab.py's __version__, read from the file (the tests run it as a script too)."""
+    with open(CERTGRAB) as handle:
+        return re.search(r'^__version__ = "([^"]+)"$', handle.read(), re.M).group(1)
+
+
 def bug_line(source, name):
     """What certgrab says of the bug inject_bug put into name, for source."""
-    return "%s: internal error in certgrab 0.2.0 (RuntimeError: injected bug in %s); " \
-        "please report it" % (source, name)
+    return "%s: internal error in certgrab %s (RuntimeError: injected bug in %s); " \
+        "please report it" % (source, certgrab_version(), name)
 
 
 def call_main(certgrab, capsys, *argv):

@@ -234,8 +234,9 @@ def test_a_bug_outside_the_sources_is_the_runs_error(certgrab, capsys, certs, se
                                certs / "ec1" / "root.pem", "--out-dir", tmp_path / "out",
                                "--prometheus", prom)
     assert code == INTERNAL
-    assert error_lines(err) == ["certgrab: internal error in certgrab 0.2.0 (RuntimeError: "
-                                "injected bug in install_chain); please report it"]
+    assert error_lines(err) == ["certgrab: internal error in certgrab %s (RuntimeError: "
+                                "injected bug in install_chain); please report it"
+                                % certgrab.__version__]
     assert 'certgrab_install_outcome{run="run",outcome="failed"} 1' in prom.read_text()
 
     config = tmp_path / "c.conf"
