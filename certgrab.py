@@ -209,7 +209,7 @@ def disable_core_dumps():
     """Set this process's RLIMIT_CORE to 0 (its hard limit stays): a crash while a private
     key is in memory then writes no core file, and neither does the deploy hook, which
     inherits the limit. The resource module does it where it exists; Debian's
-    python3-minimal lacks it, and there nothing is done (README, Limitations)."""
+    python3-minimal lacks it, and there nothing is done (docs/limitations.md)."""
     try:
         import resource
     except ImportError:
@@ -6234,7 +6234,8 @@ OPTIONS = (
          "--check: CRITICAL for sources not serving the newest chain among them"),
         (("--expect-file",), "FILE", "--check: CRITICAL unless the served chain is FILE's"),
         (("--no-chain-warning",), SWITCH,
-         "--check: no WARNING for a served chain lacking intermediates or out of order"),
+         "--check: no WARNING for a served chain lacking intermediates, out of order, or "
+         "holding certificates off the verified path"),
         (("--prometheus",), "FILE",
          "also write the run's metrics to FILE (node_exporter's textfile format), in any mode"),
     )),
