@@ -16,6 +16,8 @@ so (a check that cannot fail would prove nothing).
     8. docs/certgrab.1 is what tests/make_man.py makes from certgrab.py now (so an option
        added without `make man` fails here); groff -ww, man -l and lexgrog read it without
        a warning. That the Ansible role installs it: test_rollout.py.
+    9. docs/install.md's sandbox names every hardening setting of contrib/certgrab.service
+       and no other, and the directories it says the unit may write are the unit's
 """
 
 import os
@@ -463,3 +465,47 @@ def test_the_page_has_a_name_line_for_whatis():
                                stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
     assert completed.returncode == 0, completed.stdout
     assert '"certgrab - fetch the certificate chain' in completed.stdout
+
+
+# ---------------------------------------------------------------- 9. the systemd sandbox
+
+UNIT = os.path.join(ROOT, "contrib", "certgrab.service")
+NOT_HARDENING = {"Type", "ExecStart", "TimeoutStartSec", "UMask", "ReadWritePaths",
+                 "CacheDirectory"}
+LEFT_OUT = {"MemoryDenyWriteExecute"}   # named in the docs as left out, with the reason
+DIRECTIVE = re.compile(r"`((?:No|Private|Protect|Restrict|Lock|SystemCall|MemoryDeny)[A-Za-z]*)")
+
+
+def unit_settings(text):
+    """{key: value} of the [Service] section of a unit file."""
+    service = re.split(r"^\[Service\]$", text, flags=re.M)[1].split("\n[", 1)[0]
+    return dict(line.split("=", 1) for line in service.splitlines()
+                if line and not line.startswith("#"))
+
+
+def sandbox_problems(unit, install_md):
+    settings = unit_settings(unit)
+    body = flat(section(install_md, "Under systemd: the sandbox"))
+    hardening = set(settings) - NOT_HARDENING
+    named = set(DIRECTIVE.findall(body)) - LEFT_OUT
+    problems = ["the unit sets %s, the docs do not name it" % key for key in sorted(hardening - named)]
+    problems += ["the docs name %s, the unit does not set it" % key for key in sorted(named - hardening)]
+    writable = [settings["ReadWritePaths"].lstrip("-"), "/var/cache/" + settings["CacheDirectory"]]
+    problems += ["the docs do not say that the unit may write %s" % path for path in writable
+                 if "`%s`" % path not in body]
+    return problems
+
+
+def test_the_sandbox_the_docs_describe_is_the_unit_s():
+    assert sandbox_problems(read("contrib/certgrab.service"), read("docs/install.md")) == []
+
+
+def test_sandbox_check_fails_on_a_new_setting_and_a_moved_cache():
+    unit = read("contrib/certgrab.service")
+    changed = unit.replace("LockPersonality=yes\n", "LockPersonality=yes\nProtectProc=invisible\n")
+    changed = changed.replace("CacheDirectory=certgrab", "CacheDirectory=certs")
+    assert sandbox_problems(changed, read("docs/install.md")) == [
+        "the unit sets ProtectProc, the docs do not name it",
+        "the docs do not say that the unit may write /var/cache/certs"]
+    assert sandbox_problems(unit, read("docs/install.md").replace("`RestrictRealtime`, ", "")) == [
+        "the unit sets RestrictRealtime, the docs do not name it"]

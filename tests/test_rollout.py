@@ -101,6 +101,7 @@ certgrab_defaults:
   cafile: "{cafile}"
   timeout: "5"
 certgrab_check_options: ["--cafile", "{cafile}"]
+certgrab_write_dirs: [/var/lib/prometheus/node-exporter]
 certgrab_certificates:
   - name: www
     servername: {name}
@@ -188,7 +189,7 @@ def test_ansible_rollout_to_two_hosts_then_check_same(certs, served, started, tm
                                 man_path=str(web1 / "usr/local/share/man"))
     assert (code, output) == (0, "")
     with open(str(web1 / "etc/systemd/system/certgrab.service.d/paths.conf")) as f:
-        assert "ReadWritePaths=/etc/ssl/certgrab/www" in f.read()
+        assert "ReadWritePaths=/etc/ssl/certgrab/www /var/lib/prometheus/node-exporter\n" in f.read()
     with open(str(root / "web2" / "etc/cron.d/certgrab")) as f:
         cron = f.read().splitlines()[-1].split()
     assert 0 <= int(cron[0]) <= 59 and cron[1:6] == ["*", "*", "*", "*", "root"]
