@@ -35,8 +35,8 @@ OID_SAN = "2.5.29.17"
 OID_CRL_DP = "2.5.29.31"
 OID_CN = "2.5.4.3"
 PRIVATE_ARC = "1.3.6.1.4.1.55555"     # a private enterprise arc for made-up extensions
-# The DER reader's bounds, as README's "Limitations" states them (test_fuzz.py checks that
-# certgrab.py and README say the same): a value past one is a malformed certificate.
+# The DER reader's bounds, as docs/limitations.md states them (test_fuzz.py checks that
+# certgrab.py and the docs say the same): a value past one is a malformed certificate.
 MAX_CERTIFICATE = 100 * 1024    # bytes of one certificate
 MAX_OID_BYTES = 63              # bytes of an object identifier
 MAX_OID_ARC_BITS = 128          # bits of one arc of it

@@ -8,7 +8,7 @@ the mutated bytes in hex, so the case can be replayed.
 Values grown past the reader's bounds (grow.py: lengths, OID arcs of thousands of digits,
 huge serials and RSA moduli, times, nesting, counts of name attributes, SANs, extensions)
 must each be a ParseError naming what was too large; each bound holds from both sides, is
-the one README states, and the grown cases run under Python 3.6, 3.9 and 3.13 and in the
+the one docs/limitations.md states, and the grown cases run under Python 3.6, 3.9 and 3.13 and in the
 python3-minimal roots too (grow.py as a program).
 
 Cases per test: CERTGRAB_FUZZ_CASES, else 300 locally and 5000 when CI=true (a fifth for
@@ -514,8 +514,8 @@ def test_count_bounds_from_both_sides(certgrab, certs):
         assert words in error
 
 
-# How README's "Limitations" states each bound ("%s": the number, with thousands separators)
-README_BOUNDS = {
+# How docs/limitations.md states each bound ("%s": the number, with thousands separators)
+DOCS_BOUNDS = {
     "MAX_CERTIFICATE": "larger than %s KiB", "MAX_OID_BYTES": "identifier of more than %s bytes",
     "MAX_OID_ARC_BITS": "an arc of more than %s bits",
     "MAX_SERIAL_BITS": "serial number of more than %s bits",
@@ -529,18 +529,17 @@ README_BOUNDS = {
 }
 
 
-def test_bounds_are_the_ones_readme_states(certgrab):
-    """certgrab.py's constants, grow.py's and README's "Limitations" say the same."""
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    limitations = " ".join(readme.split("\n## Limitations\n", 1)[1].split("\n## ", 1)[0]
-                           .split())
-    assert sorted(README_BOUNDS) == sorted(grow.BOUNDS)
+def test_bounds_are_the_ones_the_docs_state(certgrab):
+    """certgrab.py's constants, grow.py's and docs/limitations.md say the same."""
+    with open(os.path.join(ROOT, "docs", "limitations.md"), encoding="utf-8") as f:
+        limitations = " ".join(f.read().split())
+    assert sorted(DOCS_BOUNDS) == sorted(grow.BOUNDS)
     for name in grow.BOUNDS:
         value = getattr(grow, name)
         assert getattr(certgrab, name) == value, name
-        shown = README_BOUNDS[name] % "{:,}".format(value // 1024 if name == "MAX_CERTIFICATE"
+        shown = DOCS_BOUNDS[name] % "{:,}".format(value // 1024 if name == "MAX_CERTIFICATE"
                                                     else value)
-        assert shown in limitations, "README's Limitations lack %r (%s)" % (shown, name)
+        assert shown in limitations, "docs/limitations.md lacks %r (%s)" % (shown, name)
 
 
 # The grown cases under the oldest and newest Pythons, and on bare Debian hosts -----------------
