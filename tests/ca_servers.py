@@ -54,30 +54,11 @@ CERTBOT = "/usr/bin/certbot"
 CERTBOT_TIMEOUT = 120.0  # seconds for one certbot run against acme2certifier (~5 s here)
 A2C_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "a2c_server.py")
 
-CA_CONFIG = """\
-[ ca ]
-default_ca = CA_default
-[ CA_default ]
-dir = {dir}
-database = $dir/index.txt
-new_certs_dir = $dir
+# make_certs' CA, which also numbers and dates the CRLs it makes, with its own extensions
+CA_CONFIG = make_certs.CA_CONFIG.replace("[ policy_anything ]", """\
 crlnumber = $dir/crlnumber
-rand_serial = yes
-default_md = sha256
 default_crl_days = 7
-policy = policy_anything
-unique_subject = no
-email_in_dn = no
-preserve = yes
-copy_extensions = none
-[ policy_anything ]
-organizationName = optional
-commonName = supplied
-[ req ]
-distinguished_name = req_dn
-prompt = no
-[ req_dn ]
-CN = unused
+[ policy_anything ]""") + """\
 [ root ]
 basicConstraints = critical, CA:TRUE
 keyUsage = critical, keyCertSign, cRLSign

@@ -285,24 +285,13 @@ def grow_oid(rng, tree):
     return der_encode(tree)
 
 
-def grow_serial(rng, tree):
-    with_serial(tree, positive(rng, rng.randint(MAX_SERIAL_BITS // 8 + 2, LARGEST)))
-    return der_encode(tree)
-
-
-def grow_version(rng, tree):
-    with_version(tree, positive(rng, rng.randint(MAX_VERSION_BITS // 8 + 2, LARGEST)))
-    return der_encode(tree)
-
-
-def grow_rsa_modulus(rng, tree):
-    with_rsa_modulus(tree, positive(rng, rng.randint(MAX_RSA_BITS // 8 + 2, LARGEST)))
-    return der_encode(tree)
-
-
-def grow_dsa_prime(rng, tree):
-    with_dsa_prime(tree, positive(rng, rng.randint(MAX_DSA_BITS // 8 + 2, LARGEST)))
-    return der_encode(tree)
+def grow_integer(put, max_bits):
+    """A growth that puts (with put) a positive integer of more than max_bits, up to
+    LARGEST bytes, where the reader reads that integer."""
+    def grow(rng, tree):
+        put(tree, positive(rng, rng.randint(max_bits // 8 + 2, LARGEST)))
+        return der_encode(tree)
+    return grow
 
 
 def grow_ec_field(rng, tree):
@@ -367,10 +356,10 @@ GROWTHS = [
     ("length", grow_length, "overruns"),
     ("length octets", grow_length_octets, "bad DER length"),
     ("OID", grow_oid, "object identifier"),
-    ("serial", grow_serial, "serial number of more than"),
-    ("version", grow_version, "X.509 version of more than"),
-    ("RSA modulus", grow_rsa_modulus, "RSA modulus of more than"),
-    ("DSA prime", grow_dsa_prime, "DSA prime of more than"),
+    ("serial", grow_integer(with_serial, MAX_SERIAL_BITS), "serial number of more than"),
+    ("version", grow_integer(with_version, MAX_VERSION_BITS), "X.509 version of more than"),
+    ("RSA modulus", grow_integer(with_rsa_modulus, MAX_RSA_BITS), "RSA modulus of more than"),
+    ("DSA prime", grow_integer(with_dsa_prime, MAX_DSA_BITS), "DSA prime of more than"),
     ("EC field", grow_ec_field, "of more than"),
     ("time", grow_time, "validity time"),
     ("nesting", grow_nesting, "malformed certificate"),
