@@ -88,8 +88,6 @@ keyUsage = critical, digitalSignature
 extendedKeyUsage = serverAuth
 subjectAltName = DNS:{name}, IP:127.0.0.1
 """
-KEYS = {"ec": ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
-        "rsa": ["-newkey", "rsa:2048"]}
 
 
 LEAF_SANS = "DNS:%s, IP:127.0.0.1" % NAME
@@ -140,7 +138,7 @@ class CrlCA(object):
         config = self._config(ca_dir if issuer is None else issuer)
         keyfile, csr = os.path.join(out_dir, "key.pem"), os.path.join(out_dir, "req.csr")
         cert = os.path.join(out_dir, "cert.pem")
-        openssl("req", "-new", "-config", config, "-subj", "/CN=%s" % cn[-60:], *(KEYS[key] + [
+        openssl("req", "-new", "-config", config, "-subj", "/CN=%s" % cn[-60:], *(make_certs.KEY_OPTIONS[key] + [
             "-nodes", "-keyout", keyfile, "-out", csr]))
         signer = ["-selfsign", "-keyfile", keyfile] if issuer is None else [
             "-cert", os.path.join(issuer, "cert.pem"), "-keyfile", os.path.join(issuer, "key.pem")]
