@@ -773,11 +773,16 @@ class Certificate(object):
     (a signed int), signature_algorithm, not_before and not_after (epoch
     seconds, UTC), spki (DER), key_type, key_bits, alt_names (every
     subjectAltName as (type, text)), dns_names and ip_addresses (those of type
-    DNS and IP), is_ca, and crl_urls (the URIs its CRL Distribution Points
-    name, in order); name (for messages: the subject, or the SANs when
-    it is empty) and lifetime (seconds) are derived. The fields agree with
-    pyca/cryptography's reading; docs/monitoring.md ("--json") says where their
-    formats differ.
+    DNS and IP), is_ca, crl_urls (the URIs its CRL Distribution Points
+    name, in order), sha256 and spki_sha256 (hex digests of der and spki) and
+    name (for messages: the subject, or the SANs when it is empty), these three
+    made once by parse_certificate; lifetime (seconds) is derived. The fields
+    agree with pyca/cryptography's reading; docs/monitoring.md ("--json") says
+    where their formats differ.
+
+    Only parse_certificate assigns to a Certificate: one parsed certificate is
+    shared by every source of a run that sent the same bytes (ParsedCertificates),
+    so what is true of one source alone belongs on its FetchResult, never here.
     """
 
     def __init__(self, der):
@@ -790,6 +795,7 @@ class Certificate(object):
         self.alt_names, self.dns_names, self.ip_addresses = [], [], []
         self.is_ca = False
         self.crl_urls = []              # issue 21: where its CA publishes revocations
+        self.sha256 = self.spki_sha256 = self.name = ""
 
     @property
     def self_issued(self):
@@ -814,14 +820,6 @@ class Certificate(object):
         return [text if name_type in ("DNS", "IP") else "%s:%s" % (name_type, text)
                 for name_type, text in self.alt_names]
 
-    @property
-    def sha256(self):
-        return hashlib.sha256(self.der).hexdigest()
-
-    @property
-    def spki_sha256(self):
-        return hashlib.sha256(self.spki).hexdigest()
-
     def covers(self, name):
         """True if a subjectAltName matches name (a DNS name or an IP address)."""
         if is_ip(name):
@@ -842,10 +840,10 @@ class Certificate(object):
         return "serial %s issued %s, expires %s" % (
             self.serial_hex, format_time(self.not_before), format_time(self.not_after))
 
-    @property
-    def name(self):
+    def message_name(self):
         """How messages name the certificate, terminal-safe: its subject, or for an
-        empty one (the tlsserver and shortlived profiles) its SANs, or its serial."""
+        empty one (the tlsserver and shortlived profiles) its SANs, or its serial.
+        parse_certificate keeps it as name."""
         if self.subject:
             return printable(self.subject)
         if self.sans:
@@ -1251,15 +1249,43 @@ def parse_certificate(der):
     _public_key(cert, der, tbs[5])
     for oid, value in _extensions(der, tbs):
         _extension(cert, der, oid, value)
+    cert.sha256 = hashlib.sha256(der).hexdigest()     # once: reports show them for every
+    cert.spki_sha256 = hashlib.sha256(cert.spki).hexdigest()    # source that sent it
+    cert.name = cert.message_name()
     return cert
 
 
-def parse_chain(ders, where):
-    """Every certificate of a chain; a malformed one is named by where and position."""
+class ParsedCertificates(object):
+    """The certificates a run has read, by their DER bytes: each distinct one is
+    parsed once per run, however many sources send it (a fleet of 10,000 that
+    serves two chains reads about four), and those sources share the one
+    Certificate, which nothing changes after parse_certificate. Every fetching
+    thread uses it at once: the lock makes each certificate parsed exactly once.
+    A malformed certificate is not kept; each source that sends it fails alike."""
+
+    def __init__(self):
+        self._by_der, self._lock = {}, threading.Lock()
+
+    def parse(self, der):
+        """parse_certificate(der), or the Certificate already read from these bytes."""
+        der = bytes(der)
+        cert = self._by_der.get(der)      # one dict read is atomic: a hit needs no lock
+        if cert is None:
+            with self._lock:
+                cert = self._by_der.get(der)    # another thread may have just parsed it
+                if cert is None:
+                    cert = self._by_der[der] = parse_certificate(der)
+        return cert
+
+
+def parse_chain(ders, where, parsed=None):
+    """Every certificate of a chain; a malformed one is named by where and position.
+    parsed: the run's ParsedCertificates, which read each certificate once."""
+    parse = parsed.parse if parsed is not None else parse_certificate
     certs = []
     for index, der in enumerate(ders):
         try:
-            certs.append(parse_certificate(der))
+            certs.append(parse(der))
         except ParseError as exc:
             raise ParseError("%s: certificate %d of %d: %s" % (where, index + 1, len(ders),
                                                                 exc))
@@ -2568,6 +2594,7 @@ class ChainReader(object):
     def __init__(self, ctx, trust, by_algorithm=None):
         self.ctx, self.trust, self.method = ctx, trust, chain_method()
         self.by_algorithm = by_algorithm or {}    # key algorithm -> ChainReader asking for it
+        self.parsed = ParsedCertificates()  # make_reader shares one among a run's readers
 
     def served_ders(self, tls):
         """The certificates as the server sent them: list of DER."""
@@ -2716,14 +2743,15 @@ class ChainReaderBefore310(ChainReader):
     def store_certificates(self):
         """The loaded trust store, parsed; a CA certificate certgrab cannot read
         is left out (no candidate chain then goes through it). A --cafile store
-        is parsed once per run; a hashed directory loads lazily (the handshake
-        has loaded what it looked up), so it is read again for each source."""
+        is listed once per run; a hashed directory loads lazily (the handshake
+        has loaded what it looked up), so it is listed again for each source.
+        Each certificate is parsed once per run all the same (self.parsed)."""
         if self._store is not None:
             return self._store
         certs = []
         for der in self.ctx.get_ca_certs(binary_form=True):
             try:
-                certs.append(parse_certificate(der))
+                certs.append(self.parsed.parse(der))
             except ParseError:
                 pass
         if self.trust.cafile and not self.trust.capath:
@@ -2751,7 +2779,10 @@ def make_reader(settings):
         make_context(settings, verify_only=True)
     readers = dict((algorithm, new_chain_reader(make_context(settings, algorithm), settings.trust,
                                            replay_ctx=replay)) for algorithm in algorithms)
-    return new_chain_reader(make_context(settings), settings.trust, readers, replay)
+    reader = new_chain_reader(make_context(settings), settings.trust, readers, replay)
+    for each in readers.values():
+        each.parsed = reader.parsed     # one ParsedCertificates for the whole run
+    return reader
 
 
 # The ssl module verifies a chain only in a handshake, so certgrab asks OpenSSL about a
@@ -3119,14 +3150,14 @@ def served_problems(result, trust):
     return problems, missing
 
 
-def verified_certificates(result, ders):
+def verified_certificates(result, ders, parsed):
     """The verified chain as certificates: those the server sent are reused as
-    already parsed; only what the trust store added (intermediates, the root)
-    is decoded here."""
-    parsed = dict((cert.der, cert) for cert in result.served)
-    added = parse_chain([der for der in ders if der not in parsed],
-                        "%s: the verified path" % result.source)[::-1]
-    return [parsed[der] if der in parsed else added.pop() for der in ders]
+    already parsed; what the trust store added (intermediates, the root) is
+    read here, once per run (parsed: the run's ParsedCertificates)."""
+    served = dict((cert.der, cert) for cert in result.served)
+    added = parse_chain([der for der in ders if der not in served],
+                        "%s: the verified path" % result.source, parsed)[::-1]
+    return [served[der] if der in served else added.pop() for der in ders]
 
 
 def keep_verified_chain(result, reader, verified_ders):
@@ -3137,7 +3168,7 @@ def keep_verified_chain(result, reader, verified_ders):
     verification found in the trust store are written: never install less than
     a browser needs (served_problems says both)."""
     if verified_ders is not None:
-        result.verified = verified_certificates(result, verified_ders)
+        result.verified = verified_certificates(result, verified_ders, reader.parsed)
     else:
         result.verified = find_verified_chain(result, reader)
     result.issuing = without_root(result.verified)
@@ -3170,7 +3201,7 @@ def _fetch_into(result, reader, settings, deadline):
                          % (source, reader.method))
     if len(served_ders) > MAX_CHAIN:
         raise FetchError("%s: the server sent more than %d certificates" % (source, MAX_CHAIN))
-    result.served = parse_chain(served_ders, source)
+    result.served = parse_chain(served_ders, source, reader.parsed)
     if failure is not None or settings.insecure:    # nothing verified: the chain by names
         result.issuing, result.problems = chain_from_names(result.served)
     if failure is not None:
@@ -5443,7 +5474,7 @@ def ca_text_lines(result, now):
 
 def spki_pin(cert):
     """The HPKP-style pin: base64 of the SHA-256 of the SubjectPublicKeyInfo."""
-    return binascii.b2a_base64(hashlib.sha256(cert.spki).digest()).decode("ascii").strip()
+    return binascii.b2a_base64(binascii.unhexlify(cert.spki_sha256)).decode("ascii").strip()
 
 
 def certificate_lines(index, cert, now):
