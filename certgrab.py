@@ -1927,17 +1927,27 @@ def matching_key(keys, leaf):
 # ---------------------------------------------------------------------------
 
 class Source(object):
-    """One SOURCE: where to dial, and the name to send (SNI) and verify."""
+    """One SOURCE: where to dial, and the name to send (SNI) and verify. A run
+    keeps one for each of its sources, 10,240 in a large fleet: its fields are
+    declared (__slots__), not kept in a dict each."""
+
+    __slots__ = ("text", "host", "port", "servername", "verify_name", "file")
 
     def __init__(self, text, host, port, servername, path=None):
         self.text, self.host, self.port = text, host, port
         self.servername = servername          # None: an IP with no -n: no SNI
         self.verify_name = servername or (host or "").split("%")[0]
-        # ASCII bytes for getaddrinfo and the handshake: given a str, Python
-        # imports the idna codec (with stringprep and unicodedata), 3 ms a run.
-        self.host_bytes = ascii_host(host or "").encode("ascii")
-        self.name_bytes = ascii_host(self.verify_name).encode("ascii")
         self.file = path                      # a local certificate file (reports only)
+
+    # ASCII bytes for getaddrinfo and the handshake, made where they are used: given
+    # a str, Python imports the idna codec (with stringprep and unicodedata), 3 ms a run.
+    @property
+    def host_bytes(self):
+        return ascii_host(self.host or "").encode("ascii")
+
+    @property
+    def name_bytes(self):
+        return ascii_host(self.verify_name).encode("ascii")
 
     def __str__(self):
         return self.text
@@ -2990,7 +3000,15 @@ class FetchResult(object):
     their order; verified: the chain OpenSSL verified, root included (for
     --verified-chain); issuing: what files get, the verified chain without its
     root (keep_verified_chain), or where nothing was verified the chain built from
-    names (chain_from_names); problems: how served differed from issuing (Problem)."""
+    names (chain_from_names); problems: how served differed from issuing (Problem).
+    The certificates are shared with every source that sent the same ones
+    (ParsedCertificates); nothing of the connection is kept (detached). A run keeps
+    one for each of its sources: its fields are declared (__slots__), not kept in a
+    dict each."""
+
+    __slots__ = ("source", "error", "address", "served", "issuing", "problems", "verified",
+                 "tls_version", "cipher", "verify_error", "note", "elapsed", "key", "missing",
+                 "revocation", "renewal")
 
     def __init__(self, source):
         self.source, self.error, self.address = source, None, None
@@ -3192,8 +3210,10 @@ def _fetch_into(result, reader, settings, deadline):
         served_ders = reader.served_ders(tls)
         verified_ders = reader.verified_ders(tls) if failure is None and not settings.insecure \
             else None
-        cipher = tls.cipher() or (None, None)        # set even when verification failed
-        result.tls_version, result.cipher = tls.version() or cipher[1], cipher[0]
+        cipher = tls.cipher()               # set even when verification failed
+        if cipher is not None:              # few names: one copy each, shared by the sources
+            result.tls_version = sys.intern(tls.version() or cipher[1])
+            result.cipher = sys.intern(cipher[0])
     finally:
         tls.close()
     if not served_ders:
@@ -3211,6 +3231,15 @@ def _fetch_into(result, reader, settings, deadline):
         keep_verified_chain(result, reader, verified_ders)
 
 
+def detached(exc):
+    """exc, to be kept in a result past its fetch: without its traceback and the
+    exceptions it was raised while handling, whose frames would keep that fetch's
+    socket, TLS connection and raw bytes alive until the run ends. Reports use
+    only its text, hint and reason."""
+    exc.__traceback__ = exc.__context__ = exc.__cause__ = None
+    return exc
+
+
 def _fetch_once(source, reader, settings):
     """Connect, handshake and read the chain; errors are kept in the result."""
     result, started = FetchResult(source), time.monotonic()
@@ -3220,7 +3249,7 @@ def _fetch_once(source, reader, settings):
         else:
             _fetch_into(result, reader, settings, started + settings.timeout)
     except CertgrabError as exc:
-        result.error = exc
+        result.error = detached(exc)
     result.elapsed = time.monotonic() - started
     return result
 
