@@ -4464,30 +4464,53 @@ def ask_ca(result, lookups, settings):
         result.renewal = leaf_renewal(result, lookups, deadline, time.time())
 
 
+def same_chains(results):
+    """The results in groups, in the order given, by the chain their files would get
+    (issuing): what the CA says of a chain is the same for every source serving it."""
+    groups = {}
+    for result in results:
+        groups.setdefault(tuple(cert.der for cert in result.issuing), []).append(result)
+    return list(groups.values())
+
+
+def ask_ca_once(group, lookups, settings, reporter):
+    """ask_ca for the first source of a group (same_chains); the others share its
+    answers, the same objects, which nothing changes afterwards. After a bug in the
+    first, each of the others is asked on its own, so that its error names it."""
+    first = group[0]
+    contain_bug(ask_ca, first, reporter, lookups, settings)
+    for result in group[1:]:
+        if first.error is None:
+            result.revocation, result.renewal = first.revocation, first.renewal
+        else:
+            contain_bug(ask_ca, result, reporter, lookups, settings)
+
+
 def consult_ca(results, settings, reporter, sharers=1):
     """Ask the CA about the leaf of each source that gave one: its CRL (unless --crl
     off) and, with --acme-directory, its renewal window; sets result.revocation and
-    result.renewal. Each source gets --timeout seconds from here; a URL is fetched
-    once per run, whichever source asks first."""
+    result.renewal. Asked once per distinct chain (same_chains), each within --timeout
+    from when it is asked; a URL is fetched once per run, whichever chain asks first."""
     if settings.crl == "off" and not settings.acme_directory:
         return
     lookups = CaLookups(settings, reporter)
-    asked = [result for result in results if result.error is None and result.issuing]
+    groups = same_chains([result for result in results
+                          if result.error is None and result.issuing])
 
-    def ask(result):
-        contain_bug(ask_ca, result, reporter, lookups, settings)
+    def ask(group):
+        ask_ca_once(group, lookups, settings, reporter)
 
     remote, local = [], []
-    for result in asked:
+    for group in groups:
         fetches = settings.acme_directory or settings.crl != "off" and any(
-            crl_url(cert) for cert in result.issuing)
-        (remote if fetches else local).append(result)
-    for result in local + remote if len(remote) < 2 else local:
-        ask(result)                     # nothing to fetch, or one source: no thread
+            crl_url(cert) for cert in group[0].issuing)
+        (remote if fetches else local).append(group)
+    for group in local + remote if len(remote) < 2 else local:
+        ask(group)                      # nothing to fetch, or one chain: no thread
     if len(remote) > 1:
         width = min(len(remote), settings.parallel or DEFAULT_PARALLEL)
         map_in_threads(ask, remote, max(1, width // sharers), reporter,
-                       "asking the CA about %d source(s)")
+                       "asking the CA about %d chain(s)")
 
 
 # ---------------------------------------------------------------------------
