@@ -5467,19 +5467,27 @@ def wrap_items(items, width):
     return lines
 
 
-def write_stdout(text):
-    """Write to stdout; characters its encoding lacks (cron's ASCII) become escapes."""
+def write_pieces(pieces):
+    """Write each text of pieces (any iterable) to stdout as it comes: a report of
+    10,240 sources is written source by source, never joined into one more copy of
+    megabytes first. Characters stdout's encoding lacks (cron's ASCII) become escapes."""
     try:
         if hasattr(sys.stdout, "buffer"):
             sys.stdout.flush()
-            sys.stdout.buffer.write(text.encode(sys.stdout.encoding or "ascii",
-                                                "backslashreplace"))
+            for text in pieces:
+                sys.stdout.buffer.write(text.encode(sys.stdout.encoding or "ascii",
+                                                    "backslashreplace"))
             sys.stdout.buffer.flush()
         else:
-            sys.stdout.write(text)
+            for text in pieces:
+                sys.stdout.write(text)
         sys.stdout.flush()
     except OSError as exc:
         raise WriteError("cannot write to standard output: %s" % (exc.strerror or exc))
+
+
+def write_stdout(text):
+    write_pieces((text,))
 
 
 def verdict(result, insecure):
@@ -5845,6 +5853,8 @@ def status_text(text):
     printable() escapes control characters (\\x7c), and so is anything unprintable that
     reached the text some other way. Backslashes stay: text from certificates and
     servers went through printable() already, which escaped theirs."""
+    if text.isprintable() and "|" not in text:
+        return text                     # the usual line: nothing to escape, no copy
     return "".join("\\x7c" if c == "|" else c if c.isprintable() else printable(c)
                    for c in text)
 
@@ -5886,27 +5896,53 @@ def same_chain_statuses(results):
     return statuses
 
 
+def check_parts(results, settings, now, reporter):
+    """Each source's (status, text) line (check_part), and the perfdata of those that
+    have any."""
+    parts = [render_source(check_part, failed_check_part, result, reporter, settings, now,
+                           label) for result, label in zip(results, perfdata_labels(results))]
+    return [line for line, _ in parts], [perfdata for _, perfdata in parts if perfdata]
+
+
+def check_pieces(summary, perfdata, lines):
+    """--check's output, piece by piece as write_pieces writes it: the summary, " | "
+    and every source's perfdata on the first line, then a line per source."""
+    yield summary
+    if perfdata:
+        yield " |"
+        for each in perfdata:
+            yield " " + each
+    yield "\n"
+    for status, text in lines:
+        yield "%s - %s\n" % (NAGIOS[status], text)
+
+
 def check_report(results, settings, now, reporter):
     """Nagios plugin output: a summary line with perfdata, then one line per source.
     A source's line is its worst finding: expiry, served chain, --same; a bug while
     one source is checked makes that source UNKNOWN (render_source). Every line's
     text goes through status_text: no "|" but certgrab's own before the perfdata."""
-    parts = [render_source(check_part, failed_check_part, result, reporter, settings, now,
-                           label) for result, label in zip(results, perfdata_labels(results))]
-    lines = [line for line, _ in parts]
+    lines, perfdata = check_parts(results, settings, now, reporter)
     if settings.same:
         lines = [worse(line, same) for line, same in zip(lines, same_chain_statuses(results))]
     lines = [(status, status_text(text)) for status, text in lines]
     worst = worse(*lines)[0]
     counts = ", ".join("%d %s" % (sum(s == n for s, _ in lines), NAGIOS[n])
                        for n in range(4) if any(s == n for s, _ in lines))
-    perfdata = " ".join(perfdata for _, perfdata in parts if perfdata)
     first_problem = next(("; first: " + text for status, text in lines if status == worst
                           and worst), "")   # notifications often show the first line only
-    write_stdout("CERTGRAB %s - %d source(s): %s%s%s\n" % (
-        NAGIOS[worst], len(results), counts, first_problem, " | " + perfdata if perfdata else "")
-        + "".join("%s - %s\n" % (NAGIOS[s], text) for s, text in lines))
+    write_pieces(check_pieces("CERTGRAB %s - %d source(s): %s%s" % (
+        NAGIOS[worst], len(results), counts, first_problem), perfdata, lines))
     return worst
+
+
+def joined(parts, separator, lead=""):
+    """Pieces for write_pieces that write lead + separator.join(parts) (nothing for no
+    parts), without making that copy."""
+    pieces = []
+    for part in parts:
+        pieces += [separator if pieces else lead, part]
+    return pieces
 
 
 def report(results, settings, reporter):
@@ -5925,9 +5961,9 @@ def report(results, settings, reporter):
         if result.error is not None:
             reporter.error(result.error)
     if settings.report == "json":
-        write_stdout("[\n%s\n]\n" % ",\n".join("  " + part for part in parts))
+        write_pieces(["[\n"] + joined(parts, ",\n  ", "  ") + ["\n]\n"])
     else:
-        write_stdout("\n".join(parts))
+        write_pieces(joined(parts, "\n"))
     failures = [r.error for r in results if r.error is not None]
     return max(error.exit_code for error in failures) if failures else 0
 
