@@ -1261,10 +1261,12 @@ class ParsedCertificates(object):
     serves two chains reads about four), and those sources share the one
     Certificate, which nothing changes after parse_certificate. Every fetching
     thread uses it at once: the lock makes each certificate parsed exactly once.
-    A malformed certificate is not kept; each source that sends it fails alike."""
+    A malformed certificate is not kept; each source that sends it fails alike.
+    The chains of a fleet repeat too: shared() keeps one list for each."""
 
     def __init__(self):
         self._by_der, self._lock = {}, threading.Lock()
+        self._chains = {}                 # tuple of certificates -> the one list of them
 
     def parse(self, der):
         """parse_certificate(der), or the Certificate already read from these bytes."""
@@ -1276,6 +1278,12 @@ class ParsedCertificates(object):
                 if cert is None:
                     cert = self._by_der[der] = parse_certificate(der)
         return cert
+
+    def shared(self, chain):
+        """chain (a list of certificates this run parsed), or the equal list given
+        before: one list, the same object, for every source with these certificates
+        in this order. Nothing changes a chain once a result holds it."""
+        return self._chains.setdefault(tuple(chain), chain)   # one atomic dict step
 
 
 def parse_chain(ders, where, parsed=None):
@@ -3001,10 +3009,10 @@ class FetchResult(object):
     --verified-chain); issuing: what files get, the verified chain without its
     root (keep_verified_chain), or where nothing was verified the chain built from
     names (chain_from_names); problems: how served differed from issuing (Problem).
-    The certificates are shared with every source that sent the same ones
-    (ParsedCertificates); nothing of the connection is kept (detached). A run keeps
-    one for each of its sources: its fields are declared (__slots__), not kept in a
-    dict each."""
+    The certificates, and the lists of them, are shared with every source that
+    sent the same (ParsedCertificates); nothing of the connection is kept
+    (detached). A run keeps one for each of its sources: its fields are declared
+    (__slots__), not kept in a dict each."""
 
     __slots__ = ("source", "error", "address", "served", "issuing", "problems", "verified",
                  "tls_version", "cipher", "verify_error", "note", "elapsed", "key", "missing",
@@ -3184,12 +3192,14 @@ def keep_verified_chain(result, reader, verified_ders):
     the one replays find (find_verified_chain). A served certificate off that
     path is never written, only named; intermediates the server left out that
     verification found in the trust store are written: never install less than
-    a browser needs (served_problems says both)."""
+    a browser needs (served_problems says both). Both chains are lists shared with
+    every source that has the same (ParsedCertificates.shared)."""
     if verified_ders is not None:
-        result.verified = verified_certificates(result, verified_ders, reader.parsed)
+        verified = verified_certificates(result, verified_ders, reader.parsed)
     else:
-        result.verified = find_verified_chain(result, reader)
-    result.issuing = without_root(result.verified)
+        verified = find_verified_chain(result, reader)
+    result.verified = reader.parsed.shared(verified)
+    result.issuing = reader.parsed.shared(without_root(result.verified))
     result.problems, result.missing = served_problems(result, reader.trust)
 
 
@@ -3221,7 +3231,7 @@ def _fetch_into(result, reader, settings, deadline):
                          % (source, reader.method))
     if len(served_ders) > MAX_CHAIN:
         raise FetchError("%s: the server sent more than %d certificates" % (source, MAX_CHAIN))
-    result.served = parse_chain(served_ders, source, reader.parsed)
+    result.served = reader.parsed.shared(parse_chain(served_ders, source, reader.parsed))
     if failure is not None or settings.insecure:    # nothing verified: the chain by names
         result.issuing, result.problems = chain_from_names(result.served)
     if failure is not None:

@@ -18,8 +18,8 @@ Issue 23: ten thousand endpoints at the floor (CPU and memory: `make bench`, row
                                                         after_every_report
     a result keeps what its report needs: no socket,    test_results_keep_no_connection_frame_
     TLS object, traceback or raw bytes after its        or_raw_bytes,
-    fetch; the certificates of a fleet held once        test_results_of_a_fleet_share_its_four_
-                                                        certificates
+    fetch; the certificates of a fleet, and its         test_results_of_a_fleet_share_its_four_
+    chains, held once                                   certificates
     what the CA says of a chain (CRL, ARI) asked        test_the_ca_is_asked_once_per_chain
     once per chain, not per source
     every report byte for byte as before (acceptance    test_reports_are_the_same_as_with_each_
@@ -361,8 +361,8 @@ def test_results_keep_no_connection_frame_or_raw_bytes(run, certgrab, monkeypatc
 def test_results_of_a_fleet_share_its_four_certificates(run, certgrab, monkeypatch, two_chains,
                                                        root):
     """Whatever the number of sources, their results hold the same four Certificate
-    objects, and the same answer of the CA for each chain: memory grows with the
-    sources, not with the chains they serve."""
+    objects, one list for each chain (as served, verified, for files) and one answer
+    of the CA for each: memory grows with the sources, not with the chains they serve."""
     kept = keeping_results(monkeypatch, certgrab)
     result = run(*check_args(root, fleet(two_chains)))
     assert result.rc == 0, result.out[:2000] + result.err
@@ -370,7 +370,8 @@ def test_results_of_a_fleet_share_its_four_certificates(run, certgrab, monkeypat
             if isinstance(obj, certgrab.Certificate)]
     assert len(held) >= FLEET_23 * 3, "each result holds its leaf, intermediate and root"
     assert len(set(map(id, held))) == DISTINCT
-    assert len(set(id(each.revocation) for each in kept[0])) == len(TWO_CHAINS)
+    for field in ("served", "verified", "issuing", "revocation"):
+        assert len(set(id(getattr(each, field)) for each in kept[0])) == len(TWO_CHAINS), field
 
 
 def test_the_ca_is_asked_once_per_chain(run, certgrab, monkeypatch, crl_fleet):
