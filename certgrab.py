@@ -3349,15 +3349,15 @@ def map_in_threads(function, items, width, reporter, doing, waiting=None):
     thread meanwhile. An exception escaping function is raised here, once every
     thread is done: the callers' functions contain their bugs (_fetch_guarded,
     run_section), so it is a whole run's error (an unusable --key-path)."""
-    results, pending, lock = [None] * len(items), list(range(len(items))), threading.Lock()
-    pending.reverse()                                   # pop() takes the first given
+    results, lock, taken = [None] * len(items), threading.Lock(), [0]  # taken: items begun
 
     def worker():
         while True:
             with lock:
-                if not pending:
+                index = taken[0]
+                if index == len(items):
                     return
-                index = pending.pop()
+                taken[0] += 1
             try:
                 results[index] = function(items[index])
             except BaseException as exc:  # the run's error, or a bug: re-raised below
