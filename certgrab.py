@@ -3148,8 +3148,9 @@ def sent_only(sent, complete):
 
 
 def served_problems(result, trust):
-    """How the served chain differed from the verified chain: ([Problem], the
-    number of intermediates the trust store added)."""
+    """How the served chain differed from the verified chain: (a tuple of Problems,
+    the number of intermediates the trust store added). No problem is (), one
+    object, however many sources have none."""
     chain, verified = result.issuing, result.verified
     anchor = verified[-1] if len(verified) > len(chain) else None
     sent, root, off_chain, again = _sort_served(result.served, chain, anchor)
@@ -3173,7 +3174,7 @@ def served_problems(result, trust):
                                 "certificate(s) that verification found in %s: the server is "
                                 "misconfigured (point it at fullchain.pem); clients that lack "
                                 "them fail" % (sent_only(len(sent), len(chain)), missing, trust)))
-    return problems, missing
+    return tuple(problems), missing
 
 
 def verified_certificates(result, ders, parsed):
@@ -3206,7 +3207,8 @@ def keep_verified_chain(result, reader, verified_ders):
 def _fetch_into(result, reader, settings, deadline):
     source = result.source
     sock = open_connection(source, settings.family, deadline)
-    result.address = sock.getpeername()[0]
+    address = sock.getpeername()[0]
+    result.address = source.host if address == source.host else address   # by IP: one copy
     if settings.starttls:
         try:
             starttls_dialogue(sock, source, settings.starttls, settings.ehlo, deadline)
