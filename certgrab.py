@@ -5911,14 +5911,20 @@ def same_chain_statuses(results):
 def check_parts(results, settings, now, reporter):
     """Each source's (status, text) line (check_part), and the perfdata of those that
     have any."""
-    parts = [render_source(check_part, failed_check_part, result, reporter, settings, now,
-                           label) for result, label in zip(results, perfdata_labels(results))]
-    return [line for line, _ in parts], [perfdata for _, perfdata in parts if perfdata]
+    lines, perfdata = [], []
+    for result, label in zip(results, perfdata_labels(results)):
+        line, data = render_source(check_part, failed_check_part, result, reporter, settings,
+                                   now, label)
+        lines.append(line)
+        if data:
+            perfdata.append(data)
+    return lines, perfdata
 
 
 def check_pieces(summary, perfdata, lines):
     """--check's output, piece by piece as write_pieces writes it: the summary, " | "
-    and every source's perfdata on the first line, then a line per source."""
+    and every source's perfdata on the first line, then a line per source, its text
+    through status_text."""
     yield summary
     if perfdata:
         yield " |"
@@ -5926,7 +5932,7 @@ def check_pieces(summary, perfdata, lines):
             yield " " + each
     yield "\n"
     for status, text in lines:
-        yield "%s - %s\n" % (NAGIOS[status], text)
+        yield "%s - %s\n" % (NAGIOS[status], status_text(text))
 
 
 def check_report(results, settings, now, reporter):
@@ -5937,12 +5943,12 @@ def check_report(results, settings, now, reporter):
     lines, perfdata = check_parts(results, settings, now, reporter)
     if settings.same:
         lines = [worse(line, same) for line, same in zip(lines, same_chain_statuses(results))]
-    lines = [(status, status_text(text)) for status, text in lines]
     worst = worse(*lines)[0]
     counts = ", ".join("%d %s" % (sum(s == n for s, _ in lines), NAGIOS[n])
                        for n in range(4) if any(s == n for s, _ in lines))
-    first_problem = next(("; first: " + text for status, text in lines if status == worst
-                          and worst), "")   # notifications often show the first line only
+    # notifications often show the first line only: it names the first worst source
+    first_problem = next(("; first: " + status_text(text) for status, text in lines
+                          if status == worst and worst), "")
     write_pieces(check_pieces("CERTGRAB %s - %d source(s): %s%s" % (
         NAGIOS[worst], len(results), counts, first_problem), perfdata, lines))
     return worst
