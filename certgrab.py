@@ -773,11 +773,16 @@ class Certificate(object):
     (a signed int), signature_algorithm, not_before and not_after (epoch
     seconds, UTC), spki (DER), key_type, key_bits, alt_names (every
     subjectAltName as (type, text)), dns_names and ip_addresses (those of type
-    DNS and IP), is_ca, and crl_urls (the URIs its CRL Distribution Points
-    name, in order); name (for messages: the subject, or the SANs when
-    it is empty) and lifetime (seconds) are derived. The fields agree with
-    pyca/cryptography's reading; docs/monitoring.md ("--json") says where their
-    formats differ.
+    DNS and IP), is_ca, crl_urls (the URIs its CRL Distribution Points
+    name, in order), sha256 and spki_sha256 (hex digests of der and spki) and
+    name (for messages: the subject, or the SANs when it is empty), these three
+    made once by parse_certificate; lifetime (seconds) is derived. The fields
+    agree with pyca/cryptography's reading; docs/monitoring.md ("--json") says
+    where their formats differ.
+
+    Only parse_certificate assigns to a Certificate: one parsed certificate is
+    shared by every source of a run that sent the same bytes (ParsedCertificates),
+    so what is true of one source alone belongs on its FetchResult, never here.
     """
 
     def __init__(self, der):
@@ -790,6 +795,7 @@ class Certificate(object):
         self.alt_names, self.dns_names, self.ip_addresses = [], [], []
         self.is_ca = False
         self.crl_urls = []              # issue 21: where its CA publishes revocations
+        self.sha256 = self.spki_sha256 = self.name = ""
 
     @property
     def self_issued(self):
@@ -814,14 +820,6 @@ class Certificate(object):
         return [text if name_type in ("DNS", "IP") else "%s:%s" % (name_type, text)
                 for name_type, text in self.alt_names]
 
-    @property
-    def sha256(self):
-        return hashlib.sha256(self.der).hexdigest()
-
-    @property
-    def spki_sha256(self):
-        return hashlib.sha256(self.spki).hexdigest()
-
     def covers(self, name):
         """True if a subjectAltName matches name (a DNS name or an IP address)."""
         if is_ip(name):
@@ -842,10 +840,10 @@ class Certificate(object):
         return "serial %s issued %s, expires %s" % (
             self.serial_hex, format_time(self.not_before), format_time(self.not_after))
 
-    @property
-    def name(self):
+    def message_name(self):
         """How messages name the certificate, terminal-safe: its subject, or for an
-        empty one (the tlsserver and shortlived profiles) its SANs, or its serial."""
+        empty one (the tlsserver and shortlived profiles) its SANs, or its serial.
+        parse_certificate keeps it as name."""
         if self.subject:
             return printable(self.subject)
         if self.sans:
@@ -1251,15 +1249,51 @@ def parse_certificate(der):
     _public_key(cert, der, tbs[5])
     for oid, value in _extensions(der, tbs):
         _extension(cert, der, oid, value)
+    cert.sha256 = hashlib.sha256(der).hexdigest()     # once: reports show them for every
+    cert.spki_sha256 = hashlib.sha256(cert.spki).hexdigest()    # source that sent it
+    cert.name = cert.message_name()
     return cert
 
 
-def parse_chain(ders, where):
-    """Every certificate of a chain; a malformed one is named by where and position."""
+class ParsedCertificates(object):
+    """The certificates a run has read, by their DER bytes: each distinct one is
+    parsed once per run, however many sources send it (a fleet of 10,000 that
+    serves two chains reads about four), and those sources share the one
+    Certificate, which nothing changes after parse_certificate. Every fetching
+    thread uses it at once: the lock makes each certificate parsed exactly once.
+    A malformed certificate is not kept; each source that sends it fails alike.
+    The chains of a fleet repeat too: shared() keeps one list for each."""
+
+    def __init__(self):
+        self._by_der, self._lock = {}, threading.Lock()
+        self._chains = {}                 # tuple of certificates -> the one list of them
+
+    def parse(self, der):
+        """parse_certificate(der), or the Certificate already read from these bytes."""
+        der = bytes(der)
+        cert = self._by_der.get(der)      # one dict read is atomic: a hit needs no lock
+        if cert is None:
+            with self._lock:
+                cert = self._by_der.get(der)    # another thread may have just parsed it
+                if cert is None:
+                    cert = self._by_der[der] = parse_certificate(der)
+        return cert
+
+    def shared(self, chain):
+        """chain (a list of certificates this run parsed), or the equal list given
+        before: one list, the same object, for every source with these certificates
+        in this order. Nothing changes a chain once a result holds it."""
+        return self._chains.setdefault(tuple(chain), chain)   # one atomic dict step
+
+
+def parse_chain(ders, where, parsed=None):
+    """Every certificate of a chain; a malformed one is named by where and position.
+    parsed: the run's ParsedCertificates, which read each certificate once."""
+    parse = parsed.parse if parsed is not None else parse_certificate
     certs = []
     for index, der in enumerate(ders):
         try:
-            certs.append(parse_certificate(der))
+            certs.append(parse(der))
         except ParseError as exc:
             raise ParseError("%s: certificate %d of %d: %s" % (where, index + 1, len(ders),
                                                                 exc))
@@ -1901,17 +1935,27 @@ def matching_key(keys, leaf):
 # ---------------------------------------------------------------------------
 
 class Source(object):
-    """One SOURCE: where to dial, and the name to send (SNI) and verify."""
+    """One SOURCE: where to dial, and the name to send (SNI) and verify. A run
+    keeps one for each of its sources, 10,240 in a large fleet: its fields are
+    declared (__slots__), not kept in a dict each."""
+
+    __slots__ = ("text", "host", "port", "servername", "verify_name", "file")
 
     def __init__(self, text, host, port, servername, path=None):
         self.text, self.host, self.port = text, host, port
         self.servername = servername          # None: an IP with no -n: no SNI
         self.verify_name = servername or (host or "").split("%")[0]
-        # ASCII bytes for getaddrinfo and the handshake: given a str, Python
-        # imports the idna codec (with stringprep and unicodedata), 3 ms a run.
-        self.host_bytes = ascii_host(host or "").encode("ascii")
-        self.name_bytes = ascii_host(self.verify_name).encode("ascii")
         self.file = path                      # a local certificate file (reports only)
+
+    # ASCII bytes for getaddrinfo and the handshake, made where they are used: given
+    # a str, Python imports the idna codec (with stringprep and unicodedata), 3 ms a run.
+    @property
+    def host_bytes(self):
+        return ascii_host(self.host or "").encode("ascii")
+
+    @property
+    def name_bytes(self):
+        return ascii_host(self.verify_name).encode("ascii")
 
     def __str__(self):
         return self.text
@@ -2568,6 +2612,7 @@ class ChainReader(object):
     def __init__(self, ctx, trust, by_algorithm=None):
         self.ctx, self.trust, self.method = ctx, trust, chain_method()
         self.by_algorithm = by_algorithm or {}    # key algorithm -> ChainReader asking for it
+        self.parsed = ParsedCertificates()  # make_reader shares one among a run's readers
 
     def served_ders(self, tls):
         """The certificates as the server sent them: list of DER."""
@@ -2716,14 +2761,15 @@ class ChainReaderBefore310(ChainReader):
     def store_certificates(self):
         """The loaded trust store, parsed; a CA certificate certgrab cannot read
         is left out (no candidate chain then goes through it). A --cafile store
-        is parsed once per run; a hashed directory loads lazily (the handshake
-        has loaded what it looked up), so it is read again for each source."""
+        is listed once per run; a hashed directory loads lazily (the handshake
+        has loaded what it looked up), so it is listed again for each source.
+        Each certificate is parsed once per run all the same (self.parsed)."""
         if self._store is not None:
             return self._store
         certs = []
         for der in self.ctx.get_ca_certs(binary_form=True):
             try:
-                certs.append(parse_certificate(der))
+                certs.append(self.parsed.parse(der))
             except ParseError:
                 pass
         if self.trust.cafile and not self.trust.capath:
@@ -2751,7 +2797,10 @@ def make_reader(settings):
         make_context(settings, verify_only=True)
     readers = dict((algorithm, new_chain_reader(make_context(settings, algorithm), settings.trust,
                                            replay_ctx=replay)) for algorithm in algorithms)
-    return new_chain_reader(make_context(settings), settings.trust, readers, replay)
+    reader = new_chain_reader(make_context(settings), settings.trust, readers, replay)
+    for each in readers.values():
+        each.parsed = reader.parsed     # one ParsedCertificates for the whole run
+    return reader
 
 
 # The ssl module verifies a chain only in a handshake, so certgrab asks OpenSSL about a
@@ -2959,7 +3008,15 @@ class FetchResult(object):
     their order; verified: the chain OpenSSL verified, root included (for
     --verified-chain); issuing: what files get, the verified chain without its
     root (keep_verified_chain), or where nothing was verified the chain built from
-    names (chain_from_names); problems: how served differed from issuing (Problem)."""
+    names (chain_from_names); problems: how served differed from issuing (Problem).
+    The certificates, and the lists of them, are shared with every source that
+    sent the same (ParsedCertificates); nothing of the connection is kept
+    (detached). A run keeps one for each of its sources: its fields are declared
+    (__slots__), not kept in a dict each."""
+
+    __slots__ = ("source", "error", "address", "served", "issuing", "problems", "verified",
+                 "tls_version", "cipher", "verify_error", "note", "elapsed", "key", "missing",
+                 "revocation", "renewal")
 
     def __init__(self, source):
         self.source, self.error, self.address = source, None, None
@@ -3091,8 +3148,9 @@ def sent_only(sent, complete):
 
 
 def served_problems(result, trust):
-    """How the served chain differed from the verified chain: ([Problem], the
-    number of intermediates the trust store added)."""
+    """How the served chain differed from the verified chain: (a tuple of Problems,
+    the number of intermediates the trust store added). No problem is (), one
+    object, however many sources have none."""
     chain, verified = result.issuing, result.verified
     anchor = verified[-1] if len(verified) > len(chain) else None
     sent, root, off_chain, again = _sort_served(result.served, chain, anchor)
@@ -3116,17 +3174,17 @@ def served_problems(result, trust):
                                 "certificate(s) that verification found in %s: the server is "
                                 "misconfigured (point it at fullchain.pem); clients that lack "
                                 "them fail" % (sent_only(len(sent), len(chain)), missing, trust)))
-    return problems, missing
+    return tuple(problems), missing
 
 
-def verified_certificates(result, ders):
+def verified_certificates(result, ders, parsed):
     """The verified chain as certificates: those the server sent are reused as
-    already parsed; only what the trust store added (intermediates, the root)
-    is decoded here."""
-    parsed = dict((cert.der, cert) for cert in result.served)
-    added = parse_chain([der for der in ders if der not in parsed],
-                        "%s: the verified path" % result.source)[::-1]
-    return [parsed[der] if der in parsed else added.pop() for der in ders]
+    already parsed; what the trust store added (intermediates, the root) is
+    read here, once per run (parsed: the run's ParsedCertificates)."""
+    served = dict((cert.der, cert) for cert in result.served)
+    added = parse_chain([der for der in ders if der not in served],
+                        "%s: the verified path" % result.source, parsed)[::-1]
+    return [served[der] if der in served else added.pop() for der in ders]
 
 
 def keep_verified_chain(result, reader, verified_ders):
@@ -3135,19 +3193,22 @@ def keep_verified_chain(result, reader, verified_ders):
     the one replays find (find_verified_chain). A served certificate off that
     path is never written, only named; intermediates the server left out that
     verification found in the trust store are written: never install less than
-    a browser needs (served_problems says both)."""
+    a browser needs (served_problems says both). Both chains are lists shared with
+    every source that has the same (ParsedCertificates.shared)."""
     if verified_ders is not None:
-        result.verified = verified_certificates(result, verified_ders)
+        verified = verified_certificates(result, verified_ders, reader.parsed)
     else:
-        result.verified = find_verified_chain(result, reader)
-    result.issuing = without_root(result.verified)
+        verified = find_verified_chain(result, reader)
+    result.verified = reader.parsed.shared(verified)
+    result.issuing = reader.parsed.shared(without_root(result.verified))
     result.problems, result.missing = served_problems(result, reader.trust)
 
 
 def _fetch_into(result, reader, settings, deadline):
     source = result.source
     sock = open_connection(source, settings.family, deadline)
-    result.address = sock.getpeername()[0]
+    address = sock.getpeername()[0]
+    result.address = source.host if address == source.host else address   # by IP: one copy
     if settings.starttls:
         try:
             starttls_dialogue(sock, source, settings.starttls, settings.ehlo, deadline)
@@ -3161,8 +3222,10 @@ def _fetch_into(result, reader, settings, deadline):
         served_ders = reader.served_ders(tls)
         verified_ders = reader.verified_ders(tls) if failure is None and not settings.insecure \
             else None
-        cipher = tls.cipher() or (None, None)        # set even when verification failed
-        result.tls_version, result.cipher = tls.version() or cipher[1], cipher[0]
+        cipher = tls.cipher()               # set even when verification failed
+        if cipher is not None:              # few names: one copy each, shared by the sources
+            result.tls_version = sys.intern(tls.version() or cipher[1])
+            result.cipher = sys.intern(cipher[0])
     finally:
         tls.close()
     if not served_ders:
@@ -3170,7 +3233,7 @@ def _fetch_into(result, reader, settings, deadline):
                          % (source, reader.method))
     if len(served_ders) > MAX_CHAIN:
         raise FetchError("%s: the server sent more than %d certificates" % (source, MAX_CHAIN))
-    result.served = parse_chain(served_ders, source)
+    result.served = reader.parsed.shared(parse_chain(served_ders, source, reader.parsed))
     if failure is not None or settings.insecure:    # nothing verified: the chain by names
         result.issuing, result.problems = chain_from_names(result.served)
     if failure is not None:
@@ -3178,6 +3241,15 @@ def _fetch_into(result, reader, settings, deadline):
         raise explain_verify_failure(failure, result, reader.trust, bool(settings.plan))
     if not settings.insecure:
         keep_verified_chain(result, reader, verified_ders)
+
+
+def detached(exc):
+    """exc, to be kept in a result past its fetch: without its traceback and the
+    exceptions it was raised while handling, whose frames would keep that fetch's
+    socket, TLS connection and raw bytes alive until the run ends. Reports use
+    only its text, hint and reason."""
+    exc.__traceback__ = exc.__context__ = exc.__cause__ = None
+    return exc
 
 
 def _fetch_once(source, reader, settings):
@@ -3189,7 +3261,7 @@ def _fetch_once(source, reader, settings):
         else:
             _fetch_into(result, reader, settings, started + settings.timeout)
     except CertgrabError as exc:
-        result.error = exc
+        result.error = detached(exc)
     result.elapsed = time.monotonic() - started
     return result
 
@@ -3279,15 +3351,15 @@ def map_in_threads(function, items, width, reporter, doing, waiting=None):
     thread meanwhile. An exception escaping function is raised here, once every
     thread is done: the callers' functions contain their bugs (_fetch_guarded,
     run_section), so it is a whole run's error (an unusable --key-path)."""
-    results, pending, lock = [None] * len(items), list(range(len(items))), threading.Lock()
-    pending.reverse()                                   # pop() takes the first given
+    results, lock, taken = [None] * len(items), threading.Lock(), [0]  # taken: items begun
 
     def worker():
         while True:
             with lock:
-                if not pending:
+                index = taken[0]
+                if index == len(items):
                     return
-                index = pending.pop()
+                taken[0] += 1
             try:
                 results[index] = function(items[index])
             except BaseException as exc:  # the run's error, or a bug: re-raised below
@@ -4404,30 +4476,53 @@ def ask_ca(result, lookups, settings):
         result.renewal = leaf_renewal(result, lookups, deadline, time.time())
 
 
+def same_chains(results):
+    """The results in groups, in the order given, by the chain their files would get
+    (issuing): what the CA says of a chain is the same for every source serving it."""
+    groups = {}
+    for result in results:
+        groups.setdefault(tuple(cert.der for cert in result.issuing), []).append(result)
+    return list(groups.values())
+
+
+def ask_ca_once(group, lookups, settings, reporter):
+    """ask_ca for the first source of a group (same_chains); the others share its
+    answers, the same objects, which nothing changes afterwards. After a bug in the
+    first, each of the others is asked on its own, so that its error names it."""
+    first = group[0]
+    contain_bug(ask_ca, first, reporter, lookups, settings)
+    for result in group[1:]:
+        if first.error is None:
+            result.revocation, result.renewal = first.revocation, first.renewal
+        else:
+            contain_bug(ask_ca, result, reporter, lookups, settings)
+
+
 def consult_ca(results, settings, reporter, sharers=1):
     """Ask the CA about the leaf of each source that gave one: its CRL (unless --crl
     off) and, with --acme-directory, its renewal window; sets result.revocation and
-    result.renewal. Each source gets --timeout seconds from here; a URL is fetched
-    once per run, whichever source asks first."""
+    result.renewal. Asked once per distinct chain (same_chains), each within --timeout
+    from when it is asked; a URL is fetched once per run, whichever chain asks first."""
     if settings.crl == "off" and not settings.acme_directory:
         return
     lookups = CaLookups(settings, reporter)
-    asked = [result for result in results if result.error is None and result.issuing]
+    groups = same_chains([result for result in results
+                          if result.error is None and result.issuing])
 
-    def ask(result):
-        contain_bug(ask_ca, result, reporter, lookups, settings)
+    def ask(group):
+        ask_ca_once(group, lookups, settings, reporter)
 
     remote, local = [], []
-    for result in asked:
+    for group in groups:
         fetches = settings.acme_directory or settings.crl != "off" and any(
-            crl_url(cert) for cert in result.issuing)
-        (remote if fetches else local).append(result)
-    for result in local + remote if len(remote) < 2 else local:
-        ask(result)                     # nothing to fetch, or one source: no thread
+            crl_url(cert) for cert in group[0].issuing)
+        (remote if fetches else local).append(group)
+    for group in local + remote if len(remote) < 2 else local:
+        ask(group)                      # nothing to fetch, or one chain: no thread
     if len(remote) > 1:
         width = min(len(remote), settings.parallel or DEFAULT_PARALLEL)
         map_in_threads(ask, remote, max(1, width // sharers), reporter,
-                       "asking the CA about %d source(s)")
+                       "asking the CA about %d chain(s)")
 
 
 # ---------------------------------------------------------------------------
@@ -5384,19 +5479,27 @@ def wrap_items(items, width):
     return lines
 
 
-def write_stdout(text):
-    """Write to stdout; characters its encoding lacks (cron's ASCII) become escapes."""
+def write_pieces(pieces):
+    """Write each text of pieces (any iterable) to stdout as it comes: a report of
+    10,240 sources is written source by source, never joined into one more copy of
+    megabytes first. Characters stdout's encoding lacks (cron's ASCII) become escapes."""
     try:
         if hasattr(sys.stdout, "buffer"):
             sys.stdout.flush()
-            sys.stdout.buffer.write(text.encode(sys.stdout.encoding or "ascii",
-                                                "backslashreplace"))
+            for text in pieces:
+                sys.stdout.buffer.write(text.encode(sys.stdout.encoding or "ascii",
+                                                    "backslashreplace"))
             sys.stdout.buffer.flush()
         else:
-            sys.stdout.write(text)
+            for text in pieces:
+                sys.stdout.write(text)
         sys.stdout.flush()
     except OSError as exc:
         raise WriteError("cannot write to standard output: %s" % (exc.strerror or exc))
+
+
+def write_stdout(text):
+    write_pieces((text,))
 
 
 def verdict(result, insecure):
@@ -5443,7 +5546,7 @@ def ca_text_lines(result, now):
 
 def spki_pin(cert):
     """The HPKP-style pin: base64 of the SHA-256 of the SubjectPublicKeyInfo."""
-    return binascii.b2a_base64(hashlib.sha256(cert.spki).digest()).decode("ascii").strip()
+    return binascii.b2a_base64(binascii.unhexlify(cert.spki_sha256)).decode("ascii").strip()
 
 
 def certificate_lines(index, cert, now):
@@ -5762,6 +5865,8 @@ def status_text(text):
     printable() escapes control characters (\\x7c), and so is anything unprintable that
     reached the text some other way. Backslashes stay: text from certificates and
     servers went through printable() already, which escaped theirs."""
+    if text.isprintable() and "|" not in text:
+        return text                     # the usual line: nothing to escape, no copy
     return "".join("\\x7c" if c == "|" else c if c.isprintable() else printable(c)
                    for c in text)
 
@@ -5803,27 +5908,59 @@ def same_chain_statuses(results):
     return statuses
 
 
+def check_parts(results, settings, now, reporter):
+    """Each source's (status, text) line (check_part), and the perfdata of those that
+    have any."""
+    lines, perfdata = [], []
+    for result, label in zip(results, perfdata_labels(results)):
+        line, data = render_source(check_part, failed_check_part, result, reporter, settings,
+                                   now, label)
+        lines.append(line)
+        if data:
+            perfdata.append(data)
+    return lines, perfdata
+
+
+def check_pieces(summary, perfdata, lines):
+    """--check's output, piece by piece as write_pieces writes it: the summary, " | "
+    and every source's perfdata on the first line, then a line per source, its text
+    through status_text."""
+    yield summary
+    if perfdata:
+        yield " |"
+        for each in perfdata:
+            yield " " + each
+    yield "\n"
+    for status, text in lines:
+        yield "%s - %s\n" % (NAGIOS[status], status_text(text))
+
+
 def check_report(results, settings, now, reporter):
     """Nagios plugin output: a summary line with perfdata, then one line per source.
     A source's line is its worst finding: expiry, served chain, --same; a bug while
     one source is checked makes that source UNKNOWN (render_source). Every line's
     text goes through status_text: no "|" but certgrab's own before the perfdata."""
-    parts = [render_source(check_part, failed_check_part, result, reporter, settings, now,
-                           label) for result, label in zip(results, perfdata_labels(results))]
-    lines = [line for line, _ in parts]
+    lines, perfdata = check_parts(results, settings, now, reporter)
     if settings.same:
         lines = [worse(line, same) for line, same in zip(lines, same_chain_statuses(results))]
-    lines = [(status, status_text(text)) for status, text in lines]
     worst = worse(*lines)[0]
     counts = ", ".join("%d %s" % (sum(s == n for s, _ in lines), NAGIOS[n])
                        for n in range(4) if any(s == n for s, _ in lines))
-    perfdata = " ".join(perfdata for _, perfdata in parts if perfdata)
-    first_problem = next(("; first: " + text for status, text in lines if status == worst
-                          and worst), "")   # notifications often show the first line only
-    write_stdout("CERTGRAB %s - %d source(s): %s%s%s\n" % (
-        NAGIOS[worst], len(results), counts, first_problem, " | " + perfdata if perfdata else "")
-        + "".join("%s - %s\n" % (NAGIOS[s], text) for s, text in lines))
+    # notifications often show the first line only: it names the first worst source
+    first_problem = next(("; first: " + status_text(text) for status, text in lines
+                          if status == worst and worst), "")
+    write_pieces(check_pieces("CERTGRAB %s - %d source(s): %s%s" % (
+        NAGIOS[worst], len(results), counts, first_problem), perfdata, lines))
     return worst
+
+
+def joined(parts, separator, lead=""):
+    """Pieces for write_pieces that write lead + separator.join(parts) (nothing for no
+    parts), without making that copy."""
+    pieces = []
+    for part in parts:
+        pieces += [separator if pieces else lead, part]
+    return pieces
 
 
 def report(results, settings, reporter):
@@ -5842,9 +5979,9 @@ def report(results, settings, reporter):
         if result.error is not None:
             reporter.error(result.error)
     if settings.report == "json":
-        write_stdout("[\n%s\n]\n" % ",\n".join("  " + part for part in parts))
+        write_pieces(["[\n"] + joined(parts, ",\n  ", "  ") + ["\n]\n"])
     else:
-        write_stdout("\n".join(parts))
+        write_pieces(joined(parts, "\n"))
     failures = [r.error for r in results if r.error is not None]
     return max(error.exit_code for error in failures) if failures else 0
 

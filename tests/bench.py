@@ -33,6 +33,20 @@ The speed targets of issue 2, each a ratio of two commands timed in the same run
       `openssl s_client` (xargs -P32), and with every source the same, no fleet is needed:
       each SOURCE names the one server again.
 
+  (f) ten thousand endpoints (issue 23): `certgrab.py --check` over 10,240 sources served by
+      nginx on loopback (no delay: the run is CPU-bound), a fleet serving two chains (ec1 and
+      its renewal ec1new, SCALE_PORTS server blocks, half each), against a bare floor script
+      (written here) that does the same verified handshakes in 256 threads and reads each
+      served chain, nothing else. Each command's client CPU (user+sys) and peak RSS come from
+      its own rusage (os.wait4). Limits: CPU at most 1.2x the floor's, peak RSS at most 1.5x;
+      and the same at 1,024 sources, for linearity: certgrab's CPU per endpoint may grow from
+      1,024 to 10,240 sources at most 1.1x more than the floor's own does. The bench writes
+      nginx's configuration, raises its open-files limit and stops it when done. For
+      information, certgrab's peak RSS against a floor that compiles certgrab.py first: a
+      script is compiled on every run, and the memory that compile frees stays with the
+      process (about 14 MB here, certgrab.py at 7,000 lines), which the fetch's threads
+      do not reuse.
+
       Beside (a), for information: how long a fresh interpreter takes to compile certgrab.py
       (reading and compiling it, less reading it). Python compiles a script anew on every
       run, never caching it, and that compile is nearly all of the difference. Where
@@ -44,7 +58,7 @@ medians are compared. Exit status: 0 when every limit holds, 1 when one fails, 2
 measurement itself could not be made (certgrab failed, a tool is missing...).
 
 Usage: python3 tests/bench.py [--runs N] [--rtt-runs N] [--fleet-runs N] [--thousand-runs N]
-                              [--python PYTHON]
+                              [--scale-runs N] [--python PYTHON] [--only ROWS]
 """
 
 import argparse
@@ -53,6 +67,8 @@ import os
 import queue
 import re
 import resource
+import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -90,6 +106,20 @@ THOUSAND_DELAY = (0.1, 0.2)   # seconds the (e) server waits after each accept
 THOUSAND_RUNS = 3             # rounds for (e); a round takes ~10 s, mostly the s_client loop
 LIMIT_E, LIMIT_E_SAME = 3.0, 3.5    # seconds: issue 15's acceptance 1 and 2
 XARGS_PARALLEL = 32           # s_client processes at once in the (e) loop
+ROWS = "abcdef"               # every row; --only measures some of them
+SCALE = 10240                 # sources for (f), as in issue 23: every endpoint of an organisation
+SCALE_SMALL = 1024            # (f) again at a tenth: CPU per endpoint must not grow with the fleet
+SCALE_CHAINS = ("ec1", "ec1new")  # (f)'s fleet serves two chains: a renewal half rolled out
+SCALE_PORTS = 8               # nginx server blocks for (f), half per chain: spreads the
+                              # 20,000 connections of a round over 8 ports' TIME_WAIT space
+SCALE_THREADS = 256           # the floor's threads: certgrab's default --parallel
+SCALE_RUNS = 3                # rounds for (f); a round takes ~45 s
+SCALE_TIMEOUT = 600           # seconds for one (f) command; 10,240 handshakes take ~20 s
+LIMIT_F_CPU, LIMIT_F_RSS = 1.2, 1.5     # (f) at 10,240 sources, x the floor: issue 23's
+LIMIT_F_GROWTH = 1.1                    # acceptance 1 and 2
+NGINX_CONNECTIONS = 4096      # nginx's worker_connections: 256 clients at once, with room
+NGINX_FILES = 8192            # nginx's open-files limit, raised in the child (ulimit -n)
+NGINX_READY = 10              # seconds nginx may take to listen
 
 BARE_SCRIPT = r'''
 """Only a verified handshake, then the served chain as PEM: the floor certgrab is held to."""
@@ -108,6 +138,94 @@ else:                                         # 3.10-3.12: private, _ssl.Certifi
 tls.close()
 sys.stdout.write("".join(ssl.DER_cert_to_PEM_cert(der) for der in chain))
 '''
+
+
+# (f) measures each command's peak memory from its rusage. Linux starts a child's peak RSS at
+# what the process had before exec: a command started by the bench (by then a large process,
+# and through vfork its very memory) would report the bench's peak as its own. This small
+# process starts it instead, and writes "exit-code user sys maxrss-KiB" to the file argv[1].
+USAGE_LAUNCHER = r'''
+import os, sys
+report, argv = sys.argv[1], sys.argv[2:]
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execv(argv[0], argv)
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+with open(report, "w") as f:
+    f.write("%d %r %r %d\n" % (os.waitstatus_to_exitcode(status), usage.ru_utime,
+                                usage.ru_stime, usage.ru_maxrss))
+'''
+
+# (f)'s floor: the handshakes certgrab cannot avoid, in as many threads, reading each chain.
+# FLOOR_COMPILING (for information) compiles the file argv[1] first, and throws the code away.
+FLOOR_SCRIPT = r'''
+"""Verified handshakes with 256 threads, each reading the served chain: (f)'s floor."""
+import socket, ssl, sys, threading
+name = sys.argv[1].encode("ascii")  # bytes, as certgrab passes it: a str costs the idna codec
+cafile, threads, sources = sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+context = ssl.create_default_context(cafile=cafile)
+pending, lock, chains = list(reversed(sources)), threading.Lock(), []
+
+def served_chain(source):
+    host, port = source.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        with context.wrap_socket(sock, server_hostname=name) as tls:
+            if hasattr(tls, "get_unverified_chain"):      # 3.13+: DER bytes
+                return tls.get_unverified_chain()
+            return [c.public_bytes(ssl._ssl.ENCODING_DER)
+                    for c in tls._sslobj.get_unverified_chain()]
+
+def worker():
+    while True:
+        with lock:
+            if not pending:
+                return
+            source = pending.pop()
+        chain = served_chain(source)
+        with lock:
+            chains.append(len(chain))
+
+workers = [threading.Thread(target=worker) for _ in range(min(threads, len(sources)))]
+for worker_thread in workers:
+    worker_thread.start()
+for worker_thread in workers:
+    worker_thread.join()
+print("%d chains read" % sum(1 for count in chains if count))
+'''
+FLOOR_COMPILING = r'''
+import sys
+compile(open(sys.argv.pop(1)).read(), "certgrab.py", "exec")
+''' + FLOOR_SCRIPT
+
+NGINX_CONFIG = """\
+daemon off;
+master_process off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections {connections}; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+{servers}}}
+"""
+
+NGINX_SERVER = """\
+    server {{
+        listen 127.0.0.1:{port} ssl backlog={backlog};
+        server_name {name};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_certificate     {fullchain};
+        ssl_certificate_key {key};
+        return 204;
+    }}
+"""
 
 
 class BenchError(Exception):
@@ -153,9 +271,56 @@ class Command(object):
         return statistics.median(self.cpu_times)
 
 
-def measure(commands, runs):
+class MeasuredCommand(Command):
+    """A Command whose CPU time and peak memory are its own: it runs under launcher (a file
+    holding USAGE_LAUNCHER), which writes the rusage os.wait4 returns for it (user+sys and
+    ru_maxrss of the process and of any child it waited for) to a file read here."""
+
+    def __init__(self, label, argv, launcher, env=None, codes=(0,), timeout=SCALE_TIMEOUT):
+        Command.__init__(self, label, argv, env, codes)
+        self.launcher, self.timeout = launcher, timeout
+        self.peak_rss = []      # bytes, one per run
+
+    def run(self):
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+                tempfile.NamedTemporaryFile("r") as usage:
+            start = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, self.launcher, usage.name] + self.argv,
+                                    env=self.env, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=err, start_new_session=True)
+            try:
+                proc.wait(self.timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)     # the launcher and the command
+                proc.wait()
+                raise BenchError("%s: still running after %d s" % (self.label, self.timeout))
+            elapsed = time.perf_counter() - start
+            fields = usage.read().split()
+            out.seek(0)
+            err.seek(0)
+            stdout, stderr = out.read(), err.read()
+        code = int(fields[0]) if len(fields) == 4 else proc.returncode
+        if code not in self.codes:
+            raise BenchError("%s: exit %d, expected %s\n  $ %s ...\n%s" % (
+                self.label, code, "/".join(map(str, self.codes)), " ".join(self.argv[:8]),
+                stderr.decode(errors="replace").strip()[-2000:]))
+        self.times.append(elapsed)
+        self.cpu_times.append(float(fields[1]) + float(fields[2]))
+        self.peak_rss.append(int(fields[3]) * 1024)     # Linux counts it in KiB
+        return elapsed, stdout
+
+    def clear(self):
+        Command.clear(self)
+        self.peak_rss = []
+
+    @property
+    def rss_median(self):
+        return statistics.median(self.peak_rss)
+
+
+def measure(commands, runs, warmup=WARMUP):
     """Run every command `runs` times, interleaved round-robin, rotating the order each round."""
-    for _ in range(WARMUP):
+    for _ in range(warmup):
         for command in commands:
             command.run()
         for command in commands:
@@ -479,6 +644,157 @@ def bench_thousand(python, certs, runs):
     return commands, rows
 
 
+class NginxFleet(object):
+    """nginx on loopback for (f): SCALE_PORTS server blocks on ports of their own, half
+    serving each chain of SCALE_CHAINS; one process (master_process off), its open-files
+    limit raised to NGINX_FILES in the child, its configuration and logs in directory,
+    stopped on leaving the `with` block."""
+
+    def __init__(self, nginx, certs, directory):
+        self.nginx, self.certs, self.dir = nginx, certs, directory
+        self.proc, self.ports = None, []
+
+    def __enter__(self):
+        os.makedirs(self.dir)
+        self.ports = _free_ports(SCALE_PORTS)
+        servers_text = "".join(NGINX_SERVER.format(
+            port=port, backlog=NGINX_CONNECTIONS, name=NAME,
+            fullchain=os.path.join(self.certs, chain, "fullchain.pem"),
+            key=os.path.join(self.certs, chain, "key.pem"))
+            for port, chain in zip(self.ports, SCALE_CHAINS * SCALE_PORTS))
+        config = os.path.join(self.dir, "nginx.conf")
+        with open(config, "w") as f:
+            f.write(NGINX_CONFIG.format(dir=self.dir, connections=NGINX_CONNECTIONS,
+                                        servers=servers_text))
+        self.proc = subprocess.Popen([self.nginx, "-p", self.dir, "-c", config,
+                                      "-e", os.path.join(self.dir, "error.log")],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT, preexec_fn=_raise_file_limit)
+        try:
+            self._wait_listening()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _wait_listening(self):
+        deadline = time.monotonic() + NGINX_READY
+        waiting = list(self.ports)
+        while waiting:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                with open(os.path.join(self.dir, "error.log")) as f:
+                    raise BenchError("nginx does not listen on port %d:\n%s"
+                                     % (waiting[0], f.read()[-2000:]))
+            try:
+                socket.create_connection(("127.0.0.1", waiting[0]), timeout=1).close()
+                waiting.pop(0)
+            except OSError:
+                time.sleep(0.05)
+
+    def __exit__(self, *exc):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def sources(self, count):
+        """count SOURCEs over the ports in turn: the two chains alternate."""
+        return ["127.0.0.1:%d" % self.ports[i % len(self.ports)] for i in range(count)]
+
+
+def _free_ports(count):
+    """count loopback ports free now (bound to port 0 together, then released)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
+def _raise_file_limit():
+    """In nginx's child: its open-files limit up to NGINX_FILES (as far as the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = NGINX_FILES if hard == resource.RLIM_INFINITY else min(NGINX_FILES, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+
+
+def check_floor_output(command, count):
+    """The floor must have read a chain from every source, or its CPU means nothing."""
+    _, out = command.run()
+    if out.decode().strip() != "%d chains read" % count:
+        raise BenchError("%s: %r, expected %d chains read" % (command.label, out[:200], count))
+    command.clear()
+
+
+def bench_scale(python, certs, tmp, runs):
+    """(f): returns (commands, result rows)."""
+    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+    if not nginx:
+        raise BenchError("(f) needs nginx (apt-get install nginx)")
+    root = os.path.join(certs, SCALE_CHAINS[0], "root.pem")
+    floor_path = os.path.join(tmp, "floor_handshakes.py")
+    compiling_path = os.path.join(tmp, "floor_compiling.py")
+    launcher = os.path.join(tmp, "usage_launcher.py")
+    for path, text in ((floor_path, FLOOR_SCRIPT), (compiling_path, FLOOR_COMPILING),
+                       (launcher, USAGE_LAUNCHER)):
+        with open(path, "w") as f:
+            f.write(text)
+    pairs = {}
+    with NginxFleet(nginx, certs, os.path.join(tmp, "nginx")) as fleet:
+        for count in (SCALE, SCALE_SMALL):
+            sources = fleet.sources(count)
+            certgrab = MeasuredCommand("certgrab --check, %d sources, nginx" % count,
+                                       [python, CERTGRAB, "--check", "-n", NAME, "--cafile",
+                                        root] + sources, launcher)
+            floor = MeasuredCommand("floor: handshakes in %d threads, %d sources"
+                                    % (SCALE_THREADS, count),
+                                    [python, floor_path, NAME, root, str(SCALE_THREADS)]
+                                    + sources, launcher)
+            check_fleet_output(certgrab, sources)       # also the warm-up round
+            check_floor_output(floor, count)
+            pairs[count] = certgrab, floor
+        compiling = MeasuredCommand("floor, compiling certgrab.py first, %d sources" % SCALE,
+                                    [python, compiling_path, CERTGRAB, NAME, root,
+                                     str(SCALE_THREADS)] + fleet.sources(SCALE), launcher)
+        check_floor_output(compiling, SCALE)
+        commands = [command for count in (SCALE, SCALE_SMALL) for command in pairs[count]]
+        measure(commands + [compiling], runs, warmup=0)
+    return commands + [compiling], _scale_rows(pairs, compiling)
+
+
+def _scale_rows(pairs, compiling):
+    """(f)'s ratios: CPU and peak RSS at SCALE, CPU per endpoint's growth from SCALE_SMALL;
+    for information, peak RSS against the floor that compiled certgrab.py first (compiling
+    leaves megabytes the process keeps, which the fetch does not reuse: what certgrab is,
+    apart from what it does)."""
+    certgrab, floor = pairs[SCALE]
+    cpu, rss = certgrab.cpu_median / floor.cpu_median, certgrab.rss_median / floor.rss_median
+    per_endpoint = dict((count, [command.cpu_median / count * 1000 for command in pair])
+                        for count, pair in pairs.items())    # ms: [certgrab, floor]
+    growth = [big / small for big, small in zip(per_endpoint[SCALE], per_endpoint[SCALE_SMALL])]
+    return [
+        ("(f) %d sources: client CPU / floor's" % SCALE, "%.2fx" % cpu, "",
+         "%.2fx" % LIMIT_F_CPU, _verdict(cpu <= LIMIT_F_CPU)),
+        ("(f) peak RSS / floor's (%.0f / %.0f MB)" % (certgrab.rss_median / 2 ** 20,
+                                                     floor.rss_median / 2 ** 20),
+         "%.2fx" % rss, "", "%.2fx" % LIMIT_F_RSS, _verdict(rss <= LIMIT_F_RSS)),
+        ("(f) CPU/endpoint growth %d->%d / floor's" % (SCALE_SMALL, SCALE),
+         "%.2fx" % (growth[0] / growth[1]), "", "%.2fx" % LIMIT_F_GROWTH,
+         _verdict(growth[0] / growth[1] <= LIMIT_F_GROWTH)),
+        ("    CPU ms/endpoint, certgrab %d, %d" % (SCALE_SMALL, SCALE), "%.2f/%.2f" % (
+            per_endpoint[SCALE_SMALL][0], per_endpoint[SCALE][0]), "", "", "(for information)"),
+        ("    CPU ms/endpoint, floor %d, %d" % (SCALE_SMALL, SCALE), "%.2f/%.2f" % (
+            per_endpoint[SCALE_SMALL][1], per_endpoint[SCALE][1]), "", "", "(for information)"),
+    ] + [("    peak RSS MB, %s %d, %d" % (who, SCALE_SMALL, SCALE), "%.0f/%.0f" % (
+        pairs[SCALE_SMALL][index].rss_median / 2 ** 20, pairs[SCALE][index].rss_median / 2 ** 20),
+        "", "", "(for information)") for index, who in enumerate(("certgrab", "floor"))] + [
+        ("    peak RSS / floor compiling certgrab.py (%.0f)" % (compiling.rss_median / 2 ** 20),
+         "%.2fx" % (certgrab.rss_median / compiling.rss_median), "", "", "(for information)")]
+
+
 def _verdict(within_limit, within_target=True):
     if not within_limit:
         return "FAIL"
@@ -511,6 +827,46 @@ def interpreter_info(python):
     return out.decode().strip()
 
 
+def _row_letters(text):
+    """--only's value: some of ROWS, in any order, a and b together."""
+    letters = set(text.lower())
+    if not letters or not letters <= set(ROWS):
+        raise argparse.ArgumentTypeError("rows are letters among %s" % ROWS)
+    if letters & set("ab"):
+        letters |= set("ab")
+    return "".join(sorted(letters))
+
+
+def measure_rows(args, tmp):
+    """The commands and result rows of the rows args.only names, in order."""
+    certs = make_certs.generate(os.path.join(tmp, "certs"))
+    commands, rows = [], []
+    if set(args.only) & set("abc"):
+        fullchain = os.path.join(certs, CHAIN, "fullchain.pem")
+        key = os.path.join(certs, CHAIN, "key.pem")
+        with servers.TLSServer(fullchain, key, tls="1.3") as s13, \
+                servers.TLSServer(fullchain, key, tls="1.2") as s12:
+            if "a" in args.only:
+                local, local_rows, quartet = bench_local(args.python, certs, tmp, s13.port,
+                                                         args.runs)
+                local_rows[4:4] = instruction_rows(args.python, quartet, tmp)  # after (a)
+                commands, rows = commands + local, rows + local_rows
+            if "c" in args.only:
+                remote, rtt_rows = bench_round_trips(args.python, certs,
+                                                     {"1.3": s13.port, "1.2": s12.port},
+                                                     args.rtt_runs)
+                commands, rows = commands + remote, rows + rtt_rows
+    for letter, bench, runs in (("d", bench_fleet, args.fleet_runs),
+                                ("e", bench_thousand, args.thousand_runs)):
+        if letter in args.only:
+            more, more_rows = bench(args.python, certs, runs)
+            commands, rows = commands + more, rows + more_rows
+    if "f" in args.only:
+        scale, scale_rows = bench_scale(args.python, certs, tmp, args.scale_runs)
+        commands, rows = commands + scale, rows + scale_rows
+    return commands, rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=RUNS, help="rounds for (a), (b)")
@@ -518,8 +874,12 @@ def main(argv=None):
     parser.add_argument("--fleet-runs", type=int, default=FLEET_RUNS, help="rounds for (d)")
     parser.add_argument("--thousand-runs", type=int, default=THOUSAND_RUNS,
                         help="rounds for (e)")
+    parser.add_argument("--scale-runs", type=int, default=SCALE_RUNS, help="rounds for (f)")
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter for certgrab and the bare script (3.10+)")
+    parser.add_argument("--only", type=_row_letters, default=ROWS, metavar="ROWS",
+                        help="measure only these rows, e.g. f or ce (a and b are measured "
+                             "together); default: all")
     args = parser.parse_args(argv)
     started = time.monotonic()
     try:
@@ -529,28 +889,16 @@ def main(argv=None):
             raise BenchError("the bare reference script needs Python 3.10+ (--python)")
         if not _which("openssl"):
             raise BenchError("needs the openssl command (apt-get install openssl)")
-        print("%d interleaved rounds for (a)/(b), %d for (c), %d for (d), %d for (e), medians; "
-              "RTT %d ms" % (args.runs, args.rtt_runs, args.fleet_runs, args.thousand_runs,
-                             RTT * 1000))
+        print("%d interleaved rounds for (a)/(b), %d for (c), %d for (d), %d for (e), %d for "
+              "(f), medians; RTT %d ms; rows %s" % (
+                  args.runs, args.rtt_runs, args.fleet_runs, args.thousand_runs,
+                  args.scale_runs, RTT * 1000, args.only))
         with tempfile.TemporaryDirectory(prefix="certgrab-bench-") as tmp:
-            certs = make_certs.generate(os.path.join(tmp, "certs"))
-            fullchain = os.path.join(certs, CHAIN, "fullchain.pem")
-            key = os.path.join(certs, CHAIN, "key.pem")
-            with servers.TLSServer(fullchain, key, tls="1.3") as s13, \
-                    servers.TLSServer(fullchain, key, tls="1.2") as s12:
-                local, rows, quartet = bench_local(args.python, certs, tmp, s13.port,
-                                                   args.runs)
-                rows[4:4] = instruction_rows(args.python, quartet, tmp)   # after (a)
-                remote, rtt_rows = bench_round_trips(args.python, certs,
-                                                     {"1.3": s13.port, "1.2": s12.port},
-                                                     args.rtt_runs)
-            fleet, fleet_rows = bench_fleet(args.python, certs, args.fleet_runs)
-            thousand, thousand_rows = bench_thousand(args.python, certs, args.thousand_runs)
+            commands, rows = measure_rows(args, tmp)
     except (BenchError, subprocess.SubprocessError, OSError) as e:
         print("bench: %s" % e, file=sys.stderr)
         return 2
-    rows += rtt_rows + fleet_rows + thousand_rows
-    print_report(local + remote + fleet + thousand, rows)
+    print_report(commands, rows)
     failed = [row[0] for row in rows if row[-1] == "FAIL"]
     print("%s in %.0f s" % ("FAIL: " + "; ".join(failed) if failed else "all limits met",
                             time.monotonic() - started))
