@@ -57,7 +57,7 @@ import daemons
 from daemons import HOST, write_file
 from helpers import OUT_FILES
 from make_certs import NAME, ders_to_pem, openssl, pem_ders, read_ders
-from servers import free_ports
+from servers import free_ports, nginx_config
 
 CERTBOT = "/usr/bin/certbot"
 NGINX = "/usr/sbin/nginx"
@@ -78,21 +78,6 @@ PEBBLE_AGENT = "LetsEncrypt-Pebble-VA"  # the User-Agent of pebble's HTTP-01 req
 # validates HTTP-01 against the leader for real.
 PEBBLE_ENV = {"PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0",
               "PEBBLE_AUTHZREUSE": "0"}
-
-NGINX_CONFIG = """\
-daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log info;
-events {{ worker_connections 64; }}
-http {{
-    access_log {dir}/access.log;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-{servers}}}
-"""
 
 HTTP_SERVER = """\
     server {{
@@ -324,8 +309,8 @@ class Nginx(daemons.Daemon):
         for port, fullchain, key in self.sites:
             servers.append(TLS_SERVER.format(host=HOST, port=port, name=NAME,
                                              fullchain=fullchain, key=key))
-        write_file(self.path("nginx.conf"), NGINX_CONFIG.format(dir=self.workdir,
-                                                                servers="".join(servers)))
+        write_file(self.path("nginx.conf"), nginx_config(
+            self.workdir, "".join(servers), access_log=os.path.join(self.workdir, "access.log")))
 
     def addresses(self):
         return ["%s:%d" % (HOST, port) for port, _, _ in self.sites]

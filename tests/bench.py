@@ -200,22 +200,6 @@ import sys
 compile(open(sys.argv.pop(1)).read(), "certgrab.py", "exec")
 ''' + FLOOR_SCRIPT
 
-NGINX_CONFIG = """\
-daemon off;
-master_process off;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections {connections}; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-{servers}}}
-"""
-
 NGINX_SERVER = """\
     server {{
         listen 127.0.0.1:{port} ssl backlog={backlog};
@@ -664,8 +648,8 @@ class NginxFleet(object):
             for port, chain in zip(self.ports, SCALE_CHAINS * SCALE_PORTS))
         config = os.path.join(self.dir, "nginx.conf")
         with open(config, "w") as f:
-            f.write(NGINX_CONFIG.format(dir=self.dir, connections=NGINX_CONNECTIONS,
-                                        servers=servers_text))
+            f.write(servers.nginx_config(self.dir, servers_text, connections=NGINX_CONNECTIONS,
+                                         log_level="warn", master=False))
         self.proc = subprocess.Popen([self.nginx, "-p", self.dir, "-c", config,
                                       "-e", os.path.join(self.dir, "error.log")],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

@@ -466,6 +466,32 @@ def free_ports(count, host="127.0.0.1"):
             s.close()
 
 
+NGINX_CONFIG = """\
+daemon off;
+{master}pid {dir}/nginx.pid;
+error_log {dir}/error.log {log_level};
+events {{ worker_connections {connections}; }}
+http {{
+    access_log {access_log};
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+{servers}}}
+"""
+
+
+def nginx_config(directory, servers, connections=64, log_level="info", access_log="off",
+                 master=True):
+    """An nginx.conf that runs nginx in the foreground, with every file in directory
+    (run it with -p directory), serving servers (server blocks, as text); without a
+    master process (one worker: what a bench measures) unless master."""
+    return NGINX_CONFIG.format(dir=directory, servers=servers, connections=connections,
+                               log_level=log_level, access_log=access_log,
+                               master="" if master else "master_process off;\n")
+
+
 def ipv6_available():
     """True when ::1 can be bound (some containers have no IPv6 loopback)."""
     if not socket.has_ipv6:

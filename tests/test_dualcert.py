@@ -20,19 +20,7 @@ from make_certs import NAME, pem_ders, read_ders
 
 READY = 10.0  # seconds nginx may take to listen
 
-NGINX_CONFIG = """\
-daemon off;
-master_process off;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log info;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
+NGINX_SERVER = """\
     server {{
         listen 127.0.0.1:{port} ssl;
         server_name {name};
@@ -43,7 +31,6 @@ http {{
         ssl_certificate_key {ec}/key.pem;
         return 204;
     }}
-}}
 """
 
 
@@ -70,9 +57,9 @@ class Nginx(object):
         for attempt in range(3):  # the free port may be taken between probe and listen
             self.port = servers.free_ports(1)[0]
             config = self.dir / "nginx.conf"
-            config.write_text(NGINX_CONFIG.format(dir=self.dir, port=self.port, name=NAME,
-                                                  rsa=self.certs / "rsa1",
-                                                  ec=self.certs / "ec1"))
+            config.write_text(servers.nginx_config(self.dir, NGINX_SERVER.format(
+                port=self.port, name=NAME, rsa=self.certs / "rsa1", ec=self.certs / "ec1"),
+                master=False))
             self.proc = subprocess.Popen(
                 [shutil.which("nginx"), "-p", str(self.dir), "-c", str(config),
                  "-e", str(self.dir / "error.log")],
