@@ -640,7 +640,7 @@ class NginxFleet(object):
 
     def __enter__(self):
         os.makedirs(self.dir)
-        self.ports = _free_ports(SCALE_PORTS)
+        self.ports = servers.free_ports(SCALE_PORTS)
         servers_text = "".join(NGINX_SERVER.format(
             port=port, backlog=NGINX_CONNECTIONS, name=NAME,
             fullchain=os.path.join(self.certs, chain, "fullchain.pem"),
@@ -676,26 +676,12 @@ class NginxFleet(object):
                 time.sleep(0.05)
 
     def __exit__(self, *exc):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        if self.proc is not None:
+            servers.stop_process(self.proc, 10)
 
     def sources(self, count):
         """count SOURCEs over the ports in turn: the two chains alternate."""
         return ["127.0.0.1:%d" % self.ports[i % len(self.ports)] for i in range(count)]
-
-
-def _free_ports(count):
-    """count loopback ports free now (bound to port 0 together, then released)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
 
 
 def _raise_file_limit():

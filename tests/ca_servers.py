@@ -428,13 +428,8 @@ class Acme2Certifier(object):
         return text[-tail:] if tail else text
 
     def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(servers.JOIN)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(servers.JOIN)
+        if self.proc is not None:
+            servers.stop_process(self.proc)
 
     def issue(self, certbot_dir, name=NAME):
         """certbot certonly NAME against this server (--standalone on a free port, which

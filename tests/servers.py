@@ -320,13 +320,7 @@ class OpenSSLServer(object):
     def stop(self):
         if self._proc is None:
             return
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(JOIN)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(JOIN)
+        stop_process(self._proc)
         self._proc.stdin.close()
         self._log.close()
         self._proc = None
@@ -449,6 +443,17 @@ def closed_port(host="127.0.0.1"):
         yield sock.getsockname()[1]
     finally:
         sock.close()
+
+
+def stop_process(proc, wait=JOIN):
+    """Stop proc (a Popen) if it still runs: SIGTERM, then SIGKILL after wait seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(wait)
 
 
 def free_ports(count, host="127.0.0.1"):

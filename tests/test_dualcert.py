@@ -81,13 +81,7 @@ class Nginx(object):
     def stop(self):
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        servers.stop_process(self.proc, 5)
         self.proc = None
 
 
