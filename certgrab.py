@@ -1427,10 +1427,10 @@ def user_name(uid):
         return str(uid)
 
 
-def _exposed(directory):
-    """True when users other than its owner may add and remove entries in directory (an
-    lstat result)."""
-    return bool(directory.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+def _exposed(entry):
+    """True when users other than its owner may change entry (an lstat or fstat
+    result): write a file, add and remove entries in a directory."""
+    return bool(entry.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
 
 
 def _safe_entry(parent, entry, trusted):
@@ -1633,8 +1633,7 @@ def read_file(path, limit, output=False, kept=False):
         found = os.fstat(fd)
         if not stat.S_ISREG(found.st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
-        writable = found.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        if kept and (found.st_uid != os.geteuid() or writable):
+        if kept and (found.st_uid != os.geteuid() or _exposed(found)):
             raise RefusedError("%s is not a file certgrab wrote: it %s" % (
                 path, "belongs to %s" % user_name(found.st_uid) if found.st_uid != os.geteuid()
                 else "is writable by group or others (mode %04o)" % stat.S_IMODE(found.st_mode)))
@@ -6823,7 +6822,7 @@ def check_config_file(path):
     if entry.st_uid not in trusted_users():
         raise RefusedError("%s: it belongs to %s, and its hooks would run as root" % (
             doing, user_name(entry.st_uid)), hint="chown root %s" % real)
-    if entry.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    if _exposed(entry):
         raise RefusedError("%s: it is writable by group or others (mode %04o), and its hooks "
                            "would run as root" % (doing, stat.S_IMODE(entry.st_mode)),
                            hint="chmod go-w %s" % real)
