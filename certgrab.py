@@ -1777,18 +1777,24 @@ def read_kept(path, hint):
         raise WriteError("cannot read %s: %s" % (path, exc.strerror or exc), hint=hint)
 
 
-def write_kept(path, name, data, hint, reporter):
-    """Replace path (beside an output) with data, 0600, as install_files writes: a
-    temporary file created exclusively ("." + name + TEMP_MARK, which the next run
-    removes if this one dies), fsynced, renamed, the directory synced. hint: what a
-    failure leaves, for its message."""
-    temp = None
+def replace_file(path, name, data):
+    """Replace path with data, 0600, as install_files writes: a temporary file created
+    exclusively beside it ("." + name + TEMP_MARK, which the next run removes if this
+    one dies), fsynced, renamed; removed again when the rename fails. OSError."""
+    temp = write_temp_file(os.path.dirname(path), name, data, PRIVATE_MODE)
     try:
-        temp = write_temp_file(os.path.dirname(path), name, data, PRIVATE_MODE)
         os.replace(temp, path)
+    except OSError:
+        discard_temp(temp)
+        raise
+
+
+def write_kept(path, name, data, hint, reporter):
+    """Replace path (beside an output) with data (replace_file), the directory synced.
+    hint: what a failure leaves, for its message."""
+    try:
+        replace_file(path, name, data)
     except OSError as exc:
-        if temp is not None:
-            discard_temp(temp)
         raise WriteError("cannot write %s: %s" % (path, exc.strerror or exc), hint=hint)
     sync_directory(os.path.dirname(path), reporter)
 
@@ -4210,16 +4216,10 @@ def read_cache(path, limit, now):
 
 def write_cache(path, data, until, reporter):
     """Keep data in --cache-dir until until (epoch seconds): the expiry as a line of
-    digits, then data, in a temporary file (0600, created exclusively), renamed. A
-    failure is a warning: the next run fetches again."""
-    data = b"%d\n" % until + data
+    digits, then data (replace_file). A failure is a warning: the next run fetches
+    again."""
     try:
-        temp = write_temp_file(os.path.dirname(path), os.path.basename(path), data)
-        try:
-            os.replace(temp, path)
-        except OSError:
-            remove_quietly(temp)
-            raise
+        replace_file(path, os.path.basename(path), b"%d\n" % until + data)
     except OSError as exc:
         reporter.warn("cannot keep %s in --cache-dir: %s; the next run fetches it again" % (
             path, exc.strerror or exc))
